@@ -1,0 +1,471 @@
+/* The XDP dispatcher: one program for every device behind the gateway. Each device's umboxes
+ * are bits in its kalki_devices entry, so a posture change is one map update.
+ *
+ * xdp_from_devices: attached to the device-facing interface, looks devices up by source MAC.
+ * xdp_to_devices:   attached to the uplink, looks devices up by destination address.
+ *
+ * Compile-time features (-D): KALKI_MAX_DEVICES, KALKI_RINGBUF_PAGES, KALKI_NO_DETECTORS. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include "kalki.h"
+
+#define NS_PER_MS 1000000ULL
+#define NS_PER_S  1000000000ULL
+#define ETH_P_ARP_BE 0x0608
+#define ETH_P_IP_BE  0x0008
+
+struct arp_ipv4 {
+	__be16 htype, ptype;
+	__u8 hlen, plen;
+	__be16 op;
+	__u8 sha[6];
+	__be32 spa;
+} __attribute__((packed));
+
+struct dev_state {
+	struct bpf_spin_lock lock;
+	__u64 last_ns;
+	__u64 tokens_packets;      /* in 1e-9 packets */
+	__u64 tokens_bytes;        /* in 1e-9 bytes */
+	__u64 syn_window_ns;
+	__u32 syn_count;
+	__u32 pad;
+};
+
+struct event_limit {
+	__u64 window_ns;
+	__u32 count;
+	__u32 suppressed;
+};
+
+/* Per (device, direction, source, detector) windows: brute force and scan counts. */
+struct source_key {
+	__u32 device;
+	__u32 src;
+	__u32 kind;                /* kalki_reason of the detector */
+};
+struct source_window {
+	__u64 window_ns;
+	__u32 count;
+	__u32 pad;
+};
+struct scan_key {
+	__u32 device;
+	__u32 src;
+	__u32 dst;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+BPF_ARRAY(kalki_settings, struct kalki_settings, 1);
+BPF_HASH(kalki_dev_by_mac, struct kalki_mac, __u32, KALKI_MAX_DEVICES);
+BPF_HASH(kalki_dev_by_ip, __u32, __u32, KALKI_MAX_DEVICES);
+BPF_HASH(kalki_devices, __u32, struct kalki_device, KALKI_MAX_DEVICES);
+BPF_ARRAY(kalki_dev_state, struct dev_state, KALKI_MAX_DEVICES);
+BPF_ARRAY(kalki_event_limit, struct event_limit, KALKI_MAX_DEVICES);
+BPF_PERCPU_ARRAY(kalki_counters, struct kalki_counter, KALKI_MAX_DEVICES * KALKI_R_MAX);
+BPF_TABLE("lru_hash", __u32, struct kalki_drop, kalki_drop_set, 65536);
+BPF_TABLE("lru_hash", struct source_key, struct source_window, kalki_source_windows, 65536);
+BPF_TABLE("lru_hash", struct scan_key, __u64, kalki_scan_seen, 65536);
+BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_allow, 16384, BPF_F_NO_PREALLOC);
+BPF_RINGBUF_OUTPUT(kalki_events, KALKI_RINGBUF_PAGES);
+
+struct packet {
+	__u32 src, dst;
+	__u16 dport;
+	__u8 proto;
+	__u8 syn;                  /* TCP SYN without ACK: a connection attempt */
+	__u32 len;
+};
+
+static __always_inline int count(__u32 device, __u32 reason, struct packet *p, int verdict)
+{
+	__u32 idx = device * KALKI_R_MAX + reason;
+	struct kalki_counter *c = kalki_counters.lookup(&idx);
+	if (c) {
+		c->packets += 1;
+		c->bytes += p->len;
+	}
+	return verdict;
+}
+
+static __always_inline void report(__u32 device, __u32 reason, struct packet *p,
+				   __u32 action, __u32 n, __u64 now)
+{
+	struct kalki_settings *s;
+	struct event_limit *lim;
+	struct kalki_event *e;
+	__u32 zero = 0, suppressed;
+
+	s = kalki_settings.lookup(&zero);
+	lim = kalki_event_limit.lookup(&device);
+	if (!s || !lim)
+		return;
+	if (now - lim->window_ns > NS_PER_S) {
+		lim->window_ns = now;
+		lim->count = 0;
+	}
+	if (lim->count >= s->events_per_sec) {
+		__sync_fetch_and_add(&lim->suppressed, 1);
+		return;
+	}
+	lim->count += 1;
+	e = kalki_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		__sync_fetch_and_add(&lim->suppressed, 1);
+		return;
+	}
+	suppressed = lim->suppressed;
+	lim->suppressed = 0;
+	e->ts_ns = now;
+	e->device = device;
+	e->reason = reason;
+	e->src = p->src;
+	e->dst = p->dst;
+	e->dst_port = p->dport;
+	e->proto = p->proto;
+	e->action = action;
+	e->count = n;
+	e->suppressed = suppressed;
+	e->pad = 0;
+	kalki_events.ringbuf_submit(e, 0);
+}
+
+/* Returns the new count of the (device, source, kind) window. */
+static __always_inline __u32 window_add(__u32 device, __u32 src, __u32 kind,
+					__u32 window_ms, __u64 now)
+{
+	struct source_key k = {.device = device, .src = src, .kind = kind};
+	struct source_window *w = kalki_source_windows.lookup(&k);
+	if (!w) {
+		struct source_window fresh = {.window_ns = now, .count = 1};
+		kalki_source_windows.update(&k, &fresh);
+		return 1;
+	}
+	if (now - w->window_ns > window_ms * NS_PER_MS) {
+		w->window_ns = now;
+		w->count = 0;
+	}
+	__sync_fetch_and_add(&w->count, 1);
+	return w->count;
+}
+
+/* A detector fired: report, and drop the source for block_s seconds if asked. */
+static __always_inline int fire(__u32 device, __u32 reason, struct packet *p, __u32 n,
+				__u32 block_s, __u64 now, __u32 offender)
+{
+	if (!block_s) {
+		report(device, reason, p, KALKI_A_REPORTED, n, now);
+		return XDP_PASS;
+	}
+	struct kalki_drop d = {.expires_ns = now + block_s * NS_PER_S, .device = device,
+			       .reason = reason};
+	if (!kalki_drop_set.lookup(&offender)) {
+		kalki_drop_set.update(&offender, &d);
+		report(device, reason, p, KALKI_A_BLOCKED, n, now);
+	}
+	return XDP_DROP;
+}
+
+static __always_inline int in_drop_set(__u32 src, __u64 now)
+{
+	struct kalki_drop *d = kalki_drop_set.lookup(&src);
+	if (!d)
+		return 0;
+	if (d->expires_ns && now > d->expires_ns) {
+		kalki_drop_set.delete(&src);
+		return 0;
+	}
+	return 1;
+}
+
+/* Token bucket per device; both directions draw from it. Returns a drop reason or PASS. */
+static __always_inline __u32 rate_limit(__u32 device, struct kalki_device *cfg,
+					struct packet *p, __u64 now)
+{
+	struct dev_state *st = kalki_dev_state.lookup(&device);
+	__u32 verdict = KALKI_R_PASS;
+	if (!st)
+		return KALKI_R_PASS;
+	__u64 pkt_cap = (__u64)cfg->burst_packets * NS_PER_S;
+	__u64 byte_cap = cfg->burst_bytes * NS_PER_S;
+	__u64 cost = (__u64)p->len * NS_PER_S;
+
+	bpf_spin_lock(&st->lock);
+	__u64 elapsed = now - st->last_ns;
+	if (elapsed > 10 * NS_PER_S)
+		elapsed = 10 * NS_PER_S;
+	st->last_ns = now;
+	st->tokens_packets += elapsed * cfg->rate_pps;
+	if (st->tokens_packets > pkt_cap)
+		st->tokens_packets = pkt_cap;
+	st->tokens_bytes += elapsed * cfg->rate_bps;
+	if (st->tokens_bytes > byte_cap)
+		st->tokens_bytes = byte_cap;
+	if (cfg->rate_pps && st->tokens_packets < NS_PER_S)
+		verdict = KALKI_R_RATE_PACKETS;
+	else if (cfg->rate_bps && st->tokens_bytes < cost)
+		verdict = KALKI_R_RATE_BYTES;
+	else {
+		if (cfg->rate_pps)
+			st->tokens_packets -= NS_PER_S;
+		if (cfg->rate_bps)
+			st->tokens_bytes -= cost;
+	}
+	bpf_spin_unlock(&st->lock);
+	return verdict;
+}
+
+#ifndef KALKI_NO_DETECTORS
+/* Distinct (destination, port) per source within the window. */
+static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, struct packet *p,
+				     __u64 now, __u32 offender)
+{
+	struct scan_key k = {.device = device, .src = p->src, .dst = p->dst,
+			     .port = p->dport, .proto = p->proto};
+	__u64 *seen = kalki_scan_seen.lookup(&k);
+	__u64 window = cfg->scan_window_ms * NS_PER_MS;
+	if (seen && now - *seen <= window)
+		return XDP_PASS;
+	kalki_scan_seen.update(&k, &now);
+	__u32 n = window_add(device, p->src, KALKI_R_PORT_SCAN, cfg->scan_window_ms, now);
+	if (n <= cfg->scan_ports)
+		return XDP_PASS;
+	return fire(device, KALKI_R_PORT_SCAN, p, n, cfg->scan_block_s, now, offender);
+}
+
+static __always_inline int syn_flood(__u32 device, struct kalki_device *cfg, struct packet *p,
+				     __u64 now)
+{
+	struct dev_state *st = kalki_dev_state.lookup(&device);
+	__u32 n;
+	if (!st)
+		return XDP_PASS;
+	bpf_spin_lock(&st->lock);
+	if (now - st->syn_window_ns > cfg->syn_window_ms * NS_PER_MS) {
+		st->syn_window_ns = now;
+		st->syn_count = 0;
+	}
+	st->syn_count += 1;
+	n = st->syn_count;
+	bpf_spin_unlock(&st->lock);
+	if (n <= cfg->syn_limit)
+		return XDP_PASS;
+	/* A flood from many sources: blocking the current source is all the kernel can do;
+	 * with syn_block_s 0 the excess SYNs are dropped without blocking anyone. */
+	if (!cfg->syn_block_s) {
+		report(device, KALKI_R_SYN_FLOOD, p, KALKI_A_DROPPED, n, now);
+		return XDP_DROP;
+	}
+	return fire(device, KALKI_R_SYN_FLOOD, p, n, cfg->syn_block_s, now, p->src);
+}
+
+static __always_inline int brute_force(__u32 device, struct kalki_device *cfg,
+				       struct packet *p, __u64 now)
+{
+	int login = 0;
+#pragma unroll
+	for (int i = 0; i < KALKI_LOGIN_PORTS; i++)
+		if (cfg->bf_ports[i] && cfg->bf_ports[i] == p->dport)
+			login = 1;
+	if (!login)
+		return XDP_PASS;
+	__u32 n = window_add(device, p->src, KALKI_R_BRUTE_FORCE, cfg->bf_window_ms, now);
+	if (n <= cfg->bf_attempts)
+		return XDP_PASS;
+	return fire(device, KALKI_R_BRUTE_FORCE, p, n, cfg->bf_block_s, now, p->src);
+}
+#endif
+
+static __always_inline int allowed(__u32 device, struct packet *p)
+{
+	struct kalki_allow_key k = {.prefixlen = 64, .device = __builtin_bswap32(device),
+				    .addr = p->dst};
+	struct kalki_allow_value *v = kalki_allow.lookup(&k);
+	if (!v)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < KALKI_ALLOW_RULES; i++) {
+		if (i >= v->count)
+			break;
+		struct kalki_allow_rule r = v->rules[i];
+		if ((!r.proto || r.proto == p->proto) && (!r.port || r.port == p->dport))
+			return 1;
+	}
+	return 0;
+}
+
+/* Parses IPv4 and the L4 ports; returns 0 if the packet is not IPv4 or is truncated. */
+static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
+{
+	struct iphdr *ip = data;
+	if ((void *)(ip + 1) > end)
+		return 0;
+	p->src = ip->saddr;
+	p->dst = ip->daddr;
+	p->proto = ip->protocol;
+	p->dport = 0;
+	p->syn = 0;
+	void *l4 = (void *)ip + ip->ihl * 4;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *t = l4;
+		if ((void *)(t + 1) > end)
+			return 1;
+		p->dport = __builtin_bswap16(t->dest);
+		p->syn = t->syn && !t->ack;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *u = l4;
+		if ((void *)(u + 1) > end)
+			return 1;
+		p->dport = __builtin_bswap16(u->dest);
+	}
+	return 1;
+}
+
+static __always_inline int to_gateway_service(struct kalki_settings *s, struct packet *p,
+					      __u32 flags)
+{
+	if (p->proto == IPPROTO_UDP && (p->dport == 67 || p->dport == 68))
+		return 1;    /* DHCP, often to broadcast before the device has an address */
+	if (p->dst != s->gateway_ip)
+		return 0;
+	if (p->dport == 53 && (p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP))
+		return 1;
+	if ((flags & KALKI_F_QUARANTINE_MGMT) && p->proto == IPPROTO_TCP &&
+	    p->dport == s->mqtt_port)
+		return 1;
+	return 0;
+}
+
+int xdp_from_devices(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct packet p = {.len = (__u32)(end - data)};
+	struct kalki_device unknown = {};
+	struct kalki_device *cfg;
+	struct kalki_settings *s;
+	__u32 zero = 0, device = 0, *id;
+	__u64 now = bpf_ktime_get_ns();
+
+	if ((void *)(eth + 1) > end)
+		return XDP_DROP;
+	s = kalki_settings.lookup(&zero);
+	if (!s)
+		return XDP_PASS;
+	struct kalki_mac mac = {};
+	__builtin_memcpy(mac.addr, eth->h_source, 6);
+	id = kalki_dev_by_mac.lookup(&mac);
+	if (id)
+		device = *id;
+	cfg = device ? kalki_devices.lookup(&device) : 0;
+	if (!cfg) {
+		device = 0;
+		unknown.flags = s->unknown_flags;
+		cfg = &unknown;
+	}
+
+	if (eth->h_proto == ETH_P_ARP_BE) {
+		struct arp_ipv4 *arp = (void *)(eth + 1);
+		if ((void *)(arp + 1) > end)
+			return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
+		if ((cfg->flags & KALKI_F_ANTI_SPOOF) && arp->spa && arp->spa != cfg->ipv4) {
+			p.src = arp->spa;
+			report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, now);
+			return count(device, KALKI_R_SPOOF, &p, XDP_DROP);
+		}
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	}
+	if (eth->h_proto != ETH_P_IP_BE || !parse_ipv4(eth + 1, end, &p))
+		return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
+
+	if (in_drop_set(p.src, now))
+		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
+	if ((cfg->flags & KALKI_F_ANTI_SPOOF) && p.src != cfg->ipv4 && p.src) {
+		report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, now);
+		return count(device, KALKI_R_SPOOF, &p, XDP_DROP);
+	}
+	if (!device || (cfg->flags & KALKI_F_QUARANTINE)) {
+		if (to_gateway_service(s, &p, cfg->flags))
+			return count(device, KALKI_R_PASS, &p, XDP_PASS);
+		return count(device, device ? KALKI_R_QUARANTINE : KALKI_R_UNKNOWN_DEVICE, &p,
+			     XDP_DROP);
+	}
+	if (cfg->flags & KALKI_F_RATE_LIMIT) {
+		__u32 r = rate_limit(device, cfg, &p, now);
+		if (r != KALKI_R_PASS)
+			return count(device, r, &p, XDP_DROP);
+	}
+#ifndef KALKI_NO_DETECTORS
+	if ((cfg->flags & KALKI_F_PORT_SCAN) && (p.syn || p.proto == IPPROTO_UDP) &&
+	    p.dst != s->gateway_ip &&
+	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
+		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+#endif
+	if (p.dst == s->gateway_ip)
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	if ((cfg->flags & KALKI_F_LATERAL_BLOCK) && (p.dst & s->lan_mask) == s->lan_net) {
+		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, now);
+		return count(device, KALKI_R_LATERAL, &p, XDP_DROP);
+	}
+	if ((cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_ANOMALY)) && !allowed(device, &p)) {
+		int block = cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_BLOCK);
+		if (cfg->flags & KALKI_F_EGRESS_ANOMALY)
+			report(device, KALKI_R_EGRESS_ANOMALY, &p,
+			       block ? KALKI_A_DROPPED : KALKI_A_REPORTED, 1, now);
+		if (block)
+			return count(device, cfg->flags & KALKI_F_ALLOWLIST ? KALKI_R_ALLOWLIST
+							: KALKI_R_EGRESS_ANOMALY, &p, XDP_DROP);
+	}
+	return count(device, KALKI_R_PASS, &p, XDP_PASS);
+}
+
+int xdp_to_devices(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct packet p = {.len = (__u32)(end - data)};
+	struct kalki_device *cfg;
+	__u32 device, *id;
+	__u64 now = bpf_ktime_get_ns();
+
+	if ((void *)(eth + 1) > end)
+		return XDP_DROP;
+	if (eth->h_proto != ETH_P_IP_BE || !parse_ipv4(eth + 1, end, &p))
+		return XDP_PASS;    /* ARP and the gateway's own traffic */
+	id = kalki_dev_by_ip.lookup(&p.dst);
+	if (!id)
+		return XDP_PASS;    /* not a device: the gateway's nftables decides */
+	device = *id;
+	cfg = kalki_devices.lookup(&device);
+	if (!cfg)
+		return XDP_PASS;
+	if (in_drop_set(p.src, now))
+		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
+	if (cfg->flags & KALKI_F_QUARANTINE)
+		return count(device, KALKI_R_QUARANTINE, &p, XDP_DROP);
+#ifndef KALKI_NO_DETECTORS
+	if (p.syn && (cfg->flags & KALKI_F_SYN_FLOOD) &&
+	    syn_flood(device, cfg, &p, now) == XDP_DROP)
+		return count(device, KALKI_R_SYN_FLOOD, &p, XDP_DROP);
+	if (p.syn && (cfg->flags & KALKI_F_BRUTE_FORCE) &&
+	    brute_force(device, cfg, &p, now) == XDP_DROP)
+		return count(device, KALKI_R_BRUTE_FORCE, &p, XDP_DROP);
+	if ((p.syn || p.proto == IPPROTO_UDP) && (cfg->flags & KALKI_F_PORT_SCAN) &&
+	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
+		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+#endif
+	if (cfg->flags & KALKI_F_RATE_LIMIT) {
+		__u32 r = rate_limit(device, cfg, &p, now);
+		if (r != KALKI_R_PASS)
+			return count(device, r, &p, XDP_DROP);
+	}
+	return count(device, KALKI_R_PASS, &p, XDP_PASS);
+}

@@ -1,0 +1,140 @@
+/* The contract between the XDP dispatcher and user space (appliance/maps.py mirrors it).
+ * Map names, key and value structs, flag bits and reason codes live here and nowhere else.
+ * Change a struct here and in appliance/maps.py together: the loader compares sizes. */
+#ifndef KALKI_H
+#define KALKI_H
+
+#ifndef KALKI_MAX_DEVICES
+#define KALKI_MAX_DEVICES 1024          /* device slots; slot 0 is "unknown device" */
+#endif
+#ifndef KALKI_RINGBUF_PAGES
+#define KALKI_RINGBUF_PAGES 64
+#endif
+#define KALKI_ALLOW_RULES 8             /* (proto, port) pairs per allow-list prefix */
+#define KALKI_LOGIN_PORTS 4
+
+/* Umbox bits in kalki_device.flags: which in-kernel umboxes are on for the device. */
+#define KALKI_F_QUARANTINE      (1u << 0)
+#define KALKI_F_ALLOWLIST       (1u << 1)
+#define KALKI_F_RATE_LIMIT      (1u << 2)
+#define KALKI_F_PORT_SCAN       (1u << 3)
+#define KALKI_F_SYN_FLOOD       (1u << 4)
+#define KALKI_F_BRUTE_FORCE     (1u << 5)
+#define KALKI_F_EGRESS_ANOMALY  (1u << 6)
+#define KALKI_F_EGRESS_BLOCK    (1u << 7)
+#define KALKI_F_LATERAL_BLOCK   (1u << 8)
+#define KALKI_F_ANTI_SPOOF      (1u << 9)
+#define KALKI_F_QUARANTINE_MGMT (1u << 10)  /* quarantine still lets MQTT reach the gateway */
+
+/* Why a packet was passed or dropped: the second index of the counters map, and the
+ * "umbox" of an event. */
+enum kalki_reason {
+	KALKI_R_PASS = 0,
+	KALKI_R_DROP_SET,
+	KALKI_R_QUARANTINE,
+	KALKI_R_UNKNOWN_DEVICE,
+	KALKI_R_SPOOF,
+	KALKI_R_LATERAL,
+	KALKI_R_ALLOWLIST,
+	KALKI_R_EGRESS_ANOMALY,
+	KALKI_R_RATE_PACKETS,
+	KALKI_R_RATE_BYTES,
+	KALKI_R_PORT_SCAN,
+	KALKI_R_SYN_FLOOD,
+	KALKI_R_BRUTE_FORCE,
+	KALKI_R_NOT_IPV4,
+	KALKI_R_MAX = 16,
+};
+
+/* Event actions */
+#define KALKI_A_REPORTED 0      /* seen, packet passed */
+#define KALKI_A_DROPPED  1      /* this packet dropped */
+#define KALKI_A_BLOCKED  2      /* packet dropped and source put into the drop set */
+
+/* map: kalki_settings, array[1] */
+struct kalki_settings {
+	__u32 gateway_ip;        /* network byte order, the gateway's device-side address */
+	__u32 lan_net;           /* network byte order */
+	__u32 lan_mask;          /* network byte order */
+	__u32 mqtt_port;         /* host order; the management path for quarantine */
+	__u32 events_per_sec;    /* per device, in-kernel limit on ring buffer events */
+	__u32 unknown_flags;     /* umbox flags applied to unknown MACs (fail closed) */
+};
+
+/* map: kalki_dev_by_mac, hash kalki_mac -> __u32 device id */
+struct kalki_mac {
+	__u8 addr[6];
+	__u16 pad;
+};
+
+/* map: kalki_dev_by_ip, hash __u32 (network order) -> __u32 device id */
+
+/* map: kalki_devices, hash __u32 device id -> kalki_device. A posture change is one update
+ * of this entry; state (buckets, windows) lives elsewhere and survives it. */
+struct kalki_device {
+	__u32 flags;
+	__u32 ipv4;              /* network order */
+	__u8 mac[6];
+	__u16 posture;           /* opaque to the kernel; echoed in read-back */
+	__u32 rate_pps;          /* 0 = no packet limit */
+	__u32 burst_packets;
+	__u64 rate_bps;          /* bytes per second, 0 = no byte limit */
+	__u64 burst_bytes;
+	__u32 scan_ports;        /* distinct (address, port) per source in the window */
+	__u32 scan_window_ms;
+	__u32 scan_block_s;      /* 0 = report only */
+	__u32 syn_limit;         /* SYNs to the device in the window */
+	__u32 syn_window_ms;
+	__u32 syn_block_s;
+	__u32 bf_attempts;       /* connection attempts to a login port per source */
+	__u32 bf_window_ms;
+	__u32 bf_block_s;
+	__u16 bf_ports[KALKI_LOGIN_PORTS];  /* host order, 0 = unused */
+	__u32 pad;
+};
+
+/* map: kalki_allow, LPM trie. prefixlen counts the 32 bits of device id first. */
+struct kalki_allow_key {
+	__u32 prefixlen;
+	__u32 device;            /* network order, so it matches as a full prefix */
+	__u32 addr;              /* network order */
+};
+struct kalki_allow_rule {
+	__u8 proto;              /* 0 = any */
+	__u8 pad;
+	__u16 port;              /* host order, 0 = any */
+};
+struct kalki_allow_value {
+	__u32 count;
+	struct kalki_allow_rule rules[KALKI_ALLOW_RULES];
+};
+
+/* map: kalki_drop_set, LRU hash __u32 source (network order) -> kalki_drop */
+struct kalki_drop {
+	__u64 expires_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = never */
+	__u32 device;
+	__u32 reason;
+};
+
+/* map: kalki_counters, per-CPU array [device * KALKI_R_MAX + reason] */
+struct kalki_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* map: kalki_events, ring buffer of kalki_event */
+struct kalki_event {
+	__u64 ts_ns;
+	__u32 device;
+	__u32 reason;
+	__u32 src;               /* network order */
+	__u32 dst;               /* network order */
+	__u16 dst_port;          /* host order */
+	__u8 proto;
+	__u8 action;
+	__u32 count;             /* the detector's count when it fired */
+	__u32 suppressed;        /* events dropped by the in-kernel limit since the last one */
+	__u32 pad;
+};
+
+#endif
