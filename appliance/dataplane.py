@@ -1,0 +1,446 @@
+"""The data path API the supervisor uses: apply a device's umbox stack, change it, remove it,
+read counters and events, block a source, and reconcile the kernel with what is wanted.
+
+Kernel state (pinned maps, attached XDP programs, the nft table) outlives this object and the
+process: `Dataplane.open` reuses what it finds, and `reconcile` converges it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bpf, loader, maps, nft, umbox
+from .errors import ConfigError, DataplaneError, UnknownDeviceError
+
+BPFFS = "/sys/fs/bpf"
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _ip_be(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "little")  # network order read as host u32
+
+
+def _ip_str(be: int) -> str:
+    return socket.inet_ntoa(be.to_bytes(4, "little"))
+
+
+def _mac_key(mac: str) -> maps.Mac:
+    k = maps.Mac()
+    k.addr[:] = bytes.fromhex(mac.replace(":", ""))
+    return k
+
+
+def _mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+@dataclass
+class GatewaySettings:
+    devices_if: str = "dev0"
+    uplink_if: str = "up0"
+    gateway_ip: str = "198.18.0.1"
+    lan: str = "198.18.0.0/20"
+    mqtt_port: int = 1883
+    gate_port: int = 8181
+    events_per_sec: int = 20
+
+
+@dataclass
+class DeviceSpec:
+    name: str
+    mac: str
+    ip: str
+    stack: dict = field(default_factory=dict)
+    posture: int = 0
+
+    def checked(self) -> "DeviceSpec":
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ConfigError(f"device name {self.name!r}: use 1-64 letters, digits, '_', '.', '-'")
+        mac = str(self.mac).lower()
+        if not _MAC.match(mac) or mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1:
+            raise ConfigError(f"device {self.name}: invalid unicast MAC address {self.mac!r}")
+        try:
+            ipaddress.IPv4Address(self.ip)
+        except ValueError:
+            raise ConfigError(f"device {self.name}: invalid IPv4 address {self.ip!r}") from None
+        return DeviceSpec(self.name, mac, self.ip, self.stack, self.posture)
+
+
+@dataclass
+class _Applied:
+    spec: DeviceSpec
+    device_id: int
+    compiled: umbox.CompiledStack
+
+
+class Dataplane:
+    """One gateway's data path. `instance` names the pin directory (a lab name, or
+    "appliance"); `namespace` is the network namespace of the gateway (None: this one)."""
+
+    def __init__(self, instance: str, namespace: str | None = None,
+                 settings: GatewaySettings | None = None):
+        self.instance = instance
+        self.namespace = namespace
+        self.settings = settings or GatewaySettings()
+        self.pin_dir = f"{BPFFS}/kalki/{instance}"
+        self.load_report: dict = {}
+        self._maps: dict[str, bpf.Map] = {}
+        self._ring: bpf.RingBuffer | None = None
+        self._nft: nft.Nft | None = None
+        self._devices: dict[str, _Applied] = {}
+        self._closed = False
+
+    # -- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, instance: str, namespace: str | None = None,
+             settings: GatewaySettings | None = None, defines=None) -> "Dataplane":
+        dp = cls(instance, namespace, settings)
+        try:
+            dp._load(defines)
+        except BaseException:
+            dp.close()
+            raise
+        return dp
+
+    def _attachments(self) -> dict[str, str]:
+        return {"xdp_from_devices": self.settings.devices_if, "xdp_to_devices": self.settings.uplink_if}
+
+    def _load(self, defines) -> None:
+        if not os.path.ismount(BPFFS):
+            subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+        if not os.path.exists(f"{self.pin_dir}/kalki_devices"):
+            self.load_report = loader.run_child(self.pin_dir, self._attachments(), self.namespace,
+                                                defines=defines)
+        for name, (k, v) in maps.MAPS.items():
+            self._maps[name] = bpf.Map(f"{self.pin_dir}/{name}", k, v)
+        self._ring = bpf.RingBuffer(f"{self.pin_dir}/{maps.RINGBUF}")
+        s = self.settings
+        lan = ipaddress.IPv4Network(s.lan)
+        settings = maps.Settings(gateway_ip=_ip_be(s.gateway_ip), lan_net=_ip_be(str(lan.network_address)),
+                                 lan_mask=_ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
+                                 events_per_sec=s.events_per_sec, unknown_flags=0)
+        self._maps["kalki_settings"].update(ctypes.c_uint32(0), settings)
+        self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
+        if not self._nft.table_exists():
+            self._nft.create_table()
+
+    def close(self) -> None:
+        """Releases file descriptors; what is in the kernel stays and keeps protecting."""
+        if self._closed:
+            return
+        self._closed = True
+        for m in self._maps.values():
+            m.close()
+        if self._ring:
+            self._ring.close()
+
+    def destroy(self) -> None:
+        """Removes everything this instance put in the kernel (lab teardown)."""
+        if self._nft:
+            self._nft.delete_table()
+        self.close()
+        for ifname in self._attachments().values():
+            subprocess.run(["ip", *(["-n", self.namespace] if self.namespace else []),
+                            "link", "set", "dev", ifname, "xdp", "off"], capture_output=True)
+        remove_pins(self.instance)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- devices --------------------------------------------------------------------------
+    @property
+    def devices(self) -> dict[str, DeviceSpec]:
+        return {n: a.spec for n, a in self._devices.items()}
+
+    def device_id(self, name: str) -> int:
+        return self._applied(name).device_id
+
+    def _applied(self, name: str) -> _Applied:
+        try:
+            return self._devices[name]
+        except KeyError:
+            raise UnknownDeviceError(f"device {name!r} does not exist in the data path") from None
+
+    def _kernel_ids_by_mac(self) -> dict[str, int]:
+        return {_mac_str(k.addr): self._maps["kalki_dev_by_mac"].lookup(k).value
+                for k in self._maps["kalki_dev_by_mac"].keys()}
+
+    def _free_id(self) -> int:
+        used = {a.device_id for a in self._devices.values()}
+        used |= {k.value for k in self._maps["kalki_devices"].keys()}
+        for i in range(1, maps.MAX_DEVICES):
+            if i not in used:
+                return i
+        raise DataplaneError(f"no free device slot: the data path holds {maps.MAX_DEVICES - 1} devices")
+
+    def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack) -> maps.Device:
+        d = maps.Device(flags=int(compiled.flags), ipv4=_ip_be(spec.ip), posture=spec.posture)
+        d.mac[:] = bytes.fromhex(spec.mac.replace(":", ""))
+        for key, value in compiled.device_fields.items():
+            if key == "bf_ports":
+                d.bf_ports[:] = list(value) + [0] * (maps.LOGIN_PORTS - len(value))
+            else:
+                setattr(d, key, value)
+        return d
+
+    def _allow_entries(self, device_id: int, compiled: umbox.CompiledStack) -> dict[bytes, maps.AllowValue]:
+        grouped: dict = {}
+        for dst in compiled.destinations:
+            grouped.setdefault(dst.network, []).append(dst)
+        out = {}
+        for net, rules in grouped.items():
+            key = maps.AllowKey(prefixlen=32 + net.prefixlen,
+                                device=int.from_bytes(device_id.to_bytes(4, "big"), "little"),
+                                addr=_ip_be(str(net.network_address)))
+            value = maps.AllowValue(count=len(rules))
+            for i, r in enumerate(rules):
+                value.rules[i].proto = r.proto
+                value.rules[i].port = r.port
+            out[bytes(key)] = value
+        return out
+
+    def _kernel_allow_keys(self, device_id: int) -> list[maps.AllowKey]:
+        dev_be = int.from_bytes(device_id.to_bytes(4, "big"), "little")
+        return [k for k in self._maps["kalki_allow"].keys() if k.device == dev_be]
+
+    def apply(self, spec: DeviceSpec) -> int:
+        """Puts the device's umbox stack in force (new device, or a posture change). Either all
+        of it takes effect or none: the stack is validated first and nftables goes first."""
+        spec = spec.checked()
+        compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+        for other in self._devices.values():
+            if other.spec.name != spec.name and (other.spec.mac == spec.mac or other.spec.ip == spec.ip):
+                raise ConfigError(f"device {spec.name}: MAC {spec.mac} or address {spec.ip} "
+                                  f"already belongs to device {other.spec.name}")
+        previous = self._devices.get(spec.name)
+        if previous:
+            device_id = previous.device_id
+        else:
+            device_id = self._kernel_ids_by_mac().get(spec.mac) or self._free_id()
+        nft_current = self._nft.read_back().get(device_id)
+        rules = self._nft.device_rules(device_id, compiled.conn_limit)
+        nft_wanted = {"macs": [spec.mac], "ips": [spec.ip],
+                      "gates": [(spec.ip, compiled.gate_port)] if compiled.gate_port else [],
+                      "rules": nft.normalise_rules(rules)}
+        if not nft_current or self._nft_differs(nft_current, nft_wanted):
+            self._nft.run(self._nft.device_commands(device_id, spec.mac, spec.ip, rules,
+                                                    compiled.gate_port, nft_current),
+                          f"device {spec.name}")
+        try:
+            self._write_kernel(device_id, spec, compiled, previous, fresh=previous is None)
+        except DataplaneError:
+            if previous:   # put nftables back as it was; the maps were not changed in part
+                self._nft.run(self._nft.device_commands(
+                    device_id, previous.spec.mac, previous.spec.ip,
+                    self._nft.device_rules(device_id, previous.compiled.conn_limit),
+                    previous.compiled.gate_port, self._nft.read_back().get(device_id)),
+                    f"restoring device {spec.name}")
+            raise
+        self._devices[spec.name] = _Applied(spec, device_id, compiled)
+        return device_id
+
+    @staticmethod
+    def _nft_differs(current: dict, wanted: dict) -> bool:
+        return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
+                or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
+                or nft.normalise_rules(current["rules"]) != wanted["rules"])
+
+    def _write_kernel(self, device_id, spec, compiled, previous, fresh) -> None:
+        m = self._maps
+        key = ctypes.c_uint32(device_id)
+        if fresh and m["kalki_devices"].lookup(key) is None:
+            # A new slot starts with empty buckets, windows and counters.
+            m["kalki_dev_state"].update(key, maps.DevState())
+            m["kalki_event_limit"].update(key, maps.EventLimit())
+            for r in range(maps.REASON_SLOTS):
+                m["kalki_counters"].update(ctypes.c_uint32(device_id * maps.REASON_SLOTS + r),
+                                           maps.Counter())
+        wanted_allow = self._allow_entries(device_id, compiled)
+        for raw, value in wanted_allow.items():
+            m["kalki_allow"].update(maps.AllowKey.from_buffer_copy(raw), value)
+        m["kalki_devices"].update(key, self._device_entry(spec, compiled))
+        m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
+        m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
+        for k in self._kernel_allow_keys(device_id):
+            if bytes(k) not in wanted_allow:
+                m["kalki_allow"].delete(k)
+        if previous and previous.spec.mac != spec.mac:
+            m["kalki_dev_by_mac"].delete(_mac_key(previous.spec.mac))
+        if previous and previous.spec.ip != spec.ip:
+            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(previous.spec.ip)))
+
+    def set_stack(self, name: str, stack: dict, posture: int | None = None) -> int:
+        """A posture change: the same device with another umbox stack."""
+        a = self._applied(name)
+        return self.apply(DeviceSpec(a.spec.name, a.spec.mac, a.spec.ip, stack,
+                                     a.spec.posture if posture is None else posture))
+
+    def remove(self, name: str) -> None:
+        a = self._applied(name)
+        self._remove_id(a.device_id, [a.spec.mac], [a.spec.ip])
+        del self._devices[name]
+
+    def _remove_id(self, device_id: int, macs, ips) -> None:
+        current = self._nft.read_back().get(device_id)
+        if current:
+            self._nft.run(self._nft.removal_commands(device_id, current), f"removing device {device_id}")
+        m = self._maps
+        for mac in macs:
+            m["kalki_dev_by_mac"].delete(_mac_key(mac))
+        for ip in ips:
+            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
+        m["kalki_devices"].delete(ctypes.c_uint32(device_id))
+        for k in self._kernel_allow_keys(device_id):
+            m["kalki_allow"].delete(k)
+
+    # -- observing ------------------------------------------------------------------------
+    def counters(self, name: str) -> dict[str, dict]:
+        """{reason: {"umbox", "packets", "bytes"}} for the device, summed over CPUs."""
+        device_id = self.device_id(name)
+        out = {}
+        for reason in maps.Reason:
+            per_cpu = self._maps["kalki_counters"].lookup(
+                ctypes.c_uint32(device_id * maps.REASON_SLOTS + reason))
+            packets = sum(c.packets for c in per_cpu)
+            if packets:
+                out[reason.name.lower()] = {"umbox": maps.REASON_UMBOX[reason], "packets": packets,
+                                            "bytes": sum(c.bytes for c in per_cpu)}
+        return out
+
+    def events(self, timeout: float = 0.0, limit: int = 4096) -> list[dict]:
+        """Detector events from the kernel ring buffer, oldest first."""
+        records = self._ring.drain(limit)
+        if not records and timeout > 0 and self._ring.wait(timeout):
+            records = self._ring.drain(limit)
+        names = {a.device_id: n for n, a in self._devices.items()}
+        out = []
+        for raw in records:
+            e = maps.Event.from_buffer_copy(raw.ljust(ctypes.sizeof(maps.Event), b"\0"))
+            reason = maps.Reason(e.reason)
+            out.append({"device": names.get(e.device, e.device or None),
+                        "umbox": maps.REASON_UMBOX[reason], "reason": reason.name.lower(),
+                        "src": _ip_str(e.src), "dst": _ip_str(e.dst), "dst_port": e.dst_port,
+                        "proto": e.proto, "action": maps.Action(e.action).name.lower(),
+                        "count": e.count, "suppressed": e.suppressed, "ts_ns": e.ts_ns})
+        return out
+
+    def block_source(self, ip: str, seconds: int, device: str | None = None) -> None:
+        """Puts a source into the kernel drop set (0 seconds: until unblocked)."""
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ConfigError(f"drop set: invalid IPv4 address {ip!r}") from None
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0:
+            raise ConfigError(f"drop set: invalid duration {seconds!r} for {ip}")
+        expires = time.monotonic_ns() + seconds * 10**9 if seconds else 0
+        entry = maps.Drop(expires_ns=expires, device=self.device_id(device) if device else 0,
+                          reason=maps.Reason.DROP_SET)
+        self._maps["kalki_drop_set"].update(ctypes.c_uint32(_ip_be(ip)), entry)
+
+    def unblock_source(self, ip: str) -> bool:
+        return self._maps["kalki_drop_set"].delete(ctypes.c_uint32(_ip_be(ip)))
+
+    def drop_set(self) -> list[dict]:
+        now = time.monotonic_ns()
+        names = {a.device_id: n for n, a in self._devices.items()}
+        out = []
+        for k, v in self._maps["kalki_drop_set"].items():
+            if v.expires_ns and v.expires_ns < now:
+                continue
+            out.append({"source": _ip_str(k.value), "device": names.get(v.device),
+                        "reason": maps.Reason(v.reason).name.lower(),
+                        "seconds_left": round((v.expires_ns - now) / 1e9, 1) if v.expires_ns else None})
+        return out
+
+    # -- reconcile ------------------------------------------------------------------------
+    def attached_programs(self) -> dict[str, int | None]:
+        """{ifname: attached XDP program id or None}, read from the kernel."""
+        cmd = ["ip", "-j", *(["-n", self.namespace] if self.namespace else []), "link", "show"]
+        links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        by_name = {l["ifname"]: l.get("xdp", {}).get("prog", {}).get("id") for l in links}
+        return {ifname: by_name.get(ifname) for ifname in self._attachments().values()}
+
+    def pinned_program_ids(self) -> dict[str, int]:
+        out = {}
+        for prog, ifname in self._attachments().items():
+            fd = bpf.obj_get(f"{self.pin_dir}/{prog}")
+            try:
+                out[ifname] = bpf.prog_info(fd).id
+            finally:
+                os.close(fd)
+        return out
+
+    def reconcile(self, wanted: list[DeviceSpec]) -> dict:
+        """Reads back what the kernel has and converges it to `wanted`. Returns the report:
+        what was already right and what had to be fixed."""
+        report = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
+        specs = [w.checked() for w in wanted]
+        compiled = {s.name: umbox.compile_stack(s.stack, where=f"device {s.name}: ") for s in specs}
+        pinned = self.pinned_program_ids()
+        attached = self.attached_programs()
+        missing = {p: i for p, i in self._attachments().items() if attached.get(i) != pinned[i]}
+        if missing:
+            loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
+            report["reattached"] = sorted(missing.values())
+        by_mac = self._kernel_ids_by_mac()
+        nft_state = self._nft.read_back()
+        wanted_ids = set()
+        for s in specs:
+            c = compiled[s.name]
+            device_id = by_mac.get(s.mac)
+            if device_id is not None:
+                self._devices[s.name] = _Applied(s, device_id, c)
+            wanted_ids.add(device_id)
+            if device_id is None:
+                self._devices.pop(s.name, None)
+                self.apply(s)
+                report["added"].append(s.name)
+                continue
+            entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
+            ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
+            allow_ok = ({bytes(k) for k in self._kernel_allow_keys(device_id)}
+                        == set(self._allow_entries(device_id, c)))
+            rules = nft.normalise_rules(self._nft.device_rules(device_id, c.conn_limit))
+            nft_cur = nft_state.get(device_id)
+            nft_ok = nft_cur is not None and not self._nft_differs(nft_cur, {
+                "macs": [s.mac], "ips": [s.ip], "rules": rules,
+                "gates": [(s.ip, c.gate_port)] if c.gate_port else []})
+            kernel_ok = (entry is not None and bytes(entry) == bytes(self._device_entry(s, c))
+                         and ip_id is not None and ip_id.value == device_id and allow_ok)
+            if kernel_ok and nft_ok:
+                report["unchanged"].append(s.name)
+            else:
+                self._devices[s.name] = _Applied(s, device_id, c)
+                self.apply(s)
+                report["fixed"].append(s.name)
+        for k in list(self._maps["kalki_devices"].keys()):
+            if k.value not in wanted_ids:
+                entry = self._maps["kalki_devices"].lookup(k)
+                macs = [m for m, i in by_mac.items() if i == k.value]
+                self._remove_id(k.value, macs, [_ip_str(entry.ipv4)] if entry else [])
+                report["removed"].append(k.value)
+        for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
+            del self._devices[name]
+        return report
+
+
+def remove_pins(instance: str) -> None:
+    pin_dir = Path(f"{BPFFS}/kalki/{instance}")
+    if pin_dir.is_dir():
+        for p in pin_dir.iterdir():
+            p.unlink()
+        pin_dir.rmdir()
+    parent = pin_dir.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
