@@ -45,6 +45,16 @@ def _lab_status(args) -> int:
     return 0
 
 
+def _lab_block(args) -> int:
+    from .dataplane import Dataplane
+    from .lab import topology
+    s = topology.load(args.name)
+    with Dataplane.open(s.name, s.namespaces["gw"], topology.gateway_settings(s)) as dp:
+        dp.block_source(args.source, args.seconds)
+    print(f"lab {args.name}: {args.source} dropped for {args.seconds} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kalki", description="Kalki on a Raspberry Pi")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -64,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = lab.add_parser("status", help="list the labs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lab_status)
+    p = lab.add_parser("block", help="put a source into the lab's kernel drop set")
+    p.add_argument("name")
+    p.add_argument("source")
+    p.add_argument("seconds", type=int)
+    p.set_defaults(func=_lab_block)
     return ap
 
 

@@ -262,8 +262,9 @@ class Dataplane:
         if fresh and m["kalki_devices"].lookup(key) is None:
             # A new slot starts with empty buckets, windows and counters.
             m["kalki_dev_state"].update(key, maps.DevState())
-            m["kalki_event_limit"].update(key, maps.EventLimit())
             for r in range(maps.REASON_SLOTS):
+                slot = ctypes.c_uint32(device_id * maps.REASON_SLOTS + r)
+                m["kalki_event_limit"].update(slot, maps.EventLimit())
                 m["kalki_counters"].update(ctypes.c_uint32(device_id * maps.REASON_SLOTS + r),
                                            maps.Counter())
         wanted_allow = self._allow_entries(device_id, compiled)

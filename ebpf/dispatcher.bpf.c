@@ -67,7 +67,7 @@ BPF_HASH(kalki_dev_by_mac, struct kalki_mac, __u32, KALKI_MAX_DEVICES);
 BPF_HASH(kalki_dev_by_ip, __u32, __u32, KALKI_MAX_DEVICES);
 BPF_HASH(kalki_devices, __u32, struct kalki_device, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_dev_state, struct dev_state, KALKI_MAX_DEVICES);
-BPF_ARRAY(kalki_event_limit, struct event_limit, KALKI_MAX_DEVICES);
+BPF_ARRAY(kalki_event_limit, struct event_limit, KALKI_MAX_DEVICES * KALKI_R_MAX);
 BPF_PERCPU_ARRAY(kalki_counters, struct kalki_counter, KALKI_MAX_DEVICES * KALKI_R_MAX);
 BPF_TABLE("lru_hash", __u32, struct kalki_drop, kalki_drop_set, 65536);
 BPF_TABLE("lru_hash", struct source_key, struct source_window, kalki_source_windows, 65536);
@@ -100,10 +100,11 @@ static __always_inline void report(__u32 device, __u32 reason, struct packet *p,
 	struct kalki_settings *s;
 	struct event_limit *lim;
 	struct kalki_event *e;
-	__u32 zero = 0, suppressed;
+	__u32 zero = 0, suppressed, slot = device * KALKI_R_MAX + reason;
 
+	/* Limited per (device, detector), so one detector's flood cannot hide another's event. */
 	s = kalki_settings.lookup(&zero);
-	lim = kalki_event_limit.lookup(&device);
+	lim = kalki_event_limit.lookup(&slot);
 	if (!s || !lim)
 		return;
 	if (now - lim->window_ns > NS_PER_S) {

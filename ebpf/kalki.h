@@ -57,7 +57,7 @@ struct kalki_settings {
 	__u32 lan_net;           /* network byte order */
 	__u32 lan_mask;          /* network byte order */
 	__u32 mqtt_port;         /* host order; the management path for quarantine */
-	__u32 events_per_sec;    /* per device, in-kernel limit on ring buffer events */
+	__u32 events_per_sec;    /* per device and reason: in-kernel limit on ring buffer events */
 	__u32 unknown_flags;     /* umbox flags applied to unknown MACs (fail closed) */
 };
 

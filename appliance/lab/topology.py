@@ -37,6 +37,8 @@ INET_ROUTED = "198.19.8.0/21"
 ATTACKER_IP = "198.19.0.66"
 DEFAULT_TYPES = ("camera", "plug", "light", "motion_sensor")
 DEVICE_PASSWORD = "lab-device-pw"
+GATE_USER = "admin"
+GATE_PASSWORD = "lab-gate-pw"      # the appliance's own credentials, in the lab only
 MAX_DEVICES = 1000
 
 
@@ -183,7 +185,9 @@ def _sysctls(s: LabState) -> None:
 def spawn(namespace: str, args: list[str], log: Path) -> int:
     """Starts a long-lived process inside a namespace; returns its pid."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", namespace, *args], stdout=out,
+        # nsenter switches only the network namespace; `ip netns exec` would also remount
+        # /sys and so hide the pinned maps under /sys/fs/bpf from the process.
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{namespace}", *args], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
     return proc.pid
@@ -239,6 +243,14 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
                                                   "80,443,1883,8080,8883", "--ready-file", str(flag)],
                            lab_dir / "inet.log")
     ready.append(flag)
+    creds = lab_dir / "gate.json"
+    from ..gate import hash_password
+    creds.write_text(json.dumps({"user": GATE_USER, "password_sha256": hash_password(GATE_PASSWORD)}))
+    s.pids["gate"] = spawn(s.namespaces["gw"], [
+        py, "-m", "appliance.gate", "--listen", "0.0.0.0:8181", "--credentials-file", str(creds),
+        "--max-failures", "5", "--failure-window", "60", "--block-seconds", "300",
+        "--block-command", f"{py} -m appliance.cli lab block {s.name} {{ip}} {{seconds}}"],
+        lab_dir / "gate.log")
     _save(s)
     wait_for_files(ready, 30, f"lab {s.name}: services")
 

@@ -1,0 +1,252 @@
+"""Each umbox on real packets in the lab: what must pass passes, what must be stopped is
+stopped, and its events and counters say so."""
+import json
+import time
+import urllib.request
+
+import pytest
+
+from appliance import netns
+from appliance.lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
+from labutil import (connect, http, open_connection, ping, send_raw, tcp_syn, udp_packet,
+                     udp_send, wait_until)
+
+pytestmark = pytest.mark.lab
+
+BASE = {"anti_spoof": {}}
+
+
+def dev(lab, name):
+    return lab.device(name)
+
+
+def dropped(dp, name, reason):
+    return dp.counters(name).get(reason, {}).get("packets", 0)
+
+
+def events_of(dp, reason, timeout=1.0):
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out += [e for e in dp.events(timeout=0.1) if e["reason"] == reason]
+        if out:
+            # let the rest of a burst arrive
+            out += [e for e in dp.events(timeout=0.2) if e["reason"] == reason]
+            break
+    return out
+
+
+def device_stats(lab, name):
+    d = lab.device(name)
+    with netns.entered(d.namespace):
+        with urllib.request.urlopen(f"http://{d.ip}/_lab/stats", timeout=2) as r:
+            return json.load(r)
+
+
+def test_quarantine_leaves_only_gateway_services(lab, fresh):
+    cam = dev(lab, "camera1")
+    assert ping(cam.namespace, "198.19.8.1") == 1
+    fresh.set_stack("camera1", {"quarantine": {"management": True}})
+    assert ping(cam.namespace, "198.19.8.1") == 0          # the very next packet
+    assert not connect(lab.namespaces["inet"], cam.ip, 80)  # nor can anyone reach it
+    before = fresh.counters("camera1").get("pass", {}).get("packets", 0)
+    udp_send(cam.namespace, lab.gateway["lan_ip"], 53, 3)   # DNS to the gateway: allowed
+    assert fresh.counters("camera1")["pass"]["packets"] >= before + 3
+    assert dropped(fresh, "camera1", "quarantine") >= 2
+    # the neighbours are not disturbed
+    assert connect(lab.namespaces["inet"], dev(lab, "light1").ip, 80)
+
+
+def test_allowlist_by_prefix_port_and_protocol(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "allowlist": {"destinations": [
+        "198.19.8.1/32", "198.19.8.2:443/tcp", {"address": "198.19.0.2/32", "proto": "tcp", "port": 8080}]}})
+    assert connect(cam.namespace, "198.19.8.1", 80)
+    assert connect(cam.namespace, "198.19.8.2", 443)
+    assert not connect(cam.namespace, "198.19.8.2", 80)      # port not listed
+    assert not connect(cam.namespace, "198.19.9.1", 80)      # address not listed
+    assert connect(cam.namespace, INET_IP, 8080)
+    assert not connect(cam.namespace, INET_IP, 443)
+    assert dropped(fresh, "camera1", "allowlist") >= 3
+
+
+def test_rate_limit_packets(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "rate_limit": {"packets_per_second": 100, "burst_packets": 50}})
+    before = fresh.counters("camera1").get("pass", {}).get("packets", 0)
+    started = time.monotonic()
+    udp_send(cam.namespace, "198.19.8.1", 9, 2000)
+    elapsed = time.monotonic() - started
+    c = fresh.counters("camera1")
+    passed = c["pass"]["packets"] - before
+    assert c["rate_packets"]["packets"] >= 2000 - passed - 5
+    # burst plus what the rate refills while sending (with slack for ARP and timing)
+    assert passed <= 50 + 100 * elapsed + 20, (passed, elapsed)
+    assert passed >= 40
+
+
+def test_rate_limit_bytes(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "rate_limit": {"bytes_per_second": 20000, "burst_bytes": 20000}})
+    udp_send(cam.namespace, "198.19.8.1", 9, 200, size=1000)
+    assert dropped(fresh, "camera1", "rate_bytes") >= 150
+
+
+def test_conn_limit_concurrent(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "conn_limit": {"concurrent": 3}})
+    inet = lab.namespaces["inet"]
+    held = [open_connection(inet, cam.ip, 23) for _ in range(3)]
+    try:
+        assert not connect(inet, cam.ip, 23, timeout=0.5)
+    finally:
+        for s in held:
+            s.close()
+    assert wait_until(lambda: connect(inet, cam.ip, 23, timeout=0.5), timeout=3)
+
+
+def test_conn_limit_new_per_second(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "conn_limit": {"new_per_second": 2}})
+    results = [connect(lab.namespaces["inet"], cam.ip, 23, timeout=0.3) for _ in range(10)]
+    assert results.count(True) <= 5 and results.count(False) >= 5
+
+
+def test_port_scan_detected_and_blocked(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "port_scan": {"ports": 10, "window_ms": 5000,
+                                                      "block_seconds": 60}})
+    atk = lab.namespaces["atk"]
+    for port in range(1000, 1030):
+        connect(atk, cam.ip, port, timeout=0.2)
+    events = events_of(fresh, "port_scan")
+    assert events and events[0]["src"] == ATTACKER_IP and events[0]["device"] == "camera1"
+    assert events[0]["action"] == "blocked" and events[0]["count"] == 11
+    assert [e["source"] for e in fresh.drop_set()] == [ATTACKER_IP]
+    assert not connect(atk, cam.ip, 80)
+    assert connect(lab.namespaces["inet"], cam.ip, 80)          # others still reach it
+    assert dropped(fresh, "camera1", "drop_set") >= 1
+
+
+def test_port_scan_report_only_does_not_block(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "port_scan": {"ports": 5, "window_ms": 5000}})
+    for port in range(2000, 2010):
+        connect(lab.namespaces["atk"], cam.ip, port, timeout=0.2)
+    events = events_of(fresh, "port_scan")
+    assert events and all(e["action"] == "reported" for e in events)
+    assert fresh.drop_set() == []
+    assert connect(lab.namespaces["atk"], cam.ip, 80)
+
+
+def test_device_scanning_its_neighbours_is_seen(lab, fresh):
+    light, cam = dev(lab, "light1"), dev(lab, "camera1")
+    fresh.set_stack("light1", {**BASE, "port_scan": {"ports": 5, "window_ms": 5000, "block_seconds": 60}})
+    for port in range(20, 40):
+        connect(light.namespace, cam.ip, port, timeout=0.2)
+    events = events_of(fresh, "port_scan")
+    assert events and events[0]["device"] == "light1" and events[0]["src"] == light.ip
+    assert not connect(light.namespace, "198.19.8.1", 80)     # the scanner itself is cut off
+    assert connect(lab.namespaces["inet"], cam.ip, 80)
+
+
+def test_syn_flood(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "syn_flood": {"syns": 100, "window_ms": 10000}})
+    send_raw(lab.namespaces["atk"], [tcp_syn(ATTACKER_IP, cam.ip, 40000 + i % 20000, 80)
+                                     for i in range(600)])
+    assert wait_until(lambda: dropped(fresh, "camera1", "syn_flood") >= 450)
+    events = events_of(fresh, "syn_flood")
+    assert events and events[0]["action"] == "dropped" and events[0]["count"] == 101
+    # the in-kernel limit keeps a flood from flooding user space
+    assert len(events) <= fresh.settings.events_per_sec + 1
+    assert sum(e["suppressed"] for e in events) + len(events) <= 600
+
+
+def test_brute_force_telnet_is_blocked(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "brute_force": {"attempts": 5, "window_ms": 10000,
+                                                        "ports": [23], "block_seconds": 60}})
+    before = device_stats(lab, "camera1")["telnet_sessions"]
+    results = [connect(lab.namespaces["atk"], cam.ip, 23, timeout=0.3) for _ in range(10)]
+    assert results[:5] == [True] * 5 and not any(results[5:])
+    events = events_of(fresh, "brute_force")
+    assert events[0]["src"] == ATTACKER_IP and events[0]["dst_port"] == 23
+    assert events[0]["action"] == "blocked"
+    assert wait_until(lambda: device_stats(lab, "camera1")["telnet_sessions"] - before == 5)
+    assert connect(lab.namespaces["inet"], cam.ip, 23)
+
+
+def test_egress_anomaly_report_and_block(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "egress_anomaly": {"destinations": ["198.19.8.0/24"]}})
+    assert connect(cam.namespace, "198.19.9.1", 80)          # reported, not blocked
+    events = events_of(fresh, "egress_anomaly")
+    assert events and events[0]["dst"] == "198.19.9.1" and events[0]["action"] == "reported"
+    fresh.set_stack("camera1", {**BASE, "egress_anomaly": {"destinations": ["198.19.8.0/24"],
+                                                           "block": True}})
+    assert not connect(cam.namespace, "198.19.9.1", 80)
+    assert connect(cam.namespace, "198.19.8.1", 80)
+    assert dropped(fresh, "camera1", "egress_anomaly") >= 1
+
+
+def test_lateral_movement_block(lab, fresh):
+    cam, plug = dev(lab, "camera1"), dev(lab, "plug1")
+    fresh.set_stack("camera1", BASE)
+    fresh.set_stack("plug1", BASE)      # the block is stateless: it stops replies too
+    assert connect(cam.namespace, plug.ip, 23)               # without the umbox: reachable
+    fresh.set_stack("camera1", {**BASE, "lateral_block": {}})
+    assert not connect(cam.namespace, plug.ip, 23)
+    assert connect(cam.namespace, "198.19.8.1", 80)
+    assert events_of(fresh, "lateral")[0]["dst"] == plug.ip
+
+
+def test_anti_spoofing(lab, fresh):
+    cam, plug = dev(lab, "camera1"), dev(lab, "plug1")
+    fresh.set_stack("camera1", {"anti_spoof": {}})
+    send_raw(cam.namespace, [udp_packet(plug.ip, "198.19.8.1", 5000, 9) for _ in range(5)])
+    assert wait_until(lambda: dropped(fresh, "camera1", "spoof") == 5)
+    assert events_of(fresh, "spoof")[0]["src"] == plug.ip
+    before = fresh.counters("camera1")["pass"]["packets"]
+    send_raw(cam.namespace, [udp_packet(cam.ip, "198.19.8.1", 5000, 9) for _ in range(5)])
+    assert wait_until(lambda: fresh.counters("camera1")["pass"]["packets"] >= before + 5)
+
+
+def test_unknown_device_reaches_only_gateway(lab, fresh):
+    """A MAC the data path does not know (an unapproved device) is closed."""
+    cam = dev(lab, "camera1")
+    fresh.remove("camera1")
+    try:
+        assert ping(cam.namespace, "198.19.8.1") == 0
+        assert not connect(lab.namespaces["inet"], cam.ip, 80)
+    finally:
+        fresh.apply(__import__("conftest").normal_specs(lab)[0])
+    assert ping(cam.namespace, "198.19.8.1") == 1
+
+
+def test_drop_set_expires(lab, fresh):
+    cam = dev(lab, "camera1")
+    fresh.block_source(ATTACKER_IP, 1)
+    assert not connect(lab.namespaces["atk"], cam.ip, 80, timeout=0.5)
+    time.sleep(1.2)
+    assert connect(lab.namespaces["atk"], cam.ip, 80)
+    assert fresh.drop_set() == []
+
+
+def test_auth_gate(lab, fresh):
+    """Runs last: the gate keeps its own memory of who failed."""
+    plug = dev(lab, "plug1")
+    inet = lab.namespaces["inet"]
+    before = device_stats(lab, "plug1")["http_requests"]
+    status, _ = http(inet, plug.ip)
+    assert status == 401
+    status, body = http(inet, plug.ip, auth=(GATE_USER, GATE_PASSWORD))
+    assert status == 200 and json.loads(body)["device"] == "plug1"
+    assert device_stats(lab, "plug1")["http_requests"] == before + 1   # only the allowed one
+    # the gate plus the kernel: repeated failures put the attacker in the drop set
+    for _ in range(6):
+        http(lab.namespaces["atk"], plug.ip, auth=(GATE_USER, "guess"), timeout=1)
+    assert wait_until(lambda: ATTACKER_IP in [e["source"] for e in fresh.drop_set()], timeout=5)
+    assert not connect(lab.namespaces["atk"], dev(lab, "camera1").ip, 80)
+    # a device without the gate is reached directly
+    assert http(inet, dev(lab, "light1").ip)[0] == 200
