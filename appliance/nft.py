@@ -77,6 +77,12 @@ class Nft:
             rule("forward", _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                  {"accept": None}),
             rule("forward", _match({"ct": {"key": "state"}}, "invalid", "in"), {"drop": None}),
+            # XDP checks destinations on the packets that open a connection; this makes sure a
+            # TCP connection can only be opened by a SYN (conntrack's loose pick-up of
+            # mid-stream packets would otherwise let an ACK open one).
+            rule("forward", _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                                          ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
+                 _CT_NEW, {"counter": None}, {"drop": None}),
             # A device's own chain is entered by goto and returns here, so traffic between
             # two devices passes the sender's chain and then the receiver's.
             rule("forward", _match(_meta("iifname"), dev), {"jump": {"target": "from_devices"}}),

@@ -80,6 +80,8 @@ struct packet {
 	__u16 dport;
 	__u8 proto;
 	__u8 syn;                  /* TCP SYN without ACK: a connection attempt */
+	__u8 opens;                /* may open a flow: TCP SYN, UDP, ICMP echo request, others */
+	__u8 pad[3];
 	__u32 len;
 };
 
@@ -312,13 +314,21 @@ static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
 	p->proto = ip->protocol;
 	p->dport = 0;
 	p->syn = 0;
+	p->opens = 1;
 	void *l4 = (void *)ip + ip->ihl * 4;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *t = l4;
+		p->opens = 0;
 		if ((void *)(t + 1) > end)
 			return 1;
 		p->dport = __builtin_bswap16(t->dest);
 		p->syn = t->syn && !t->ack;
+		p->opens = p->syn;
+	} else if (ip->protocol == IPPROTO_ICMP) {
+		__u8 *type = l4;
+		if ((void *)(type + 1) > end)
+			return 1;
+		p->opens = *type == 8;
 	} else if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *u = l4;
 		if ((void *)(u + 1) > end)
@@ -410,6 +420,12 @@ int xdp_from_devices(struct xdp_md *ctx)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
 #endif
 	if (p.dst == s->gateway_ip)
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	/* Destination checks look at the packets that open a flow. The rest of a TCP
+	 * connection belongs to one that was allowed when it opened: nftables' conntrack
+	 * (forward chain) drops TCP that no SYN opened. Replies to permitted inbound
+	 * connections so pass, and survive a posture change. */
+	if (!p.opens)
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 	if ((cfg->flags & KALKI_F_LATERAL_BLOCK) && (p.dst & s->lan_mask) == s->lan_net) {
 		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, now);

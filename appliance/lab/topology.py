@@ -173,6 +173,7 @@ def _sysctls(s: LabState) -> None:
     settings = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.send_redirects": 0,
                 "net.ipv4.conf.dev0.send_redirects": 0, "net.ipv4.conf.dev0.proxy_arp": 1,
                 "net.ipv4.conf.dev0.proxy_arp_pvlan": 1,
+                "net.ipv4.neigh.dev0.proxy_delay": 0,   # else proxy ARP answers up to 0.8 s late
                 "net.ipv6.conf.all.disable_ipv6": 1}
     _run(["ip", "netns", "exec", gw, "sysctl", "-q", "-w",
           *[f"{k}={v}" for k, v in settings.items()]], "gateway sysctls")

@@ -1,0 +1,196 @@
+"""Posture changes, isolation between devices, refusal of bad parameters, and a supervisor
+killed with SIGKILL: all on real packets in the lab."""
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from appliance import dataplane, maps
+from appliance.errors import ConfigError, UnknownDeviceError, UnknownUmboxError
+from appliance.lab import topology
+from conftest import normal_specs
+from labutil import connect, open_connection, ping, udp_send, send_raw, tcp_syn, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+def telnet_login(sock):
+    sock.recv(100)
+    sock.sendall(b"admin\n")
+    sock.recv(100)
+    sock.sendall(f"{topology.DEVICE_PASSWORD}\n".encode())
+    assert b"welcome" in sock.recv(100)
+
+
+def echo(sock, text: bytes) -> bytes:
+    sock.sendall(text + b"\n")
+    time.sleep(0.1)
+    return sock.recv(1000)
+
+
+def test_posture_change_keeps_established_connection(lab, fresh):
+    cam = lab.device("camera1")
+    inet = lab.namespaces["inet"]
+    session = open_connection(inet, cam.ip, 23)
+    try:
+        telnet_login(session)
+        assert b"before" in echo(session, b"before")
+        id_before = fresh.device_id("camera1")
+        counters_before = fresh.counters("camera1")["pass"]["packets"]
+        # to the profile's suspicious posture: gate, rate limit, allow-list, tighter limits
+        fresh.set_stack("camera1", __import__("appliance.profiles", fromlist=["x"])
+                        .load_all()["camera"].stack("suspicious"))
+        assert b"after" in echo(session, b"after")        # the session survives
+        assert fresh.device_id("camera1") == id_before
+        assert fresh.counters("camera1")["pass"]["packets"] > counters_before  # not reset
+        # ... while new connections meet the new posture: port 80 is now behind the gate
+        from labutil import http
+        assert http(inet, cam.ip)[0] == 401
+        assert not connect(cam.namespace, "198.19.9.1", 80)   # allow-list now enforced
+    finally:
+        session.close()
+
+
+def test_posture_change_applies_to_the_next_packet(lab, fresh):
+    cam = lab.device("camera1")
+    for _ in range(5):
+        fresh.set_stack("camera1", {"quarantine": {}})
+        assert ping(cam.namespace, "198.19.8.1", wait=0.5) == 0
+        fresh.set_stack("camera1", {"anti_spoof": {}})
+        assert ping(cam.namespace, "198.19.8.1") == 1
+
+
+def test_quarantine_or_flood_does_not_disturb_the_others(lab, fresh):
+    cam, light = lab.device("camera1"), lab.device("light1")
+    fresh.set_stack("camera1", {"quarantine": {}, "syn_flood": {"syns": 50}})
+    stop = threading.Event()
+
+    def flood():
+        while not stop.is_set():
+            send_raw(lab.namespaces["atk"], [tcp_syn(topology.ATTACKER_IP, cam.ip, 1024 + i, 80)
+                                             for i in range(500)])
+            udp_send(cam.namespace, "198.19.8.1", 9, 500)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        replies = ping(lab.namespaces["inet"], light.ip, count=20, interval=0.05)
+        # port 23: the light counts connections to port 80 as login attempts
+        reached = [connect(lab.namespaces["inet"], light.ip, 23) for _ in range(10)]
+    finally:
+        stop.set()
+        t.join()
+    assert replies == 20 and all(reached)
+    assert fresh.counters("camera1")["quarantine"]["packets"] > 500
+    assert "quarantine" not in fresh.counters("light1")
+
+
+@pytest.mark.parametrize("stack, culprit, error", [
+    ({"allowlist": {"destinations": ["198.19.8.0/33"]}}, "198.19.8.0/33", ConfigError),
+    ({"allowlist": {"destinations": ["198.19.8.1/24"]}}, "198.19.8.1/24", ConfigError),
+    ({"rate_limit": {"packets_per_second": -5}}, "packets_per_second", ConfigError),
+    ({"rate_limit": {"packets_per_second": "fast"}}, "packets_per_second", ConfigError),
+    ({"teleport": {}}, "teleport", UnknownUmboxError),
+    ({"port_scan": {"prots": 3}}, "prots", ConfigError),
+    ({"brute_force": {"ports": [22, 70000]}}, "70000", ConfigError),
+    ({"conn_limit": {}}, "conn_limit", ConfigError),
+])
+def test_bad_parameters_are_refused_and_change_nothing(lab, fresh, stack, culprit, error):
+    device_id = fresh.device_id("camera1")
+    entry = bytes(fresh._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id)))
+    nft_before = fresh._nft.read_back()
+    with pytest.raises(error) as e:
+        fresh.set_stack("camera1", {"anti_spoof": {}, **stack})
+    assert culprit in str(e.value) and "camera1" in str(e.value)
+    assert bytes(fresh._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))) == entry
+    assert fresh._nft.read_back() == nft_before
+    assert fresh.counters("camera1") is not None
+
+
+def test_unknown_device_and_bad_identity_are_refused(lab, fresh):
+    with pytest.raises(UnknownDeviceError, match="toaster"):
+        fresh.set_stack("toaster", {"quarantine": {}})
+    with pytest.raises(UnknownDeviceError, match="toaster"):
+        fresh.counters("toaster")
+    with pytest.raises(ConfigError, match="MAC"):
+        fresh.apply(dataplane.DeviceSpec("new1", "02:00:00:zz:00:01", "198.18.1.1", {}))
+    with pytest.raises(ConfigError, match="address"):
+        fresh.apply(dataplane.DeviceSpec("new1", "02:00:00:00:00:01", "198.18.1.300", {}))
+    with pytest.raises(ConfigError, match="camera1"):   # somebody else's MAC
+        fresh.apply(dataplane.DeviceSpec("new1", lab.device("camera1").mac, "198.18.1.1", {}))
+    with pytest.raises(ConfigError, match="duration"):
+        fresh.block_source("198.19.0.66", -1)
+    assert "new1" not in fresh.devices
+
+
+SUPERVISOR = textwrap.dedent("""
+    import sys, time
+    from appliance import dataplane
+    from appliance.lab import topology
+    from conftest import normal_specs
+    lab = topology.load(sys.argv[1])
+    dp = dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab))
+    specs = normal_specs(lab)
+    specs[0].stack = {"quarantine": {}}
+    dp.reconcile(specs)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_sigkill_leaves_enforcement_and_a_new_process_reconciles(lab, fresh, tmp_path):
+    cam, light = lab.device("camera1"), lab.device("light1")
+    script = tmp_path / "supervisor.py"
+    script.write_text(SUPERVISOR)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)])}
+    proc = subprocess.Popen([sys.executable, str(script), lab.name], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        # a steady flow to a permitted device across the kill and the restart
+        pinger = subprocess.Popen(["ip", "netns", "exec", lab.namespaces["inet"], "ping", "-n",
+                                   "-q", "-c", "60", "-i", "0.02", light.ip],
+                                  stdout=subprocess.PIPE, text=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert ping(cam.namespace, "198.19.8.1", wait=0.5) == 0     # still quarantined
+        wanted = normal_specs(lab)
+        wanted[0].stack = {"quarantine": {}}
+        with dataplane.Dataplane.open(lab.name, lab.namespaces["gw"],
+                                      topology.gateway_settings(lab)) as again:
+            report = again.reconcile(wanted)
+            assert report["fixed"] == [] and report["added"] == [] and report["reattached"] == []
+            assert sorted(report["unchanged"]) == sorted(d.name for d in lab.devices)
+        out, _ = pinger.communicate(timeout=30)
+        assert " 0% packet loss" in out, out
+    finally:
+        proc.kill()
+        fresh.apply(normal_specs(lab)[0])
+
+
+def test_reconcile_repairs_what_was_tampered_with(lab, fresh):
+    cam, plug = lab.device("camera1"), lab.device("plug1")
+    gw = lab.namespaces["gw"]
+    plug_id = fresh.device_id("plug1")
+    # somebody detaches XDP, deletes a device entry and the plug's gate element
+    subprocess.run(["ip", "-n", gw, "link", "set", "dev", "up0", "xdp", "off"], check=True)
+    fresh._maps["kalki_devices"].delete(ctypes.c_uint32(fresh.device_id("camera1")))
+    subprocess.run(["ip", "netns", "exec", gw, "nft", "delete", "element", "inet", "kalki", "gate",
+                    f"{{ {plug.ip} . 80 }}"], check=True)
+    stray = dataplane.DeviceSpec("stray", "02:00:00:00:99:99", "198.18.9.9", {"anti_spoof": {}})
+    fresh.apply(stray)
+    report = fresh.reconcile(normal_specs(lab))
+    assert report["reattached"] == ["up0"]
+    assert sorted(report["fixed"]) == ["camera1", "plug1"]
+    assert len(report["removed"]) == 1 and "stray" not in fresh.devices
+    attached, pinned = fresh.attached_programs(), fresh.pinned_program_ids()
+    assert attached == pinned
+    assert fresh.reconcile(normal_specs(lab))["unchanged"] == [d.name for d in lab.devices]
+    assert fresh.device_id("plug1") == plug_id
+    assert ping(cam.namespace, "198.19.8.1") == 1
+    assert fresh._nft.read_back()[plug_id]["gates"] == [(plug.ip, 80)]
