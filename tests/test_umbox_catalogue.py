@@ -1,0 +1,87 @@
+"""Validation of umbox stacks and profiles, without the kernel."""
+import ctypes
+
+import pytest
+
+from appliance import maps, profiles, umbox
+from appliance.errors import ConfigError, UnknownUmboxError
+
+
+def test_every_shipped_profile_is_valid_and_covers_the_umboxes():
+    known = profiles.load_all()
+    assert {"camera", "plug", "light", "motion_sensor"} <= set(known)
+    used = {u for p in known.values() for stack in p.postures.values() for u in stack}
+    assert used == set(umbox.CATALOGUE)
+
+
+def test_compile_sets_flags_and_fields():
+    c = umbox.compile_stack({
+        "rate_limit": {"packets_per_second": 10},
+        "brute_force": {"ports": [22, 23]},
+        "egress_anomaly": {"destinations": ["198.19.8.0/24", "198.19.8.1:443/tcp"], "block": True},
+        "quarantine": {"management": False},
+    })
+    assert c.flags == (maps.Flag.RATE_LIMIT | maps.Flag.BRUTE_FORCE | maps.Flag.EGRESS_ANOMALY
+                       | maps.Flag.EGRESS_BLOCK | maps.Flag.QUARANTINE)
+    assert c.device_fields["burst_packets"] == 10 and c.device_fields["bf_ports"] == [22, 23]
+    assert c.destinations[1] == umbox.Destination(
+        __import__("ipaddress").IPv4Network("198.19.8.1/32"), 6, 443)
+
+
+@pytest.mark.parametrize("stack, message", [
+    ("quarantine", "table of umbox names"),
+    ({"nope": {}}, "unknown umbox 'nope'"),
+    ({"rate_limit": {}}, "set packets_per_second or bytes_per_second"),
+    ({"rate_limit": {"packets_per_second": True}}, "expected an integer"),
+    ({"port_scan": {"window_ms": 0}}, "below the minimum 1"),
+    ({"quarantine": {"management": "yes"}}, "expected true or false"),
+    ({"allowlist": {}}, "parameter destinations is required"),
+    ({"allowlist": {"destinations": ["10.0.0.0/8:99999"]}}, "invalid port"),
+    ({"allowlist": {"destinations": ["198.19.8.1:80/icmp"]}}, "needs proto tcp or udp"),
+    ({"allowlist": {"destinations": ["198.19.8.1/gre"]}}, "invalid address or CIDR"),
+    ({"allowlist": {"destinations": [{"address": "198.19.8.1", "color": 1}]}}, "unknown key"),
+    ({"allowlist": {"destinations": ["198.19.8.1"]}, "egress_anomaly": {"destinations": []}},
+     "set them in one place"),
+    ({"egress_anomaly": {}}, "destinations is required"),
+    ({"brute_force": {"ports": [1, 2, 3, 4, 5]}}, "1 to 4 login ports"),
+    ({"allowlist": {"destinations": [f"198.19.8.1:{p}/tcp" for p in range(1, 10)]}}, "at most 8"),
+])
+def test_bad_stacks_name_the_culprit(stack, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        umbox.compile_stack(stack, where="device cam: ")
+
+
+def test_unknown_umbox_lists_the_known_ones():
+    with pytest.raises(UnknownUmboxError) as e:
+        umbox.validate({"firewall": {}})
+    assert "quarantine" in str(e.value)
+
+
+def test_profile_errors_name_file_and_key(tmp_path):
+    p = tmp_path / "toaster.toml"
+    p.write_text('type = "toaster"\n[postures.normal]\nrate_limit = { packets_per_second = -1 }\n')
+    with pytest.raises(ConfigError, match=r"toaster.toml: postures.normal: umbox rate_limit"):
+        profiles.load_profile(p)
+    p.write_text('type = "toaster"\n[postures.normal]\nanti_spoof = {}\n[postures.attack]\nzap = {}\n')
+    with pytest.raises(ConfigError, match=r"toaster.toml: postures.attack: unknown umbox 'zap'"):
+        profiles.load_profile(p)
+    p.write_text('type = "toaster"\n[postures.normal\n')
+    with pytest.raises(ConfigError, match="toaster.toml"):
+        profiles.load_profile(p)
+    p.write_text('type = "toaster"\n[postures.suspicious]\nanti_spoof = {}\n')
+    with pytest.raises(ConfigError, match="postures.normal"):
+        profiles.load_profile(p)
+
+
+def test_a_profile_without_unknown_posture_fails_closed(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text('type = "t"\n[postures.normal]\nanti_spoof = {}\n')
+    prof = profiles.load_profile(p)
+    assert "quarantine" in prof.stack("unknown") and "quarantine" in prof.stack("quarantine")
+
+
+def test_contract_sizes_match_the_header():
+    """The loader compares these with the kernel's sizes; pin down the C layout here too."""
+    assert ctypes.sizeof(maps.Device) == 88
+    assert ctypes.sizeof(maps.Event) == 40
+    assert ctypes.sizeof(maps.AllowKey) == 12 and ctypes.sizeof(maps.AllowValue) == 36
