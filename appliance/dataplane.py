@@ -96,6 +96,11 @@ class Dataplane:
         self._ring: bpf.RingBuffer | None = None
         self._nft: nft.Nft | None = None
         self._devices: dict[str, _Applied] = {}
+        self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
+        self._used_ids: set[int] = set()
+        self._stale_ids = True                  # read the kernel's ids once, then keep track
+        self._next_id_hint = 1
+        self._allow_index: dict[int, set[bytes]] | None = None
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -131,6 +136,7 @@ class Dataplane:
         self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
         if not self._nft.table_exists():
             self._nft.create_table()
+        self._nft_state = self._nft.read_back()
 
     def close(self) -> None:
         """Releases file descriptors; what is in the kernel stays and keeps protecting."""
@@ -178,7 +184,14 @@ class Dataplane:
 
     def _free_id(self) -> int:
         used = {a.device_id for a in self._devices.values()}
-        used |= {k.value for k in self._maps["kalki_devices"].keys()}
+        used |= {k.value for k in self._maps["kalki_devices"].keys()} if self._stale_ids else set()
+        self._stale_ids = False
+        used |= self._used_ids
+        self._used_ids = used
+        for i in range(max(1, self._next_id_hint), maps.MAX_DEVICES):
+            if i not in used:
+                self._next_id_hint = i + 1
+                return i
         for i in range(1, maps.MAX_DEVICES):
             if i not in used:
                 return i
@@ -211,8 +224,13 @@ class Dataplane:
         return out
 
     def _kernel_allow_keys(self, device_id: int) -> list[maps.AllowKey]:
-        dev_be = int.from_bytes(device_id.to_bytes(4, "big"), "little")
-        return [k for k in self._maps["kalki_allow"].keys() if k.device == dev_be]
+        """The device's allow-list prefixes in the kernel (indexed once, then kept in step)."""
+        if self._allow_index is None:
+            self._allow_index = {}
+            for k in self._maps["kalki_allow"].keys():
+                dev = int.from_bytes(k.device.to_bytes(4, "little"), "big")
+                self._allow_index.setdefault(dev, set()).add(bytes(k))
+        return [maps.AllowKey.from_buffer_copy(raw) for raw in self._allow_index.get(device_id, ())]
 
     def apply(self, spec: DeviceSpec) -> int:
         """Puts the device's umbox stack in force (new device, or a posture change). Either all
@@ -227,28 +245,40 @@ class Dataplane:
         if previous:
             device_id = previous.device_id
         else:
-            device_id = self._kernel_ids_by_mac().get(spec.mac) or self._free_id()
-        nft_current = self._nft.read_back().get(device_id)
+            known = self._maps["kalki_dev_by_mac"].lookup(_mac_key(spec.mac))
+            device_id = known.value if known is not None else self._free_id()
         rules = self._nft.device_rules(device_id, compiled.conn_limit)
-        nft_wanted = {"macs": [spec.mac], "ips": [spec.ip],
-                      "gates": [(spec.ip, compiled.gate_port)] if compiled.gate_port else [],
-                      "rules": nft.normalise_rules(rules)}
-        if not nft_current or self._nft_differs(nft_current, nft_wanted):
-            self._nft.run(self._nft.device_commands(device_id, spec.mac, spec.ip, rules,
-                                                    compiled.gate_port, nft_current),
-                          f"device {spec.name}")
+        self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
         try:
             self._write_kernel(device_id, spec, compiled, previous, fresh=previous is None)
         except DataplaneError:
             if previous:   # put nftables back as it was; the maps were not changed in part
-                self._nft.run(self._nft.device_commands(
-                    device_id, previous.spec.mac, previous.spec.ip,
-                    self._nft.device_rules(device_id, previous.compiled.conn_limit),
-                    previous.compiled.gate_port, self._nft.read_back().get(device_id)),
-                    f"restoring device {spec.name}")
+                self._sync_nft(device_id, spec.name, previous.spec.mac, previous.spec.ip,
+                               self._nft.device_rules(device_id, previous.compiled.conn_limit),
+                               previous.compiled.gate_port)
             raise
         self._devices[spec.name] = _Applied(spec, device_id, compiled)
+        self._used_ids.add(device_id)
         return device_id
+
+    def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
+        """One nftables transaction if the device's part differs from what nftables has."""
+        wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
+                  "rules": nft.normalise_rules(rules)}
+        current = self._nft_state.get(device_id)
+        if current and not self._nft_differs(current, wanted):
+            return
+        try:
+            self._nft.run(self._nft.device_commands(device_id, mac, ip, rules, gate_port, current),
+                          f"device {name}")
+        except DataplaneError:
+            # Somebody else changed the table since we last read it: read it and try once more.
+            self._nft_state = self._nft.read_back()
+            current = self._nft_state.get(device_id)
+            self._nft.run(self._nft.device_commands(device_id, mac, ip, rules, gate_port, current),
+                          f"device {name}")
+        self._nft_state[device_id] = {**wanted, "rules": rules,
+                                      "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
 
     @staticmethod
     def _nft_differs(current: dict, wanted: dict) -> bool:
@@ -268,14 +298,16 @@ class Dataplane:
                 m["kalki_counters"].update(ctypes.c_uint32(device_id * maps.REASON_SLOTS + r),
                                            maps.Counter())
         wanted_allow = self._allow_entries(device_id, compiled)
+        stale = [k for k in self._kernel_allow_keys(device_id) if bytes(k) not in wanted_allow]
         for raw, value in wanted_allow.items():
             m["kalki_allow"].update(maps.AllowKey.from_buffer_copy(raw), value)
+        self._allow_index.setdefault(device_id, set()).update(wanted_allow)
         m["kalki_devices"].update(key, self._device_entry(spec, compiled))
         m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
-        for k in self._kernel_allow_keys(device_id):
-            if bytes(k) not in wanted_allow:
-                m["kalki_allow"].delete(k)
+        for k in stale:
+            m["kalki_allow"].delete(k)
+            self._allow_index[device_id].discard(bytes(k))
         if previous and previous.spec.mac != spec.mac:
             m["kalki_dev_by_mac"].delete(_mac_key(previous.spec.mac))
         if previous and previous.spec.ip != spec.ip:
@@ -293,7 +325,7 @@ class Dataplane:
         del self._devices[name]
 
     def _remove_id(self, device_id: int, macs, ips) -> None:
-        current = self._nft.read_back().get(device_id)
+        current = self._nft_state.pop(device_id, None)
         if current:
             self._nft.run(self._nft.removal_commands(device_id, current), f"removing device {device_id}")
         m = self._maps
@@ -302,8 +334,12 @@ class Dataplane:
         for ip in ips:
             m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
         m["kalki_devices"].delete(ctypes.c_uint32(device_id))
+        self._used_ids.discard(device_id)
+        self._next_id_hint = min(self._next_id_hint, device_id)
         for k in self._kernel_allow_keys(device_id):
             m["kalki_allow"].delete(k)
+        if self._allow_index is not None:
+            self._allow_index.pop(device_id, None)
 
     # -- observing ------------------------------------------------------------------------
     def counters(self, name: str) -> dict[str, dict]:
@@ -395,19 +431,20 @@ class Dataplane:
             loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
             report["reattached"] = sorted(missing.values())
         by_mac = self._kernel_ids_by_mac()
-        nft_state = self._nft.read_back()
+        self._nft_state = nft_state = self._nft.read_back()
+        self._allow_index, self._stale_ids = None, True     # read the kernel afresh
         wanted_ids = set()
         for s in specs:
             c = compiled[s.name]
             device_id = by_mac.get(s.mac)
             if device_id is not None:
                 self._devices[s.name] = _Applied(s, device_id, c)
-            wanted_ids.add(device_id)
             if device_id is None:
                 self._devices.pop(s.name, None)
-                self.apply(s)
+                wanted_ids.add(self.apply(s))
                 report["added"].append(s.name)
                 continue
+            wanted_ids.add(device_id)
             entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
             ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
             allow_ok = ({bytes(k) for k in self._kernel_allow_keys(device_id)}

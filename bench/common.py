@@ -1,0 +1,281 @@
+"""Shared helpers of the benchmarks: JSON output, statistics, a lab that always goes away,
+a pinned-but-unattached data path for BPF_PROG_TEST_RUN, packet building, CPU accounting.
+
+Every benchmark prints one JSON line per figure: {"bench", "metric", "value", "unit", ...}.
+Traffic stays inside the lab's namespaces, addresses only from 198.18.0.0/15.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from appliance import bpf, dataplane, loader, maps, umbox  # noqa: E402
+from appliance.lab import topology  # noqa: E402
+from labutil import udp_packet, tcp_syn  # noqa: E402,F401  (packet builders of the tests)
+
+LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+
+
+# -- output and statistics ----------------------------------------------------------------
+def emit(bench: str, metric: str, value, unit: str, **extra) -> None:
+    print(json.dumps({"bench": bench, "metric": metric, "value": value, "unit": unit, **extra}),
+          flush=True)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def percentile(xs, q: float):
+    """Nearest-rank percentile, q in 0..100."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def suffix() -> str:
+    return secrets.token_hex(2)
+
+
+def lab_only(ip: str) -> str:
+    assert ipaddress.IPv4Address(ip) in LAB_RANGE, f"{ip} is outside 198.18.0.0/15"
+    return ip
+
+
+# -- clean-up also on SIGTERM / SIGHUP ------------------------------------------------------
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every finally: block removes what it made."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+
+
+# -- the lab --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def lab(tag: str, devices: int = 1, open_dataplane: bool = True):
+    """A lab without services, with the data path loaded and attached (not protected: no
+    device applied). Yields (state, Dataplane or None). Always torn down."""
+    install_signal_handlers()
+    name = f"b{tag}{suffix()}"[:20]
+    state = None
+    dp = None
+    try:
+        state = topology.up(name, devices=devices, services=False, protect=False)
+        if open_dataplane:
+            dp = dataplane.Dataplane.open(name, state.namespaces["gw"], topology.gateway_settings(state))
+        yield state, dp
+    finally:
+        # Ignore further signals while tearing down, so teardown is not cut short.
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            if dp is not None:
+                try:
+                    dp.destroy()
+                except Exception as e:  # the namespace removal below takes the rest
+                    print(f"teardown: {e}", file=sys.stderr)
+            topology.down(name)
+            dataplane.remove_pins(name)
+            left = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
+                if os.path.isdir("/run/netns") else []
+            if left:
+                print(f"teardown: namespaces left behind: {left}", file=sys.stderr)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def ns_run(ns: str, args: list[str], **kw) -> subprocess.CompletedProcess:
+    """A command inside a namespace (nsenter: keeps /sys/fs/bpf visible)."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def ns_popen(ns: str, args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *args], **kw)
+
+
+def link_mac(ns: str, ifname: str) -> str:
+    out = subprocess.run(["ip", "-j", "-n", ns, "link", "show", "dev", ifname], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)[0]["address"]
+
+
+def stop(proc: subprocess.Popen | None, sig=signal.SIGINT, timeout: float = 5.0) -> None:
+    """Stops a child we started with start_new_session=True, and whatever it forked (trafgen
+    forks its workers): the signal goes to the child's own process group, by its id."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)   # stragglers of the group, if any
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# -- stacks -----------------------------------------------------------------------------------
+ALLOWED = ["198.19.8.0/24", "198.19.0.2/32", "198.19.9.1/32:443/tcp", "198.19.10.0/23"]
+
+
+def all_on_stack(destinations=None) -> dict:
+    """Every in-kernel umbox on except quarantine (which short-circuits), with limits high
+    enough that a 1e6-repeat BPF_PROG_TEST_RUN stays XDP_PASS."""
+    return {
+        "anti_spoof": {},
+        "lateral_block": {},
+        "rate_limit": {"packets_per_second": 100_000_000, "bytes_per_second": 1_250_000_000,
+                       "burst_packets": 100_000_000, "burst_bytes": 1_000_000_000},
+        "port_scan": {"ports": 1000, "window_ms": 1000},
+        "syn_flood": {"syns": 10_000_000, "window_ms": 1000},
+        "brute_force": {"attempts": 1_000_000, "window_ms": 1000, "ports": [22, 23]},
+        "egress_anomaly": {"block": False},
+        "allowlist": {"destinations": list(destinations or ALLOWED)},
+    }
+
+
+def fake_device(i: int) -> tuple[str, str]:
+    """(MAC, IPv4) of made-up device i (0..3839), addresses in 198.18.1.0-198.18.15.255."""
+    mac = f"02:42:bb:00:{i >> 8:02x}:{i & 0xff:02x}"
+    ip = str(ipaddress.IPv4Address("198.18.1.0") + i)
+    return mac, lab_only(ip)
+
+
+# -- packets ------------------------------------------------------------------------------------
+def eth(dst_mac: str, src_mac: str, payload: bytes, ethertype: int = 0x0800) -> bytes:
+    return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+            + ethertype.to_bytes(2, "big") + payload)
+
+
+def udp_frame(src_mac, dst_mac, src, dst, sport, dport, payload=b"kalki-bench") -> bytes:
+    return eth(dst_mac, src_mac, udp_packet(lab_only(src), lab_only(dst), sport, dport, payload))
+
+
+# -- a pinned, unattached data path for BPF_PROG_TEST_RUN ------------------------------------
+class PinnedPath:
+    """The dispatcher compiled into its own pin dir, attached nowhere, maps written directly
+    (no nftables, no namespace): for BPF_PROG_TEST_RUN only."""
+
+    def __init__(self, instance: str, settings: dataplane.GatewaySettings | None = None, defines=None):
+        self.instance = instance
+        self.pin_dir = f"{dataplane.BPFFS}/kalki/{instance}"
+        self.maps: dict[str, bpf.Map] = {}
+        self.prog_fds: dict[str, int] = {}
+        self.load_report = loader.run_child(self.pin_dir, {}, None, defines=defines)
+        for name, (k, v) in maps.MAPS.items():
+            self.maps[name] = bpf.Map(f"{self.pin_dir}/{name}", k, v)
+        for name in maps.PROGRAMS:
+            self.prog_fds[name] = bpf.obj_get(f"{self.pin_dir}/{name}")
+        s = settings or dataplane.GatewaySettings()
+        lan = ipaddress.IPv4Network(s.lan)
+        ip_be = dataplane._ip_be
+        self.maps["kalki_settings"].update(ctypes.c_uint32(0), maps.Settings(
+            gateway_ip=ip_be(s.gateway_ip), lan_net=ip_be(str(lan.network_address)),
+            lan_mask=ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
+            events_per_sec=s.events_per_sec, unknown_flags=0))
+        self._helper = dataplane.Dataplane(instance)   # only for its entry-building methods
+
+    def add_device(self, device_id: int, spec: dataplane.DeviceSpec) -> None:
+        spec = spec.checked()
+        c = umbox.compile_stack(spec.stack)
+        m = self.maps
+        key = ctypes.c_uint32(device_id)
+        m["kalki_dev_state"].update(key, maps.DevState())
+        for raw, value in self._helper._allow_entries(device_id, c).items():
+            m["kalki_allow"].update(maps.AllowKey.from_buffer_copy(raw), value)
+        m["kalki_devices"].update(key, self._helper._device_entry(spec, c))
+        m["kalki_dev_by_mac"].update(dataplane._mac_key(spec.mac), key)
+        m["kalki_dev_by_ip"].update(ctypes.c_uint32(dataplane._ip_be(spec.ip)), key)
+
+    def counter(self, device_id: int, reason: int) -> int:
+        per_cpu = self.maps["kalki_counters"].lookup(ctypes.c_uint32(device_id * maps.REASON_SLOTS + reason))
+        return sum(c.packets for c in per_cpu)
+
+    def close(self) -> None:
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.prog_fds.clear()
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        dataplane.remove_pins(self.instance)
+
+
+@contextlib.contextmanager
+def pinned_path(tag: str, **kw):
+    install_signal_handlers()
+    instance = f"b{tag}{suffix()}"
+    path = None
+    try:
+        path = PinnedPath(instance, **kw)
+        yield path
+    finally:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            if path is not None:
+                path.close()
+            dataplane.remove_pins(instance)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# -- CPU accounting -----------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times() -> dict[str, int]:
+    """System-wide CPU time in ns from /proc/stat's first line, by column."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    vals = {n: int(v) * 1_000_000_000 // CLK_TCK for n, v in zip(names, fields)}
+    vals["busy"] = sum(vals[n] for n in ("user", "nice", "system", "irq", "softirq"))
+    return vals
+
+
+def net_rx_softirqs() -> int:
+    with open("/proc/softirqs") as f:
+        for line in f:
+            if line.split(":")[0].strip() == "NET_RX":
+                return sum(int(x) for x in line.split(":")[1].split())
+    return 0
+
+
+def vm_status(pid: str = "self") -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0])   # kB
+    return out
