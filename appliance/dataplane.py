@@ -28,6 +28,11 @@ def _ip_be(ip: str) -> int:
     return int.from_bytes(socket.inet_aton(ip), "little")  # network order read as host u32
 
 
+def _be32(value: int) -> int:
+    """Swaps a u32 between host and network order (the LPM key wants network order)."""
+    return int.from_bytes(value.to_bytes(4, "little"), "big")
+
+
 def _ip_str(be: int) -> str:
     return socket.inet_ntoa(be.to_bytes(4, "little"))
 
@@ -100,7 +105,7 @@ class Dataplane:
         self._used_ids: set[int] = set()
         self._stale_ids = True                  # read the kernel's ids once, then keep track
         self._next_id_hint = 1
-        self._allow_index: dict[int, set[bytes]] | None = None
+        self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -197,8 +202,9 @@ class Dataplane:
                 return i
         raise DataplaneError(f"no free device slot: the data path holds {maps.MAX_DEVICES - 1} devices")
 
-    def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack) -> maps.Device:
-        d = maps.Device(flags=int(compiled.flags), ipv4=_ip_be(spec.ip), posture=spec.posture)
+    def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack, allow_id: int) -> maps.Device:
+        d = maps.Device(flags=int(compiled.flags), ipv4=_ip_be(spec.ip), posture=spec.posture,
+                        allow_id=allow_id)
         d.mac[:] = bytes.fromhex(spec.mac.replace(":", ""))
         for key, value in compiled.device_fields.items():
             if key == "bf_ports":
@@ -207,34 +213,60 @@ class Dataplane:
                 setattr(d, key, value)
         return d
 
-    def _allow_entries(self, device_id: int, compiled: umbox.CompiledStack) -> dict[bytes, maps.AllowValue]:
+    # -- allow-lists, shared by the devices with the same destinations ----------------------
+    @staticmethod
+    def _allow_content(compiled: umbox.CompiledStack) -> tuple:
         grouped: dict = {}
         for dst in compiled.destinations:
-            grouped.setdefault(dst.network, []).append(dst)
-        out = {}
-        for net, rules in grouped.items():
-            key = maps.AllowKey(prefixlen=32 + net.prefixlen,
-                                device=int.from_bytes(device_id.to_bytes(4, "big"), "little"),
-                                addr=_ip_be(str(net.network_address)))
-            value = maps.AllowValue(count=len(rules))
-            for i, r in enumerate(rules):
-                value.rules[i].proto = r.proto
-                value.rules[i].port = r.port
-            out[bytes(key)] = value
-        return out
+            grouped.setdefault(dst.network, []).append((dst.proto, dst.port))
+        return tuple(sorted((net.prefixlen, str(net.network_address), tuple(rules))
+                            for net, rules in grouped.items()))
 
-    def _kernel_allow_keys(self, device_id: int) -> list[maps.AllowKey]:
-        """The device's allow-list prefixes in the kernel (indexed once, then kept in step)."""
-        if self._allow_index is None:
-            self._allow_index = {}
-            for k in self._maps["kalki_allow"].keys():
-                dev = int.from_bytes(k.device.to_bytes(4, "little"), "big")
-                self._allow_index.setdefault(dev, set()).add(bytes(k))
-        return [maps.AllowKey.from_buffer_copy(raw) for raw in self._allow_index.get(device_id, ())]
+    def _list_index(self) -> dict[tuple, int]:
+        """{content: list id}, read from the kernel once, then kept in step."""
+        if self._lists is None:
+            by_id: dict[int, list] = {}
+            for k, v in self._maps["kalki_allow"].items():
+                rules = tuple((v.rules[i].proto, v.rules[i].port) for i in range(v.count))
+                by_id.setdefault(_be32(k.list), []).append((k.prefixlen - 32, _ip_str(k.addr), rules))
+            self._lists = {tuple(sorted(nets)): list_id for list_id, nets in by_id.items()}
+        return self._lists
+
+    def _list_id(self, content: tuple, create: bool) -> int | None:
+        """The id of the list with these destinations (0: none), made if asked and missing."""
+        if not content:
+            return 0
+        index = self._list_index()
+        if content in index or not create:
+            return index.get(content)
+        list_id = max(index.values(), default=0) + 1
+        for prefixlen, addr, rules in content:
+            value = maps.AllowValue(count=len(rules))
+            for i, (proto, port) in enumerate(rules):
+                value.rules[i].proto, value.rules[i].port = proto, port
+            self._maps["kalki_allow"].update(self._allow_key(list_id, prefixlen, addr), value)
+        index[content] = list_id
+        return list_id
+
+    @staticmethod
+    def _allow_key(list_id: int, prefixlen: int, addr: str) -> maps.AllowKey:
+        return maps.AllowKey(prefixlen=32 + prefixlen, list=_be32(list_id), addr=_ip_be(addr))
+
+    def _collect_lists(self) -> None:
+        """Deletes the lists no device uses any more."""
+        used = {entry.allow_id for _, entry in self._maps["kalki_devices"].items()}
+        index = self._list_index()
+        for content, list_id in list(index.items()):
+            if list_id not in used:
+                for prefixlen, addr, _ in content:
+                    self._maps["kalki_allow"].delete(self._allow_key(list_id, prefixlen, addr))
+                del index[content]
 
     def apply(self, spec: DeviceSpec) -> int:
         """Puts the device's umbox stack in force (new device, or a posture change). Either all
-        of it takes effect or none: the stack is validated first and nftables goes first."""
+        of it takes effect or none: everything is validated first, the kernel maps change (the
+        posture is in force from the next packet), then nftables; if nftables refuses, the
+        maps are put back."""
         spec = spec.checked()
         compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
         for other in self._devices.values():
@@ -247,16 +279,25 @@ class Dataplane:
         else:
             known = self._maps["kalki_dev_by_mac"].lookup(_mac_key(spec.mac))
             device_id = known.value if known is not None else self._free_id()
-        rules = self._nft.device_rules(device_id, compiled.conn_limit)
-        self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
+        key = ctypes.c_uint32(device_id)
+        before = self._maps["kalki_devices"].lookup(key)
+        allow_id = self._list_id(self._allow_content(compiled), create=True)
+        self._write_kernel(device_id, spec, compiled, allow_id, previous)
         try:
-            self._write_kernel(device_id, spec, compiled, previous, fresh=previous is None)
+            if not compiled.flags & maps.Flag.QUARANTINE:
+                # In quarantine XDP drops everything nftables would act on: leave it as it is.
+                self._sync_nft(device_id, spec.name, spec.mac, spec.ip,
+                               self._nft.device_rules(device_id, compiled.conn_limit),
+                               compiled.gate_port)
         except DataplaneError:
-            if previous:   # put nftables back as it was; the maps were not changed in part
-                self._sync_nft(device_id, spec.name, previous.spec.mac, previous.spec.ip,
-                               self._nft.device_rules(device_id, previous.compiled.conn_limit),
-                               previous.compiled.gate_port)
+            if before is not None and previous:
+                self._maps["kalki_devices"].update(key, before)
+                self._write_indexes(device_id, previous.spec, spec)
+            else:
+                self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
             raise
+        if before is not None and before.allow_id != allow_id:
+            self._collect_lists()
         self._devices[spec.name] = _Applied(spec, device_id, compiled)
         self._used_ids.add(device_id)
         return device_id
@@ -286,32 +327,28 @@ class Dataplane:
                 or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
                 or nft.normalise_rules(current["rules"]) != wanted["rules"])
 
-    def _write_kernel(self, device_id, spec, compiled, previous, fresh) -> None:
+    def _write_kernel(self, device_id, spec, compiled, allow_id, previous) -> None:
         m = self._maps
         key = ctypes.c_uint32(device_id)
-        if fresh and m["kalki_devices"].lookup(key) is None:
+        if previous is None and m["kalki_devices"].lookup(key) is None:
             # A new slot starts with empty buckets, windows and counters.
             m["kalki_dev_state"].update(key, maps.DevState())
             for r in range(maps.REASON_SLOTS):
                 slot = ctypes.c_uint32(device_id * maps.REASON_SLOTS + r)
                 m["kalki_event_limit"].update(slot, maps.EventLimit())
-                m["kalki_counters"].update(ctypes.c_uint32(device_id * maps.REASON_SLOTS + r),
-                                           maps.Counter())
-        wanted_allow = self._allow_entries(device_id, compiled)
-        stale = [k for k in self._kernel_allow_keys(device_id) if bytes(k) not in wanted_allow]
-        for raw, value in wanted_allow.items():
-            m["kalki_allow"].update(maps.AllowKey.from_buffer_copy(raw), value)
-        self._allow_index.setdefault(device_id, set()).update(wanted_allow)
-        m["kalki_devices"].update(key, self._device_entry(spec, compiled))
+                m["kalki_counters"].update(slot, maps.Counter())
+        m["kalki_devices"].update(key, self._device_entry(spec, compiled, allow_id))
+        self._write_indexes(device_id, spec, previous.spec if previous else None)
+
+    def _write_indexes(self, device_id: int, spec: DeviceSpec, old: DeviceSpec | None) -> None:
+        m = self._maps
+        key = ctypes.c_uint32(device_id)
         m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
-        for k in stale:
-            m["kalki_allow"].delete(k)
-            self._allow_index[device_id].discard(bytes(k))
-        if previous and previous.spec.mac != spec.mac:
-            m["kalki_dev_by_mac"].delete(_mac_key(previous.spec.mac))
-        if previous and previous.spec.ip != spec.ip:
-            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(previous.spec.ip)))
+        if old and old.mac != spec.mac:
+            m["kalki_dev_by_mac"].delete(_mac_key(old.mac))
+        if old and old.ip != spec.ip:
+            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(old.ip)))
 
     def set_stack(self, name: str, stack: dict, posture: int | None = None) -> int:
         """A posture change: the same device with another umbox stack."""
@@ -328,6 +365,10 @@ class Dataplane:
         current = self._nft_state.pop(device_id, None)
         if current:
             self._nft.run(self._nft.removal_commands(device_id, current), f"removing device {device_id}")
+        self._drop_kernel_entry(device_id, macs, ips)
+        self._collect_lists()
+
+    def _drop_kernel_entry(self, device_id: int, macs, ips) -> None:
         m = self._maps
         for mac in macs:
             m["kalki_dev_by_mac"].delete(_mac_key(mac))
@@ -336,10 +377,6 @@ class Dataplane:
         m["kalki_devices"].delete(ctypes.c_uint32(device_id))
         self._used_ids.discard(device_id)
         self._next_id_hint = min(self._next_id_hint, device_id)
-        for k in self._kernel_allow_keys(device_id):
-            m["kalki_allow"].delete(k)
-        if self._allow_index is not None:
-            self._allow_index.pop(device_id, None)
 
     # -- observing ------------------------------------------------------------------------
     def counters(self, name: str) -> dict[str, dict]:
@@ -432,7 +469,7 @@ class Dataplane:
             report["reattached"] = sorted(missing.values())
         by_mac = self._kernel_ids_by_mac()
         self._nft_state = nft_state = self._nft.read_back()
-        self._allow_index, self._stale_ids = None, True     # read the kernel afresh
+        self._lists, self._stale_ids = None, True     # read the kernel afresh
         wanted_ids = set()
         for s in specs:
             c = compiled[s.name]
@@ -447,15 +484,16 @@ class Dataplane:
             wanted_ids.add(device_id)
             entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
             ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
-            allow_ok = ({bytes(k) for k in self._kernel_allow_keys(device_id)}
-                        == set(self._allow_entries(device_id, c)))
+            allow_id = self._list_id(self._allow_content(c), create=False)
             rules = nft.normalise_rules(self._nft.device_rules(device_id, c.conn_limit))
             nft_cur = nft_state.get(device_id)
-            nft_ok = nft_cur is not None and not self._nft_differs(nft_cur, {
-                "macs": [s.mac], "ips": [s.ip], "rules": rules,
-                "gates": [(s.ip, c.gate_port)] if c.gate_port else []})
-            kernel_ok = (entry is not None and bytes(entry) == bytes(self._device_entry(s, c))
-                         and ip_id is not None and ip_id.value == device_id and allow_ok)
+            nft_ok = bool(c.flags & maps.Flag.QUARANTINE) or (
+                nft_cur is not None and not self._nft_differs(nft_cur, {
+                    "macs": [s.mac], "ips": [s.ip], "rules": rules,
+                    "gates": [(s.ip, c.gate_port)] if c.gate_port else []}))
+            kernel_ok = (allow_id is not None and entry is not None
+                         and bytes(entry) == bytes(self._device_entry(s, c, allow_id))
+                         and ip_id is not None and ip_id.value == device_id)
             if kernel_ok and nft_ok:
                 report["unchanged"].append(s.name)
             else:
@@ -470,6 +508,7 @@ class Dataplane:
                 report["removed"].append(k.value)
         for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
             del self._devices[name]
+        self._collect_lists()
         return report
 
 

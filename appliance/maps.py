@@ -76,22 +76,22 @@ class Mac(ctypes.Structure):
 class Device(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("ipv4", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6),
                 ("posture", ctypes.c_uint16),
-                ("rate_pps", ctypes.c_uint32), ("burst_packets", ctypes.c_uint32),
-                ("rate_bps", ctypes.c_uint64), ("burst_bytes", ctypes.c_uint64),
+                ("packet_interval_ns", ctypes.c_uint64), ("packet_tolerance_ns", ctypes.c_uint64),
+                ("byte_cost_ns_x1024", ctypes.c_uint64), ("byte_tolerance_ns", ctypes.c_uint64),
                 ("scan_ports", ctypes.c_uint32), ("scan_window_ms", ctypes.c_uint32),
                 ("scan_block_s", ctypes.c_uint32),
                 ("syn_limit", ctypes.c_uint32), ("syn_window_ms", ctypes.c_uint32),
                 ("syn_block_s", ctypes.c_uint32),
                 ("bf_attempts", ctypes.c_uint32), ("bf_window_ms", ctypes.c_uint32),
                 ("bf_block_s", ctypes.c_uint32), ("bf_ports", ctypes.c_uint16 * LOGIN_PORTS),
-                ("pad", ctypes.c_uint32)]
+                ("allow_id", ctypes.c_uint32)]
 
     def as_tuple(self):
         return bytes(self)
 
 
 class AllowKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("device", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("list", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
 
 class AllowRule(ctypes.Structure):
@@ -119,10 +119,12 @@ class Event(ctypes.Structure):
 
 class DevState(ctypes.Structure):
     """Private to the kernel program; user space only zeroes it for a new device."""
-    _fields_ = [("lock", ctypes.c_uint32), ("pad0", ctypes.c_uint32), ("last_ns", ctypes.c_uint64),
-                ("tokens_packets", ctypes.c_uint64), ("tokens_bytes", ctypes.c_uint64),
+    _fields_ = [("lock", ctypes.c_uint32), ("pad0", ctypes.c_uint32),
+                ("packet_tat", ctypes.c_uint64), ("byte_tat", ctypes.c_uint64),
                 ("syn_window_ns", ctypes.c_uint64), ("syn_count", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("pad", ctypes.c_uint32), ("scan_seen_ns", ctypes.c_uint64),
+                ("scan_src", ctypes.c_uint32), ("scan_dst", ctypes.c_uint32),
+                ("scan_port", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
 class EventLimit(ctypes.Structure):

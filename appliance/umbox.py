@@ -173,9 +173,14 @@ def compile_stack(stack, where: str = "") -> CompiledStack:
         if not p["packets_per_second"] and not p["bytes_per_second"]:
             raise ConfigError(f"{where}umbox rate_limit: set packets_per_second or bytes_per_second")
         c.flags |= F.RATE_LIMIT
-        d.update(rate_pps=p["packets_per_second"], rate_bps=p["bytes_per_second"],
-                 burst_packets=p["burst_packets"] or max(1, p["packets_per_second"]),
-                 burst_bytes=p["burst_bytes"] or max(1514, p["bytes_per_second"]))
+        pps, bps = p["packets_per_second"], p["bytes_per_second"]
+        if pps:   # GCRA: the kernel keeps the interval between packets and the burst as time
+            interval = 10**9 // pps
+            d.update(packet_interval_ns=interval,
+                     packet_tolerance_ns=((p["burst_packets"] or pps) - 1) * interval)
+        if bps:
+            d.update(byte_cost_ns_x1024=max(1, round(1024 * 10**9 / bps)),
+                     byte_tolerance_ns=(p["burst_bytes"] or max(1514, bps)) * 10**9 // bps)
     if "port_scan" in params:
         p = params["port_scan"]
         c.flags |= F.PORT_SCAN

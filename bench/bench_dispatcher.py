@@ -35,13 +35,16 @@ def bare_xdp_pass():
     return b, fn.fd
 
 
-def fill(path: common.PinnedPath, n: int) -> int:
-    """n devices; the measured one gets id 1 and is placed among them. Returns its id."""
+def fill(path: common.PinnedPath, n: int, distinct_lists: bool = False) -> int:
+    """n devices; the measured one gets id 1 and is placed among them. Devices of one type
+    share one allow-list; with distinct_lists each device has its own (the worst case)."""
     stack = common.all_on_stack()
     path.add_device(1, dataplane.DeviceSpec("dev1", DEV_MAC, DEV_IP, stack))
     for i in range(1, n):
         mac, ip = common.fake_device(i)
-        path.add_device(i + 1, dataplane.DeviceSpec(f"f{i}", mac, ip, stack))
+        own = common.all_on_stack(list(common.ALLOWED) + [f"198.19.{16 + i // 256}.{i % 256}/32"]) \
+            if distinct_lists else stack
+        path.add_device(i + 1, dataplane.DeviceSpec(f"f{i}", mac, ip, own))
     return 1
 
 
@@ -49,9 +52,10 @@ def main() -> int:
     from_pkt = common.udp_frame(DEV_MAC, GW_DEV_MAC, DEV_IP, DST, 40000, DST_PORT)
     to_pkt = common.udp_frame(GW_UP_MAC, "02:42:aa:ff:00:03", REMOTE, DEV_IP, 443, 40000)
     with common.pinned_path("d1") as one, common.pinned_path("dk") as many, \
-            common.pinned_path("db") as parts:
+            common.pinned_path("dd") as distinct, common.pinned_path("db") as parts:
         fill(one, 1)
         fill(many, DEVICES)
+        fill(distinct, DEVICES, distinct_lists=True)
         # Breakdown (not the headline): the same packet from devices with fewer umboxes on.
         no_lists = {k: v for k, v in common.all_on_stack().items()
                     if k not in ("allowlist", "egress_anomaly")}
@@ -68,11 +72,14 @@ def main() -> int:
              case="from_1000")
         emit(BENCH, "entries_allow_prefixes", len(list(many.maps["kalki_allow"].keys())), "count",
              case="from_1000")
+        emit(BENCH, "entries_allow_prefixes", len(list(distinct.maps["kalki_allow"].keys())),
+             "count", case="from_1000_distinct_lists")
         bcc_obj, bare_fd = bare_xdp_pass()
         cases = {
             "bare": (bare_fd, from_pkt),
             "from_1": (one.prog_fds["xdp_from_devices"], from_pkt),
             "from_1000": (many.prog_fds["xdp_from_devices"], from_pkt),
+            "from_1000_distinct_lists": (distinct.prog_fds["xdp_from_devices"], from_pkt),
             "to_1": (one.prog_fds["xdp_to_devices"], to_pkt),
             **{p: (parts.prog_fds["xdp_from_devices"], pkt) for p, pkt in part_pkts.items()},
         }
@@ -101,6 +108,9 @@ def main() -> int:
         ratios = [k / o for k, o in zip(ns["from_1000"], ns["from_1"])]
         emit(BENCH, "ratio_from_1000_over_1", round(median(ratios), 3), "ratio", n=ROUNDS,
              target="<= 1.10")
+        ratios = [k / o for k, o in zip(ns["from_1000_distinct_lists"], ns["from_1"])]
+        emit(BENCH, "ratio_from_1000_distinct_lists_over_1", round(median(ratios), 3), "ratio",
+             n=ROUNDS)
         emit(BENCH, "target_all_umboxes_le_100ns", median(ns["from_1"]) <= 100, "bool",
              value_ns=median(ns["from_1"]))
         emit(BENCH, "pass_counter_device1", passed_1 + passed_k, "packets",

@@ -203,6 +203,7 @@ class PinnedPath:
             lan_mask=ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
             events_per_sec=s.events_per_sec, unknown_flags=0))
         self._helper = dataplane.Dataplane(instance)   # only for its entry-building methods
+        self._helper._maps = self.maps                 # ... and its shared allow-lists
 
     def add_device(self, device_id: int, spec: dataplane.DeviceSpec) -> None:
         spec = spec.checked()
@@ -210,9 +211,8 @@ class PinnedPath:
         m = self.maps
         key = ctypes.c_uint32(device_id)
         m["kalki_dev_state"].update(key, maps.DevState())
-        for raw, value in self._helper._allow_entries(device_id, c).items():
-            m["kalki_allow"].update(maps.AllowKey.from_buffer_copy(raw), value)
-        m["kalki_devices"].update(key, self._helper._device_entry(spec, c))
+        allow_id = self._helper._list_id(self._helper._allow_content(c), create=True)
+        m["kalki_devices"].update(key, self._helper._device_entry(spec, c, allow_id))
         m["kalki_dev_by_mac"].update(dataplane._mac_key(spec.mac), key)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(dataplane._ip_be(spec.ip)), key)
 

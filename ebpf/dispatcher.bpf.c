@@ -13,6 +13,9 @@
 #include <uapi/linux/udp.h>
 #include "kalki.h"
 
+/* Windows and buckets are milliseconds to seconds: the coarse clock (one tick) is enough,
+ * and reading it costs less than the clock source (bench/bench_dispatcher.py). */
+#define kalki_now() bpf_ktime_get_coarse_ns()
 #define NS_PER_MS 1000000ULL
 #define NS_PER_S  1000000000ULL
 #define ETH_P_ARP_BE 0x0608
@@ -28,12 +31,19 @@ struct arp_ipv4 {
 
 struct dev_state {
 	struct bpf_spin_lock lock;
-	__u64 last_ns;
-	__u64 tokens_packets;      /* in 1e-9 packets */
-	__u64 tokens_bytes;        /* in 1e-9 bytes */
+	__u64 packet_tat;          /* rate limit: theoretical arrival times (GCRA) */
+	__u64 byte_tat;
 	__u64 syn_window_ns;
 	__u32 syn_count;
 	__u32 pad;
+	/* The last flow the scan detector saw for this device: most packets belong to a flow
+	 * already counted, and this spares them the lookup. Racy without the lock, and harmless:
+	 * a lost race costs one lookup. */
+	__u64 scan_seen_ns;
+	__u32 scan_src;
+	__u32 scan_dst;
+	__u32 scan_port;         /* port | proto << 16 */
+	__u32 pad2;
 };
 
 struct event_limit {
@@ -175,53 +185,44 @@ static __always_inline int fire(__u32 device, __u32 reason, struct packet *p, __
 	return XDP_DROP;
 }
 
-static __always_inline int in_drop_set(__u32 src, __u64 now)
+static __always_inline int in_drop_set(__u32 src)
 {
 	struct kalki_drop *d = kalki_drop_set.lookup(&src);
 	if (!d)
 		return 0;
-	if (d->expires_ns && now > d->expires_ns) {
+	if (d->expires_ns && kalki_now() > d->expires_ns) {
 		kalki_drop_set.delete(&src);
 		return 0;
 	}
 	return 1;
 }
 
-/* Token bucket per device; both directions draw from it. Returns a drop reason or PASS. */
+/* Rate limit per device, both directions drawing from it: a token bucket kept as GCRA's one
+ * "theoretical arrival time" per limit, so it needs no lock. Two CPUs racing on one device
+ * may both pass a packet the bucket had room for once; a Pi's single receive queue does not
+ * race, and elsewhere the overshoot is bounded by the number of CPUs. Returns a reason. */
 static __always_inline __u32 rate_limit(__u32 device, struct kalki_device *cfg,
 					struct packet *p, __u64 now)
 {
 	struct dev_state *st = kalki_dev_state.lookup(&device);
-	__u32 verdict = KALKI_R_PASS;
+	__u64 ptat = 0, btat = 0;
 	if (!st)
 		return KALKI_R_PASS;
-	__u64 pkt_cap = (__u64)cfg->burst_packets * NS_PER_S;
-	__u64 byte_cap = cfg->burst_bytes * NS_PER_S;
-	__u64 cost = (__u64)p->len * NS_PER_S;
-
-	bpf_spin_lock(&st->lock);
-	__u64 elapsed = now - st->last_ns;
-	if (elapsed > 10 * NS_PER_S)
-		elapsed = 10 * NS_PER_S;
-	st->last_ns = now;
-	st->tokens_packets += elapsed * cfg->rate_pps;
-	if (st->tokens_packets > pkt_cap)
-		st->tokens_packets = pkt_cap;
-	st->tokens_bytes += elapsed * cfg->rate_bps;
-	if (st->tokens_bytes > byte_cap)
-		st->tokens_bytes = byte_cap;
-	if (cfg->rate_pps && st->tokens_packets < NS_PER_S)
-		verdict = KALKI_R_RATE_PACKETS;
-	else if (cfg->rate_bps && st->tokens_bytes < cost)
-		verdict = KALKI_R_RATE_BYTES;
-	else {
-		if (cfg->rate_pps)
-			st->tokens_packets -= NS_PER_S;
-		if (cfg->rate_bps)
-			st->tokens_bytes -= cost;
+	if (cfg->packet_interval_ns) {
+		ptat = st->packet_tat > now ? st->packet_tat : now;
+		if (ptat - now > cfg->packet_tolerance_ns)
+			return KALKI_R_RATE_PACKETS;
 	}
-	bpf_spin_unlock(&st->lock);
-	return verdict;
+	if (cfg->byte_cost_ns_x1024) {
+		btat = st->byte_tat > now ? st->byte_tat : now;
+		if (btat - now > cfg->byte_tolerance_ns)
+			return KALKI_R_RATE_BYTES;
+	}
+	if (cfg->packet_interval_ns)
+		st->packet_tat = ptat + cfg->packet_interval_ns;
+	if (cfg->byte_cost_ns_x1024)
+		st->byte_tat = btat + ((p->len * cfg->byte_cost_ns_x1024) >> 10);
+	return KALKI_R_PASS;
 }
 
 #ifndef KALKI_NO_DETECTORS
@@ -231,11 +232,27 @@ static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, str
 {
 	struct scan_key k = {.device = device, .src = p->src, .dst = p->dst,
 			     .port = p->dport, .proto = p->proto};
-	__u64 *seen = kalki_scan_seen.lookup(&k);
+	struct dev_state *st = kalki_dev_state.lookup(&device);
 	__u64 window = cfg->scan_window_ms * NS_PER_MS;
-	if (seen && now - *seen <= window)
+	__u32 port = p->dport | (__u32)p->proto << 16;
+	if (!st)
 		return XDP_PASS;
+	if (st->scan_src == p->src && st->scan_dst == p->dst && st->scan_port == port &&
+	    now - st->scan_seen_ns <= window)
+		return XDP_PASS;
+	__u64 *seen = kalki_scan_seen.lookup(&k);
+	if (seen && now - *seen <= window) {
+		st->scan_src = p->src;
+		st->scan_dst = p->dst;
+		st->scan_port = port;
+		st->scan_seen_ns = *seen;
+		return XDP_PASS;
+	}
 	kalki_scan_seen.update(&k, &now);
+	st->scan_src = p->src;
+	st->scan_dst = p->dst;
+	st->scan_port = port;
+	st->scan_seen_ns = now;
 	__u32 n = window_add(device, p->src, KALKI_R_PORT_SCAN, cfg->scan_window_ms, now);
 	if (n <= cfg->scan_ports)
 		return XDP_PASS;
@@ -285,9 +302,9 @@ static __always_inline int brute_force(__u32 device, struct kalki_device *cfg,
 }
 #endif
 
-static __always_inline int allowed(__u32 device, struct packet *p)
+static __always_inline int allowed(struct kalki_device *cfg, struct packet *p)
 {
-	struct kalki_allow_key k = {.prefixlen = 64, .device = __builtin_bswap32(device),
+	struct kalki_allow_key k = {.prefixlen = 64, .list = __builtin_bswap32(cfg->allow_id),
 				    .addr = p->dst};
 	struct kalki_allow_value *v = kalki_allow.lookup(&k);
 	if (!v)
@@ -363,7 +380,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 	struct kalki_device *cfg;
 	struct kalki_settings *s;
 	__u32 zero = 0, device = 0, *id;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = 0;           /* read the clock only where a umbox needs it */
 
 	if ((void *)(eth + 1) > end)
 		return XDP_DROP;
@@ -388,7 +405,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 			return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
 		if ((cfg->flags & KALKI_F_ANTI_SPOOF) && arp->spa && arp->spa != cfg->ipv4) {
 			p.src = arp->spa;
-			report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, now);
+			report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, kalki_now());
 			return count(device, KALKI_R_SPOOF, &p, XDP_DROP);
 		}
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
@@ -396,10 +413,10 @@ int xdp_from_devices(struct xdp_md *ctx)
 	if (eth->h_proto != ETH_P_IP_BE || !parse_ipv4(eth + 1, end, &p))
 		return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
 
-	if (in_drop_set(p.src, now))
+	if (in_drop_set(p.src))
 		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
 	if ((cfg->flags & KALKI_F_ANTI_SPOOF) && p.src != cfg->ipv4 && p.src) {
-		report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, now);
+		report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, kalki_now());
 		return count(device, KALKI_R_SPOOF, &p, XDP_DROP);
 	}
 	if (!device || (cfg->flags & KALKI_F_QUARANTINE)) {
@@ -408,6 +425,8 @@ int xdp_from_devices(struct xdp_md *ctx)
 		return count(device, device ? KALKI_R_QUARANTINE : KALKI_R_UNKNOWN_DEVICE, &p,
 			     XDP_DROP);
 	}
+	if (cfg->flags & (KALKI_F_RATE_LIMIT | KALKI_F_PORT_SCAN))
+		now = kalki_now();
 	if (cfg->flags & KALKI_F_RATE_LIMIT) {
 		__u32 r = rate_limit(device, cfg, &p, now);
 		if (r != KALKI_R_PASS)
@@ -428,14 +447,14 @@ int xdp_from_devices(struct xdp_md *ctx)
 	if (!p.opens)
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 	if ((cfg->flags & KALKI_F_LATERAL_BLOCK) && (p.dst & s->lan_mask) == s->lan_net) {
-		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, now);
+		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, kalki_now());
 		return count(device, KALKI_R_LATERAL, &p, XDP_DROP);
 	}
-	if ((cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_ANOMALY)) && !allowed(device, &p)) {
+	if ((cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_ANOMALY)) && !allowed(cfg, &p)) {
 		int block = cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_BLOCK);
 		if (cfg->flags & KALKI_F_EGRESS_ANOMALY)
 			report(device, KALKI_R_EGRESS_ANOMALY, &p,
-			       block ? KALKI_A_DROPPED : KALKI_A_REPORTED, 1, now);
+			       block ? KALKI_A_DROPPED : KALKI_A_REPORTED, 1, kalki_now());
 		if (block)
 			return count(device, cfg->flags & KALKI_F_ALLOWLIST ? KALKI_R_ALLOWLIST
 							: KALKI_R_EGRESS_ANOMALY, &p, XDP_DROP);
@@ -451,7 +470,7 @@ int xdp_to_devices(struct xdp_md *ctx)
 	struct packet p = {.len = (__u32)(end - data)};
 	struct kalki_device *cfg;
 	__u32 device, *id;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now;
 
 	if ((void *)(eth + 1) > end)
 		return XDP_DROP;
@@ -464,10 +483,11 @@ int xdp_to_devices(struct xdp_md *ctx)
 	cfg = kalki_devices.lookup(&device);
 	if (!cfg)
 		return XDP_PASS;
-	if (in_drop_set(p.src, now))
+	if (in_drop_set(p.src))
 		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
 	if (cfg->flags & KALKI_F_QUARANTINE)
 		return count(device, KALKI_R_QUARANTINE, &p, XDP_DROP);
+	now = kalki_now();
 #ifndef KALKI_NO_DETECTORS
 	if (p.syn && (cfg->flags & KALKI_F_SYN_FLOOD) &&
 	    syn_flood(device, cfg, &p, now) == XDP_DROP)

@@ -76,10 +76,10 @@ struct kalki_device {
 	__u32 ipv4;              /* network order */
 	__u8 mac[6];
 	__u16 posture;           /* opaque to the kernel; echoed in read-back */
-	__u32 rate_pps;          /* 0 = no packet limit */
-	__u32 burst_packets;
-	__u64 rate_bps;          /* bytes per second, 0 = no byte limit */
-	__u64 burst_bytes;
+	__u64 packet_interval_ns;   /* rate limit, 1e9 / packets per second; 0 = no packet limit */
+	__u64 packet_tolerance_ns;  /* (burst - 1) * interval */
+	__u64 byte_cost_ns_x1024;   /* 1024e9 / bytes per second; 0 = no byte limit */
+	__u64 byte_tolerance_ns;    /* burst bytes at the rate */
 	__u32 scan_ports;        /* distinct (address, port) per source in the window */
 	__u32 scan_window_ms;
 	__u32 scan_block_s;      /* 0 = report only */
@@ -90,13 +90,15 @@ struct kalki_device {
 	__u32 bf_window_ms;
 	__u32 bf_block_s;
 	__u16 bf_ports[KALKI_LOGIN_PORTS];  /* host order, 0 = unused */
-	__u32 pad;
+	__u32 allow_id;          /* the device's allow-list in kalki_allow; devices share lists */
 };
 
-/* map: kalki_allow, LPM trie. prefixlen counts the 32 bits of device id first. */
+/* map: kalki_allow, LPM trie. prefixlen counts the 32 bits of the list id first. Devices
+ * with the same destinations share one list, so the trie grows with distinct lists (device
+ * types), not with devices. */
 struct kalki_allow_key {
 	__u32 prefixlen;
-	__u32 device;            /* network order, so it matches as a full prefix */
+	__u32 list;              /* network order, so it matches as a full prefix */
 	__u32 addr;              /* network order */
 };
 struct kalki_allow_rule {

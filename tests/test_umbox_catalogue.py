@@ -23,7 +23,9 @@ def test_compile_sets_flags_and_fields():
     })
     assert c.flags == (maps.Flag.RATE_LIMIT | maps.Flag.BRUTE_FORCE | maps.Flag.EGRESS_ANOMALY
                        | maps.Flag.EGRESS_BLOCK | maps.Flag.QUARANTINE)
-    assert c.device_fields["burst_packets"] == 10 and c.device_fields["bf_ports"] == [22, 23]
+    assert c.device_fields["packet_interval_ns"] == 100_000_000      # 10 per second
+    assert c.device_fields["packet_tolerance_ns"] == 9 * 100_000_000   # burst 10
+    assert c.device_fields["bf_ports"] == [22, 23]
     assert c.destinations[1] == umbox.Destination(
         __import__("ipaddress").IPv4Network("198.19.8.1/32"), 6, 443)
 
@@ -82,6 +84,6 @@ def test_a_profile_without_unknown_posture_fails_closed(tmp_path):
 
 def test_contract_sizes_match_the_header():
     """The loader compares these with the kernel's sizes; pin down the C layout here too."""
-    assert ctypes.sizeof(maps.Device) == 88
+    assert ctypes.sizeof(maps.Device) == 96
     assert ctypes.sizeof(maps.Event) == 40
     assert ctypes.sizeof(maps.AllowKey) == 12 and ctypes.sizeof(maps.AllowValue) == 36

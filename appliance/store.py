@@ -1,0 +1,638 @@
+"""The supervisor's state: devices, posture history, alerts, the audit log, site rules and
+settings, in one TinyDB file (kalki.json, in /var/lib/kalki by default).
+
+Only the supervisor process writes it. Every write replaces the whole file atomically, so a
+kill or a power cut at any instant leaves the old state or the new one, never a torn file.
+Each public mutating call is one disk write; `with store.batch():` makes several calls one
+write, all or nothing.
+
+Timestamps are ISO 8601 UTC strings with microseconds, all in the same form, so comparing
+the strings compares the times.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from tinydb import Storage, TinyDB, where
+
+from .errors import ConfigError, KalkiError
+
+DEFAULT_DIRECTORY = Path("/var/lib/kalki")
+FILENAME = "kalki.json"
+TABLES = ("devices", "history", "alerts", "decisions", "rules", "settings")
+ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator")
+IDENTITY_KEYS = ("hostname", "client_id", "vendor_class")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DEFAULT_SETTINGS = {
+    "business_hours": {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "08:00", "end": "18:00"},
+    "timezone": "UTC",
+}
+MAINTENANCE_KEY = "maintenance_until"
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+class StoreError(KalkiError):
+    """The state file is unreadable or unwritable, or a record or argument is invalid."""
+
+
+class AtomicJSONStorage(Storage):
+    """A TinyDB storage that never leaves a half-written file: each write goes to
+    `.<name>.tmp` in the same directory, is fsynced, renamed over the file, and the directory
+    is fsynced so that the rename itself survives a power cut.
+
+    The last state is kept in memory, because TinyDB reads everything before every query and
+    every write. read() hands out new table and document dicts each time, because TinyDB
+    changes them in place (update() edits documents, remove() pops them); values nested inside
+    documents are shared, which is safe because TinyDB never edits them and Store copies what
+    it returns. Nothing else may write the file while this object has it open.
+    """
+
+    def __init__(self, path, **json_kwargs):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self._json_kwargs = json_kwargs
+        self._text = None   # the state as JSON text, as on disk (or about to be, in a batch)
+        self._data = None   # the state parsed; None until needed after a load or a write
+        self._batch_depth = 0
+        self._dirty = False
+
+    def read(self):
+        if self._text is None:
+            self._data = self._load()
+        elif self._data is None:
+            self._data = json.loads(self._text)
+        if not self._data:
+            return None
+        return {name: {doc_id: dict(doc) for doc_id, doc in table.items()}
+                for name, table in self._data.items()}
+
+    def write(self, data):
+        # Serialised once here and parsed again on the next read, so that nothing the caller
+        # still holds can change the state behind our back.
+        text = json.dumps(data, **self._json_kwargs)
+        if self._batch_depth:
+            self._dirty = True
+        else:
+            self._replace(text)
+        self._text, self._data = text, None
+
+    @contextmanager
+    def batch(self):
+        """Writes inside the block stay in memory and reach the disk as one write at the end.
+        If the block raises, nothing is written and the state is re-read from the file."""
+        self._batch_depth += 1
+        try:
+            yield
+            if self._batch_depth == 1 and self._dirty:
+                self._replace(self._text)
+        except BaseException:
+            if self._batch_depth == 1:
+                self._text = self._data = None
+            raise
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth:
+                self._dirty = False
+
+    def close(self):
+        self._text = self._data = None
+
+    def _load(self):
+        try:
+            self._text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self._text = ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreError(f"cannot read the store {self.path}: {e}") from None
+        if not self._text.strip():
+            return {}
+        try:
+            data = json.loads(self._text)
+        except ValueError as e:
+            self._text = None
+            raise StoreError(f"the store {self.path} is corrupt (not valid JSON: {e}); it is left "
+                             "as it is: restore a backup or move it aside to start empty") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(t, dict) and all(isinstance(d, dict) for d in t.values())
+                for t in data.values()):
+            self._text = None
+            raise StoreError(f"the store {self.path} is not a TinyDB file (expected tables of "
+                             "documents); it is left as it is")
+        return data
+
+    def _replace(self, text: str):
+        try:
+            with open(self.tmp_path, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.tmp_path, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.tmp_path.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the store {self.path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Retention:
+    history_per_device: int = 200
+    alerts: int = 5000
+    decisions: int = 5000
+    max_age_days: int = 30      # alerts and decisions; a device's posture history has no age
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"retention {name}: expected a positive integer, got {value!r}")
+
+
+def _over(count: int, bound: int) -> bool:
+    """True once a table exceeds its bound by 10%: pruning then removes a tenth of it at once,
+    instead of one record per insert."""
+    return count > bound + max(1, bound // 10)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _stamp(value, what: str) -> str:
+    """A datetime or ISO string as the one form we store; naive times are refused, as a
+    timestamp without a zone is a guess."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise StoreError(f"{what}: invalid ISO 8601 timestamp {value!r}") from None
+    if not isinstance(value, datetime):
+        raise StoreError(f"{what}: expected a timestamp, got {value!r}")
+    if value.tzinfo is None:
+        raise StoreError(f"{what}: timestamp {value.isoformat()} has no time zone")
+    return _iso(value)
+
+
+def _json(value, what: str):
+    """A private copy of what the caller gave, checked to be storable."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{what}: cannot be stored as JSON: {e}") from None
+
+
+def _text(value, what: str, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{what}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _mac(value, culprit: str) -> str:
+    mac = value.lower().replace("-", ":") if isinstance(value, str) else value
+    if not isinstance(mac, str) or not _MAC.match(mac):
+        raise StoreError(f"{culprit}: invalid MAC address {value!r}")
+    return mac
+
+
+def _plain(doc, with_id=False) -> dict:
+    out = copy.deepcopy(dict(doc))
+    if with_id:
+        out["id"] = doc.doc_id
+    return out
+
+
+def _newest_first(docs):
+    return sorted(docs, key=lambda d: (d["at"], d.doc_id), reverse=True)
+
+
+class Store:
+    """The state of one gateway. Use as a context manager, or call close()."""
+
+    def __init__(self, directory: Path = DEFAULT_DIRECTORY, retention: Retention = Retention(),
+                 clock=None):
+        self.directory = Path(directory)
+        self.path = self.directory / FILENAME
+        self.retention = retention
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
+        self._db = TinyDB(self.path, storage=AtomicJSONStorage)
+        self._storage = self._db.storage
+        self._storage.read()    # a corrupt file fails here, at start-up, naming itself
+        # No query cache: reads are served from memory anyway, and a cache could hold results
+        # of a batch that was rolled back.
+        self._t = {name: self._db.table(name, cache_size=0) for name in TABLES}
+        self._closed = False
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextmanager
+    def batch(self):
+        """Several mutating calls as one disk write; if the block raises, none of them count."""
+        if self._closed:
+            raise StoreError(f"the store {self.path} is closed")
+        with self._storage.batch():
+            yield
+
+    def _now(self) -> str:
+        return _stamp(self._clock(), "clock")
+
+    def _table(self, name):
+        if self._closed:
+            raise StoreError(f"the store {self.path} is closed")
+        return self._t[name]
+
+    # devices
+
+    def upsert_device(self, name: str, mac: str, ip=None, type=None, identity: dict | None = None,
+                      approved: bool | None = None, posture: str | None = None,
+                      group: str | None = None) -> dict:
+        """Adds a device, or refreshes the one with this name, and marks it seen now. For a
+        known device, arguments left as None keep their stored value (a DHCP sighting must not
+        reset approval or posture); a new device starts unapproved with posture "unknown"."""
+        _text(name, "device name")
+        _mac(mac, f"device {name!r}")
+        given = {"mac": mac, "ip": ip, "type": type, "identity": identity, "approved": approved,
+                 "posture": posture, "group": group}
+        fields = {k: v for k, v in given.items() if v is not None}
+        with self.batch():
+            current = self._table("devices").get(where("name") == name)
+            now = self._now()
+            if current is None:
+                blank = {"ip": None, "type": None, "identity": dict.fromkeys(IDENTITY_KEYS),
+                         "approved": False, "posture": "unknown", "posture_since": now,
+                         "posture_expires": None, "posture_revert_to": None, "group": None,
+                         "first_seen": now}
+                doc = {"name": name, **blank, **self._device_fields(name, blank, fields, now),
+                       "last_seen": now}
+                self._table("devices").insert(doc)
+            else:
+                changes = self._device_fields(name, current, fields, now)
+                self._table("devices").update({**changes, "last_seen": now},
+                                              doc_ids=[current.doc_id])
+        return self.get_device(name)
+
+    def get_device(self, name: str) -> dict | None:
+        doc = self._table("devices").get(where("name") == name)
+        return None if doc is None else _plain(doc)
+
+    def device_by_mac(self, mac: str) -> dict | None:
+        doc = self._table("devices").get(where("mac") == _mac(mac, "device lookup"))
+        return None if doc is None else _plain(doc)
+
+    def devices(self) -> list[dict]:
+        return sorted((_plain(d) for d in self._table("devices").all()), key=lambda d: d["name"])
+
+    def update_device(self, name: str, /, **fields) -> dict:
+        """Changes some fields of a known device. A new posture restarts posture_since and,
+        unless given too, clears posture_expires and posture_revert_to."""
+        with self.batch():
+            current = self._device(name)
+            changes = self._device_fields(name, current, fields, self._now())
+            self._table("devices").update(changes, doc_ids=[current.doc_id])
+        return self.get_device(name)
+
+    def remove_device(self, name: str):
+        """Forgets the device; its posture history, alerts and decisions stay."""
+        with self.batch():
+            self._table("devices").remove(doc_ids=[self._device(name).doc_id])
+
+    def _device(self, name):
+        doc = self._table("devices").get(where("name") == name)
+        if doc is None:
+            raise StoreError(f"device {name!r} does not exist")
+        return doc
+
+    def _device_fields(self, name, current, fields, now) -> dict:
+        """The checked changes to a device record, with what follows from them."""
+        culprit = f"device {name!r}"
+        if "name" in fields:
+            raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
+        unknown = set(fields) - set(current) - {"mac", "last_seen"}
+        if unknown:
+            raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
+        out = {}
+        for key, value in fields.items():
+            what = f"{culprit}, field {key}"
+            if key == "mac":
+                value = _mac(value, culprit)
+                owner = self._table("devices").get(where("mac") == value)
+                if owner is not None and owner["name"] != name:
+                    raise StoreError(f"{culprit}: MAC address {value} already belongs to device "
+                                     f"{owner['name']!r}")
+            elif key == "ip" and value is not None:
+                try:
+                    value = str(ipaddress.IPv4Address(value))
+                except ValueError:
+                    raise StoreError(f"{what}: invalid IPv4 address {value!r}") from None
+            elif key == "identity":
+                if not isinstance(value, dict) or set(value) - set(IDENTITY_KEYS):
+                    raise StoreError(f"{what}: expected a table with keys among "
+                                     f"{', '.join(IDENTITY_KEYS)}, got {value!r}")
+                value = {**current["identity"], **_json(value, what)}
+            elif key == "approved" and not isinstance(value, bool):
+                raise StoreError(f"{what}: expected true or false, got {value!r}")
+            elif key == "posture":
+                _text(value, what)
+            elif key in ("posture_since", "first_seen", "last_seen"):
+                value = _stamp(value, what)
+            elif key == "posture_expires" and value is not None:
+                value = _stamp(value, what)
+            elif key in ("type", "group", "posture_revert_to"):
+                _text(value, what, optional=True)
+            out[key] = value
+        if "posture" in out and out["posture"] != current["posture"]:
+            out.setdefault("posture_since", now)
+            out.setdefault("posture_expires", None)
+            out.setdefault("posture_revert_to", None)
+        return out
+
+    # posture history
+
+    def record_posture(self, device: str, posture: str, reason: str, at=None) -> int:
+        _text(posture, f"device {device!r}, posture")
+        _text(reason, f"device {device!r}, posture {posture}, reason")
+        at = self._now() if at is None else _stamp(at, f"device {device!r}, posture time")
+        history = self._table("history")
+        with self.batch():
+            self._device(device)
+            doc_id = history.insert({"device": device, "posture": posture, "reason": reason,
+                                     "at": at})
+            mine = history.search(where("device") == device)
+            if _over(len(mine), self.retention.history_per_device):
+                self._remove_oldest(history, mine, self.retention.history_per_device)
+        return doc_id
+
+    def posture_history(self, device: str, limit: int = 50) -> list[dict]:
+        """Newest first; kept after the device is removed."""
+        docs = self._table("history").search(where("device") == device)
+        return [_plain(d) for d in _newest_first(docs)[:limit]]
+
+    # alerts
+
+    def add_alert(self, alert: dict) -> int:
+        """alert: device, type, source (one of ALERT_SOURCES), severity, and optionally
+        details (a table) and at (default now). Returns the alert's id."""
+        alert = self._record("alert", alert, required=("device", "type", "source", "severity"),
+                             optional=("details", "at"))
+        if alert["source"] not in ALERT_SOURCES:
+            raise StoreError(f"alert for device {alert['device']!r}: unknown source "
+                             f"{alert['source']!r} (known: {', '.join(ALERT_SOURCES)})")
+        alert.setdefault("details", {})
+        return self._append("alerts", alert, self.retention.alerts)
+
+    def alerts(self, device: str | None = None, since=None, limit: int = 100) -> list[dict]:
+        """Newest first, each with its id."""
+        docs = self._alerts(device, None, since)
+        return [_plain(d, with_id=True) for d in _newest_first(docs)[:limit]]
+
+    def count_alerts(self, device: str | None, types=None, since=None) -> int:
+        """Alerts of the device (any device if None) of these types (any if None) at or after
+        since (ever if None)."""
+        return len(self._alerts(device, [types] if isinstance(types, str) else types, since))
+
+    def _alerts(self, device, types, since):
+        since = None if since is None else _stamp(since, "alerts since")
+        types = None if types is None else set(types)
+        return self._table("alerts").search(
+            lambda a: (device is None or a["device"] == device)
+            and (types is None or a["type"] in types)
+            and (since is None or a["at"] >= since))
+
+    # decisions and the audit log
+
+    def add_decision(self, rec: dict) -> int:
+        """A posture decision, with whatever fields the rules engine records; at defaults to
+        now. Returns its id."""
+        if not isinstance(rec, dict):
+            raise StoreError(f"decision: expected a table, got {rec!r}")
+        if rec.get("kind", "decision") != "decision":
+            raise StoreError(f"decision for device {rec.get('device')!r}: kind is "
+                             f"{rec['kind']!r}; audit entries go through audit()")
+        culprit = f"decision for device {rec.get('device')!r}"
+        at = self._now() if rec.get("at") is None else _stamp(rec["at"], f"{culprit}, at")
+        fields = _json({k: v for k, v in rec.items() if k != "at"}, culprit)
+        rec = {"kind": "decision", "device": None, **fields, "at": at}
+        return self._append("decisions", rec, self.retention.decisions)
+
+    def audit(self, event: str, actor: str, details: dict | None = None) -> int:
+        """An operator action (or a button press) in the audit log; details["device"], if
+        present, files it under that device."""
+        _text(event, "audit event")
+        _text(actor, f"audit event {event!r}, actor")
+        details = _json(details or {}, f"audit event {event!r}, details")
+        if not isinstance(details, dict):
+            raise StoreError(f"audit event {event!r}: details must be a table, got {details!r}")
+        rec = {"kind": "audit", "event": event, "actor": actor, "device": details.get("device"),
+               "details": details, "at": self._now()}
+        return self._append("decisions", rec, self.retention.decisions)
+
+    def decisions(self, device: str | None = None, limit: int = 100, kind: str | None = None
+                  ) -> list[dict]:
+        """Newest first, each with its id; kind "decision" or "audit" to see only one kind."""
+        docs = self._table("decisions").search(
+            lambda d: (device is None or d.get("device") == device)
+            and (kind is None or d["kind"] == kind))
+        return [_plain(d, with_id=True) for d in _newest_first(docs)[:limit]]
+
+    def _record(self, what, rec, required, optional) -> dict:
+        if not isinstance(rec, dict):
+            raise StoreError(f"{what}: expected a table, got {rec!r}")
+        culprit = f"{what} for device {rec.get('device')!r}"
+        missing = [k for k in required if rec.get(k) is None]
+        if missing:
+            raise StoreError(f"{culprit}: missing field(s) {missing}")
+        for key in required:
+            _text(rec[key], f"{culprit}, field {key}")
+        unknown = set(rec) - set(required) - set(optional)
+        if unknown:
+            raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)} "
+                             f"(known: {', '.join(required + optional)})")
+        at = self._now() if rec.get("at") is None else _stamp(rec["at"], f"{culprit}, at")
+        rec = {**_json({k: v for k, v in rec.items() if k != "at"}, culprit), "at": at}
+        if not isinstance(rec.get("details", {}), dict):
+            raise StoreError(f"{culprit}: details must be a table, got {rec['details']!r}")
+        return rec
+
+    def _append(self, name, rec, bound) -> int:
+        table = self._table(name)
+        with self.batch():
+            doc_id = table.insert(rec)
+            if _over(len(table), bound):
+                self._prune_log(table, bound, self._age_cutoff(None))
+        return doc_id
+
+    # site rules
+
+    def put_rule(self, name: str, data: dict) -> dict:
+        """Adds or replaces a rule. enabled defaults to the rule's current state (true for a
+        new rule), so editing a disabled rule does not switch it on."""
+        _text(name, "rule name")
+        if not isinstance(data, dict):
+            raise StoreError(f"rule {name!r}: expected a table, got {data!r}")
+        if data.get("name", name) != name:
+            raise StoreError(f"rule {name!r}: the data names another rule, {data['name']!r}")
+        data = _json(data, f"rule {name!r}")
+        with self.batch():
+            current = self._table("rules").get(where("name") == name)
+            enabled = data.get("enabled", True if current is None else current["enabled"])
+            if not isinstance(enabled, bool):
+                raise StoreError(f"rule {name!r}, field enabled: expected true or false, "
+                                 f"got {enabled!r}")
+            doc = {**data, "name": name, "enabled": enabled}
+
+            def replace(old):   # update() with a table would keep fields the new data dropped
+                old.clear()
+                old.update(doc)
+            if current is None:
+                self._table("rules").insert(doc)
+            else:
+                self._table("rules").update(replace, doc_ids=[current.doc_id])
+        return self.get_rule(name)
+
+    def get_rule(self, name: str) -> dict | None:
+        doc = self._table("rules").get(where("name") == name)
+        return None if doc is None else _plain(doc)
+
+    def rules(self) -> list[dict]:
+        return sorted((_plain(d) for d in self._table("rules").all()), key=lambda r: r["name"])
+
+    def delete_rule(self, name: str):
+        with self.batch():
+            self._table("rules").remove(doc_ids=[self._rule(name).doc_id])
+
+    def set_rule_enabled(self, name: str, enabled: bool) -> dict:
+        if not isinstance(enabled, bool):
+            raise StoreError(f"rule {name!r}: enabled must be true or false, got {enabled!r}")
+        with self.batch():
+            self._table("rules").update({"enabled": enabled}, doc_ids=[self._rule(name).doc_id])
+        return self.get_rule(name)
+
+    def _rule(self, name):
+        doc = self._table("rules").get(where("name") == name)
+        if doc is None:
+            raise StoreError(f"rule {name!r} does not exist")
+        return doc
+
+    # settings and maintenance
+
+    def get_setting(self, key: str, default=None):
+        """The stored value; else default; else the built-in default (business_hours,
+        timezone); else None."""
+        doc = self._table("settings").get(where("key") == key)
+        if doc is not None:
+            return copy.deepcopy(doc["value"])
+        if default is not None:
+            return default
+        return copy.deepcopy(DEFAULT_SETTINGS.get(key))
+
+    def set_setting(self, key: str, value):
+        _text(key, "setting name")
+        value = _json(value, f"setting {key}")
+        _check_setting(key, value)
+        settings = self._table("settings")
+        with self.batch():
+            current = settings.get(where("key") == key)
+            if current is None:
+                settings.insert({"key": key, "value": value})
+            else:
+                settings.update({"value": value}, doc_ids=[current.doc_id])
+
+    def settings(self) -> dict:
+        stored = {d["key"]: d["value"] for d in self._table("settings").all()}
+        return copy.deepcopy({**DEFAULT_SETTINGS, **stored})
+
+    def set_maintenance(self, until):
+        """Maintenance mode until this time (a datetime or ISO string); None ends it."""
+        self.set_setting(MAINTENANCE_KEY,
+                         None if until is None else _stamp(until, "maintenance until"))
+
+    def maintenance_until(self) -> str | None:
+        """As stored, even if already past: the caller compares it with its own clock."""
+        return self.get_setting(MAINTENANCE_KEY)
+
+    # retention
+
+    def prune(self, now=None) -> dict[str, int]:
+        """Applies the retention limits exactly, in one write; returns how many records each
+        table lost. Inserts prune only once a table is 10% over its limit."""
+        cutoff = self._age_cutoff(now)
+        removed = {}
+        with self.batch():
+            for name, bound in (("alerts", self.retention.alerts),
+                                ("decisions", self.retention.decisions)):
+                removed[name] = self._prune_log(self._table(name), bound, cutoff)
+            history = self._table("history")
+            per_device: dict[str, list] = {}
+            for doc in history.all():
+                per_device.setdefault(doc["device"], []).append(doc)
+            removed["history"] = sum(
+                self._remove_oldest(history, docs, self.retention.history_per_device)
+                for docs in per_device.values())
+        return removed
+
+    def _age_cutoff(self, now) -> str:
+        now = self._clock() if now is None else datetime.fromisoformat(_stamp(now, "prune now"))
+        return _iso(now - timedelta(days=self.retention.max_age_days))
+
+    def _prune_log(self, table, bound, cutoff) -> int:
+        docs = table.all()
+        young = [d for d in docs if d["at"] >= cutoff]
+        old = [d.doc_id for d in docs if d["at"] < cutoff]
+        if old:
+            table.remove(doc_ids=old)
+        return len(old) + self._remove_oldest(table, young, bound)
+
+    @staticmethod
+    def _remove_oldest(table, docs, keep) -> int:
+        doomed = [d.doc_id for d in _newest_first(docs)[keep:]]
+        if doomed:
+            table.remove(doc_ids=doomed)
+        return len(doomed)
+
+
+def _check_setting(key, value):
+    """The settings other modules rely on are checked here, so a bad value fails when set,
+    not hours later when a rule first looks at the clock."""
+    if key == "timezone":
+        try:
+            ZoneInfo(_text(value, "setting timezone"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise StoreError(f"setting timezone: unknown time zone {value!r}") from None
+    elif key == "business_hours":
+        if not isinstance(value, dict) or set(value) != {"days", "start", "end"}:
+            raise StoreError("setting business_hours: expected a table with days, start and end, "
+                             f"got {value!r}")
+        days = value["days"]
+        if not isinstance(days, list) or not set(days) <= set(DAYS):
+            raise StoreError(f"setting business_hours, days: expected a list among "
+                             f"{', '.join(DAYS)}, got {days!r}")
+        for end in ("start", "end"):
+            if not isinstance(value[end], str) or not _HHMM.match(value[end]):
+                raise StoreError(f"setting business_hours, {end}: expected HH:MM, "
+                                 f"got {value[end]!r}")

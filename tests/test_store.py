@@ -1,0 +1,505 @@
+"""The supervisor's store: every table, retention, error messages, and survival of SIGKILL."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.store import AtomicJSONStorage, Retention, Store, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self):
+        self.now = T0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, **kw):
+        self.now += timedelta(**kw)
+
+
+def iso(dt):
+    return dt.isoformat(timespec="microseconds")
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    with Store(tmp_path, clock=clock) as s:
+        yield s
+
+
+def alert(device="cam1", n=0, **kw):
+    return {"device": device, "type": "port_scan", "source": "kernel", "severity": "high",
+            "details": {"n": n}, **kw}
+
+
+def writes(monkeypatch):
+    """Counts disk writes (file replacements)."""
+    count = [0]
+    original = AtomicJSONStorage._replace
+
+    def counting(self, text):
+        count[0] += 1
+        original(self, text)
+    monkeypatch.setattr(AtomicJSONStorage, "_replace", counting)
+    return count
+
+
+# devices
+
+def test_new_device_gets_defaults_and_timestamps(store):
+    d = store.upsert_device("cam1", "AA:BB:CC:00:00:01", ip="10.0.0.5", type="camera",
+                            identity={"hostname": "cam"})
+    assert d == {"name": "cam1", "mac": "aa:bb:cc:00:00:01", "ip": "10.0.0.5", "type": "camera",
+                 "identity": {"hostname": "cam", "client_id": None, "vendor_class": None},
+                 "approved": False, "posture": "unknown", "posture_since": iso(T0),
+                 "posture_expires": None, "posture_revert_to": None, "group": None,
+                 "first_seen": iso(T0), "last_seen": iso(T0)}
+    assert store.get_device("cam1") == d
+    assert store.device_by_mac("aa-bb-cc-00-00-01") == d
+    assert store.get_device("nope") is None and store.device_by_mac("aa:bb:cc:00:00:09") is None
+
+
+def test_upsert_of_known_device_keeps_what_is_not_given(store, clock):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01", approved=True, posture="normal",
+                        group="cams", identity={"hostname": "cam"})
+    clock.advance(minutes=5)
+    d = store.upsert_device("cam1", "aa:bb:cc:00:00:01", ip="10.0.0.6",
+                            identity={"vendor_class": "udhcp 1.30"})
+    assert (d["approved"], d["posture"], d["group"], d["ip"]) == (True, "normal", "cams", "10.0.0.6")
+    assert d["identity"] == {"hostname": "cam", "client_id": None, "vendor_class": "udhcp 1.30"}
+    assert d["first_seen"] == d["posture_since"] == iso(T0)
+    assert d["last_seen"] == iso(clock.now)
+    assert [x["name"] for x in store.devices()] == ["cam1"]
+
+
+def test_update_device_posture_restarts_since_and_clears_expiry(store, clock):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01", posture="normal")
+    clock.advance(hours=1)
+    until = T0 + timedelta(hours=2)
+    d = store.update_device("cam1", posture="quarantined", posture_expires=until,
+                            posture_revert_to="normal")
+    assert d["posture_since"] == iso(clock.now)
+    assert (d["posture_expires"], d["posture_revert_to"]) == (iso(until), "normal")
+    clock.advance(hours=1)
+    d = store.update_device("cam1", posture="normal")
+    assert (d["posture_since"], d["posture_expires"], d["posture_revert_to"]) == (
+        iso(clock.now), None, None)
+    d = store.update_device("cam1", approved=True, posture="normal")
+    assert d["approved"] and d["posture_since"] == iso(clock.now)   # same posture: unchanged
+
+
+def test_device_errors_name_the_culprit(store):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01")
+    cases = [
+        (lambda: store.update_device("ghost", approved=True), "device 'ghost' does not exist"),
+        (lambda: store.remove_device("ghost"), "device 'ghost' does not exist"),
+        (lambda: store.upsert_device("cam2", "zz:00"), "device 'cam2': invalid MAC address 'zz:00'"),
+        (lambda: store.upsert_device("cam2", "aa:bb:cc:00:00:01"),
+         "device 'cam2': MAC address aa:bb:cc:00:00:01 already belongs to device 'cam1'"),
+        (lambda: store.update_device("cam1", colour="red"), "device 'cam1': unknown field(s) ['colour']"),
+        (lambda: store.update_device("cam1", name="cam9"), "device 'cam1': the name cannot be changed"),
+        (lambda: store.update_device("cam1", ip="10.0.0.300"),
+         "device 'cam1', field ip: invalid IPv4 address '10.0.0.300'"),
+        (lambda: store.update_device("cam1", approved="yes"), "device 'cam1', field approved"),
+        (lambda: store.update_device("cam1", identity={"serial": 1}), "device 'cam1', field identity"),
+        (lambda: store.update_device("cam1", posture_expires=datetime(2025, 1, 1)),
+         "device 'cam1', field posture_expires: timestamp 2025-01-01T00:00:00 has no time zone"),
+        (lambda: store.update_device("cam1", last_seen="yesterday"),
+         "device 'cam1', field last_seen: invalid ISO 8601 timestamp 'yesterday'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(StoreError, match=re.escape(message)):
+            call()
+    assert store.devices()[0]["mac"] == "aa:bb:cc:00:00:01"
+
+
+def test_returned_records_are_copies(store):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01", identity={"hostname": "cam"})
+    store.add_alert(alert())
+    store.get_device("cam1")["identity"]["hostname"] = "evil"
+    store.alerts()[0]["details"]["n"] = 99
+    given = alert(n=5)
+    store.add_alert(given)
+    given["details"]["n"] = 6       # the caller's dict is not the stored one
+    assert store.get_device("cam1")["identity"]["hostname"] == "cam"
+    assert [a["details"]["n"] for a in store.alerts()] == [5, 0]
+
+
+def test_remove_device_keeps_history_alerts_and_decisions(store):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01")
+    store.record_posture("cam1", "quarantined", "port scan")
+    store.add_alert(alert())
+    store.add_decision({"device": "cam1", "to": "quarantined"})
+    store.remove_device("cam1")
+    assert store.get_device("cam1") is None
+    assert [h["posture"] for h in store.posture_history("cam1")] == ["quarantined"]
+    assert len(store.alerts("cam1")) == 1 and len(store.decisions("cam1")) == 1
+    with pytest.raises(StoreError, match="device 'cam1' does not exist"):
+        store.record_posture("cam1", "normal", "back")
+
+
+# history, alerts, decisions
+
+def test_posture_history_newest_first(store, clock):
+    store.upsert_device("cam1", "aa:bb:cc:00:00:01")
+    for posture in ("normal", "suspicious", "quarantined"):
+        store.record_posture("cam1", posture, f"to {posture}")
+        clock.advance(seconds=1)
+    store.record_posture("cam1", "probation", "backdated", at="2025-03-01T11:00:00Z")
+    assert [h["posture"] for h in store.posture_history("cam1")] == [
+        "quarantined", "suspicious", "normal", "probation"]
+    assert store.posture_history("cam1", limit=1) == [
+        {"device": "cam1", "posture": "quarantined", "reason": "to quarantined",
+         "at": iso(T0 + timedelta(seconds=2))}]
+    assert store.posture_history("cam1")[-1]["at"] == "2025-03-01T11:00:00.000000+00:00"
+    with pytest.raises(StoreError, match="device 'cam1', posture normal, reason"):
+        store.record_posture("cam1", "normal", "")
+
+
+def test_alerts_crud_filters_and_counts(store, clock):
+    first = store.add_alert(alert("cam1", 0))
+    clock.advance(minutes=1)
+    second = store.add_alert(alert("cam2", 1, type="syn_flood", source="mqtt"))
+    clock.advance(minutes=1)
+    store.add_alert(alert("cam1", 2, at=T0 - timedelta(minutes=1)))
+    assert second > first
+    a = store.alerts()
+    assert [x["details"]["n"] for x in a] == [1, 0, 2]
+    assert a[1] == {"device": "cam1", "type": "port_scan", "source": "kernel",
+                    "severity": "high", "details": {"n": 0}, "at": iso(T0), "id": first}
+    assert [x["details"]["n"] for x in store.alerts("cam1")] == [0, 2]
+    assert [x["details"]["n"] for x in store.alerts(since=T0)] == [1, 0]
+    assert len(store.alerts(limit=1)) == 1
+    assert store.count_alerts("cam1", ["port_scan"], iso(T0)) == 1
+    assert store.count_alerts("cam1", "port_scan", None) == 2
+    assert store.count_alerts(None, ["syn_flood", "port_scan"], T0) == 2
+    assert store.count_alerts("cam2", ["port_scan"], None) == 0
+
+
+def test_alert_errors_name_the_culprit(store):
+    with pytest.raises(StoreError, match="alert for device 'cam1': unknown source 'radio'"):
+        store.add_alert(alert(source="radio"))
+    with pytest.raises(StoreError, match=r"alert for device 'cam1': missing field\(s\) \['severity'\]"):
+        store.add_alert({k: v for k, v in alert().items() if k != "severity"})
+    with pytest.raises(StoreError, match=r"alert for device 'cam1': unknown field\(s\) \['colour'\]"):
+        store.add_alert(alert(colour="red"))
+    with pytest.raises(StoreError, match="alert for device 'cam1': cannot be stored as JSON"):
+        store.add_alert(alert(details={"when": object()}))
+    with pytest.raises(StoreError, match="alert for device 'cam1': details must be a table"):
+        store.add_alert(alert(details=[1]))
+    assert store.alerts() == []
+
+
+def test_decisions_and_audit_share_the_log(store, clock):
+    d = store.add_decision({"device": "cam1", "from": "normal", "to": "quarantined",
+                            "rule": "scan"})
+    clock.advance(seconds=1)
+    a = store.audit("approve", "operator", {"device": "cam1", "via": "cli"})
+    clock.advance(seconds=1)
+    store.audit("button", "button", {})
+    assert [x["id"] for x in store.decisions()] == [a + 1, a, d]
+    assert store.decisions("cam1", limit=1) == [
+        {"kind": "audit", "event": "approve", "actor": "operator", "device": "cam1",
+         "details": {"device": "cam1", "via": "cli"}, "at": iso(T0 + timedelta(seconds=1)),
+         "id": a}]
+    assert [x["kind"] for x in store.decisions(kind="decision")] == ["decision"]
+    with pytest.raises(StoreError, match="decision for device 'cam1': kind is 'audit'"):
+        store.add_decision({"device": "cam1", "kind": "audit"})
+    with pytest.raises(StoreError, match="audit event 'x', actor"):
+        store.audit("x", "", {})
+
+
+# retention
+
+def test_history_is_bounded_per_device(tmp_path, clock):
+    with Store(tmp_path, Retention(history_per_device=10), clock=clock) as store:
+        store.upsert_device("cam1", "aa:bb:cc:00:00:01")
+        store.upsert_device("cam2", "aa:bb:cc:00:00:02")
+        for i in range(40):
+            clock.advance(seconds=1)
+            store.record_posture("cam1", "normal", str(i))
+        store.record_posture("cam2", "normal", "only")
+        before = len(store.posture_history("cam1", limit=100))
+        assert 10 <= before <= 12
+        assert store.prune()["history"] == before - 10
+        kept = store.posture_history("cam1", limit=100)
+        assert [h["reason"] for h in kept] == [str(i) for i in range(39, 29, -1)]
+        assert len(store.posture_history("cam2")) == 1
+
+
+def test_alerts_and_decisions_are_bounded_by_count(tmp_path, clock):
+    with Store(tmp_path, Retention(alerts=20, decisions=20), clock=clock) as store:
+        for i in range(100):
+            clock.advance(seconds=1)
+            store.add_alert(alert(n=i))
+            store.add_decision({"device": "cam1", "n": i})
+        alerts, decisions = store.count_alerts(None), len(store.decisions(limit=1000))
+        assert 20 <= alerts <= 22 and 20 <= decisions <= 22     # pruned 10% over the bound
+        assert store.prune() == {"alerts": alerts - 20, "decisions": decisions - 20, "history": 0}
+        assert [a["details"]["n"] for a in store.alerts(limit=1000)] == list(range(99, 79, -1))
+        assert [d["n"] for d in store.decisions(limit=1000)] == list(range(99, 79, -1))
+
+
+def test_alerts_and_decisions_age_out(store, clock):
+    store.add_alert(alert(n=0))
+    store.add_decision({"device": "cam1", "n": 0})
+    clock.advance(days=20)
+    store.add_alert(alert(n=1))
+    store.audit("approve", "operator", {"device": "cam1"})
+    assert store.prune() == {"alerts": 0, "decisions": 0, "history": 0}
+    assert store.prune(now=T0 + timedelta(days=30, seconds=1)) == {
+        "alerts": 1, "decisions": 1, "history": 0}
+    assert [a["details"]["n"] for a in store.alerts()] == [1]
+    clock.advance(days=31)
+    assert store.prune() == {"alerts": 1, "decisions": 1, "history": 0}
+    assert store.alerts() == [] and store.decisions() == []
+
+
+def test_retention_must_be_positive():
+    with pytest.raises(ConfigError, match="retention alerts: expected a positive integer, got 0"):
+        Retention(alerts=0)
+
+
+# rules, settings, maintenance
+
+def test_rules_crud(store):
+    r = store.put_rule("night-scan", {"when": {"alert": "port_scan"}, "then": "quarantine"})
+    assert r == {"name": "night-scan", "enabled": True, "when": {"alert": "port_scan"},
+                 "then": "quarantine"}
+    store.put_rule("a-first", {"then": "notify", "enabled": False})
+    assert [x["name"] for x in store.rules()] == ["a-first", "night-scan"]
+    assert store.set_rule_enabled("night-scan", False)["enabled"] is False
+    r = store.put_rule("night-scan", {"then": "suspicious"})    # an edit keeps it disabled
+    assert r == {"name": "night-scan", "enabled": False, "then": "suspicious"}
+    store.delete_rule("night-scan")
+    assert store.get_rule("night-scan") is None and len(store.rules()) == 1
+    for call in (lambda: store.delete_rule("night-scan"),
+                 lambda: store.set_rule_enabled("night-scan", True)):
+        with pytest.raises(StoreError, match="rule 'night-scan' does not exist"):
+            call()
+    with pytest.raises(StoreError, match="rule 'x', field enabled: expected true or false"):
+        store.put_rule("x", {"enabled": "yes"})
+    with pytest.raises(StoreError, match="rule 'x': the data names another rule, 'y'"):
+        store.put_rule("x", {"name": "y"})
+
+
+def test_settings_defaults_and_checks(store):
+    assert store.get_setting("timezone") == "UTC"
+    assert store.get_setting("business_hours")["days"] == ["mon", "tue", "wed", "thu", "fri"]
+    assert store.get_setting("missing") is None and store.get_setting("missing", 3) == 3
+    store.set_setting("timezone", "Europe/Paris")
+    store.set_setting("business_hours", {"days": ["sat"], "start": "09:30", "end": "12:00"})
+    store.set_setting("mqtt_broker", {"host": "127.0.0.1", "port": 1883})
+    assert store.settings() == {
+        "timezone": "Europe/Paris", "mqtt_broker": {"host": "127.0.0.1", "port": 1883},
+        "business_hours": {"days": ["sat"], "start": "09:30", "end": "12:00"}}
+    with pytest.raises(StoreError, match="setting timezone: unknown time zone 'Mars/Olympus'"):
+        store.set_setting("timezone", "Mars/Olympus")
+    with pytest.raises(StoreError, match="setting business_hours, end: expected HH:MM, got '25:00'"):
+        store.set_setting("business_hours", {"days": [], "start": "08:00", "end": "25:00"})
+    with pytest.raises(StoreError, match="setting business_hours, days"):
+        store.set_setting("business_hours", {"days": ["monday"], "start": "08:00", "end": "18:00"})
+    assert store.get_setting("timezone") == "Europe/Paris"
+
+
+def test_maintenance(store):
+    assert store.maintenance_until() is None
+    store.set_maintenance("2025-03-01T14:00:00+01:00")
+    assert store.maintenance_until() == "2025-03-01T13:00:00.000000+00:00"
+    store.set_maintenance(None)
+    assert store.maintenance_until() is None
+    with pytest.raises(StoreError, match="maintenance until: invalid ISO 8601 timestamp 'soon'"):
+        store.set_maintenance("soon")
+
+
+# persistence, writes, batches
+
+def test_state_survives_reopening(tmp_path, clock):
+    with Store(tmp_path, clock=clock) as store:
+        store.upsert_device("cam1", "aa:bb:cc:00:00:01", approved=True)
+        store.record_posture("cam1", "normal", "approved")
+        alert_id = store.add_alert(alert())
+        store.put_rule("r", {"then": "notify"})
+        store.set_setting("timezone", "Asia/Tokyo")
+    with Store(tmp_path, clock=clock) as store:
+        assert store.get_device("cam1")["approved"] is True
+        assert store.posture_history("cam1")[0]["reason"] == "approved"
+        assert store.alerts()[0]["id"] == alert_id
+        assert store.add_alert(alert()) == alert_id + 1
+        assert store.get_rule("r")["then"] == "notify"
+        assert store.get_setting("timezone") == "Asia/Tokyo"
+
+
+def test_one_disk_write_per_mutating_call(tmp_path, clock, monkeypatch):
+    count = writes(monkeypatch)
+    with Store(tmp_path, Retention(alerts=10), clock=clock) as store:
+        calls = [
+            lambda: store.upsert_device("cam1", "aa:bb:cc:00:00:01"),
+            lambda: store.upsert_device("cam1", "aa:bb:cc:00:00:01", ip="10.0.0.1"),
+            lambda: store.update_device("cam1", posture="normal"),
+            lambda: store.record_posture("cam1", "normal", "x"),
+            lambda: store.add_decision({"device": "cam1"}),
+            lambda: store.audit("approve", "operator", {}),
+            lambda: store.put_rule("r", {}),
+            lambda: store.put_rule("r", {"x": 1}),
+            lambda: store.set_rule_enabled("r", False),
+            lambda: store.delete_rule("r"),
+            lambda: store.set_setting("k", 1),
+            lambda: store.set_setting("k", 2),
+            lambda: store.set_maintenance(None),
+            lambda: store.remove_device("cam1"),
+        ] + [lambda: store.add_alert(alert())] * 31    # including the inserts that prune
+        for call in calls:
+            before = count[0]
+            call()
+            assert count[0] == before + 1
+        assert store.prune()["alerts"] > 0 and count[0] == len(calls) + 1
+        assert store.prune()["alerts"] == 0 and count[0] == len(calls) + 1     # nothing to write
+        with store.batch():
+            store.upsert_device("cam2", "aa:bb:cc:00:00:02")
+            store.record_posture("cam2", "normal", "new")
+            store.add_alert(alert("cam2"))
+        assert count[0] == len(calls) + 2
+
+
+def test_a_failed_batch_changes_nothing(tmp_path, clock, monkeypatch):
+    count = writes(monkeypatch)
+    with Store(tmp_path, clock=clock) as store:
+        store.upsert_device("cam1", "aa:bb:cc:00:00:01")
+        with pytest.raises(StoreError, match="device 'ghost' does not exist"):
+            with store.batch():
+                store.update_device("cam1", posture="quarantined")
+                store.add_alert(alert())
+                store.record_posture("ghost", "quarantined", "scan")
+        assert count[0] == 1
+        assert store.get_device("cam1")["posture"] == "unknown" and store.alerts() == []
+        store.add_alert(alert())
+    with Store(tmp_path, clock=clock) as store:
+        assert len(store.alerts()) == 1
+
+
+def test_closed_store_refuses_and_close_is_idempotent(tmp_path):
+    store = Store(tmp_path)
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match=f"the store {tmp_path / 'kalki.json'} is closed"):
+        store.get_device("cam1")
+
+
+# the storage
+
+def test_storage_reads_none_for_missing_or_empty_file(tmp_path):
+    path = tmp_path / "db.json"
+    assert AtomicJSONStorage(path).read() is None
+    path.write_text("  \n")
+    assert AtomicJSONStorage(path).read() is None
+
+
+def test_storage_writes_atomically_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "db.json"
+    storage = AtomicJSONStorage(path, indent=1)
+    storage.write({"t": {"1": {"a": [1]}}})
+    assert json.loads(path.read_text()) == {"t": {"1": {"a": [1]}}}
+    assert sorted(os.listdir(tmp_path)) == ["db.json"]
+    data = storage.read()
+    data["t"]["1"]["a"] = 2             # what TinyDB does to documents in update()
+    del data["t"]["1"]
+    assert storage.read() == {"t": {"1": {"a": [1]}}}
+    assert AtomicJSONStorage(path).read() == {"t": {"1": {"a": [1]}}}
+
+
+def test_corrupt_file_raises_naming_the_path(tmp_path):
+    path = tmp_path / "kalki.json"
+    path.write_text('{"devices": {"1": {"name": "cam')
+    with pytest.raises(StoreError, match=f"the store {path} is corrupt"):
+        Store(tmp_path)
+    path.write_text('[1, 2]')
+    with pytest.raises(StoreError, match=f"the store {path} is not a TinyDB file"):
+        AtomicJSONStorage(path).read()
+    assert path.read_text() == '[1, 2]'     # left for the operator to inspect
+
+
+# SIGKILL at random moments
+
+CHILD = r"""
+import sys
+from appliance.store import Retention, Store
+big = 10 ** 6
+store = Store(sys.argv[1], Retention(history_per_device=big, alerts=big, decisions=big,
+                                     max_age_days=36500))
+if store.get_device("d0") is None:
+    store.upsert_device("d0", "02:00:00:00:00:00")
+na = store.count_alerts(None)
+nh = len(store.posture_history("d0", limit=big))
+nd = len(store.decisions(limit=big))
+print("ready", flush=True)
+while True:
+    if na == nh == nd:
+        store.add_alert({"device": "d0", "type": "t", "source": "kernel", "severity": "low",
+                         "details": {"n": na}})
+        na += 1
+    elif nh < na:
+        store.record_posture("d0", "normal", str(nh))
+        nh += 1
+    else:
+        with store.batch():
+            store.add_decision({"device": "d0", "n": nd})
+            store.set_setting("counter", nd)
+            store.upsert_device(f"d{nd % 20}", "02:00:00:00:00:%02x" % (nd % 20), group=str(nd))
+        nd += 1
+"""
+
+
+def check_consistent(directory: Path) -> int:
+    """Every table a gap-free prefix, in step with the others; the batch all or nothing."""
+    json.loads((directory / "kalki.json").read_text())
+    big = 10 ** 6
+    with Store(directory) as store:
+        alerts = [a["details"]["n"] for a in store.alerts(limit=big)]
+        history = [int(h["reason"]) for h in store.posture_history("d0", limit=big)]
+        decisions = [d["n"] for d in store.decisions(limit=big)]
+        na, nh, nd = len(alerts), len(history), len(decisions)
+        assert alerts == list(range(na - 1, -1, -1))
+        assert history == list(range(nh - 1, -1, -1))
+        assert decisions == list(range(nd - 1, -1, -1))
+        assert na >= nh >= nd >= na - 1
+        if nd:
+            assert store.get_setting("counter") == nd - 1
+            assert store.get_device(f"d{(nd - 1) % 20}")["group"] == str(nd - 1)
+        return na
+
+
+def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path):
+    rng = random.Random(1)
+    progress = []
+    for _ in range(20):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "ready\n", child.stderr.read()
+            time.sleep(rng.uniform(0.005, 0.2))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+            child.stderr.close()
+        progress.append(check_consistent(tmp_path))
+    assert progress == sorted(progress) and progress[-1] > 20, progress
