@@ -1,4 +1,5 @@
-"""The `kalki` command."""
+"""The `kalki` command: the lab, the supervisor (`kalki run`), and operator commands that talk
+to the running supervisor over its control socket (`--lab NAME` for a lab's supervisor)."""
 from __future__ import annotations
 
 import argparse
@@ -7,20 +8,36 @@ import sys
 
 from .errors import KalkiError
 
+DEFAULT_SOCKET = "/run/kalki/kalki.sock"
 
+
+def _print(result, as_json: bool) -> None:
+    if as_json or not isinstance(result, list):
+        print(json.dumps(result, indent=1, default=str))
+        return
+    for row in result:
+        print(json.dumps(row, default=str))
+
+
+# -- the lab --------------------------------------------------------------------------------
 def _lab_up(args) -> int:
     from .lab import topology
-    s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services)
+    s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services,
+                    supervisor=not args.no_supervisor, unapproved=args.unapproved,
+                    fake_time=args.fake_time)
     if args.json:
         print(json.dumps(s.to_json(), indent=1))
-    else:
-        print(f"lab {s.name} is up: gateway {s.namespaces['gw']}, "
-              f"{len(s.devices)} devices, protected by XDP and nftables")
-        for d in s.devices:
-            print(f"  {d.name:16} {d.type:14} {d.ip:15} {d.mac}  netns {d.namespace}")
-        print(f"  attacker {s.gateway['attacker_ip']} in {s.namespaces['atk']}, "
-              f"internet {s.gateway['inet_ip']} in {s.namespaces['inet']}")
-        print(f"remove it with: kalki lab down {s.name}")
+        return 0
+    print(f"lab {s.name} is up: gateway {s.namespaces['gw']}, {len(s.devices)} devices, "
+          f"protected by XDP and nftables" + (", supervisor and MQTT broker running"
+                                              if not args.no_supervisor else ""))
+    for d in s.devices:
+        print(f"  {d.name:16} {d.type:14} {d.ip:15} {d.mac}  netns {d.namespace}")
+    print(f"  attacker {s.gateway['attacker_ip']} in {s.namespaces['atk']}, "
+          f"internet {s.gateway['inet_ip']} in {s.namespaces['inet']}")
+    if not args.no_supervisor:
+        print(f"talk to its supervisor: kalki --lab {s.name} devices")
+    print(f"remove it with: kalki lab down {s.name}")
     return 0
 
 
@@ -55,9 +72,51 @@ def _lab_block(args) -> int:
     return 0
 
 
+# -- the supervisor -------------------------------------------------------------------------
+def _run(args) -> int:
+    from .supervisor import main
+    return main(args.config)
+
+
+def _config_defaults(args) -> int:
+    from .config import defaults_toml
+    print(defaults_toml())
+    return 0
+
+
+def _rules_validate(args) -> int:
+    from .control import validate_rules_text
+    try:
+        text = open(args.file).read()
+    except OSError as e:
+        raise KalkiError(f"{args.file}: {e.strerror}") from None
+    result = validate_rules_text(text, args.file)
+    print(f"{args.file}: {len(result['valid'])} valid rule(s): {', '.join(result['valid'])}")
+    return 0
+
+
+def _socket(args) -> str:
+    if args.lab:
+        from .control import socket_for_lab
+        return socket_for_lab(args.lab)
+    return args.socket
+
+
+def _call(op, **fields):
+    def run(args) -> int:
+        from .control import request
+        values = {k: getattr(args, v) for k, v in fields.items() if getattr(args, v) is not None}
+        _print(request(_socket(args), op, **values), getattr(args, "json", False))
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kalki", description="Kalki on a Raspberry Pi")
+    ap.add_argument("--lab", metavar="NAME", help="talk to the supervisor of this lab")
+    ap.add_argument("--socket", default=DEFAULT_SOCKET, help="the supervisor's control socket")
     sub = ap.add_subparsers(dest="command", required=True)
+
     lab = sub.add_parser("lab", help="the lab of network namespaces").add_subparsers(
         dest="lab_command", required=True)
     p = lab.add_parser("up", help="build a lab and protect its devices")
@@ -65,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--compromised", action="store_true",
                    help="the last device is compromised (for lateral-movement stories)")
+    p.add_argument("--unapproved", type=int, default=0,
+                   help="this many of the last devices are new: unknown until approved")
+    p.add_argument("--fake-time", default="", help="ISO time the supervisor's policy clock starts at")
     p.add_argument("--no-services", action="store_true")
+    p.add_argument("--no-supervisor", action="store_true",
+                   help="apply the profiles directly; no supervisor, no broker")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lab_up)
     p = lab.add_parser("down", help="remove a lab and everything it created")
@@ -74,11 +138,81 @@ def build_parser() -> argparse.ArgumentParser:
     p = lab.add_parser("status", help="list the labs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lab_status)
-    p = lab.add_parser("block", help="put a source into the lab's kernel drop set")
+    p = lab.add_parser("block", help="put a source into a lab's kernel drop set directly")
     p.add_argument("name")
     p.add_argument("source")
     p.add_argument("seconds", type=int)
     p.set_defaults(func=_lab_block)
+
+    p = sub.add_parser("run", help="run the supervisor")
+    p.add_argument("--config", default="/etc/kalki/kalki.toml")
+    p.set_defaults(func=_run)
+    cfg = sub.add_parser("config", help="the configuration file").add_subparsers(
+        dest="config_command", required=True)
+    cfg.add_parser("defaults", help="every key with its default and meaning").set_defaults(
+        func=_config_defaults)
+    rules = sub.add_parser("rules", help="site rules").add_subparsers(dest="rules_command",
+                                                                     required=True)
+    p = rules.add_parser("validate", help="check a TOML file of [[rules]]")
+    p.add_argument("file")
+    p.set_defaults(func=_rules_validate)
+
+    p = sub.add_parser("status", help="the supervisor's state")
+    p.set_defaults(func=_call("status"))
+    p = sub.add_parser("devices", help="every device with its posture")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_call("devices"))
+    dev = sub.add_parser("device", help="one device").add_subparsers(dest="device_command",
+                                                                     required=True)
+    p = dev.add_parser("show")
+    p.add_argument("name")
+    p.set_defaults(func=_call("device_show", name="name"))
+    p = dev.add_parser("approve")
+    p.add_argument("name")
+    p.add_argument("--type")
+    p.set_defaults(func=_call("device_approve", name="name", type="type"))
+    p = dev.add_parser("remove")
+    p.add_argument("name")
+    p.set_defaults(func=_call("device_remove", name="name"))
+    p = dev.add_parser("add", help="pre-provision a device by MAC and address")
+    p.add_argument("name")
+    p.add_argument("mac")
+    p.add_argument("ip")
+    p.add_argument("--type")
+    p.add_argument("--approve", action="store_true")
+    p.set_defaults(func=_call("device_add", name="name", mac="mac", ip="ip", type="type",
+                              approve="approve"))
+    posture = sub.add_parser("posture", help="set or reset a posture").add_subparsers(
+        dest="posture_command", required=True)
+    p = posture.add_parser("set")
+    p.add_argument("name")
+    p.add_argument("posture")
+    p.add_argument("--for", dest="duration", help="revert after this long (90s, 15m, 2h)")
+    p.set_defaults(func=_call("posture_set", name="name", posture="posture", **{"for": "duration"}))
+    p = posture.add_parser("reset")
+    p.add_argument("name")
+    p.set_defaults(func=_call("posture_reset", name="name"))
+    for op in ("alerts", "decisions"):
+        p = sub.add_parser(op)
+        p.add_argument("--device")
+        p.add_argument("--limit", type=int, default=20)
+        p.set_defaults(func=_call(op, device="device", limit="limit"))
+    p = sub.add_parser("maintenance", help="pause automation for N minutes (0 ends it)")
+    p.add_argument("minutes", type=int)
+    p.set_defaults(func=_call("maintenance", minutes="minutes"))
+    p = sub.add_parser("block", help="put a source into the kernel drop set")
+    p.add_argument("source")
+    p.add_argument("seconds", type=int)
+    p.add_argument("--reason", default="blocked")
+    p.add_argument("--by", default="operator")
+    p.add_argument("--target", help="the device address the source went for")
+    p.set_defaults(func=_call("block_source", ip="source", seconds="seconds", reason="reason",
+                              by="by", target="target"))
+    clock = sub.add_parser("clock", help="the lab's policy clock").add_subparsers(
+        dest="clock_command", required=True)
+    p = clock.add_parser("set")
+    p.add_argument("time")
+    p.set_defaults(func=_call("clock_set", time="time"))
     return ap
 
 

@@ -18,6 +18,8 @@ DEFAULT_PATH = Path("/etc/kalki/kalki.toml")
 
 
 def _doc(text: str, default):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
 
 

@@ -174,6 +174,9 @@ class Dataplane:
     def devices(self) -> dict[str, DeviceSpec]:
         return {n: a.spec for n, a in self._devices.items()}
 
+    def device_by_ip(self, ip: str) -> str | None:
+        return next((n for n, a in self._devices.items() if a.spec.ip == ip), None)
+
     def device_id(self, name: str) -> int:
         return self._applied(name).device_id
 

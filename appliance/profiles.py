@@ -2,8 +2,9 @@
 stack with its parameters. Validated on load; an error names the file and the key."""
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import umbox
@@ -19,6 +20,21 @@ class Profile:
     description: str
     postures: dict[str, dict]
     path: Path
+    telemetry: dict = field(default_factory=dict)   # field -> meaning
+    commands: dict = field(default_factory=dict)    # field -> meaning (what /set accepts)
+    rules: list = field(default_factory=list)       # policy.Rule, applying to this type
+    match: dict = field(default_factory=dict)       # mac_prefixes, hostname (regex), vendor_class
+
+    def matches(self, mac: str, identity: dict) -> bool:
+        """Whether a newly seen device looks like this type (a suggestion for the operator)."""
+        m = self.match
+        if any(mac.lower().startswith(p.lower()) for p in m.get("mac_prefixes", [])):
+            return True
+        host = identity.get("hostname") or ""
+        if m.get("hostname") and host and re.fullmatch(m["hostname"], host):
+            return True
+        vendor = identity.get("vendor_class") or ""
+        return bool(m.get("vendor_class") and vendor and m["vendor_class"].lower() in vendor.lower())
 
     def stack(self, posture: str) -> dict:
         try:
@@ -34,7 +50,8 @@ def load_profile(path: Path) -> Profile:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    unknown = set(data) - {"type", "description", "postures"}
+    unknown = set(data) - {"type", "description", "postures", "telemetry", "commands", "rules",
+                           "match"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
     if not isinstance(data.get("type"), str):
@@ -49,7 +66,26 @@ def load_profile(path: Path) -> Profile:
     # A posture without umboxes would leave an unapproved device open: fail closed instead.
     checked.setdefault("unknown", umbox.validate({"quarantine": {"management": False}}))
     checked.setdefault("quarantine", umbox.validate({"quarantine": {}}))
-    return Profile(data["type"], data.get("description", ""), checked, path)
+    for key in ("telemetry", "commands", "match"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ConfigError(f"{path.name}: key {key!r} must be a table")
+    match = data.get("match", {})
+    unknown = set(match) - {"mac_prefixes", "hostname", "vendor_class"}
+    if unknown:
+        raise ConfigError(f"{path.name}: match: unknown key(s) {sorted(unknown)}")
+    if "hostname" in match:
+        try:
+            re.compile(match["hostname"])
+        except re.error as e:
+            raise ConfigError(f"{path.name}: match.hostname: invalid pattern: {e}") from None
+    from . import policy
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(f"{path.name}: key 'rules' must be a list of tables ([[rules]])")
+    parsed = [policy.parse_rule(r, f"{path.name}: rules[{i}]", (data["type"],),
+                                source=f"profile:{data['type']}") for i, r in enumerate(rules)]
+    return Profile(data["type"], data.get("description", ""), checked, path,
+                   data.get("telemetry", {}), data.get("commands", {}), parsed, match)
 
 
 def load_all(directory: Path = PROFILE_DIR) -> dict[str, Profile]:

@@ -29,11 +29,12 @@ from .errors import ConfigError, KalkiError
 DEFAULT_DIRECTORY = Path("/var/lib/kalki")
 FILENAME = "kalki.json"
 TABLES = ("devices", "history", "alerts", "decisions", "rules", "settings")
-ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator")
+ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery")
 IDENTITY_KEYS = ("hostname", "client_id", "vendor_class")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DEFAULT_SETTINGS = {
-    "business_hours": {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "08:00", "end": "18:00"},
+    "business_hours": {"days": ["mon", "tue", "wed", "thu", "fri"],
+                       "start": "08:00", "end": "18:00"},
     "timezone": "UTC",
 }
 MAINTENANCE_KEY = "maintenance_until"
@@ -597,7 +598,7 @@ class Store:
         return removed
 
     def _age_cutoff(self, now) -> str:
-        now = self._clock() if now is None else datetime.fromisoformat(_stamp(now, "prune now"))
+        now = datetime.fromisoformat(self._now() if now is None else _stamp(now, "prune now"))
         return _iso(now - timedelta(days=self.retention.max_age_days))
 
     def _prune_log(self, table, bound, cutoff) -> int:

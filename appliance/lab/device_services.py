@@ -35,6 +35,9 @@ DEFAULT_STATES: dict[str, dict] = {
     "light": {"on": False, "brightness": 100},
     "plug": {"on": True, "power_w": 12.5},
     "motion": {"motion": False},
+    "motion_sensor": {"motion": False},
+    "door_sensor": {"open": False},
+    "thermostat": {"temperature": 21.0, "setpoint": 21.0},
     "camera": {"recording": True},
 }
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import control
 from ..errors import LabError
 
 STATE_DIR = Path(os.environ.get("KALKI_LAB_DIR", "/run/kalki/labs"))
@@ -214,8 +215,11 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 
 
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
-       services: bool = True, protect: bool = True) -> LabState:
-    """Builds the lab. On any failure, removes what it built and raises."""
+       services: bool = True, protect: bool = True, supervisor: bool = False,
+       unapproved: int = 0, fake_time: str = "") -> LabState:
+    """Builds the lab. With `supervisor`, the gateway runs the MQTT broker and `kalki run`,
+    which takes over the data path; the last `unapproved` devices are left for the operator
+    to approve. On any failure, removes what it built and raises."""
     name = name or new_name()
     if state_path(name).exists():
         raise LabError(f"lab {name} already exists: `kalki lab down {name}` first")
@@ -228,10 +232,19 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
             _batch(batch, f"lab {name}: topology step {i + 1}")
         _configure_devices(s)
         _sysctls(s)
+        if supervisor:
+            if not 0 <= unapproved <= len(s.devices):
+                raise LabError(f"lab {name}: --unapproved must be 0 to {len(s.devices)}")
+            s.gateway["supervisor"] = True
+            s.gateway["socket"] = str(lab_dir / "kalki.sock")
+            _start_supervisor(s, lab_dir, fake_time)
+            for d in s.devices[:len(s.devices) - unapproved]:
+                control.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
+                                ip=d.ip, type=d.type, approve=True)
+        elif protect:
+            _protect(s)
         if services:
             _start_services(s, lab_dir)
-        if protect:
-            _protect(s)
         _save(s)
     except BaseException:
         down(name)
@@ -239,28 +252,93 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
     return s
 
 
+MQTT_PORT = 1883
+SUPERVISOR_USER = "kalki"
+
+
+def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
+    """The appliance in miniature: Mosquitto with a user per device, and `kalki run`."""
+    from .. import config
+    from ..broker import Broker, random_password
+    passwords = {d.name: random_password() for d in s.devices}
+    (lab_dir / "mqtt-passwords.json").write_text(json.dumps(passwords))
+    os.chmod(lab_dir / "mqtt-passwords.json", 0o600)
+    supervisor_password = random_password()
+    pw_file = lab_dir / "mqtt-supervisor"
+    pw_file.write_text(supervisor_password)
+    os.chmod(pw_file, 0o600)
+    broker = Broker(lab_dir / "mqtt", listen=GATEWAY_LAN_IP, port=MQTT_PORT,
+                    users={**passwords, SUPERVISOR_USER: supervisor_password},
+                    supervisor_user=SUPERVISOR_USER)
+    broker.start(namespace=s.namespaces["gw"])
+    s.pids["broker"] = broker.pid
+    _save(s)
+    cfg = config.Config()
+    cfg.gateway.devices_interface, cfg.gateway.uplink_interface = "dev0", "up0"
+    cfg.gateway.address, cfg.gateway.lan, cfg.gateway.instance = GATEWAY_LAN_IP, str(LAN), s.name
+    cfg.state.directory = str(lab_dir / "state")
+    cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
+    cfg.mqtt.password_file = str(pw_file)
+    cfg.control.socket = s.gateway["socket"]
+    cfg.policy.fake_time = fake_time
+    cfg.policy.timezone = "Europe/Berlin"
+    (lab_dir / "kalki.toml").write_text(config.dump(cfg))
+    s.pids["supervisor"] = spawn(s.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run",
+                                                      "--config", str(lab_dir / "kalki.toml")],
+                                 lab_dir / "supervisor.log")
+    _save(s)
+    wait_for_supervisor(s, 60)
+
+
+def wait_for_supervisor(s: LabState, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return control.request(s.gateway["socket"], "status", timeout=5)
+        except (LabError, OSError, ValueError, control.KalkiError) as e:
+            if time.monotonic() > deadline:
+                log = (state_path(s.name).parent / "supervisor.log")
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                raise LabError(f"lab {s.name}: the supervisor did not answer within "
+                               f"{timeout:.0f} s: {e}\n{tail}") from None
+            time.sleep(0.1)
+
+
 def _start_services(s: LabState, lab_dir: Path) -> None:
     py = sys.executable
     ready = []
+    passwords = {}
+    if s.gateway.get("supervisor"):
+        passwords = json.loads((lab_dir / "mqtt-passwords.json").read_text())
     for d in s.devices[:64]:     # a 1,000-device lab runs services on the first 64 only
         flag = lab_dir / f"{d.name}.ready"
+        mqtt = []
+        if d.name in passwords:
+            mqtt = ["--mqtt-host", GATEWAY_LAN_IP, "--mqtt-port", str(MQTT_PORT), "--mqtt-user",
+                    d.name, "--mqtt-password", passwords[d.name], "--telemetry-interval", "0.5"]
         s.pids[d.name] = spawn(d.namespace, [py, "-m", "appliance.lab.device_services", "--name",
                                              d.name, "--type", d.type, "--bind", "0.0.0.0",
                                              "--user", "admin", "--password", DEVICE_PASSWORD,
-                                             "--ready-file", str(flag)], lab_dir / f"{d.name}.log")
+                                             "--ready-file", str(flag), *mqtt],
+                               lab_dir / f"{d.name}.log")
         ready.append(flag)
     flag = lab_dir / "inet.ready"
     s.pids["inet"] = spawn(s.namespaces["inet"], [py, "-m", "appliance.lab.sink", "--ports",
                                                   "80,443,1883,8080,8883", "--ready-file", str(flag)],
                            lab_dir / "inet.log")
     ready.append(flag)
+    if s.gateway.get("supervisor"):   # the supervisor blocks, and records the alert
+        block_command = (f"{py} -m appliance.cli --socket {s.gateway['socket']} block {{ip}} "
+                         f"{{seconds}} --reason gate-login-failures --by gate")
+    else:
+        block_command = f"{py} -m appliance.cli lab block {s.name} {{ip}} {{seconds}}"
     creds = lab_dir / "gate.json"
     from ..gate import hash_password
     creds.write_text(json.dumps({"user": GATE_USER, "password_sha256": hash_password(GATE_PASSWORD)}))
     s.pids["gate"] = spawn(s.namespaces["gw"], [
         py, "-m", "appliance.gate", "--listen", "0.0.0.0:8181", "--credentials-file", str(creds),
         "--max-failures", "5", "--failure-window", "60", "--block-seconds", "300",
-        "--block-command", f"{py} -m appliance.cli lab block {s.name} {{ip}} {{seconds}}"],
+        "--block-command", block_command],
         lab_dir / "gate.log")
     _save(s)
     wait_for_files(ready, 30, f"lab {s.name}: services")

@@ -1,0 +1,495 @@
+"""The supervisor (`kalki run`): one asyncio process that knows every device, holds its posture,
+and moves postures from kernel alerts, MQTT telemetry, other devices' state and the time of day,
+enforcing each change through the data path and reading it back before calling it enforced.
+
+It is the only writer of the store. The MQTT client thread, the neighbour monitor thread and the
+control socket hand their events to the loop; nothing else touches the state.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from . import policy, profiles
+from .config import Config
+from .dataplane import Dataplane, DeviceSpec, GatewaySettings
+from .errors import ConfigError, KalkiError, UnknownDeviceError
+from .store import Retention, Store
+
+log = logging.getLogger("kalki.supervisor")
+
+RTMGRP_NEIGH = 0x4
+RTM_NEWNEIGH = 28
+
+POSTURE_CODES = {p: i for i, p in enumerate(profiles.POSTURES)}
+ESCALATION = {"normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
+KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
+                 "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
+                 "lateral": "lateral-movement"}
+SEVERITY = {"port-scan": "warning", "syn-flood": "critical", "brute-force": "critical",
+            "egress-anomaly": "warning", "spoofing": "critical", "lateral-movement": "critical",
+            "port-scan-outbound": "critical", "gate-login-failures": "warning",
+            "new-device": "info"}
+
+
+def _iso(dt: datetime.datetime) -> str:
+    return dt.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+class Clock:
+    """Wall time for policy (business hours). In the lab it may start at a given time and run
+    on from there: the fake clock of the time-of-day rules."""
+
+    def __init__(self, start: str = ""):
+        self._offset = datetime.timedelta(0)
+        if start:
+            self.set(start)
+
+    def set(self, iso: str) -> None:
+        try:
+            at = datetime.datetime.fromisoformat(iso)
+        except ValueError:
+            raise ConfigError(f"clock: invalid ISO time {iso!r}") from None
+        if at.tzinfo is None:
+            raise ConfigError(f"clock: {iso!r} needs a time zone offset")
+        self._offset = at - datetime.datetime.now(datetime.timezone.utc)
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc) + self._offset
+
+
+class Supervisor:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.clock = Clock(cfg.policy.fake_time)
+        self.profiles = profiles.load_all(Path(cfg.profiles) if cfg.profiles else profiles.PROFILE_DIR)
+        s = cfg.state
+        self.store = Store(Path(s.directory), Retention(s.history_per_device, s.alerts, s.decisions,
+                                                        s.max_age_days), clock=self.clock.now)
+        self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
+        self.engine = policy.Engine(self._rules())
+        self.dp: Dataplane | None = None
+        self.bus = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started_ns = time.monotonic_ns()
+        self.reconcile_report: dict = {}
+        self._telemetry: dict[str, collections.deque] = {}
+        self._alerts: collections.deque = collections.deque(maxlen=20000)
+        self._stop = asyncio.Event()
+        self._neigh_sock = None
+        self._control_server = None
+        self.counters = collections.Counter()
+        self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
+        self.suggestions: dict[str, str] = {}      # profile matches for new devices
+
+    # -- the rules ------------------------------------------------------------------------
+    def _rules(self) -> list[policy.Rule]:
+        rules = policy.builtin_rules()
+        for p in self.profiles.values():
+            rules += p.rules
+        for i, r in enumerate(self.store.rules()):
+            data = {k: v for k, v in r.items() if k not in ("updated",)}
+            rules.append(policy.parse_rule(data, f"site rule {r.get('name', i)}", source="site"))
+        return rules
+
+    # -- policy.Facts ---------------------------------------------------------------------
+    def now(self) -> datetime.datetime:
+        return self.clock.now()
+
+    def devices(self) -> list[str]:
+        return list(self.known)
+
+    def device_type(self, device: str) -> str | None:
+        d = self.known.get(device)
+        return d.get("type") if d else None
+
+    def group_of(self, device: str) -> str | None:
+        d = self.known.get(device)
+        return d.get("group") if d else None
+
+    def alerts(self, device, types, since) -> int:
+        return sum(1 for at, dev, typ in reversed(self._alerts)
+                   if at >= since and (device is None or dev == device)
+                   and (types is None or typ in types))
+
+    def telemetry(self, device, field, last=None, since=None) -> list:
+        values = [(at, p[field]) for at, p in self._telemetry.get(device, ()) if field in p]
+        if since is not None:
+            values = [(at, v) for at, v in values if at >= since]
+        if last is not None:
+            values = values[-last:]
+        return [v for _, v in values]
+
+    def posture(self, device: str) -> str:
+        d = self.known.get(device)
+        return d["posture"] if d else "unknown"
+
+    def settings(self) -> dict:
+        p = self.cfg.policy
+        stored = self.store.settings()
+        return {"business_hours": stored.get("business_hours") or
+                {"days": p.business_days, "start": p.business_start, "end": p.business_end},
+                "timezone": stored.get("timezone") if stored.get("timezone") not in (None, "UTC")
+                else p.timezone}
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        g = self.cfg.gateway
+        settings = GatewaySettings(devices_if=g.devices_interface, uplink_if=g.uplink_interface,
+                                   gateway_ip=g.address, lan=g.lan, gate_port=g.gate_port,
+                                   mqtt_port=self.cfg.mqtt.port)
+        self.dp = Dataplane.open(g.instance, g.namespace or None, settings)
+        self.reconcile_report = self.dp.reconcile(self._wanted())
+        self.store.audit("reconcile", "supervisor", self.reconcile_report)
+        log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+        self.loop.add_reader(self.dp._ring.fileno(), self._on_kernel_events)
+        self._connect_mqtt()
+        await self._start_control()
+        self._start_neighbour_monitor()
+        self.loop.create_task(self._ticker())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        print(f"kalki: protection enforced for {len(self._wanted())} devices", flush=True)
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stops listening; what is in the kernel stays and keeps protecting."""
+        if self.bus:
+            self.bus.close()
+            self.bus = None
+        if self.dp:
+            if self.loop:
+                self.loop.remove_reader(self.dp._ring.fileno())
+            self.dp.close()
+        if self._control_server:
+            self._control_server.close()
+        self.store.close()
+
+    def _wanted(self) -> list[DeviceSpec]:
+        out = []
+        for d in self.known.values():
+            if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
+                stack = self.profiles[d["type"]].stack(d["posture"])
+                out.append(DeviceSpec(d["name"], d["mac"], d["ip"], stack,
+                                      POSTURE_CODES.get(d["posture"], 0)))
+        return out
+
+    # -- MQTT -----------------------------------------------------------------------------
+    def _connect_mqtt(self) -> None:
+        m = self.cfg.mqtt
+        try:
+            password = Path(m.password_file).read_text().strip()
+        except OSError as e:
+            log.warning("MQTT off: cannot read %s: %s", m.password_file, e)
+            return
+        from .mqtt import Bus
+        self.bus = Bus(m.host, m.port, m.user, password, m.base, known_device=self.known.__contains__,
+                       on_telemetry=self._on_telemetry, on_availability=self._on_availability,
+                       loop=self.loop, max_payload=m.max_payload)
+        for name, d in self.known.items():
+            if d.get("approved"):
+                self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
+                self.bus.publish_discovery(name, d.get("type") or "generic")
+
+    def _on_telemetry(self, device: str, payload: dict) -> None:
+        received = time.monotonic_ns()
+        self.counters["telemetry"] += 1
+        self._telemetry.setdefault(device, collections.deque(maxlen=200)).append((self.now(), payload))
+        self._evaluate(policy.Stimulus("telemetry", device, payload, received))
+
+    def _on_availability(self, device: str, state: str) -> None:
+        self.availability[device] = state
+
+    # -- kernel events --------------------------------------------------------------------
+    def _on_kernel_events(self) -> None:
+        received = time.monotonic_ns()
+        for e in self.dp.events(limit=512):
+            kind = KERNEL_ALERTS.get(e["reason"])
+            device = e["device"]
+            if not kind or not isinstance(device, str) or device not in self.known:
+                continue
+            if kind == "port-scan" and e["src"] == self.known[device].get("ip"):
+                kind = "port-scan-outbound"   # the device itself scans others
+            self.raise_alert(device, kind, "kernel", e, received)
+
+    def raise_alert(self, device: str | None, kind: str, source: str, details: dict,
+                    received_ns: int, rule: str | None = None, severity: str | None = None) -> dict:
+        alert = {"device": device, "type": kind, "source": source,
+                 "severity": severity or SEVERITY.get(kind, "warning"), "details": details,
+                 "at": _iso(self.now())}
+        self.store.add_alert(alert)
+        self._alerts.append((self.now(), device, kind))
+        self.counters["alerts"] += 1
+        if self.bus:
+            self.bus.publish_alert(alert)
+        data = {"type": kind, **({"rule": rule} if rule else {})}
+        self._evaluate(policy.Stimulus("alert", device, data, received_ns))
+        return alert
+
+    # -- decisions ------------------------------------------------------------------------
+    def maintenance_active(self) -> bool:
+        until = self.store.maintenance_until()
+        return bool(until) and datetime.datetime.fromisoformat(until) > self.now()
+
+    def _evaluate(self, stimulus: policy.Stimulus) -> None:
+        if self.maintenance_active():
+            return
+        try:
+            decisions = self.engine.evaluate(stimulus, self)
+        except KalkiError as e:
+            log.error("policy evaluation failed: %s", e)
+            return
+        for d in decisions:
+            self._execute(d)
+
+    def _execute(self, d: policy.Decision) -> None:
+        enforced = []
+        done = []
+        for a in d.actions:
+            for target in a.targets if a.kind != "alert" else ():
+                try:
+                    if a.kind == "set_posture":
+                        current = self.posture(target)
+                        if ESCALATION.get(a.params["posture"], 0) < ESCALATION.get(current, 0):
+                            # Rules only escalate; lowering is for the operator and expiries.
+                            done.append({"action": a.kind, "target": target, **a.params,
+                                         "skipped": f"{target} is already {current}"})
+                            continue
+                        ns = self.set_posture(target, a.params["posture"], f"rule {d.rule}",
+                                              a.params.get("for_seconds"), actor=f"rule {d.rule}")
+                        enforced.append(ns)
+                    elif a.kind == "command" and self.bus:
+                        self.bus.send_command(target, a.params["payload"])
+                    done.append({"action": a.kind, "target": target, **a.params})
+                except KalkiError as e:
+                    log.error("rule %s: %s on %s failed: %s", d.rule, a.kind, target, e)
+                    done.append({"action": a.kind, "target": target, "error": str(e)})
+            if a.kind == "alert":
+                params = {k: v for k, v in a.params.items() if k not in ("type", "severity")}
+                self.raise_alert(d.device or (a.targets[0] if a.targets else None), a.params["type"],
+                                 "rule", params, d.decided_ns, rule=d.rule,
+                                 severity=a.params.get("severity"))
+                done.append({"action": "alert", **a.params})
+        s = d.stimulus
+        rec = {"kind": "decision", "rule": d.rule, "device": d.device,
+               "stimulus": {"kind": s.kind, "device": s.device, "data": s.data},
+               "actions": done, "at": _iso(self.now()),
+               "timing_ms": {"decide": round((d.decided_ns - s.received_ns) / 1e6, 3),
+                             "enforce": round((max(enforced) - s.received_ns) / 1e6, 3)
+                             if enforced else None}}
+        self.store.add_decision(rec)
+        self.counters["decisions"] += 1
+        if self.bus:
+            self.bus.publish_decision(rec)
+
+    def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
+                    actor: str = "operator") -> int:
+        """Enforces a posture and reads it back; returns the monotonic ns it was confirmed."""
+        d = self._device(name)
+        if not d.get("approved") or d.get("type") not in self.profiles:
+            raise ConfigError(f"device {name}: approve it with a type before setting its posture")
+        if posture not in profiles.POSTURES:
+            raise ConfigError(f"device {name}: unknown posture {posture!r} "
+                              f"(known: {', '.join(profiles.POSTURES)})")
+        if for_seconds is not None and (isinstance(for_seconds, bool) or not isinstance(for_seconds, int)
+                                        or for_seconds <= 0):
+            raise ConfigError(f"device {name}: duration must be a positive number of seconds")
+        stack = self.profiles[d["type"]].stack(posture)
+        code = POSTURE_CODES.get(posture, 0)
+        self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
+        entry = self.dp._maps["kalki_devices"].lookup(ctypes.c_uint32(self.dp.device_id(name)))
+        if entry is None or entry.posture != code:
+            raise KalkiError(f"device {name}: the kernel does not show posture {posture} after applying it")
+        enforced = time.monotonic_ns()
+        now = self.now()
+        revert_to = None
+        if for_seconds:
+            revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
+        changed = posture != d["posture"]
+        self._update_device(name, posture=posture,
+                            posture_expires=_iso(now + datetime.timedelta(seconds=for_seconds))
+                            if for_seconds else None, posture_revert_to=revert_to)
+        if changed:
+            self.store.record_posture(name, posture, reason)
+            self.store.audit("posture", actor, {"device": name, "posture": posture, "reason": reason,
+                                                "for_seconds": for_seconds})
+            if self.bus:
+                self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
+            self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
+        return enforced
+
+    # -- devices --------------------------------------------------------------------------
+    def _device(self, name: str) -> dict:
+        try:
+            return self.known[name]
+        except KeyError:
+            raise UnknownDeviceError(f"device {name!r} does not exist") from None
+
+    def _update_device(self, name: str, **fields) -> None:
+        if name in self.known:
+            self.known[name] = self.store.update_device(name, **fields)
+
+    def add_device(self, name: str, mac: str, ip: str, type: str | None = None,
+                   approve: bool = False, group: str | None = None, actor: str = "operator") -> dict:
+        DeviceSpec(name, mac, ip).checked()
+        if type is not None and type not in self.profiles:
+            raise ConfigError(f"device {name}: unknown type {type!r} (known: {', '.join(self.profiles)})")
+        for other in self.known.values():
+            if other["name"] != name and other["mac"] == mac.lower():
+                raise ConfigError(f"device {name}: MAC {mac} already belongs to {other['name']}")
+        self.known[name] = self.store.upsert_device(name, mac.lower(), ip=ip, type=type, group=group)
+        self.store.audit("device-add", actor, {"device": name, "mac": mac, "ip": ip, "type": type})
+        if approve:
+            self.approve(name, type, actor=actor)
+        return self.known[name]
+
+    def approve(self, name: str, type: str | None, actor: str = "operator") -> dict:
+        d = self._device(name)
+        type = type or d.get("type")
+        if type not in self.profiles:
+            raise ConfigError(f"device {name}: give a type to approve it (known: {', '.join(self.profiles)})")
+        if not d.get("ip"):
+            raise ConfigError(f"device {name}: no address known yet")
+        self._update_device(name, type=type, approved=True)
+        self.store.audit("approve", actor, {"device": name, "type": type})
+        self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
+        if self.bus:
+            self.bus.publish_discovery(name, type)
+        return self.known[name]
+
+    def remove(self, name: str, actor: str = "operator") -> None:
+        self._device(name)
+        if name in self.dp.devices:
+            self.dp.remove(name)
+        self.store.remove_device(name)
+        del self.known[name]
+        self.store.audit("remove", actor, {"device": name})
+        if self.bus:
+            self.bus.remove_discovery(name)
+
+    def discovered(self, mac: str, ip: str, identity: dict | None = None) -> None:
+        """A device seen on the device side (neighbour table or DHCP lease)."""
+        mac = mac.lower()
+        known = next((d for d in self.known.values() if d["mac"] == mac), None)
+        if known:
+            if known.get("ip") != ip:
+                self._update_device(known["name"], ip=ip)
+                if known.get("approved"):
+                    self.set_posture(known["name"], known["posture"], "address changed", actor="discovery")
+            return
+        name = (identity or {}).get("hostname") or "device-" + mac.replace(":", "")[-6:]
+        suggestion = next((t for t, p in self.profiles.items() if p.matches(mac, identity or {})), None)
+        self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity or {},
+                                                      approved=False, posture="unknown")
+        if suggestion:
+            self.suggestions[name] = suggestion
+        self.raise_alert(name, "new-device", "discovery", {"mac": mac, "ip": ip,
+                                                           "suggested_type": suggestion},
+                         time.monotonic_ns())
+
+    def _start_neighbour_monitor(self) -> None:
+        """Devices appear in the gateway's neighbour table when they first talk to it. A
+        netlink socket subscribed to neighbour events, read on the loop (no thread); pyroute2
+        decodes the messages. The table as it is now comes from one dump at start."""
+        import ipaddress
+        import subprocess
+        from pyroute2.netlink.rtnl.ndmsg import ndmsg
+        ifname = self.cfg.gateway.devices_interface
+        net = ipaddress.IPv4Network(self.cfg.gateway.lan)
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError:
+            log.warning("neighbour monitor: no interface %s", ifname)
+            return
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_NEIGH))
+        self._neigh_sock = sock
+
+        def seen(mac, ip):
+            try:
+                if mac and ip and ipaddress.IPv4Address(ip) in net:
+                    self.discovered(mac, ip)
+            except (ValueError, KalkiError) as e:
+                log.warning("neighbour %s %s: %s", mac, ip, e)
+
+        def readable():
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < 16:
+                    break
+                if kind == RTM_NEWNEIGH:
+                    msg = ndmsg(data[offset:offset + length])
+                    msg.decode()
+                    if msg["ifindex"] == ifindex:
+                        seen(msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST"))
+                offset += (length + 3) & ~3
+
+        self.loop.add_reader(sock.fileno(), readable)
+        out = subprocess.run(["ip", "-j", "neigh", "show", "dev", ifname], capture_output=True, text=True)
+        for n in json.loads(out.stdout or "[]"):
+            seen(n.get("lladdr"), n.get("dst"))
+
+    # -- timers ---------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        last_prune = time.monotonic()
+        while not self._stop.is_set():
+            await asyncio.sleep(0.25)
+            now = self.now()
+            for name, d in list(self.known.items()):
+                exp = d.get("posture_expires")
+                if exp and datetime.datetime.fromisoformat(exp) <= now:
+                    try:
+                        self.set_posture(name, d.get("posture_revert_to") or "normal", "expired",
+                                         actor="timer")
+                    except KalkiError as e:
+                        log.error("reverting %s: %s", name, e)
+                        self._update_device(name, posture_expires=None)
+            if time.monotonic() - last_prune > 60:
+                self.store.prune()
+                last_prune = time.monotonic()
+
+    # -- the control socket ---------------------------------------------------------------
+    async def _start_control(self) -> None:
+        from . import control
+        path = Path(self.cfg.control.socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        old = os.umask(0o077)     # root-only: the socket can change postures
+        try:
+            self._control_server = await asyncio.start_unix_server(
+                lambda r, w: control.serve_client(self, r, w), path=str(path))
+        finally:
+            os.umask(old)
+
+
+def main(config_path: str) -> int:
+    from .config import load
+    cfg = load(config_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sup = Supervisor(cfg)
+    asyncio.run(sup.run())
+    return 0

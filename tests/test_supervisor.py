@@ -1,0 +1,189 @@
+"""The supervisor in the lab, with Mosquitto and the data path for real: rules moved by real MQTT
+messages and real attacks, checked with packets."""
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from appliance import control, netns
+from appliance.lab import topology
+from labutil import connect, http, ping, wait_until
+
+pytestmark = pytest.mark.lab
+
+AFTER_HOURS = "2026-11-28T23:00:00+01:00"      # a Saturday night in Berlin
+
+
+@pytest.fixture(scope="module")
+def slab(run_suffix):
+    name = f"s{run_suffix}sup"
+    state = topology.up(name, devices=5, supervisor=True, unapproved=1, fake_time=AFTER_HOURS)
+    try:
+        yield state
+    finally:
+        topology.down(name)
+
+
+def ask(lab, op, **args):
+    return control.request(lab.gateway["socket"], op, **args)
+
+
+def devices(lab):
+    return {d["name"]: d for d in ask(lab, "devices")}
+
+
+def posture_of(lab, name):
+    return devices(lab)[name]["posture"]
+
+
+def device_api(lab, name, method, path, body=None):
+    d = lab.device(name)
+    auth = base64.b64encode(f"admin:{topology.DEVICE_PASSWORD}".encode()).decode()
+    with netns.entered(d.namespace):
+        req = urllib.request.Request(f"http://{d.ip}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Basic {auth}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return json.load(r)
+
+
+def kalki(lab, *args):
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "--lab", lab.name, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_intrusion_rule_end_to_end(slab):
+    cam, light = slab.device("camera1"), slab.device("light1")
+    inet = slab.namespaces["inet"]
+    assert wait_until(lambda: devices(slab)["light1"].get("availability") == "online", 5)
+    assert http(inet, cam.ip)[0] == 200                       # normal: the camera answers
+    device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": True})
+    assert wait_until(lambda: posture_of(slab, "camera1") == "suspicious", 5)
+    # the camera's umboxes changed in the kernel: its web API is behind the gate now,
+    # and its allow-list is enforced
+    assert http(inet, cam.ip)[0] == 401
+    assert not connect(cam.namespace, "198.19.9.1", 80)
+    assert connect(cam.namespace, "198.19.8.1", 80)
+    # the lights were told to go on, over MQTT
+    assert wait_until(lambda: device_api(slab, "light1", "GET", "/status")["on"] is True, 5)
+    alerts = ask(slab, "alerts", limit=20)
+    assert any(a["type"] == "physical-intrusion" for a in alerts)
+    decision = next(d for d in ask(slab, "decisions", limit=50) if d.get("rule") == "physical-intrusion")
+    assert decision["stimulus"]["device"] in ("motion_sensor1", "light1")   # whichever report made it true
+    assert decision["timing_ms"]["enforce"] is not None and decision["timing_ms"]["enforce"] < 1000
+    shown = ask(slab, "device_show", name="camera1")
+    assert shown["posture_expires"] and shown["posture_revert_to"] == "normal"
+    # the other devices kept their posture
+    assert posture_of(slab, "plug1") == "normal"
+    ask(slab, "posture_reset", name="camera1")
+    assert http(inet, cam.ip)[0] == 200
+
+
+def test_intrusion_rule_is_quiet_in_business_hours(slab):
+    device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": False})
+    device_api(slab, "light1", "PUT", "/state", {"on": False})
+    time.sleep(1.2)                                             # two telemetry rounds
+    ask(slab, "clock_set", time="2026-11-25T10:00:00+01:00")    # a Wednesday morning
+    try:
+        device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": True})
+        time.sleep(1.5)
+        assert posture_of(slab, "camera1") == "normal"
+    finally:
+        ask(slab, "clock_set", time=AFTER_HOURS)
+        device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": False})
+
+
+def test_new_device_stays_unknown_and_closed_until_approved(slab):
+    new = slab.devices[-1]
+    ping(new.namespace, slab.gateway["lan_ip"])               # it talks: the gateway learns it
+    assert wait_until(lambda: any(d["mac"] == new.mac for d in devices(slab).values()), 5)
+    seen = next(d for d in devices(slab).values() if d["mac"] == new.mac)
+    assert seen["posture"] == "unknown" and not seen["approved"] and not seen["enforced"]
+    assert ping(new.namespace, "198.19.8.1") == 0              # closed
+    assert not connect(slab.namespaces["inet"], new.ip, 80)
+    out = kalki(slab, "device", "approve", seen["name"], "--type", new.type)
+    assert out.returncode == 0, out.stderr
+    assert ping(new.namespace, "198.19.8.1") == 1
+    assert posture_of(slab, seen["name"]) == "normal"
+    bad = kalki(slab, "device", "approve", "no-such-device", "--type", "camera")
+    assert bad.returncode == 2 and "no-such-device" in bad.stderr
+
+
+def test_bad_mqtt_is_rejected_and_counted(slab):
+    plug = slab.device("plug1")
+    pw = json.loads((topology.state_path(slab.name).parent / "mqtt-passwords.json").read_text())
+    before = ask(slab, "status")["mqtt_rejected"]
+
+    def pub(topic, payload, user="plug1"):
+        return subprocess.run(["ip", "netns", "exec", plug.namespace, "mosquitto_pub", "-h",
+                               slab.gateway["lan_ip"], "-u", user, "-P", pw[user], "-t", topic,
+                               "-m", payload, "-q", "1"], capture_output=True, text=True, timeout=10)
+
+    assert pub("kalki/plug1", "{not json").returncode == 0
+    assert pub("kalki/plug1", json.dumps({"device": "camera1", "on": True})).returncode == 0
+    assert pub("kalki/plug1", json.dumps({"x": "y" * 5000})).returncode == 0
+    # publishing as another device: the broker's ACL drops it
+    assert pub("kalki/motion_sensor1", json.dumps({"motion": True})).returncode == 0
+    after = wait_until(lambda: (lambda r: r if r.get("oversized", 0) > before.get("oversized", 0)
+                                else None)(ask(slab, "status")["mqtt_rejected"]), 5)
+    assert after["malformed"] == before.get("malformed", 0) + 1
+    assert after["forged"] == before.get("forged", 0) + 1
+    time.sleep(0.5)
+    assert posture_of(slab, "camera1") == "normal"              # the forged motion did nothing
+    assert ask(slab, "status")["mqtt"] is True                   # and nothing crashed
+
+
+def test_brute_force_moves_the_camera_to_attack(slab):
+    cam = slab.device("camera1")
+    atk = slab.namespaces["atk"]
+    for _ in range(15):
+        connect(atk, cam.ip, 23, timeout=0.3)
+    assert wait_until(lambda: posture_of(slab, "camera1") == "attack", 5)
+    assert any(a["type"] == "brute-force" and a["device"] == "camera1"
+               for a in ask(slab, "alerts", device="camera1"))
+    assert not connect(slab.namespaces["inet"], cam.ip, 23)      # attack posture: closed
+    assert connect(slab.namespaces["inet"], slab.device("plug1").ip, 23)
+    assert posture_of(slab, "plug1") == "normal"
+
+
+def test_a_device_scanning_its_neighbours_ends_in_quarantine(slab):
+    light, plug = slab.device("light1"), slab.device("plug1")
+    for port in range(1, 40):
+        connect(light.namespace, plug.ip, port, timeout=0.1)
+    assert wait_until(lambda: posture_of(slab, "light1") == "quarantine", 5)
+    # the lateral-movement block sees the first probe, the scan detector the rest
+    kinds = {a["type"] for a in ask(slab, "alerts", device="light1")}
+    assert kinds & {"lateral-movement", "port-scan-outbound"}
+    assert ping(light.namespace, "198.19.8.1") == 0
+    assert connect(slab.namespaces["inet"], plug.ip, 23)
+    assert posture_of(slab, "plug1") == "normal"
+
+
+def test_sigkill_and_restart_keeps_postures_and_enforcement(slab):
+    lab_dir = topology.state_path(slab.name).parent
+    pid = slab.pids["supervisor"]
+    before = {n: d["posture"] for n, d in devices(slab).items()}
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    # nobody supervises now, and the quarantined light is still cut off
+    assert ping(slab.device("light1").namespace, "198.19.8.1") == 0
+    assert ping(slab.device("plug1").namespace, "198.19.8.1") == 1
+    new_pid = topology.spawn(slab.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run",
+                                                      "--config", str(lab_dir / "kalki.toml")],
+                             lab_dir / "supervisor.log")
+    slab.pids["supervisor"] = new_pid
+    topology._save(slab)
+    status = topology.wait_for_supervisor(slab, 60)
+    report = status["reconcile"]
+    assert report["fixed"] == [] and report["added"] == [] and report["removed"] == []
+    assert len(report["unchanged"]) == 5
+    assert {n: d["posture"] for n, d in devices(slab).items()} == before
+    assert ping(slab.device("light1").namespace, "198.19.8.1") == 0
+    assert ping(slab.device("plug1").namespace, "198.19.8.1") == 1
