@@ -323,13 +323,15 @@ class Supervisor:
         if for_seconds:
             revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
         changed = posture != d["posture"]
-        self._update_device(name, posture=posture,
-                            posture_expires=_iso(now + datetime.timedelta(seconds=for_seconds))
-                            if for_seconds else None, posture_revert_to=revert_to)
+        with self.store.batch():     # one write to the SD card, all or nothing
+            self._update_device(name, posture=posture,
+                                posture_expires=_iso(now + datetime.timedelta(seconds=for_seconds))
+                                if for_seconds else None, posture_revert_to=revert_to)
+            if changed:
+                self.store.record_posture(name, posture, reason)
+                self.store.audit("posture", actor, {"device": name, "posture": posture,
+                                                    "reason": reason, "for_seconds": for_seconds})
         if changed:
-            self.store.record_posture(name, posture, reason)
-            self.store.audit("posture", actor, {"device": name, "posture": posture, "reason": reason,
-                                                "for_seconds": for_seconds})
             if self.bus:
                 self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
             self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
