@@ -3,9 +3,11 @@ messages and real attacks, checked with packets."""
 import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -187,3 +189,53 @@ def test_sigkill_and_restart_keeps_postures_and_enforcement(slab):
     assert {n: d["posture"] for n, d in devices(slab).items()} == before
     assert ping(slab.device("light1").namespace, "198.19.8.1") == 0
     assert ping(slab.device("plug1").namespace, "198.19.8.1") == 1
+
+
+def restart_supervisor(slab):
+    lab_dir = topology.state_path(slab.name).parent
+    slab.pids["supervisor"] = topology.spawn(
+        slab.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run", "--config",
+                                str(lab_dir / "kalki.toml")], lab_dir / "supervisor.log")
+    topology._save(slab)
+    return topology.wait_for_supervisor(slab, 60)
+
+
+def kernel_postures(slab) -> dict:
+    """{mac: posture code} as the XDP maps hold them, read without the supervisor."""
+    from appliance import bpf, maps
+    pin = f"/sys/fs/bpf/kalki/{slab.name}/kalki_devices"
+    m = bpf.Map(pin, maps.U32, maps.Device)
+    try:
+        return {":".join(f"{b:02x}" for b in bytes(v.mac)): v.posture for _, v in m.items()}
+    finally:
+        m.close()
+
+
+def test_sigkill_at_random_moments_while_telemetry_and_attacks_run(slab):
+    from appliance.supervisor import POSTURE_CODES
+    rng = random.Random(2026)
+    plug = slab.device("plug1")
+    stop = threading.Event()
+
+    def attack():     # login attempts on the plug while the supervisor dies and comes back
+        while not stop.is_set():
+            connect(slab.namespaces["inet"], plug.ip, 23, timeout=0.2)
+            time.sleep(0.05)
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(0.05, 1.5))
+            os.killpg(slab.pids["supervisor"], signal.SIGKILL)
+            status = restart_supervisor(slab)
+            assert status["reconcile"]["removed"] == []
+            kernel = kernel_postures(slab)
+            for d in devices(slab).values():
+                if d["approved"]:
+                    assert kernel[d["mac"]] == POSTURE_CODES[d["posture"]], d["name"]
+    finally:
+        stop.set()
+        attacker.join()
+    # the attack was seen across the restarts and moved the plug
+    assert wait_until(lambda: posture_of(slab, "plug1") == "attack", 10)
