@@ -89,17 +89,21 @@ def test_intrusion_rule_end_to_end(slab):
 
 
 def test_intrusion_rule_is_quiet_in_business_hours(slab):
-    device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": False})
-    device_api(slab, "light1", "PUT", "/state", {"on": False})
-    time.sleep(1.2)                                             # two telemetry rounds
+    # business hours first: motion seen in the last minutes with the lights going off would
+    # be an intrusion after hours
     ask(slab, "clock_set", time="2026-11-25T10:00:00+01:00")    # a Wednesday morning
     try:
+        device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": False})
+        device_api(slab, "light1", "PUT", "/state", {"on": False})
+        time.sleep(1.2)                                         # two telemetry rounds
         device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": True})
         time.sleep(1.5)
         assert posture_of(slab, "camera1") == "normal"
     finally:
-        ask(slab, "clock_set", time=AFTER_HOURS)
         device_api(slab, "motion_sensor1", "PUT", "/state", {"motion": False})
+        device_api(slab, "light1", "PUT", "/state", {"on": True})
+        time.sleep(1.2)
+        ask(slab, "clock_set", time=AFTER_HOURS)
 
 
 def test_new_device_stays_unknown_and_closed_until_approved(slab):
@@ -128,6 +132,9 @@ def test_bad_mqtt_is_rejected_and_counted(slab):
                                slab.gateway["lan_ip"], "-u", user, "-P", pw[user], "-t", topic,
                                "-m", payload, "-q", "1"], capture_output=True, text=True, timeout=10)
 
+    device_api(slab, "light1", "PUT", "/state", {"on": False})  # so forged motion would matter
+    time.sleep(1.2)
+    assert posture_of(slab, "camera1") == "normal"
     assert pub("kalki/plug1", "{not json").returncode == 0
     assert pub("kalki/plug1", json.dumps({"device": "camera1", "on": True})).returncode == 0
     assert pub("kalki/plug1", json.dumps({"x": "y" * 5000})).returncode == 0
@@ -140,6 +147,7 @@ def test_bad_mqtt_is_rejected_and_counted(slab):
     time.sleep(0.5)
     assert posture_of(slab, "camera1") == "normal"              # the forged motion did nothing
     assert ask(slab, "status")["mqtt"] is True                   # and nothing crashed
+    device_api(slab, "light1", "PUT", "/state", {"on": True})
 
 
 def test_brute_force_moves_the_camera_to_attack(slab):

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""The supervisor for real in a lab: stimulus-to-enforced latency and resident memory.
+
+1. MQTT: a 100-device lab (Mosquitto + `kalki run`, fake clock after hours), every device
+   publishing telemetry once a second with its own credentials from its own namespace; the
+   intrusion rule (motion with the lights off, after hours -> every camera suspicious) is
+   triggered over and over. Reported: the decision's timing_ms.decide / .enforce (measured by
+   the supervisor from the message's arrival to the posture read back from the kernel), and an
+   end-to-end figure from here: publish call -> posture visible through the control socket.
+2. Kernel detector: brute force on each camera's telnet port from the attacker namespace
+   (a fresh source address per camera, because the first one lands in the drop set), the
+   decision of rule device-under-attack: timing_ms.enforce from the ring-buffer read.
+3. Memory: VmRSS / VmHWM of the supervisor at 100 devices (after 1 and 2) and in a second lab
+   with 1,000 devices (and how long `topology.up` takes to build it).
+
+Everything runs inside lab namespaces (198.18.0.0/15) and is removed in finally: blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (emit, install_signal_handlers, lab_only, percentile, median, suffix,  # noqa: E402
+                    vm_status)
+from appliance import control, dataplane, netns  # noqa: E402
+from appliance.lab import topology  # noqa: E402
+
+import paho.mqtt.client as mqtt  # noqa: E402
+
+BENCH = "supervisor"
+AFTER_HOURS = "2026-11-28T23:00:00+01:00"      # a Saturday night in Berlin
+TRIGGERS = int(os.environ.get("KALKI_BENCH_TRIGGERS", "100"))
+TRIGGER_BUDGET = float(os.environ.get("KALKI_BENCH_TRIGGER_SECONDS", "80"))   # stop early after this
+SMALL = int(os.environ.get("KALKI_BENCH_SUP_SMALL", "100"))
+BIG = int(os.environ.get("KALKI_BENCH_SUP_DEVICES", "1000"))
+ATTACK_SRC_BASE = 100          # extra attacker addresses 198.19.0.100.. (one per camera)
+
+
+# -- a supervised lab that always goes away ---------------------------------------------------
+@contextlib.contextmanager
+def supervised_lab(tag: str, devices: int):
+    """topology.up(..., supervisor=True); yields (state, seconds topology.up took)."""
+    install_signal_handlers()
+    name = f"b{tag}{suffix()}"[:20]
+    try:
+        t0 = time.monotonic()
+        state = topology.up(name, devices=devices, services=False, supervisor=True,
+                            fake_time=AFTER_HOURS)
+        yield state, time.monotonic() - t0
+    finally:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            topology.down(name)
+            dataplane.remove_pins(name)
+            left = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
+                if os.path.isdir("/run/netns") else []
+            if left:
+                print(f"teardown: namespaces left behind: {left}", file=sys.stderr)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def ask(state, op, **args):
+    return control.request(state.gateway["socket"], op, **args)
+
+
+def postures(state) -> dict[str, str]:
+    return {d["name"]: d["posture"] for d in ask(state, "devices")}
+
+
+def wait_for(pred, timeout: float, poll: float = 0.0005):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(poll)
+
+
+# -- device MQTT clients -------------------------------------------------------------------------
+class Fleet:
+    """One paho client per device, each connected from its device's namespace with its own
+    credentials. No paho threads: publish() writes at once in the calling thread (QoS 0), one
+    I/O thread reads CONNACK/PINGRESP and keeps the connections alive. The background publisher
+    sends every device's state once a second, except `held` devices (the trigger's)."""
+
+    def __init__(self, state, held=()):
+        pw = json.loads((topology.state_path(state.name).parent / "mqtt-passwords.json").read_text())
+        self.state = state
+        self.values = {}
+        self.clients: dict[str, mqtt.Client] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.held = set(held)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        defaults = {"camera": {"recording": True}, "plug": {"on": True, "power_w": 12.5},
+                    "light": {"on": False, "brightness": 100}, "motion_sensor": {"motion": False}}
+        for d in state.devices:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{d.name}")
+            c.username_pw_set(d.name, pw[d.name])
+            with netns.entered(d.namespace):      # the socket is made in this thread: here
+                c.connect(lab_only(topology.GATEWAY_LAN_IP), topology.MQTT_PORT, keepalive=60)
+            self.clients[d.name] = c
+            self.locks[d.name] = threading.Lock()
+            self.values[d.name] = dict(defaults.get(d.type, {"on": False}))
+        for target in (self._io, self._background):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self._threads.append(t)
+        ok = wait_for(lambda: all(c.is_connected() for c in self.clients.values()), 20, 0.05)
+        if not ok:
+            bad = [n for n, c in self.clients.items() if not c.is_connected()][:5]
+            raise RuntimeError(f"MQTT clients not connected: {bad}")
+
+    def publish(self, name: str, payload: dict) -> None:
+        with self.locks[name]:
+            info = self.clients[name].publish(f"kalki/{name}", json.dumps(payload), qos=0)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"publish as {name}: {mqtt.error_string(info.rc)}")
+
+    def _io(self):
+        while not self._stop.is_set():
+            socks = {}
+            for name, c in self.clients.items():
+                s = c.socket()
+                if s is not None:
+                    socks[s] = name
+            try:
+                readable, _, _ = select.select(list(socks), [], [], 0.1)
+            except (OSError, ValueError):
+                continue
+            for s in readable:
+                name = socks[s]
+                with self.locks[name]:
+                    self.clients[name].loop_read()
+            for name, c in self.clients.items():
+                with self.locks[name]:
+                    c.loop_misc()
+                    if c.want_write():
+                        c.loop_write()
+
+    def _background(self):
+        names = list(self.clients)
+        while not self._stop.is_set():
+            start = time.monotonic()
+            for i, name in enumerate(names):
+                if self._stop.is_set():
+                    return
+                if name not in self.held:
+                    try:
+                        self.publish(name, self.values[name])
+                    except RuntimeError:
+                        pass
+                # spread the round over the second rather than a burst of 100
+                target = start + (i + 1) / len(names)
+                delay = target - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+
+    def close(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(2)
+        for c in self.clients.values():
+            try:
+                c.disconnect()
+            except Exception:
+                pass
+            s = c.socket()
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+# -- 1. MQTT stimulus to enforced --------------------------------------------------------------------
+def newest_decision(state, rule: str, device: str | None = None, limit: int = 10):
+    args = {"limit": limit, **({"device": device} if device else {})}
+    for d in ask(state, "decisions", **args):
+        if d.get("kind", "decision") == "decision" and d.get("rule") == rule:
+            return d
+    return None
+
+
+def bench_intrusion(state) -> dict:
+    sensor = next(d for d in state.devices if d.type == "motion_sensor")
+    cameras = [d.name for d in state.devices if d.type == "camera"]
+    first_cam = cameras[0]
+    fleet = Fleet(state, held=[sensor.name])
+    try:
+        fleet.publish(sensor.name, {"motion": False})
+        time.sleep(2.2)     # two rounds: every light has reported "off", the rule sees false
+        before = newest_decision(state, "physical-intrusion")
+        last_id = before["id"] if before else -1
+        decide, enforce, e2e, targets = [], [], [], []
+        misses = 0
+        size_before = state_file_size(state)
+        deadline = time.monotonic() + TRIGGER_BUDGET
+        for _ in range(TRIGGERS):
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter_ns()
+            fleet.publish(sensor.name, {"motion": True})
+            seen = wait_for(lambda: postures(state)[first_cam] == "suspicious", 5)
+            t1 = time.perf_counter_ns()
+            if not seen:
+                misses += 1
+            else:
+                e2e.append((t1 - t0) / 1e6)
+                dec = wait_for(lambda: (lambda d: d if d and d["id"] != last_id else None)(
+                    newest_decision(state, "physical-intrusion")), 2, 0.01)
+                if dec:
+                    last_id = dec["id"]
+                    decide.append(dec["timing_ms"]["decide"])
+                    if dec["timing_ms"]["enforce"] is not None:
+                        enforce.append(dec["timing_ms"]["enforce"])
+                    targets.append(sum(1 for a in dec["actions"] if a.get("action") == "set_posture"
+                                       and "skipped" not in a and "error" not in a))
+            # re-arm the edge-triggered rule and put the cameras back
+            fleet.publish(sensor.name, {"motion": False})
+            for cam in cameras:
+                ask(state, "posture_reset", name=cam)
+            time.sleep(0.05)
+        status = ask(state, "status")
+    finally:
+        fleet.close()
+    return {"decide": decide, "enforce": enforce, "e2e": e2e, "misses": misses,
+            "cameras": len(cameras), "targets": targets, "status": status,
+            "state_kb": (round(size_before / 1024), round(state_file_size(state) / 1024))}
+
+
+# -- 2. kernel detector to enforced -----------------------------------------------------------------
+def brute_force(atk_ns: str, src: str, dst: str, port: int = 23, attempts: int = 11) -> int:
+    """attempts connection attempts from src; stops at the first that goes unanswered (the
+    source is in the drop set by then). Returns how many were answered."""
+    answered = 0
+    with netns.entered(atk_ns):
+        for _ in range(attempts):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(0.3)
+            try:
+                s.bind((lab_only(src), 0))
+                s.connect((lab_only(dst), port))
+                answered += 1
+            except ConnectionRefusedError:
+                answered += 1
+            except (socket.timeout, OSError):
+                break
+            finally:
+                s.close()
+    return answered
+
+
+def bench_brute_force(state) -> dict:
+    atk = state.namespaces["atk"]
+    cams = [d for d in state.devices if d.type == "camera"]
+    prefix = topology.UPLINK.prefixlen
+    decide, enforce, e2e, misses, other = [], [], [], 0, {}
+    for i, cam in enumerate(cams):
+        src = lab_only(f"198.19.0.{ATTACK_SRC_BASE + i}")
+        topology._run(["ip", "-n", atk, "addr", "add", f"{src}/{prefix}", "dev", "eth0"],
+                      "attacker address")
+        t0 = time.perf_counter_ns()
+        brute_force(atk, src, cam.ip)
+        dec = wait_for(lambda: newest_decision(state, "device-under-attack", cam.name, 10), 5, 0.005)
+        t1 = time.perf_counter_ns()
+        if not dec:
+            misses += 1
+            p = postures(state).get(cam.name)
+            other[p] = other.get(p, 0) + 1
+            continue
+        e2e.append((t1 - t0) / 1e6)
+        decide.append(dec["timing_ms"]["decide"])
+        if dec["timing_ms"]["enforce"] is not None:
+            enforce.append(dec["timing_ms"]["enforce"])
+    return {"decide": decide, "enforce": enforce, "e2e": e2e, "misses": misses,
+            "postures_of_misses": other, "cameras": len(cams)}
+
+
+# -- 3. memory ----------------------------------------------------------------------------------------
+def supervisor_memory(state) -> dict:
+    pid = state.pids["supervisor"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmd = f.read().split(b"\0")
+    assert b"appliance.cli" in cmd and b"run" in cmd, cmd    # nsenter exec'd the supervisor
+    return vm_status(str(pid))
+
+
+def state_file_size(state) -> int:
+    p = topology.state_path(state.name).parent / "state" / "kalki.json"
+    return p.stat().st_size if p.exists() else 0
+
+
+def stats(name: str, xs: list[float], unit: str = "ms", target=None, **extra) -> None:
+    if not xs:
+        emit(BENCH, f"{name}_p50", None, unit, n=0, **extra)
+        return
+    emit(BENCH, f"{name}_p50", round(percentile(xs, 50), 3), unit, n=len(xs), **extra)
+    emit(BENCH, f"{name}_p99", round(percentile(xs, 99), 3), unit, n=len(xs),
+         **({"target": target, "met": percentile(xs, 99) <= target} if target is not None else {}),
+         **extra)
+    emit(BENCH, f"{name}_max", round(max(xs), 3), unit, n=len(xs), **extra)
+
+
+def main() -> int:
+    install_signal_handlers()
+    t_start = time.monotonic()
+    with supervised_lab("sup", SMALL) as (state, up_s):
+        emit(BENCH, f"lab_up_{SMALL}_devices", round(up_s, 2), "s")
+        r = bench_intrusion(state)
+        extra = {"rule": "physical-intrusion",
+                 "cameras_per_decision": round(median(r["targets"])) if r["targets"] else r["cameras"],
+                 "devices": SMALL, "publishing_hz_per_device": 1}
+        stats("mqtt_enforce", r["enforce"], target=10, **extra)
+        stats("mqtt_decide", r["decide"], **extra)
+        stats("mqtt_end_to_end", r["e2e"], **extra, how="publish call -> posture seen via control `devices` (polled)")
+        emit(BENCH, "mqtt_enforce_per_camera_median", round(median(r["enforce"]) / max(1, extra["cameras_per_decision"]), 3)
+             if r["enforce"] else None, "ms", n=len(r["enforce"]),
+             how="median enforce / cameras in the decision (cameras are enforced one after another)")
+        if len(r["enforce"]) >= 20:
+            emit(BENCH, "mqtt_enforce_first10_median", round(median(r["enforce"][:10]), 3), "ms",
+                 n=10, state_file_kb=r["state_kb"][0])
+            emit(BENCH, "mqtt_enforce_last10_median", round(median(r["enforce"][-10:]), 3), "ms",
+                 n=10, state_file_kb=r["state_kb"][1])
+        emit(BENCH, "mqtt_triggers", len(r["e2e"]) + r["misses"], "count", misses=r["misses"],
+             asked=TRIGGERS, budget_s=TRIGGER_BUDGET)
+        emit(BENCH, "supervisor_counters_after_mqtt", r["status"]["counters"], "count",
+             mqtt_rejected=r["status"]["mqtt_rejected"])
+
+        b = bench_brute_force(state)
+        extra = {"rule": "device-under-attack", "samples": "one per camera, fresh attacker source each"}
+        stats("kernel_enforce", b["enforce"], target=1, **extra)
+        stats("kernel_decide", b["decide"], **extra)
+        stats("kernel_end_to_end", b["e2e"], **extra, how="first SYN -> decision seen via control (includes the 11 connects)")
+        emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"])
+
+        m = supervisor_memory(state)
+        emit(BENCH, f"rss_{SMALL}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=48,
+             met=m["VmRSS"] / 1024 <= 48, hwm_mb=round(m["VmHWM"] / 1024, 1),
+             state_file_kb=round(state_file_size(state) / 1024))
+        emit(BENCH, f"hwm_{SMALL}_devices", round(m["VmHWM"] / 1024, 1), "MB")
+
+    with supervised_lab("supbig", BIG) as (state, up_s):
+        emit(BENCH, f"lab_up_{BIG}_devices", round(up_s, 2), "s",
+             how="topology.up with supervisor: devices added+approved one by one over the control socket")
+        status = ask(state, "status")
+        m = supervisor_memory(state)
+        emit(BENCH, f"rss_{BIG}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=64,
+             met=m["VmRSS"] / 1024 <= 64, hwm_mb=round(m["VmHWM"] / 1024, 1),
+             enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024),
+             note="no telemetry in this lab")
+        emit(BENCH, f"hwm_{BIG}_devices", round(m["VmHWM"] / 1024, 1), "MB")
+    emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
