@@ -68,12 +68,34 @@ class ControlSection:
 
 
 @dataclass
+class WebSection:
+    enabled: bool = _doc("serve the operator's web page", False)
+    listen: str = _doc("address of the web page", "0.0.0.0")
+    port: int = _doc("port of the web page", 443)
+    tls: bool = _doc("HTTPS with a certificate the appliance makes at first start", True)
+    tls_dir: str = _doc("where the certificate and key are kept", "/var/lib/kalki/tls")
+    netns: str = _doc("lab only: network namespace file to listen in (e.g. /proc/1/ns/net)", "")
+
+
+@dataclass
+class PanelSection:
+    enabled: bool = _doc("drive the posture LEDs and the button", False)
+    mock_pins: bool = _doc("gpiozero's mock pin factory instead of real GPIO (the lab, tests)", False)
+    led_green: int = _doc("BCM pin of the green LED", 17)
+    led_amber: int = _doc("BCM pin of the amber LED", 27)
+    led_red: int = _doc("BCM pin of the red LED", 22)
+    button: int = _doc("BCM pin of the button (to ground)", 3)
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     policy: PolicySection = field(default_factory=PolicySection)
     control: ControlSection = field(default_factory=ControlSection)
+    web: WebSection = field(default_factory=WebSection)
+    panel: PanelSection = field(default_factory=PanelSection)
     profiles: str = _doc("directory of device-type profiles", "")
     path: str = ""
 

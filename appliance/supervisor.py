@@ -89,6 +89,12 @@ class Supervisor:
         self._neigh_sock = None
         self._control_server = None
         self.counters = collections.Counter()
+        self._listeners: set[asyncio.Queue] = set()
+        self.web = None      # the web page's runner (appliance.web), when enabled
+        self.panel = None    # LEDs and button (appliance.panel), when enabled
+        self.claim_until: datetime.datetime | None = None
+        self.auth_epoch = 0                        # bumped when the admin password is reset
+        self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
 
@@ -157,6 +163,12 @@ class Supervisor:
         self._connect_mqtt()
         await self._start_control()
         self._start_neighbour_monitor()
+        if self.cfg.web.enabled:
+            from .web import start_web
+            self.web = await start_web(self)
+        if self.cfg.panel.enabled:
+            from .panel import Panel
+            self.panel = Panel(self)
         self.loop.create_task(self._ticker())
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
@@ -171,6 +183,9 @@ class Supervisor:
 
     def close(self) -> None:
         """Stops listening; what is in the kernel stays and keeps protecting."""
+        if self.panel:
+            self.panel.close()
+            self.panel = None
         if self.bus:
             self.bus.close()
             self.bus = None
@@ -239,6 +254,7 @@ class Supervisor:
         self.counters["alerts"] += 1
         if self.bus:
             self.bus.publish_alert(alert)
+        self.notify({"kind": "alert", **alert})
         data = {"type": kind, **({"rule": rule} if rule else {})}
         self._evaluate(policy.Stimulus("alert", device, data, received_ns))
         return alert
@@ -295,6 +311,7 @@ class Supervisor:
                              "enforce": round((max(enforced) - s.received_ns) / 1e6, 3)
                              if enforced else None}}
         self.store.add_decision(rec)
+        self.notify(rec)
         self.counters["decisions"] += 1
         if self.bus:
             self.bus.publish_decision(rec)
@@ -334,6 +351,7 @@ class Supervisor:
         if changed:
             if self.bus:
                 self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
+            self.notify({"kind": "posture", "device": name, "posture": posture, "reason": reason})
             self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
         return enforced
 
@@ -358,6 +376,7 @@ class Supervisor:
                 raise ConfigError(f"device {name}: MAC {mac} already belongs to {other['name']}")
         self.known[name] = self.store.upsert_device(name, mac.lower(), ip=ip, type=type, group=group)
         self.store.audit("device-add", actor, {"device": name, "mac": mac, "ip": ip, "type": type})
+        self.notify({"kind": "device", "device": name, "event": "added"})
         if approve:
             self.approve(name, type, actor=actor)
         return self.known[name]
@@ -383,6 +402,7 @@ class Supervisor:
         self.store.remove_device(name)
         del self.known[name]
         self.store.audit("remove", actor, {"device": name})
+        self.notify({"kind": "device", "device": name, "event": "removed"})
         if self.bus:
             self.bus.remove_discovery(name)
 
@@ -454,11 +474,74 @@ class Supervisor:
         for n in json.loads(out.stdout or "[]"):
             seen(n.get("lladdr"), n.get("dst"))
 
+    # -- listeners (the web page's live view, the LEDs) -----------------------------------
+    def subscribe(self) -> asyncio.Queue:
+        """A queue of events: {"kind": "posture"|"alert"|"decision"|"device"|"panel", ...}."""
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self._listeners.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._listeners.discard(q)
+
+    def notify(self, event: dict) -> None:
+        for q in list(self._listeners):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:    # a stalled reader loses events, not the supervisor
+                pass
+
+    def summary(self) -> str:
+        """What the posture LEDs show: "alert" (any attack or quarantine), "warning" (any
+        suspicious, or a new device waiting for approval), "normal"."""
+        postures = {d["posture"] for d in self.known.values() if d.get("approved")}
+        waiting = any(not d.get("approved") for d in self.known.values())
+        if postures & {"attack", "quarantine"}:
+            return "alert"
+        if "suspicious" in postures or waiting:
+            return "warning"
+        return "normal"
+
+    # -- the technician's button ----------------------------------------------------------
+    def open_claim_window(self, minutes: int = 5, actor: str = "button") -> None:
+        self.claim_until = self.now() + datetime.timedelta(minutes=minutes)
+        self.store.audit("claim-window", actor, {"until": _iso(self.claim_until)})
+        self.notify({"kind": "panel", "event": "claim-window", "until": _iso(self.claim_until)})
+
+    def claim_open(self) -> bool:
+        return self.claim_until is not None and self.now() < self.claim_until
+
+    def reset_admin(self, actor: str = "button") -> None:
+        """Held 5 s: the admin password and every session go; devices and protection stay."""
+        self.store.set_setting("admin", None)
+        self.auth_epoch += 1
+        self.store.audit("admin-reset", actor, {})
+        self.notify({"kind": "panel", "event": "admin-reset"})
+
+    def factory_reset(self, actor: str = "button") -> None:
+        """Held 15 s: the store back to defaults and every device back to unknown, which the
+        data path keeps closed."""
+        for name in list(self.known):
+            if name in self.dp.devices:
+                self.dp.remove(name)
+        with self.store.batch():
+            for name in list(self.known):
+                self.store.remove_device(name)
+            for rule in self.store.rules():
+                self.store.delete_rule(rule["name"])
+            self.store.set_setting("admin", None)
+            self.store.set_maintenance(None)
+        self.known.clear()
+        self.auth_epoch += 1
+        self.store.audit("factory-reset", actor, {})
+        self.notify({"kind": "panel", "event": "factory-reset"})
+
     # -- timers ---------------------------------------------------------------------------
     async def _ticker(self) -> None:
         last_prune = time.monotonic()
         while not self._stop.is_set():
             await asyncio.sleep(0.25)
+            self.heartbeat = time.monotonic()
             now = self.now()
             for name, d in list(self.known.items()):
                 exp = d.get("posture_expires")
