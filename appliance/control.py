@@ -102,6 +102,13 @@ def handle(sup, req: dict):
         sup.raise_alert(device, arg("reason", "blocked"), arg("by", "operator"),
                         {"source": ip, "seconds": seconds}, time.monotonic_ns())
         return {"blocked": ip, "seconds": seconds}
+    if op == "dhcp_lease":
+        if arg("action") in ("add", "old"):
+            identity = arg("identity", {}) or {}
+            if not isinstance(identity, dict):
+                raise ConfigError("dhcp_lease: identity must be an object")
+            sup.discovered(arg("mac"), arg("ip"), identity)
+        return {"ok": True}
     if op == "clock_set":
         if not sup.cfg.policy.fake_time:
             raise ConfigError("clock_set: only with policy.fake_time set (the lab)")

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -409,22 +410,37 @@ class Supervisor:
     def discovered(self, mac: str, ip: str, identity: dict | None = None) -> None:
         """A device seen on the device side (neighbour table or DHCP lease)."""
         mac = mac.lower()
+        identity = {k: v for k, v in (identity or {}).items()
+                    if k in ("hostname", "client_id", "vendor_class") and isinstance(v, str) and v}
         known = next((d for d in self.known.values() if d["mac"] == mac), None)
-        if known:
+        if known:   # identity is the MAC: the same device, perhaps at a new address
+            if identity and any(known["identity"].get(k) != v for k, v in identity.items()):
+                self._update_device(known["name"], identity=identity)
+                if not known.get("approved"):
+                    self._suggest(known["name"])
             if known.get("ip") != ip:
                 self._update_device(known["name"], ip=ip)
                 if known.get("approved"):
                     self.set_posture(known["name"], known["posture"], "address changed", actor="discovery")
             return
-        name = (identity or {}).get("hostname") or "device-" + mac.replace(":", "")[-6:]
-        suggestion = next((t for t, p in self.profiles.items() if p.matches(mac, identity or {})), None)
-        self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity or {},
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", identity.get("hostname", ""))[:40]
+        if not name or name in self.known:
+            name = (name + "-" if name else "device-") + mac.replace(":", "")[-6:]
+        self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity,
                                                       approved=False, posture="unknown")
-        if suggestion:
-            self.suggestions[name] = suggestion
+        suggestion = self._suggest(name)
         self.raise_alert(name, "new-device", "discovery", {"mac": mac, "ip": ip,
                                                            "suggested_type": suggestion},
                          time.monotonic_ns())
+
+    def _suggest(self, name: str) -> str | None:
+        """The profile a new device seems to fit; shown to the operator, who decides."""
+        d = self.known[name]
+        suggestion = next((t for t, p in self.profiles.items()
+                           if p.matches(d["mac"], d.get("identity") or {})), None)
+        if suggestion:
+            self.suggestions[name] = suggestion
+        return suggestion
 
     def _start_neighbour_monitor(self) -> None:
         """Devices appear in the gateway's neighbour table when they first talk to it. A

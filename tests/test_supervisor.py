@@ -112,6 +112,12 @@ def test_new_device_stays_unknown_and_closed_until_approved(slab):
     assert wait_until(lambda: any(d["mac"] == new.mac for d in devices(slab).values()), 5)
     seen = next(d for d in devices(slab).values() if d["mac"] == new.mac)
     assert seen["posture"] == "unknown" and not seen["approved"] and not seen["enforced"]
+    # it asked the gateway's DHCP server for its address and said who it is
+    assert seen["ip"] == new.ip
+    assert wait_until(lambda: next(d for d in devices(slab).values()
+                                   if d["mac"] == new.mac)["identity"]["vendor_class"] == new.type, 5)
+    seen = next(d for d in devices(slab).values() if d["mac"] == new.mac)
+    assert seen["identity"]["hostname"] == "camera-new" and seen["suggested_type"] == "camera"
     assert ping(new.namespace, "198.19.8.1") == 0              # closed
     assert not connect(slab.namespaces["inet"], new.ip, 80)
     out = kalki(slab, "device", "approve", seen["name"], "--type", new.type)

@@ -51,6 +51,7 @@ class LabDevice:
     ip: str
     namespace: str
     compromised: bool = False
+    dhcp: bool = False          # gets its address from the gateway's DHCP server (a new device)
 
 
 @dataclass
@@ -177,9 +178,10 @@ def _configure_devices(s: LabState) -> None:
             with IPRoute() as ipr:
                 lo, eth0 = ipr.link_lookup(ifname="lo")[0], ipr.link_lookup(ifname="eth0")[0]
                 ipr.link("set", index=lo, state="up")
-                ipr.addr("add", index=eth0, address=d.ip, prefixlen=LAN.prefixlen)
                 ipr.link("set", index=eth0, state="up")
-                ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_LAN_IP)
+                if not d.dhcp:
+                    ipr.addr("add", index=eth0, address=d.ip, prefixlen=LAN.prefixlen)
+                    ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_LAN_IP)
 
 
 def _sysctls(s: LabState) -> None:
@@ -227,20 +229,25 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
     lab_dir = state_path(name).parent
     lab_dir.mkdir(parents=True, exist_ok=True)
     _save(s)
+    if supervisor:
+        if not 0 <= unapproved <= len(s.devices):
+            raise LabError(f"lab {name}: --unapproved must be 0 to {len(s.devices)}")
+        for d in s.devices[len(s.devices) - unapproved:]:
+            d.dhcp = True
     try:
         for i, batch in enumerate(_topology_commands(s)):
             _batch(batch, f"lab {name}: topology step {i + 1}")
         _configure_devices(s)
         _sysctls(s)
         if supervisor:
-            if not 0 <= unapproved <= len(s.devices):
-                raise LabError(f"lab {name}: --unapproved must be 0 to {len(s.devices)}")
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
             _start_supervisor(s, lab_dir, fake_time)
-            for d in s.devices[:len(s.devices) - unapproved]:
-                control.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
-                                ip=d.ip, type=d.type, approve=True)
+            for d in s.devices:
+                if not d.dhcp:
+                    control.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
+                                    ip=d.ip, type=d.type, approve=True)
+            _start_dhcp(s, lab_dir)
         elif protect:
             _protect(s)
         if services:
@@ -288,6 +295,34 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
                                  lab_dir / "supervisor.log")
     _save(s)
     wait_for_supervisor(s, 60)
+
+
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    ip route replace default via "$router" ;;
+esac
+"""
+
+
+def _start_dhcp(s: LabState, lab_dir: Path) -> None:
+    """dnsmasq on the gateway; the new (unapproved) devices ask it for an address the way a
+    real device does, saying who they are (hostname, vendor class)."""
+    from .. import dhcp
+    conf = dhcp.write_config(lab_dir / "dhcp", "dev0", GATEWAY_LAN_IP, str(LAN),
+                             s.gateway["socket"], {d.mac: d.ip for d in s.devices})
+    s.pids["dnsmasq"] = dhcp.start(conf, s.namespaces["gw"])
+    _save(s)
+    script = lab_dir / "udhcpc.script"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o700)
+    for d in s.devices:
+        if d.dhcp:
+            _run(["ip", "netns", "exec", d.namespace, "busybox", "udhcpc", "-i", "eth0", "-n", "-q",
+                  "-t", "10", "-T", "1", "-x", f"hostname:{d.type.replace('_', '-')}-new",
+                  "-V", d.type, "-s", str(script)], f"lab {s.name}: DHCP for {d.name}")
 
 
 def wait_for_supervisor(s: LabState, timeout: float) -> dict:
