@@ -28,7 +28,13 @@ from .errors import ConfigError, KalkiError
 
 DEFAULT_DIRECTORY = Path("/var/lib/kalki")
 FILENAME = "kalki.json"
-TABLES = ("devices", "history", "alerts", "decisions", "rules", "settings")
+LOG_FILENAME = "kalki-log.json"
+# What enforcement depends on is written at once; the logs (posture history, alerts, decisions)
+# are written behind, at most a flush interval late, so that an alert storm does not rewrite
+# the device file and a decision does not wait for the disk.
+STATE_TABLES = ("devices", "rules", "settings")
+LOG_TABLES = ("history", "alerts", "decisions")
+TABLES = STATE_TABLES + LOG_TABLES
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery")
 IDENTITY_KEYS = ("hostname", "client_id", "vendor_class")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -58,7 +64,7 @@ class AtomicJSONStorage(Storage):
     it returns. Nothing else may write the file while this object has it open.
     """
 
-    def __init__(self, path, **json_kwargs):
+    def __init__(self, path, deferred: bool = False, **json_kwargs):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._json_kwargs = json_kwargs
@@ -66,9 +72,11 @@ class AtomicJSONStorage(Storage):
         self._data = None   # the state parsed; None until needed after a load or a write
         self._batch_depth = 0
         self._dirty = False
+        self.deferred = deferred    # writes wait for flush()
+        self._unflushed = False
 
     def read(self):
-        if self._text is None:
+        if self._text is None and self._data is None:
             self._data = self._load()
         elif self._data is None:
             self._data = json.loads(self._text)
@@ -78,6 +86,10 @@ class AtomicJSONStorage(Storage):
                 for name, table in self._data.items()}
 
     def write(self, data):
+        if self.deferred:
+            # TinyDB hands over tables built from read()'s copies, so keeping them is safe.
+            self._data, self._text, self._unflushed = data, None, True
+            return
         # Serialised once here and parsed again on the next read, so that nothing the caller
         # still holds can change the state behind our back.
         text = json.dumps(data, **self._json_kwargs)
@@ -105,7 +117,15 @@ class AtomicJSONStorage(Storage):
             if not self._batch_depth:
                 self._dirty = False
 
+    def flush(self):
+        """Writes what deferred writes left in memory (nothing if there is nothing)."""
+        if self._unflushed:
+            self._text = json.dumps(self._data, **self._json_kwargs)
+            self._replace(self._text)
+            self._unflushed = False
+
     def close(self):
+        self.flush()
         self._text = self._data = None
 
     def _load(self):
@@ -233,17 +253,29 @@ class Store:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
+        self.log_path = self.directory / LOG_FILENAME
         self._db = TinyDB(self.path, storage=AtomicJSONStorage)
+        self._log_db = TinyDB(self.log_path, storage=AtomicJSONStorage, deferred=True)
         self._storage = self._db.storage
+        self._log_storage = self._log_db.storage
         self._storage.read()    # a corrupt file fails here, at start-up, naming itself
+        self._log_storage.read()
         # No query cache: reads are served from memory anyway, and a cache could hold results
         # of a batch that was rolled back.
-        self._t = {name: self._db.table(name, cache_size=0) for name in TABLES}
+        self._t = {name: self._db.table(name, cache_size=0) for name in STATE_TABLES}
+        self._t.update({name: self._log_db.table(name, cache_size=0) for name in LOG_TABLES})
         self._closed = False
+
+    def flush(self):
+        """Writes the logs kept in memory since the last flush (the supervisor calls this
+        every second and at exit; a crash loses at most that much of the logs)."""
+        if not self._closed:
+            self._log_storage.flush()
 
     def close(self):
         if not self._closed:
             self._closed = True
+            self._log_db.close()
             self._db.close()
 
     def __enter__(self):
@@ -257,7 +289,7 @@ class Store:
         """Several mutating calls as one disk write; if the block raises, none of them count."""
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
-        with self._storage.batch():
+        with self._storage.batch(), self._log_storage.batch():
             yield
 
     def _now(self) -> str:

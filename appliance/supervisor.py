@@ -34,6 +34,7 @@ RTM_NEWNEIGH = 28
 
 POSTURE_CODES = {p: i for i, p in enumerate(profiles.POSTURES)}
 ESCALATION = {"normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
+TELEMETRY_KEPT = 64     # reports per device in memory: what rules' windows and aggregates see
 KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
                  "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
                  "lateral": "lateral-movement"}
@@ -227,7 +228,8 @@ class Supervisor:
     def _on_telemetry(self, device: str, payload: dict) -> None:
         received = time.monotonic_ns()
         self.counters["telemetry"] += 1
-        self._telemetry.setdefault(device, collections.deque(maxlen=200)).append((self.now(), payload))
+        self._telemetry.setdefault(device, collections.deque(maxlen=TELEMETRY_KEPT)).append(
+            (self.now(), payload))
         self._evaluate(policy.Stimulus("telemetry", device, payload, received))
 
     def _on_availability(self, device: str, state: str) -> None:
@@ -273,8 +275,9 @@ class Supervisor:
         except KalkiError as e:
             log.error("policy evaluation failed: %s", e)
             return
-        for d in decisions:
-            self._execute(d)
+        with self.store.batch():     # one write for everything this stimulus changed
+            for d in decisions:
+                self._execute(d)
 
     def _execute(self, d: policy.Decision) -> None:
         enforced = []
@@ -554,7 +557,7 @@ class Supervisor:
 
     # -- timers ---------------------------------------------------------------------------
     async def _ticker(self) -> None:
-        last_prune = time.monotonic()
+        last_prune = last_flush = time.monotonic()
         while not self._stop.is_set():
             await asyncio.sleep(0.25)
             self.heartbeat = time.monotonic()
@@ -568,6 +571,9 @@ class Supervisor:
                     except KalkiError as e:
                         log.error("reverting %s: %s", name, e)
                         self._update_device(name, posture_expires=None)
+            if time.monotonic() - last_flush >= 1:
+                self.store.flush()
+                last_flush = time.monotonic()
             if time.monotonic() - last_prune > 60:
                 self.store.prune()
                 last_prune = time.monotonic()
