@@ -88,6 +88,12 @@ class PanelSection:
 
 
 @dataclass
+class AdaptersSection:
+    credentials_file: str = _doc('polled devices\' API users: {"device": {"user": "..."}}',
+                                 "/etc/kalki/adapter-credentials.json")
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
@@ -96,6 +102,7 @@ class Config:
     control: ControlSection = field(default_factory=ControlSection)
     web: WebSection = field(default_factory=WebSection)
     panel: PanelSection = field(default_factory=PanelSection)
+    adapters: AdaptersSection = field(default_factory=AdaptersSection)
     profiles: str = _doc("directory of device-type profiles", "")
     path: str = ""
 

@@ -220,6 +220,10 @@ class Bus:
     def publish_decision(self, decision: dict) -> mqtt.MQTTMessageInfo:
         return self._publish(f"{self.base}/bridge/decisions", decision)
 
+    def publish_telemetry(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
+        """For a polled device (appliance.adapters): its state where it would publish it."""
+        return self._publish(f"{self.base}/{device}", payload)
+
     def send_command(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
         return self._publish(f"{self.base}/{check_name(device)}/set", payload)
 

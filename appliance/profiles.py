@@ -24,6 +24,7 @@ class Profile:
     commands: dict = field(default_factory=dict)    # field -> meaning (what /set accepts)
     rules: list = field(default_factory=list)       # policy.Rule, applying to this type
     match: dict = field(default_factory=dict)       # mac_prefixes, hostname (regex), vendor_class
+    adapter: dict | None = None                     # a polling adapter (appliance.adapters)
 
     def matches(self, mac: str, identity: dict) -> bool:
         """Whether a newly seen device looks like this type (a suggestion for the operator)."""
@@ -51,7 +52,7 @@ def load_profile(path: Path) -> Profile:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     unknown = set(data) - {"type", "description", "postures", "telemetry", "commands", "rules",
-                           "match"}
+                           "match", "adapter"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
     if not isinstance(data.get("type"), str):
@@ -84,8 +85,12 @@ def load_profile(path: Path) -> Profile:
         raise ConfigError(f"{path.name}: key 'rules' must be a list of tables ([[rules]])")
     parsed = [policy.parse_rule(r, f"{path.name}: rules[{i}]", (data["type"],),
                                 source=f"profile:{data['type']}") for i, r in enumerate(rules)]
+    adapter = None
+    if "adapter" in data:
+        from .adapters import check_profile_adapter
+        adapter = check_profile_adapter(data["adapter"], path.name)
     return Profile(data["type"], data.get("description", ""), checked, path,
-                   data.get("telemetry", {}), data.get("commands", {}), parsed, match)
+                   data.get("telemetry", {}), data.get("commands", {}), parsed, match, adapter)
 
 
 def load_all(directory: Path = PROFILE_DIR) -> dict[str, Profile]:

@@ -93,6 +93,7 @@ class Supervisor:
         self.counters = collections.Counter()
         self._listeners: set[asyncio.Queue] = set()
         self.web = None      # the web page's runner (appliance.web), when enabled
+        self.adapter = None  # polls devices that have an HTTP API and no MQTT
         self.panel = None    # LEDs and button (appliance.panel), when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
@@ -165,6 +166,11 @@ class Supervisor:
         self._connect_mqtt()
         await self._start_control()
         self._start_neighbour_monitor()
+        from .adapters import HueAdapter, load_credentials
+        credentials = load_credentials(self.cfg.adapters.credentials_file)
+        if credentials:
+            self.adapter = HueAdapter(self, credentials)
+            self.adapter.start()
         if self.cfg.web.enabled:
             from .web import start_web
             self.web = await start_web(self)
@@ -188,6 +194,9 @@ class Supervisor:
         if self.panel:
             self.panel.close()
             self.panel = None
+        if self.adapter:
+            self.adapter.close()
+            self.adapter = None
         if self.bus:
             self.bus.close()
             self.bus = None
@@ -295,6 +304,8 @@ class Supervisor:
                         ns = self.set_posture(target, a.params["posture"], f"rule {d.rule}",
                                               a.params.get("for_seconds"), actor=f"rule {d.rule}")
                         enforced.append(ns)
+                    elif a.kind == "command" and self.adapter and self.adapter.handles(target):
+                        self.loop.create_task(self._adapter_command(target, a.params["payload"]))
                     elif a.kind == "command" and self.bus:
                         self.bus.send_command(target, a.params["payload"])
                     done.append({"action": a.kind, "target": target, **a.params})
@@ -319,6 +330,12 @@ class Supervisor:
         self.counters["decisions"] += 1
         if self.bus:
             self.bus.publish_decision(rec)
+
+    async def _adapter_command(self, name: str, payload: dict) -> None:
+        try:
+            await self.adapter.command(name, payload)
+        except (OSError, asyncio.TimeoutError, ValueError, KalkiError) as e:
+            log.error("command %s to %s failed: %s", payload, name, e)
 
     def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
                     actor: str = "operator") -> int:

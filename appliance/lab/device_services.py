@@ -54,9 +54,11 @@ class BadRequest(Exception):
 class Device:
     """State, credentials, tokens and lab counters of one emulated device."""
 
-    def __init__(self, name: str, type: str, user: str = "admin", password: str = "admin"):
+    def __init__(self, name: str, type: str, user: str = "admin", password: str = "admin",
+                 hue_user: str | None = None):
         self.name = name
         self.type = type
+        self.hue_user = hue_user    # a Hue-style /api/<user>/lights when set
         self.user = user
         self.password = password
         self.state: dict = dict(DEFAULT_STATES.get(type, {"on": False}))
@@ -163,6 +165,8 @@ class HttpApi:
         if path == "/_lab/stats":
             return http_response(200, device.stats)
         device.stats["http_requests"] += 1
+        if path.startswith("/api/") and device.hue_user:
+            return self.hue(method, path, body)
         if path == "/":
             return http_response(200, {"device": device.name, "type": device.type})
         if path == "/login":
@@ -187,6 +191,34 @@ class HttpApi:
                 return http_response(200, device.apply(parse_json(body)))
             return http_response(405, {"ok": False, "error": "method not allowed"})
         return http_response(404, {"ok": False, "error": "not found"})
+
+    def hue(self, method: str, path: str, body: bytes) -> bytes:
+        """A Hue-bridge-style API, the way such lights are polled: /api/<username>/lights.
+        Like Hue, a wrong username is answered 200 with an error object."""
+        device = self.device
+        parts = path.strip("/").split("/")
+        if len(parts) < 3 or parts[1] != device.hue_user or parts[2] != "lights":
+            return http_response(200, [{"error": {"type": 1, "address": path,
+                                                  "description": "unauthorized user"}}])
+        if len(parts) == 3 and method == "GET":
+            state = {"on": bool(device.state.get("on")),
+                     "bri": max(1, round(device.state.get("brightness", 100) * 254 / 100))}
+            return http_response(200, {"1": {"name": device.name, "state": state}})
+        if parts[3:] == ["1", "state"] and method == "PUT":
+            data = parse_json(body)
+            if not isinstance(data, dict):
+                raise BadRequest("state must be a JSON object")
+            update = {}
+            if "on" in data:
+                update["on"] = data["on"]
+            if "bri" in data:
+                if isinstance(data["bri"], bool) or not isinstance(data["bri"], int):
+                    raise BadRequest("bri must be an integer 1-254")
+                update["brightness"] = round(min(254, max(1, data["bri"])) * 100 / 254)
+            device.apply(update)
+            return http_response(200, [{"success": {f"/lights/1/state/{k}": v}} for k, v in data.items()])
+        return http_response(200, [{"error": {"type": 3, "address": path,
+                                              "description": "resource not available"}}])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -348,7 +380,7 @@ def write_ready_file(path: str, servers: dict[str, asyncio.Server]) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    device = Device(args.name, args.type, args.user, args.password)
+    device = Device(args.name, args.type, args.user, args.password, args.hue_user)
     servers = await serve(device, args.bind, args.http_port, args.telnet_port,
                           [s.strip() for s in args.services.split(",") if s.strip()])
     telemetry = None
@@ -385,6 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--services", default="http,telnet")
     p.add_argument("--user", default="admin")
     p.add_argument("--password", default="admin")
+    p.add_argument("--hue-user", help="serve a Hue-style API at /api/<this>/lights")
     p.add_argument("--mqtt-host")
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--mqtt-user")
