@@ -82,6 +82,10 @@ class AtomicJSONStorage(Storage):
             self._data = json.loads(self._text)
         if not self._data:
             return None
+        if self.deferred:
+            # The logs are only inserted into and pruned, never edited in place: copying the
+            # tables (not every record) is enough, and keeps an insert cheap.
+            return {name: dict(table) for name, table in self._data.items()}
         return {name: {doc_id: dict(doc) for doc_id, doc in table.items()}
                 for name, table in self._data.items()}
 
@@ -104,13 +108,20 @@ class AtomicJSONStorage(Storage):
         """Writes inside the block stay in memory and reach the disk as one write at the end.
         If the block raises, nothing is written and the state is re-read from the file."""
         self._batch_depth += 1
+        if self._batch_depth == 1 and self.deferred:
+            self.read()    # loaded, so that a rollback has something to return to
+            # Writes replace the tables (TinyDB builds new ones), so the old ones stay intact.
+            before = (self._data, self._unflushed)
         try:
             yield
             if self._batch_depth == 1 and self._dirty:
                 self._replace(self._text)
         except BaseException:
             if self._batch_depth == 1:
-                self._text = self._data = None
+                if self.deferred:
+                    self._data, self._unflushed = before
+                else:
+                    self._text = self._data = None
             raise
         finally:
             self._batch_depth -= 1

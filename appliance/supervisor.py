@@ -261,14 +261,15 @@ class Supervisor:
         alert = {"device": device, "type": kind, "source": source,
                  "severity": severity or SEVERITY.get(kind, "warning"), "details": details,
                  "at": _iso(self.now())}
-        self.store.add_alert(alert)
         self._alerts.append((self.now(), device, kind))
         self.counters["alerts"] += 1
+        data = {"type": kind, **({"rule": rule} if rule else {})}
+        # Enforce first: the rules read alerts from memory, and the records can wait.
+        self._evaluate(policy.Stimulus("alert", device, data, received_ns))
+        self.store.add_alert(alert)
         if self.bus:
             self.bus.publish_alert(alert)
         self.notify({"kind": "alert", **alert})
-        data = {"type": kind, **({"rule": rule} if rule else {})}
-        self._evaluate(policy.Stimulus("alert", device, data, received_ns))
         return alert
 
     # -- decisions ------------------------------------------------------------------------
