@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/kalki lab up --name $(LAB)
+	.venv/bin/kalki lab up --name $(LAB) $(if $(SCENARIO),--scenario $(SCENARIO))
 
 demo-down: setup
 	.venv/bin/kalki lab down $(LAB)
@@ -21,3 +21,14 @@ bench: setup
 
 clean:
 	rm -rf .venv .pytest_cache
+
+# The SD-card image (issue 5; README "The SD-card image"): build_image.sh runs the recipe in
+# image/ as root and installs its own build dependencies. OUT, BASE_IMAGE and IMAGE optional.
+.PHONY: image image-boot-test
+OUT ?= out
+
+image:
+	./build_image.sh --out $(OUT) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
+
+image-boot-test:
+	bash image/boot-test.sh $(IMAGE)

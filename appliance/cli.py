@@ -22,9 +22,14 @@ def _print(result, as_json: bool) -> None:
 # -- the lab --------------------------------------------------------------------------------
 def _lab_up(args) -> int:
     from .lab import topology
+    fake_time = args.fake_time
+    if args.scenario:     # the demo scenarios (appliance/lab/scenarios.py)
+        from .lab import scenarios
+        fake_time = scenarios.check_lab_args(args.scenario, args.no_supervisor, args.no_services,
+                                             args.devices, fake_time)
     s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services,
                     supervisor=not args.no_supervisor, unapproved=args.unapproved,
-                    fake_time=args.fake_time)
+                    fake_time=fake_time)
     if args.json:
         print(json.dumps(s.to_json(), indent=1))
         return 0
@@ -37,6 +42,12 @@ def _lab_up(args) -> int:
           f"internet {s.gateway['inet_ip']} in {s.namespaces['inet']}")
     if not args.no_supervisor:
         print(f"talk to its supervisor: kalki --lab {s.name} devices")
+        print(f"its web page: {s.gateway.get('web_url')} (claim it: kalki --lab {s.name} button press)")
+    if args.scenario:
+        from .lab import scenarios
+        ok = scenarios.succeeded(scenarios.play(s, args.scenario))
+        print(f"the lab stays up; remove it with: kalki lab down {s.name}")
+        return 0 if ok else 1
     print(f"remove it with: kalki lab down {s.name}")
     return 0
 
@@ -131,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-supervisor", action="store_true",
                    help="apply the profiles directly; no supervisor, no broker")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "all"),
+                   help="then play a demo scenario (appliance/lab/scenarios.py); the lab stays up")
     p.set_defaults(func=_lab_up)
     p = lab.add_parser("down", help="remove a lab and everything it created")
     p.add_argument("name")
@@ -208,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the device address the source went for")
     p.set_defaults(func=_call("block_source", ip="source", seconds="seconds", reason="reason",
                               by="by", target="target"))
+    # the panel (appliance/panel.py): the button (mock pins in the lab) and the LEDs
+    button = sub.add_parser("button", help="press the appliance's button (the lab's mock "
+                            "pins)").add_subparsers(dest="button_command", required=True)
+    p = button.add_parser("press", help="a short press: opens the claim window")
+    p.set_defaults(func=_call("button", action="action"), action="press")
+    p = button.add_parser("hold", help="hold: 5 s resets the admin password, 15 s the appliance")
+    p.add_argument("seconds", type=float)
+    p.set_defaults(func=_call("button", action="action", seconds="seconds"), action="hold")
+    p = sub.add_parser("panel", help="what the LEDs show now")
+    p.set_defaults(func=_call("panel"))
     clock = sub.add_parser("clock", help="the lab's policy clock").add_subparsers(
         dest="clock_command", required=True)
     p = clock.add_parser("set")

@@ -114,6 +114,16 @@ def handle(sup, req: dict):
             raise ConfigError("clock_set: only with policy.fake_time set (the lab)")
         sup.clock.set(arg("time"))
         return {"policy_time": sup.now().isoformat()}
+    # -- the panel (appliance/panel.py): the lab's finger on the button, and the LEDs --
+    if op == "button":
+        if not sup.panel:
+            raise ConfigError("button: the panel is off ([panel] enabled = false)")
+        return sup.panel.simulate(arg("action"), arg("seconds", None))
+    if op == "panel":
+        if not sup.panel:
+            return {"enabled": False, "claim_open": sup.claim_open()}
+        return {"enabled": True, **sup.panel.state(), "claim_open": sup.claim_open(),
+                "claim_until": sup.claim_until.isoformat() if sup.claim_open() else None}
     raise ConfigError(f"unknown request {op!r}")
 
 

@@ -88,6 +88,17 @@ def test_intrusion_rule_end_to_end(slab):
     assert http(inet, cam.ip)[0] == 200
 
 
+def test_the_light_is_polled_like_an_mqtt_device(slab):
+    """The lab's light has a Hue-style HTTP API and no MQTT: the supervisor's adapter polls
+    it, publishes its state under its own topic, and carries out commands over HTTP."""
+    before = device_api(slab, "light1", "GET", "/_lab/stats")["http_requests"]
+    assert wait_until(lambda: device_api(slab, "light1", "GET", "/_lab/stats")["http_requests"]
+                      >= before + 2, 5)
+    assert devices(slab)["light1"]["availability"] == "online"
+    assert "--mqtt-host" not in open(f"/proc/{slab.pids['light1']}/cmdline").read().replace("\0", " ")
+    # the intrusion test above saw its "off" (polled) and turned it on (over its HTTP API)
+
+
 def test_intrusion_rule_is_quiet_in_business_hours(slab):
     # business hours first: motion seen in the last minutes with the lights going off would
     # be an intrusion after hours

@@ -287,8 +287,26 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
     cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
     cfg.mqtt.password_file = str(pw_file)
     cfg.control.socket = s.gateway["socket"]
+    cfg.adapters.credentials_file = str(lab_dir / "adapter-credentials.json")
+    (lab_dir / "adapter-credentials.json").write_text(json.dumps(
+        {d.name: {"user": f"hue-{passwords[d.name][:12]}"} for d in s.devices if d.type == "light"}))
     cfg.policy.fake_time = fake_time
     cfg.policy.timezone = "Europe/Berlin"
+    cfg.panel.enabled = True        # the LEDs and the button, on gpiozero's mock pins
+    cfg.panel.mock_pins = True
+    # The web page, for the host: the supervisor lives in the gateway's namespace and makes
+    # its listening socket in the host's (plain HTTP on loopback is fine in the lab).
+    import socket as _socket
+    with _socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        web_port = probe.getsockname()[1]
+    cfg.web.enabled, cfg.web.listen, cfg.web.port = True, "127.0.0.1", web_port
+    # The host's namespace is this process's: name it (ip netns attach), so the supervisor can
+    # find it by path; `down` drops the name with the lab's namespaces, not the namespace.
+    host = f"kalki-{s.name}-host"
+    _run(["ip", "netns", "attach", host, str(os.getpid())], f"lab {s.name}: naming the host namespace")
+    cfg.web.tls, cfg.web.netns, cfg.web.tls_dir = False, f"/run/netns/{host}", str(lab_dir / "tls")
+    s.gateway["web_url"] = f"http://127.0.0.1:{web_port}/"
     (lab_dir / "kalki.toml").write_text(config.dump(cfg))
     s.pids["supervisor"] = spawn(s.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run",
                                                       "--config", str(lab_dir / "kalki.toml")],
@@ -348,7 +366,10 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
     for d in s.devices[:64]:     # a 1,000-device lab runs services on the first 64 only
         flag = lab_dir / f"{d.name}.ready"
         mqtt = []
-        if d.name in passwords:
+        if d.type == "light" and s.gateway.get("supervisor"):   # polled by the supervisor
+            hue = json.loads((lab_dir / "adapter-credentials.json").read_text())[d.name]["user"]
+            mqtt = ["--hue-user", hue]
+        elif d.name in passwords:
             mqtt = ["--mqtt-host", GATEWAY_LAN_IP, "--mqtt-port", str(MQTT_PORT), "--mqtt-user",
                     d.name, "--mqtt-password", passwords[d.name], "--telemetry-interval", "0.5"]
         s.pids[d.name] = spawn(d.namespace, [py, "-m", "appliance.lab.device_services", "--name",
@@ -437,8 +458,13 @@ def down(name: str) -> list[str]:
     prefix = f"kalki-{name}-"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     namespaces = [line.split()[0] for line in listed.splitlines() if line.startswith(prefix)]
+    own = os.stat("/proc/self/ns/net").st_ino
     if s:   # processes that `ip netns exec` started and that outlived their group
         for ns in namespaces:
+            # Never the host's namespace (the lab names it for the web page): its "pids" are
+            # every process on the machine.
+            if ns.endswith("-host") or os.stat(f"/run/netns/{ns}").st_ino == own:
+                continue
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
             for pid in pids.split():
                 try:

@@ -1,0 +1,100 @@
+// Kalki's page: live postures and alerts from server-sent events. No inline scripts (CSP).
+"use strict";
+(function () {
+  function text(el, value) { el.textContent = value; }
+
+  function setPosture(device, posture, approved) {
+    document.querySelectorAll('[data-device="' + CSS.escape(device) + '"] [data-role="posture"]')
+      .forEach(function (el) {
+        el.className = "posture posture-" + posture;
+        el.dataset.posture = posture;
+        text(el, approved === false ? "waiting for approval" : posture);
+      });
+  }
+
+  var WORDS = { normal: "All devices normal",
+                warning: "Attention: a device is suspicious or waits for approval",
+                alert: "Alert: a device is under attack or in quarantine" };
+
+  function refreshSummary() {
+    var el = document.getElementById("summary");
+    if (!el) return;
+    fetch("/api/status", { credentials: "same-origin" }).then(function (r) { return r.json(); })
+      .then(function (s) {
+        if (!s.summary) return;
+        el.className = "summary summary-" + s.summary;
+        el.dataset.summary = s.summary;
+        text(el, WORDS[s.summary] || s.summary);
+      }).catch(function () {});
+  }
+
+  function addDeviceRows() {
+    var tbody = document.querySelector("#devices tbody");
+    if (!tbody) return;
+    fetch("/api/devices", { credentials: "same-origin" }).then(function (r) { return r.json(); })
+      .then(function (list) {
+        list.forEach(function (d) {
+          var row = tbody.querySelector('tr[data-device="' + CSS.escape(d.name) + '"]');
+          if (row) { setPosture(d.name, d.posture, d.approved); return; }
+          row = document.createElement("tr");
+          row.dataset.device = d.name;
+          var a = document.createElement("a");
+          a.href = "/devices/" + encodeURIComponent(d.name);
+          text(a, d.name);
+          var badge = document.createElement("span");
+          badge.dataset.role = "posture";
+          var cells = [a, badge, document.createTextNode(d.type || "—"),
+                       document.createTextNode(d.ip || ""), document.createTextNode("")];
+          if (!d.approved) {
+            var link = document.createElement("a");
+            link.href = "/devices/" + encodeURIComponent(d.name);
+            text(link, "approve…");
+            cells[4] = link;
+          }
+          cells.forEach(function (c) { var td = document.createElement("td"); td.appendChild(c); row.appendChild(td); });
+          tbody.appendChild(row);
+          setPosture(d.name, d.posture, d.approved);
+        });
+      }).catch(function () {});
+  }
+
+  function addAlert(a) {
+    var list = document.getElementById("alerts");
+    if (!list) return;
+    var li = document.createElement("li");
+    var sev = document.createElement("span");
+    sev.className = "sev sev-" + (a.severity || "info");
+    text(sev, a.severity || "");
+    li.appendChild(sev);
+    li.appendChild(document.createTextNode(" " + a.type + (a.device ? " " + a.device : "") + " "));
+    var when = document.createElement("span");
+    when.className = "muted";
+    text(when, (a.at || "").slice(0, 19) + " · " + (a.source || ""));
+    li.appendChild(when);
+    var none = list.querySelector(".muted:only-child");
+    if (none && none.parentNode === list) list.removeChild(none);
+    list.insertBefore(li, list.firstChild);
+    while (list.children.length > 10) list.removeChild(list.lastChild);
+  }
+
+  function live() {
+    if (!document.body.dataset.live || !window.EventSource) return;
+    var es = new EventSource("/api/events");
+    es.onmessage = function (m) {
+      var ev;
+      try { ev = JSON.parse(m.data); } catch (e) { return; }
+      if (ev.kind === "posture") { setPosture(ev.device, ev.posture, true); refreshSummary(); }
+      else if (ev.kind === "alert") { addAlert(ev); if (ev.type === "new-device") { addDeviceRows(); refreshSummary(); } }
+      else if (ev.kind === "device") { addDeviceRows(); refreshSummary(); }
+    };
+    es.addEventListener("logout", function () { es.close(); window.location.href = "/login"; });
+    es.onopen = function () { document.body.dataset.connected = "1"; };
+  }
+
+  function reloadLater() {
+    var el = document.querySelector("[data-reload]");
+    if (el) setTimeout(function () { window.location.reload(); }, 1000 * Number(el.dataset.reload || 3));
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { live(); reloadLater(); });
+})();
