@@ -6,6 +6,7 @@ process: `Dataplane.open` reuses what it finds, and `reconcile` converges it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import json
@@ -106,6 +107,7 @@ class Dataplane:
         self._stale_ids = True                  # read the kernel's ids once, then keep track
         self._next_id_hint = 1
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
+        self._batch: list | None = None      # nftables work waiting for the end of batch()
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -286,43 +288,86 @@ class Dataplane:
         before = self._maps["kalki_devices"].lookup(key)
         allow_id = self._list_id(self._allow_content(compiled), create=True)
         self._write_kernel(device_id, spec, compiled, allow_id, previous)
-        try:
-            if not compiled.flags & maps.Flag.QUARANTINE:
-                # In quarantine XDP drops everything nftables would act on: leave it as it is.
-                self._sync_nft(device_id, spec.name, spec.mac, spec.ip,
-                               self._nft.device_rules(device_id, compiled.conn_limit),
-                               compiled.gate_port)
-        except DataplaneError:
+
+        def undo():
             if before is not None and previous:
                 self._maps["kalki_devices"].update(key, before)
                 self._write_indexes(device_id, previous.spec, spec)
             else:
                 self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
-            raise
+
+        # In quarantine XDP drops everything nftables would act on: leave it as it is.
+        if not compiled.flags & maps.Flag.QUARANTINE:
+            rules = self._nft.device_rules(device_id, compiled.conn_limit)
+            if self._batch is not None:
+                plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
+                if plan:
+                    self._batch.append((spec.name, device_id, *plan, undo))
+                    self._nft_state[device_id] = plan[1]   # the next plan builds on it
+            else:
+                try:
+                    self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
+                except DataplaneError:
+                    undo()
+                    raise
         if before is not None and before.allow_id != allow_id:
             self._collect_lists()
         self._devices[spec.name] = _Applied(spec, device_id, compiled)
         self._used_ids.add(device_id)
         return device_id
 
-    def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
-        """One nftables transaction if the device's part differs from what nftables has."""
+    def _nft_plan(self, device_id, mac, ip, rules, gate_port):
+        """(commands, state after them), or None when nftables already has it."""
         wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
                   "rules": nft.normalise_rules(rules)}
         current = self._nft_state.get(device_id)
         if current and not self._nft_differs(current, wanted):
+            return None
+        commands = self._nft.device_commands(device_id, mac, ip, rules, gate_port, current)
+        return commands, {**wanted, "rules": rules,
+                          "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
+
+    def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
+        """One nftables transaction if the device's part differs from what nftables has."""
+        plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+        if not plan:
             return
         try:
-            self._nft.run(self._nft.device_commands(device_id, mac, ip, rules, gate_port, current),
-                          f"device {name}")
+            self._nft.run(plan[0], f"device {name}")
         except DataplaneError:
             # Somebody else changed the table since we last read it: read it and try once more.
             self._nft_state = self._nft.read_back()
-            current = self._nft_state.get(device_id)
-            self._nft.run(self._nft.device_commands(device_id, mac, ip, rules, gate_port, current),
-                          f"device {name}")
-        self._nft_state[device_id] = {**wanted, "rules": rules,
-                                      "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
+            plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+            if plan:
+                self._nft.run(plan[0], f"device {name}")
+        if plan:
+            self._nft_state[device_id] = plan[1]
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Several apply() calls whose nftables parts go in one transaction at the end (a rule
+        that moves 25 cameras at once). Each device's XDP entry is in force at once; if
+        nftables refuses the transaction, every device of the batch is put back."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = []
+        try:
+            yield
+        finally:
+            pending, self._batch = self._batch, None
+        if not pending:
+            return
+        try:
+            self._nft.run([c for _, _, commands, _, _ in pending for c in commands],
+                          f"devices {', '.join(name for name, *_ in pending)}")
+        except DataplaneError:
+            for *_, undo in reversed(pending):
+                undo()
+            self._nft_state = self._nft.read_back()
+            raise
+        for _, device_id, _, state, _ in pending:
+            self._nft_state[device_id] = state
 
     @staticmethod
     def _nft_differs(current: dict, wanted: dict) -> bool:

@@ -187,6 +187,9 @@ class Supervisor:
         try:
             await self._stop.wait()
         finally:
+            if self.web:
+                await self.web.cleanup()
+                self.web = None
             self.close()
 
     def close(self) -> None:
@@ -292,6 +295,25 @@ class Supervisor:
     def _execute(self, d: policy.Decision) -> None:
         enforced = []
         done = []
+        try:
+            # nftables' part of every posture this decision sets goes in one transaction
+            with self.dp.batch():
+                self._carry_out(d, done, enforced)
+        except KalkiError as e:
+            log.error("rule %s: the data path refused the decision: %s", d.rule, e)
+            done.append({"error": str(e)})
+        if enforced:       # in force only now that the batch's nftables part is in
+            enforced = [time.monotonic_ns()]
+        for a in d.actions:
+            if a.kind == "alert":
+                params = {k: v for k, v in a.params.items() if k not in ("type", "severity")}
+                self.raise_alert(d.device or (a.targets[0] if a.targets else None), a.params["type"],
+                                 "rule", params, d.decided_ns, rule=d.rule,
+                                 severity=a.params.get("severity"))
+                done.append({"action": "alert", **a.params})
+        self._record_decision(d, done, enforced)
+
+    def _carry_out(self, d: policy.Decision, done: list, enforced: list) -> None:
         for a in d.actions:
             for target in a.targets if a.kind != "alert" else ():
                 try:
@@ -313,12 +335,8 @@ class Supervisor:
                 except KalkiError as e:
                     log.error("rule %s: %s on %s failed: %s", d.rule, a.kind, target, e)
                     done.append({"action": a.kind, "target": target, "error": str(e)})
-            if a.kind == "alert":
-                params = {k: v for k, v in a.params.items() if k not in ("type", "severity")}
-                self.raise_alert(d.device or (a.targets[0] if a.targets else None), a.params["type"],
-                                 "rule", params, d.decided_ns, rule=d.rule,
-                                 severity=a.params.get("severity"))
-                done.append({"action": "alert", **a.params})
+
+    def _record_decision(self, d: policy.Decision, done: list, enforced: list) -> None:
         s = d.stimulus
         rec = {"kind": "decision", "rule": d.rule, "device": d.device,
                "stimulus": {"kind": s.kind, "device": s.device, "data": s.data},

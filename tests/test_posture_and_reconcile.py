@@ -194,3 +194,36 @@ def test_reconcile_repairs_what_was_tampered_with(lab, fresh):
     assert fresh.device_id("plug1") == plug_id
     assert ping(cam.namespace, "198.19.8.1") == 1
     assert fresh._nft.read_back()[plug_id]["gates"] == [(plug.ip, 80)]
+
+
+def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):
+    """A rule that moves several devices at once: XDP entries at once, one nft transaction."""
+    from appliance.errors import DataplaneError
+    from labutil import http
+    names = ["camera1", "plug1", "light1"]
+    gated = {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 7}}
+    runs = []
+    real_run = fresh._nft.run
+    monkeypatch.setattr(fresh._nft, "run", lambda cmds, what: runs.append(what) or real_run(cmds, what))
+    with fresh.batch():
+        for name in names:
+            fresh.set_stack(name, gated)
+    assert len(runs) == 1
+    for name in names:
+        assert http(lab.namespaces["inet"], lab.device(name).ip)[0] == 401   # behind the gate
+    # nftables refuses: every device of the batch is put back as it was
+    entries = {n: bytes(fresh._maps["kalki_devices"].lookup(ctypes.c_uint32(fresh.device_id(n))))
+               for n in names}
+
+    def refuse(cmds, what):
+        raise DataplaneError("refused on purpose")
+    monkeypatch.setattr(fresh._nft, "run", refuse)
+    with pytest.raises(DataplaneError, match="on purpose"):
+        with fresh.batch():
+            for name in names:
+                fresh.set_stack(name, {"anti_spoof": {}, "conn_limit": {"concurrent": 3}})
+    monkeypatch.setattr(fresh._nft, "run", real_run)
+    for n in names:
+        assert bytes(fresh._maps["kalki_devices"].lookup(
+            ctypes.c_uint32(fresh.device_id(n)))) == entries[n]
+    assert http(lab.namespaces["inet"], lab.device("camera1").ip)[0] == 401
