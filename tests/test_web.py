@@ -27,6 +27,9 @@ class FakeDataplane:
     def apply(self, spec):
         self.devices[spec.name] = spec
 
+    def batch(self):
+        return contextlib.nullcontext()
+
     def remove(self, name):
         self.devices.pop(name, None)
 
