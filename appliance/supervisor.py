@@ -31,6 +31,7 @@ log = logging.getLogger("kalki.supervisor")
 
 RTMGRP_NEIGH = 0x4
 RTM_NEWNEIGH = 28
+NDA_DST, NDA_LLADDR = 1, 2
 
 POSTURE_CODES = {p: i for i, p in enumerate(profiles.POSTURES)}
 ESCALATION = {"normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
@@ -46,6 +47,29 @@ SEVERITY = {"port-scan": "warning", "syn-flood": "critical", "brute-force": "cri
 
 def _iso(dt: datetime.datetime) -> str:
     return dt.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_neighbour(body: bytes):
+    """(ifindex, MAC, IPv4) of an RTM_NEWNEIGH body (struct ndmsg + attributes), or None.
+    Decoded by hand: importing pyroute2 for this would cost the supervisor 20 MB."""
+    if len(body) < 12:
+        return None
+    family, ifindex = body[0], struct.unpack_from("=i", body, 4)[0]
+    if family != socket.AF_INET:
+        return None
+    mac = ip = None
+    offset = 12
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            break
+        value = body[offset + 4:offset + length]
+        if kind == NDA_DST and len(value) == 4:
+            ip = socket.inet_ntoa(value)
+        elif kind == NDA_LLADDR and len(value) == 6:
+            mac = ":".join(f"{b:02x}" for b in value)
+        offset += (length + 3) & ~3
+    return (ifindex, mac, ip) if mac and ip else None
 
 
 class Clock:
@@ -483,11 +507,10 @@ class Supervisor:
 
     def _start_neighbour_monitor(self) -> None:
         """Devices appear in the gateway's neighbour table when they first talk to it. A
-        netlink socket subscribed to neighbour events, read on the loop (no thread); pyroute2
-        decodes the messages. The table as it is now comes from one dump at start."""
+        netlink socket subscribed to neighbour events, read on the loop (no thread). The table
+        as it is now comes from one dump at start."""
         import ipaddress
         import subprocess
-        from pyroute2.netlink.rtnl.ndmsg import ndmsg
         ifname = self.cfg.gateway.devices_interface
         net = ipaddress.IPv4Network(self.cfg.gateway.lan)
         try:
@@ -518,10 +541,9 @@ class Supervisor:
                 if length < 16:
                     break
                 if kind == RTM_NEWNEIGH:
-                    msg = ndmsg(data[offset:offset + length])
-                    msg.decode()
-                    if msg["ifindex"] == ifindex:
-                        seen(msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST"))
+                    neighbour = parse_neighbour(data[offset + 16:offset + length])
+                    if neighbour and neighbour[0] == ifindex:
+                        seen(neighbour[1], neighbour[2])
                 offset += (length + 3) & ~3
 
         self.loop.add_reader(sock.fileno(), readable)

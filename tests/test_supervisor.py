@@ -264,3 +264,19 @@ def test_sigkill_at_random_moments_while_telemetry_and_attacks_run(slab):
         attacker.join()
     # the attack was seen across the restarts and moved the plug
     assert wait_until(lambda: posture_of(slab, "plug1") == "attack", 10)
+
+
+def test_neighbour_messages_are_decoded_as_pyroute2_would():
+    """The supervisor decodes RTM_NEWNEIGH by hand (memory); pyroute2 is the reference."""
+    import socket as s
+    import struct
+    from pyroute2.netlink.rtnl.ndmsg import ndmsg
+    from appliance.supervisor import parse_neighbour
+    msg = ndmsg()
+    msg["family"], msg["ifindex"], msg["state"] = s.AF_INET, 7, 2
+    msg["attrs"] = [("NDA_DST", "198.18.0.10"), ("NDA_LLADDR", "02:4b:00:00:00:01")]
+    msg.encode()
+    raw = bytes(msg.data[:struct.unpack_from("=I", msg.data, 0)[0]])
+    assert parse_neighbour(raw[16:]) == (7, "02:4b:00:00:00:01", "198.18.0.10")
+    assert parse_neighbour(b"\x0a" + raw[17:]) is None       # not IPv4
+    assert parse_neighbour(raw[16:24]) is None                 # truncated
