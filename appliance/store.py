@@ -28,7 +28,6 @@ from .errors import ConfigError, KalkiError
 
 DEFAULT_DIRECTORY = Path("/var/lib/kalki")
 FILENAME = "kalki.json"
-LOG_FILENAME = "kalki-log.json"
 # What enforcement depends on is written at once; the logs (posture history, alerts, decisions)
 # are written behind, at most a flush interval late, so that an alert storm does not rewrite
 # the device file and a decision does not wait for the disk.
@@ -64,7 +63,7 @@ class AtomicJSONStorage(Storage):
     it returns. Nothing else may write the file while this object has it open.
     """
 
-    def __init__(self, path, deferred: bool = False, **json_kwargs):
+    def __init__(self, path, **json_kwargs):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._json_kwargs = json_kwargs
@@ -72,28 +71,18 @@ class AtomicJSONStorage(Storage):
         self._data = None   # the state parsed; None until needed after a load or a write
         self._batch_depth = 0
         self._dirty = False
-        self.deferred = deferred    # writes wait for flush()
-        self._unflushed = False
 
     def read(self):
-        if self._text is None and self._data is None:
+        if self._text is None:
             self._data = self._load()
         elif self._data is None:
             self._data = json.loads(self._text)
         if not self._data:
             return None
-        if self.deferred:
-            # The logs are only inserted into and pruned, never edited in place: copying the
-            # tables (not every record) is enough, and keeps an insert cheap.
-            return {name: dict(table) for name, table in self._data.items()}
         return {name: {doc_id: dict(doc) for doc_id, doc in table.items()}
                 for name, table in self._data.items()}
 
     def write(self, data):
-        if self.deferred:
-            # TinyDB hands over tables built from read()'s copies, so keeping them is safe.
-            self._data, self._text, self._unflushed = data, None, True
-            return
         # Serialised once here and parsed again on the next read, so that nothing the caller
         # still holds can change the state behind our back.
         text = json.dumps(data, **self._json_kwargs)
@@ -108,35 +97,20 @@ class AtomicJSONStorage(Storage):
         """Writes inside the block stay in memory and reach the disk as one write at the end.
         If the block raises, nothing is written and the state is re-read from the file."""
         self._batch_depth += 1
-        if self._batch_depth == 1 and self.deferred:
-            self.read()    # loaded, so that a rollback has something to return to
-            # Writes replace the tables (TinyDB builds new ones), so the old ones stay intact.
-            before = (self._data, self._unflushed)
         try:
             yield
             if self._batch_depth == 1 and self._dirty:
                 self._replace(self._text)
         except BaseException:
             if self._batch_depth == 1:
-                if self.deferred:
-                    self._data, self._unflushed = before
-                else:
-                    self._text = self._data = None
+                self._text = self._data = None
             raise
         finally:
             self._batch_depth -= 1
             if not self._batch_depth:
                 self._dirty = False
 
-    def flush(self):
-        """Writes what deferred writes left in memory (nothing if there is nothing)."""
-        if self._unflushed:
-            self._text = json.dumps(self._data, **self._json_kwargs)
-            self._replace(self._text)
-            self._unflushed = False
-
     def close(self):
-        self.flush()
         self._text = self._data = None
 
     def _load(self):
@@ -177,6 +151,117 @@ class AtomicJSONStorage(Storage):
         except OSError as e:
             self.tmp_path.unlink(missing_ok=True)
             raise StoreError(f"cannot write the store {self.path}: {e}") from None
+
+
+class _Record(dict):
+    doc_id: int
+
+
+class LogTable:
+    """An append-only log (posture history, alerts, decisions) with the part of TinyDB's table
+    interface the Store uses. TinyDB rewrites a whole file per insert, which made every alert
+    cost more as the logs grew; here an insert is a line in memory, appended to a JSON-lines
+    file by flush() (fsynced). Removals (retention) rewrite the file atomically at the next
+    flush. A line torn by a power cut is the last one: it is dropped on load."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self._docs: dict[int, _Record] = {}
+        self._next = 1
+        self._pending: list[str] = []
+        self._rewrite = False
+        self._load()
+
+    def _load(self):
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"cannot read the log {self.path}: {e}") from None
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                doc_id = rec.pop("_id")
+            except (ValueError, KeyError, AttributeError):
+                if number >= len(lines) - 1:        # the last line, torn by a power cut
+                    self._rewrite = True
+                    break
+                raise StoreError(f"the log {self.path} is corrupt at line {number}; it is left "
+                                 "as it is: restore a backup or move it aside") from None
+            self._add(doc_id, rec)
+        if not raw.endswith(b"\n") and raw:
+            self._rewrite = True
+
+    def _add(self, doc_id: int, rec: dict) -> _Record:
+        doc = _Record(rec)
+        doc.doc_id = doc_id
+        self._docs[doc_id] = doc
+        self._next = max(self._next, doc_id + 1)
+        return doc
+
+    def insert(self, rec: dict) -> int:
+        doc = self._add(self._next, rec)
+        self._pending.append(json.dumps({"_id": doc.doc_id, **rec}))
+        return doc.doc_id
+
+    def search(self, predicate) -> list:
+        return [d for d in self._docs.values() if predicate(d)]
+
+    def all(self) -> list:
+        return list(self._docs.values())
+
+    def remove(self, doc_ids) -> None:
+        for doc_id in doc_ids:
+            if self._docs.pop(doc_id, None) is not None:
+                self._rewrite = True
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def mark(self) -> tuple:
+        return self._next, len(self._pending)
+
+    def rollback(self, mark: tuple) -> None:
+        """Forgets what was inserted since mark (a failed batch)."""
+        next_id, pending = mark
+        for doc_id in [i for i in self._docs if i >= next_id]:
+            del self._docs[doc_id]
+        del self._pending[pending:]
+        self._next = next_id
+
+    def flush(self) -> None:
+        try:
+            if self._rewrite:
+                text = "".join(json.dumps({"_id": i, **d}) + "\n" for i, d in self._docs.items())
+                with open(self.tmp_path, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(self.tmp_path, self.path)
+                _fsync_dir(self.path.parent)
+            elif self._pending:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in self._pending))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            self.tmp_path.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the log {self.path}: {e}") from None
+        self._pending.clear()
+        self._rewrite = False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -264,29 +349,27 @@ class Store:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
-        self.log_path = self.directory / LOG_FILENAME
         self._db = TinyDB(self.path, storage=AtomicJSONStorage)
-        self._log_db = TinyDB(self.log_path, storage=AtomicJSONStorage, deferred=True)
         self._storage = self._db.storage
-        self._log_storage = self._log_db.storage
         self._storage.read()    # a corrupt file fails here, at start-up, naming itself
-        self._log_storage.read()
         # No query cache: reads are served from memory anyway, and a cache could hold results
         # of a batch that was rolled back.
         self._t = {name: self._db.table(name, cache_size=0) for name in STATE_TABLES}
-        self._t.update({name: self._log_db.table(name, cache_size=0) for name in LOG_TABLES})
+        self._logs = {name: LogTable(self.directory / f"{name}.jsonl") for name in LOG_TABLES}
+        self._t.update(self._logs)
         self._closed = False
 
     def flush(self):
-        """Writes the logs kept in memory since the last flush (the supervisor calls this
+        """Writes the log lines kept in memory since the last flush (the supervisor calls this
         every second and at exit; a crash loses at most that much of the logs)."""
         if not self._closed:
-            self._log_storage.flush()
+            for log in self._logs.values():
+                log.flush()
 
     def close(self):
         if not self._closed:
+            self.flush()
             self._closed = True
-            self._log_db.close()
             self._db.close()
 
     def __enter__(self):
@@ -300,8 +383,14 @@ class Store:
         """Several mutating calls as one disk write; if the block raises, none of them count."""
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
-        with self._storage.batch(), self._log_storage.batch():
-            yield
+        marks = {name: log.mark() for name, log in self._logs.items()}
+        try:
+            with self._storage.batch():
+                yield
+        except BaseException:
+            for name, log in self._logs.items():
+                log.rollback(marks[name])
+            raise
 
     def _now(self) -> str:
         return _stamp(self._clock(), "clock")
