@@ -277,8 +277,20 @@ def load(path: Path | str = SOURCE) -> Site:
 
 
 # -- rendering -------------------------------------------------------------------------------
-def supervisor_config(site: Site) -> config.Config:
+def is_raspberry_pi(model_file: Path = Path("/sys/firmware/devicetree/base/model")) -> bool:
+    """The posture LEDs and the button are on a Pi's GPIO header; elsewhere (qemu's boot test)
+    there is none, and the panel stays off."""
+    try:
+        return model_file.read_bytes().startswith(b"Raspberry Pi")
+    except OSError:
+        return False
+
+
+def supervisor_config(site: Site, panel: bool = False) -> config.Config:
     cfg = config.Config()
+    cfg.web.enabled = True               # the operator's page; certificate on the data partition
+    cfg.web.tls_dir = f"{STATE_DIR}/tls"
+    cfg.panel.enabled = panel
     cfg.profiles = PROFILES
     cfg.gateway.devices_interface = site.devices_interface
     cfg.gateway.uplink_interface = site.uplink_interface
@@ -387,9 +399,9 @@ def nat_nft(site: Site) -> str:
     ])
 
 
-def render(site: Site) -> dict[str, str]:
+def render(site: Site, panel: bool = False) -> dict[str, str]:
     """Every file of a good site, by name relative to the output directory."""
-    files = {"kalki.toml": config.dump(supervisor_config(site)),
+    files = {"kalki.toml": config.dump(supervisor_config(site, panel)),
              "dnsmasq.conf": dnsmasq_conf(site),
              "nat.nft": nat_nft(site),
              **networkd_files(site)}
@@ -401,12 +413,12 @@ def render(site: Site) -> dict[str, str]:
     return files
 
 
-def render_fail_closed(site: Site | None = None) -> dict[str, str]:
+def render_fail_closed(site: Site | None = None, panel: bool = False) -> dict[str, str]:
     """After an error: only the supervisor's kalki.toml (so it starts and shows the error) and
     the uplink's DHCP client (so the web page can be reached). No access point, no DHCP or DNS
     for the devices, no NAT, no SSH."""
     site = site or Site()
-    files = {"kalki.toml": config.dump(supervisor_config(site))}
+    files = {"kalki.toml": config.dump(supervisor_config(site, panel))}
     files["network/10-kalki-uplink.network"] = networkd_files(site)["network/10-kalki-uplink.network"]
     return files
 
@@ -435,14 +447,17 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def apply(source: Path = SOURCE, out: Path = OUT, error_file: Path = ERROR_FILE) -> tuple[bool, str]:
-    """Render the site into out; returns (ok, message). Never raises for a bad site file."""
+def apply(source: Path = SOURCE, out: Path = OUT, error_file: Path = ERROR_FILE,
+          panel: bool | None = None) -> tuple[bool, str]:
+    """Render the site into out; returns (ok, message). Never raises for a bad site file.
+    panel: drive the LEDs and the button (default: on a Raspberry Pi)."""
     source, out, error_file = Path(source), Path(out), Path(error_file)
+    panel = is_raspberry_pi() if panel is None else panel
     try:
         site = load(source)
-        files, ok, message = render(site), True, f"{source}: site settings applied"
+        files, ok, message = render(site, panel), True, f"{source}: site settings applied"
     except SiteError as e:
-        files, ok, message = render_fail_closed(_interfaces_only(source)), False, str(e)
+        files, ok, message = render_fail_closed(_interfaces_only(source), panel), False, str(e)
     for name in FILES:
         if name not in files:
             (out / name).unlink(missing_ok=True)

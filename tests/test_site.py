@@ -114,6 +114,22 @@ def test_supervisor_config_is_valid_and_on_the_data_partition(tmp_path):
     assert cfg.policy.business_days == ["mon", "tue", "wed"]
     assert (cfg.policy.business_start, cfg.policy.business_end) == ("07:30", "17:00")
     assert cfg.profiles == "/opt/kalki/umboxes"
+    assert cfg.web.enabled and cfg.web.tls_dir == "/var/lib/kalki/tls"
+    assert not cfg.panel.enabled
+
+
+def test_panel_only_on_a_pi(tmp_path):
+    s = site.load(write(tmp_path, WIRED))
+    assert tomllib.loads(site.render(s, panel=True)["kalki.toml"])["panel"]["enabled"] is True
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 4 Model B Rev 1.4\0")
+    assert site.is_raspberry_pi(model)
+    model.write_bytes(b"linux,dummy-virt\0")
+    assert not site.is_raspberry_pi(model)
+    assert not site.is_raspberry_pi(tmp_path / "absent")
+    out, err = tmp_path / "out", tmp_path / "err"
+    site.apply(tmp_path / "missing.toml", out, err, panel=True)
+    assert tomllib.loads((out / "kalki.toml").read_text())["panel"]["enabled"] is True
 
 
 def test_hostapd_is_wpa2_with_isolation_and_no_plain_passphrase(tmp_path):
