@@ -54,6 +54,7 @@ def handle(sup, req: dict):
                 "mqtt_rejected": dict(sup.bus.rejected) if sup.bus else {},
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
+                "site_error": getattr(sup, "site_error", None),
                 "counters": dict(sup.counters)}
     if op == "devices":
         return [_device_view(sup, d) for d in sorted(sup.known.values(), key=lambda d: d["name"])]

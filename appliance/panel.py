@@ -87,6 +87,13 @@ PATTERNS: dict[str, dict[str, str]] = {
         "action": "Wait a minute; if it does not go back to a posture colour, unplug the power "
                   "and plug it in again. If it comes back, report it with the appliance's logs.",
     },
+    "site-error": {
+        "leds": "red blinking fast",
+        "meaning": "The site settings file (kalki.toml on the SD card) has an error; the "
+                   "devices side stays closed (no Wi-Fi, no DHCP, nothing forwarded).",
+        "action": "Open the web page (it names the error), or take out the card, correct "
+                  "kalki.toml on its first partition and boot again.",
+    },
     "off": {
         "leds": "all dark",
         "meaning": "No power, or the supervisor is not running.",
@@ -104,6 +111,7 @@ _MODES: dict[str, dict[str, object]] = {
     "factory-reset": {"green": "on", "amber": "on", "red": "on"},
     "booting": {"amber": SLOW},
     "fault": {"red": BLINK, "amber": ALTERNATE},
+    "site-error": {"red": FAST},
     "off": {},
 }
 
@@ -257,6 +265,8 @@ class Panel:
             name = "countdown" if self._stage == "admin-reset" else "factory-reset"
         elif self._fault:
             name = "fault"
+        elif getattr(self.sup, "site_error", None):
+            name = "site-error"
         elif self._posture is None:
             name = "booting"
         elif self._claim:

@@ -116,6 +116,7 @@ class Supervisor:
         self._control_server = None
         self.counters = collections.Counter()
         self._listeners: set[asyncio.Queue] = set()
+        self.site_error = self._read_site_error()   # shown on the LEDs and the web page
         self.web = None      # the web page's runner (appliance.web), when enabled
         self.adapter = None  # polls devices that have an HTTP API and no MQTT
         self.panel = None    # LEDs and button (appliance.panel), when enabled
@@ -124,6 +125,15 @@ class Supervisor:
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
+
+    @staticmethod
+    def _read_site_error() -> str | None:
+        """What the image's site-apply found wrong in kalki.toml on the SD card, if anything."""
+        from .site import ERROR_FILE
+        try:
+            return ERROR_FILE.read_text().strip() or None
+        except OSError:
+            return None
 
     # -- the rules ------------------------------------------------------------------------
     def _rules(self) -> list[policy.Rule]:

@@ -442,3 +442,11 @@ def test_the_lab_button_opens_the_claim_window(run_suffix):
         assert bad.returncode == 2 and "seconds" in bad.stderr
     finally:
         topology.down(name)
+
+
+def test_a_site_settings_error_has_its_own_pattern(panel, sup):
+    sup.site_error = "kalki.toml: wifi.passphrase: 8 to 63 characters"
+    assert panel.refresh() == "site-error"
+    assert "kalki.toml" in panel.state()["meaning"]
+    sup.site_error = None
+    assert panel.refresh() == "normal"

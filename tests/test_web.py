@@ -622,3 +622,16 @@ async def test_start_web_in_a_network_namespace_file(sup):
                 assert r.status == 200
     finally:
         await runner.cleanup()
+
+
+@aiotest
+async def test_a_site_settings_error_is_shown_on_every_page(sup):
+    set_admin(sup)
+    sup.site_error = "kalki.toml: wifi.passphrase: 8 to 63 characters"
+    async with client(sup) as c:
+        await login(c)
+        for path in ("/", "/settings"):
+            text = await (await c.get(path)).text()
+            assert 'id="site-error"' in text and "wifi.passphrase" in text
+        sup.site_error = None
+        assert 'id="site-error"' not in await (await c.get("/")).text()

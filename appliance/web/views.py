@@ -60,6 +60,10 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
         session.flash.clear()
     if error:
         flash += f'<p class="error" role="alert">{e(error)}</p>'
+    site_error = getattr(st.sup, "site_error", None) if hasattr(st, "sup") else None
+    if site_error:   # the site settings on the card are wrong: the devices side stays closed
+        flash += (f'<p class="error" id="site-error" role="alert">The site settings (kalki.toml '
+                  f'on the SD card) are wrong, so the devices side stays closed: {e(site_error)}</p>')
     menu = ""
     if nav and request.get(USER):
         links = "".join(f'<a href="{href}"{" class=current" if request.path == href else ""}>{e(t)}</a>'
