@@ -65,7 +65,11 @@ def shot(driver, name):
 
 
 def wait(driver, timeout=10):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1)
+    # The overview re-renders rows on live events and after a form's redirect: an element
+    # found a moment ago may be gone; look again.
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
 
 
 def posture_badge(driver, device):

@@ -212,8 +212,14 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
         if all(p.exists() for p in paths):
             return
         time.sleep(0.05)
-    missing = [p.name for p in paths if not p.exists()]
-    raise LabError(f"{what} did not start within {timeout:.0f} s: {', '.join(missing[:5])}")
+    missing = [p for p in paths if not p.exists()]
+    logs = ""
+    for flag in missing[:2]:     # what the service said, if it said anything
+        log = flag.with_suffix(".log")
+        if log.exists():
+            logs += f"\n--- {log.name} ---\n" + log.read_text(errors="replace")[-1500:]
+    raise LabError(f"{what} did not start within {timeout:.0f} s: "
+                   f"{', '.join(p.name for p in missing[:5])}{logs}")
 
 
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
@@ -397,7 +403,7 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
         "--block-command", block_command],
         lab_dir / "gate.log")
     _save(s)
-    wait_for_files(ready, 30, f"lab {s.name}: services")
+    wait_for_files(ready, 90, f"lab {s.name}: services")
 
 
 def _protect(s: LabState) -> None:
