@@ -11,6 +11,7 @@ the strings compares the times.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import ipaddress
 import json
@@ -168,6 +169,7 @@ class LogTable:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._docs: dict[int, _Record] = {}
+        self._per_device: collections.Counter = collections.Counter()   # retention per device
         self._next = 1
         self._pending: list[str] = []
         self._rewrite = False
@@ -201,8 +203,12 @@ class LogTable:
         doc = _Record(rec)
         doc.doc_id = doc_id
         self._docs[doc_id] = doc
+        self._per_device[rec.get("device")] += 1
         self._next = max(self._next, doc_id + 1)
         return doc
+
+    def count_for(self, device) -> int:
+        return self._per_device[device]
 
     def insert(self, rec: dict) -> int:
         doc = self._add(self._next, rec)
@@ -217,7 +223,9 @@ class LogTable:
 
     def remove(self, doc_ids) -> None:
         for doc_id in doc_ids:
-            if self._docs.pop(doc_id, None) is not None:
+            doc = self._docs.pop(doc_id, None)
+            if doc is not None:
+                self._per_device[doc.get("device")] -= 1
                 self._rewrite = True
 
     def __len__(self) -> int:
@@ -230,7 +238,7 @@ class LogTable:
         """Forgets what was inserted since mark (a failed batch)."""
         next_id, pending = mark
         for doc_id in [i for i in self._docs if i >= next_id]:
-            del self._docs[doc_id]
+            self._per_device[self._docs.pop(doc_id).get("device")] -= 1
         del self._pending[pending:]
         self._next = next_id
 
@@ -516,8 +524,8 @@ class Store:
             self._device(device)
             doc_id = history.insert({"device": device, "posture": posture, "reason": reason,
                                      "at": at})
-            mine = history.search(where("device") == device)
-            if _over(len(mine), self.retention.history_per_device):
+            if _over(history.count_for(device), self.retention.history_per_device):
+                mine = history.search(lambda d: d["device"] == device)
                 self._remove_oldest(history, mine, self.retention.history_per_device)
         return doc_id
 

@@ -166,12 +166,18 @@ class Supervisor:
                    and (types is None or typ in types))
 
     def telemetry(self, device, field, last=None, since=None) -> list:
-        values = [(at, p[field]) for at, p in self._telemetry.get(device, ()) if field in p]
-        if since is not None:
-            values = [(at, v) for at, v in values if at >= since]
-        if last is not None:
-            values = values[-last:]
-        return [v for _, v in values]
+        # newest first, stopping as soon as the window or the count is full: this runs for
+        # every rule on every report
+        values = []
+        for at, payload in reversed(self._telemetry.get(device, ())):
+            if since is not None and at < since:
+                break
+            if field in payload:
+                values.append(payload[field])
+                if last is not None and len(values) >= last:
+                    break
+        values.reverse()
+        return values
 
     def posture(self, device: str) -> str:
         d = self.known.get(device)
