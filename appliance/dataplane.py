@@ -108,6 +108,7 @@ class Dataplane:
         self._next_id_hint = 1
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
+        self.last_batch_nft = 0
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -352,10 +353,12 @@ class Dataplane:
             yield
             return
         self._batch = []
+        self.last_batch_nft = 0
         try:
             yield
         finally:
             pending, self._batch = self._batch, None
+        self.last_batch_nft = len(pending)   # how many devices' nftables parts it carried
         if not pending:
             return
         try:

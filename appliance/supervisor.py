@@ -342,7 +342,8 @@ class Supervisor:
         except KalkiError as e:
             log.error("rule %s: the data path refused the decision: %s", d.rule, e)
             done.append({"error": str(e)})
-        if enforced:       # in force only now that the batch's nftables part is in
+        if enforced and getattr(self.dp, "last_batch_nft", 0):
+            # the XDP entries were in force at once; nftables' part only now
             enforced = [time.monotonic_ns()]
         for a in d.actions:
             if a.kind == "alert":
