@@ -107,6 +107,7 @@ class Dataplane:
         self._stale_ids = True                  # read the kernel's ids once, then keep track
         self._next_id_hint = 1
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
+        self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
         self.last_batch_nft = 0
         self._closed = False
@@ -258,9 +259,15 @@ class Dataplane:
     def _allow_key(list_id: int, prefixlen: int, addr: str) -> maps.AllowKey:
         return maps.AllowKey(prefixlen=32 + prefixlen, list=_be32(list_id), addr=_ip_be(addr))
 
+    def _allow_ids(self) -> dict[int, int]:
+        """{device id: its allow-list id}, read from the kernel once, then kept in step."""
+        if self._allow_of is None:
+            self._allow_of = {k.value: e.allow_id for k, e in self._maps["kalki_devices"].items()}
+        return self._allow_of
+
     def _collect_lists(self) -> None:
         """Deletes the lists no device uses any more."""
-        used = {entry.allow_id for _, entry in self._maps["kalki_devices"].items()}
+        used = set(self._allow_ids().values())
         index = self._list_index()
         for content, list_id in list(index.items()):
             if list_id not in used:
@@ -293,6 +300,7 @@ class Dataplane:
         def undo():
             if before is not None and previous:
                 self._maps["kalki_devices"].update(key, before)
+                self._allow_ids()[device_id] = before.allow_id
                 self._write_indexes(device_id, previous.spec, spec)
             else:
                 self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
@@ -389,6 +397,7 @@ class Dataplane:
                 m["kalki_event_limit"].update(slot, maps.EventLimit())
                 m["kalki_counters"].update(slot, maps.Counter())
         m["kalki_devices"].update(key, self._device_entry(spec, compiled, allow_id))
+        self._allow_ids()[device_id] = allow_id
         self._write_indexes(device_id, spec, previous.spec if previous else None)
 
     def _write_indexes(self, device_id: int, spec: DeviceSpec, old: DeviceSpec | None) -> None:
@@ -426,6 +435,7 @@ class Dataplane:
         for ip in ips:
             m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
         m["kalki_devices"].delete(ctypes.c_uint32(device_id))
+        self._allow_ids().pop(device_id, None)
         self._used_ids.discard(device_id)
         self._next_id_hint = min(self._next_id_hint, device_id)
 
@@ -520,7 +530,7 @@ class Dataplane:
             report["reattached"] = sorted(missing.values())
         by_mac = self._kernel_ids_by_mac()
         self._nft_state = nft_state = self._nft.read_back()
-        self._lists, self._stale_ids = None, True     # read the kernel afresh
+        self._lists, self._allow_of, self._stale_ids = None, None, True   # read the kernel afresh
         wanted_ids = set()
         for s in specs:
             c = compiled[s.name]
