@@ -9,7 +9,6 @@ import asyncio
 import json
 import socket
 import time
-from pathlib import Path
 
 from . import policy
 from .errors import ConfigError, KalkiError
@@ -195,7 +194,3 @@ def request(socket_path: str, op: str, timeout: float = 30.0, **args):
 def socket_for_lab(name: str) -> str:
     from .lab import topology
     return str(topology.state_path(name).parent / "kalki.sock")
-
-
-def exists(path: str) -> bool:
-    return Path(path).exists()

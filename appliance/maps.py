@@ -86,9 +86,6 @@ class Device(ctypes.Structure):
                 ("bf_block_s", ctypes.c_uint32), ("bf_ports", ctypes.c_uint16 * LOGIN_PORTS),
                 ("allow_id", ctypes.c_uint32)]
 
-    def as_tuple(self):
-        return bytes(self)
-
 
 class AllowKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("list", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
