@@ -28,7 +28,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (emit, install_signal_handlers, lab_only, percentile, median, suffix,  # noqa: E402
+from common import (emit, install_signal_handlers, lab_only, percentile, median, remove_lab, suffix,  # noqa: E402
                     vm_status)
 from appliance import control, dataplane, netns  # noqa: E402
 from appliance.lab import topology  # noqa: E402
@@ -58,12 +58,7 @@ def supervised_lab(tag: str, devices: int):
     finally:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            topology.down(name)
-            dataplane.remove_pins(name)
-            left = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
-                if os.path.isdir("/run/netns") else []
-            if left:
-                print(f"teardown: namespaces left behind: {left}", file=sys.stderr)
+            remove_lab(name)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

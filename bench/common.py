@@ -96,15 +96,20 @@ def lab(tag: str, devices: int = 1, open_dataplane: bool = True):
                     dp.destroy()
                 except Exception as e:  # the namespace removal below takes the rest
                     print(f"teardown: {e}", file=sys.stderr)
-            topology.down(name)
-            dataplane.remove_pins(name)
-            left = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
-                if os.path.isdir("/run/netns") else []
-            if left:
-                print(f"teardown: namespaces left behind: {left}", file=sys.stderr)
+            remove_lab(name)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def remove_lab(name: str) -> None:
+    """Everything of lab `name` goes; says so if a namespace stays behind."""
+    topology.down(name)
+    dataplane.remove_pins(name)
+    left = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
+        if os.path.isdir("/run/netns") else []
+    if left:
+        print(f"teardown: namespaces left behind: {left}", file=sys.stderr)
 
 
 def ns_run(ns: str, args: list[str], **kw) -> subprocess.CompletedProcess:
