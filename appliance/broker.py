@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import time
 from pathlib import Path
@@ -39,8 +40,13 @@ LOG = "mosquitto.log"
 OUTPUT = "mosquitto.out"  # stderr: errors from before the log file is opened
 
 
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+
+
 def random_password() -> str:
-    return secrets.token_urlsafe(24)
+    # Letters and digits only: a password that begins with '-' reads as an option to argparse,
+    # mosquitto_pub -P and every other command line a technician or a script passes it to.
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(32))
 
 
 def check_name(name: str, what: str = "device name") -> str:

@@ -152,7 +152,8 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
     # a bad value is refused with a clear message, and nothing changes
     d.find_element(By.NAME, "for").send_keys("soon")
     d.find_element(By.XPATH, "//button[text()='Set posture']").click()
-    assert "soon" in d.find_element(By.CSS_SELECTOR, ".error").text
+    error = wait(d).until(lambda drv: drv.find_element(By.CSS_SELECTOR, ".error"))  # after the reload
+    assert "soon" in error.text
     assert control.request(sock, "device_show", name="plug1")["posture"] == "suspicious"
 
     # the attack: the overview turns the camera red while it stays open

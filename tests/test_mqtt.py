@@ -376,3 +376,11 @@ def test_device_services_telemetry_and_commands(broker):
             await asyncio.to_thread(bus.close)
         return bus.rejected
     assert asyncio.run(main()) == {}
+
+
+def test_generated_passwords_survive_any_command_line():
+    # A generated password once began with '-', and argparse took it for an option:
+    # the lab's camera never started. Letters and digits only, long enough to guess at never.
+    passwords = {random_password() for _ in range(2000)}
+    assert len(passwords) == 2000
+    assert all(len(p) == 32 and p.isascii() and p.isalnum() for p in passwords)

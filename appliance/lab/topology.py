@@ -377,7 +377,7 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
             mqtt = ["--hue-user", hue]
         elif d.name in passwords:
             mqtt = ["--mqtt-host", GATEWAY_LAN_IP, "--mqtt-port", str(MQTT_PORT), "--mqtt-user",
-                    d.name, "--mqtt-password", passwords[d.name], "--telemetry-interval", "0.5"]
+                    d.name, f"--mqtt-password={passwords[d.name]}", "--telemetry-interval", "0.5"]
         s.pids[d.name] = spawn(d.namespace, [py, "-m", "appliance.lab.device_services", "--name",
                                              d.name, "--type", d.type, "--bind", "0.0.0.0",
                                              "--user", "admin", "--password", DEVICE_PASSWORD,
