@@ -102,6 +102,11 @@ class Dataplane:
         self._ring: bpf.RingBuffer | None = None
         self._nft: nft.Nft | None = None
         self._devices: dict[str, _Applied] = {}
+        # the same devices by MAC, address and id: a posture change of 25 cameras among 1,000
+        # devices must not walk all of them 25 times
+        self._name_by_mac: dict[str, str] = {}
+        self._name_by_ip: dict[str, str] = {}
+        self._name_by_id: dict[int, str] = {}
         self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
         self._used_ids: set[int] = set()
         self._stale_ids = True                  # read the kernel's ids once, then keep track
@@ -109,7 +114,6 @@ class Dataplane:
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
         self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
-        self.last_batch_nft = 0
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -179,7 +183,23 @@ class Dataplane:
         return {n: a.spec for n, a in self._devices.items()}
 
     def device_by_ip(self, ip: str) -> str | None:
-        return next((n for n, a in self._devices.items() if a.spec.ip == ip), None)
+        return self._name_by_ip.get(ip)
+
+    def _put(self, applied: _Applied) -> None:
+        self._forget(applied.spec.name)
+        name = applied.spec.name
+        self._devices[name] = applied
+        self._name_by_mac[applied.spec.mac] = self._name_by_ip[applied.spec.ip] = name
+        self._name_by_id[applied.device_id] = name
+
+    def _forget(self, name: str) -> None:
+        a = self._devices.pop(name, None)
+        if a is None:
+            return
+        for index, key in ((self._name_by_mac, a.spec.mac), (self._name_by_ip, a.spec.ip),
+                           (self._name_by_id, a.device_id)):
+            if index.get(key) == name:
+                del index[key]
 
     def device_id(self, name: str) -> int:
         return self._applied(name).device_id
@@ -195,7 +215,7 @@ class Dataplane:
                 for k in self._maps["kalki_dev_by_mac"].keys()}
 
     def _free_id(self) -> int:
-        used = {a.device_id for a in self._devices.values()}
+        used = set(self._name_by_id)
         used |= {k.value for k in self._maps["kalki_devices"].keys()} if self._stale_ids else set()
         self._stale_ids = False
         used |= self._used_ids
@@ -282,10 +302,12 @@ class Dataplane:
         maps are put back."""
         spec = spec.checked()
         compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
-        for other in self._devices.values():
-            if other.spec.name != spec.name and (other.spec.mac == spec.mac or other.spec.ip == spec.ip):
-                raise ConfigError(f"device {spec.name}: MAC {spec.mac} or address {spec.ip} "
-                                  f"already belongs to device {other.spec.name}")
+        for index, value, what in ((self._name_by_mac, spec.mac, "MAC"),
+                                   (self._name_by_ip, spec.ip, "address")):
+            owner = index.get(value)
+            if owner is not None and owner != spec.name:
+                raise ConfigError(f"device {spec.name}: {what} {value} already belongs to "
+                                  f"device {owner}")
         previous = self._devices.get(spec.name)
         if previous:
             device_id = previous.device_id
@@ -302,17 +324,24 @@ class Dataplane:
                 self._maps["kalki_devices"].update(key, before)
                 self._allow_ids()[device_id] = before.allow_id
                 self._write_indexes(device_id, previous.spec, spec)
+                self._put(previous)
             else:
                 self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
+                self._forget(spec.name)
 
         # In quarantine XDP drops everything nftables would act on: leave it as it is.
-        if not compiled.flags & maps.Flag.QUARANTINE:
+        if compiled.flags & maps.Flag.QUARANTINE:
+            if self._batch is not None:
+                self._batch.append((spec.name, device_id, None, None, undo))
+        else:
             rules = self._nft.device_rules(device_id, compiled.conn_limit)
             if self._batch is not None:
                 plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
                 if plan:
                     self._batch.append((spec.name, device_id, *plan, undo))
                     self._nft_state[device_id] = plan[1]   # the next plan builds on it
+                else:
+                    self._batch.append((spec.name, device_id, None, None, undo))
             else:
                 try:
                     self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
@@ -321,7 +350,7 @@ class Dataplane:
                     raise
         if before is not None and before.allow_id != allow_id:
             self._collect_lists()
-        self._devices[spec.name] = _Applied(spec, device_id, compiled)
+        self._put(_Applied(spec, device_id, compiled))
         self._used_ids.add(device_id)
         return device_id
 
@@ -356,29 +385,36 @@ class Dataplane:
     def batch(self):
         """Several apply() calls whose nftables parts go in one transaction at the end (a rule
         that moves 25 cameras at once). Each device's XDP entry is in force at once; if
-        nftables refuses the transaction, every device of the batch is put back."""
+        anything in the block raises or nftables refuses the transaction, every device of the
+        batch is put back."""
         if self._batch is not None:
             yield
             return
         self._batch = []
-        self.last_batch_nft = 0
         try:
             yield
-        finally:
+        except BaseException:
             pending, self._batch = self._batch, None
-        self.last_batch_nft = len(pending)   # how many devices' nftables parts it carried
-        if not pending:
+            self._undo(pending)
+            raise
+        pending, self._batch = self._batch, None
+        commands = [c for _, _, device_commands, _, _ in pending for c in device_commands or ()]
+        if not commands:
             return
         try:
-            self._nft.run([c for _, _, commands, _, _ in pending for c in commands],
-                          f"devices {', '.join(name for name, *_ in pending)}")
+            self._nft.run(commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
         except DataplaneError:
-            for *_, undo in reversed(pending):
-                undo()
-            self._nft_state = self._nft.read_back()
+            self._undo(pending)
             raise
-        for _, device_id, _, state, _ in pending:
-            self._nft_state[device_id] = state
+        for _, device_id, device_commands, state, _ in pending:
+            if device_commands:
+                self._nft_state[device_id] = state
+
+    def _undo(self, pending: list) -> None:
+        for *_, undo in reversed(pending):
+            undo()
+        self._nft_state = self._nft.read_back()
+        self._collect_lists()
 
     @staticmethod
     def _nft_differs(current: dict, wanted: dict) -> bool:
@@ -403,6 +439,8 @@ class Dataplane:
     def _write_indexes(self, device_id: int, spec: DeviceSpec, old: DeviceSpec | None) -> None:
         m = self._maps
         key = ctypes.c_uint32(device_id)
+        if old and old.mac == spec.mac and old.ip == spec.ip:
+            return      # a posture change: the indexes stand (reconcile rewrites them itself)
         m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
         if old and old.mac != spec.mac:
@@ -419,7 +457,7 @@ class Dataplane:
     def remove(self, name: str) -> None:
         a = self._applied(name)
         self._remove_id(a.device_id, [a.spec.mac], [a.spec.ip])
-        del self._devices[name]
+        self._forget(name)
 
     def _remove_id(self, device_id: int, macs, ips) -> None:
         current = self._nft_state.pop(device_id, None)
@@ -458,7 +496,7 @@ class Dataplane:
         records = self._ring.drain(limit)
         if not records and timeout > 0 and self._ring.wait(timeout):
             records = self._ring.drain(limit)
-        names = {a.device_id: n for n, a in self._devices.items()}
+        names = self._name_by_id
         out = []
         for raw in records:
             e = maps.Event.from_buffer_copy(raw.ljust(ctypes.sizeof(maps.Event), b"\0"))
@@ -488,7 +526,7 @@ class Dataplane:
 
     def drop_set(self) -> list[dict]:
         now = time.monotonic_ns()
-        names = {a.device_id: n for n, a in self._devices.items()}
+        names = self._name_by_id
         out = []
         for k, v in self._maps["kalki_drop_set"].items():
             if v.expires_ns and v.expires_ns < now:
@@ -536,9 +574,9 @@ class Dataplane:
             c = compiled[s.name]
             device_id = by_mac.get(s.mac)
             if device_id is not None:
-                self._devices[s.name] = _Applied(s, device_id, c)
+                self._put(_Applied(s, device_id, c))
             if device_id is None:
-                self._devices.pop(s.name, None)
+                self._forget(s.name)
                 wanted_ids.add(self.apply(s))
                 report["added"].append(s.name)
                 continue
@@ -558,7 +596,8 @@ class Dataplane:
             if kernel_ok and nft_ok:
                 report["unchanged"].append(s.name)
             else:
-                self._devices[s.name] = _Applied(s, device_id, c)
+                self._put(_Applied(s, device_id, c))
+                self._write_indexes(device_id, s, None)
                 self.apply(s)
                 report["fixed"].append(s.name)
         for k in list(self._maps["kalki_devices"].keys()):
@@ -568,7 +607,7 @@ class Dataplane:
                 self._remove_id(k.value, macs, [_ip_str(entry.ipv4)] if entry else [])
                 report["removed"].append(k.value)
         for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
-            del self._devices[name]
+            self._forget(name)
         self._collect_lists()
         return report
 

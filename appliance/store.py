@@ -52,46 +52,49 @@ class StoreError(KalkiError):
     """The state file is unreadable or unwritable, or a record or argument is invalid."""
 
 
+class _Tables(dict):
+    """The state as TinyDB sees it. TinyDB edits the documents of the table it takes in place
+    (update() edits them, remove() pops them), so a table is copied when it is taken, document
+    by document; the other tables are not touched. Values nested inside documents are shared:
+    TinyDB never edits them, and Store copies what it returns."""
+
+    def __getitem__(self, name):
+        return {doc_id: dict(doc) for doc_id, doc in super().__getitem__(name).items()}
+
+
 class AtomicJSONStorage(Storage):
     """A TinyDB storage that never leaves a half-written file: each write goes to
     `.<name>.tmp` in the same directory, is fsynced, renamed over the file, and the directory
     is fsynced so that the rename itself survives a power cut.
 
-    The last state is kept in memory, because TinyDB reads everything before every query and
-    every write. read() hands out new table and document dicts each time, because TinyDB
-    changes them in place (update() edits documents, remove() pops them); values nested inside
-    documents are shared, which is safe because TinyDB never edits them and Store copies what
-    it returns. Nothing else may write the file while this object has it open.
+    The state is kept in memory, parsed, because TinyDB reads everything before every query
+    and every write: a read costs a copy of the one table TinyDB takes, and a write inside a
+    batch costs nothing until the batch ends and the state is serialised once. Nothing else may
+    write the file while this object has it open.
     """
 
     def __init__(self, path, **json_kwargs):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._json_kwargs = json_kwargs
-        self._text = None   # the state as JSON text, as on disk (or about to be, in a batch)
-        self._data = None   # the state parsed; None until needed after a load or a write
+        self._data = None   # the state parsed; None until loaded, or after a failed batch
         self._batch_depth = 0
         self._dirty = False
 
     def read(self):
-        if self._text is None:
+        if self._data is None:
             self._data = self._load()
-        elif self._data is None:
-            self._data = json.loads(self._text)
-        if not self._data:
-            return None
-        return {name: {doc_id: dict(doc) for doc_id, doc in table.items()}
-                for name, table in self._data.items()}
+        return _Tables(self._data) if self._data else None
 
     def write(self, data):
-        # Serialised once here and parsed again on the next read, so that nothing the caller
-        # still holds can change the state behind our back.
-        text = json.dumps(data, **self._json_kwargs)
+        # TinyDB hands back what read() gave it, with the table it changed replaced: take the
+        # tables as they are (dict.items, not the copying __getitem__).
+        data = dict(dict.items(data))
         if self._batch_depth:
             self._dirty = True
         else:
-            self._replace(text)
-        self._text, self._data = text, None
+            self._replace(json.dumps(data, **self._json_kwargs))
+        self._data = data
 
     @contextmanager
     def batch(self):
@@ -101,10 +104,10 @@ class AtomicJSONStorage(Storage):
         try:
             yield
             if self._batch_depth == 1 and self._dirty:
-                self._replace(self._text)
+                self._replace(json.dumps(self._data, **self._json_kwargs))
         except BaseException:
             if self._batch_depth == 1:
-                self._text = self._data = None
+                self._data = None
             raise
         finally:
             self._batch_depth -= 1
@@ -112,27 +115,25 @@ class AtomicJSONStorage(Storage):
                 self._dirty = False
 
     def close(self):
-        self._text = self._data = None
+        self._data = None
 
     def _load(self):
         try:
-            self._text = self.path.read_text(encoding="utf-8")
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            self._text = ""
+            return {}
         except (OSError, UnicodeDecodeError) as e:
             raise StoreError(f"cannot read the store {self.path}: {e}") from None
-        if not self._text.strip():
+        if not text.strip():
             return {}
         try:
-            data = json.loads(self._text)
+            data = json.loads(text)
         except ValueError as e:
-            self._text = None
             raise StoreError(f"the store {self.path} is corrupt (not valid JSON: {e}); it is left "
                              "as it is: restore a backup or move it aside to start empty") from None
         if not isinstance(data, dict) or not all(
                 isinstance(t, dict) and all(isinstance(d, dict) for d in t.values())
                 for t in data.values()):
-            self._text = None
             raise StoreError(f"the store {self.path} is not a TinyDB file (expected tables of "
                              "documents); it is left as it is")
         return data

@@ -333,18 +333,8 @@ class Supervisor:
                 self._execute(d)
 
     def _execute(self, d: policy.Decision) -> None:
-        enforced = []
         done = []
-        try:
-            # nftables' part of every posture this decision sets goes in one transaction
-            with self.dp.batch():
-                self._carry_out(d, done, enforced)
-        except KalkiError as e:
-            log.error("rule %s: the data path refused the decision: %s", d.rule, e)
-            done.append({"error": str(e)})
-        if enforced and getattr(self.dp, "last_batch_nft", 0):
-            # the XDP entries were in force at once; nftables' part only now
-            enforced = [time.monotonic_ns()]
+        enforced = self._carry_out(d, done)
         for a in d.actions:
             if a.kind == "alert":
                 params = {k: v for k, v in a.params.items() if k not in ("type", "severity")}
@@ -354,36 +344,59 @@ class Supervisor:
                 done.append({"action": "alert", **a.params})
         self._record_decision(d, done, enforced)
 
-    def _carry_out(self, d: policy.Decision, done: list, enforced: list) -> None:
+    def _carry_out(self, d: policy.Decision, done: list) -> int | None:
+        """The decision's postures first, all in force together (one nftables transaction),
+        then its commands. Returns when the postures were read back from the kernel."""
+        changes, steps = [], []
         for a in d.actions:
-            for target in a.targets if a.kind != "alert" else ():
+            if a.kind != "set_posture":
+                continue
+            for target in a.targets:
+                step = {"action": a.kind, "target": target, **a.params}
+                current = self.posture(target)
+                if ESCALATION.get(a.params["posture"], 0) < ESCALATION.get(current, 0):
+                    # Rules only escalate; lowering is for the operator and expiries.
+                    done.append({**step, "skipped": f"{target} is already {current}"})
+                    continue
                 try:
-                    if a.kind == "set_posture":
-                        current = self.posture(target)
-                        if ESCALATION.get(a.params["posture"], 0) < ESCALATION.get(current, 0):
-                            # Rules only escalate; lowering is for the operator and expiries.
-                            done.append({"action": a.kind, "target": target, **a.params,
-                                         "skipped": f"{target} is already {current}"})
-                            continue
-                        ns = self.set_posture(target, a.params["posture"], f"rule {d.rule}",
-                                              a.params.get("for_seconds"), actor=f"rule {d.rule}")
-                        enforced.append(ns)
-                    elif a.kind == "command" and self.adapter and self.adapter.handles(target):
-                        self.loop.create_task(self._adapter_command(target, a.params["payload"]))
-                    elif a.kind == "command" and self.bus:
-                        self.bus.send_command(target, a.params["payload"])
-                    done.append({"action": a.kind, "target": target, **a.params})
+                    self._check_posture(target, a.params["posture"], a.params.get("for_seconds"))
                 except KalkiError as e:
-                    log.error("rule %s: %s on %s failed: %s", d.rule, a.kind, target, e)
-                    done.append({"action": a.kind, "target": target, "error": str(e)})
+                    log.error("rule %s: set_posture on %s failed: %s", d.rule, target, e)
+                    done.append({**step, "error": str(e)})
+                    continue
+                changes.append((target, a.params["posture"], a.params.get("for_seconds")))
+                steps.append(step)
+        enforced = None
+        if changes:
+            try:
+                enforced = self.set_postures(changes, f"rule {d.rule}", actor=f"rule {d.rule}")
+            except KalkiError as e:     # none of them is in force
+                log.error("rule %s: the data path refused its postures: %s", d.rule, e)
+                steps = [{**step, "error": str(e)} for step in steps]
+        done.extend(steps)
+        for a in d.actions:
+            if a.kind != "command":
+                continue
+            for target in a.targets:
+                step = {"action": a.kind, "target": target, **a.params}
+                try:
+                    if self.adapter and self.adapter.handles(target):
+                        self.loop.create_task(self._adapter_command(target, a.params["payload"]))
+                    elif self.bus:
+                        self.bus.send_command(target, a.params["payload"])
+                except KalkiError as e:
+                    log.error("rule %s: command to %s failed: %s", d.rule, target, e)
+                    step["error"] = str(e)
+                done.append(step)
+        return enforced
 
-    def _record_decision(self, d: policy.Decision, done: list, enforced: list) -> None:
+    def _record_decision(self, d: policy.Decision, done: list, enforced: int | None) -> None:
         s = d.stimulus
         rec = {"kind": "decision", "rule": d.rule, "device": d.device,
                "stimulus": {"kind": s.kind, "device": s.device, "data": s.data},
                "actions": done, "at": _iso(self.now()),
                "timing_ms": {"decide": round((d.decided_ns - s.received_ns) / 1e6, 3),
-                             "enforce": round((max(enforced) - s.received_ns) / 1e6, 3)
+                             "enforce": round((enforced - s.received_ns) / 1e6, 3)
                              if enforced else None}}
         self.store.add_decision(rec)
         self.notify(rec)
@@ -400,6 +413,10 @@ class Supervisor:
     def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
                     actor: str = "operator") -> int:
         """Enforces a posture and reads it back; returns the monotonic ns it was confirmed."""
+        return self.set_postures([(name, posture, for_seconds)], reason, actor)
+
+    def _check_posture(self, name: str, posture: str, for_seconds: int | None) -> tuple[dict, int]:
+        """(the device, the posture's code); raises if the change cannot be made."""
         d = self._device(name)
         if not d.get("approved") or d.get("type") not in self.profiles:
             raise ConfigError(f"device {name}: approve it with a type before setting its posture")
@@ -409,30 +426,49 @@ class Supervisor:
         if for_seconds is not None and (isinstance(for_seconds, bool) or not isinstance(for_seconds, int)
                                         or for_seconds <= 0):
             raise ConfigError(f"device {name}: duration must be a positive number of seconds")
-        stack = self.profiles[d["type"]].stack(posture)
-        code = POSTURE_CODES.get(posture, 0)
-        self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
-        entry = self.dp._maps["kalki_devices"].lookup(ctypes.c_uint32(self.dp.device_id(name)))
-        if entry is None or entry.posture != code:
-            raise KalkiError(f"device {name}: the kernel does not show posture {posture} after applying it")
+        return d, POSTURE_CODES.get(posture, 0)
+
+    def set_postures(self, changes: list[tuple[str, str, int | None]], reason: str,
+                     actor: str = "operator") -> int:
+        """Puts several (device, posture, seconds or None) in force together: all are checked
+        before any changes; each device's XDP entry is in force as it is written and nftables'
+        part of all of them is one transaction. The records, the MQTT messages and the rules
+        that watch postures follow once every device is read back from the kernel. Returns the
+        monotonic ns of that read-back."""
+        checked = [(name, posture, seconds, *self._check_posture(name, posture, seconds))
+                   for name, posture, seconds in changes]
+        with self.dp.batch():
+            for name, posture, _, d, code in checked:
+                stack = self.profiles[d["type"]].stack(posture)
+                self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
+        devices = self.dp._maps["kalki_devices"]
+        for name, posture, _, _, code in checked:
+            entry = devices.lookup(ctypes.c_uint32(self.dp.device_id(name)))
+            if entry is None or entry.posture != code:
+                raise KalkiError(f"device {name}: the kernel does not show posture {posture} "
+                                 "after applying it")
         enforced = time.monotonic_ns()
         now = self.now()
-        revert_to = None
-        if for_seconds:
-            revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
-        changed = posture != d["posture"]
+        moved = []
         with self.store.batch():     # one write to the SD card, all or nothing
-            self._update_device(name, posture=posture,
-                                posture_expires=_iso(now + datetime.timedelta(seconds=for_seconds))
-                                if for_seconds else None, posture_revert_to=revert_to)
-            if changed:
-                self.store.record_posture(name, posture, reason)
-                self.store.audit("posture", actor, {"device": name, "posture": posture,
-                                                    "reason": reason, "for_seconds": for_seconds})
-        if changed:
+            for name, posture, for_seconds, d, _ in checked:
+                revert_to = None
+                if for_seconds:
+                    revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
+                changed = posture != d["posture"]
+                self._update_device(name, posture=posture,
+                                    posture_expires=_iso(now + datetime.timedelta(seconds=for_seconds))
+                                    if for_seconds else None, posture_revert_to=revert_to)
+                if changed:
+                    moved.append((name, posture))
+                    self.store.record_posture(name, posture, reason)
+                    self.store.audit("posture", actor, {"device": name, "posture": posture,
+                                                        "reason": reason, "for_seconds": for_seconds})
+        for name, posture in moved:
             if self.bus:
                 self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
             self.notify({"kind": "posture", "device": name, "posture": posture, "reason": reason})
+        for name, posture in moved:
             self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
         return enforced
 

@@ -227,3 +227,19 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
         assert bytes(fresh._maps["kalki_devices"].lookup(
             ctypes.c_uint32(fresh.device_id(n)))) == entries[n]
     assert http(lab.namespaces["inet"], lab.device("camera1").ip)[0] == 401
+    assert all(fresh.devices[n].stack == gated for n in names)      # its own view put back too
+
+    # A device of the batch is refused before nftables is even asked (an address that belongs
+    # to another device): the ones already written, quarantine included, are put back too.
+    clash = lab.device("light1")
+    with pytest.raises(ConfigError, match="already belongs"):
+        with fresh.batch():
+            fresh.set_stack("camera1", {"quarantine": {}})
+            fresh.set_stack("plug1", {"anti_spoof": {}})
+            fresh.apply(dataplane.DeviceSpec("plug1", lab.device("plug1").mac, clash.ip,
+                                             {"anti_spoof": {}}))
+    for n in names:
+        assert bytes(fresh._maps["kalki_devices"].lookup(
+            ctypes.c_uint32(fresh.device_id(n)))) == entries[n]
+        assert fresh.devices[n].stack == gated
+    assert fresh._nft.read_back()[fresh.device_id("camera1")]["gates"] == [(lab.device("camera1").ip, 80)]
