@@ -11,6 +11,7 @@ import asyncio
 import collections
 import ctypes
 import datetime
+import gc
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ class Supervisor:
         # newest first, stopping as soon as the window or the count is full: this runs for
         # every rule on every report
         values = []
+        since = since.timestamp() if since is not None else None
         for at, payload in reversed(self._telemetry.get(device, ())):
             if since is not None and at < since:
                 break
@@ -178,6 +180,12 @@ class Supervisor:
                     break
         values.reverse()
         return values
+
+    def recent_telemetry(self, device: str, limit: int = 20) -> list[tuple[datetime.datetime, dict]]:
+        """The device's last reports, newest first, for people to read."""
+        rows = list(self._telemetry.get(device, ()))[-limit:]
+        tz = self.now().tzinfo
+        return [(datetime.datetime.fromtimestamp(at, tz), payload) for at, payload in reversed(rows)]
 
     def posture(self, device: str) -> str:
         d = self.known.get(device)
@@ -220,6 +228,10 @@ class Supervisor:
         self.loop.create_task(self._ticker())
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
+        # What start-up made (modules, profiles, rules, the store) lives as long as the
+        # process: out of the collector's sight, a collection on the enforcement path is short.
+        gc.collect()
+        gc.freeze()
         print(f"kalki: protection enforced for {len(self._wanted())} devices", flush=True)
 
     async def run(self) -> None:
@@ -280,8 +292,13 @@ class Supervisor:
     def _on_telemetry(self, device: str, payload: dict) -> None:
         received = time.monotonic_ns()
         self.counters["telemetry"] += 1
-        self._telemetry.setdefault(device, collections.deque(maxlen=TELEMETRY_KEPT)).append(
-            (self.now(), payload))
+        kept = self._telemetry.get(device)
+        if kept is None:
+            kept = self._telemetry[device] = collections.deque(maxlen=TELEMETRY_KEPT)
+        elif kept[-1][1] == payload:
+            payload = kept[-1][1]    # the same report again (most sensors repeat themselves): share it
+        # (POSIX seconds, payload): a float is half a datetime, and 64 reports x 1,000 devices add up
+        kept.append((self.now().timestamp(), payload))
         self._evaluate(policy.Stimulus("telemetry", device, payload, received))
 
     def _on_availability(self, device: str, state: str) -> None:

@@ -2,6 +2,7 @@
 fake data path, served by aiohttp's test server."""
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import re
@@ -635,3 +636,15 @@ async def test_a_site_settings_error_is_shown_on_every_page(sup):
             assert 'id="site-error"' in text and "wifi.passphrase" in text
         sup.site_error = None
         assert 'id="site-error"' not in await (await c.get("/")).text()
+
+
+@aiotest
+async def test_repeated_reports_are_kept_once_and_still_counted(sup):
+    for watts in (5, 5, 5, 9):
+        sup._on_telemetry("plug1", {"on": True, "power_w": watts})
+    kept = sup._telemetry["plug1"]
+    assert kept[0][1] is kept[1][1] is kept[2][1] and kept[3][1] is not kept[2][1]
+    assert sup.telemetry("plug1", "power_w") == [5, 5, 5, 9]
+    since = sup.now() - datetime.timedelta(minutes=1)
+    assert sup.telemetry("plug1", "power_w", last=2, since=since) == [5, 9]
+    assert [row[1]["power_w"] for row in sup.recent_telemetry("plug1", 3)] == [9, 5, 5]

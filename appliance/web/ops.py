@@ -32,8 +32,8 @@ def error_status(e: Exception) -> int:
 # -- devices ------------------------------------------------------------------------------
 
 def telemetry(sup, name: str, limit: int = 20) -> list[dict]:
-    rows = list(getattr(sup, "_telemetry", {}).get(name, ()))[-limit:]
-    return [{"at": at.isoformat(timespec="seconds"), "values": payload} for at, payload in reversed(rows)]
+    return [{"at": at.isoformat(timespec="seconds"), "values": payload}
+            for at, payload in sup.recent_telemetry(name, limit)]
 
 
 def device_detail(sup, name: str) -> dict:
