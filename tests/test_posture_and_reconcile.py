@@ -1,6 +1,7 @@
 """Posture changes, isolation between devices, refusal of bad parameters, and a supervisor
 killed with SIGKILL: all on real packets in the lab."""
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -243,3 +244,24 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
             ctypes.c_uint32(fresh.device_id(n)))) == entries[n]
         assert fresh.devices[n].stack == gated
     assert fresh._nft.read_back()[fresh.device_id("camera1")]["gates"] == [(lab.device("camera1").ip, 80)]
+
+
+def test_a_posture_change_sends_nftables_only_what_differs(lab, fresh, monkeypatch):
+    sent = []
+    real_run = fresh._nft.run
+    monkeypatch.setattr(fresh._nft, "run", lambda cmds, what: sent.append(cmds) or real_run(cmds, what))
+    light = lab.device("light1")
+    fresh.set_stack("light1", {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 7}})
+    sent.clear()
+    fresh.set_stack("light1", {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 3}})
+    ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
+    assert ("flush", "chain") in ops and ("add", "rule") in ops
+    assert not [op for op in ops if op[1] in ("element", "chain") and op[0] in ("add", "delete")], ops
+    state = fresh._nft.read_back()[fresh.device_id("light1")]
+    assert state["gates"] == [(light.ip, 80)] and state["macs"] == [light.mac]
+    assert '"val": 3' in json.dumps(state["rules"]) and '"val": 7' not in json.dumps(state["rules"])
+    sent.clear()      # and back to no gate: the gate entry goes, nothing else
+    fresh.set_stack("light1", {"anti_spoof": {}})
+    ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
+    assert ops.count(("delete", "element")) == 1 and ("add", "element") not in ops
+    assert fresh._nft.read_back()[fresh.device_id("light1")]["gates"] == []
