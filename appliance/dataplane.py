@@ -147,8 +147,7 @@ class Dataplane:
                                  events_per_sec=s.events_per_sec, unknown_flags=0)
         self._maps["kalki_settings"].update(ctypes.c_uint32(0), settings)
         self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
-        if not self._nft.table_exists():
-            self._nft.create_table()
+        self._nft.ensure_table()
         self._nft_state = self._nft.read_back()
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ class Reason(enum.IntEnum):
     SYN_FLOOD = 11
     BRUTE_FORCE = 12
     NOT_IPV4 = 13
+    GATEWAY = 14
 
 
 REASON_SLOTS = 16
@@ -59,7 +60,7 @@ REASON_UMBOX = {
     Reason.EGRESS_ANOMALY: "egress_anomaly", Reason.RATE_PACKETS: "rate_limit",
     Reason.RATE_BYTES: "rate_limit", Reason.PORT_SCAN: "port_scan",
     Reason.SYN_FLOOD: "syn_flood", Reason.BRUTE_FORCE: "brute_force",
-    Reason.NOT_IPV4: "dispatcher",
+    Reason.NOT_IPV4: "dispatcher", Reason.GATEWAY: "gateway_guard",
 }
 
 

@@ -57,12 +57,23 @@ class Nft:
         return out or {}
 
     # -- the table ------------------------------------------------------------------------
-    def base_commands(self) -> list[dict]:
+    def base_commands(self, existing_chains=()) -> list[dict]:
+        """The table's own maps, sets, chains and rules; chains in existing_chains (and their
+        rules) are left out, so a table made by an older version gains what it lacks."""
         dev = self.devices_if
 
         def rule(chain, *expr):
             return {"add": {"rule": {**_T, "chain": chain, "expr": list(expr)}}}
 
+        def kept(cmd):
+            what = next(iter(cmd["add"]))
+            body = cmd["add"][what]
+            return not ((what == "chain" and body["name"] in existing_chains)
+                        or (what == "rule" and body["chain"] in existing_chains))
+
+        return [c for c in self._base(dev, rule) if kept(c)]
+
+    def _base(self, dev, rule) -> list[dict]:
         return [
             {"add": {"table": {"family": FAMILY, "name": TABLE}}},
             {"add": {"map": {**_T, "name": "from_device", "type": "ether_addr", "map": "verdict"}}},
@@ -74,6 +85,8 @@ class Nft:
                                "prio": 0, "policy": "drop"}}},
             {"add": {"chain": {**_T, "name": "prerouting", "type": "nat", "hook": "prerouting",
                                "prio": -100, "policy": "accept"}}},
+            {"add": {"chain": {**_T, "name": "input", "type": "filter", "hook": "input",
+                               "prio": 0, "policy": "accept"}}},
             rule("forward", _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                  {"accept": None}),
             rule("forward", _match({"ct": {"key": "state"}}, "invalid", "in"), {"drop": None}),
@@ -94,6 +107,16 @@ class Nft:
             rule("to_devices", {"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
                                          "data": "@to_device"}}),
             rule("to_devices", {"counter": None}, {"drop": None}),
+            # Devices reach the gateway at its device-side address only, where XDP lets
+            # through DHCP, DNS, NTP, MQTT and ping and reports the rest. Its other addresses
+            # (the uplink's, where SSH and the web page listen) are not theirs to open.
+            rule("input", _match(_meta("iifname"), dev),
+                 _match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}),
+            rule("input", _match(_meta("iifname"), dev),
+                 _match({"payload": {"protocol": "udp", "field": "dport"}}, 67), {"accept": None}),
+            rule("input", _match(_meta("iifname"), dev),
+                 _match({"payload": {"protocol": "ip", "field": "daddr"}}, self.gateway_ip, "!="),
+                 {"counter": None}, {"drop": None}),
             # The gate learns the device it stands for from SO_ORIGINAL_DST. (A dnat through a
             # concatenated map would do too, but libnftables 1.0.6 crashes parsing it as JSON.)
             rule("prerouting", _match({"concat": [{"payload": {"protocol": "ip", "field": "daddr"}},
@@ -109,6 +132,18 @@ class Nft:
 
     def create_table(self) -> None:
         self.run(self.base_commands(), "creating table inet kalki")
+
+    def ensure_table(self) -> None:
+        """Creates the table, or adds the base chains a table made by an older version lacks."""
+        if not self.table_exists():
+            self.create_table()
+            return
+        out = self.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "reading inet kalki")
+        items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
+        chains = {i["chain"]["name"] for i in items if "chain" in i}
+        missing = [c for c in self.base_commands(chains) if "chain" in c["add"] or "rule" in c["add"]]
+        if missing:
+            self.run(self.base_commands(chains), "adding base chains to inet kalki")
 
     def delete_table(self) -> None:
         if self.table_exists():

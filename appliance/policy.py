@@ -624,7 +624,8 @@ ATTACK_RULES = [
         "name": "device-compromised",
         "priority": 100,   # above "attack": quarantine wins when both fire at once
         "when": {"alert": {"type": ["spoofing", "lateral-movement", "egress-anomaly",
-                                    "port-scan-outbound"], "count": 1, "within": "5m"}},
+                                    "port-scan-outbound", "gateway-probe"],
+                           "count": 1, "within": "5m"}},
         "then": [{"set_posture": {"posture": "quarantine"}}],
     },
 ]

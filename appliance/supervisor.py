@@ -39,11 +39,11 @@ ESCALATION = {"normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
 TELEMETRY_KEPT = 64     # reports per device in memory: what rules' windows and aggregates see
 KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
                  "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
-                 "lateral": "lateral-movement"}
+                 "lateral": "lateral-movement", "gateway": "gateway-probe"}
 SEVERITY = {"port-scan": "warning", "syn-flood": "critical", "brute-force": "critical",
             "egress-anomaly": "warning", "spoofing": "critical", "lateral-movement": "critical",
             "port-scan-outbound": "critical", "gate-login-failures": "warning",
-            "new-device": "info"}
+            "new-device": "info", "gateway-probe": "critical"}
 
 
 def _iso(dt: datetime.datetime) -> str:

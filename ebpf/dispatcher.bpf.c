@@ -370,6 +370,15 @@ static __always_inline int to_gateway_service(struct kalki_settings *s, struct p
 	return 0;
 }
 
+static __always_inline int device_service(struct kalki_settings *s, struct packet *p)
+{
+	if (to_gateway_service(s, p, KALKI_F_QUARANTINE_MGMT))
+		return 1;    /* DHCP, DNS, MQTT */
+	if (p->proto == IPPROTO_UDP && p->dport == 123)
+		return 1;    /* NTP */
+	return p->proto == IPPROTO_ICMP;    /* echo requests: the rest opens nothing */
+}
+
 int xdp_from_devices(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -438,8 +447,15 @@ int xdp_from_devices(struct xdp_md *ctx)
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
 #endif
-	if (p.dst == s->gateway_ip)
-		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	if (p.dst == s->gateway_ip) {
+		/* The gateway offers devices DHCP, DNS, NTP, MQTT and ping; its web page, SSH and
+		 * the rest are for operators. Replies to the gateway's own connections (an adapter
+		 * polling a device) open nothing and pass. */
+		if (!p.opens || device_service(s, &p))
+			return count(device, KALKI_R_PASS, &p, XDP_PASS);
+		report(device, KALKI_R_GATEWAY, &p, KALKI_A_DROPPED, 1, kalki_now());
+		return count(device, KALKI_R_GATEWAY, &p, XDP_DROP);
+	}
 	/* Destination checks look at the packets that open a flow. The rest of a TCP
 	 * connection belongs to one that was allowed when it opened: nftables' conntrack
 	 * (forward chain) drops TCP that no SYN opened. Replies to permitted inbound

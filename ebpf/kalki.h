@@ -43,6 +43,7 @@ enum kalki_reason {
 	KALKI_R_SYN_FLOOD,
 	KALKI_R_BRUTE_FORCE,
 	KALKI_R_NOT_IPV4,
+	KALKI_R_GATEWAY,         /* a device opened something on the gateway it has no use for */
 	KALKI_R_MAX = 16,
 };
 

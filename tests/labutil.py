@@ -6,6 +6,7 @@ there; only lab addresses (198.18.0.0/15) are ever used.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -141,3 +142,17 @@ def wait_until(predicate, timeout: float = 3.0, step: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+@contextlib.contextmanager
+def listening(ns: str, port: int):
+    """A TCP port open on every address of `ns` (it accepts and closes), for as long as the block runs."""
+    with netns.entered(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(16)
+    try:
+        yield s
+    finally:
+        s.close()

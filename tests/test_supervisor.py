@@ -193,6 +193,22 @@ def test_a_device_scanning_its_neighbours_ends_in_quarantine(slab):
     assert posture_of(slab, "plug1") == "normal"
 
 
+def test_a_device_probing_the_gateway_ends_in_quarantine(slab):
+    sensor = slab.device("motion_sensor1")
+    gw = slab.gateway["lan_ip"]
+    assert ping(sensor.namespace, gw) == 1                        # ping the gateway: allowed
+    assert posture_of(slab, "motion_sensor1") == "normal"
+    assert not connect(sensor.namespace, gw, 22, timeout=0.3)    # SSH on the gateway: not for devices
+    assert wait_until(lambda: posture_of(slab, "motion_sensor1") == "quarantine", 5)
+    probe = next(a for a in ask(slab, "alerts", device="motion_sensor1") if a["type"] == "gateway-probe")
+    assert probe["details"]["dst_port"] == 22 and probe["severity"] == "critical"
+    decision = next(d for d in ask(slab, "decisions", device="motion_sensor1")
+                    if d.get("rule") == "device-compromised")
+    assert decision["stimulus"]["data"]["type"] == "gateway-probe"
+    assert connect(slab.namespaces["inet"], slab.device("plug1").ip, 23)      # others undisturbed
+    assert posture_of(slab, "plug1") == "normal"
+
+
 def test_sigkill_and_restart_keeps_postures_and_enforcement(slab):
     lab_dir = topology.state_path(slab.name).parent
     pid = slab.pids["supervisor"]

@@ -8,7 +8,7 @@ import pytest
 
 from appliance import netns
 from appliance.lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
-from labutil import (connect, http, open_connection, ping, send_raw, tcp_syn, udp_packet,
+from labutil import (connect, http, listening, open_connection, ping, send_raw, tcp_syn, udp_packet,
                      udp_send, wait_until)
 
 pytestmark = pytest.mark.lab
@@ -250,3 +250,23 @@ def test_auth_gate(lab, fresh):
     assert not connect(lab.namespaces["atk"], dev(lab, "camera1").ip, 80)
     # a device without the gate is reached directly
     assert http(inet, dev(lab, "light1").ip)[0] == 200
+
+
+def test_devices_reach_only_the_gateways_own_services(lab, fresh):
+    """The gateway is not a device's to probe: ping, DHCP, DNS, NTP and MQTT at its device-side
+    address; any other port there is dropped and reported, its other addresses are closed."""
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", BASE)
+    gw, uplink = lab.gateway["lan_ip"], lab.gateway["uplink_ip"]
+    with listening(lab.namespaces["gw"], 2222):      # something like SSH or the web page
+        fresh.events()
+        before = dropped(fresh, "camera1", "gateway")
+        assert ping(cam.namespace, gw) == 1
+        assert not connect(cam.namespace, gw, 2222)
+        probes = events_of(fresh, "gateway")
+        assert probes and probes[0]["device"] == "camera1" and probes[0]["dst_port"] == 2222
+        assert probes[0]["umbox"] == "gateway_guard" and probes[0]["action"] == "dropped"
+        assert dropped(fresh, "camera1", "gateway") > before
+        assert not connect(cam.namespace, uplink, 2222)               # nor at the uplink address
+        assert connect(lab.namespaces["inet"], uplink, 2222)          # the operators' side: yes
+        assert connect(lab.namespaces["inet"], cam.ip, 23)            # the device works as before
