@@ -159,17 +159,30 @@ class _Record(dict):
     doc_id: int
 
 
+class _Entry(dict):
+    """A log record as the log keeps it in memory: the fields searches and retention look at
+    (INDEXED), and the whole record as its JSON line, parsed only when asked for."""
+    doc_id: int
+    line: str
+
+
 class LogTable:
     """An append-only log (posture history, alerts, decisions) with the part of TinyDB's table
     interface the Store uses. TinyDB rewrites a whole file per insert, which made every alert
     cost more as the logs grew; here an insert is a line in memory, appended to a JSON-lines
     file by flush() (fsynced). Removals (retention) rewrite the file atomically at the next
-    flush. A line torn by a power cut is the last one: it is dropped on load."""
+    flush. A line torn by a power cut is the last one: it is dropped on load.
+
+    search() and all() give entries holding the INDEXED fields only; full() gives the whole
+    record. A decision that moved 25 cameras is a 3 KB line, and about five times that as
+    Python objects: 5,000 of them kept parsed cost the supervisor more than everything else."""
+
+    INDEXED = ("device", "at", "kind", "type")
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
-        self._docs: dict[int, _Record] = {}
+        self._docs: dict[int, _Entry] = {}
         self._per_device: collections.Counter = collections.Counter()   # retention per device
         self._next = 1
         self._pending: list[str] = []
@@ -188,33 +201,45 @@ class LogTable:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                doc_id = rec.pop("_id")
-            except (ValueError, KeyError, AttributeError):
+                text = line.decode()
+                rec = json.loads(text)
+                doc_id = rec["_id"]
+                if not isinstance(doc_id, int):
+                    raise ValueError(doc_id)
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 if number >= len(lines) - 1:        # the last line, torn by a power cut
                     self._rewrite = True
                     break
                 raise StoreError(f"the log {self.path} is corrupt at line {number}; it is left "
                                  "as it is: restore a backup or move it aside") from None
-            self._add(doc_id, rec)
+            self._add(doc_id, rec, text)
         if not raw.endswith(b"\n") and raw:
             self._rewrite = True
 
-    def _add(self, doc_id: int, rec: dict) -> _Record:
-        doc = _Record(rec)
-        doc.doc_id = doc_id
-        self._docs[doc_id] = doc
+    def _add(self, doc_id: int, rec: dict, line: str) -> _Entry:
+        entry = _Entry({k: rec[k] for k in self.INDEXED if k in rec})
+        entry.doc_id, entry.line = doc_id, line
+        self._docs[doc_id] = entry
         self._per_device[rec.get("device")] += 1
         self._next = max(self._next, doc_id + 1)
-        return doc
+        return entry
 
     def count_for(self, device) -> int:
         return self._per_device[device]
 
     def insert(self, rec: dict) -> int:
-        doc = self._add(self._next, rec)
-        self._pending.append(json.dumps({"_id": doc.doc_id, **rec}))
-        return doc.doc_id
+        doc_id = self._next
+        line = json.dumps({"_id": doc_id, **rec})
+        self._add(doc_id, rec, line)
+        self._pending.append(line)
+        return doc_id
+
+    def full(self, entry: _Entry) -> _Record:
+        rec = json.loads(entry.line)
+        del rec["_id"]
+        doc = _Record(rec)
+        doc.doc_id = entry.doc_id
+        return doc
 
     def search(self, predicate) -> list:
         return [d for d in self._docs.values() if predicate(d)]
@@ -246,7 +271,7 @@ class LogTable:
     def flush(self) -> None:
         try:
             if self._rewrite:
-                text = "".join(json.dumps({"_id": i, **d}) + "\n" for i, d in self._docs.items())
+                text = "".join(d.line + "\n" for d in self._docs.values())
                 with open(self.tmp_path, "w", encoding="utf-8") as f:
                     f.write(text)
                     f.flush()
@@ -334,8 +359,9 @@ def _mac(value, culprit: str) -> str:
     return mac
 
 
-def _plain(doc, with_id=False) -> dict:
-    out = copy.deepcopy(dict(doc))
+def _plain(doc, with_id=False, fresh=False) -> dict:
+    """The document as the caller's own dict (fresh: it is already, just parsed)."""
+    out = dict(doc) if fresh else copy.deepcopy(dict(doc))
     if with_id:
         out["id"] = doc.doc_id
     return out
@@ -532,8 +558,9 @@ class Store:
 
     def posture_history(self, device: str, limit: int = 50) -> list[dict]:
         """Newest first; kept after the device is removed."""
-        docs = self._table("history").search(where("device") == device)
-        return [_plain(d) for d in _newest_first(docs)[:limit]]
+        history = self._table("history")
+        docs = history.search(lambda d: d["device"] == device)
+        return [_plain(history.full(d), fresh=True) for d in _newest_first(docs)[:limit]]
 
     # alerts
 
@@ -551,7 +578,8 @@ class Store:
     def alerts(self, device: str | None = None, since=None, limit: int = 100) -> list[dict]:
         """Newest first, each with its id."""
         docs = self._alerts(device, None, since)
-        return [_plain(d, with_id=True) for d in _newest_first(docs)[:limit]]
+        return [_plain(self._table("alerts").full(d), with_id=True, fresh=True)
+                for d in _newest_first(docs)[:limit]]
 
     def count_alerts(self, device: str | None, types=None, since=None) -> int:
         """Alerts of the device (any device if None) of these types (any if None) at or after
@@ -597,10 +625,11 @@ class Store:
     def decisions(self, device: str | None = None, limit: int = 100, kind: str | None = None
                   ) -> list[dict]:
         """Newest first, each with its id; kind "decision" or "audit" to see only one kind."""
-        docs = self._table("decisions").search(
+        decisions = self._table("decisions")
+        docs = decisions.search(
             lambda d: (device is None or d.get("device") == device)
             and (kind is None or d["kind"] == kind))
-        return [_plain(d, with_id=True) for d in _newest_first(docs)[:limit]]
+        return [_plain(decisions.full(d), with_id=True, fresh=True) for d in _newest_first(docs)[:limit]]
 
     def _record(self, what, rec, required, optional) -> dict:
         if not isinstance(rec, dict):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.store import AtomicJSONStorage, Retention, Store, StoreError
+from appliance.store import AtomicJSONStorage, LogTable, Retention, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -555,3 +555,22 @@ def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_is_refused(tmp_path, 
     path.write_bytes(b"\n".join([lines[0], b"garbage", *lines[1:]]))
     with pytest.raises(StoreError, match=r"alerts.jsonl is corrupt at line 2"):
         Store(tmp_path, clock=clock)
+
+
+def test_logs_keep_an_index_in_memory_and_give_whole_records(tmp_path, clock):
+    actions = [{"action": "set_posture", "target": f"cam{i}", "posture": "suspicious"} for i in range(25)]
+    with Store(tmp_path, clock=clock) as s:
+        s.upsert_device("cam0", "02:00:00:00:00:01")
+        first = s.add_decision({"rule": "physical-intrusion", "device": None,
+                                "stimulus": {"kind": "telemetry", "data": {"motion": True}},
+                                "actions": actions, "timing_ms": {"decide": 0.3, "enforce": 5.1}})
+        s.add_alert(alert("cam0", type="gateway-probe"))
+        entry = s._table("decisions").all()[0]
+        assert set(entry) <= set(LogTable.INDEXED) and "actions" not in entry
+    with Store(tmp_path, clock=clock) as s:          # from the file, after a restart
+        rec = s.decisions()[0]
+        assert rec["id"] == first and rec["actions"] == actions and rec["timing_ms"]["enforce"] == 5.1
+        rec["actions"].clear()                        # the caller's own copy
+        assert s.decisions()[0]["actions"] == actions
+        assert s.count_alerts("cam0", "gateway-probe") == 1
+        assert s.alerts("cam0")[0]["type"] == "gateway-probe"
