@@ -29,7 +29,7 @@ def _lab_up(args) -> int:
                                              args.devices, fake_time)
     s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services,
                     supervisor=not args.no_supervisor, unapproved=args.unapproved,
-                    fake_time=fake_time)
+                    fake_time=fake_time, ui=not args.no_ui)
     if args.json:
         print(json.dumps(s.to_json(), indent=1))
         return 0
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-services", action="store_true")
     p.add_argument("--no-supervisor", action="store_true",
                    help="apply the profiles directly; no supervisor, no broker")
+    p.add_argument("--no-ui", action="store_true",
+                   help="the supervisor runs without the web page and the LED panel")
     p.add_argument("--json", action="store_true")
     p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "all"),
                    help="then play a demo scenario (appliance/lab/scenarios.py); the lab stays up")
@@ -229,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = button.add_parser("hold", help="hold: 5 s resets the admin password, 15 s the appliance")
     p.add_argument("seconds", type=float)
     p.set_defaults(func=_call("button", action="action", seconds="seconds"), action="hold")
+    p = sub.add_parser("memory", help="the supervisor's resident memory (and its biggest "
+                       "allocations when started with PYTHONTRACEMALLOC=N)")
+    p.add_argument("--top", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_call("memory", top="top"))
     p = sub.add_parser("panel", help="what the LEDs show now")
     p.set_defaults(func=_call("panel"))
     clock = sub.add_parser("clock", help="the lab's policy clock").add_subparsers(

@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 from . import policy
 from .errors import ConfigError, KalkiError
@@ -93,6 +94,16 @@ def handle(sup, req: dict):
         sup.store.set_maintenance(until)
         sup.store.audit("maintenance", "operator", {"until": until})
         return {"maintenance_until": until}
+    if op == "memory":     # for a field engineer chasing growth: VmRSS/VmHWM, and where if traced
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile")))
+        out = {k: v.strip() for k, v in status.items()}
+        import tracemalloc
+        if tracemalloc.is_tracing():   # PYTHONTRACEMALLOC=N in the supervisor's environment
+            top = tracemalloc.take_snapshot().statistics("lineno")[:int(arg("top", 25))]
+            out["top"] = [{"where": str(t.traceback), "kb": round(t.size / 1024, 1), "count": t.count}
+                          for t in top]
+        return out
     if op == "rules_validate":
         return validate_rules_text(arg("text"), arg("source", "rules"))
     if op == "block_source":

@@ -41,6 +41,7 @@ TRIGGERS = int(os.environ.get("KALKI_BENCH_TRIGGERS", "100"))
 TRIGGER_BUDGET = float(os.environ.get("KALKI_BENCH_TRIGGER_SECONDS", "80"))   # stop early after this
 SMALL = int(os.environ.get("KALKI_BENCH_SUP_SMALL", "100"))
 BIG = int(os.environ.get("KALKI_BENCH_SUP_DEVICES", "1000"))
+UI = os.environ.get("KALKI_BENCH_SUP_UI", "1") != "0"     # the web page and the panel in the supervisor
 ATTACK_SRC_BASE = 100          # extra attacker addresses 198.19.0.100.. (one per camera)
 
 
@@ -53,7 +54,7 @@ def supervised_lab(tag: str, devices: int):
     try:
         t0 = time.monotonic()
         state = topology.up(name, devices=devices, services=False, supervisor=True,
-                            fake_time=AFTER_HOURS)
+                            fake_time=AFTER_HOURS, ui=UI)
         yield state, time.monotonic() - t0
     finally:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -342,7 +343,7 @@ def main() -> int:
         m = supervisor_memory(state)
         emit(BENCH, f"rss_{SMALL}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=48,
              met=m["VmRSS"] / 1024 <= 48, hwm_mb=round(m["VmHWM"] / 1024, 1),
-             state_file_kb=round(state_file_size(state) / 1024))
+             state_file_kb=round(state_file_size(state) / 1024), web_and_panel=UI)
         emit(BENCH, f"hwm_{SMALL}_devices", round(m["VmHWM"] / 1024, 1), "MB")
 
     with supervised_lab("supbig", BIG) as (state, up_s):
@@ -352,7 +353,7 @@ def main() -> int:
         m = supervisor_memory(state)
         emit(BENCH, f"rss_{BIG}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=64,
              met=m["VmRSS"] / 1024 <= 64, hwm_mb=round(m["VmHWM"] / 1024, 1),
-             enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024),
+             enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024), web_and_panel=UI,
              note="no telemetry in this lab")
         emit(BENCH, f"hwm_{BIG}_devices", round(m["VmHWM"] / 1024, 1), "MB")
     emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s")

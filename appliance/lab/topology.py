@@ -224,10 +224,11 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
        services: bool = True, protect: bool = True, supervisor: bool = False,
-       unapproved: int = 0, fake_time: str = "") -> LabState:
+       unapproved: int = 0, fake_time: str = "", ui: bool = True) -> LabState:
     """Builds the lab. With `supervisor`, the gateway runs the MQTT broker and `kalki run`,
     which takes over the data path; the last `unapproved` devices are left for the operator
-    to approve. On any failure, removes what it built and raises."""
+    to approve; without `ui` it runs without the web page and the panel. On any failure,
+    removes what it built and raises."""
     name = name or new_name()
     if state_path(name).exists():
         raise LabError(f"lab {name} already exists: `kalki lab down {name}` first")
@@ -248,7 +249,7 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
         if supervisor:
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
-            _start_supervisor(s, lab_dir, fake_time)
+            _start_supervisor(s, lab_dir, fake_time, ui)
             for d in s.devices:
                 if not d.dhcp:
                     control.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
@@ -269,7 +270,7 @@ MQTT_PORT = 1883
 SUPERVISOR_USER = "kalki"
 
 
-def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
+def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = True) -> None:
     """The appliance in miniature: Mosquitto with a user per device, and `kalki run`."""
     from .. import config
     from ..broker import Broker, random_password
@@ -298,7 +299,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
         {d.name: {"user": f"hue-{passwords[d.name][:12]}"} for d in s.devices if d.type == "light"}))
     cfg.policy.fake_time = fake_time
     cfg.policy.timezone = "Europe/Berlin"
-    cfg.panel.enabled = True        # the LEDs and the button, on gpiozero's mock pins
+    cfg.panel.enabled = ui          # the LEDs and the button, on gpiozero's mock pins
     cfg.panel.mock_pins = True
     # The web page, for the host: the supervisor lives in the gateway's namespace and makes
     # its listening socket in the host's (plain HTTP on loopback is fine in the lab).
@@ -306,13 +307,13 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str) -> None:
     with _socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         web_port = probe.getsockname()[1]
-    cfg.web.enabled, cfg.web.listen, cfg.web.port = True, "127.0.0.1", web_port
+    cfg.web.enabled, cfg.web.listen, cfg.web.port = ui, "127.0.0.1", web_port
     # The host's namespace is this process's: name it (ip netns attach), so the supervisor can
     # find it by path; `down` drops the name with the lab's namespaces, not the namespace.
     host = f"kalki-{s.name}-host"
     _run(["ip", "netns", "attach", host, str(os.getpid())], f"lab {s.name}: naming the host namespace")
     cfg.web.tls, cfg.web.netns, cfg.web.tls_dir = False, f"/run/netns/{host}", str(lab_dir / "tls")
-    s.gateway["web_url"] = f"http://127.0.0.1:{web_port}/"
+    s.gateway["web_url"] = f"http://127.0.0.1:{web_port}/" if ui else None
     (lab_dir / "kalki.toml").write_text(config.dump(cfg))
     s.pids["supervisor"] = spawn(s.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run",
                                                       "--config", str(lab_dir / "kalki.toml")],
