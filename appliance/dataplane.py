@@ -107,6 +107,7 @@ class Dataplane:
         self._name_by_mac: dict[str, str] = {}
         self._name_by_ip: dict[str, str] = {}
         self._name_by_id: dict[int, str] = {}
+        self._compiled: dict[str, umbox.CompiledStack] = {}    # by the stack as canonical JSON
         self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
         self._used_ids: set[int] = set()
         self._stale_ids = True                  # read the kernel's ids once, then keep track
@@ -294,13 +295,28 @@ class Dataplane:
                     self._maps["kalki_allow"].delete(self._allow_key(list_id, prefixlen, addr))
                 del index[content]
 
+    def _compile(self, spec: DeviceSpec) -> umbox.CompiledStack:
+        """A stack checked and compiled once: 25 cameras moving to the same posture share
+        it. (An invalid stack is never kept, so its error always names the device.)"""
+        try:
+            key = json.dumps(spec.stack, sort_keys=True)
+        except (TypeError, ValueError):
+            return umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+            if len(self._compiled) >= 256:
+                self._compiled.clear()
+            self._compiled[key] = compiled
+        return compiled
+
     def apply(self, spec: DeviceSpec) -> int:
         """Puts the device's umbox stack in force (new device, or a posture change). Either all
         of it takes effect or none: everything is validated first, the kernel maps change (the
         posture is in force from the next packet), then nftables; if nftables refuses, the
         maps are put back."""
         spec = spec.checked()
-        compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+        compiled = self._compile(spec)
         for index, value, what in ((self._name_by_mac, spec.mac, "MAC"),
                                    (self._name_by_ip, spec.ip, "address")):
             owner = index.get(value)
@@ -361,7 +377,7 @@ class Dataplane:
         if current and not self._nft_differs(current, wanted):
             return None
         commands = self._nft.device_commands(device_id, mac, ip, rules, gate_port, current)
-        return commands, {**wanted, "rules": rules,
+        return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
                           "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
 
     def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
@@ -419,7 +435,7 @@ class Dataplane:
     def _nft_differs(current: dict, wanted: dict) -> bool:
         return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
                 or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
-                or nft.normalise_rules(current["rules"]) != wanted["rules"])
+                or (current.get("normalised") or nft.normalise_rules(current["rules"])) != wanted["rules"])
 
     def _write_kernel(self, device_id, spec, compiled, allow_id, previous) -> None:
         m = self._maps
