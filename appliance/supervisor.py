@@ -162,9 +162,14 @@ class Supervisor:
         return d.get("group") if d else None
 
     def alerts(self, device, types, since) -> int:
-        return sum(1 for at, dev, typ in reversed(self._alerts)
-                   if at >= since and (device is None or dev == device)
-                   and (types is None or typ in types))
+        # newest first, stopping at the window's start: up to 20,000 are kept
+        count = 0
+        for at, dev, typ in reversed(self._alerts):
+            if at < since:
+                break
+            if (device is None or dev == device) and (types is None or typ in types):
+                count += 1
+        return count
 
     def telemetry(self, device, field, last=None, since=None) -> list:
         # newest first, stopping as soon as the window or the count is full: this runs for
@@ -361,9 +366,10 @@ class Supervisor:
                 done.append({"action": "alert", **a.params})
         self._record_decision(d, done, enforced)
 
-    def _carry_out(self, d: policy.Decision, done: list) -> int | None:
+    def _carry_out(self, d: policy.Decision, done: list) -> tuple[int, int] | None:
         """The decision's postures first, all in force together (one nftables transaction),
-        then its commands. Returns when the postures were read back from the kernel."""
+        then its commands. Returns when the postures were in XDP and when all of them were
+        read back from the kernel (set_postures)."""
         changes, steps = [], []
         for a in d.actions:
             if a.kind != "set_posture":
@@ -407,13 +413,14 @@ class Supervisor:
                 done.append(step)
         return enforced
 
-    def _record_decision(self, d: policy.Decision, done: list, enforced: int | None) -> None:
+    def _record_decision(self, d: policy.Decision, done: list, enforced: tuple[int, int] | None) -> None:
         s = d.stimulus
         rec = {"kind": "decision", "rule": d.rule, "device": d.device,
                "stimulus": {"kind": s.kind, "device": s.device, "data": s.data},
                "actions": done, "at": _iso(self.now()),
                "timing_ms": {"decide": round((d.decided_ns - s.received_ns) / 1e6, 3),
-                             "enforce": round((enforced - s.received_ns) / 1e6, 3)
+                             "xdp": round((enforced[0] - s.received_ns) / 1e6, 3) if enforced else None,
+                             "enforce": round((enforced[1] - s.received_ns) / 1e6, 3)
                              if enforced else None}}
         self.store.add_decision(rec)
         self.notify(rec)
@@ -430,7 +437,7 @@ class Supervisor:
     def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
                     actor: str = "operator") -> int:
         """Enforces a posture and reads it back; returns the monotonic ns it was confirmed."""
-        return self.set_postures([(name, posture, for_seconds)], reason, actor)
+        return self.set_postures([(name, posture, for_seconds)], reason, actor)[1]
 
     def _check_posture(self, name: str, posture: str, for_seconds: int | None) -> tuple[dict, int]:
         """(the device, the posture's code); raises if the change cannot be made."""
@@ -446,18 +453,19 @@ class Supervisor:
         return d, POSTURE_CODES.get(posture, 0)
 
     def set_postures(self, changes: list[tuple[str, str, int | None]], reason: str,
-                     actor: str = "operator") -> int:
+                     actor: str = "operator") -> tuple[int, int]:
         """Puts several (device, posture, seconds or None) in force together: all are checked
         before any changes; each device's XDP entry is in force as it is written and nftables'
         part of all of them is one transaction. The records, the MQTT messages and the rules
         that watch postures follow once every device is read back from the kernel. Returns the
-        monotonic ns of that read-back."""
+        monotonic ns when every XDP entry was written and when all was read back."""
         checked = [(name, posture, seconds, *self._check_posture(name, posture, seconds))
                    for name, posture, seconds in changes]
         with self.dp.batch():
             for name, posture, _, d, code in checked:
                 stack = self.profiles[d["type"]].stack(posture)
                 self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
+            xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
         devices = self.dp._maps["kalki_devices"]
         for name, posture, _, _, code in checked:
             entry = devices.lookup(ctypes.c_uint32(self.dp.device_id(name)))
@@ -487,7 +495,7 @@ class Supervisor:
             self.notify({"kind": "posture", "device": name, "posture": posture, "reason": reason})
         for name, posture in moved:
             self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
-        return enforced
+        return xdp, enforced
 
     # -- devices --------------------------------------------------------------------------
     def _device(self, name: str) -> dict:
