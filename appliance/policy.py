@@ -464,7 +464,8 @@ class _Context:
 
     def _telemetry(self, c, me):
         since = self.now - datetime.timedelta(seconds=c["within"]) if c["within"] else None
-        last = c["last"] or (1 if c["agg"] == "last" and since is None else None)
+        # "last" needs the newest value only, in the window or not: stop there
+        last = c["last"] or (1 if c["agg"] == "last" else None)
         results = []
         for device in self.select(c["device"], me):
             values = [v for v in self.facts.telemetry(device, c["field"], last=last, since=since)
