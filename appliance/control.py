@@ -55,7 +55,8 @@ def handle(sup, req: dict):
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
                 "site_error": getattr(sup, "site_error", None),
-                "counters": dict(sup.counters)}
+                "counters": dict(sup.counters),
+                "gc_pause_max_ms": [round(x, 2) for x in getattr(sup, "gc_pause_max_ms", [])]}
     if op == "devices":
         return [_device_view(sup, d) for d in sorted(sup.known.values(), key=lambda d: d["name"])]
     if op == "device_show":
