@@ -116,7 +116,7 @@ class Supervisor:
         self._neigh_sock = None
         self._control_server = None
         self.counters = collections.Counter()
-        self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # per generation, collected by the ticker
+        self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
         self._listeners: set[asyncio.Queue] = set()
         self.site_error = self._read_site_error()   # shown on the LEDs and the web page
         self.web = None      # the web page's runner (appliance.web), when enabled
@@ -236,8 +236,8 @@ class Supervisor:
             self.loop.add_signal_handler(sig, self._stop.set)
         # What start-up made (modules, profiles, rules, the store) lives as long as the
         # process: out of the collector's sight. And the collector runs from the ticker, between
-        # events, not whenever an allocation count trips it: a full collection in the middle of
-        # moving 25 cameras cost several milliseconds.
+        # events, never whenever an allocation count trips it: collections in the middle of
+        # moving 25 cameras put milliseconds on the slowest decisions.
         gc.collect()
         gc.freeze()
         gc.disable()
@@ -703,8 +703,8 @@ class Supervisor:
             await asyncio.sleep(0.25)
             self.heartbeat = time.monotonic()
             ticks += 1
-            # young objects every tick, the middle generation every second, all every minute
-            generation = 2 if ticks % 240 == 0 else 1 if ticks % 4 == 0 else 0
+            # the young generations every tick, everything every 15 s
+            generation = 2 if ticks % 60 == 0 else 1
             started = time.perf_counter()
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
