@@ -140,6 +140,14 @@ def test_new_device_stays_unknown_and_closed_until_approved(slab):
     assert bad.returncode == 2 and "no-such-device" in bad.stderr
 
 
+def test_status_and_memory_say_how_the_process_is_doing(slab):
+    status = ask(slab, "status")
+    assert len(status["gc_pause_max_ms"]) == 3          # collections run from the ticker
+    memory = ask(slab, "memory")
+    assert memory["VmRSS"].endswith("kB") and int(memory["VmRSS"].split()[0]) > 10_000
+    assert "top" not in memory                           # tracemalloc is off unless asked for
+
+
 def test_bad_mqtt_is_rejected_and_counted(slab):
     plug = slab.device("plug1")
     pw = json.loads((topology.state_path(slab.name).parent / "mqtt-passwords.json").read_text())
