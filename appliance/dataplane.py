@@ -345,24 +345,21 @@ class Dataplane:
                 self._forget(spec.name)
 
         # In quarantine XDP drops everything nftables would act on: leave it as it is.
-        if compiled.flags & maps.Flag.QUARANTINE:
-            if self._batch is not None:
-                self._batch.append((spec.name, device_id, None, None, undo))
-        else:
+        plan = None
+        if not compiled.flags & maps.Flag.QUARANTINE:
             rules = self._nft.device_rules(device_id, compiled.conn_limit)
-            if self._batch is not None:
-                plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
-                if plan:
-                    self._batch.append((spec.name, device_id, *plan, undo))
-                    self._nft_state[device_id] = plan[1]   # the next plan builds on it
-                else:
-                    self._batch.append((spec.name, device_id, None, None, undo))
-            else:
+            if self._batch is None:
                 try:
                     self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
                 except DataplaneError:
                     undo()
                     raise
+            else:
+                plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
+                if plan:
+                    self._nft_state[device_id] = plan[1]   # the next plan builds on it
+        if self._batch is not None:     # nftables' part, if any, goes at the batch's end
+            self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
         if before is not None and before.allow_id != allow_id:
             self._collect_lists()
         self._put(_Applied(spec, device_id, compiled))

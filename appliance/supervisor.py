@@ -397,7 +397,7 @@ class Supervisor:
         if changes:
             try:
                 enforced = self.set_postures(changes, f"rule {d.rule}", actor=f"rule {d.rule}")
-            except KalkiError as e:     # none of them is in force
+            except KalkiError as e:     # a refused batch is put back whole (Dataplane.batch)
                 log.error("rule %s: the data path refused its postures: %s", d.rule, e)
                 steps = [{**step, "error": str(e)} for step in steps]
         done.extend(steps)
