@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true",
                    help="the supervisor runs without the web page and the LED panel")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "all"),
+    p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "probe", "all"),
                    help="then play a demo scenario (appliance/lab/scenarios.py); the lab stays up")
     p.set_defaults(func=_lab_up)
     p = lab.add_parser("down", help="remove a lab and everything it created")

@@ -39,19 +39,21 @@ def test_all_scenarios_report_the_postures_the_supervisor_shows(demo_lab):
     assert [(s.scenario, s.device, s.expected, s.posture, s.ok) for s in steps] == [
         ("intrusion", "camera1", "suspicious", "suspicious", True),
         ("attack", "camera1", "attack", "attack", True),
-        ("scan", "light1", "quarantine", "quarantine", True)], text
+        ("scan", "light1", "quarantine", "quarantine", True),
+        ("probe", "plug1", "quarantine", "quarantine", True)], text
     assert scenarios.succeeded(steps)
     assert "light1 is on" in text                    # the intrusion switched the lights on
     assert "(reset camera1 from suspicious to normal)" in text
     assert "(reset camera1 from attack to normal)" in text
     # the supervisor agrees: the last scenario's state is still there, the others were reset
     postures = {d["name"]: d["posture"] for d in control.request(demo_lab.gateway["socket"], "devices")}
-    assert postures == {"camera1": "normal", "plug1": "normal", "light1": "quarantine",
+    assert postures == {"camera1": "normal", "plug1": "quarantine", "light1": "normal",
                         "motion_sensor1": "normal"}
     panel = control.request(demo_lab.gateway["socket"], "panel")
     assert panel["pattern"] == "alert" and panel["leds"]["red"]["lit"]
     alerts = {a["type"] for a in control.request(demo_lab.gateway["socket"], "alerts", limit=100)}
-    assert {"physical-intrusion", "brute-force"} <= alerts
+    assert {"physical-intrusion", "brute-force", "gateway-probe"} <= alerts
+    assert "(reset light1 from quarantine to normal)" in text
     assert alerts & {"lateral-movement", "port-scan-outbound"}
 
 

@@ -28,9 +28,9 @@ from ..errors import KalkiError, LabError
 from . import topology
 
 AFTER_HOURS = "2026-11-28T23:00:00+01:00"      # a Saturday night at the lab's site (Berlin)
-SCENARIOS = ("intrusion", "attack", "scan")
+SCENARIOS = ("intrusion", "attack", "scan", "probe")
 NEEDS = {"intrusion": ("camera", "light", "motion_sensor"), "attack": ("camera",),
-         "scan": ("light", "plug")}
+         "scan": ("light", "plug"), "probe": ("plug",)}
 WAIT = 10.0          # seconds to wait for an announced posture change
 IN_WORDS = {"normal": "back to normal", "suspicious": "suspicious", "attack": "in the attack posture",
             "quarantine": "in quarantine"}
@@ -245,6 +245,26 @@ class _Demo:
                      + ", ".join(f"{n} {p}" for n, p in sorted(others.items())))
         self.leds()
 
+    def probe(self) -> None:
+        plug = self.first("plug")
+        gw = self.lab.gateway["lan_ip"]
+        self.say(f"1. {plug.name} has been taken over and turns on the appliance itself: it "
+                 f"tries the gateway's SSH and web page ({gw}:22, :443). Devices may use the "
+                 f"gateway's DHCP, DNS, NTP, MQTT and ping and nothing else, so the gateway "
+                 f"guard in XDP should drop the attempts and the supervisor should put "
+                 f"{plug.name} in quarantine.")
+        started = time.monotonic()
+        for port in (22, 443):
+            self.connect(plug.namespace, gw, port, timeout=0.3)
+        step = self.expect("probe", plug.name, "quarantine", started)
+        if step.ok:
+            probes = [a for a in self.ask("alerts", device=plug.name, limit=10)
+                      if a["type"] == "gateway-probe"]
+            if probes:
+                self.say(f"   -> alert: gateway-probe on {plug.name}, port "
+                         f"{probes[-1]['details'].get('dst_port')} ({probes[0]['severity']}).")
+        self.leds()
+
     def _unblock(self, ip: str) -> bool:
         """Takes `ip` out of the lab's kernel drop set (pinned map), if it is there."""
         from .. import bpf, maps
@@ -261,7 +281,7 @@ class _Demo:
 
 def play(lab: topology.LabState, which: str, say: Callable[[str], None] = print,
          wait: float = WAIT) -> list[Step]:
-    """Plays `which` ("intrusion", "attack", "scan" or "all") on a running lab; returns each
+    """Plays `which` ("intrusion", "attack", "scan", "probe" or "all") on a running lab; returns each
     announced posture change with what was seen. Never raises for a change that does not come;
     it says so and goes on with the next scenario."""
     if which not in (*SCENARIOS, "all"):
