@@ -313,7 +313,7 @@ async def test_pages_show_the_devices(sup):
         assert new_name(sup) in home and "waiting for approval" in home
         cam = await (await c.get("/devices/camera1")).text()
         for word in ("Why blocked", "brute_force", "198.19.0.66", "device-under-attack", "quarantine",
-                     "Posture history", "decide ms"):
+                     "Posture history", "decide ms", "in XDP ms"):
             assert word in cam, word
         plug = await (await c.get("/devices/plug1")).text()
         assert "power_w" in plug

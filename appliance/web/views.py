@@ -328,7 +328,7 @@ async def device_page(request, error=None, status=200):
         what = x.get("rule") if x.get("kind") == "decision" else f'{x.get("event")} by {x.get("actor")}'
         dec_rows.append((e(x["at"][:19]), e(x.get("kind")), e(what),
                          f"<code>{j(x.get('actions') or x.get('details'))}</code>",
-                         e(t.get("decide")), e(t.get("enforce"))))
+                         e(t.get("decide")), e(t.get("xdp")), e(t.get("enforce"))))
     body = f"""<section><h2>Posture</h2>{p}</section>
 <section><h2>Identity</h2>{ident_html}</section>
 <section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
@@ -338,7 +338,7 @@ async def device_page(request, error=None, status=200):
 <section><h2>Posture history</h2>{table(("at", "posture", "reason"), hist_rows)}</section>
 <section><h2>Alerts</h2>{table(("at", "severity", "type", "source", "details"), alert_rows)}</section>
 <section><h2>Telemetry</h2>{table(("at", "values"), tele_rows)}</section>
-<section><h2>Decisions and audit</h2>{table(("at", "kind", "rule / event", "actions / details", "decide ms", "enforce ms"), dec_rows)}</section>"""
+<section><h2>Decisions and audit</h2>{table(("at", "kind", "rule / event", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
     return page(request, f"Device {name}", body, error=error, status=status, live=True)
 
 
