@@ -699,6 +699,7 @@ class Supervisor:
     async def _ticker(self) -> None:
         last_prune = last_flush = time.monotonic()
         ticks = 0
+        last_error, last_error_at = "", 0.0
         while not self._stop.is_set():
             await asyncio.sleep(0.25)
             self.heartbeat = time.monotonic()
@@ -709,22 +710,32 @@ class Supervisor:
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
-            now = self.now()
-            for name, d in list(self.known.items()):
-                exp = d.get("posture_expires")
-                if exp and datetime.datetime.fromisoformat(exp) <= now:
-                    try:
-                        self.set_posture(name, d.get("posture_revert_to") or "normal", "expired",
-                                         actor="timer")
-                    except KalkiError as e:
-                        log.error("reverting %s: %s", name, e)
-                        self._update_device(name, posture_expires=None)
-            if time.monotonic() - last_flush >= 1:
-                self.store.flush()
-                last_flush = time.monotonic()
-            if time.monotonic() - last_prune > 60:
-                self.store.prune()
-                last_prune = time.monotonic()
+            try:
+                self._expire_postures()
+                if time.monotonic() - last_flush >= 1:
+                    last_flush = time.monotonic()
+                    self.store.flush()
+                if time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    self.store.prune()
+            except KalkiError as e:
+                # The SD card full or failing: the heartbeat, the expiries and the collections
+                # must go on; say so once a minute, not every tick.
+                if str(e) != last_error or time.monotonic() - last_error_at > 60:
+                    log.error("ticker: %s", e)
+                    last_error, last_error_at = str(e), time.monotonic()
+
+    def _expire_postures(self) -> None:
+        now = self.now()
+        for name, d in list(self.known.items()):
+            exp = d.get("posture_expires")
+            if exp and datetime.datetime.fromisoformat(exp) <= now:
+                try:
+                    self.set_posture(name, d.get("posture_revert_to") or "normal", "expired",
+                                     actor="timer")
+                except KalkiError as e:
+                    log.error("reverting %s: %s", name, e)
+                    self._update_device(name, posture_expires=None)
 
     # -- the control socket ---------------------------------------------------------------
     async def _start_control(self) -> None:

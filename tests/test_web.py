@@ -648,3 +648,25 @@ async def test_repeated_reports_are_kept_once_and_still_counted(sup):
     since = sup.now() - datetime.timedelta(minutes=1)
     assert sup.telemetry("plug1", "power_w", last=2, since=since) == [5, 9]
     assert [row[1]["power_w"] for row in sup.recent_telemetry("plug1", 3)] == [9, 5, 5]
+
+
+@aiotest
+async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplog):
+    """Heartbeat, expiries and collections must outlive a failing store (a full SD card)."""
+    from appliance.store import StoreError
+
+    def full():
+        raise StoreError("cannot write the log /var/lib/kalki/alerts.jsonl: No space left on device")
+    monkeypatch.setattr(sup.store, "flush", full)
+    sup.set_posture("plug1", "suspicious", "test", for_seconds=60)
+    sup.clock.set((sup.now() + datetime.timedelta(minutes=2)).isoformat())     # past its expiry
+    ticker = asyncio.ensure_future(sup._ticker())
+    await asyncio.sleep(1.4)
+    beat = sup.heartbeat
+    await asyncio.sleep(0.6)
+    assert not ticker.done() and sup.heartbeat > beat
+    sup._stop.set()
+    await asyncio.wait_for(ticker, 2)
+    assert sup.known["plug1"]["posture"] == "normal"                   # the expiry still came
+    said = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(said) == 1                                              # once, not every tick
