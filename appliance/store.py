@@ -168,8 +168,11 @@ class LogTable:
 
     TinyDB rewrites a whole file per insert, which made every alert cost more as the logs grew;
     here an insert is a line in memory until flush() appends it (fsynced). Removals (retention)
-    rewrite the file atomically at the next flush. A line torn by a power cut is the last one:
-    it is dropped on load.
+    are forgotten at once; the file is rewritten (atomically, at a flush) once a quarter of it
+    is removed records, so that trimming one device does not copy the whole file (26 MB of
+    history at 1,000 devices, 0.1 s on the loop). Until then a restart brings the removed records
+    (the oldest) back, and the next retention pass removes them again. A line torn by a power
+    cut is the last one: it is dropped on load.
 
     Memory holds, per record, only what searches and retention look at, as columns of machine
     numbers (36 bytes a record): its id, time, device, tag (a decision's kind, an alert's type)
@@ -193,6 +196,8 @@ class LogTable:
         self._unwritten: dict[int, str] = {}    # doc_id -> line; always the newest rows
         self._next = 1
         self._rewrite = False
+        self._bytes = 0              # the file's size as written
+        self._dead = 0               # bytes of it that removed records take
         self._reader = None
         self._load()
 
@@ -246,6 +251,7 @@ class LogTable:
                     pos += len(raw)
             except OSError as e:
                 raise StoreError(f"cannot read the log {self.path}: {e}") from None
+        self._bytes = pos
         if torn:
             self._rewrite = True           # the last line, torn by a power cut: dropped
         elif raw and not raw.endswith(b"\n"):
@@ -316,14 +322,24 @@ class LogTable:
         doomed = set(rows)
         if not doomed:
             return
-        if any(self._pos[i] >= 0 for i in doomed):
+        self._dead += sum(self._size[i] + 1 for i in doomed if self._pos[i] >= 0)
+        if self._dead * 4 > self._bytes:
             self._rewrite = True
         for i in doomed:
             self._per_device[self._device[i]] -= 1
             self._unwritten.pop(self._id[i], None)
+        doomed = sorted(doomed)
         for column in (self._id, self._at, self._device, self._tag, self._pos, self._size):
-            kept = array(column.typecode, (v for i, v in enumerate(column) if i not in doomed))
-            column[:] = kept
+            if len(doomed) <= 256:     # a device's trim: a few moves of the tail
+                for i in reversed(doomed):
+                    del column[i]
+            else:                      # an age-out: one copy of what stays, run by run
+                kept, start = array(column.typecode), 0
+                for i in doomed:
+                    kept.extend(column[start:i])
+                    start = i + 1
+                kept.extend(column[start:])
+                column[:] = kept
 
     def trim(self, keep: int, device=ANY, before: float | None = None) -> int:
         """Removes the records (of the device) older than `before` and all but the `keep`
@@ -368,6 +384,7 @@ class LogTable:
         for i, line in enumerate(lines, first):
             self._pos[i], self._size[i] = pos, len(line)
             pos += len(line) + 1
+        self._bytes = pos
         self._unwritten.clear()
 
     def _write_all(self) -> None:
@@ -404,6 +421,7 @@ class LogTable:
                 self._size[i] = len(self._unwritten[self._id[i]].encode())
         self._unwritten.clear()
         self._rewrite = False
+        self._bytes, self._dead = pos, 0
 
     def _copy(self, start: int, end: int, out) -> None:
         if self._reader is None:
