@@ -38,6 +38,9 @@ PASSWORDS = "passwords"
 ACL = "acl"
 LOG = "mosquitto.log"
 OUTPUT = "mosquitto.out"  # stderr: errors from before the log file is opened
+# The plugin that counts the publishes the ACL refuses (mosquitto/kalki_denials.c), built by
+# scripts/setup.sh, and for the SD-card image by image/stages/30-appliance.sh.
+DENIALS_PLUGIN = Path(__file__).resolve().parent.parent / "build" / "kalki_denials.so"
 
 
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
@@ -75,12 +78,15 @@ def _write(path: Path, text: str, mode: int = 0o600) -> None:
 
 def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
                  users: dict[str, str] | None = None, supervisor_user: str = "kalki",
-                 base: str = "kalki", run_as: str | None = None) -> Path:
+                 base: str = "kalki", run_as: str | None = None,
+                 denials_plugin: Path | None = DENIALS_PLUGIN) -> Path:
     """Write mosquitto.conf, the password file and the ACL into directory; returns the conf.
 
     users maps user name to password: the supervisor_user may read and write everything,
     every other user is a device. run_as is the account mosquitto drops to when started as
-    root; by default the current one, which can read the files written here.
+    root; by default the current one, which can read the files written here. The denials
+    plugin is loaded when it is there: without it the broker refuses the same publishes,
+    and nobody counts them.
     """
     directory = Path(directory)
     users = dict(users or {})
@@ -124,6 +130,9 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
         "log_type notice",
         "log_type information",  # includes "Reloading config.", which reload() waits for
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        *([f"plugin {denials_plugin}", f"plugin_opt_base {base}",
+           f"plugin_opt_supervisor {supervisor_user}"]
+          if denials_plugin and Path(denials_plugin).is_file() else []),
         "",
     ]), 0o644)
     if os.geteuid() == 0 and run_as != getpass.getuser():

@@ -52,6 +52,7 @@ def handle(sup, req: dict):
                 "uptime_s": round((time.monotonic_ns() - sup.started_ns) / 1e9, 1),
                 "mqtt": bool(sup.bus and sup.bus.connected),
                 "mqtt_rejected": dict(sup.bus.rejected) if sup.bus else {},
+                "mqtt_denied": dict(sup.bus.denied) if sup.bus else {},
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
                 "site_error": getattr(sup, "site_error", None),

@@ -6,6 +6,8 @@
     <base>/<device>/posture         {"posture", "since"}, retained         (us -> anyone)
     <base>/bridge/state             {"state": "online"|"offline"}, retained; our last will
     <base>/bridge/alerts, <base>/bridge/decisions
+    <base>/bridge/denied            what the broker refused to devices, once a second at most
+                                    (mosquitto/kalki_denials.c)                (broker -> us)
     homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery
 
 Everything a device sends is untrusted: it is checked here and counted in `rejected` by
@@ -53,15 +55,19 @@ class Bus:
                  known_device: Callable[[str], bool],
                  on_telemetry: Callable[[str, dict], None],
                  on_availability: Callable[[str, str], None],
+                 on_denied: Callable[[str, str, int], None] = lambda user, topic, count: None,
                  loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096):
         self.host, self.port, self.user, self.base = host, port, user, base
         self.known_device = known_device
         self.on_telemetry = on_telemetry
         self.on_availability = on_availability
+        self.on_denied = on_denied
         self.loop = loop
         self.max_payload = max_payload
         self.rejected: collections.Counter[str] = collections.Counter()
+        self.denied: collections.Counter[str] = collections.Counter()   # per broker user
         self.state_topic = f"{base}/bridge/state"
+        self.denied_topic = f"{base}/bridge/denied"
         self._last_logged: dict[str, float] = {}
         self._connected = threading.Event()
         self._refusal = "no answer yet"
@@ -96,7 +102,8 @@ class Bus:
             log.warning("MQTT broker %s:%s refused %r: %s", self.host, self.port, self.user, reason_code)
             return
         client.publish(self.state_topic, json.dumps({"state": "online"}), qos=1, retain=True)
-        client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1)])
+        client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1),
+                          (self.denied_topic, 1)])
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -135,6 +142,9 @@ class Bus:
     def handle(self, topic: str, payload: bytes) -> None:
         """Check one incoming message and pass it on, or count why not. Never raises."""
         try:
+            if topic == self.denied_topic:
+                self._count_denied(payload)
+                return
             parsed = self._check(topic, payload)
             if parsed is None:
                 return
@@ -188,6 +198,33 @@ class Bus:
         if "device" in data and data["device"] != device:
             raise Rejected("forged", f"{device} claims to be {data['device']!r}")
         return "telemetry", device, data
+
+    def _count_denied(self, payload: bytes) -> None:
+        """The broker's report of the publishes it refused to devices: only the broker and the
+        supervisor's own user can write this topic, and it is checked all the same."""
+        try:
+            report = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+            entries = report["denied"]
+            untracked = report.get("untracked", 0)
+            if not isinstance(entries, list) or not isinstance(untracked, int) or untracked < 0:
+                raise ValueError("bad shape")
+            checked = []
+            for e in entries:
+                user, topic, count = e["user"], e["topic"], e["count"]
+                if not (isinstance(user, str) and isinstance(topic, str)
+                        and isinstance(count, int) and count > 0):
+                    raise ValueError(f"bad entry {e!r}")
+                checked.append((user, topic, count))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Rejected("malformed", f"broker's denied report: {exc}") from None
+        if untracked:
+            self.rejected["denied"] += untracked
+            self.denied["(untracked)"] += untracked
+        for user, topic, count in checked:
+            self.rejected["denied"] += count
+            self.denied[user] += count
+            self._log_rejection("denied", topic, f"{user} may not publish there, {count} time(s)")
+            self.on_denied(user, topic, count)
 
     def _log_rejection(self, reason: str, topic: str, detail: str) -> None:
         # A flooding device must not flood the log as well.

@@ -43,7 +43,7 @@ KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_forc
 SEVERITY = {"port-scan": "warning", "syn-flood": "critical", "brute-force": "critical",
             "egress-anomaly": "warning", "spoofing": "critical", "lateral-movement": "critical",
             "port-scan-outbound": "critical", "gate-login-failures": "warning",
-            "new-device": "info", "gateway-probe": "critical"}
+            "new-device": "info", "gateway-probe": "critical", "mqtt-denied": "warning"}
 
 
 def _iso(dt: datetime.datetime) -> str:
@@ -292,7 +292,7 @@ class Supervisor:
         from .mqtt import Bus
         self.bus = Bus(m.host, m.port, m.user, password, m.base, known_device=self.known.__contains__,
                        on_telemetry=self._on_telemetry, on_availability=self._on_availability,
-                       loop=self.loop, max_payload=m.max_payload)
+                       on_denied=self._on_denied, loop=self.loop, max_payload=m.max_payload)
         for name, d in self.known.items():
             if d.get("approved"):
                 self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
@@ -312,6 +312,13 @@ class Supervisor:
 
     def _on_availability(self, device: str, state: str) -> None:
         self.availability[device] = state
+
+    def _on_denied(self, user: str, topic: str, count: int) -> None:
+        """The broker refused a device's publishes outside its own topic (speaking for another
+        device, or sending commands): an alert, and no posture change by itself, as a
+        misconfigured device does the same."""
+        self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
+                         {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
 
     # -- kernel events --------------------------------------------------------------------
     def _on_kernel_events(self) -> None:

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables python3-nftables
   mosquitto mosquitto-clients iproute2 iputils-ping netsniff-ng dnsmasq-base busybox chromium chromium-driver
+  gcc libc6-dev mosquitto-dev libmosquitto-dev
 )
 ARCH_HEADERS="linux-headers-$(dpkg --print-architecture)"
 
@@ -56,6 +57,14 @@ if [ ! -e "$build_dir/include" ]; then
 fi
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+# The broker plugin that counts refused publishes (appliance/broker.py loads it when present).
+plugin=build/kalki_denials.so
+if [ ! -e "$plugin" ] || [ mosquitto/kalki_denials.c -nt "$plugin" ]; then
+  log "building $plugin"
+  mkdir -p build
+  cc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$plugin" mosquitto/kalki_denials.c
+fi
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, nftables' 2>/dev/null; then
   log "creating .venv from /usr/bin/python3 with system site packages"

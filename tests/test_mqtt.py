@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from appliance import broker as broker_mod
-from appliance.broker import Broker, random_password, write_config
+from appliance.broker import DENIALS_PLUGIN, Broker, random_password, write_config
 from appliance.errors import ConfigError, KalkiError
 from appliance.lab.device_services import Device, MqttTelemetry
 from appliance.mqtt import Bus
@@ -54,6 +54,7 @@ class Recorder:
     def __init__(self):
         self.telemetry: list[tuple[str, dict]] = []
         self.availability: list[tuple[str, str]] = []
+        self.denied: list[tuple[str, str, int]] = []
 
 
 @pytest.fixture
@@ -62,7 +63,8 @@ def bus(broker):
     b = Bus("127.0.0.1", broker.port, "kalki", broker.users["kalki"],
             known_device=lambda name: name in DEVICES,
             on_telemetry=lambda d, data: seen.telemetry.append((d, data)),
-            on_availability=lambda d, state: seen.availability.append((d, state)))
+            on_availability=lambda d, state: seen.availability.append((d, state)),
+            on_denied=lambda user, topic, count: seen.denied.append((user, topic, count)))
     b.seen = seen
     b.wait_connected(5)
     yield b
@@ -138,6 +140,10 @@ def test_config_files(tmp_path):
     assert "pattern write kalki/%u" in acl and "pattern read kalki/%u/set" in acl
     assert (tmp_path / "passwords").stat().st_mode & 0o077 == 0
     assert (tmp_path / "passwords").read_text().startswith("kalki:$7$101$")
+    assert DENIALS_PLUGIN.is_file(), "scripts/setup.sh builds it"
+    assert f"plugin {DENIALS_PLUGIN}" in text.splitlines() and "plugin_opt_base kalki" in text
+    without = write_config(tmp_path / "without", denials_plugin=tmp_path / "missing.so")
+    assert not [line for line in without.read_text().splitlines() if line.startswith("plugin")]
 
 
 @pytest.mark.parametrize("name", ["a/b", "a+", "#", "", "bridge", "a b"])
@@ -192,7 +198,33 @@ def test_device_publishes_only_under_its_own_topic(broker, bus, device):
         watcher.wait()
     assert not [line for line in lines if line.startswith("kalki/light1")]
     assert not [d for d, _ in bus.seen.telemetry + bus.seen.availability if d == "light1"]
-    assert not bus.rejected  # the broker dropped them; nothing reached the supervisor
+    # the broker dropped them, and its plugin told the supervisor (within a second)
+    wait_for(lambda: bus.denied["light2"] == 2, what="the broker's denied report")
+    assert bus.rejected == {"denied": 2}
+    assert sum(c for u, _, c in bus.seen.denied if u == "light2") == 2
+    assert bus.seen.denied[-1][1] in ("kalki/light1", "kalki/light1/availability")
+
+
+def test_a_flood_of_refused_publishes_is_one_report_a_second(broker, bus, device):
+    light2 = device("light2")
+    for n in range(300):
+        light2.client.publish("kalki/light1", f'{{"n": {n}}}', qos=0)
+    light2.publish("kalki/light1/set", {"on": False})          # qos 1: all sent before this returns
+    wait_for(lambda: bus.denied["light2"] == 301, what="301 refusals counted")
+    assert len(bus.seen.denied) <= 4                          # a report a second, not 301 messages
+    assert bus.seen.denied[-1][1] == "kalki/light1/set"
+
+
+def test_the_broker_report_is_checked_too(bus):
+    for bad in (b"{not json", b"[]", b'{"denied": 3}', b'{"denied": [{"user": "x"}]}',
+                b'{"denied": [{"user": "x", "topic": "t", "count": -1}]}',
+                b'{"denied": [], "untracked": "many"}'):
+        bus.handle("kalki/bridge/denied", bad)
+    assert bus.rejected == {"malformed": 6} and not bus.seen.denied
+    bus.handle("kalki/bridge/denied", b'{"denied": [{"user": "light2", "topic": "kalki/light1", '
+                                      b'"count": 3}], "untracked": 2}')
+    assert bus.denied == {"light2": 3, "(untracked)": 2} and bus.rejected["denied"] == 5
+    assert bus.seen.denied == [("light2", "kalki/light1", 3)]
 
 
 def test_device_cannot_read_another_devices_commands(bus, device):

@@ -170,6 +170,14 @@ def test_bad_mqtt_is_rejected_and_counted(slab):
                                 else None)(ask(slab, "status")["mqtt_rejected"]), 5)
     assert after["malformed"] == before.get("malformed", 0) + 1
     assert after["forged"] == before.get("forged", 0) + 1
+    # ... and the broker's plugin counted it for the supervisor: a warning, no posture change
+    denied = wait_until(lambda: (lambda r: r if r["mqtt_rejected"].get("denied", 0) > before.get("denied", 0)
+                                 else None)(ask(slab, "status")), 5)
+    assert denied["mqtt_rejected"]["denied"] == before.get("denied", 0) + 1
+    assert denied["mqtt_denied"]["plug1"] >= 1
+    alert = ask(slab, "alerts", device="plug1", limit=1)[0]
+    assert alert["type"] == "mqtt-denied" and alert["severity"] == "warning"
+    assert alert["details"]["topic"] == "kalki/motion_sensor1"
     time.sleep(0.5)
     assert posture_of(slab, "camera1") == "normal"              # the forged motion did nothing
     assert ask(slab, "status")["mqtt"] is True                   # and nothing crashed

@@ -1,11 +1,13 @@
 #!/bin/bash
 # Stage 00: the build machine. Installs the build's own dependencies when missing (Debian
-# packages) and turns on qemu-user for arm64 (binfmt_misc), which a new machine lacks.
+# packages; the arm64 cross compiler and Mosquitto's headers are for the broker plugin) and
+# turns on qemu-user for arm64 (binfmt_misc), which a new machine lacks.
 set -euo pipefail
 . "$IMAGE_DIR/lib.sh"
 
 need=(mmdebstrap qemu-user-static binfmt-support dosfstools mtools fdisk e2fsprogs
-      qemu-system-arm zstd xz-utils arch-test ca-certificates util-linux)
+      qemu-system-arm zstd xz-utils arch-test ca-certificates util-linux
+      gcc-aarch64-linux-gnu libc6-dev-arm64-cross mosquitto-dev libmosquitto-dev)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

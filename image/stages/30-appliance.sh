@@ -22,6 +22,18 @@ fi
 chown -R 0:0 "$dest"
 log "repository copied: $(find "$dest" -type f | wc -l) files, version $(cat "$dest/.image-version")"
 
+# The broker plugin (mosquitto/kalki_denials.c), cross-compiled: the image has no compiler. Its
+# Mosquitto headers are the build machine's (the same on every architecture), alone in a
+# directory of their own so that the cross compiler keeps its own C library's headers.
+headers=$(mktemp -d)
+cp /usr/include/mosquitto.h /usr/include/mosquitto_broker.h /usr/include/mosquitto_plugin.h \
+   /usr/include/mqtt_protocol.h "$headers/"
+mkdir -p "$dest/build"
+aarch64-linux-gnu-gcc -shared -fPIC -O2 -Wall -Wextra -Werror -I"$headers" \
+  -o "$dest/build/kalki_denials.so" "$dest/mosquitto/kalki_denials.c"
+rm -rf "$headers"
+log "broker plugin: build/kalki_denials.so ($(stat -c %s "$dest/build/kalki_denials.so") bytes, arm64)"
+
 in_chroot /bin/sh -ec '
 cd /opt/kalki
 /usr/bin/python3 -m venv --system-site-packages .venv

@@ -57,6 +57,10 @@ for f in /usr/sbin/nft /usr/sbin/mosquitto /usr/sbin/dnsmasq /usr/sbin/hostapd /
          /usr/sbin/resize2fs /usr/bin/openssl /usr/bin/ssh-keygen; do
   [ -x "$ROOTFS$f" ] || die "$f is missing from the image"
 done
+plugin="$ROOTFS/opt/kalki/build/kalki_denials.so"
+# ELF e_machine, bytes 18-19: 0xb7 is AArch64
+[ "$(od -An -tx1 -j18 -N2 "$plugin" 2>/dev/null | tr -d ' ')" = b700 ] \
+  || die "the broker plugin $plugin is missing or not built for arm64"
 ! ls "$ROOTFS"/etc/ssh/ssh_host_* >/dev/null 2>&1 || die "SSH host keys in the image"
 [ ! -s "$ROOTFS/etc/machine-id" ] || die "a machine-id in the image"
 for f in cmdline.txt config.txt; do
