@@ -380,6 +380,15 @@ def test_add_user_without_restart(broker, bus):
                                    "-m", "{}").stderr
 
 
+def test_refusals_are_counted_once_after_reloads(broker, bus, device):
+    broker.reload()
+    broker.reload()                               # the plugin must not register itself twice
+    device("light2").publish("kalki/light1", {"on": True})
+    wait_for(lambda: bus.denied["light2"], what="the broker's denied report")
+    time.sleep(1.2)                               # a second report, if any, would be here by now
+    assert bus.denied == {"light2": 1} and bus.seen.denied == [("light2", "kalki/light1", 1)]
+
+
 # ---------------------------------------------------------------- the lab's device side
 
 def test_device_services_telemetry_and_commands(broker):
