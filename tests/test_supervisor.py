@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from appliance import control, netns
+from appliance import control, dhcp, netns
 from appliance.lab import topology
 from labutil import connect, http, ping, wait_until
 
@@ -138,6 +138,48 @@ def test_new_device_stays_unknown_and_closed_until_approved(slab):
     assert posture_of(slab, seen["name"]) == "normal"
     bad = kalki(slab, "device", "approve", "no-such-device", "--type", "camera")
     assert bad.returncode == 2 and "no-such-device" in bad.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"   # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_device_renumbered_by_dhcp_stays_the_same_device(slab):
+    """Identity is the MAC: the approved device that gets another address from the gateway's
+    DHCP server (its reservation gone, a reboot) keeps its posture and is enforced at the new
+    address from its first packet; asking for the address (a broadcast from 0.0.0.0) is no
+    anomaly either."""
+    new = slab.devices[-1]
+    name = next(n for n, d in devices(slab).items() if d["mac"] == new.mac)
+    if not devices(slab)[name]["approved"]:
+        assert kalki(slab, "device", "approve", name, "--type", new.type).returncode == 0
+    alerts_before = len(ask(slab, "alerts", device=name, limit=100))
+    dhcp_dir = topology.state_path(slab.name).parent / "dhcp"
+    os.kill(slab.pids["dnsmasq"], signal.SIGTERM)          # a server that forgot the reservation
+    assert wait_until(lambda: _gone(slab.pids["dnsmasq"]), 5)
+    conf = dhcp_dir / "dnsmasq.conf"
+    conf.write_text("".join(line + "\n" for line in conf.read_text().splitlines() if new.mac not in line))
+    slab.pids["dnsmasq"] = dhcp.start(conf, slab.namespaces["gw"])
+    time.sleep(0.5)
+    got = subprocess.run(["ip", "netns", "exec", new.namespace, "busybox", "udhcpc", "-i", "eth0", "-n",
+                          "-q", "-t", "5", "-T", "1", "-V", new.type,
+                          "-s", str(dhcp_dir.parent / "udhcpc.script")], capture_output=True, text=True,
+                         timeout=30)
+    assert got.returncode == 0, got.stderr
+    shown = subprocess.run(["ip", "netns", "exec", new.namespace, "ip", "-4", "-o", "addr", "show", "eth0"],
+                           capture_output=True, text=True).stdout
+    new_ip = shown.split("inet ")[1].split("/")[0]
+    assert new_ip != new.ip
+    assert ping(new.namespace, "198.19.8.1") == 1            # at once, from the new address
+    assert wait_until(lambda: devices(slab)[name]["ip"] == new_ip, 3)
+    d = devices(slab)[name]
+    assert d["posture"] == "normal" and d["enforced"]
+    assert len(ask(slab, "alerts", device=name, limit=100)) == alerts_before   # no spoofing, no anomaly
+    assert posture_of(slab, "camera1") == "normal"
 
 
 def test_status_and_memory_say_how_the_process_is_doing(slab):

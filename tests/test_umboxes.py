@@ -1,6 +1,7 @@
 """Each umbox on real packets in the lab: what must pass passes, what must be stopped is
 stopped, and its events and counters say so."""
 import json
+import subprocess
 import time
 import urllib.request
 
@@ -210,6 +211,27 @@ def test_anti_spoofing(lab, fresh):
     before = fresh.counters("camera1")["pass"]["packets"]
     send_raw(cam.namespace, [udp_packet(cam.ip, "198.19.8.1", 5000, 9) for _ in range(5)])
     assert wait_until(lambda: fresh.counters("camera1")["pass"]["packets"] >= before + 5)
+
+
+def test_an_approved_device_may_ask_for_its_address_again(lab, fresh):
+    """A device that reboots broadcasts its DHCP discover from 0.0.0.0 to 255.255.255.255: no
+    allow-list names that, and no detector may take it for an anomaly (the camera would end
+    in quarantine on every reboot)."""
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "allowlist": {"destinations": ["198.19.8.1/32"]},
+                                "egress_anomaly": {},
+                                "port_scan": {"ports": 2, "window_ms": 5000},
+                                "lateral_block": {}})
+    before = fresh.counters("camera1")
+    # udhcpc as a device runs it; -s /bin/true leaves the address alone whatever it is offered
+    subprocess.run(["ip", "netns", "exec", cam.namespace, "busybox", "udhcpc", "-i", "eth0", "-n",
+                    "-q", "-t", "3", "-T", "1", "-s", "/bin/true"], capture_output=True, timeout=30)
+    after = fresh.counters("camera1")
+    assert after["pass"]["packets"] >= before.get("pass", {}).get("packets", 0) + 3
+    for reason in ("allowlist", "egress_anomaly", "port_scan", "lateral"):
+        assert dropped(fresh, "camera1", reason) == before.get(reason, {}).get("packets", 0), reason
+    assert not [e for e in fresh.events() if e["device"] == "camera1"]
+    assert not connect(cam.namespace, "198.19.9.1", 80)       # the allow-list still holds
 
 
 def test_unknown_device_reaches_only_gateway(lab, fresh):
