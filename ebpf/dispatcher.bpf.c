@@ -434,11 +434,6 @@ int xdp_from_devices(struct xdp_md *ctx)
 		return count(device, device ? KALKI_R_QUARANTINE : KALKI_R_UNKNOWN_DEVICE, &p,
 			     XDP_DROP);
 	}
-	if (p.proto == IPPROTO_UDP && p.dport == 67 &&
-	    (p.dst == s->gateway_ip || p.dst == 0xffffffff))
-		/* DHCP to the gateway's server: an approved device that reboots asks for its
-		 * address by broadcast, which no allow-list names and no detector must count. */
-		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 	if (cfg->flags & (KALKI_F_RATE_LIMIT | KALKI_F_PORT_SCAN))
 		now = kalki_now();
 	if (cfg->flags & KALKI_F_RATE_LIMIT) {
@@ -446,6 +441,12 @@ int xdp_from_devices(struct xdp_md *ctx)
 		if (r != KALKI_R_PASS)
 			return count(device, r, &p, XDP_DROP);
 	}
+	if (p.proto == IPPROTO_UDP && p.dport == 67 &&
+	    (p.dst == s->gateway_ip || p.dst == 0xffffffff))
+		/* DHCP to the gateway's server: an approved device that reboots asks for its
+		 * address by broadcast, which no allow-list names and no detector must count
+		 * (the rate limit above still applies). */
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 #ifndef KALKI_NO_DETECTORS
 	if ((cfg->flags & KALKI_F_PORT_SCAN) && (p.syn || p.proto == IPPROTO_UDP) &&
 	    p.dst != s->gateway_ip &&
