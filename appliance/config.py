@@ -32,6 +32,8 @@ class GatewaySection:
     namespace: str = _doc("network namespace of the gateway (the lab only; empty on a Pi)", "")
     instance: str = _doc("name of the pin directory under /sys/fs/bpf/kalki/", "appliance")
     gate_port: int = _doc("port of the authentication gate on the gateway", 8181)
+    dhcp_leases: str = _doc("the DHCP server's lease file (dnsmasq): a device's first packets "
+                            "from a new address are not taken for spoofing", "/var/lib/kalki/dnsmasq/leases")
 
 
 @dataclass

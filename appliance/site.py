@@ -55,6 +55,7 @@ SOURCE = Path("/boot/firmware/kalki.toml")
 OUT = Path("/run/kalki/site")
 ERROR_FILE = Path("/run/kalki/site-error")
 STATE_DIR = "/var/lib/kalki"                        # the data partition
+LEASE_FILE = f"{STATE_DIR}/dnsmasq/leases"
 PASSWORD_FILE = "/var/lib/kalki/secrets/mqtt-password"
 PROFILES = "/opt/kalki/umboxes"
 # The passphrase of kalki.toml.example: refused, so that no card runs with a published one.
@@ -296,6 +297,7 @@ def supervisor_config(site: Site, panel: bool = False) -> config.Config:
     cfg.gateway.uplink_interface = site.uplink_interface
     cfg.gateway.address = site.address
     cfg.gateway.lan = site.lan
+    cfg.gateway.dhcp_leases = LEASE_FILE
     cfg.state.directory = STATE_DIR
     cfg.mqtt.password_file = PASSWORD_FILE
     cfg.policy.timezone = site.timezone
@@ -362,7 +364,7 @@ def dnsmasq_conf(site: Site) -> str:
         f"dhcp-option=option:router,{site.address}",
         f"dhcp-option=option:dns-server,{site.address}",
         "dhcp-authoritative",
-        f"dhcp-leasefile={STATE_DIR}/dnsmasq/leases",
+        f"dhcp-leasefile={LEASE_FILE}",
         "",
     ])
 

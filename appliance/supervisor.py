@@ -330,7 +330,28 @@ class Supervisor:
                 continue
             if kind == "port-scan" and e["src"] == self.known[device].get("ip"):
                 kind = "port-scan-outbound"   # the device itself scans others
+            if kind == "spoofing" and self._leased(device, e["src"]):
+                continue
             self.raise_alert(device, kind, "kernel", e, received)
+
+    def _leased(self, device: str, src: str) -> bool:
+        """A device's first packets from the address the DHCP server has just leased it can
+        come before the server's lease event (its script takes 0.1-0.2 s to reach us): the
+        lease file, written as the lease is made, says it is the device's new address, not
+        a spoof. The address is taken at once; the packets before it were dropped."""
+        mac = self.known[device]["mac"]
+        try:
+            leases = Path(self.cfg.gateway.dhcp_leases).read_text(errors="replace")
+        except OSError:
+            return False
+        for line in leases.splitlines():
+            fields = line.split()    # expiry MAC address hostname client-id
+            if len(fields) >= 3 and fields[1].lower() == mac and fields[2] == src:
+                log.info("%s: first packets from %s, its new lease: renumbered, not spoofing",
+                         device, src)
+                self.discovered(mac, src)
+                return True
+        return False
 
     def raise_alert(self, device: str | None, kind: str, source: str, details: dict,
                     received_ns: int, rule: str | None = None, severity: str | None = None) -> dict:

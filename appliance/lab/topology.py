@@ -291,6 +291,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.gateway.devices_interface, cfg.gateway.uplink_interface = "dev0", "up0"
     cfg.gateway.address, cfg.gateway.lan, cfg.gateway.instance = GATEWAY_LAN_IP, str(LAN), s.name
     cfg.state.directory = str(lab_dir / "state")
+    cfg.gateway.dhcp_leases = str(lab_dir / "dhcp" / "leases")
     cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
     cfg.mqtt.password_file = str(pw_file)
     cfg.control.socket = s.gateway["socket"]
