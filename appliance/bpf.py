@@ -30,6 +30,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY = 0
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
@@ -132,7 +133,10 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 
 class Map:
-    """A pinned map with ctypes keys and values. Per-CPU maps return a list of values."""
+    """A pinned map with ctypes keys and values. Per-CPU maps return a list of values.
+
+    An array whose value type says EMPTY_IS_ABSENT = True is used like a hash: an all-zero
+    slot is absent (lookup gives None, keys() skips it) and delete() zeroes the slot."""
 
     def __init__(self, path: str, key_type, value_type):
         self.path = path
@@ -142,6 +146,7 @@ class Map:
         self.max_entries = info.max_entries
         self.per_cpu = info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH,
                                      BPF_MAP_TYPE_LRU_PERCPU_HASH)
+        self.sparse = info.type == BPF_MAP_TYPE_ARRAY and getattr(value_type, "EMPTY_IS_ABSENT", False)
         if info.key_size != ctypes.sizeof(key_type) or info.value_size != ctypes.sizeof(value_type):
             os.close(self.fd)
             raise DataplaneError(
@@ -175,6 +180,8 @@ class Map:
             raw = value.raw
             return [self.value_type.from_buffer_copy(raw, i * self._stride)
                     for i in range(possible_cpus())]
+        if self.sparse and not any(bytes(value)):
+            return None
         return value
 
     def update(self, key, value, flags: int = BPF_ANY) -> None:
@@ -192,6 +199,11 @@ class Map:
             raise DataplaneError(str(e)) from e
 
     def delete(self, key) -> bool:
+        if self.sparse:
+            if self.lookup(key) is None:
+                return False
+            self.update(key, self.value_type())
+            return True
         attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key))
         try:
             _bpf(BPF_MAP_DELETE_ELEM, attr, f"delete in {self.name}")
@@ -213,7 +225,8 @@ class Map:
                 if e.errno == errno.ENOENT:
                     return
                 raise DataplaneError(str(e)) from e
-            yield nxt
+            if not self.sparse or self.lookup(nxt) is not None:
+                yield nxt
             key = nxt
 
     def items(self):

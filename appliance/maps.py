@@ -23,6 +23,7 @@ class Flag(enum.IntFlag):
     LATERAL_BLOCK = 1 << 8
     ANTI_SPOOF = 1 << 9
     QUARANTINE_MGMT = 1 << 10
+    PRESENT = 1 << 11
 
 
 class Reason(enum.IntEnum):
@@ -75,6 +76,7 @@ class Mac(ctypes.Structure):
 
 
 class Device(ctypes.Structure):
+    EMPTY_IS_ABSENT = True      # kalki_devices is an array: a free slot is all zeros
     _fields_ = [("flags", ctypes.c_uint32), ("ipv4", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6),
                 ("posture", ctypes.c_uint16),
                 ("packet_interval_ns", ctypes.c_uint64), ("packet_tolerance_ns", ctypes.c_uint64),

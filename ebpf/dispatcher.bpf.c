@@ -75,7 +75,7 @@ struct scan_key {
 BPF_ARRAY(kalki_settings, struct kalki_settings, 1);
 BPF_HASH(kalki_dev_by_mac, struct kalki_mac, __u32, KALKI_MAX_DEVICES);
 BPF_HASH(kalki_dev_by_ip, __u32, __u32, KALKI_MAX_DEVICES);
-BPF_HASH(kalki_devices, __u32, struct kalki_device, KALKI_MAX_DEVICES);
+BPF_ARRAY(kalki_devices, struct kalki_device, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_dev_state, struct dev_state, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_event_limit, struct event_limit, KALKI_MAX_DEVICES * KALKI_R_MAX);
 BPF_PERCPU_ARRAY(kalki_counters, struct kalki_counter, KALKI_MAX_DEVICES * KALKI_R_MAX);
@@ -402,7 +402,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 	if (id)
 		device = *id;
 	cfg = device ? kalki_devices.lookup(&device) : 0;
-	if (!cfg) {
+	if (!cfg || !(cfg->flags & KALKI_F_PRESENT)) {
 		device = 0;
 		unknown.flags = s->unknown_flags;
 		cfg = &unknown;
@@ -503,7 +503,7 @@ int xdp_to_devices(struct xdp_md *ctx)
 		return XDP_PASS;    /* not a device: the gateway's nftables decides */
 	device = *id;
 	cfg = kalki_devices.lookup(&device);
-	if (!cfg)
+	if (!cfg || !(cfg->flags & KALKI_F_PRESENT))
 		return XDP_PASS;
 	if (in_drop_set(p.src))
 		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);

@@ -25,6 +25,8 @@
 #define KALKI_F_LATERAL_BLOCK   (1u << 8)
 #define KALKI_F_ANTI_SPOOF      (1u << 9)
 #define KALKI_F_QUARANTINE_MGMT (1u << 10)  /* quarantine still lets MQTT reach the gateway */
+#define KALKI_F_PRESENT         (1u << 11)  /* in every entry the appliance writes: a slot of
+					     * kalki_devices without it is free */
 
 /* Why a packet was passed or dropped: the second index of the counters map, and the
  * "umbox" of an event. */
@@ -70,7 +72,8 @@ struct kalki_mac {
 
 /* map: kalki_dev_by_ip, hash __u32 (network order) -> __u32 device id */
 
-/* map: kalki_devices, hash __u32 device id -> kalki_device. A posture change is one update
+/* map: kalki_devices, array indexed by device id -> kalki_device (an array: a lookup on every
+ * packet costs a third of a hash's; free slots are all zeros, without KALKI_F_PRESENT). A posture change is one update
  * of this entry; state (buckets, windows) lives elsewhere and survives it. */
 struct kalki_device {
 	__u32 flags;

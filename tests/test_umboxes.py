@@ -1,5 +1,6 @@
 """Each umbox on real packets in the lab: what must pass passes, what must be stopped is
 stopped, and its events and counters say so."""
+import ctypes
 import json
 import subprocess
 import time
@@ -232,6 +233,20 @@ def test_an_approved_device_may_ask_for_its_address_again(lab, fresh):
         assert dropped(fresh, "camera1", reason) == before.get(reason, {}).get("packets", 0), reason
     assert not [e for e in fresh.events() if e["device"] == "camera1"]
     assert not connect(cam.namespace, "198.19.9.1", 80)       # the allow-list still holds
+
+
+def test_a_freed_device_slot_is_an_unknown_device(lab, fresh):
+    """kalki_devices is an array: a slot the appliance freed is all zeros, and must close its
+    MAC like one never seen, not let it through with no umbox at all."""
+    cam = dev(lab, "camera1")
+    slot = ctypes.c_uint32(fresh.device_id("camera1"))
+    devices = fresh._maps["kalki_devices"]
+    assert ping(cam.namespace, "198.19.8.1") == 1
+    assert devices.delete(slot) and devices.lookup(slot) is None and not devices.delete(slot)
+    assert slot.value not in [k.value for k in devices.keys()]
+    assert ping(cam.namespace, "198.19.8.1") == 0              # the MAC index still names the slot
+    fresh.set_stack("camera1", BASE)                            # written again: open again
+    assert ping(cam.namespace, "198.19.8.1") == 1
 
 
 def test_unknown_device_reaches_only_gateway(lab, fresh):
