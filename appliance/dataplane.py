@@ -230,8 +230,8 @@ class Dataplane:
         raise DataplaneError(f"no free device slot: the data path holds {maps.MAX_DEVICES - 1} devices")
 
     def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack, allow_id: int) -> maps.Device:
-        d = maps.Device(flags=int(compiled.flags | maps.Flag.PRESENT), ipv4=_ip_be(spec.ip), posture=spec.posture,
-                        allow_id=allow_id)
+        d = maps.Device(flags=int(compiled.flags | maps.Flag.PRESENT), ipv4=_ip_be(spec.ip),
+                        posture=spec.posture, allow_id=allow_id)
         d.mac[:] = bytes.fromhex(spec.mac.replace(":", ""))
         for key, value in compiled.device_fields.items():
             if key == "bf_ports":

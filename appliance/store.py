@@ -397,6 +397,7 @@ class LogTable:
                 if self._pos[i] < 0:
                     data = self._unwritten[self._id[i]].encode() + b"\n"
                     positions.append(pos)
+                    self._size[i] = len(data) - 1
                     out.write(data)
                     pos += len(data)
                     i += 1
@@ -416,9 +417,6 @@ class LogTable:
             self._reader.close()
             self._reader = None
         self._pos = positions
-        for i in range(len(self._id)):
-            if self._id[i] in self._unwritten:
-                self._size[i] = len(self._unwritten[self._id[i]].encode())
         self._unwritten.clear()
         self._rewrite = False
         self._bytes, self._dead = pos, 0
