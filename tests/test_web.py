@@ -1,5 +1,5 @@
 """The web page and its API, lab-free: a real Supervisor (store, profiles, rules engine) with a
-fake data path, served by aiohttp's test server."""
+fake data path, served for real on a loopback port (aiohttp is the test's HTTP client)."""
 import asyncio
 import contextlib
 import datetime
@@ -8,12 +8,12 @@ import json
 import re
 import types
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from appliance import config
 from appliance.supervisor import Supervisor
-from appliance.web import auth, create_app, ops
+from appliance.web import auth, create_app, listening_socket, ops, serve
 
 PASSWORD = "correct horse battery"
 
@@ -73,12 +73,15 @@ def aiotest(fn):
 
 @contextlib.asynccontextmanager
 async def client(sup, tls=False):
-    c = TestClient(TestServer(create_app(sup, tls=tls)))
-    await c.start_server()
+    """A session against the page served on 127.0.0.1 (its cookies kept, as a browser would)."""
+    server = await serve(create_app(sup, tls=tls), listening_socket("127.0.0.1", 0))
+    host, port = server.addresses[0]
     try:
-        yield c
+        async with aiohttp.ClientSession(f"http://{host}:{port}",
+                                         cookie_jar=aiohttp.CookieJar(unsafe=True)) as c:
+            yield c
     finally:
-        await c.close()
+        await server.cleanup()
 
 
 def set_admin(sup, user="admin", password=PASSWORD):
@@ -670,3 +673,128 @@ async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplo
     assert sup.known["plug1"]["posture"] == "normal"                   # the expiry still came
     said = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
     assert len(said) == 1                                              # once, not every tick
+
+
+# -- the server itself: what Microdot leaves to us ------------------------------------------
+
+async def raw(port, data: bytes, timeout=5.0) -> bytes:
+    """Sends bytes as they are and returns all the server answers before it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    except ConnectionResetError:           # closed with our bytes unread
+        return b""
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def served(sup):
+    server = await serve(create_app(sup, tls=False), listening_socket("127.0.0.1", 0))
+    try:
+        yield server, server.addresses[0][1]
+    finally:
+        await server.cleanup()
+
+
+@aiotest
+async def test_malformed_requests_get_400_and_the_server_goes_on(sup, capsys):
+    set_admin(sup)
+    async with served(sup) as (_, port):
+        for junk in (b"NONSENSE\r\n\r\n", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+                     b"GET /?a=%zz HTTP/1.1\r\n\r\n", b"\xff\xfe / HTTP/1.1\r\n\r\n",
+                     b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n"):
+            answer = await raw(port, junk)
+            assert answer.startswith(b"HTTP/1.0 400"), (junk[:40], answer[:80])
+        assert b" 200 " in (await raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[:20]
+    assert "Traceback" not in capsys.readouterr().err      # a scanner does not fill the log
+
+
+@aiotest
+async def test_too_many_headers_or_too_big_a_body_is_refused_and_changes_nothing(sup):
+    set_admin(sup)
+    async with served(sup) as (_, port):
+        headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(40))
+        answer = await raw(port, b"GET /login HTTP/1.1\r\n" + headers + b"\r\n")
+        assert answer.startswith(b"HTTP/1.0 400")
+        body = b'{"text": "' + b"x" * (300 * 1024) + b'"}'
+        answer = await raw(port, b"POST /api/rules HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert answer.startswith(b"HTTP/1.0 413") and b"256 KiB" in answer
+    assert not sup.store.rules()
+
+
+@aiotest
+async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
+    import appliance.web as web
+    monkeypatch.setattr(web, "REQUEST_SECONDS", 0.3)
+    async with served(sup) as (_, port):
+        t0 = asyncio.get_running_loop().time()
+        answer = await raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5)  # no blank line
+        assert answer.startswith(b"HTTP/1.0 400")
+        assert asyncio.get_running_loop().time() - t0 < 3
+
+
+@aiotest
+async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypatch):
+    import appliance.web as web
+    monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
+    async with served(sup) as (server, port):
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert await raw(port, b"GET /healthz HTTP/1.1\r\n\r\n") == b""   # closed at once
+        for _, w in idle:
+            w.close()
+        await asyncio.sleep(0.2)
+        assert b" 200 " in (await raw(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[:20]
+        # a live page's stream stays open until the server is cleaned up
+        set_admin(sup)
+        async with aiohttp.ClientSession() as s:
+            r = await s.get(f"http://127.0.0.1:{port}/api/events",
+                            headers={"Authorization": "Bearer " + auth.create_token(
+                                sup.store, "t", sup.now())[0]})
+            assert r.status == 200
+            await asyncio.sleep(0.05)
+            assert len(sup._listeners) == 1
+            await asyncio.wait_for(server.cleanup(), 3)
+            assert await asyncio.wait_for(r.content.read(), 3) is not None   # ended, not hung
+            assert not sup._listeners
+
+
+@aiotest
+async def test_static_files_only_by_name(sup):
+    set_admin(sup)
+    async with client(sup) as c:
+        ok = await c.get("/static/style.css")
+        assert ok.status == 200 and ok.headers["Content-Type"].startswith("text/css")
+        for path in ("/static/..%2f__init__.py", "/static/%2e%2e%2fauth.py", "/static/.hidden",
+                     "/static/nothing.js", "/static/"):
+            assert (await c.get(path)).status == 404, path
+
+
+@aiotest
+async def test_unknown_paths_and_methods(sup):
+    set_admin(sup)
+    async with client(sup) as c:
+        r = await c.get("/api/nothing")
+        assert r.status == 404 and (await r.json()) == {"error": "not found"}
+        assert r.headers["X-Frame-Options"] == "DENY"              # error answers too
+        assert (await c.request("OPTIONS", "/api/devices")).status == 405
+        assert (await c.request("PATCH", "/api/devices")).status == 405
+        assert (await c.head("/login")).status == 200
+        r = await c.head("/api/events")                            # no stream, nothing held
+        assert r.status == 401
+
+
+@aiotest
+async def test_a_head_request_on_the_event_stream_holds_nothing(sup):
+    set_admin(sup)
+    token = auth.create_token(sup.store, "t", sup.now())[0]
+    async with client(sup) as c:
+        r = await c.head("/api/events", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == 200
+        await asyncio.sleep(0.05)
+        assert not sup._listeners

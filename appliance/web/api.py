@@ -6,29 +6,29 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiohttp import web
+from microdot import Response
 
 from ..errors import ConfigError, KalkiError
 from . import auth, ops
+from . import json_response, mime, route
 from . import state as web_state
-from . import SESSION, USER, VIA
 
 MAX_LIMIT = 1000
 
 
 def actor(request) -> str:
-    return f"web:{request[USER]}"
+    return f"web:{request.g.user}"
 
 
-def ok(data, status=200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+def ok(data, status=200) -> Response:
+    return json_response(data, status)
 
 
 async def body(request) -> dict:
-    if request.content_type != "application/json":
+    if mime(request) != "application/json":
         raise ConfigError("send a JSON object with Content-Type: application/json")
     try:
-        data = await request.json()
+        data = json.loads(request.body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"malformed JSON: {e}") from None
     if not isinstance(data, dict):
@@ -37,7 +37,7 @@ async def body(request) -> dict:
 
 
 def limit(request, default=50) -> int:
-    raw = request.query.get("limit", str(default))
+    raw = request.args.get("limit", str(default))
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise ConfigError(f"limit: expected 1 to {MAX_LIMIT}, got {raw!r}")
     return int(raw)
@@ -53,10 +53,8 @@ def endpoint(fn):
     async def wrapper(request):
         try:
             return await fn(request)
-        except web.HTTPException:
-            raise
         except (KalkiError, ValueError, TypeError) as e:
-            return web.json_response({"error": str(e)}, status=ops.error_status(e))
+            return json_response({"error": str(e)}, ops.error_status(e))
     wrapper.__name__ = fn.__name__
     return wrapper
 
@@ -81,19 +79,19 @@ async def devices(request):
 
 @endpoint
 async def device(request):
-    return ok(ops.device_detail(sup_of(request), request.match_info["name"]))
+    return ok(ops.device_detail(sup_of(request), request.url_args["name"]))
 
 
 @endpoint
 async def device_delete(request):
-    return ok(ops.run(sup_of(request), "device_remove", name=request.match_info["name"]))
+    return ok(ops.run(sup_of(request), "device_remove", name=request.url_args["name"]))
 
 
 @endpoint
 async def approve(request):
     data = await body(request)
     known_keys(data, ("type",), "approve")
-    return ok(ops.approve(sup_of(request), request.match_info["name"], data.get("type")))
+    return ok(ops.approve(sup_of(request), request.url_args["name"], data.get("type")))
 
 
 @endpoint
@@ -102,13 +100,13 @@ async def posture(request):
     known_keys(data, ("posture", "for"), "posture")
     if "posture" not in data:
         raise ConfigError("posture: missing 'posture'")
-    return ok(ops.set_posture(sup_of(request), request.match_info["name"], data["posture"],
+    return ok(ops.set_posture(sup_of(request), request.url_args["name"], data["posture"],
                               data.get("for")))
 
 
 @endpoint
 async def reset(request):
-    return ok(ops.run(sup_of(request), "posture_reset", name=request.match_info["name"]))
+    return ok(ops.run(sup_of(request), "posture_reset", name=request.url_args["name"]))
 
 
 @endpoint
@@ -122,15 +120,15 @@ async def maintenance(request):
 
 @endpoint
 async def alerts(request):
-    return ok(sup_of(request).store.alerts(device=request.query.get("device"), limit=limit(request)))
+    return ok(sup_of(request).store.alerts(device=request.args.get("device"), limit=limit(request)))
 
 
 @endpoint
 async def decisions(request):
-    kind = request.query.get("kind")
+    kind = request.args.get("kind")
     if kind not in (None, "decision", "audit"):
         raise ConfigError(f"kind: expected decision or audit, got {kind!r}")
-    return ok(sup_of(request).store.decisions(device=request.query.get("device"),
+    return ok(sup_of(request).store.decisions(device=request.args.get("device"),
                                               limit=limit(request), kind=kind))
 
 
@@ -163,7 +161,7 @@ async def rules_validate(request):
 @endpoint
 async def rule_put(request):
     data = await body(request)
-    name = request.match_info["name"]
+    name = request.url_args["name"]
     if data.get("name", name) != name:
         raise ConfigError(f"rule {name!r}: the body names another rule, {data.get('name')!r}")
     return ok({"saved": ops.put_rules(sup_of(request), [{**data, "name": name}], f"rule {name}",
@@ -174,14 +172,14 @@ async def rule_put(request):
 async def rule_enabled(request):
     data = await body(request)
     known_keys(data, ("enabled",), "enabled")
-    return ok(ops.set_rule_enabled(sup_of(request), request.match_info["name"], data.get("enabled"),
+    return ok(ops.set_rule_enabled(sup_of(request), request.url_args["name"], data.get("enabled"),
                                    actor(request)))
 
 
 @endpoint
 async def rule_delete(request):
-    ops.delete_rule(sup_of(request), request.match_info["name"], actor(request))
-    return ok({"deleted": request.match_info["name"]})
+    ops.delete_rule(sup_of(request), request.url_args["name"], actor(request))
+    return ok({"deleted": request.url_args["name"]})
 
 
 @endpoint
@@ -214,7 +212,7 @@ async def token_post(request):
 @endpoint
 async def token_delete(request):
     sup = sup_of(request)
-    rec = auth.delete_token(sup.store, request.match_info["id"])
+    rec = auth.delete_token(sup.store, request.url_args["id"])
     sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
     return ok({"deleted": rec["id"]})
 
@@ -223,64 +221,60 @@ async def events(request):
     """Server-sent events from `sup.subscribe()`; ends when the client goes or its login ends."""
     st = web_state(request)
     sup = st.sup
-    session_id = request[SESSION].id if request[VIA] == "session" else None
+    session_id = request.g.session.id if request.g.via == "session" else None
     epoch = sup.auth_epoch
-    q = sup.subscribe()
-    try:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        await resp.write(b"retry: 2000\n: connected\n\n")
-        while True:
-            try:
-                event = await asyncio.wait_for(q.get(), 15)
-            except asyncio.TimeoutError:
-                event = None
-            if sup.auth_epoch != epoch or (session_id and st.sessions.get(session_id) is None):
-                await resp.write(b"event: logout\ndata: {}\n\n")
-                break
-            if event is None:
-                await resp.write(b": keep-alive\n\n")
-                continue
-            data = json.dumps(event, default=str)
-            await resp.write(f"data: {data}\n\n".encode())
-    except (ConnectionResetError, ConnectionError):
-        pass
-    finally:
-        sup.unsubscribe(q)
-    return resp
+
+    async def stream():     # subscribes when the answer is written (not for HEAD)
+        q = sup.subscribe()
+        try:
+            yield b"retry: 2000\n: connected\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(q.get(), 15)
+                except asyncio.TimeoutError:
+                    event = None
+                if sup.auth_epoch != epoch or (session_id and st.sessions.get(session_id) is None):
+                    yield b"event: logout\ndata: {}\n\n"
+                    return
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                yield f"data: {json.dumps(event, default=str)}\n\n".encode()
+        finally:
+            sup.unsubscribe(q)
+
+    return Response(stream(), 200, {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
 
 
 async def openapi(request):
     return ok(OPENAPI)
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/openapi.json", openapi)
-    r.add_get("/api/status", status)
-    r.add_get("/api/devices", devices)
-    r.add_get("/api/devices/{name}", device)
-    r.add_delete("/api/devices/{name}", device_delete)
-    r.add_post("/api/devices/{name}/approve", approve)
-    r.add_post("/api/devices/{name}/posture", posture)
-    r.add_post("/api/devices/{name}/reset", reset)
-    r.add_post("/api/maintenance", maintenance)
-    r.add_get("/api/alerts", alerts)
-    r.add_get("/api/decisions", decisions)
-    r.add_get("/api/audit", audit)
-    r.add_get("/api/rules", rules)
-    r.add_post("/api/rules", rules_post)
-    r.add_post("/api/rules/validate", rules_validate)
-    r.add_put("/api/rules/{name}", rule_put)
-    r.add_post("/api/rules/{name}/enabled", rule_enabled)
-    r.add_delete("/api/rules/{name}", rule_delete)
-    r.add_get("/api/settings", settings)
-    r.add_put("/api/settings", settings_put)
-    r.add_get("/api/tokens", tokens)
-    r.add_post("/api/tokens", token_post)
-    r.add_delete("/api/tokens/{id}", token_delete)
-    r.add_get("/api/events", events)
+def add_routes(app) -> None:
+    route(app, "GET", "/api/openapi.json", openapi)
+    route(app, "GET", "/api/status", status)
+    route(app, "GET", "/api/devices", devices)
+    route(app, "GET", "/api/devices/<name>", device)
+    route(app, "DELETE", "/api/devices/<name>", device_delete)
+    route(app, "POST", "/api/devices/<name>/approve", approve)
+    route(app, "POST", "/api/devices/<name>/posture", posture)
+    route(app, "POST", "/api/devices/<name>/reset", reset)
+    route(app, "POST", "/api/maintenance", maintenance)
+    route(app, "GET", "/api/alerts", alerts)
+    route(app, "GET", "/api/decisions", decisions)
+    route(app, "GET", "/api/audit", audit)
+    route(app, "GET", "/api/rules", rules)
+    route(app, "POST", "/api/rules", rules_post)
+    route(app, "POST", "/api/rules/validate", rules_validate)
+    route(app, "PUT", "/api/rules/<name>", rule_put)
+    route(app, "POST", "/api/rules/<name>/enabled", rule_enabled)
+    route(app, "DELETE", "/api/rules/<name>", rule_delete)
+    route(app, "GET", "/api/settings", settings)
+    route(app, "PUT", "/api/settings", settings_put)
+    route(app, "GET", "/api/tokens", tokens)
+    route(app, "POST", "/api/tokens", token_post)
+    route(app, "DELETE", "/api/tokens/<id>", token_delete)
+    route(app, "GET", "/api/events", events)
 
 
 # -- OpenAPI 3 -----------------------------------------------------------------------------

@@ -6,12 +6,13 @@ import asyncio
 import html
 import json
 
-from aiohttp import web
+from microdot import Response
 
 from ..errors import KalkiError
 from . import auth, leds, ops
+from . import form as form_data
+from . import client_address, html_response, json_response, route, see_other
 from . import state as web_state
-from . import SESSION, USER, VIA  # noqa: F401 (request keys)
 
 NAV = (("/", "Overview"), ("/rules", "Rules"), ("/audit", "Audit"), ("/settings", "Settings"),
        ("/leds", "LEDs"))
@@ -34,7 +35,7 @@ def badge(device: dict) -> str:
 
 
 def csrf_field(request) -> str:
-    return f'<input type="hidden" name="csrf" value="{e(request[SESSION].csrf)}">'
+    return f'<input type="hidden" name="csrf" value="{e(request.g.session.csrf)}">'
 
 
 def form(request, action: str, inner: str, button: str, cls: str = "") -> str:
@@ -51,9 +52,9 @@ def table(headers, rows, cls="") -> str:
 
 
 def page(request, title: str, body: str, *, status: int = 200, error: str | None = None,
-         live: bool = False, nav: bool = True) -> web.Response:
+         live: bool = False, nav: bool = True) -> Response:
     st = web_state(request)
-    session = request.get(SESSION)
+    session = request.g.session
     flash = ""
     if session is not None and session.flash:
         flash = "".join(f'<p class="flash">{e(m)}</p>' for m in session.flash)
@@ -65,7 +66,7 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
         flash += (f'<p class="error" id="site-error" role="alert">The site settings (kalki.toml '
                   f'on the SD card) are wrong, so the devices side stays closed: {e(site_error)}</p>')
     menu = ""
-    if nav and request.get(USER):
+    if nav and request.g.user:
         links = "".join(f'<a href="{href}"{" class=current" if request.path == href else ""}>{e(t)}</a>'
                         for href, t in NAV)
         menu = (f'<nav>{links}<form method="post" action="/logout" class="inline">'
@@ -81,19 +82,19 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
 <header><a class="brand" href="/">Kalki</a>{menu}</header>
 <main><h1>{e(title)}</h1>{flash}{body}</main>
 </body></html>"""
-    resp = web.Response(text=text, content_type="text/html", status=status)
+    resp = html_response(text, status)
     if session is not None:
         st.set_cookie(resp, session)
     return resp
 
 
-def done(request, message: str, to: str) -> web.Response:
-    request[SESSION].flash.append(message)
-    raise web.HTTPSeeOther(to)
+def done(request, message: str, to: str) -> Response:
+    request.g.session.flash.append(message)
+    return see_other(to)
 
 
 def actor(request) -> str:
-    return f"web:{request[USER]}"
+    return f"web:{request.g.user}"
 
 
 # -- login, claim, logout ------------------------------------------------------------------
@@ -101,10 +102,10 @@ def actor(request) -> str:
 async def login_page(request, error=None, status=200):
     st = web_state(request)
     if not st.admin():
-        raise web.HTTPSeeOther("/claim")
-    if request.get(USER):
-        raise web.HTTPSeeOther("/")
-    resp = web.Response()
+        return see_other("/claim")
+    if request.g.user:
+        return see_other("/")
+    resp = Response()
     st.anonymous(request, resp)
     body = f"""<form method="post" action="/login" class="card narrow">{csrf_field(request)}
 <label>User <input name="user" autocomplete="username" required></label>
@@ -116,16 +117,16 @@ async def login_page(request, error=None, status=200):
 
 async def login_post(request):
     st = web_state(request)
-    addr = request.remote or "?"
+    addr = client_address(request)
     retry = st.logins.retry_after(addr)
     if retry:
         resp = await login_page(request, f"Too many failed logins: try again in {retry} s.", 429)
         resp.headers["Retry-After"] = str(retry)
         return resp
-    data = await request.post()
+    data = form_data(request)
     admin = st.admin()
     if not admin:
-        raise web.HTTPSeeOther("/claim")
+        return see_other("/claim")
     user, password = data.get("user"), data.get("password")
     ok = (isinstance(user, str) and isinstance(password, str) and user == admin.get("user")
           and 0 < len(password) <= auth.MAX_PASSWORD)
@@ -136,28 +137,27 @@ async def login_post(request):
         st.logins.fail(addr)
         return await login_page(request, "Wrong user or password.", 401)
     st.logins.clear(addr)
-    if request.get(SESSION):
-        st.sessions.drop(request[SESSION].id)      # a fresh id after login (fixation)
-    session = st.sessions.new(user, st.sup.auth_epoch)
-    request[SESSION] = session
-    resp = web.HTTPSeeOther("/")
+    if request.g.session:
+        st.sessions.drop(request.g.session.id)      # a fresh id after login (fixation)
+    session = request.g.session = st.sessions.new(user, st.sup.auth_epoch)
+    resp = see_other("/")
     st.set_cookie(resp, session)
-    raise resp
+    return resp
 
 
 async def logout_post(request):
     st = web_state(request)
-    st.sessions.drop(request[SESSION].id)
-    resp = web.HTTPSeeOther("/login")
-    resp.del_cookie("kalki_session", path="/")
-    raise resp
+    st.sessions.drop(request.g.session.id)
+    resp = see_other("/login")
+    resp.delete_cookie("kalki_session", path="/", http_only=True)
+    return resp
 
 
 async def claim_page(request, error=None, status=200):
     st = web_state(request)
     if st.admin():
-        raise web.HTTPSeeOther("/login")
-    resp = web.Response()
+        return see_other("/login")
+    resp = Response()
     st.anonymous(request, resp)
     sup = st.sup
     if sup.claim_open():
@@ -179,13 +179,13 @@ seconds.</p><p data-reload="3"></p>"""
 
 async def claim_post(request):
     st = web_state(request)
-    addr = request.remote or "?"
+    addr = client_address(request)
     retry = st.logins.retry_after(addr)
     if retry:
         resp = await claim_page(request, f"Too many attempts: try again in {retry} s.", 429)
         resp.headers["Retry-After"] = str(retry)
         return resp
-    data = await request.post()
+    data = form_data(request)
     try:
         ops.claim(st.sup, data.get("user"), data.get("password"), data.get("confirm"),
                   actor=f"web:{addr}")
@@ -193,8 +193,8 @@ async def claim_post(request):
         if not st.sup.claim_open():
             st.logins.fail(addr)
         return await claim_page(request, str(err), 400)
-    request[SESSION].flash.append("Admin password set: log in.")
-    raise web.HTTPSeeOther("/login")
+    request.g.session.flash.append("Admin password set: log in.")
+    return see_other("/login")
 
 
 def led_table() -> str:
@@ -270,12 +270,12 @@ def alert_line(a: dict) -> str:
 
 async def maintenance_post(request):
     sup = web_state(request).sup
-    data = await request.post()
+    data = form_data(request)
     try:
         r = ops.maintenance(sup, data.get("minutes"))
     except (KalkiError, ValueError) as err:
         return await overview(request, str(err), 400)
-    done(request, f"Maintenance until {r['maintenance_until']}." if r["maintenance_until"]
+    return done(request, f"Maintenance until {r['maintenance_until']}." if r["maintenance_until"]
          else "Maintenance ended.", "/")
 
 
@@ -283,7 +283,7 @@ async def maintenance_post(request):
 
 async def device_page(request, error=None, status=200):
     sup = web_state(request).sup
-    name = request.match_info["name"]
+    name = request.url_args["name"]
     try:
         d = ops.device_detail(sup, name)
     except KalkiError as err:
@@ -344,36 +344,36 @@ async def device_page(request, error=None, status=200):
 
 async def device_posture_post(request):
     sup = web_state(request).sup
-    name = request.match_info["name"]
-    data = await request.post()
+    name = request.url_args["name"]
+    data = form_data(request)
     try:
         ops.set_posture(sup, name, data.get("posture"), (data.get("for") or "").strip() or None)
     except KalkiError as err:
         return await device_page(request, str(err), ops.error_status(err))
-    done(request, f"{name}: posture {data.get('posture')}.", f"/devices/{name}")
+    return done(request, f"{name}: posture {data.get('posture')}.", f"/devices/{name}")
 
 
 async def device_reset_post(request):
     sup = web_state(request).sup
-    name = request.match_info["name"]
+    name = request.url_args["name"]
     try:
         ops.run(sup, "posture_reset", name=name)
     except KalkiError as err:
         return await device_page(request, str(err), ops.error_status(err))
-    done(request, f"{name}: back to normal.", f"/devices/{name}")
+    return done(request, f"{name}: back to normal.", f"/devices/{name}")
 
 
 async def device_approve_post(request):
     sup = web_state(request).sup
-    name = request.match_info["name"]
-    data = await request.post()
+    name = request.url_args["name"]
+    data = form_data(request)
     try:
         ops.approve(sup, name, data.get("type"))
     except KalkiError as err:
         if ops.error_status(err) == 404:
             return await device_page(request, str(err), 404)
         return await overview(request, str(err), ops.error_status(err))
-    done(request, f"{name} approved as {data.get('type')}.", "/")
+    return done(request, f"{name} approved as {data.get('type')}.", "/")
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ async def rules_page(request, error=None, status=200, text=None):
                        form(request, f"/rules/{r['name']}/delete", "", "Delete", "inline"))
         rows.append((e(r["name"]), e(r["source"]), e(r["priority"]), "yes" if r["enabled"] else "no",
                      e(", ".join(r["applies_to"]) or "any"), e(r["description"]), actions))
-    edit = request.query.get("edit")
+    edit = request.args.get("edit")
     if text is None:
         text = ops.RULE_EXAMPLE
         if edit and sup.store.get_rule(edit):
@@ -407,33 +407,33 @@ async def rules_page(request, error=None, status=200, text=None):
 
 async def rules_post(request):
     sup = web_state(request).sup
-    data = await request.post()
+    data = form_data(request)
     text = data.get("text")
     try:
         names = ops.put_rules_text(sup, text, actor(request))
     except (KalkiError, ValueError) as err:
         return await rules_page(request, str(err), 400, text=text if isinstance(text, str) else "")
-    done(request, f"Saved: {', '.join(names)}.", "/rules")
+    return done(request, f"Saved: {', '.join(names)}.", "/rules")
 
 
 async def rule_enabled_post(request):
     sup = web_state(request).sup
-    data = await request.post()
+    data = form_data(request)
     try:
-        ops.set_rule_enabled(sup, request.match_info["name"], data.get("enabled"), actor(request))
+        ops.set_rule_enabled(sup, request.url_args["name"], data.get("enabled"), actor(request))
     except KalkiError as err:
         return await rules_page(request, str(err), 400)
-    done(request, f"Rule {request.match_info['name']} "
+    return done(request, f"Rule {request.url_args['name']} "
                   f"{'enabled' if data.get('enabled') in ('true', '1') else 'disabled'}.", "/rules")
 
 
 async def rule_delete_post(request):
     sup = web_state(request).sup
     try:
-        ops.delete_rule(sup, request.match_info["name"], actor(request))
+        ops.delete_rule(sup, request.url_args["name"], actor(request))
     except KalkiError as err:
         return await rules_page(request, str(err), 400)
-    done(request, f"Rule {request.match_info['name']} deleted.", "/rules")
+    return done(request, f"Rule {request.url_args['name']} deleted.", "/rules")
 
 
 # -- audit ---------------------------------------------------------------------------------
@@ -478,29 +478,29 @@ async def settings_page(request, error=None, status=200, new_token=None):
 
 async def business_hours_post(request):
     sup = web_state(request).sup
-    data = await request.post()
-    value = {"days": data.getall("days", []), "start": data.get("start", ""), "end": data.get("end", "")}
+    data = form_data(request)
+    value = {"days": data.getlist("days") if data else [], "start": data.get("start", ""), "end": data.get("end", "")}
     try:
         ops.update_settings(sup, {"business_hours": value}, actor(request))
     except (KalkiError, ValueError) as err:
         return await settings_page(request, str(err), 400)
-    done(request, "Business hours saved.", "/settings")
+    return done(request, "Business hours saved.", "/settings")
 
 
 async def timezone_post(request):
     sup = web_state(request).sup
-    data = await request.post()
+    data = form_data(request)
     try:
         ops.update_settings(sup, {"timezone": (data.get("timezone") or "").strip()}, actor(request))
     except (KalkiError, ValueError) as err:
         return await settings_page(request, str(err), 400)
-    done(request, "Time zone saved.", "/settings")
+    return done(request, "Time zone saved.", "/settings")
 
 
 async def password_post(request):
     st = web_state(request)
-    data = await request.post()
-    addr = request.remote or "?"
+    data = form_data(request)
+    addr = client_address(request)
     retry = st.logins.retry_after(addr)
     if retry:
         resp = await settings_page(request, f"Too many failed attempts: try again in {retry} s.", 429)
@@ -513,12 +513,12 @@ async def password_post(request):
         if "current password" in str(err):
             st.logins.fail(addr)
         return await settings_page(request, str(err), 400)
-    done(request, "Password changed.", "/settings")
+    return done(request, "Password changed.", "/settings")
 
 
 async def token_post(request):
     sup = web_state(request).sup
-    data = await request.post()
+    data = form_data(request)
     try:
         token, rec = auth.create_token(sup.store, data.get("name"), sup.now())
         sup.store.audit("api-token-create", actor(request), {"token": rec["name"]})
@@ -530,11 +530,11 @@ async def token_post(request):
 async def token_delete_post(request):
     sup = web_state(request).sup
     try:
-        rec = auth.delete_token(sup.store, request.match_info["id"])
+        rec = auth.delete_token(sup.store, request.url_args["id"])
         sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
     except KalkiError as err:
         return await settings_page(request, str(err), 400)
-    done(request, f"Token {rec['name']} deleted.", "/settings")
+    return done(request, f"Token {rec['name']} deleted.", "/settings")
 
 
 async def healthz(request):
@@ -542,33 +542,32 @@ async def healthz(request):
     sup = web_state(request).sup
     age = round(time.monotonic() - getattr(sup, "heartbeat", time.monotonic()), 2)
     ok = age < 10
-    return web.json_response({"ok": ok, "heartbeat_age_s": age}, status=200 if ok else 503)
+    return json_response({"ok": ok, "heartbeat_age_s": age}, 200 if ok else 503)
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/healthz", healthz)
-    r.add_get("/login", login_page)
-    r.add_post("/login", login_post)
-    r.add_post("/logout", logout_post)
-    r.add_get("/claim", claim_page)
-    r.add_post("/claim", claim_post)
-    r.add_get("/", overview)
-    r.add_post("/maintenance", maintenance_post)
-    r.add_get("/devices/{name}", device_page)
-    r.add_post("/devices/{name}/posture", device_posture_post)
-    r.add_post("/devices/{name}/reset", device_reset_post)
-    r.add_post("/devices/{name}/approve", device_approve_post)
-    r.add_get("/rules", rules_page)
-    r.add_post("/rules", rules_post)
-    r.add_post("/rules/{name}/enabled", rule_enabled_post)
-    r.add_post("/rules/{name}/delete", rule_delete_post)
-    r.add_get("/audit", audit_page)
-    r.add_get("/settings", settings_page)
-    r.add_post("/settings/business-hours", business_hours_post)
-    r.add_post("/settings/timezone", timezone_post)
-    r.add_post("/settings/password", password_post)
-    r.add_post("/settings/tokens", token_post)
-    r.add_post("/settings/tokens/{id}/delete", token_delete_post)
-    r.add_get("/leds", leds_page)
+def add_routes(app) -> None:
+    route(app, "GET", "/healthz", healthz)
+    route(app, "GET", "/login", login_page)
+    route(app, "POST", "/login", login_post)
+    route(app, "POST", "/logout", logout_post)
+    route(app, "GET", "/claim", claim_page)
+    route(app, "POST", "/claim", claim_post)
+    route(app, "GET", "/", overview)
+    route(app, "POST", "/maintenance", maintenance_post)
+    route(app, "GET", "/devices/<name>", device_page)
+    route(app, "POST", "/devices/<name>/posture", device_posture_post)
+    route(app, "POST", "/devices/<name>/reset", device_reset_post)
+    route(app, "POST", "/devices/<name>/approve", device_approve_post)
+    route(app, "GET", "/rules", rules_page)
+    route(app, "POST", "/rules", rules_post)
+    route(app, "POST", "/rules/<name>/enabled", rule_enabled_post)
+    route(app, "POST", "/rules/<name>/delete", rule_delete_post)
+    route(app, "GET", "/audit", audit_page)
+    route(app, "GET", "/settings", settings_page)
+    route(app, "POST", "/settings/business-hours", business_hours_post)
+    route(app, "POST", "/settings/timezone", timezone_post)
+    route(app, "POST", "/settings/password", password_post)
+    route(app, "POST", "/settings/tokens", token_post)
+    route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)
+    route(app, "GET", "/leds", leds_page)
 
