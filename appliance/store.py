@@ -11,7 +11,10 @@ the strings compares the times.
 """
 from __future__ import annotations
 
+import asyncio
+import bisect
 import collections
+import concurrent.futures
 import copy
 import ipaddress
 import json
@@ -199,6 +202,7 @@ class LogTable:
         self._bytes = 0              # the file's size as written
         self._dead = 0               # bytes of it that removed records take
         self._reader = None
+        self._pending: _Append | _Rewrite | None = None
         self._load()
 
     def _name_id(self, value) -> int:
@@ -362,50 +366,143 @@ class LogTable:
         self._next = next_id
 
     # -- the file -------------------------------------------------------------------------
+    # A flush is taken in three steps so that its writing and fsyncs can run in a worker thread
+    # while the loop goes on: begin_flush() (loop) takes what is to be written, the job's run()
+    # (any thread) writes it and touches nothing here, finish_flush() (loop) records where the
+    # lines now lie. Between the two, inserts and removals go on; reads keep using the file
+    # as it was (self._reader stays open on it, even once a rewrite has replaced it).
     def flush(self) -> None:
-        try:
-            if self._rewrite:
-                self._write_all()
-            elif self._unwritten:
-                self._append_unwritten()
-        except OSError as e:
-            self.tmp_path.unlink(missing_ok=True)
+        job = self.begin_flush()
+        if job is not None:
+            job.run()
+            self.finish_flush(job)
+
+    def begin_flush(self) -> _Append | _Rewrite | None:
+        if self._pending is not None:
+            raise StoreError(f"the log {self.path}: a flush is already running")
+        if self._rewrite:
+            try:
+                if self._reader is None and self._bytes:
+                    self._reader = open(self.path, "rb")
+            except OSError as e:
+                raise StoreError(f"cannot read the log {self.path}: {e}") from None
+            job = _Rewrite(self.path, self.tmp_path, self._reader, array("q", self._id),
+                           array("q", self._pos), array("i", self._size),
+                           {i: line.encode() for i, line in self._unwritten.items()})
+        elif self._unwritten:
+            ids = self._id[len(self._id) - len(self._unwritten):]      # always the newest rows
+            job = _Append(self.path, ids, [self._unwritten[i].encode() for i in ids])
+        else:
+            return None
+        self._pending = job
+        return job
+
+    def finish_flush(self, job: _Append | _Rewrite) -> None:
+        self._pending = None
+        if job.error is not None:
             self._rewrite = True     # an append may have left half a line: write it whole next time
-            raise StoreError(f"cannot write the log {self.path}: {e}") from None
+            raise StoreError(f"cannot write the log {self.path}: {job.error}")
+        if isinstance(job, _Append):
+            pos = job.start
+            for doc_id, line in zip(job.ids, job.lines):
+                row = self._row_of(doc_id)
+                if row is None:                      # removed meanwhile
+                    self._dead += len(line) + 1
+                else:
+                    self._pos[row], self._size[row] = pos, len(line)
+                    self._unwritten.pop(doc_id, None)
+                pos += len(line) + 1
+            self._bytes = pos
+            self._unwritten = dict(self._unwritten)    # a dict keeps its size when emptied
+            return
+        if self._reader is not None:     # it reads the replaced file: positions change now
+            self._reader.close()
+            self._reader = None
+        n = len(job.ids)
+        if len(self._id) >= n and self._id[:n] == job.ids:    # nothing removed meanwhile
+            self._pos[:n], self._size[:n] = job.positions, job.sizes
+            dead = 0
+        else:                                                  # both sorted by id: one walk
+            dead, k = 0, 0
+            for row in range(len(self._id)):
+                doc_id = self._id[row]
+                while k < n and job.ids[k] < doc_id:
+                    dead += job.sizes[k] + 1
+                    k += 1
+                if k < n and job.ids[k] == doc_id:
+                    self._pos[row], self._size[row] = job.positions[k], job.sizes[k]
+                    k += 1
+            dead += sum(job.sizes[k:]) + n - k
+        for doc_id in job.lines:
+            self._unwritten.pop(doc_id, None)
+        self._unwritten = dict(self._unwritten)
+        self._bytes, self._dead = job.total, dead
+        self._rewrite = dead * 4 > job.total
 
-    def _append_unwritten(self) -> None:
-        first = len(self._id) - len(self._unwritten)
-        lines = [self._unwritten[self._id[i]].encode() for i in range(first, len(self._id))]
-        with open(self.path, "ab") as f:
-            pos = f.seek(0, os.SEEK_END)
-            f.write(b"".join(line + b"\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        for i, line in enumerate(lines, first):
-            self._pos[i], self._size[i] = pos, len(line)
-            pos += len(line) + 1
-        self._bytes = pos
-        self._unwritten.clear()
+    def _row_of(self, doc_id: int) -> int | None:
+        row = bisect.bisect_left(self._id, doc_id)
+        return row if row < len(self._id) and self._id[row] == doc_id else None
 
-    def _write_all(self) -> None:
-        """The kept records into a new file: runs of lines still adjacent in the old file are
-        copied as they are, a megabyte at a time."""
-        positions, pos = array("q"), 0
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class _Append:
+    """New lines at the end of a log (see LogTable.begin_flush)."""
+
+    def __init__(self, path: Path, ids, lines: list[bytes]):
+        self.path, self.ids, self.lines = path, ids, lines
+        self.start = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "ab") as f:
+                self.start = f.seek(0, os.SEEK_END)
+                f.write(b"".join(line + b"\n" for line in self.lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:       # taken back on the loop by finish_flush
+            self.error = e
+
+
+class _Rewrite:
+    """A log written anew without its removed records, atomically (see LogTable.begin_flush):
+    runs of lines still adjacent in the old file are copied as they are, a megabyte at a time."""
+
+    def __init__(self, path: Path, tmp_path: Path, reader, ids, pos, sizes, lines: dict):
+        self.path, self.tmp_path, self.reader = path, tmp_path, reader
+        self.ids, self._old_pos, self.sizes, self.lines = ids, pos, sizes, lines
+        self.positions = array("q")
+        self.total = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self._write()
+        except Exception as e:       # taken back on the loop by finish_flush
+            self.tmp_path.unlink(missing_ok=True)
+            self.error = e
+
+    def _write(self) -> None:
+        ids, old, sizes, positions, pos = self.ids, self._old_pos, self.sizes, self.positions, 0
         with open(self.tmp_path, "wb") as out:
-            i, n = 0, len(self._id)
+            i, n = 0, len(ids)
             while i < n:
-                if self._pos[i] < 0:
-                    data = self._unwritten[self._id[i]].encode() + b"\n"
+                if old[i] < 0:
+                    data = self.lines[ids[i]] + b"\n"
                     positions.append(pos)
-                    self._size[i] = len(data) - 1
+                    sizes[i] = len(data) - 1
                     out.write(data)
                     pos += len(data)
                     i += 1
                     continue
-                start = end = self._pos[i]
-                while i < n and self._pos[i] == end:
+                start = end = old[i]
+                while i < n and old[i] == end:
                     positions.append(pos + end - start)
-                    end += self._size[i] + 1
+                    end += sizes[i] + 1
                     i += 1
                 self._copy(start, end, out)
                 pos += end - start
@@ -413,28 +510,15 @@ class LogTable:
             os.fsync(out.fileno())
         os.replace(self.tmp_path, self.path)
         _fsync_dir(self.path.parent)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        self._pos = positions
-        self._unwritten.clear()
-        self._rewrite = False
-        self._bytes, self._dead = pos, 0
+        self.total = pos
 
     def _copy(self, start: int, end: int, out) -> None:
-        if self._reader is None:
-            self._reader = open(self.path, "rb")
         while start < end:
-            data = os.pread(self._reader.fileno(), min(end - start, 1 << 20), start)
+            data = os.pread(self.reader.fileno(), min(end - start, 1 << 20), start)
             if not data:
                 raise OSError(f"{self.path} is shorter than the supervisor wrote it")
             out.write(data)
             start += len(data)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -543,21 +627,70 @@ class Store:
         self._logs = {name: LogTable(self.directory / f"{name}.jsonl") for name in LOG_TABLES}
         self._t.update(self._logs)
         self._closed = False
+        self._batch_depth = 0
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._behind = None          # (future, [(log, job)]) of the flush running behind
 
     def flush(self):
-        """Writes the log lines kept in memory since the last flush (the supervisor calls this
-        every second and at exit; a crash loses at most that much of the logs)."""
+        """Writes the log lines kept in memory since the last flush (the supervisor does this
+        every second, with flush_behind(), and at exit; a crash loses at most that much of the
+        logs)."""
         if not self._closed:
-            for log in self._logs.values():
-                log.flush()
+            self._settle()
+            self._finish([(log, job) for log in self._logs.values()
+                          if (job := log.begin_flush()) is not None], run=True)
+
+    async def flush_behind(self) -> None:
+        """flush(), with the writing and the fsyncs in a worker thread: the loop goes on
+        meanwhile (an SD card's fsync can take tens of milliseconds, a log's rewrite longer).
+        Nothing is taken from the middle of a batch; one flush runs at a time."""
+        if self._closed or self._behind is not None or self._batch_depth:
+            return
+        jobs = [(log, job) for log in self._logs.values() if (job := log.begin_flush()) is not None]
+        if not jobs:
+            return
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kalki-store")
+        fut = self._writer.submit(lambda: [job.run() for _, job in jobs])
+        self._behind = (fut, jobs)
+        try:
+            await asyncio.wrap_future(fut)
+        finally:
+            if self._behind is not None and self._behind[0] is fut:
+                self._settle()
+
+    def _settle(self) -> None:
+        """Waits for a flush running behind and takes its result (on the loop's thread)."""
+        if self._behind is not None:
+            fut, jobs = self._behind
+            self._behind = None
+            concurrent.futures.wait([fut])
+            self._finish(jobs, run=False)
+
+    @staticmethod
+    def _finish(jobs, run: bool) -> None:
+        failed = None
+        for log, job in jobs:
+            if run:
+                job.run()
+            try:
+                log.finish_flush(job)
+            except StoreError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def close(self):
         if not self._closed:
-            self.flush()
-            self._closed = True
-            self._db.close()
-            for log in self._logs.values():
-                log.close()
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                if self._writer is not None:
+                    self._writer.shutdown()
+                self._db.close()
+                for log in self._logs.values():
+                    log.close()
 
     def __enter__(self):
         return self
@@ -571,6 +704,7 @@ class Store:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
         marks = {name: log.mark() for name, log in self._logs.items()}
+        self._batch_depth += 1
         try:
             with self._storage.batch():
                 yield
@@ -578,6 +712,8 @@ class Store:
             for name, log in self._logs.items():
                 log.rollback(marks[name])
             raise
+        finally:
+            self._batch_depth -= 1
 
     def _now(self) -> str:
         return _stamp(self._clock(), "clock")

@@ -742,7 +742,7 @@ class Supervisor:
                 self._expire_postures()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
-                    self.store.flush()
+                    await self.store.flush_behind()
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     self.store.prune()

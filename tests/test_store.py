@@ -639,3 +639,133 @@ def test_a_failed_append_is_written_whole_by_the_next_flush(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", real_fsync)
     log.flush()
     assert [r["posture"] for r in LogTable(path).records(LogTable(path).rows())] == ["attack", "normal"]
+
+
+# -- flushing behind: the logs' writing and fsyncs in a worker thread ----------------------
+
+def _alert(store, device, n, kind="scan"):
+    return store.add_alert({"device": device, "type": kind, "source": "kernel", "severity": "warning",
+                            "details": {"n": n}, "at": f"2026-11-26T00:{n // 60:02d}:{n % 60:02d}+00:00"})
+
+
+class SlowDisk:
+    """os.fsync that waits until released, and says which thread called it."""
+
+    def __init__(self, monkeypatch):
+        import threading
+        self.release = threading.Event()
+        self.threads = []
+        self._real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd):
+        import threading
+        self.threads.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            assert self.release.wait(5), "never released"
+        self._real(fd)
+
+
+def _records(store, name):
+    log = store._logs[name]
+    return [(r.doc_id, r["device"], r["details"]["n"]) for r in log.records(log.rows())]
+
+
+def test_a_flush_behind_leaves_the_loop_free(tmp_path, monkeypatch):
+    import asyncio
+    store = Store(tmp_path)
+    for n in range(5):
+        _alert(store, "cam", n)
+    disk = SlowDisk(monkeypatch)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        t = asyncio.ensure_future(ticker())
+        flush = asyncio.ensure_future(store.flush_behind())
+        await asyncio.sleep(0.3)
+        assert not flush.done() and ticks >= 10          # the loop ran while the disk was busy
+        _alert(store, "cam", 5)                          # and the store still takes records
+        assert len(store.alerts()) == 6
+        disk.release.set()
+        await asyncio.wait_for(flush, 5)
+        t.cancel()
+    asyncio.run(main())
+    assert disk.threads and all(name.startswith("kalki-store") for name in disk.threads)
+    assert [a["details"]["n"] for a in Store(tmp_path).alerts()] == [4, 3, 2, 1, 0]  # 5: next flush
+    store.close()
+    assert [a["details"]["n"] for a in Store(tmp_path).alerts()] == [5, 4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_records_added_and_removed_during_a_flush_behind_stay_right(tmp_path, monkeypatch, rewrite):
+    import asyncio
+    store = Store(tmp_path)
+    log = store._logs["alerts"]
+    for n in range(40):
+        _alert(store, f"d{n % 4}", n)
+    if rewrite:
+        store.flush()
+        log.trim(2, "d0")                 # 8 of 40 removed: over a quarter once d1 goes too
+        log.trim(2, "d1")
+        assert log._rewrite
+    disk = SlowDisk(monkeypatch)
+
+    async def main():
+        flush = asyncio.ensure_future(store.flush_behind())
+        await asyncio.sleep(0.1)                 # the worker is inside the fsync
+        assert not flush.done()
+        log.trim(1, "d2")                        # removed while its lines are being written
+        for n in range(40, 44):
+            _alert(store, f"d{n % 4}", n)        # added while the flush runs
+        expected = _records(store, "alerts")
+        disk.release.set()
+        await asyncio.wait_for(flush, 5)
+        assert _records(store, "alerts") == expected   # read from the file where they now lie
+        return expected
+    expected = asyncio.run(main())
+    store.flush()
+    store.close()
+    again = Store(tmp_path)
+    got = _records(again, "alerts")
+    assert [r for r in got if r in expected] == expected
+    # besides: only removed records, which a restart may bring back until the file is rewritten
+    assert all(r[0] <= 40 and r not in expected for r in got if r not in expected)
+    again.close()
+
+
+def test_a_flush_behind_that_fails_is_written_whole_next_time(tmp_path, monkeypatch):
+    import asyncio
+    store = Store(tmp_path)
+    _alert(store, "cam", 0)
+    store.flush()
+    _alert(store, "cam", 1)
+    real = os.fsync
+
+    def torn(fd):
+        os.ftruncate(fd, os.fstat(fd).st_size - 10)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", torn)
+    with pytest.raises(StoreError, match="cannot write the log .*alerts.jsonl: .*No space left"):
+        asyncio.run(store.flush_behind())
+    monkeypatch.setattr(os, "fsync", real)
+    asyncio.run(store.flush_behind())
+    store.close()
+    assert [a["details"]["n"] for a in Store(tmp_path).alerts()] == [1, 0]
+
+
+def test_nothing_is_flushed_behind_from_the_middle_of_a_batch(tmp_path):
+    import asyncio
+    store = Store(tmp_path)
+    with store.batch():
+        _alert(store, "cam", 0)
+        asyncio.run(store.flush_behind())
+        assert not (tmp_path / "alerts.jsonl").exists()
+    asyncio.run(store.flush_behind())
+    assert (tmp_path / "alerts.jsonl").exists()
+    store.close()

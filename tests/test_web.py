@@ -658,9 +658,9 @@ async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplo
     """Heartbeat, expiries and collections must outlive a failing store (a full SD card)."""
     from appliance.store import StoreError
 
-    def full():
+    async def full():
         raise StoreError("cannot write the log /var/lib/kalki/alerts.jsonl: No space left on device")
-    monkeypatch.setattr(sup.store, "flush", full)
+    monkeypatch.setattr(sup.store, "flush_behind", full)
     sup.set_posture("plug1", "suspicious", "test", for_seconds=60)
     sup.clock.set((sup.now() + datetime.timedelta(minutes=2)).isoformat())     # past its expiry
     ticker = asyncio.ensure_future(sup._ticker())
