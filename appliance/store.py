@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import re
+import time
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ class LogTable:
         self._dead = 0               # bytes of it that removed records take
         self._reader = None
         self._pending: _Append | _Rewrite | None = None
+        self._removals = 0           # remove() calls so far: did any come during a flush?
         self._load()
 
     def _name_id(self, value) -> int:
@@ -326,6 +328,7 @@ class LogTable:
         doomed = set(rows)
         if not doomed:
             return
+        self._removals += 1
         self._dead += sum(self._size[i] + 1 for i in doomed if self._pos[i] >= 0)
         if self._dead * 4 > self._bytes:
             self._rewrite = True
@@ -375,7 +378,9 @@ class LogTable:
         job = self.begin_flush()
         if job is not None:
             job.run()
-            self.finish_flush(job)
+            replaced = self.finish_flush(job)
+            if replaced is not None:
+                replaced.close()
 
     def begin_flush(self) -> _Append | _Rewrite | None:
         if self._pending is not None:
@@ -389,6 +394,7 @@ class LogTable:
             job = _Rewrite(self.path, self.tmp_path, self._reader, array("q", self._id),
                            array("q", self._pos), array("i", self._size),
                            {i: line.encode() for i, line in self._unwritten.items()})
+            job.removals = self._removals
         elif self._unwritten:
             ids = self._id[len(self._id) - len(self._unwritten):]      # always the newest rows
             job = _Append(self.path, ids, [self._unwritten[i].encode() for i in ids])
@@ -397,7 +403,9 @@ class LogTable:
         self._pending = job
         return job
 
-    def finish_flush(self, job: _Append | _Rewrite) -> None:
+    def finish_flush(self, job: _Append | _Rewrite):
+        """Returns the replaced file's reader, if any, for the caller to close: closing the last
+        descriptor of a replaced file frees its blocks, 7 ms for 26 MB here (not on the loop)."""
         self._pending = None
         if job.error is not None:
             self._rewrite = True     # an append may have left half a line: write it whole next time
@@ -414,12 +422,10 @@ class LogTable:
                 pos += len(line) + 1
             self._bytes = pos
             self._unwritten = dict(self._unwritten)    # a dict keeps its size when emptied
-            return
-        if self._reader is not None:     # it reads the replaced file: positions change now
-            self._reader.close()
-            self._reader = None
+            return None
+        replaced, self._reader = self._reader, None    # it reads the old file: positions change now
         n = len(job.ids)
-        if len(self._id) >= n and self._id[:n] == job.ids:    # nothing removed meanwhile
+        if job.removals == self._removals:      # only inserts since: the first n rows are the job's
             self._pos[:n], self._size[:n] = job.positions, job.sizes
             dead = 0
         else:                                                  # both sorted by id: one walk
@@ -438,6 +444,7 @@ class LogTable:
         self._unwritten = dict(self._unwritten)
         self._bytes, self._dead = job.total, dead
         self._rewrite = dead * 4 > job.total
+        return replaced
 
     def _row_of(self, doc_id: int) -> int | None:
         row = bisect.bisect_left(self._id, doc_id)
@@ -478,6 +485,7 @@ class _Rewrite:
         self.positions = array("q")
         self.total = 0
         self.error: Exception | None = None
+        self.removals = 0
 
     def run(self) -> None:
         try:
@@ -504,6 +512,8 @@ class _Rewrite:
                     positions.append(pos + end - start)
                     end += sizes[i] + 1
                     i += 1
+                    if not i & 2047:
+                        time.sleep(0)    # hands the GIL to the loop rather than hold it 5 ms
                 self._copy(start, end, out)
                 pos += end - start
             out.flush()
@@ -667,16 +677,21 @@ class Store:
             concurrent.futures.wait([fut])
             self._finish(jobs, run=False)
 
-    @staticmethod
-    def _finish(jobs, run: bool) -> None:
+    def _finish(self, jobs, run: bool) -> None:
         failed = None
         for log, job in jobs:
             if run:
                 job.run()
             try:
-                log.finish_flush(job)
+                replaced = log.finish_flush(job)
             except StoreError as e:
                 failed = failed or e
+                continue
+            if replaced is not None:
+                if run or self._writer is None:
+                    replaced.close()
+                else:
+                    self._writer.submit(replaced.close)
         if failed is not None:
             raise failed
 
