@@ -174,7 +174,7 @@ class LogTable:
     here an insert is a line in memory until flush() appends it (fsynced). Removals (retention)
     are forgotten at once; the file is rewritten (atomically, at a flush) once a quarter of it
     is removed records, so that trimming one device does not copy the whole file (26 MB of
-    history at 1,000 devices, 75 ms on the loop). Until then a restart brings the removed records
+    history at 1,000 devices, 75 ms of writing). Until then a restart brings the removed records
     (the oldest) back, and the next retention pass removes them again. A line torn by a power
     cut is the last one: it is dropped on load.
 
