@@ -706,10 +706,13 @@ async def test_malformed_requests_get_400_and_the_server_goes_on(sup, capsys):
         for junk in (b"NONSENSE\r\n\r\n", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
                      b"GET / HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
                      b"GET /?a=%zz HTTP/1.1\r\n\r\n", b"\xff\xfe / HTTP/1.1\r\n\r\n",
-                     b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n"):
+                     b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
             answer = await raw(port, junk)
             assert answer.startswith(b"HTTP/1.0 400"), (junk[:40], answer[:80])
         assert b" 200 " in (await raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[:20]
+        cookies = "; ".join(f"other{i}={'v' * 60}" for i in range(60))    # 4 KB of a neighbour's
+        assert b" 200 " in (await raw(port, f"GET /healthz HTTP/1.1\r\nCookie: {cookies}\r\n\r\n"
+                                            .encode()))[:20]
     assert "Traceback" not in capsys.readouterr().err      # a scanner does not fill the log
 
 

@@ -53,9 +53,11 @@ REQUEST_SECONDS = 10.0         # to send the head and the body
 WRITE_SECONDS = 30.0           # for a client to take each piece of the answer
 MAX_CONNECTIONS = 64           # open at once; more are closed at once (live pages hold one each)
 
-# Microdot's limits are class attributes, read when a request is parsed.
+# Microdot's limits are class attributes, read when a request is parsed. A line may be 8 KiB
+# (Microdot's 2 KiB would refuse a browser that holds other cookies for the same address).
 Request.max_content_length = MAX_BODY
 Request.max_body_length = MAX_BODY
+Request.max_readline = 8 * 1024
 
 
 class Page(Microdot):
