@@ -9,7 +9,8 @@
 # IMAGE: an .img.xz (default: the newest out/*.img.xz) or an .img. The image file is not
 # changed: a sparse scratch copy, 1 GiB larger (so first boot grows the data partition), gets
 # the site settings a technician would drop on the FAT partition (kalki.toml: devices on eth1,
-# uplink eth0), as qemu's two virtio network cards.
+# uplink eth0), as qemu's two virtio network cards. Once protection is enforced, the operator's
+# page must answer over HTTPS on the uplink (port 443, forwarded by qemu to a loopback port).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TIMEOUT=${BOOT_TEST_TIMEOUT:-1200}
@@ -74,13 +75,14 @@ cmdline="$(sed -E 's/console=[^ ]+//g; s/cma=[^ ]+//g' "$T/cmdline.txt" | tr -s 
 echo "boot-test: kernel $kernel, initramfs $initrd"
 echo "boot-test: command line: $cmdline"
 t_prep=$(( $(date +%s) - t0 ))
+WEB_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 : >"$CONSOLE"
 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 -accel tcg,thread=multi \
   -display none -monitor none -serial "file:$CONSOLE" -no-reboot \
   -kernel "$T/$kernel" -initrd "$T/$initrd" -append "$cmdline" \
   -drive "file=$T/disk.img,format=raw,if=none,id=disk0" -device virtio-blk-pci,drive=disk0 \
-  -netdev user,id=uplink -device virtio-net-pci,netdev=uplink,addr=0x5,romfile= \
+  -netdev "user,id=uplink,hostfwd=tcp:127.0.0.1:$WEB_PORT-:443" -device virtio-net-pci,netdev=uplink,addr=0x5,romfile= \
   -netdev user,id=devices,restrict=on -device virtio-net-pci,netdev=devices,addr=0x6,romfile= \
   >"$T/qemu.out" 2>&1 &
 qemu_pid=$!
@@ -108,7 +110,44 @@ while :; do
     # A moment for the boot firewall's removal to be reported too.
     for _ in $(seq 1 30); do seen "kalki: boot firewall removed" && break; sleep 1; done
     seen "kalki: boot firewall removed" && [ -z "${marked[boot firewall removed]:-}" ] && mark "boot firewall removed"
-    result=0; break
+    # The operator's page, as a browser on the uplink sees it: TLS with the certificate the
+    # appliance made at first start, /healthz, and the claim page (no admin yet).
+    if web=$(python3 - "$WEB_PORT" <<'PY'
+import http.client, json, ssl, sys, time
+port = int(sys.argv[1])
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE     # self-signed, made at first start
+deadline, last = time.monotonic() + 120, None
+while time.monotonic() < deadline:
+    try:
+        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+        c.request("GET", "/healthz")
+        r = c.getresponse()
+        health = (r.status, json.loads(r.read()))
+        tls = c.sock.version()
+        c.close()
+        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+        c.request("GET", "/claim")
+        r = c.getresponse()
+        page = r.read().decode()
+        ok = health[0] == 200 and health[1].get("ok") and r.status == 200 and "Claim this gateway" in page
+        print(f"{tls}, /healthz {health[0]} {health[1]}, /claim {r.status}"
+              f" (Strict-Transport-Security: {r.getheader('Strict-Transport-Security')})")
+        sys.exit(0 if ok else 1)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        last = e
+        time.sleep(3)
+print(f"no answer: {last}")
+sys.exit(1)
+PY
+    ); then
+      mark "web page over HTTPS"
+      echo "boot-test: web page: $web"
+      result=0
+    else
+      echo "boot-test: the web page did not answer over HTTPS on the uplink: $web" >&2
+    fi
+    break
   fi
   if ! kill -0 "$qemu_pid" 2>/dev/null; then echo "boot-test: qemu exited" >&2; cat "$T/qemu.out" >&2; break; fi
   if [ $(( $(date +%s) - t_boot )) -ge "$TIMEOUT" ]; then echo "boot-test: no enforcement after ${TIMEOUT}s" >&2; break; fi
