@@ -241,7 +241,8 @@ class Supervisor:
         gc.collect()
         gc.freeze()
         gc.disable()
-        print(f"kalki: protection enforced for {len(self._wanted())} devices", flush=True)
+        print(f"kalki: protection enforced for {len(self._wanted())} devices "
+              f"(resident memory {_resident_mb()})", flush=True)
 
     async def run(self) -> None:
         await self.start()
@@ -778,6 +779,17 @@ class Supervisor:
                 lambda r, w: control.serve_client(self, r, w), path=str(path))
         finally:
             os.umask(old)
+
+
+def _resident_mb() -> str:
+    """VmRSS, for the start-up line that the serial console and the image's boot test show."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return f"{int(line.split()[1]) / 1024:.1f} MB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "unknown"
 
 
 def main(config_path: str) -> int:

@@ -157,7 +157,7 @@ t_total=$(( $(date +%s) - t_boot ))
 echo "--- console (kalki lines and failures) ---"
 grep -a -E 'kalki|FAILED|Failed to start|Kernel panic|emergency' "$CONSOLE" | tail -n 40 | sed 's/^/  /' || true
 if [ $result -eq 0 ]; then
-  line=$(grep -a -o 'kalki: protection enforced for [0-9]* devices' "$CONSOLE" | head -n 1)
+  line=$(grep -a -o 'kalki: protection enforced for [0-9]* devices[^"]*' "$CONSOLE" | head -n 1 | tr -d '\r')
   echo "boot-test: PASSED: \"$line\" ${t_total}s after power-on (preparation ${t_prep}s)"
   seen "kalki: boot firewall removed" || echo "boot-test: note: the boot firewall's removal was not reported"
   if grep -a -q 'FAILED' "$CONSOLE"; then echo "boot-test: note: some unit failed (see above)"; fi
