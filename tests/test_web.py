@@ -801,3 +801,26 @@ async def test_a_head_request_on_the_event_stream_holds_nothing(sup):
         assert r.status == 200
         await asyncio.sleep(0.05)
         assert not sup._listeners
+
+
+@aiotest
+async def test_a_client_that_expects_100_continue_gets_it(sup):
+    """curl asks for it before sending a body over 1 KiB (rules as TOML), and waits a second."""
+    set_admin(sup)
+    token = auth.create_token(sup.store, "t", sup.now())[0]
+    body = json.dumps({"text": RULE}).encode()
+    async with served(sup) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /api/rules/validate HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + token.encode() + b"\r\n"
+                         b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readline(), 0.5) == b"HTTP/1.1 100 Continue\r\n"
+            assert await reader.readline() == b"\r\n"
+            writer.write(body)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.0 200") and b'"valid"' in answer
+        finally:
+            writer.close()
