@@ -72,10 +72,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, nftables' 2>/
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  log "installing requirements.txt and the kalki command into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  log "installing requirements-test.txt (the appliance's and the tests' packages) and the kalki command into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e .
   echo "$want" >"$stamp"
 fi
