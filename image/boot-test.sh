@@ -113,18 +113,19 @@ while :; do
     # The operator's page, as a browser on the uplink sees it: TLS with the certificate the
     # appliance made at first start, /healthz, and the claim page (no admin yet).
     if web=$(python3 - "$WEB_PORT" <<'PY'
-import http.client, json, ssl, sys, time
+import http.client, json, socket, ssl, sys, time
 port = int(sys.argv[1])
 ctx = ssl.create_default_context()
 ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE     # self-signed, made at first start
 deadline, last = time.monotonic() + 120, None
 while time.monotonic() < deadline:
     try:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20)) as t:
+            tls = t.version()
         c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
         c.request("GET", "/healthz")
         r = c.getresponse()
         health = (r.status, json.loads(r.read()))
-        tls = c.sock.version()
         c.close()
         c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
         c.request("GET", "/claim")
