@@ -29,6 +29,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tinydb import Storage, TinyDB, where
+from tinydb.table import Table
 
 from .errors import ConfigError, KalkiError
 
@@ -57,14 +58,20 @@ class StoreError(KalkiError):
     """The state file is unreadable or unwritable, or a record or argument is invalid."""
 
 
-class _Tables(dict):
-    """The state as TinyDB sees it. TinyDB edits the documents of the table it takes in place
-    (update() edits them, remove() pops them), so a table is copied when it is taken, document
-    by document; the other tables are not touched. Values nested inside documents are shared:
-    TinyDB never edits them, and Store copies what it returns."""
+class _Table(Table):
+    """TinyDB's table, with the documents an update may edit made its own first. TinyDB edits
+    the documents of the table it updates in place (update() edits them, remove() pops them);
+    its reads copy each document they return. So the state is copied once per update, not on
+    every read: a device's posture change at 1,000 devices read the devices table 5 times, 3.4
+    ms of copies. Values nested inside documents are shared: TinyDB never edits them, and Store
+    copies what it returns."""
 
-    def __getitem__(self, name):
-        return {doc_id: dict(doc) for doc_id, doc in super().__getitem__(name).items()}
+    def _update_table(self, updater):
+        def on_own_copies(table):
+            for doc_id, doc in table.items():
+                table[doc_id] = dict(doc)
+            updater(table)
+        super()._update_table(on_own_copies)
 
 
 class AtomicJSONStorage(Storage):
@@ -89,7 +96,7 @@ class AtomicJSONStorage(Storage):
     def read(self):
         if self._data is None:
             self._data = self._load()
-        return _Tables(self._data) if self._data else None
+        return dict(self._data) if self._data else None    # TinyDB replaces a table in it
 
     def write(self, data):
         # TinyDB hands back what read() gave it, with the table it changed replaced: take the
@@ -629,6 +636,7 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
         self._db = TinyDB(self.path, storage=AtomicJSONStorage)
+        self._db.table_class = _Table
         self._storage = self._db.storage
         self._storage.read()    # a corrupt file fails here, at start-up, naming itself
         # No query cache: reads are served from memory anyway, and a cache could hold results

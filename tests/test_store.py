@@ -450,10 +450,32 @@ def test_storage_writes_atomically_and_leaves_no_temp_file(tmp_path):
     assert json.loads(path.read_text()) == {"t": {"1": {"a": [1]}}}
     assert sorted(os.listdir(tmp_path)) == ["db.json"]
     data = storage.read()
-    data["t"]["1"]["a"] = 2             # what TinyDB does to documents in update()
-    del data["t"]["1"]
+    data["t"] = {}                      # what TinyDB does with the table it updates
     assert storage.read() == {"t": {"1": {"a": [1]}}}
     assert AtomicJSONStorage(path).read() == {"t": {"1": {"a": [1]}}}
+
+
+def test_an_update_that_fails_to_reach_the_disk_leaves_the_state_as_it_was(tmp_path, monkeypatch):
+    """TinyDB edits the documents it updates in place: the table makes them its own first, so
+    the state in memory stays what the file says when the write fails (outside a batch too)."""
+    from tinydb import TinyDB
+    from appliance.store import _Table
+    db = TinyDB(tmp_path / "db.json", storage=AtomicJSONStorage)
+    db.table_class = _Table
+    t = db.table("t", cache_size=0)
+    t.insert({"a": 1, "n": {"x": 1}})
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(StoreError, match="No space left"):
+        t.update({"a": 2})
+    with pytest.raises(StoreError):
+        t.remove(doc_ids=[1])
+    assert t.get(doc_id=1) == {"a": 1, "n": {"x": 1}}
+    monkeypatch.undo()
+    t.update({"a": 3})
+    assert t.get(doc_id=1)["a"] == 3 and json.loads((tmp_path / "db.json").read_text())["t"]["1"]["a"] == 3
 
 
 def test_corrupt_file_raises_naming_the_path(tmp_path):
