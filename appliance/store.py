@@ -61,10 +61,10 @@ class StoreError(KalkiError):
 class _Table(Table):
     """TinyDB's table, with the documents an update may edit made its own first. TinyDB edits
     the documents of the table it updates in place (update() edits them, remove() pops them);
-    its reads copy each document they return. So the state is copied once per update, not on
-    every read: a device's posture change at 1,000 devices read the devices table 5 times, 3.4
-    ms of copies. Values nested inside documents are shared: TinyDB never edits them, and Store
-    copies what it returns."""
+    its reads copy each document they return. So the documents are copied once per update, not
+    on every read: a device's posture change reads the devices table 5 times, and the storage
+    used to copy every device on each. Values nested inside documents are shared: TinyDB never
+    edits them, and Store copies what it returns."""
 
     def _update_table(self, updater):
         def on_own_copies(table):

@@ -15,7 +15,11 @@ reports:
   quarter of it is removed records); `rewrite_ms`: a flush that rewrites the whole history file
   then (fsynced, renamed), on the caller's thread; `rewrite_behind_ms`: the same rewrite through
   `Store.flush_behind()`, as the supervisor flushes, with the writing in a worker thread, and
-  `rewrite_behind_loop_gap_ms`: the longest the event loop went without running meanwhile.
+  `rewrite_behind_loop_gap_ms`: the longest the event loop went without running meanwhile;
+- `state_write_ms_<n>`: a posture change in a state file (kalki.json) of 100 and of
+  KALKI_BENCH_DEVICES devices: TinyDB's update, the whole file serialised, written to a
+  temporary file, fsynced and renamed (median and max of 30, on the caller's thread: the
+  supervisor's loop does this once per decision).
 
 No network, no namespaces: only files in a temporary directory, removed at the end.
 """
@@ -167,7 +171,33 @@ def main() -> int:
     emit(BENCH, "rewrite_behind_loop_gap_ms", round(r["rewrite_behind_loop_gap_s"] * 1e3, 1), "ms",
          how="the longest the event loop went without running during that rewrite (a task "
              "sleeping 1 ms in a loop; 1.1 ms means never held)", **common)
+    for n in sorted({100, DEVICES}):
+        median_ms, max_ms, kb = state_write(n)
+        emit(BENCH, f"state_write_ms_{n}", round(median_ms, 2), "ms", max_ms=round(max_ms, 2),
+             state_file_kb=kb, devices=n, n=30,
+             how="update_device(posture=...) in a store of n approved devices: one atomic write")
     return 0
+
+
+def state_write(devices: int) -> tuple[float, float, int]:
+    import statistics
+    import time
+    from appliance.store import Store
+    with tempfile.TemporaryDirectory(prefix="kalki-bench-state-") as tmp:
+        store = Store(Path(tmp))
+        with store.batch():
+            for i in range(devices):
+                store.upsert_device(f"dev{i}", "02:4b:00:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255, i & 255),
+                                    ip=f"198.18.{i // 250}.{i % 250 + 1}", type="camera",
+                                    approved=True, posture="normal")
+        runs = []
+        for k in range(30):
+            t = time.perf_counter()
+            store.update_device(f"dev{k}", posture="suspicious" if k % 2 else "attack")
+            runs.append((time.perf_counter() - t) * 1e3)
+        kb = (Path(tmp) / "kalki.json").stat().st_size // 1024
+        store.close()
+    return statistics.median(runs), max(runs), kb
 
 
 if __name__ == "__main__":
