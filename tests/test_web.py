@@ -705,6 +705,7 @@ async def test_malformed_requests_get_400_and_the_server_goes_on(sup, capsys):
     async with served(sup) as (_, port):
         for junk in (b"NONSENSE\r\n\r\n", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
                      b"GET / HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+                     b"POST /login HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
                      b"GET /?a=%zz HTTP/1.1\r\n\r\n", b"\xff\xfe / HTTP/1.1\r\n\r\n",
                      b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
             answer = await raw(port, junk)
