@@ -393,15 +393,16 @@ class LogTable:
         if self._pending is not None:
             raise StoreError(f"the log {self.path}: a flush is already running")
         if self._rewrite:
+            unreadable = None
             try:
                 if self._reader is None and self._bytes:
                     self._reader = open(self.path, "rb")
-            except OSError as e:
-                raise StoreError(f"cannot read the log {self.path}: {e}") from None
+            except OSError as e:      # the job fails with it, through finish_flush() like any
+                unreadable = e
             job = _Rewrite(self.path, self.tmp_path, self._reader, array("q", self._id),
                            array("q", self._pos), array("i", self._size),
                            {i: line.encode() for i, line in self._unwritten.items()})
-            job.removals = self._removals
+            job.removals, job.error = self._removals, unreadable
         elif self._unwritten:
             ids = self._id[len(self._id) - len(self._unwritten):]      # always the newest rows
             job = _Append(self.path, ids, [self._unwritten[i].encode() for i in ids])
@@ -495,6 +496,8 @@ class _Rewrite:
         self.removals = 0
 
     def run(self) -> None:
+        if self.error is not None:    # the old file could not be opened
+            return
         try:
             self._write()
         except Exception as e:       # taken back on the loop by finish_flush

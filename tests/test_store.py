@@ -791,3 +791,25 @@ def test_nothing_is_flushed_behind_from_the_middle_of_a_batch(tmp_path):
     asyncio.run(store.flush_behind())
     assert (tmp_path / "alerts.jsonl").exists()
     store.close()
+
+
+def test_a_log_that_cannot_be_rewritten_does_not_stop_the_others(tmp_path):
+    import asyncio
+    store = Store(tmp_path)
+    store.upsert_device("cam", "02:4b:00:00:00:01")
+    for n in range(8):
+        _alert(store, "cam", n)
+        store.record_posture("cam", "normal", f"r{n}")
+    store.flush()
+    store._logs["history"].trim(1, "cam")          # 8 of 9 removed: the file is to be rewritten
+    (tmp_path / "history.jsonl").unlink()          # and is gone (a card fault, a hand)
+    _alert(store, "cam", 8)
+    with pytest.raises(StoreError, match="cannot write the log .*history.jsonl"):
+        store.flush()
+    assert [a["details"]["n"] for a in Store(tmp_path).alerts()][:1] == [8]   # alerts went on
+    _alert(store, "cam", 9)
+    with pytest.raises(StoreError, match="cannot write the log .*history.jsonl"):
+        asyncio.run(store.flush_behind())
+    assert [a["details"]["n"] for a in Store(tmp_path).alerts()][:1] == [9]
+    with pytest.raises(StoreError, match="history.jsonl"):
+        store.close()                               # said each time, never a flush stuck
