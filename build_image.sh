@@ -25,7 +25,7 @@ its own build dependencies (Debian packages) when missing.
   --from STAGE       start at stage STAGE (e.g. 30) reusing the work directory of an earlier run
   --help             this text
 
-Stages (image/stages/): $(cd "$IMAGE_DIR/stages" && ls *.sh | sed 's/\.sh$//' | xargs)
+Stages (image/stages/): $(cd "$IMAGE_DIR/stages" && printf '%s\n' *.sh | sed 's/\.sh$//' | xargs)
 Settings: image/config (each can be overridden from the environment).
 EOF
 }
@@ -83,6 +83,8 @@ cleanup() {
     wait "$stage_pid" 2>/dev/null || true
   fi
   local m
+  # Mount points in /proc/mounts have no blanks (they are escaped as \040): one word a line.
+  # shellcheck disable=SC2013
   for m in $(awk -v w="$WORK" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
     echo "build_image.sh: unmounting leftover $m" >&2
     umount -l "$m" || true
@@ -128,4 +130,6 @@ for stage in "$IMAGE_DIR"/stages/[0-9][0-9]-*.sh; do
 done
 total=$(( $(date +%s) - t_build ))
 echo "Built in $(fmt $total):"
+# A listing for the reader, not parsed.
+# shellcheck disable=SC2012
 ls -l "$OUT/$IMAGE_NAME-$IMAGE_VERSION".* | sed 's/^/  /'

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import KalkiError
+from appliance.errors import KalkiError
 
 DEFAULT_SOCKET = "/run/kalki/kalki.sock"
 
@@ -21,10 +21,10 @@ def _print(result, as_json: bool) -> None:
 
 # -- the lab --------------------------------------------------------------------------------
 def _lab_up(args) -> int:
-    from .lab import topology
+    from lab import topology
     fake_time = args.fake_time
-    if args.scenario:     # the demo scenarios (appliance/lab/scenarios.py)
-        from .lab import scenarios
+    if args.scenario:     # the demo scenarios (lab/scenarios.py)
+        from lab import scenarios
         fake_time = scenarios.check_lab_args(args.scenario, args.no_supervisor, args.no_services,
                                              args.devices, fake_time)
     s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services,
@@ -44,7 +44,7 @@ def _lab_up(args) -> int:
         print(f"talk to its supervisor: kalki --lab {s.name} devices")
         print(f"its web page: {s.gateway.get('web_url')} (claim it: kalki --lab {s.name} button press)")
     if args.scenario:
-        from .lab import scenarios
+        from lab import scenarios
         ok = scenarios.succeeded(scenarios.play(s, args.scenario))
         print(f"the lab stays up; remove it with: kalki lab down {s.name}")
         return 0 if ok else 1
@@ -53,14 +53,14 @@ def _lab_up(args) -> int:
 
 
 def _lab_down(args) -> int:
-    from .lab import topology
+    from lab import topology
     removed = topology.down(args.name)
     print(f"lab {args.name}: removed {len(removed)} namespaces and processes")
     return 0
 
 
 def _lab_status(args) -> int:
-    from .lab import topology
+    from lab import topology
     names = topology.labs()
     if args.json:
         print(json.dumps([topology.load(n).to_json() for n in names], indent=1))
@@ -74,8 +74,8 @@ def _lab_status(args) -> int:
 
 
 def _lab_block(args) -> int:
-    from .dataplane import Dataplane
-    from .lab import topology
+    from appliance.dataplane.api import Dataplane
+    from lab import topology
     s = topology.load(args.name)
     with Dataplane.open(s.name, s.namespaces["gw"], topology.gateway_settings(s)) as dp:
         dp.block_source(args.source, args.seconds)
@@ -85,18 +85,18 @@ def _lab_block(args) -> int:
 
 # -- the supervisor -------------------------------------------------------------------------
 def _run(args) -> int:
-    from .supervisor import main
+    from appliance.supervisor.core import main
     return main(args.config)
 
 
 def _config_defaults(args) -> int:
-    from .config import defaults_toml
+    from appliance.config import defaults_toml
     print(defaults_toml())
     return 0
 
 
 def _rules_validate(args) -> int:
-    from .control import validate_rules_text
+    from appliance.supervisor.control import validate_rules_text
     try:
         text = open(args.file).read()
     except OSError as e:
@@ -108,14 +108,14 @@ def _rules_validate(args) -> int:
 
 def _socket(args) -> str:
     if args.lab:
-        from .control import socket_for_lab
+        from appliance.supervisor.control import socket_for_lab
         return socket_for_lab(args.lab)
     return args.socket
 
 
 def _call(op, **fields):
     def run(args) -> int:
-        from .control import request
+        from appliance.supervisor.control import request
         values = {k: getattr(args, v) for k, v in fields.items() if getattr(args, v) is not None}
         _print(request(_socket(args), op, **values), getattr(args, "json", False))
         return 0
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the supervisor runs without the web page and the LED panel")
     p.add_argument("--json", action="store_true")
     p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "probe", "all"),
-                   help="then play a demo scenario (appliance/lab/scenarios.py); the lab stays up")
+                   help="then play a demo scenario (lab/scenarios.py); the lab stays up")
     p.set_defaults(func=_lab_up)
     p = lab.add_parser("down", help="remove a lab and everything it created")
     p.add_argument("name")
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the device address the source went for")
     p.set_defaults(func=_call("block_source", ip="source", seconds="seconds", reason="reason",
                               by="by", target="target"))
-    # the panel (appliance/panel.py): the button (mock pins in the lab) and the LEDs
+    # the panel (appliance/faces/panel.py): the button (mock pins in the lab) and the LEDs
     button = sub.add_parser("button", help="press the appliance's button (the lab's mock "
                             "pins)").add_subparsers(dest="button_command", required=True)
     p = button.add_parser("press", help="a short press: opens the claim window")

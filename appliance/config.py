@@ -12,7 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from appliance.errors import ConfigError
+from appliance.vocab import WORKDAYS, check_business_hours, check_timezone
 
 DEFAULT_PATH = Path("/etc/kalki/kalki.toml")
 
@@ -58,7 +59,7 @@ class MqttSection:
 @dataclass
 class PolicySection:
     timezone: str = _doc("time zone of business hours", "UTC")
-    business_days: list = _doc("days with business hours", ["mon", "tue", "wed", "thu", "fri"])
+    business_days: list = _doc("days with business hours", list(WORKDAYS))
     business_start: str = _doc("business hours start, HH:MM", "08:00")
     business_end: str = _doc("business hours end, HH:MM", "18:00")
     fake_time: str = _doc("lab only: ISO time the policy clock starts at (it then runs)", "")
@@ -117,11 +118,10 @@ class Config:
                                   f"gateway.lan {self.gateway.lan}")
         except ValueError as e:
             raise ConfigError(f"{where}: gateway.lan / gateway.address: {e}") from None
-        for key in ("business_start", "business_end"):
-            value = getattr(self.policy, key)
-            hh, _, mm = value.partition(":")
-            if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
-                raise ConfigError(f"{where}: policy.{key}: expected HH:MM, got {value!r}")
+        p = self.policy
+        check_business_hours({"days": p.business_days, "start": p.business_start, "end": p.business_end},
+                             f"{where}: policy.business_days/start/end")
+        check_timezone(p.timezone, f"{where}: policy.timezone")
         return self
 
 

@@ -9,6 +9,10 @@ class ConfigError(KalkiError, ValueError):
     """A parameter, profile or setting is invalid; the message names the culprit."""
 
 
+class StoreError(KalkiError):
+    """The state file is unreadable or unwritable, or a record or argument is invalid."""
+
+
 class UnknownUmboxError(ConfigError):
     pass
 

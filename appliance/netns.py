@@ -7,7 +7,7 @@ import contextlib
 import ctypes
 import os
 
-from .errors import LabError
+from appliance.errors import LabError
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

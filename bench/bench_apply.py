@@ -5,7 +5,7 @@
               addresses in 198.18.0.0/20): total seconds, per-device ms (median, first and
               last 100, to show growth with the table size)
   reconcile   a fresh Dataplane.open + reconcile of the same 1,000 (nothing to change)
-  compile     appliance.loader.run_child into a separate pin dir, attached nowhere:
+  compile     appliance.dataplane.loader.run_child into a separate pin dir, attached nowhere:
               compile seconds and the child's peak RSS (ru_maxrss)
   rss         VmRSS / VmHWM of this long-lived process holding an open Dataplane with
               1,000 devices (bcc/LLVM is never imported here)
@@ -25,7 +25,7 @@ COMPILES = int(os.environ.get("KALKI_BENCH_COMPILES", 3))
 
 
 def specs(lab) -> list:
-    from appliance import profiles
+    from appliance.policy import profiles
     known = profiles.load_all()
     types = sorted(known)
     out = [dataplane.DeviceSpec(d.name, d.mac, d.ip, known[d.type].stack("normal")) for d in lab.devices]

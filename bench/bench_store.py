@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, emit, install_signal_handlers  # noqa: E402
-from appliance.store import LogTable, Retention  # noqa: E402
+from appliance.store.state import LogTable, Retention  # noqa: E402
 
 BENCH = "store"
 DEVICES = int(os.environ.get("KALKI_BENCH_DEVICES", "1000"))
@@ -48,7 +48,7 @@ def rss():
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
 import asyncio
-from appliance.store import Store
+from appliance.store.state import Store
 directory, devices = Path(sys.argv[1]), int(sys.argv[2])
 before = rss()
 t = time.perf_counter()
@@ -182,7 +182,7 @@ def main() -> int:
 def state_write(devices: int) -> tuple[float, float, int]:
     import statistics
     import time
-    from appliance.store import Store
+    from appliance.store.state import Store
     with tempfile.TemporaryDirectory(prefix="kalki-bench-state-") as tmp:
         store = Store(Path(tmp))
         with store.batch():

@@ -30,8 +30,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (emit, install_signal_handlers, lab_only, percentile, median, remove_lab, suffix,  # noqa: E402
                     vm_status)
-from appliance import control, dataplane, netns  # noqa: E402
-from appliance.lab import topology  # noqa: E402
+from appliance.supervisor import control
+from appliance.dataplane import api as dataplane
+from appliance import netns  # noqa: E402
+from lab import topology  # noqa: E402
 
 import paho.mqtt.client as mqtt  # noqa: E402
 

@@ -157,7 +157,7 @@ def report(variant: str, records, eff) -> None:
 
 
 def main() -> int:
-    from appliance import profiles
+    from appliance.policy import profiles
     camera_normal = profiles.load_all()["camera"].stack("normal")
     xdp_only = {k: v for k, v in camera_normal.items() if k not in ("conn_limit", "auth_gate")}
     quarantine = {"quarantine": {"management": True}}

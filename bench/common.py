@@ -25,8 +25,8 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from appliance import bpf, dataplane, loader, maps, umbox  # noqa: E402
-from appliance.lab import topology  # noqa: E402
+from appliance.dataplane import bpf, api as dataplane, loader, maps, umbox  # noqa: E402
+from lab import topology  # noqa: E402
 from labutil import udp_packet, tcp_syn  # noqa: E402,F401  (packet builders of the tests)
 
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")

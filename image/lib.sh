@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the stages (sourced). Everything runs as root on the build machine.
 
 log() { printf '  %s\n' "$*"; }
@@ -6,6 +7,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # Runs a command in the arm64 root under qemu-user. /proc, /sys, /dev and a /run with the
 # build machine's resolver are mounted in a private mount namespace: they vanish with it, also
 # when the build is killed, so nothing is ever left mounted.
+# Script text for bash -c (in_chroot): its variables expand there, not here.
+# shellcheck disable=SC2016
 IN_CHROOT_SCRIPT='
 set -e
 R=$1; shift
@@ -42,5 +45,7 @@ package_list() { sed 's/#.*//' "$@" | xargs; }
 
 # The kernel version installed in the root (the newest).
 kernel_version() {
+  # Kernel version directory names are plain (no blanks, no leading dash).
+  # shellcheck disable=SC2012
   ls "$ROOTFS/lib/modules" 2>/dev/null | sort -V | tail -n 1
 }

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables python3-nftables
   mosquitto mosquitto-clients iproute2 iputils-ping netsniff-ng dnsmasq-base busybox chromium chromium-driver
-  gcc libc6-dev mosquitto-dev libmosquitto-dev
+  gcc libc6-dev mosquitto-dev libmosquitto-dev shellcheck
 )
 ARCH_HEADERS="linux-headers-$(dpkg --print-architecture)"
 
@@ -45,7 +45,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ ! -e "$build_dir/include" ]; then
+  # Debian's header directory names are plain (no blanks): ls | sort -V picks the newest.
+  # shellcheck disable=SC2012
   arch_dir=$(ls -d /usr/src/linux-headers-*-"$(dpkg --print-architecture)" 2>/dev/null | sort -V | tail -n 1)
+  # The same for the -common headers.
+  # shellcheck disable=SC2012
   common_dir=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$arch_dir" ] || [ -z "$common_dir" ]; then
     log "no kernel headers under /usr/src: bcc cannot compile"; exit 1
@@ -58,7 +62,7 @@ fi
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
-# The broker plugin that counts refused publishes (appliance/broker.py loads it when present).
+# The broker plugin that counts refused publishes (appliance/system/broker.py loads it when present).
 plugin=build/kalki_denials.so
 if [ ! -e "$plugin" ] || [ mosquitto/kalki_denials.c -nt "$plugin" ]; then
   log "building $plugin"

@@ -3,8 +3,9 @@ import secrets
 
 import pytest
 
-from appliance import dataplane, profiles
-from appliance.lab import topology
+from appliance.dataplane import api as dataplane
+from appliance.policy import profiles
+from lab import topology
 
 
 def pytest_collection_modifyitems(config, items):

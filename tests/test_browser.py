@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import control
+from appliance.supervisor import control
 from appliance.errors import KalkiError
-from appliance.lab import topology
+from lab import topology
 from labutil import connect, ping, wait_until
 
 pytestmark = pytest.mark.lab
@@ -99,7 +99,7 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
         control.request(sock, "button", action="press")
     except KalkiError as e:
         if "unknown request" in str(e):
-            pytest.skip("the control op 'button' is not there yet (appliance/panel.py)")
+            pytest.skip("the control op 'button' is not there yet (appliance/faces/panel.py)")
         raise
     # the claim page reloads itself every few seconds until the window is open
     wait(d, 15).until(EC.presence_of_element_located((By.ID, "claim-open")))

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.lab.device_services import Device, MqttTelemetry, serve
+from lab.device_services import Device, MqttTelemetry, serve
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret"
@@ -186,7 +186,7 @@ def free_port() -> int:
 def test_cli_ready_file_and_sigterm(tmp_path):
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.lab.device_services", "--name", "cam1", "--type", "camera",
+        [sys.executable, "-m", "lab.device_services", "--name", "cam1", "--type", "camera",
          "--bind", "127.0.0.1", "--http-port", "0", "--services", "http",
          "--mqtt-host", "127.0.0.1", "--mqtt-port", str(free_port()),  # nothing listens there
          "--ready-file", str(ready)],

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from appliance import gate as gate_mod
-from appliance.gate import (Credentials, FailureTracker, Gate, command_blocker, device_head,
-                            hash_password, original_destination)
-from appliance.lab.device_services import Device, serve as serve_device
+from appliance.dataplane import gate as gate_mod
+from appliance.dataplane.gate import Credentials, FailureTracker, Gate, command_blocker, device_head, hash_password, original_destination
+from lab.device_services import Device, serve as serve_device
 
 REPO = Path(__file__).resolve().parents[1]
 GATE_USER, GATE_PASSWORD = "kalki", "gate-pass"
@@ -230,7 +229,7 @@ def test_gate_cli_proxies_and_exits_on_sigterm(tmp_path):
         device_server = await start_device()
         device_port = device_server.sockets[0].getsockname()[1]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.gate", "--listen", f"127.0.0.1:{gate_port}",
+            sys.executable, "-m", "appliance.dataplane.gate", "--listen", f"127.0.0.1:{gate_port}",
             "--credentials-file", str(creds), "--target-override", f"127.0.0.1:{device_port}",
             cwd=REPO, stderr=asyncio.subprocess.PIPE)
         try:

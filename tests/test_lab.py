@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from appliance.errors import LabError
-from appliance.lab import topology
+from lab import topology
 from labutil import LAB_RANGE, connect, ping
 import ipaddress
 

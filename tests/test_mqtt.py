@@ -15,11 +15,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from appliance import broker as broker_mod
-from appliance.broker import DENIALS_PLUGIN, Broker, random_password, write_config
+from appliance.system import broker as broker_mod
+from appliance.system.broker import DENIALS_PLUGIN, Broker, random_password, write_config
 from appliance.errors import ConfigError, KalkiError
-from appliance.lab.device_services import Device, MqttTelemetry
-from appliance.mqtt import Bus
+from lab.device_services import Device, MqttTelemetry
+from appliance.telemetry.mqtt import Bus
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = ("light1", "light2", "plug1")
@@ -301,7 +301,7 @@ def test_callbacks_go_through_the_event_loop(broker, device):
 # ---------------------------------------------------------------- bridge state, posture, discovery
 
 def test_last_will_marks_the_bridge_offline(broker):
-    script = ("import sys, time; from appliance.mqtt import Bus\n"
+    script = ("import sys, time; from appliance.telemetry.mqtt import Bus\n"
               "b = Bus('127.0.0.1', int(sys.argv[1]), 'kalki', sys.argv[2], known_device=bool,"
               " on_telemetry=print, on_availability=print)\n"
               "b.wait_connected(5); print('ready', flush=True); time.sleep(60)\n")

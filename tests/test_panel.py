@@ -1,4 +1,4 @@
-"""The LEDs and the button (appliance/panel.py) on gpiozero's mock pins, with a fake supervisor
+"""The LEDs and the button (appliance/faces/panel.py) on gpiozero's mock pins, with a fake supervisor
 that has the supervisor's panel hooks and a real store, a real asyncio loop in a thread (the
 supervisor's loop) and a fake monotonic clock for hold times: no sleeping 15 s, no root. One
 lab test presses the lab supervisor's mock button through the control socket."""
@@ -13,10 +13,10 @@ import pytest
 from gpiozero import LED, Button
 from gpiozero.pins.mock import MockFactory
 
-from appliance import control
+from appliance.supervisor import control
 from appliance.config import Config
-from appliance.panel import PATTERNS, Panel, action_for, readme_table
-from appliance.store import Store
+from appliance.faces.panel import PATTERNS, Panel, action_for, readme_table
+from appliance.store.state import Store
 from labutil import wait_until
 
 
@@ -411,7 +411,7 @@ def test_simulated_press_runs_in_the_background(sup, factory):
 # -- in the lab --------------------------------------------------------------------------------
 @pytest.mark.lab
 def test_the_lab_button_opens_the_claim_window(run_suffix):
-    from appliance.lab import topology
+    from lab import topology
     name = f"p{run_suffix}panel"
     lab = topology.up(name, devices=2, services=False, supervisor=True)
     try:

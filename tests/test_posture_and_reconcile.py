@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from appliance import dataplane, maps
+from appliance.dataplane import api as dataplane, maps
 from appliance.errors import ConfigError, UnknownDeviceError, UnknownUmboxError
-from appliance.lab import topology
+from lab import topology
 from conftest import normal_specs
 from labutil import connect, open_connection, ping, udp_send, send_raw, tcp_syn, wait_until
 
@@ -45,7 +45,7 @@ def test_posture_change_keeps_established_connection(lab, fresh):
         id_before = fresh.device_id("camera1")
         counters_before = fresh.counters("camera1")["pass"]["packets"]
         # to the profile's suspicious posture: gate, rate limit, allow-list, tighter limits
-        fresh.set_stack("camera1", __import__("appliance.profiles", fromlist=["x"])
+        fresh.set_stack("camera1", __import__("appliance.policy.profiles", fromlist=["x"])
                         .load_all()["camera"].stack("suspicious"))
         assert b"after" in echo(session, b"after")        # the session survives
         assert fresh.device_id("camera1") == id_before
@@ -132,8 +132,8 @@ def test_unknown_device_and_bad_identity_are_refused(lab, fresh):
 
 SUPERVISOR = textwrap.dedent("""
     import sys, time
-    from appliance import dataplane
-    from appliance.lab import topology
+    from appliance.dataplane import api as dataplane
+    from lab import topology
     from conftest import normal_specs
     lab = topology.load(sys.argv[1])
     dp = dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab))

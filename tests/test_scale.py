@@ -2,8 +2,8 @@
 alone, and the data path reads back what it was given."""
 import pytest
 
-from appliance import dataplane
-from appliance.lab import topology
+from appliance.dataplane import api as dataplane
+from lab import topology
 from conftest import normal_specs
 from labutil import connect, ping
 

@@ -1,13 +1,13 @@
-"""The demo scenarios (appliance/lab/scenarios.py) on real labs: what they report is what the
+"""The demo scenarios (lab/scenarios.py) on real labs: what they report is what the
 supervisor shows."""
 import subprocess
 import sys
 
 import pytest
 
-from appliance import control
+from appliance.supervisor import control
 from appliance.errors import LabError
-from appliance.lab import scenarios, topology
+from lab import scenarios, topology
 
 
 def test_scenario_arguments_are_checked_before_a_lab_is_built():

@@ -1,4 +1,4 @@
-"""Site settings on the FAT partition (appliance/site.py): validation names the file and the key,
+"""Site settings on the FAT partition (appliance/system/site.py): validation names the file and the key,
 a good file renders every service's configuration, a bad or missing one renders a fail-closed
 set and an error status file. Pure Python."""
 import base64
@@ -7,8 +7,9 @@ import tomllib
 
 import pytest
 
-from appliance import config, site
-from appliance.site import SiteError
+from appliance import config
+from appliance.system import site
+from appliance.system.site import SiteError
 
 KEY = "ssh-ed25519 " + base64.b64encode(
     len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + bytes(32)

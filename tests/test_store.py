@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.store import AtomicJSONStorage, LogTable, Retention, Store, StoreError
+from appliance.store.state import AtomicJSONStorage, LogTable, Retention, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -321,9 +321,11 @@ def test_settings_defaults_and_checks(store):
         "business_hours": {"days": ["sat"], "start": "09:30", "end": "12:00"}}
     with pytest.raises(StoreError, match="setting timezone: unknown time zone 'Mars/Olympus'"):
         store.set_setting("timezone", "Mars/Olympus")
-    with pytest.raises(StoreError, match="setting business_hours, end: expected HH:MM, got '25"):
-        store.set_setting("business_hours", {"days": [], "start": "08:00", "end": "25:00"})
-    with pytest.raises(StoreError, match="setting business_hours, days"):
+    with pytest.raises(StoreError, match=r"setting business_hours.end: invalid time '25:00' \(HH:MM"):
+        store.set_setting("business_hours", {"days": ["mon"], "start": "08:00", "end": "25:00"})
+    with pytest.raises(StoreError, match="setting business_hours.days: expected a list of days"):
+        store.set_setting("business_hours", {"days": [], "start": "08:00", "end": "18:00"})
+    with pytest.raises(StoreError, match=r"setting business_hours.days\[0\]: unknown day 'monday'"):
         store.set_setting("business_hours", {"days": ["monday"], "start": "08:00", "end": "18:00"})
     assert store.get_setting("timezone") == "Europe/Paris"
 
@@ -459,7 +461,7 @@ def test_an_update_that_fails_to_reach_the_disk_leaves_the_state_as_it_was(tmp_p
     """TinyDB edits the documents it updates in place: the table makes them its own first, so
     the state in memory stays what the file says when the write fails (outside a batch too)."""
     from tinydb import TinyDB
-    from appliance.store import _Table
+    from appliance.store.state import _Table
     db = TinyDB(tmp_path / "db.json", storage=AtomicJSONStorage)
     db.table_class = _Table
     t = db.table("t", cache_size=0)
@@ -493,7 +495,7 @@ def test_corrupt_file_raises_naming_the_path(tmp_path):
 
 CHILD = r"""
 import sys
-from appliance.store import Retention, Store
+from appliance.store.state import Retention, Store
 big = 10 ** 6
 store = Store(sys.argv[1], Retention(history_per_device=big, alerts=big, decisions=big,
                                      max_age_days=36500))

@@ -13,8 +13,10 @@ import urllib.request
 
 import pytest
 
-from appliance import control, dhcp, netns
-from appliance.lab import topology
+from appliance.supervisor import control
+from appliance.system import dhcp
+from appliance import netns
+from lab import topology
 from labutil import connect, http, ping, wait_until
 
 pytestmark = pytest.mark.lab
@@ -308,7 +310,7 @@ def restart_supervisor(slab):
 
 def kernel_postures(slab) -> dict:
     """{mac: posture code} as the XDP maps hold them, read without the supervisor."""
-    from appliance import bpf, maps
+    from appliance.dataplane import bpf, maps
     pin = f"/sys/fs/bpf/kalki/{slab.name}/kalki_devices"
     m = bpf.Map(pin, maps.U32, maps.Device)
     try:
@@ -318,7 +320,7 @@ def kernel_postures(slab) -> dict:
 
 
 def test_sigkill_at_random_moments_while_telemetry_and_attacks_run(slab):
-    from appliance.supervisor import POSTURE_CODES
+    from appliance.vocab import POSTURE_CODES
     rng = random.Random(2026)
     plug = slab.device("plug1")
     stop = threading.Event()
@@ -352,7 +354,7 @@ def test_neighbour_messages_are_decoded_as_pyroute2_would():
     import socket as s
     import struct
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
-    from appliance.supervisor import parse_neighbour
+    from appliance.supervisor.core import parse_neighbour
     msg = ndmsg()
     msg["family"], msg["ifindex"], msg["state"] = s.AF_INET, 7, 2
     msg["attrs"] = [("NDA_DST", "198.18.0.10"), ("NDA_LLADDR", "02:4b:00:00:00:01")]

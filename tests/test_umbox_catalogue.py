@@ -3,7 +3,8 @@ import ctypes
 
 import pytest
 
-from appliance import maps, profiles, umbox
+from appliance.dataplane import maps, umbox
+from appliance.policy import profiles
 from appliance.errors import ConfigError, UnknownUmboxError
 
 

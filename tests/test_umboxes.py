@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from appliance import netns
-from appliance.lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
+from lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
 from labutil import (connect, http, listening, open_connection, ping, send_raw, tcp_syn, udp_packet,
                      udp_send, wait_until)
 

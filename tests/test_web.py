@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from appliance import config
-from appliance.supervisor import Supervisor
-from appliance.web import auth, create_app, listening_socket, ops, serve
+from appliance.supervisor.core import Supervisor
+from appliance.faces.web import auth, create_app, listening_socket, ops, serve
 
 PASSWORD = "correct horse battery"
 
@@ -585,7 +585,7 @@ def test_passwords_use_scrypt_with_salt():
 
 def test_rule_toml_round_trip():
     import tomllib
-    from appliance import control
+    from appliance.supervisor import control
     rule = tomllib.loads(RULE)["rules"][0]
     assert tomllib.loads(ops.rule_toml(rule))["rules"][0] == rule
     assert control.validate_rules_text(ops.RULE_EXAMPLE, "example")["valid"] == ["night-camera-watch"]
@@ -594,7 +594,7 @@ def test_rule_toml_round_trip():
 @aiotest
 async def test_start_web_with_tls_makes_a_certificate(sup, tmp_path):
     import aiohttp
-    from appliance.web import start_web
+    from appliance.faces.web import start_web
     set_admin(sup)
     sup.cfg.web.listen, sup.cfg.web.port, sup.cfg.web.tls = "127.0.0.1", 0, True
     sup.cfg.web.tls_dir = str(tmp_path / "tls")
@@ -613,7 +613,7 @@ async def test_start_web_with_tls_makes_a_certificate(sup, tmp_path):
 async def test_start_web_in_a_network_namespace_file(sup):
     import os
     import aiohttp
-    from appliance.web import start_web
+    from appliance.faces.web import start_web
     if os.geteuid() != 0:
         pytest.skip("setns needs root")
     sup.cfg.web.listen, sup.cfg.web.port, sup.cfg.web.tls = "127.0.0.1", 0, False
@@ -656,7 +656,7 @@ async def test_repeated_reports_are_kept_once_and_still_counted(sup):
 @aiotest
 async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplog):
     """Heartbeat, expiries and collections must outlive a failing store (a full SD card)."""
-    from appliance.store import StoreError
+    from appliance.store.state import StoreError
 
     async def full():
         raise StoreError("cannot write the log /var/lib/kalki/alerts.jsonl: No space left on device")
@@ -733,7 +733,7 @@ async def test_too_many_headers_or_too_big_a_body_is_refused_and_changes_nothing
 
 @aiotest
 async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
-    import appliance.web as web
+    import appliance.faces.web as web
     monkeypatch.setattr(web, "REQUEST_SECONDS", 0.3)
     async with served(sup) as (_, port):
         t0 = asyncio.get_running_loop().time()
@@ -744,7 +744,7 @@ async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
 
 @aiotest
 async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypatch):
-    import appliance.web as web
+    import appliance.faces.web as web
     monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
     async with served(sup) as (server, port):
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]

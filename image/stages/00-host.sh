@@ -3,6 +3,7 @@
 # packages; the arm64 cross compiler and Mosquitto's headers are for the broker plugin) and
 # turns on qemu-user for arm64 (binfmt_misc), which a new machine lacks.
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 need=(mmdebstrap qemu-user-static binfmt-support dosfstools mtools fdisk e2fsprogs

@@ -9,6 +9,7 @@
 # In both, update-initramfs is diverted to a no-op while packages are installed: stage 40
 # generates the initramfs once (under emulation each generation takes minutes).
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 rm -rf "$ROOTFS"
@@ -41,6 +42,8 @@ case $base in
   *.zst) zstd -dc "$base" >"$WORK/base.img"; base=$WORK/base.img ;;
 esac
 # The partition table (MBR): the first FAT partition is the firmware, the first Linux one root.
+# fat_size: read for its place in the line, not used (mcopy needs only the offset).
+# shellcheck disable=SC2034
 read -r fat_start fat_size root_start root_size < <(sfdisk -J "$base" | python3 -c '
 import json, sys
 parts = json.load(sys.stdin)["partitiontable"]["partitions"]
@@ -50,6 +53,8 @@ print(fat["start"], fat["size"], root["start"], root["size"])')
 log "base image $BASE_IMAGE: firmware at sector $fat_start, root at sector $root_start"
 # Loop device with the partition's offset, read-only, autocleared when unmounted; the mount is
 # in a private namespace, so it disappears with the process even on Ctrl-C.
+# Script text for bash -c: its $1..$5 expand there, not here.
+# shellcheck disable=SC2016
 unshare --mount --propagation private -- /bin/bash -c '
 set -e
 mkdir -p "$3"
@@ -61,10 +66,14 @@ rmdir "$WORK/base-mnt" 2>/dev/null || true
 mkdir -p "$ROOTFS/boot/firmware"
 find "$ROOTFS/boot/firmware" -mindepth 1 -delete
 mcopy -s -p -n -i "$base@@$(( fat_start * 512 ))" '::*' "$ROOTFS/boot/firmware/"
+# A count for the log.
+# shellcheck disable=SC2012
 log "base root: $(du -sh "$ROOTFS" | cut -f1), firmware: $(ls "$ROOTFS/boot/firmware" | wc -l) files"
 
 # The appliance's packages (not the boot ones: the base brings its kernel and firmware), and the
 # headers of the base's kernel for bcc.
+# '${Status}' is dpkg-query's format field, not a shell expansion.
+# shellcheck disable=SC2016
 if chroot "$ROOTFS" dpkg-query -W -f='${Status}' linux-image-arm64 2>/dev/null | grep -q 'ok installed'; then
   headers=linux-headers-arm64                               # Debian's kernel (an image of ours)
 elif chroot "$ROOTFS" dpkg-query -W -f='${Status}' linux-image-rpi-v8 2>/dev/null | grep -q 'ok installed'; then
@@ -80,5 +89,7 @@ fi
 packages="$(package_list "$IMAGE_DIR/packages") $headers"
 log "apt-get install into the base: $(wc -w <<<"$packages") packages (headers: $headers)"
 in_chroot apt-get update -q || log "apt-get update reported errors (unreachable archives are skipped)"
+# $packages is a list of words: split on purpose.
+# shellcheck disable=SC2086
 in_chroot apt-get install -y -q --no-install-recommends $packages
 in_chroot apt-get clean

@@ -4,6 +4,7 @@
 # partitions, enables the appliance's units, masks the services they replace, and removes what
 # must be unique per card (SSH host keys, machine-id).
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 cp -a --no-preserve=ownership "$IMAGE_DIR/files/rootfs/." "$ROOTFS/"
@@ -69,6 +70,8 @@ units_on="kalki-firewall.service kalki-site.service kalki-firstboot.service kalk
   systemd-networkd.service systemd-resolved.service systemd-timesyncd.service ssh.service"
 units_masked="mosquitto.service dnsmasq.service hostapd.service nftables.service
   networking.service wpa_supplicant.service"
+# $units_on is a list of words: split on purpose.
+# shellcheck disable=SC2086
 in_chroot systemctl enable $units_on
 for u in $units_masked; do
   # mask only what is installed (a base image may lack some)

@@ -4,12 +4,15 @@
 # with system site packages (python3-bpfcc and python3-nftables are Debian packages) gets
 # requirements.txt, image/requirements-image.txt and the `kalki` command, under qemu-user.
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 dest="$ROOTFS/opt/kalki"
 rm -rf "$dest"
 mkdir -p "$dest"
 if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
+  # Script text for sh -c: its $f expands there, not here.
+  # shellcheck disable=SC2016
   (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
      | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _ \
      | tar --null -T - -cf -) | tar -C "$dest" -xf -

@@ -5,6 +5,7 @@
 # A base image that brings its own kernel keeps its boot files; an initramfs is made only when
 # the image's kernel is Debian's and has none yet.
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 if [ -e "$ROOTFS/usr/sbin/update-initramfs.distrib" ]; then
@@ -25,6 +26,8 @@ if [ -e "$ROOTFS/boot/vmlinuz-$version" ] && [ -x "$ROOTFS/usr/sbin/update-initr
     in_chroot env DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware "$version" /boot/vmlinuz-"$version" 2>/dev/null || true
   fi
 fi
+# A count for the log.
+# shellcheck disable=SC2012
 log "kernel $version; /boot/firmware: $(ls "$ROOTFS/boot/firmware" | wc -l) files, $(du -sh "$ROOTFS/boot/firmware" | cut -f1)"
 [ -e "$ROOTFS/boot/firmware/cmdline.txt" ] && log "cmdline.txt: $(cat "$ROOTFS/boot/firmware/cmdline.txt")"
 true

@@ -5,18 +5,22 @@
 # the units are enabled, the kernel headers match the kernel, nothing per-card is in the image.
 # (nftables and bpf() do not work under qemu-user: the boot test checks those.)
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 version=$(kernel_version)
 in_chroot /opt/kalki/.venv/bin/python - "$version" <<'PY'
 import importlib, pathlib, sys, tomllib, tempfile
 version = sys.argv[1]
-mods = sorted("appliance." + p.stem for p in pathlib.Path("/opt/kalki/appliance").glob("*.py")
+root = pathlib.Path("/opt/kalki")
+mods = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "appliance").rglob("*.py")
               if p.stem not in ("__init__", "__main__"))
 for name in mods + ["bcc", "nftables", "pyroute2", "paho.mqtt.client", "tinydb", "gpiozero"]:
     importlib.import_module(name)
 print(f"  imported {len(mods)} appliance modules, bcc, nftables, pyroute2, paho-mqtt, tinydb, gpiozero")
-from appliance import config, profiles, site
+from appliance import config
+from appliance.policy import profiles
+from appliance.system import site
 assert "[gateway]" in config.defaults_toml()
 loaded = profiles.load_all(pathlib.Path(site.PROFILES))
 print(f"  profiles valid: {', '.join(sorted(loaded))}")
@@ -73,4 +77,6 @@ if [ -e "$ROOTFS/boot/vmlinuz-$version" ]; then
   done
 fi
 grep -q "root=PARTUUID=${DISK_ID}-02" "$ROOTFS/boot/firmware/cmdline.txt" || die "cmdline.txt does not boot this image's root"
+# A listing for the log (firmware file names are plain).
+# shellcheck disable=SC2011
 log "boot files: $(ls "$ROOTFS/boot/firmware" | xargs)"

@@ -6,6 +6,7 @@
 #   2 root      ext4   content + $ROOT_FREE_MB MiB   /   (can be mounted read-only)
 #   3 data      ext4   $DATA_MB MiB, grown at first boot   /var/lib/kalki
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 parts="$WORK/parts"
@@ -36,6 +37,8 @@ mkfs.vfat -C -F 32 -n KALKI-FW "$parts/firmware.img" "$fw_kb" >/dev/null
 if [ -n "$(ls -A "$fw_dir")" ]; then
   mcopy -s -p -m -i "$parts/firmware.img" "$fw_dir"/* ::/
 fi
+# A count for the log.
+# shellcheck disable=SC2012
 log "firmware: $(ls "$fw_dir" | wc -l) files, $(( used_kb / 1024 )) MiB used of $FIRMWARE_MB MiB"
 
 # -- root (ext4) --

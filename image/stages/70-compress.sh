@@ -2,6 +2,7 @@
 # Stage 70: what is shipped, in $OUT: the image compressed with xz, a .bmap (when bmaptool is
 # at hand) and a manifest: the image's sha256 and every Debian and Python package's version.
 set -euo pipefail
+# shellcheck source=../lib.sh
 . "$IMAGE_DIR/lib.sh"
 
 img="$WORK/image.img"

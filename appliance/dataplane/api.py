@@ -1,0 +1,632 @@
+"""The data path API the supervisor uses: apply a device's umbox stack, change it, remove it,
+read counters and events, block a source, and reconcile the kernel with what is wanted.
+
+Kernel state (pinned maps, attached XDP programs, the nft table) outlives this object and the
+process: `Dataplane.open` reuses what it finds, and `reconcile` converges it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.dataplane import bpf, loader, maps, nft, umbox
+from appliance.errors import ConfigError, DataplaneError, UnknownDeviceError
+from appliance.vocab import check_device_name, check_mac
+
+BPFFS = "/sys/fs/bpf"
+
+
+def _ip_be(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "little")  # network order read as host u32
+
+
+def _be32(value: int) -> int:
+    """Swaps a u32 between host and network order (the LPM key wants network order)."""
+    return int.from_bytes(value.to_bytes(4, "little"), "big")
+
+
+def _ip_str(be: int) -> str:
+    return socket.inet_ntoa(be.to_bytes(4, "little"))
+
+
+def _mac_key(mac: str) -> maps.Mac:
+    k = maps.Mac()
+    k.addr[:] = bytes.fromhex(mac.replace(":", ""))
+    return k
+
+
+def _mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+@dataclass
+class GatewaySettings:
+    devices_if: str = "dev0"
+    uplink_if: str = "up0"
+    gateway_ip: str = "198.18.0.1"
+    lan: str = "198.18.0.0/20"
+    mqtt_port: int = 1883
+    gate_port: int = 8181
+    events_per_sec: int = 20
+
+
+@dataclass
+class DeviceSpec:
+    name: str
+    mac: str
+    ip: str
+    stack: dict = field(default_factory=dict)
+    posture: int = 0
+
+    def checked(self) -> "DeviceSpec":
+        check_device_name(self.name)
+        mac = check_mac(self.mac, f"device {self.name}", unicast=True)
+        try:
+            ipaddress.IPv4Address(self.ip)
+        except ValueError:
+            raise ConfigError(f"device {self.name}: invalid IPv4 address {self.ip!r}") from None
+        return DeviceSpec(self.name, mac, self.ip, self.stack, self.posture)
+
+
+@dataclass
+class _Applied:
+    spec: DeviceSpec
+    device_id: int
+    compiled: umbox.CompiledStack
+
+
+class Dataplane:
+    """One gateway's data path. `instance` names the pin directory (a lab name, or
+    "appliance"); `namespace` is the network namespace of the gateway (None: this one)."""
+
+    def __init__(self, instance: str, namespace: str | None = None,
+                 settings: GatewaySettings | None = None):
+        self.instance = instance
+        self.namespace = namespace
+        self.settings = settings or GatewaySettings()
+        self.pin_dir = f"{BPFFS}/kalki/{instance}"
+        self.load_report: dict = {}
+        self._maps: dict[str, bpf.Map] = {}
+        self._ring: bpf.RingBuffer | None = None
+        self._nft: nft.Nft | None = None
+        self._devices: dict[str, _Applied] = {}
+        # the same devices by MAC, address and id: a posture change of 25 cameras among 1,000
+        # devices must not walk all of them 25 times
+        self._name_by_mac: dict[str, str] = {}
+        self._name_by_ip: dict[str, str] = {}
+        self._name_by_id: dict[int, str] = {}
+        self._compiled: dict[str, umbox.CompiledStack] = {}    # by the stack as canonical JSON
+        self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
+        self._used_ids: set[int] = set()
+        self._stale_ids = True                  # read the kernel's ids once, then keep track
+        self._next_id_hint = 1
+        self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
+        self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
+        self._batch: list | None = None      # nftables work waiting for the end of batch()
+        self._closed = False
+
+    # -- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, instance: str, namespace: str | None = None,
+             settings: GatewaySettings | None = None, defines=None) -> "Dataplane":
+        dp = cls(instance, namespace, settings)
+        try:
+            dp._load(defines)
+        except BaseException:
+            dp.close()
+            raise
+        return dp
+
+    def _attachments(self) -> dict[str, str]:
+        return {"xdp_from_devices": self.settings.devices_if, "xdp_to_devices": self.settings.uplink_if}
+
+    def _load(self, defines) -> None:
+        if not os.path.ismount(BPFFS):
+            subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+        if not os.path.exists(f"{self.pin_dir}/kalki_devices"):
+            self.load_report = loader.run_child(self.pin_dir, self._attachments(), self.namespace,
+                                                defines=defines)
+        for name, (k, v) in maps.MAPS.items():
+            self._maps[name] = bpf.Map(f"{self.pin_dir}/{name}", k, v)
+        self._ring = bpf.RingBuffer(f"{self.pin_dir}/{maps.RINGBUF}")
+        s = self.settings
+        lan = ipaddress.IPv4Network(s.lan)
+        settings = maps.Settings(gateway_ip=_ip_be(s.gateway_ip), lan_net=_ip_be(str(lan.network_address)),
+                                 lan_mask=_ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
+                                 events_per_sec=s.events_per_sec, unknown_flags=0)
+        self._maps["kalki_settings"].update(ctypes.c_uint32(0), settings)
+        self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
+        self._nft.ensure_table()
+        self._nft_state = self._nft.read_back()
+
+    def close(self) -> None:
+        """Releases file descriptors; what is in the kernel stays and keeps protecting."""
+        if self._closed:
+            return
+        self._closed = True
+        for m in self._maps.values():
+            m.close()
+        if self._ring:
+            self._ring.close()
+
+    def destroy(self) -> None:
+        """Removes everything this instance put in the kernel (lab teardown)."""
+        if self._nft:
+            self._nft.delete_table()
+        self.close()
+        for ifname in self._attachments().values():
+            subprocess.run(["ip", *(["-n", self.namespace] if self.namespace else []),
+                            "link", "set", "dev", ifname, "xdp", "off"], capture_output=True)
+        remove_pins(self.instance)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- devices --------------------------------------------------------------------------
+    @property
+    def devices(self) -> dict[str, DeviceSpec]:
+        return {n: a.spec for n, a in self._devices.items()}
+
+    def device_by_ip(self, ip: str) -> str | None:
+        return self._name_by_ip.get(ip)
+
+    def _put(self, applied: _Applied) -> None:
+        self._forget(applied.spec.name)
+        name = applied.spec.name
+        self._devices[name] = applied
+        self._name_by_mac[applied.spec.mac] = self._name_by_ip[applied.spec.ip] = name
+        self._name_by_id[applied.device_id] = name
+
+    def _forget(self, name: str) -> None:
+        a = self._devices.pop(name, None)
+        if a is None:
+            return
+        for index, key in ((self._name_by_mac, a.spec.mac), (self._name_by_ip, a.spec.ip),
+                           (self._name_by_id, a.device_id)):
+            if index.get(key) == name:
+                del index[key]
+
+    def device_id(self, name: str) -> int:
+        return self._applied(name).device_id
+
+    def _applied(self, name: str) -> _Applied:
+        try:
+            return self._devices[name]
+        except KeyError:
+            raise UnknownDeviceError(f"device {name!r} does not exist in the data path") from None
+
+    def _kernel_ids_by_mac(self) -> dict[str, int]:
+        return {_mac_str(k.addr): self._maps["kalki_dev_by_mac"].lookup(k).value
+                for k in self._maps["kalki_dev_by_mac"].keys()}
+
+    def _free_id(self) -> int:
+        used = set(self._name_by_id)
+        used |= {k.value for k in self._maps["kalki_devices"].keys()} if self._stale_ids else set()
+        self._stale_ids = False
+        used |= self._used_ids
+        self._used_ids = used
+        for i in range(max(1, self._next_id_hint), maps.MAX_DEVICES):
+            if i not in used:
+                self._next_id_hint = i + 1
+                return i
+        for i in range(1, maps.MAX_DEVICES):
+            if i not in used:
+                return i
+        raise DataplaneError(f"no free device slot: the data path holds {maps.MAX_DEVICES - 1} devices")
+
+    def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack, allow_id: int) -> maps.Device:
+        d = maps.Device(flags=int(compiled.flags | maps.Flag.PRESENT), ipv4=_ip_be(spec.ip),
+                        posture=spec.posture, allow_id=allow_id)
+        d.mac[:] = bytes.fromhex(spec.mac.replace(":", ""))
+        for key, value in compiled.device_fields.items():
+            if key == "bf_ports":
+                d.bf_ports[:] = list(value) + [0] * (maps.LOGIN_PORTS - len(value))
+            else:
+                setattr(d, key, value)
+        return d
+
+    # -- allow-lists, shared by the devices with the same destinations ----------------------
+    @staticmethod
+    def _allow_content(compiled: umbox.CompiledStack) -> tuple:
+        grouped: dict = {}
+        for dst in compiled.destinations:
+            grouped.setdefault(dst.network, []).append((dst.proto, dst.port))
+        return tuple(sorted((net.prefixlen, str(net.network_address), tuple(rules))
+                            for net, rules in grouped.items()))
+
+    def _list_index(self) -> dict[tuple, int]:
+        """{content: list id}, read from the kernel once, then kept in step."""
+        if self._lists is None:
+            by_id: dict[int, list] = {}
+            for k, v in self._maps["kalki_allow"].items():
+                rules = tuple((v.rules[i].proto, v.rules[i].port) for i in range(v.count))
+                by_id.setdefault(_be32(k.list), []).append((k.prefixlen - 32, _ip_str(k.addr), rules))
+            self._lists = {tuple(sorted(nets)): list_id for list_id, nets in by_id.items()}
+        return self._lists
+
+    def _list_id(self, content: tuple, create: bool) -> int | None:
+        """The id of the list with these destinations (0: none), made if asked and missing."""
+        if not content:
+            return 0
+        index = self._list_index()
+        if content in index or not create:
+            return index.get(content)
+        list_id = max(index.values(), default=0) + 1
+        for prefixlen, addr, rules in content:
+            value = maps.AllowValue(count=len(rules))
+            for i, (proto, port) in enumerate(rules):
+                value.rules[i].proto, value.rules[i].port = proto, port
+            self._maps["kalki_allow"].update(self._allow_key(list_id, prefixlen, addr), value)
+        index[content] = list_id
+        return list_id
+
+    @staticmethod
+    def _allow_key(list_id: int, prefixlen: int, addr: str) -> maps.AllowKey:
+        return maps.AllowKey(prefixlen=32 + prefixlen, list=_be32(list_id), addr=_ip_be(addr))
+
+    def _allow_ids(self) -> dict[int, int]:
+        """{device id: its allow-list id}, read from the kernel once, then kept in step."""
+        if self._allow_of is None:
+            self._allow_of = {k.value: e.allow_id for k, e in self._maps["kalki_devices"].items()}
+        return self._allow_of
+
+    def _collect_lists(self) -> None:
+        """Deletes the lists no device uses any more."""
+        used = set(self._allow_ids().values())
+        index = self._list_index()
+        for content, list_id in list(index.items()):
+            if list_id not in used:
+                for prefixlen, addr, _ in content:
+                    self._maps["kalki_allow"].delete(self._allow_key(list_id, prefixlen, addr))
+                del index[content]
+
+    def _compile(self, spec: DeviceSpec) -> umbox.CompiledStack:
+        """A stack checked and compiled once: 25 cameras moving to the same posture share
+        it. (An invalid stack is never kept, so its error always names the device.)"""
+        try:
+            key = json.dumps(spec.stack, sort_keys=True)
+        except (TypeError, ValueError):
+            return umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+            if len(self._compiled) >= 256:
+                self._compiled.clear()
+            self._compiled[key] = compiled
+        return compiled
+
+    def apply(self, spec: DeviceSpec) -> int:
+        """Puts the device's umbox stack in force (new device, or a posture change). Either all
+        of it takes effect or none: everything is validated first, the kernel maps change (the
+        posture is in force from the next packet), then nftables; if nftables refuses, the
+        maps are put back."""
+        spec = spec.checked()
+        compiled = self._compile(spec)
+        for index, value, what in ((self._name_by_mac, spec.mac, "MAC"),
+                                   (self._name_by_ip, spec.ip, "address")):
+            owner = index.get(value)
+            if owner is not None and owner != spec.name:
+                raise ConfigError(f"device {spec.name}: {what} {value} already belongs to "
+                                  f"device {owner}")
+        previous = self._devices.get(spec.name)
+        if previous:
+            device_id = previous.device_id
+        else:
+            known = self._maps["kalki_dev_by_mac"].lookup(_mac_key(spec.mac))
+            device_id = known.value if known is not None else self._free_id()
+        key = ctypes.c_uint32(device_id)
+        before = self._maps["kalki_devices"].lookup(key)
+        allow_id = self._list_id(self._allow_content(compiled), create=True)
+        self._write_kernel(device_id, spec, compiled, allow_id, previous)
+
+        def undo():
+            if before is not None and previous:
+                self._maps["kalki_devices"].update(key, before)
+                self._allow_ids()[device_id] = before.allow_id
+                self._write_indexes(device_id, previous.spec, spec)
+                self._put(previous)
+            else:
+                self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
+                self._forget(spec.name)
+
+        # In quarantine XDP drops everything nftables would act on: leave it as it is.
+        plan = None
+        if not compiled.flags & maps.Flag.QUARANTINE:
+            rules = self._nft.device_rules(device_id, compiled.conn_limit)
+            if self._batch is None:
+                try:
+                    self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
+                except DataplaneError:
+                    undo()
+                    raise
+            else:
+                plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
+                if plan:
+                    self._nft_state[device_id] = plan[1]   # the next plan builds on it
+        if self._batch is not None:     # nftables' part, if any, goes at the batch's end
+            self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
+        if before is not None and before.allow_id != allow_id:
+            self._collect_lists()
+        self._put(_Applied(spec, device_id, compiled))
+        self._used_ids.add(device_id)
+        return device_id
+
+    def _nft_plan(self, device_id, mac, ip, rules, gate_port):
+        """(commands, state after them), or None when nftables already has it."""
+        wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
+                  "rules": nft.normalise_rules(rules)}
+        current = self._nft_state.get(device_id)
+        if current and not self._nft_differs(current, wanted):
+            return None
+        commands = self._nft.device_commands(device_id, mac, ip, rules, gate_port, current)
+        return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
+                          "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
+
+    def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
+        """One nftables transaction if the device's part differs from what nftables has."""
+        plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+        if not plan:
+            return
+        try:
+            self._nft.run(plan[0], f"device {name}")
+        except DataplaneError:
+            # Somebody else changed the table since we last read it: read it and try once more.
+            self._nft_state = self._nft.read_back()
+            plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+            if plan:
+                self._nft.run(plan[0], f"device {name}")
+        if plan:
+            self._nft_state[device_id] = plan[1]
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Several apply() calls whose nftables parts go in one transaction at the end (a rule
+        that moves 25 cameras at once). Each device's XDP entry is in force at once; if
+        anything in the block raises or nftables refuses the transaction, every device of the
+        batch is put back."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = []
+        try:
+            yield
+        except BaseException:
+            pending, self._batch = self._batch, None
+            self._undo(pending)
+            raise
+        pending, self._batch = self._batch, None
+        commands = [c for _, _, device_commands, _, _ in pending for c in device_commands or ()]
+        if not commands:
+            return
+        try:
+            self._nft.run(commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
+        except DataplaneError:
+            self._undo(pending)
+            raise
+        for _, device_id, device_commands, state, _ in pending:
+            if device_commands:
+                self._nft_state[device_id] = state
+
+    def _undo(self, pending: list) -> None:
+        for *_, undo in reversed(pending):
+            undo()
+        self._nft_state = self._nft.read_back()
+        self._collect_lists()
+
+    @staticmethod
+    def _nft_differs(current: dict, wanted: dict) -> bool:
+        return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
+                or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
+                or (current.get("normalised") or nft.normalise_rules(current["rules"])) != wanted["rules"])
+
+    def _write_kernel(self, device_id, spec, compiled, allow_id, previous) -> None:
+        m = self._maps
+        key = ctypes.c_uint32(device_id)
+        if previous is None and m["kalki_devices"].lookup(key) is None:
+            # A new slot starts with empty buckets, windows and counters.
+            m["kalki_dev_state"].update(key, maps.DevState())
+            for r in range(maps.REASON_SLOTS):
+                slot = ctypes.c_uint32(device_id * maps.REASON_SLOTS + r)
+                m["kalki_event_limit"].update(slot, maps.EventLimit())
+                m["kalki_counters"].update(slot, maps.Counter())
+        m["kalki_devices"].update(key, self._device_entry(spec, compiled, allow_id))
+        self._allow_ids()[device_id] = allow_id
+        self._write_indexes(device_id, spec, previous.spec if previous else None)
+
+    def _write_indexes(self, device_id: int, spec: DeviceSpec, old: DeviceSpec | None) -> None:
+        m = self._maps
+        key = ctypes.c_uint32(device_id)
+        if old and old.mac == spec.mac and old.ip == spec.ip:
+            return      # a posture change: the indexes stand (reconcile rewrites them itself)
+        m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
+        m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
+        if old and old.mac != spec.mac:
+            m["kalki_dev_by_mac"].delete(_mac_key(old.mac))
+        if old and old.ip != spec.ip:
+            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(old.ip)))
+
+    def set_stack(self, name: str, stack: dict, posture: int | None = None) -> int:
+        """A posture change: the same device with another umbox stack."""
+        a = self._applied(name)
+        return self.apply(DeviceSpec(a.spec.name, a.spec.mac, a.spec.ip, stack,
+                                     a.spec.posture if posture is None else posture))
+
+    def remove(self, name: str) -> None:
+        a = self._applied(name)
+        self._remove_id(a.device_id, [a.spec.mac], [a.spec.ip])
+        self._forget(name)
+
+    def _remove_id(self, device_id: int, macs, ips) -> None:
+        current = self._nft_state.pop(device_id, None)
+        if current:
+            self._nft.run(self._nft.removal_commands(device_id, current), f"removing device {device_id}")
+        self._drop_kernel_entry(device_id, macs, ips)
+        self._collect_lists()
+
+    def _drop_kernel_entry(self, device_id: int, macs, ips) -> None:
+        m = self._maps
+        for mac in macs:
+            m["kalki_dev_by_mac"].delete(_mac_key(mac))
+        for ip in ips:
+            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
+        m["kalki_devices"].delete(ctypes.c_uint32(device_id))
+        self._allow_ids().pop(device_id, None)
+        self._used_ids.discard(device_id)
+        self._next_id_hint = min(self._next_id_hint, device_id)
+
+    # -- observing ------------------------------------------------------------------------
+    def counters(self, name: str) -> dict[str, dict]:
+        """{reason: {"umbox", "packets", "bytes"}} for the device, summed over CPUs."""
+        device_id = self.device_id(name)
+        out = {}
+        for reason in maps.Reason:
+            per_cpu = self._maps["kalki_counters"].lookup(
+                ctypes.c_uint32(device_id * maps.REASON_SLOTS + reason))
+            packets = sum(c.packets for c in per_cpu)
+            if packets:
+                out[reason.name.lower()] = {"umbox": maps.REASON_UMBOX[reason], "packets": packets,
+                                            "bytes": sum(c.bytes for c in per_cpu)}
+        return out
+
+    def events(self, timeout: float = 0.0, limit: int = 4096) -> list[dict]:
+        """Detector events from the kernel ring buffer, oldest first."""
+        records = self._ring.drain(limit)
+        if not records and timeout > 0 and self._ring.wait(timeout):
+            records = self._ring.drain(limit)
+        names = self._name_by_id
+        out = []
+        for raw in records:
+            e = maps.Event.from_buffer_copy(raw.ljust(ctypes.sizeof(maps.Event), b"\0"))
+            reason = maps.Reason(e.reason)
+            out.append({"device": names.get(e.device, e.device or None),
+                        "umbox": maps.REASON_UMBOX[reason], "reason": reason.name.lower(),
+                        "src": _ip_str(e.src), "dst": _ip_str(e.dst), "dst_port": e.dst_port,
+                        "proto": e.proto, "action": maps.Action(e.action).name.lower(),
+                        "count": e.count, "suppressed": e.suppressed, "ts_ns": e.ts_ns})
+        return out
+
+    def block_source(self, ip: str, seconds: int, device: str | None = None) -> None:
+        """Puts a source into the kernel drop set (0 seconds: until unblocked)."""
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ConfigError(f"drop set: invalid IPv4 address {ip!r}") from None
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0:
+            raise ConfigError(f"drop set: invalid duration {seconds!r} for {ip}")
+        expires = time.monotonic_ns() + seconds * 10**9 if seconds else 0
+        entry = maps.Drop(expires_ns=expires, device=self.device_id(device) if device else 0,
+                          reason=maps.Reason.DROP_SET)
+        self._maps["kalki_drop_set"].update(ctypes.c_uint32(_ip_be(ip)), entry)
+
+    def unblock_source(self, ip: str) -> bool:
+        return self._maps["kalki_drop_set"].delete(ctypes.c_uint32(_ip_be(ip)))
+
+    def drop_set(self) -> list[dict]:
+        now = time.monotonic_ns()
+        names = self._name_by_id
+        out = []
+        for k, v in self._maps["kalki_drop_set"].items():
+            if v.expires_ns and v.expires_ns < now:
+                continue
+            out.append({"source": _ip_str(k.value), "device": names.get(v.device),
+                        "reason": maps.Reason(v.reason).name.lower(),
+                        "seconds_left": round((v.expires_ns - now) / 1e9, 1) if v.expires_ns else None})
+        return out
+
+    # -- reconcile ------------------------------------------------------------------------
+    def attached_programs(self) -> dict[str, int | None]:
+        """{ifname: attached XDP program id or None}, read from the kernel."""
+        cmd = ["ip", "-j", *(["-n", self.namespace] if self.namespace else []), "link", "show"]
+        links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        by_name = {l["ifname"]: l.get("xdp", {}).get("prog", {}).get("id") for l in links}
+        return {ifname: by_name.get(ifname) for ifname in self._attachments().values()}
+
+    def pinned_program_ids(self) -> dict[str, int]:
+        out = {}
+        for prog, ifname in self._attachments().items():
+            fd = bpf.obj_get(f"{self.pin_dir}/{prog}")
+            try:
+                out[ifname] = bpf.prog_info(fd).id
+            finally:
+                os.close(fd)
+        return out
+
+    def reconcile(self, wanted: list[DeviceSpec]) -> dict:
+        """Reads back what the kernel has and converges it to `wanted`. Returns the report:
+        what was already right and what had to be fixed."""
+        report = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
+        specs = [w.checked() for w in wanted]
+        compiled = {s.name: umbox.compile_stack(s.stack, where=f"device {s.name}: ") for s in specs}
+        pinned = self.pinned_program_ids()
+        attached = self.attached_programs()
+        missing = {p: i for p, i in self._attachments().items() if attached.get(i) != pinned[i]}
+        if missing:
+            loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
+            report["reattached"] = sorted(missing.values())
+        by_mac = self._kernel_ids_by_mac()
+        self._nft_state = nft_state = self._nft.read_back()
+        self._lists, self._allow_of, self._stale_ids = None, None, True   # read the kernel afresh
+        wanted_ids = set()
+        for s in specs:
+            c = compiled[s.name]
+            device_id = by_mac.get(s.mac)
+            if device_id is not None:
+                self._put(_Applied(s, device_id, c))
+            if device_id is None:
+                self._forget(s.name)
+                wanted_ids.add(self.apply(s))
+                report["added"].append(s.name)
+                continue
+            wanted_ids.add(device_id)
+            entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
+            ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
+            allow_id = self._list_id(self._allow_content(c), create=False)
+            rules = nft.normalise_rules(self._nft.device_rules(device_id, c.conn_limit))
+            nft_cur = nft_state.get(device_id)
+            nft_ok = bool(c.flags & maps.Flag.QUARANTINE) or (
+                nft_cur is not None and not self._nft_differs(nft_cur, {
+                    "macs": [s.mac], "ips": [s.ip], "rules": rules,
+                    "gates": [(s.ip, c.gate_port)] if c.gate_port else []}))
+            kernel_ok = (allow_id is not None and entry is not None
+                         and bytes(entry) == bytes(self._device_entry(s, c, allow_id))
+                         and ip_id is not None and ip_id.value == device_id)
+            if kernel_ok and nft_ok:
+                report["unchanged"].append(s.name)
+            else:
+                self._put(_Applied(s, device_id, c))
+                self._write_indexes(device_id, s, None)
+                self.apply(s)
+                report["fixed"].append(s.name)
+        for k in list(self._maps["kalki_devices"].keys()):
+            if k.value not in wanted_ids:
+                entry = self._maps["kalki_devices"].lookup(k)
+                macs = [m for m, i in by_mac.items() if i == k.value]
+                self._remove_id(k.value, macs, [_ip_str(entry.ipv4)] if entry else [])
+                report["removed"].append(k.value)
+        for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
+            self._forget(name)
+        self._collect_lists()
+        return report
+
+
+def remove_pins(instance: str) -> None:
+    pin_dir = Path(f"{BPFFS}/kalki/{instance}")
+    if pin_dir.is_dir():
+        for p in pin_dir.iterdir():
+            p.unlink()
+        pin_dir.rmdir()
+    parent = pin_dir.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()

@@ -1,0 +1,299 @@
+"""The bpf() system call, the little of it the long-lived process needs: pinned objects, map
+elements, object info, the ring buffer and BPF_PROG_TEST_RUN.
+
+bcc compiles (appliance.dataplane.loader, in a child process); everything after that goes through this
+module, so LLVM never enters the supervisor's memory. What it is not: a general libbpf.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import select
+import struct
+from functools import lru_cache
+
+from appliance.errors import DataplaneError
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "armv6l": 386}[platform.machine()]
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+BPF_ANY = 0
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+class _GetIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16),
+                ("rest", ctypes.c_uint8 * 64)]
+
+
+class ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 128)]
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    total = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        total += int(hi or lo) - int(lo) + 1
+    return total
+
+
+def obj_get(path: str) -> int:
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(raw))
+    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(raw), bpf_fd=fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+def _info(fd: int, info: ctypes.Structure, what: str):
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    return _info(fd, MapInfo(), "map info")
+
+
+def prog_info(fd: int) -> ProgInfo:
+    return _info(fd, ProgInfo(), "program info")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id), f"open program id {prog_id}")
+
+
+class Map:
+    """A pinned map with ctypes keys and values. Per-CPU maps return a list of values.
+
+    An array whose value type says EMPTY_IS_ABSENT = True is used like a hash: an all-zero
+    slot is absent (lookup gives None, keys() skips it) and delete() zeroes the slot."""
+
+    def __init__(self, path: str, key_type, value_type):
+        self.path = path
+        self.fd = obj_get(path)
+        info = map_info(self.fd)
+        self.name = info.name.decode()
+        self.max_entries = info.max_entries
+        self.per_cpu = info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH,
+                                     BPF_MAP_TYPE_LRU_PERCPU_HASH)
+        self.sparse = info.type == BPF_MAP_TYPE_ARRAY and getattr(value_type, "EMPTY_IS_ABSENT", False)
+        if info.key_size != ctypes.sizeof(key_type) or info.value_size != ctypes.sizeof(value_type):
+            os.close(self.fd)
+            raise DataplaneError(
+                f"map {self.name} at {path}: kernel has key/value sizes {info.key_size}/"
+                f"{info.value_size}, appliance.dataplane.maps expects {ctypes.sizeof(key_type)}/"
+                f"{ctypes.sizeof(value_type)}: ebpf/kalki.h and appliance/dataplane/maps.py disagree")
+        self.key_type = key_type
+        self.value_type = value_type
+        self._stride = (ctypes.sizeof(value_type) + 7) & ~7
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _value_buffer(self):
+        if self.per_cpu:
+            return ctypes.create_string_buffer(self._stride * possible_cpus())
+        return self.value_type()
+
+    def lookup(self, key):
+        value = self._value_buffer()
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"lookup in {self.name}")
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise DataplaneError(str(e)) from e
+        if self.per_cpu:
+            raw = value.raw
+            return [self.value_type.from_buffer_copy(raw, i * self._stride)
+                    for i in range(possible_cpus())]
+        if self.sparse and not any(bytes(value)):
+            return None
+        return value
+
+    def update(self, key, value, flags: int = BPF_ANY) -> None:
+        if self.per_cpu and not isinstance(value, (bytes, bytearray)):
+            buf = ctypes.create_string_buffer(self._stride * possible_cpus())
+            for i in range(possible_cpus()):
+                ctypes.memmove(ctypes.addressof(buf) + i * self._stride, ctypes.addressof(value),
+                               ctypes.sizeof(value))
+            value = buf
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key),
+                         value=ctypes.addressof(value), flags=flags)
+        try:
+            _bpf(BPF_MAP_UPDATE_ELEM, attr, f"update in {self.name}")
+        except OSError as e:
+            raise DataplaneError(str(e)) from e
+
+    def delete(self, key) -> bool:
+        if self.sparse:
+            if self.lookup(key) is None:
+                return False
+            self.update(key, self.value_type())
+            return True
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key))
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, attr, f"delete in {self.name}")
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise DataplaneError(str(e)) from e
+        return True
+
+    def keys(self):
+        key = None
+        while True:
+            nxt = self.key_type()
+            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key) if key is not None else 0,
+                             value=ctypes.addressof(nxt))
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr, f"iterate {self.name}")
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise DataplaneError(str(e)) from e
+            if not self.sparse or self.lookup(nxt) is not None:
+                yield nxt
+            key = nxt
+
+    def items(self):
+        for k in list(self.keys()):
+            v = self.lookup(k)
+            if v is not None:
+                yield k, v
+
+
+class RingBuffer:
+    """Consumer side of a BPF_MAP_TYPE_RINGBUF, by mmap: no library, no compiler."""
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+
+    def __init__(self, path: str):
+        self.fd = obj_get(path)
+        info = map_info(self.fd)
+        self.size = info.max_entries
+        page = mmap.PAGESIZE
+        self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        # The data area is mapped twice in a row by the kernel, so a record never wraps.
+        self._producer = mmap.mmap(self.fd, page + 2 * self.size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=page)
+        self._data_offset = page
+        self._poll = select.epoll()
+        self._poll.register(self.fd, select.EPOLLIN)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self, limit: int = 1 << 30) -> list[bytes]:
+        """Every committed record not yet consumed, oldest first (at most `limit`)."""
+        out = []
+        cons = struct.unpack_from("<Q", self._consumer, 0)[0]
+        prod = struct.unpack_from("<Q", self._producer, 0)[0]
+        mask = self.size - 1
+        while cons < prod and len(out) < limit:
+            off = self._data_offset + (cons & mask)
+            length, _ = struct.unpack_from("<II", self._producer, off)
+            if length & self._BUSY:
+                break
+            if not length & self._DISCARD:
+                out.append(bytes(self._producer[off + 8: off + 8 + length]))
+            cons += ((length & ~(self._BUSY | self._DISCARD)) + 8 + 7) & ~7
+            struct.pack_into("<Q", self._consumer, 0, cons)
+        return out
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self._poll.poll(timeout))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._poll.close()
+            self._consumer.close()
+            self._producer.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
+    """Runs an XDP program `repeat` times on `packet`; returns (XDP verdict, ns per run)."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 512)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(packet), data_in=ctypes.addressof(data_in),
+                        data_size_out=ctypes.sizeof(data_out), data_out=ctypes.addressof(data_out),
+                        repeat=repeat)
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    return attr.retval, attr.duration

@@ -1,0 +1,237 @@
+"""The umbox catalogue: each umbox a named unit with validated parameters, and how a device's
+stack of umboxes becomes one kernel entry (XDP) plus one nftables fragment.
+
+A stack is a mapping {umbox name: {parameter: value}}, as profiles write it. `compile_stack`
+validates all of it before anything is touched, so a bad stack changes nothing.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from appliance.dataplane import maps
+from appliance.errors import ConfigError, UnknownUmboxError
+
+PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17}
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: type
+    default: object = None
+    minimum: int | None = None
+    maximum: int | None = None
+    required: bool = False
+
+
+_MS = dict(minimum=1, maximum=3_600_000)
+_BLOCK = Param(int, 0, 0, 86_400)
+
+CATALOGUE: dict[str, dict[str, Param]] = {
+    "quarantine": {"management": Param(bool, True)},
+    "allowlist": {"destinations": Param(list, required=True)},
+    "rate_limit": {
+        "packets_per_second": Param(int, 0, 0, 100_000_000),
+        "bytes_per_second": Param(int, 0, 0, 1_250_000_000),
+        "burst_packets": Param(int, None, 1, 100_000_000),
+        "burst_bytes": Param(int, None, 64, 1_000_000_000),
+    },
+    "conn_limit": {
+        "concurrent": Param(int, 0, 0, 1_000_000),
+        "new_per_second": Param(int, 0, 0, 1_000_000),
+    },
+    "port_scan": {"ports": Param(int, 10, 1, 65_535), "window_ms": Param(int, 1000, **_MS),
+                  "block_seconds": _BLOCK},
+    "syn_flood": {"syns": Param(int, 200, 1, 10_000_000), "window_ms": Param(int, 1000, **_MS),
+                  "block_seconds": _BLOCK},
+    "brute_force": {"attempts": Param(int, 5, 1, 1_000_000), "window_ms": Param(int, 10_000, **_MS),
+                    "ports": Param(list, [22, 23, 80]), "block_seconds": Param(int, 300, 0, 86_400)},
+    "egress_anomaly": {"block": Param(bool, False), "destinations": Param(list, None)},
+    "lateral_block": {},
+    "anti_spoof": {},
+    "auth_gate": {"port": Param(int, 80, 1, 65_535)},
+}
+
+
+@dataclass(frozen=True)
+class Destination:
+    network: ipaddress.IPv4Network
+    proto: int = 0
+    port: int = 0
+
+
+@dataclass
+class CompiledStack:
+    """What a stack means for the kernel: one kalki_devices entry, allow-list prefixes and
+    the nftables part."""
+    flags: int = 0
+    device_fields: dict = field(default_factory=dict)
+    destinations: list[Destination] = field(default_factory=list)
+    conn_limit: dict | None = None
+    gate_port: int | None = None
+    params: dict = field(default_factory=dict)
+
+
+def _check(umbox: str, name: str, spec: Param, value, where: str):
+    culprit = f"{where}umbox {umbox}, parameter {name}"
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{culprit}: expected an integer, got {value!r}")
+        if spec.minimum is not None and value < spec.minimum:
+            raise ConfigError(f"{culprit}: {value} is below the minimum {spec.minimum}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise ConfigError(f"{culprit}: {value} is above the maximum {spec.maximum}")
+    elif spec.kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{culprit}: expected true or false, got {value!r}")
+    elif spec.kind is list and not isinstance(value, list):
+        raise ConfigError(f"{culprit}: expected a list, got {value!r}")
+    return value
+
+
+def _port(umbox: str, value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"{where}umbox {umbox}: invalid port {value!r} (1-65535)")
+    return value
+
+
+def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Destination:
+    """'198.19.8.0/24', '198.19.8.1:443/tcp', 'udp/123@198.19.8.1' is not accepted; or a dict
+    {"address": "198.19.8.0/24", "proto": "tcp", "port": 443} (MUD-like)."""
+    culprit = f"{where}umbox {umbox}, destination {entry!r}"
+    if isinstance(entry, str):
+        addr, proto, port = entry, "any", 0
+        if "/" in entry and entry.rsplit("/", 1)[1] in PROTOCOLS:
+            addr, proto = entry.rsplit("/", 1)
+        if ":" in addr:
+            addr, _, port_text = addr.partition(":")
+            if not port_text.isdigit():
+                raise ConfigError(f"{culprit}: invalid port {port_text!r}")
+            port = int(port_text)
+        entry_dict = {"address": addr, "proto": proto, "port": port}
+    elif isinstance(entry, dict):
+        unknown = set(entry) - {"address", "proto", "port"}
+        if unknown:
+            raise ConfigError(f"{culprit}: unknown key(s) {sorted(unknown)}")
+        entry_dict = {"proto": "any", "port": 0, **entry}
+    else:
+        raise ConfigError(f"{culprit}: expected 'address[/prefix][:port][/proto]' or a table")
+    try:
+        network = ipaddress.IPv4Network(str(entry_dict.get("address")), strict=True)
+    except ValueError as e:
+        raise ConfigError(f"{culprit}: invalid address or CIDR: {e}") from None
+    proto = entry_dict["proto"]
+    if proto not in PROTOCOLS:
+        raise ConfigError(f"{culprit}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
+    port = entry_dict["port"]
+    if port:
+        _port(umbox, port, where)
+        if proto not in ("tcp", "udp"):
+            raise ConfigError(f"{culprit}: a port needs proto tcp or udp")
+    return Destination(network, PROTOCOLS[proto], port)
+
+
+def validate(stack, where: str = "") -> dict[str, dict]:
+    """Checks names and parameters and fills defaults; returns the normalised stack."""
+    if not isinstance(stack, dict):
+        raise ConfigError(f"{where}umbox stack must be a table of umbox names, got {stack!r}")
+    out = {}
+    for umbox, given in stack.items():
+        if umbox not in CATALOGUE:
+            raise UnknownUmboxError(
+                f"{where}unknown umbox {umbox!r} (known: {', '.join(sorted(CATALOGUE))})")
+        given = {} if given in (None, True) else given
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}umbox {umbox}: parameters must be a table, got {given!r}")
+        spec = CATALOGUE[umbox]
+        unknown = set(given) - set(spec)
+        if unknown:
+            raise ConfigError(f"{where}umbox {umbox}: unknown parameter(s) {sorted(unknown)} "
+                              f"(known: {', '.join(spec) or 'none'})")
+        params = {}
+        for name, p in spec.items():
+            if name in given and not (given[name] is None and p.default is None):
+                params[name] = _check(umbox, name, p, given[name], where)
+            elif p.required:
+                raise ConfigError(f"{where}umbox {umbox}: parameter {name} is required")
+            else:
+                params[name] = p.default
+        out[umbox] = params
+    return out
+
+
+def compile_stack(stack, where: str = "") -> CompiledStack:
+    params = validate(stack, where)
+    c = CompiledStack(params=params)
+    d = c.device_fields
+    F = maps.Flag
+    if "quarantine" in params:
+        c.flags |= F.QUARANTINE
+        if params["quarantine"]["management"]:
+            c.flags |= F.QUARANTINE_MGMT
+    if "rate_limit" in params:
+        p = params["rate_limit"]
+        if not p["packets_per_second"] and not p["bytes_per_second"]:
+            raise ConfigError(f"{where}umbox rate_limit: set packets_per_second or bytes_per_second")
+        c.flags |= F.RATE_LIMIT
+        pps, bps = p["packets_per_second"], p["bytes_per_second"]
+        if pps:   # GCRA: the kernel keeps the interval between packets and the burst as time
+            interval = 10**9 // pps
+            d.update(packet_interval_ns=interval,
+                     packet_tolerance_ns=((p["burst_packets"] or pps) - 1) * interval)
+        if bps:
+            d.update(byte_cost_ns_x1024=max(1, round(1024 * 10**9 / bps)),
+                     byte_tolerance_ns=(p["burst_bytes"] or max(1514, bps)) * 10**9 // bps)
+    if "port_scan" in params:
+        p = params["port_scan"]
+        c.flags |= F.PORT_SCAN
+        d.update(scan_ports=p["ports"], scan_window_ms=p["window_ms"], scan_block_s=p["block_seconds"])
+    if "syn_flood" in params:
+        p = params["syn_flood"]
+        c.flags |= F.SYN_FLOOD
+        d.update(syn_limit=p["syns"], syn_window_ms=p["window_ms"], syn_block_s=p["block_seconds"])
+    if "brute_force" in params:
+        p = params["brute_force"]
+        ports = [_port("brute_force", x, where) for x in p["ports"]]
+        if not 1 <= len(ports) <= maps.LOGIN_PORTS:
+            raise ConfigError(f"{where}umbox brute_force, parameter ports: give 1 to "
+                              f"{maps.LOGIN_PORTS} login ports, got {len(ports)}")
+        c.flags |= F.BRUTE_FORCE
+        d.update(bf_attempts=p["attempts"], bf_window_ms=p["window_ms"], bf_block_s=p["block_seconds"],
+                 bf_ports=ports)
+    if "lateral_block" in params:
+        c.flags |= F.LATERAL_BLOCK
+    if "anti_spoof" in params:
+        c.flags |= F.ANTI_SPOOF
+    destinations = None
+    if "allowlist" in params:
+        c.flags |= F.ALLOWLIST
+        destinations = params["allowlist"]["destinations"]
+    if "egress_anomaly" in params:
+        p = params["egress_anomaly"]
+        c.flags |= F.EGRESS_ANOMALY | (F.EGRESS_BLOCK if p["block"] else 0)
+        if p["destinations"] is not None and destinations is not None:
+            raise ConfigError(f"{where}umbox egress_anomaly, parameter destinations: the allowlist "
+                              "umbox already gives the destinations; set them in one place")
+        if destinations is None:
+            if p["destinations"] is None:
+                raise ConfigError(f"{where}umbox egress_anomaly: parameter destinations is required "
+                                  "without an allowlist umbox")
+            destinations = p["destinations"]
+    if destinations is not None:
+        umbox = "allowlist" if "allowlist" in params else "egress_anomaly"
+        c.destinations = [parse_destination(x, umbox, where) for x in destinations]
+        per_prefix: dict = {}
+        for dst in c.destinations:
+            per_prefix.setdefault(dst.network, []).append(dst)
+        for net, rules in per_prefix.items():
+            if len(rules) > maps.ALLOW_RULES:
+                raise ConfigError(f"{where}umbox {umbox}: {net} has {len(rules)} port rules, "
+                                  f"at most {maps.ALLOW_RULES} per prefix")
+    if "conn_limit" in params:
+        p = params["conn_limit"]
+        if not p["concurrent"] and not p["new_per_second"]:
+            raise ConfigError(f"{where}umbox conn_limit: set concurrent or new_per_second")
+        c.conn_limit = p
+    if "auth_gate" in params:
+        c.gate_port = params["auth_gate"]["port"]
+    return c

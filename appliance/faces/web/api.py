@@ -1,0 +1,398 @@
+"""The JSON API behind the page (`/api/...`): the same authentication (session + CSRF header,
+or `Authorization: Bearer <token>`) and the same validation as the control socket. A refused
+request answers {"error": "..."} with 400 (404 for an unknown device) and changes nothing."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from microdot import Response
+
+from appliance.errors import ConfigError, KalkiError
+from appliance.faces.web import auth, ops
+from appliance.faces.web import json_response, mime, route
+from appliance.faces.web import state as web_state
+
+MAX_LIMIT = 1000
+
+
+def actor(request) -> str:
+    return f"web:{request.g.user}"
+
+
+def ok(data, status=200) -> Response:
+    return json_response(data, status)
+
+
+async def body(request) -> dict:
+    if mime(request) != "application/json":
+        raise ConfigError("send a JSON object with Content-Type: application/json")
+    try:
+        data = json.loads(request.body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the body must be a JSON object")
+    return data
+
+
+def limit(request, default=50) -> int:
+    raw = request.args.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ConfigError(f"limit: expected 1 to {MAX_LIMIT}, got {raw!r}")
+    return int(raw)
+
+
+def known_keys(data: dict, allowed: tuple, where: str) -> None:
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(allowed)})")
+
+
+def endpoint(fn):
+    async def wrapper(request):
+        try:
+            return await fn(request)
+        except (KalkiError, ValueError, TypeError) as e:
+            return json_response({"error": str(e)}, ops.error_status(e))
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def sup_of(request):
+    return web_state(request).sup
+
+
+@endpoint
+async def status(request):
+    sup = sup_of(request)
+    out = ops.run(sup, "status")
+    out["summary"] = sup.summary()
+    out["claim_open"] = sup.claim_open()
+    return ok(out)
+
+
+@endpoint
+async def devices(request):
+    return ok(ops.run(sup_of(request), "devices"))
+
+
+@endpoint
+async def device(request):
+    return ok(ops.device_detail(sup_of(request), request.url_args["name"]))
+
+
+@endpoint
+async def device_delete(request):
+    return ok(ops.run(sup_of(request), "device_remove", name=request.url_args["name"]))
+
+
+@endpoint
+async def approve(request):
+    data = await body(request)
+    known_keys(data, ("type",), "approve")
+    return ok(ops.approve(sup_of(request), request.url_args["name"], data.get("type")))
+
+
+@endpoint
+async def posture(request):
+    data = await body(request)
+    known_keys(data, ("posture", "for"), "posture")
+    if "posture" not in data:
+        raise ConfigError("posture: missing 'posture'")
+    return ok(ops.set_posture(sup_of(request), request.url_args["name"], data["posture"],
+                              data.get("for")))
+
+
+@endpoint
+async def reset(request):
+    return ok(ops.run(sup_of(request), "posture_reset", name=request.url_args["name"]))
+
+
+@endpoint
+async def maintenance(request):
+    data = await body(request)
+    known_keys(data, ("minutes",), "maintenance")
+    if "minutes" not in data:
+        raise ConfigError("maintenance: missing 'minutes'")
+    return ok(ops.run(sup_of(request), "maintenance", minutes=data["minutes"]))
+
+
+@endpoint
+async def alerts(request):
+    return ok(sup_of(request).store.alerts(device=request.args.get("device"), limit=limit(request)))
+
+
+@endpoint
+async def decisions(request):
+    kind = request.args.get("kind")
+    if kind not in (None, "decision", "audit"):
+        raise ConfigError(f"kind: expected decision or audit, got {kind!r}")
+    return ok(sup_of(request).store.decisions(device=request.args.get("device"),
+                                              limit=limit(request), kind=kind))
+
+
+@endpoint
+async def audit(request):
+    return ok(sup_of(request).store.decisions(kind="audit", limit=limit(request, 100)))
+
+
+@endpoint
+async def rules(request):
+    return ok(ops.rules_view(sup_of(request)))
+
+
+@endpoint
+async def rules_post(request):
+    data = await body(request)
+    known_keys(data, ("text",), "rules")
+    return ok({"saved": ops.put_rules_text(sup_of(request), data.get("text"), actor(request))})
+
+
+@endpoint
+async def rules_validate(request):
+    data = await body(request)
+    known_keys(data, ("text",), "rules/validate")
+    if not isinstance(data.get("text"), str):
+        raise ConfigError("rules/validate: 'text' must be a string of TOML")
+    return ok(ops.run(sup_of(request), "rules_validate", text=data["text"], source="rules"))
+
+
+@endpoint
+async def rule_put(request):
+    data = await body(request)
+    name = request.url_args["name"]
+    if data.get("name", name) != name:
+        raise ConfigError(f"rule {name!r}: the body names another rule, {data.get('name')!r}")
+    return ok({"saved": ops.put_rules(sup_of(request), [{**data, "name": name}], f"rule {name}",
+                                      actor(request))})
+
+
+@endpoint
+async def rule_enabled(request):
+    data = await body(request)
+    known_keys(data, ("enabled",), "enabled")
+    return ok(ops.set_rule_enabled(sup_of(request), request.url_args["name"], data.get("enabled"),
+                                   actor(request)))
+
+
+@endpoint
+async def rule_delete(request):
+    ops.delete_rule(sup_of(request), request.url_args["name"], actor(request))
+    return ok({"deleted": request.url_args["name"]})
+
+
+@endpoint
+async def settings(request):
+    sup = sup_of(request)
+    return ok({**sup.settings(), "mqtt": ops.mqtt_view(sup)})
+
+
+@endpoint
+async def settings_put(request):
+    data = await body(request)
+    return ok(ops.update_settings(sup_of(request), data, actor(request)))
+
+
+@endpoint
+async def tokens(request):
+    return ok(auth.list_tokens(sup_of(request).store))
+
+
+@endpoint
+async def token_post(request):
+    data = await body(request)
+    known_keys(data, ("name",), "token")
+    sup = sup_of(request)
+    token, rec = auth.create_token(sup.store, data.get("name"), sup.now())
+    sup.store.audit("api-token-create", actor(request), {"token": rec["name"]})
+    return ok({**rec, "token": token}, status=201)
+
+
+@endpoint
+async def token_delete(request):
+    sup = sup_of(request)
+    rec = auth.delete_token(sup.store, request.url_args["id"])
+    sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
+    return ok({"deleted": rec["id"]})
+
+
+async def events(request):
+    """Server-sent events from `sup.subscribe()`; ends when the client goes or its login ends."""
+    st = web_state(request)
+    sup = st.sup
+    session_id = request.g.session.id if request.g.via == "session" else None
+    epoch = sup.auth_epoch
+
+    async def stream():     # subscribes when the answer is written (not for HEAD)
+        q = sup.subscribe()
+        try:
+            yield b"retry: 2000\n: connected\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(q.get(), 15)
+                except asyncio.TimeoutError:
+                    event = None
+                if sup.auth_epoch != epoch or (session_id and st.sessions.get(session_id) is None):
+                    yield b"event: logout\ndata: {}\n\n"
+                    return
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                yield f"data: {json.dumps(event, default=str)}\n\n".encode()
+        finally:
+            sup.unsubscribe(q)
+
+    return Response(stream(), 200, {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+
+
+async def openapi(request):
+    return ok(OPENAPI)
+
+
+def add_routes(app) -> None:
+    route(app, "GET", "/api/openapi.json", openapi)
+    route(app, "GET", "/api/status", status)
+    route(app, "GET", "/api/devices", devices)
+    route(app, "GET", "/api/devices/<name>", device)
+    route(app, "DELETE", "/api/devices/<name>", device_delete)
+    route(app, "POST", "/api/devices/<name>/approve", approve)
+    route(app, "POST", "/api/devices/<name>/posture", posture)
+    route(app, "POST", "/api/devices/<name>/reset", reset)
+    route(app, "POST", "/api/maintenance", maintenance)
+    route(app, "GET", "/api/alerts", alerts)
+    route(app, "GET", "/api/decisions", decisions)
+    route(app, "GET", "/api/audit", audit)
+    route(app, "GET", "/api/rules", rules)
+    route(app, "POST", "/api/rules", rules_post)
+    route(app, "POST", "/api/rules/validate", rules_validate)
+    route(app, "PUT", "/api/rules/<name>", rule_put)
+    route(app, "POST", "/api/rules/<name>/enabled", rule_enabled)
+    route(app, "DELETE", "/api/rules/<name>", rule_delete)
+    route(app, "GET", "/api/settings", settings)
+    route(app, "PUT", "/api/settings", settings_put)
+    route(app, "GET", "/api/tokens", tokens)
+    route(app, "POST", "/api/tokens", token_post)
+    route(app, "DELETE", "/api/tokens/<id>", token_delete)
+    route(app, "GET", "/api/events", events)
+
+
+# -- OpenAPI 3 -----------------------------------------------------------------------------
+
+def _json_body(schema: dict, required=True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, body: dict | None = None, params=(), ok_schema=None, errors=(400,)) -> dict:
+    op = {"summary": summary, "responses": {
+        "200": {"description": "done", "content": {"application/json": {"schema": ok_schema or {}}}},
+        "401": {"$ref": "#/components/responses/Unauthorized"}}}
+    for code in errors:
+        op["responses"][str(code)] = {"$ref": "#/components/responses/Error"}
+    if body:
+        op["requestBody"] = body
+        op["responses"]["403"] = {"$ref": "#/components/responses/Csrf"}
+    if params:
+        op["parameters"] = list(params)
+    return op
+
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
+_DEVICE = {"name": "device", "in": "query", "schema": {"type": "string"}}
+_POSTURE = {"type": "string", "enum": list(ops.SETTABLE_POSTURES)}
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "Kalki gateway API", "version": "1",
+             "description": "The operator's API of a Kalki gateway. Authenticate with the page's "
+                            "session cookie (then send the page's CSRF token in X-CSRF-Token on "
+                            "POST, PUT and DELETE) or with an API token made on the settings page: "
+                            "Authorization: Bearer <token>. Errors are {\"error\": \"...\"} naming "
+                            "the culprit; a refused request changes nothing."},
+    "security": [{"bearer": []}, {"session": []}],
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": "kalki_session"}},
+        "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "string"}},
+                              "required": ["error"]}},
+        "responses": {
+            "Error": {"description": "refused; nothing changed",
+                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "Unauthorized": {"description": "no valid session or token",
+                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "Csrf": {"description": "session without the right X-CSRF-Token header",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}},
+    "paths": {
+        "/healthz": {"get": {"summary": "liveness (no authentication)", "security": [],
+                             "responses": {"200": {"description": "the supervisor's loop runs"},
+                                           "503": {"description": "the loop is stuck"}}}},
+        "/api/status": {"get": _op("supervisor status, posture summary (the LEDs), claim window")},
+        "/api/devices": {"get": _op("every device with its posture", ok_schema={"type": "array"})},
+        "/api/devices/{name}": {
+            "get": _op("a device: identity, posture, history, umboxes, counters, alerts, telemetry, "
+                       "decisions", params=[_NAME], errors=(404,)),
+            "delete": _op("forget a device", params=[_NAME], errors=(404,))},
+        "/api/devices/{name}/approve": {"post": _op(
+            "approve a new device with a type", params=[_NAME], errors=(400, 404),
+            body=_json_body({"type": "object", "required": ["type"],
+                             "properties": {"type": {"type": "string", "description": "a profile"}}}))},
+        "/api/devices/{name}/posture": {"post": _op(
+            "set a posture, optionally for a while", params=[_NAME], errors=(400, 404),
+            body=_json_body({"type": "object", "required": ["posture"],
+                             "properties": {"posture": _POSTURE,
+                                            "for": {"type": "string", "example": "15m"}}}))},
+        "/api/devices/{name}/reset": {"post": _op("back to normal", params=[_NAME], errors=(400, 404),
+                                                  body=_json_body({"type": "object"}, required=False))},
+        "/api/maintenance": {"post": _op(
+            "pause automation for some minutes (0 ends it)",
+            body=_json_body({"type": "object", "required": ["minutes"],
+                             "properties": {"minutes": {"type": "integer", "minimum": 0, "maximum": 1440}}}))},
+        "/api/alerts": {"get": _op("alerts, newest first", params=[_DEVICE, _LIMIT])},
+        "/api/decisions": {"get": _op("decisions and audit entries, newest first", params=[
+            _DEVICE, _LIMIT, {"name": "kind", "in": "query",
+                              "schema": {"type": "string", "enum": ["decision", "audit"]}}])},
+        "/api/audit": {"get": _op("the audit log", params=[_LIMIT])},
+        "/api/rules": {
+            "get": _op("every rule: built-in, profile and site"),
+            "post": _op("add or replace site rules from TOML ([[rules]] tables)",
+                        body=_json_body({"type": "object", "required": ["text"],
+                                         "properties": {"text": {"type": "string"}}}))},
+        "/api/rules/validate": {"post": _op(
+            "validate TOML rules without saving",
+            body=_json_body({"type": "object", "required": ["text"],
+                             "properties": {"text": {"type": "string"}}}))},
+        "/api/rules/{name}": {
+            "put": _op("add or replace one site rule (JSON: when, then, priority, applies_to, "
+                       "description, enabled)", params=[_NAME],
+                       body=_json_body({"type": "object", "required": ["when", "then"]})),
+            "delete": _op("delete a site rule", params=[_NAME])},
+        "/api/rules/{name}/enabled": {"post": _op(
+            "enable or disable a site rule", params=[_NAME],
+            body=_json_body({"type": "object", "required": ["enabled"],
+                             "properties": {"enabled": {"type": "boolean"}}}))},
+        "/api/settings": {
+            "get": _op("business hours, time zone, MQTT users"),
+            "put": _op("change business hours and/or the time zone", body=_json_body({
+                "type": "object", "properties": {
+                    "timezone": {"type": "string", "example": "Europe/Berlin"},
+                    "business_hours": {"type": "object", "required": ["days", "start", "end"],
+                                       "properties": {"days": {"type": "array", "items": {
+                                           "type": "string", "enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
+                                           "start": {"type": "string", "example": "08:00"},
+                                           "end": {"type": "string", "example": "18:00"}}}}}))},
+        "/api/tokens": {
+            "get": _op("API tokens (names and ids; the tokens are stored hashed)"),
+            "post": _op("create a token; the answer shows it once",
+                        body=_json_body({"type": "object", "required": ["name"],
+                                         "properties": {"name": {"type": "string"}}}))},
+        "/api/tokens/{id}": {"delete": _op("delete a token", params=[
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}])},
+        "/api/events": {"get": {"summary": "server-sent events: posture, alert, decision, device, "
+                                           "panel", "responses": {"200": {
+                                               "description": "text/event-stream of JSON objects",
+                                               "content": {"text/event-stream": {}}}}}},
+        "/api/openapi.json": {"get": _op("this document")},
+    },
+}

@@ -1,0 +1,28 @@
+"""What the LEDs on the box mean: the technician's table (the page /leds and the claim page).
+
+The words come from appliance.faces.panel.PATTERNS, the panel's own list, so the box, the page and the
+README say the same thing.
+"""
+from __future__ import annotations
+
+
+def patterns() -> list[dict]:
+    """[{"name", "leds", "meaning", "action"}] in the panel's order."""
+    from appliance.faces.panel import PATTERNS
+    return [{"name": name, **p} for name, p in PATTERNS.items()]
+
+
+def markdown_table() -> str:
+    from appliance.faces.panel import readme_table
+    return readme_table()
+
+
+def current(sup) -> dict | None:
+    """What the LEDs show now, if the panel runs."""
+    panel = getattr(sup, "panel", None)
+    if panel is None:
+        return None
+    try:
+        return panel.state()
+    except Exception:     # the page must not fail because of the LEDs
+        return None

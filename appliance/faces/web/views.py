@@ -1,0 +1,573 @@
+"""Server-rendered pages: small, escaped HTML; the JavaScript is a static file (no inline script,
+so the CSP can forbid it)."""
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+
+from microdot import Response
+
+from appliance.errors import KalkiError
+from appliance.faces.web import auth, leds, ops
+from appliance.faces.web import form as form_data
+from appliance.faces.web import client_address, html_response, json_response, route, see_other
+from appliance.faces.web import state as web_state
+
+NAV = (("/", "Overview"), ("/rules", "Rules"), ("/audit", "Audit"), ("/settings", "Settings"),
+       ("/leds", "LEDs"))
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def e(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def j(value) -> str:
+    return e(json.dumps(value, sort_keys=True, default=str))
+
+
+def badge(device: dict) -> str:
+    posture = device.get("posture") or "unknown"
+    word = posture if device.get("approved") else "waiting for approval"
+    return (f'<span class="posture posture-{e(posture)}" data-role="posture" '
+            f'data-posture="{e(posture)}">{e(word)}</span>')
+
+
+def csrf_field(request) -> str:
+    return f'<input type="hidden" name="csrf" value="{e(request.g.session.csrf)}">'
+
+
+def form(request, action: str, inner: str, button: str, cls: str = "") -> str:
+    return (f'<form method="post" action="{e(action)}" class="{e(cls)}">{csrf_field(request)}'
+            f'{inner}<button type="submit">{e(button)}</button></form>')
+
+
+def table(headers, rows, cls="") -> str:
+    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    if not rows:
+        body = f'<tr><td colspan="{len(headers)}" class="muted">none</td></tr>'
+    return f'<div class="scroll"><table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def page(request, title: str, body: str, *, status: int = 200, error: str | None = None,
+         live: bool = False, nav: bool = True) -> Response:
+    st = web_state(request)
+    session = request.g.session
+    flash = ""
+    if session is not None and session.flash:
+        flash = "".join(f'<p class="flash">{e(m)}</p>' for m in session.flash)
+        session.flash.clear()
+    if error:
+        flash += f'<p class="error" role="alert">{e(error)}</p>'
+    site_error = getattr(st.sup, "site_error", None) if hasattr(st, "sup") else None
+    if site_error:   # the site settings on the card are wrong: the devices side stays closed
+        flash += (f'<p class="error" id="site-error" role="alert">The site settings (kalki.toml '
+                  f'on the SD card) are wrong, so the devices side stays closed: {e(site_error)}</p>')
+    menu = ""
+    if nav and request.g.user:
+        links = "".join(f'<a href="{href}"{" class=current" if request.path == href else ""}>{e(t)}</a>'
+                        for href, t in NAV)
+        menu = (f'<nav>{links}<form method="post" action="/logout" class="inline">'
+                f'{csrf_field(request)}<button type="submit" class="link">Log out</button></form></nav>')
+    csrf = f'<meta name="csrf-token" content="{e(session.csrf)}">' if session else ""
+    text = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{csrf}<title>{e(title)} · Kalki</title>
+<link rel="stylesheet" href="/static/style.css">
+<script src="/static/app.js" defer></script>
+</head><body{' data-live="1"' if live else ''}>
+<header><a class="brand" href="/">Kalki</a>{menu}</header>
+<main><h1>{e(title)}</h1>{flash}{body}</main>
+</body></html>"""
+    resp = html_response(text, status)
+    if session is not None:
+        st.set_cookie(resp, session)
+    return resp
+
+
+def done(request, message: str, to: str) -> Response:
+    request.g.session.flash.append(message)
+    return see_other(to)
+
+
+def actor(request) -> str:
+    return f"web:{request.g.user}"
+
+
+# -- login, claim, logout ------------------------------------------------------------------
+
+async def login_page(request, error=None, status=200):
+    st = web_state(request)
+    if not st.admin():
+        return see_other("/claim")
+    if request.g.user:
+        return see_other("/")
+    resp = Response()
+    st.anonymous(request, resp)
+    body = f"""<form method="post" action="/login" class="card narrow">{csrf_field(request)}
+<label>User <input name="user" autocomplete="username" required></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit" id="login">Log in</button></form>
+<p class="muted">Forgot the password? Hold the button on the box for 5 seconds, then claim it again.</p>"""
+    return page(request, "Log in", body, error=error, status=status, nav=False)
+
+
+async def login_post(request):
+    st = web_state(request)
+    addr = client_address(request)
+    retry = st.logins.retry_after(addr)
+    if retry:
+        resp = await login_page(request, f"Too many failed logins: try again in {retry} s.", 429)
+        resp.headers["Retry-After"] = str(retry)
+        return resp
+    data = form_data(request)
+    admin = st.admin()
+    if not admin:
+        return see_other("/claim")
+    user, password = data.get("user"), data.get("password")
+    ok = (isinstance(user, str) and isinstance(password, str) and user == admin.get("user")
+          and 0 < len(password) <= auth.MAX_PASSWORD)
+    if ok:
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, auth.verify_password, password, admin["scrypt"])
+    if not ok:
+        st.logins.fail(addr)
+        return await login_page(request, "Wrong user or password.", 401)
+    st.logins.clear(addr)
+    if request.g.session:
+        st.sessions.drop(request.g.session.id)      # a fresh id after login (fixation)
+    session = request.g.session = st.sessions.new(user, st.sup.auth_epoch)
+    resp = see_other("/")
+    st.set_cookie(resp, session)
+    return resp
+
+
+async def logout_post(request):
+    st = web_state(request)
+    st.sessions.drop(request.g.session.id)
+    resp = see_other("/login")
+    resp.delete_cookie("kalki_session", path="/", http_only=True)
+    return resp
+
+
+async def claim_page(request, error=None, status=200):
+    st = web_state(request)
+    if st.admin():
+        return see_other("/login")
+    resp = Response()
+    st.anonymous(request, resp)
+    sup = st.sup
+    if sup.claim_open():
+        body = f"""<p class="ok" id="claim-open">The claim window is open. Choose the admin user and password.</p>
+<form method="post" action="/claim" class="card narrow">{csrf_field(request)}
+<label>User <input name="user" value="admin" autocomplete="username" required></label>
+<label>Password (at least {auth.MIN_PASSWORD} characters)
+<input name="password" type="password" autocomplete="new-password" required minlength="{auth.MIN_PASSWORD}"></label>
+<label>Password again <input name="confirm" type="password" autocomplete="new-password" required></label>
+<button type="submit" id="claim">Set the admin password</button></form>"""
+    else:
+        body = """<p class="press" id="press-button">Press the button on the box.</p>
+<p>This gateway has no admin yet, and there is no default password. A short press of the button
+opens a 5-minute window in which this page lets you choose one. This page checks every few
+seconds.</p><p data-reload="3"></p>"""
+    body += "<h2>What the LEDs say</h2>" + led_table()
+    return page(request, "Claim this gateway", body, error=error, status=status, nav=False)
+
+
+async def claim_post(request):
+    st = web_state(request)
+    addr = client_address(request)
+    retry = st.logins.retry_after(addr)
+    if retry:
+        resp = await claim_page(request, f"Too many attempts: try again in {retry} s.", 429)
+        resp.headers["Retry-After"] = str(retry)
+        return resp
+    data = form_data(request)
+    try:
+        ops.claim(st.sup, data.get("user"), data.get("password"), data.get("confirm"),
+                  actor=f"web:{addr}")
+    except KalkiError as err:
+        if not st.sup.claim_open():
+            st.logins.fail(addr)
+        return await claim_page(request, str(err), 400)
+    request.g.session.flash.append("Admin password set: log in.")
+    return see_other("/login")
+
+
+def led_table() -> str:
+    return table(("LEDs", "pattern", "what it means", "what to do"),
+                 [(f"<strong>{e(p['leds'])}</strong>", e(p["name"]), e(p["meaning"]), e(p["action"]))
+                  for p in leds.patterns()], "leds")
+
+
+async def leds_page(request):
+    now = leds.current(web_state(request).sup)
+    shown = (f'<p class="big" id="led-now">Now: <strong>{e(now.get("shows"))}</strong> '
+             f'({e(now.get("pattern"))}) — {e(now.get("meaning"))}</p>') if now else \
+        '<p class="muted">The panel is off on this gateway ([panel] enabled = false).</p>'
+    return page(request, "What the LEDs mean", shown + led_table() +
+                "<p class=muted>The button: a short press opens the claim window (5 minutes); held 5 s "
+                "it resets the admin password and signs everyone out (devices and protection stay); "
+                "held 15 s it resets the gateway to factory settings.</p>")
+
+
+# -- overview ------------------------------------------------------------------------------
+
+SUMMARY_WORDS = {"normal": "All devices normal", "warning": "Attention: a device is suspicious or waits for approval",
+                 "alert": "Alert: a device is under attack or in quarantine"}
+
+
+def summary_html(sup) -> str:
+    s = sup.summary()
+    return f'<p id="summary" class="summary summary-{e(s)}" data-summary="{e(s)}">{e(SUMMARY_WORDS.get(s, s))}</p>'
+
+
+def type_select(sup, selected=None, name="type") -> str:
+    opts = "".join(f'<option value="{e(t)}"{" selected" if t == selected else ""}>{e(t)}</option>'
+                   for t in sorted(sup.profiles))
+    return f'<select name="{e(name)}" aria-label="type">{opts}</select>'
+
+
+async def overview(request, error=None, status=200):
+    sup = web_state(request).sup
+    devices = ops.run(sup, "devices")
+    rows = []
+    for d in devices:
+        name = d["name"]
+        action = ""
+        if not d.get("approved"):
+            action = form(request, f"/devices/{name}/approve",
+                          type_select(sup, d.get("suggested_type") or d.get("type")), "Approve",
+                          "inline approve")
+        rows.append(f'<tr data-device="{e(name)}"><td><a href="/devices/{e(name)}">{e(name)}</a></td>'
+                    f'<td>{badge(d)}</td><td>{e(d.get("type") or "—")}</td><td>{e(d.get("ip"))}</td>'
+                    f'<td>{action}</td></tr>')
+    if not rows:
+        rows = ['<tr><td colspan="5" class="muted">no devices yet</td></tr>']
+    maint = sup.store.maintenance_until()
+    m_text = (f"Maintenance (automation paused) until {e(maint)}." if maint and sup.maintenance_active()
+              else "Automation is on.")
+    alerts = sup.store.alerts(limit=10)
+    alert_items = "".join(f"<li>{alert_line(a)}</li>" for a in alerts) or '<li class="muted">none</li>'
+    body = f"""{summary_html(sup)}
+<div class="scroll"><table id="devices"><thead><tr><th>Device</th><th>Posture</th><th>Type</th><th>Address</th><th></th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table></div>
+<h2>Recent alerts</h2><ul id="alerts" class="alerts">{alert_items}</ul>
+<h2>Maintenance</h2><p id="maintenance">{m_text}</p>
+{form(request, "/maintenance", '<label>Pause automation for <input name="minutes" inputmode="numeric" size="4" value="30"> minutes (0 ends it)</label>', "Set", "inline")}"""
+    return page(request, "Devices", body, error=error, status=status, live=True)
+
+
+def alert_line(a: dict) -> str:
+    dev = a.get("device")
+    where = f' <a href="/devices/{e(dev)}">{e(dev)}</a>' if dev else ""
+    return (f'<span class="sev sev-{e(a.get("severity"))}">{e(a.get("severity"))}</span> '
+            f'{e(a.get("type"))}{where} <span class="muted">{e(a.get("at", "")[:19])} · {e(a.get("source"))}</span>')
+
+
+async def maintenance_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    try:
+        r = ops.maintenance(sup, data.get("minutes"))
+    except (KalkiError, ValueError) as err:
+        return await overview(request, str(err), 400)
+    return done(request, f"Maintenance until {r['maintenance_until']}." if r["maintenance_until"]
+         else "Maintenance ended.", "/")
+
+
+# -- a device ------------------------------------------------------------------------------
+
+async def device_page(request, error=None, status=200):
+    sup = web_state(request).sup
+    name = request.url_args["name"]
+    try:
+        d = ops.device_detail(sup, name)
+    except KalkiError as err:
+        return page(request, "No such device", f"<p>{e(err)}</p>", status=ops.error_status(err))
+    ident = [("MAC", d.get("mac")), ("Address", d.get("ip")), ("Type", d.get("type") or "—"),
+             ("Approved", "yes" if d.get("approved") else "no"), ("Group", d.get("group") or "—"),
+             ("MQTT", d.get("availability") or "—"), ("First seen", d.get("first_seen")),
+             ("Last seen", d.get("last_seen"))]
+    ident += [(k, v) for k, v in (d.get("identity") or {}).items() if v]
+    ident_html = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in ident) + "</dl>"
+    p = f'<p class="big" data-device="{e(name)}">{badge(d)} <span class="muted">since {e(d.get("posture_since", "")[:19])}'
+    if d.get("posture_expires"):
+        p += f' · until {e(d["posture_expires"][:19])}, then {e(d.get("posture_revert_to"))}'
+    p += "</span></p>"
+    if d.get("approved"):
+        posture_opts = "".join(f'<option value="{x}"{" selected" if x == d.get("posture") else ""}>{x}</option>'
+                               for x in ops.SETTABLE_POSTURES)
+        p += form(request, f"/devices/{name}/posture",
+                  f'<label>Posture <select name="posture" id="posture-select">{posture_opts}</select></label>'
+                  '<label>for <input name="for" placeholder="e.g. 15m (empty: until changed)" size="12"></label>',
+                  "Set posture", "inline")
+        p += form(request, f"/devices/{name}/reset", "", "Reset to normal", "inline")
+    else:
+        p += form(request, f"/devices/{name}/approve",
+                  f"<label>Type {type_select(sup, d.get('suggested_type') or d.get('type'))}</label>",
+                  "Approve", "inline approve")
+    umbox_rows = [(e(u), f"<code>{j(params)}</code>") for u, params in (d.get("umboxes") or {}).items()]
+    counters = d.get("counters") or {}
+    counter_rows = [(e(reason), e(c.get("umbox")), e(c.get("packets")), e(c.get("bytes")))
+                    for reason, c in sorted(counters.items(), key=lambda kv: -kv[1].get("packets", 0))]
+    kernel_rows = [(e(a["at"][:19]), e(a["type"]), e((a.get("details") or {}).get("src")),
+                    e(f'{(a.get("details") or {}).get("dst")}:{(a.get("details") or {}).get("dst_port")}'),
+                    e((a.get("details") or {}).get("action")), f"<code>{j(a.get('details'))}</code>")
+                   for a in d.get("kernel_alerts", [])]
+    hist_rows = [(e(h["at"][:19]), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
+    alert_rows = [(e(a["at"][:19]), e(a["severity"]), e(a["type"]), e(a["source"]),
+                   f"<code>{j(a.get('details'))}</code>") for a in d.get("alerts", [])]
+    tele_rows = [(e(t["at"]), f"<code>{j(t['values'])}</code>") for t in d.get("telemetry", [])]
+    dec_rows = []
+    for x in d.get("decisions", []):
+        t = x.get("timing_ms") or {}
+        what = x.get("rule") if x.get("kind") == "decision" else f'{x.get("event")} by {x.get("actor")}'
+        dec_rows.append((e(x["at"][:19]), e(x.get("kind")), e(what),
+                         f"<code>{j(x.get('actions') or x.get('details'))}</code>",
+                         e(t.get("decide")), e(t.get("xdp")), e(t.get("enforce"))))
+    body = f"""<section><h2>Posture</h2>{p}</section>
+<section><h2>Identity</h2>{ident_html}</section>
+<section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
+<section><h2>Why blocked</h2><h3>Drops and passes counted in the kernel, by reason</h3>
+{table(("reason", "umbox", "packets", "bytes"), counter_rows, "counters")}
+<h3>Detector events</h3>{table(("at", "detector", "source", "destination", "action", "details"), kernel_rows)}</section>
+<section><h2>Posture history</h2>{table(("at", "posture", "reason"), hist_rows)}</section>
+<section><h2>Alerts</h2>{table(("at", "severity", "type", "source", "details"), alert_rows)}</section>
+<section><h2>Telemetry</h2>{table(("at", "values"), tele_rows)}</section>
+<section><h2>Decisions and audit</h2>{table(("at", "kind", "rule / event", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
+    return page(request, f"Device {name}", body, error=error, status=status, live=True)
+
+
+async def device_posture_post(request):
+    sup = web_state(request).sup
+    name = request.url_args["name"]
+    data = form_data(request)
+    try:
+        ops.set_posture(sup, name, data.get("posture"), (data.get("for") or "").strip() or None)
+    except KalkiError as err:
+        return await device_page(request, str(err), ops.error_status(err))
+    return done(request, f"{name}: posture {data.get('posture')}.", f"/devices/{name}")
+
+
+async def device_reset_post(request):
+    sup = web_state(request).sup
+    name = request.url_args["name"]
+    try:
+        ops.run(sup, "posture_reset", name=name)
+    except KalkiError as err:
+        return await device_page(request, str(err), ops.error_status(err))
+    return done(request, f"{name}: back to normal.", f"/devices/{name}")
+
+
+async def device_approve_post(request):
+    sup = web_state(request).sup
+    name = request.url_args["name"]
+    data = form_data(request)
+    try:
+        ops.approve(sup, name, data.get("type"))
+    except KalkiError as err:
+        if ops.error_status(err) == 404:
+            return await device_page(request, str(err), 404)
+        return await overview(request, str(err), ops.error_status(err))
+    return done(request, f"{name} approved as {data.get('type')}.", "/")
+
+
+# -- rules ---------------------------------------------------------------------------------
+
+async def rules_page(request, error=None, status=200, text=None):
+    sup = web_state(request).sup
+    rows = []
+    for r in ops.rules_view(sup):
+        actions = ""
+        if r["editable"]:
+            actions = (f'<a href="/rules?edit={e(r["name"])}">edit</a> ' +
+                       form(request, f"/rules/{r['name']}/enabled",
+                            f'<input type="hidden" name="enabled" value="{"false" if r["enabled"] else "true"}">',
+                            "Disable" if r["enabled"] else "Enable", "inline") +
+                       form(request, f"/rules/{r['name']}/delete", "", "Delete", "inline"))
+        rows.append((e(r["name"]), e(r["source"]), e(r["priority"]), "yes" if r["enabled"] else "no",
+                     e(", ".join(r["applies_to"]) or "any"), e(r["description"]), actions))
+    edit = request.args.get("edit")
+    if text is None:
+        text = ops.RULE_EXAMPLE
+        if edit and sup.store.get_rule(edit):
+            text = ops.rule_toml({k: v for k, v in sup.store.get_rule(edit).items() if k != "updated"})
+    body = f"""{table(("rule", "source", "priority", "enabled", "applies to", "description", ""), rows, "rules")}
+<h2>Add or replace site rules</h2>
+<p class="muted">TOML, one <code>[[rules]]</code> table per rule; a rule with an existing site rule's name replaces it. Built-in and profile rules cannot be changed here.</p>
+<form method="post" action="/rules" class="card">{csrf_field(request)}
+<textarea name="text" rows="10" spellcheck="false" id="rule-text">{e(text)}</textarea>
+<button type="submit">Validate and save</button></form>"""
+    return page(request, "Rules", body, error=error, status=status)
+
+
+async def rules_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    text = data.get("text")
+    try:
+        names = ops.put_rules_text(sup, text, actor(request))
+    except (KalkiError, ValueError) as err:
+        return await rules_page(request, str(err), 400, text=text if isinstance(text, str) else "")
+    return done(request, f"Saved: {', '.join(names)}.", "/rules")
+
+
+async def rule_enabled_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    try:
+        ops.set_rule_enabled(sup, request.url_args["name"], data.get("enabled"), actor(request))
+    except KalkiError as err:
+        return await rules_page(request, str(err), 400)
+    return done(request, f"Rule {request.url_args['name']} "
+                  f"{'enabled' if data.get('enabled') in ('true', '1') else 'disabled'}.", "/rules")
+
+
+async def rule_delete_post(request):
+    sup = web_state(request).sup
+    try:
+        ops.delete_rule(sup, request.url_args["name"], actor(request))
+    except KalkiError as err:
+        return await rules_page(request, str(err), 400)
+    return done(request, f"Rule {request.url_args['name']} deleted.", "/rules")
+
+
+# -- audit ---------------------------------------------------------------------------------
+
+async def audit_page(request):
+    sup = web_state(request).sup
+    rows = [(e(a["at"][:19]), e(a.get("event")), e(a.get("actor")),
+             f'<a href="/devices/{e(a["device"])}">{e(a["device"])}</a>' if a.get("device") else "",
+             f"<code>{j(a.get('details'))}</code>") for a in sup.store.decisions(kind="audit", limit=300)]
+    return page(request, "Audit log", table(("at", "event", "actor", "device", "details"), rows, "audit"))
+
+
+# -- settings ------------------------------------------------------------------------------
+
+async def settings_page(request, error=None, status=200, new_token=None):
+    sup = web_state(request).sup
+    s = sup.settings()
+    bh = s["business_hours"]
+    days = "".join(f'<label class="day"><input type="checkbox" name="days" value="{d}"'
+                   f'{" checked" if d in bh["days"] else ""}> {d}</label>' for d in DAYS)
+    tokens = [(e(t["name"]), e(t["id"]), e(t["created"]),
+               form(request, f"/settings/tokens/{t['id']}/delete", "", "Delete", "inline"))
+              for t in auth.list_tokens(sup.store)]
+    shown = (f'<p class="ok">New token (shown once; send it as <code>Authorization: Bearer …</code>): '
+             f'<code id="new-token">{e(new_token)}</code></p>') if new_token else ""
+    mqtt_rows = [(e(m["device"]), {True: "yes", False: "no", None: "unknown"}[m["broker_user"]],
+                  e(m["availability"] or "—")) for m in ops.mqtt_view(sup)]
+    body = f"""<section><h2>Business hours</h2>
+{form(request, "/settings/business-hours", f'<div class="days">{days}</div><label>from <input name="start" value="{e(bh["start"])}" size="5"></label><label>to <input name="end" value="{e(bh["end"])}" size="5"></label>', "Save", "card")}
+</section><section><h2>Time zone</h2>
+{form(request, "/settings/timezone", f'<label>Time zone <input name="timezone" value="{e(s["timezone"])}" placeholder="Europe/Berlin"></label>', "Save", "inline")}
+</section><section><h2>Admin password</h2>
+{form(request, "/settings/password", '<label>Current <input type="password" name="current" autocomplete="current-password"></label><label>New <input type="password" name="password" autocomplete="new-password"></label><label>Again <input type="password" name="confirm" autocomplete="new-password"></label>', "Change password", "card")}
+</section><section><h2>API tokens</h2>{shown}
+{table(("name", "id", "created", ""), tokens)}
+{form(request, "/settings/tokens", '<label>Name <input name="name" placeholder="home-assistant"></label>', "Create token", "inline")}
+<p class="muted">The API is described at <a href="/api/openapi.json">/api/openapi.json</a>.</p>
+</section><section><h2>MQTT: devices with a broker user</h2>
+{table(("device", "broker user", "availability"), mqtt_rows)}</section>"""
+    return page(request, "Settings", body, error=error, status=status)
+
+
+async def business_hours_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    value = {"days": data.getlist("days") if data else [], "start": data.get("start", ""), "end": data.get("end", "")}
+    try:
+        ops.update_settings(sup, {"business_hours": value}, actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, str(err), 400)
+    return done(request, "Business hours saved.", "/settings")
+
+
+async def timezone_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    try:
+        ops.update_settings(sup, {"timezone": (data.get("timezone") or "").strip()}, actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, str(err), 400)
+    return done(request, "Time zone saved.", "/settings")
+
+
+async def password_post(request):
+    st = web_state(request)
+    data = form_data(request)
+    addr = client_address(request)
+    retry = st.logins.retry_after(addr)
+    if retry:
+        resp = await settings_page(request, f"Too many failed attempts: try again in {retry} s.", 429)
+        resp.headers["Retry-After"] = str(retry)
+        return resp
+    try:
+        ops.change_password(st.sup, data.get("current"), data.get("password"), data.get("confirm"),
+                            actor(request))
+    except KalkiError as err:
+        if "current password" in str(err):
+            st.logins.fail(addr)
+        return await settings_page(request, str(err), 400)
+    return done(request, "Password changed.", "/settings")
+
+
+async def token_post(request):
+    sup = web_state(request).sup
+    data = form_data(request)
+    try:
+        token, rec = auth.create_token(sup.store, data.get("name"), sup.now())
+        sup.store.audit("api-token-create", actor(request), {"token": rec["name"]})
+    except KalkiError as err:
+        return await settings_page(request, str(err), 400)
+    return await settings_page(request, new_token=token)
+
+
+async def token_delete_post(request):
+    sup = web_state(request).sup
+    try:
+        rec = auth.delete_token(sup.store, request.url_args["id"])
+        sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
+    except KalkiError as err:
+        return await settings_page(request, str(err), 400)
+    return done(request, f"Token {rec['name']} deleted.", "/settings")
+
+
+async def healthz(request):
+    import time
+    sup = web_state(request).sup
+    age = round(time.monotonic() - getattr(sup, "heartbeat", time.monotonic()), 2)
+    ok = age < 10
+    return json_response({"ok": ok, "heartbeat_age_s": age}, 200 if ok else 503)
+
+
+def add_routes(app) -> None:
+    route(app, "GET", "/healthz", healthz)
+    route(app, "GET", "/login", login_page)
+    route(app, "POST", "/login", login_post)
+    route(app, "POST", "/logout", logout_post)
+    route(app, "GET", "/claim", claim_page)
+    route(app, "POST", "/claim", claim_post)
+    route(app, "GET", "/", overview)
+    route(app, "POST", "/maintenance", maintenance_post)
+    route(app, "GET", "/devices/<name>", device_page)
+    route(app, "POST", "/devices/<name>/posture", device_posture_post)
+    route(app, "POST", "/devices/<name>/reset", device_reset_post)
+    route(app, "POST", "/devices/<name>/approve", device_approve_post)
+    route(app, "GET", "/rules", rules_page)
+    route(app, "POST", "/rules", rules_post)
+    route(app, "POST", "/rules/<name>/enabled", rule_enabled_post)
+    route(app, "POST", "/rules/<name>/delete", rule_delete_post)
+    route(app, "GET", "/audit", audit_page)
+    route(app, "GET", "/settings", settings_page)
+    route(app, "POST", "/settings/business-hours", business_hours_post)
+    route(app, "POST", "/settings/timezone", timezone_post)
+    route(app, "POST", "/settings/password", password_post)
+    route(app, "POST", "/settings/tokens", token_post)
+    route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)
+    route(app, "GET", "/leds", leds_page)
+

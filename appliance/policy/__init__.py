@@ -1,0 +1,1 @@
+"""The policy: rules as data, the engine that evaluates them, the built-in rules, profiles."""

@@ -1,0 +1,789 @@
+"""The supervisor (`kalki run`): one asyncio process that knows every device, holds its posture,
+and moves postures from kernel alerts, MQTT telemetry, other devices' state and the time of day,
+enforcing each change through the data path and reading it back before calling it enforced.
+
+It is the only writer of the store. The MQTT client thread, the neighbour monitor thread and the
+control socket hand their events to the loop; nothing else touches the state.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import datetime
+import gc
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from appliance.policy import engine as policy, profiles
+from appliance.config import Config
+from appliance.dataplane.api import Dataplane, DeviceSpec, GatewaySettings
+from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
+from appliance.store.state import Retention, Store
+from appliance.vocab import (POSTURE_CODES, check_posture, device_name_for, iso, severity_of,
+                             stricter)
+
+log = logging.getLogger("kalki.supervisor")
+
+RTMGRP_NEIGH = 0x4
+RTM_NEWNEIGH = 28
+NDA_DST, NDA_LLADDR = 1, 2
+
+TELEMETRY_KEPT = 64     # reports per device in memory: what rules' windows and aggregates see
+KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
+                 "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
+                 "lateral": "lateral-movement", "gateway": "gateway-probe"}
+
+
+def parse_neighbour(body: bytes):
+    """(ifindex, MAC, IPv4) of an RTM_NEWNEIGH body (struct ndmsg + attributes), or None.
+    Decoded by hand: importing pyroute2 for this would cost the supervisor 20 MB."""
+    if len(body) < 12:
+        return None
+    family, ifindex = body[0], struct.unpack_from("=i", body, 4)[0]
+    if family != socket.AF_INET:
+        return None
+    mac = ip = None
+    offset = 12
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            break
+        value = body[offset + 4:offset + length]
+        if kind == NDA_DST and len(value) == 4:
+            ip = socket.inet_ntoa(value)
+        elif kind == NDA_LLADDR and len(value) == 6:
+            mac = ":".join(f"{b:02x}" for b in value)
+        offset += (length + 3) & ~3
+    return (ifindex, mac, ip) if mac and ip else None
+
+
+class Clock:
+    """Wall time for policy (business hours). In the lab it may start at a given time and run
+    on from there: the fake clock of the time-of-day rules."""
+
+    def __init__(self, start: str = ""):
+        self._offset = datetime.timedelta(0)
+        if start:
+            self.set(start)
+
+    def set(self, iso: str) -> None:
+        try:
+            at = datetime.datetime.fromisoformat(iso)
+        except ValueError:
+            raise ConfigError(f"clock: invalid ISO time {iso!r}") from None
+        if at.tzinfo is None:
+            raise ConfigError(f"clock: {iso!r} needs a time zone offset")
+        self._offset = at - datetime.datetime.now(datetime.timezone.utc)
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc) + self._offset
+
+
+class Supervisor:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.clock = Clock(cfg.policy.fake_time)
+        self.profiles = profiles.load_all(Path(cfg.profiles) if cfg.profiles else profiles.PROFILE_DIR)
+        s = cfg.state
+        self.store = Store(Path(s.directory), Retention(s.history_per_device, s.alerts, s.decisions,
+                                                        s.max_age_days), clock=self.clock.now)
+        self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
+        self.engine = policy.Engine(self._rules())
+        self.dp: Dataplane | None = None
+        self.bus = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started_ns = time.monotonic_ns()
+        self.reconcile_report: dict = {}
+        self._telemetry: dict[str, collections.deque] = {}
+        self._alerts: collections.deque = collections.deque(maxlen=20000)
+        self._stop = asyncio.Event()
+        self._neigh_sock = None
+        self._control_server = None
+        self.counters = collections.Counter()
+        self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
+        self._listeners: set[asyncio.Queue] = set()
+        self.site_error = self._read_site_error()   # shown on the LEDs and the web page
+        self.web = None      # the web page's runner (appliance.faces.web), when enabled
+        self.adapter = None  # polls devices that have an HTTP API and no MQTT
+        self.panel = None    # LEDs and button (appliance.faces.panel), when enabled
+        self.claim_until: datetime.datetime | None = None
+        self.auth_epoch = 0                        # bumped when the admin password is reset
+        self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
+        self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
+        self.suggestions: dict[str, str] = {}      # profile matches for new devices
+
+    @staticmethod
+    def _read_site_error() -> str | None:
+        """What the image's site-apply found wrong in kalki.toml on the SD card, if anything."""
+        from appliance.system.site import ERROR_FILE
+        try:
+            return ERROR_FILE.read_text().strip() or None
+        except OSError:
+            return None
+
+    # -- the rules ------------------------------------------------------------------------
+    def _rules(self) -> list[policy.Rule]:
+        rules = policy.builtin_rules()
+        for p in self.profiles.values():
+            rules += p.rules
+        for i, r in enumerate(self.store.rules()):
+            data = {k: v for k, v in r.items() if k not in ("updated",)}
+            rules.append(policy.parse_rule(data, f"site rule {r.get('name', i)}", source="site"))
+        return rules
+
+    # -- policy.Facts ---------------------------------------------------------------------
+    def now(self) -> datetime.datetime:
+        return self.clock.now()
+
+    def devices(self) -> list[str]:
+        return list(self.known)
+
+    def device_type(self, device: str) -> str | None:
+        d = self.known.get(device)
+        return d.get("type") if d else None
+
+    def group_of(self, device: str) -> str | None:
+        d = self.known.get(device)
+        return d.get("group") if d else None
+
+    def alerts(self, device, types, since) -> int:
+        # newest first, stopping at the window's start: up to 20,000 are kept
+        count = 0
+        for at, dev, typ in reversed(self._alerts):
+            if at < since:
+                break
+            if (device is None or dev == device) and (types is None or typ in types):
+                count += 1
+        return count
+
+    def telemetry(self, device, field, last=None, since=None) -> list:
+        # newest first, stopping as soon as the window or the count is full: this runs for
+        # every rule on every report
+        values = []
+        since = since.timestamp() if since is not None else None
+        for at, payload in reversed(self._telemetry.get(device, ())):
+            if since is not None and at < since:
+                break
+            if field in payload:
+                values.append(payload[field])
+                if last is not None and len(values) >= last:
+                    break
+        values.reverse()
+        return values
+
+    def recent_telemetry(self, device: str, limit: int = 20) -> list[tuple[datetime.datetime, dict]]:
+        """The device's last reports, newest first, for people to read."""
+        rows = list(self._telemetry.get(device, ()))[-limit:]
+        tz = self.now().tzinfo
+        return [(datetime.datetime.fromtimestamp(at, tz), payload) for at, payload in reversed(rows)]
+
+    def posture(self, device: str) -> str:
+        d = self.known.get(device)
+        return d["posture"] if d else "unknown"
+
+    def settings(self) -> dict:
+        p = self.cfg.policy
+        stored = self.store.settings()
+        return {"business_hours": stored.get("business_hours") or
+                {"days": p.business_days, "start": p.business_start, "end": p.business_end},
+                "timezone": stored.get("timezone") if stored.get("timezone") not in (None, "UTC")
+                else p.timezone}
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        g = self.cfg.gateway
+        settings = GatewaySettings(devices_if=g.devices_interface, uplink_if=g.uplink_interface,
+                                   gateway_ip=g.address, lan=g.lan, gate_port=g.gate_port,
+                                   mqtt_port=self.cfg.mqtt.port)
+        self.dp = Dataplane.open(g.instance, g.namespace or None, settings)
+        self.reconcile_report = self.dp.reconcile(self._wanted())
+        self.store.audit("reconcile", "supervisor", self.reconcile_report)
+        log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+        self.loop.add_reader(self.dp._ring.fileno(), self._on_kernel_events)
+        self._connect_mqtt()
+        await self._start_control()
+        self._start_neighbour_monitor()
+        from appliance.telemetry.adapters import HueAdapter, load_credentials
+        credentials = load_credentials(self.cfg.adapters.credentials_file)
+        if credentials:
+            self.adapter = HueAdapter(self, credentials)
+            self.adapter.start()
+        if self.cfg.web.enabled:
+            from appliance.faces.web import start_web
+            self.web = await start_web(self)
+        if self.cfg.panel.enabled:
+            from appliance.faces.panel import Panel
+            self.panel = Panel(self)
+        self.loop.create_task(self._ticker())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        # What start-up made (modules, profiles, rules, the store) lives as long as the
+        # process: out of the collector's sight. And the collector runs from the ticker, between
+        # events, never whenever an allocation count trips it: collections in the middle of
+        # moving 25 cameras put milliseconds on the slowest decisions.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        print(f"kalki: protection enforced for {len(self._wanted())} devices "
+              f"(resident memory {_resident_mb()})", flush=True)
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            if self.web:
+                await self.web.cleanup()
+                self.web = None
+            self.close()
+
+    def close(self) -> None:
+        """Stops listening; what is in the kernel stays and keeps protecting."""
+        if self.panel:
+            self.panel.close()
+            self.panel = None
+        if self.adapter:
+            self.adapter.close()
+            self.adapter = None
+        if self.bus:
+            self.bus.close()
+            self.bus = None
+        if self.dp:
+            if self.loop:
+                self.loop.remove_reader(self.dp._ring.fileno())
+            self.dp.close()
+        if self._control_server:
+            self._control_server.close()
+        self.store.close()
+
+    def _wanted(self) -> list[DeviceSpec]:
+        out = []
+        for d in self.known.values():
+            if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
+                stack = self.profiles[d["type"]].stack(d["posture"])
+                out.append(DeviceSpec(d["name"], d["mac"], d["ip"], stack,
+                                      POSTURE_CODES.get(d["posture"], 0)))
+        return out
+
+    # -- MQTT -----------------------------------------------------------------------------
+    def _connect_mqtt(self) -> None:
+        m = self.cfg.mqtt
+        try:
+            password = Path(m.password_file).read_text().strip()
+        except OSError as e:
+            log.warning("MQTT off: cannot read %s: %s", m.password_file, e)
+            return
+        from appliance.telemetry.mqtt import Bus
+        self.bus = Bus(m.host, m.port, m.user, password, m.base, known_device=self.known.__contains__,
+                       on_telemetry=self._on_telemetry, on_availability=self._on_availability,
+                       on_denied=self._on_denied, loop=self.loop, max_payload=m.max_payload)
+        for name, d in self.known.items():
+            if d.get("approved"):
+                self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
+                self.bus.publish_discovery(name, d.get("type") or "generic")
+
+    def _on_telemetry(self, device: str, payload: dict) -> None:
+        received = time.monotonic_ns()
+        self.counters["telemetry"] += 1
+        kept = self._telemetry.get(device)
+        if kept is None:
+            kept = self._telemetry[device] = collections.deque(maxlen=TELEMETRY_KEPT)
+        elif kept[-1][1] == payload:
+            payload = kept[-1][1]    # the same report again (most sensors repeat themselves): share it
+        # (POSIX seconds, payload): a float is half a datetime, and 64 reports x 1,000 devices add up
+        kept.append((self.now().timestamp(), payload))
+        self._evaluate(policy.Stimulus("telemetry", device, payload, received))
+
+    def _on_availability(self, device: str, state: str) -> None:
+        self.availability[device] = state
+
+    def _on_denied(self, user: str, topic: str, count: int) -> None:
+        """The broker refused a device's publishes outside its own topic (speaking for another
+        device, or sending commands): an alert, and no posture change by itself, as a
+        misconfigured device does the same."""
+        self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
+                         {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
+
+    # -- kernel events --------------------------------------------------------------------
+    def _on_kernel_events(self) -> None:
+        received = time.monotonic_ns()
+        for e in self.dp.events(limit=512):
+            kind = KERNEL_ALERTS.get(e["reason"])
+            device = e["device"]
+            if not kind or not isinstance(device, str) or device not in self.known:
+                continue
+            if kind == "port-scan" and e["src"] == self.known[device].get("ip"):
+                kind = "port-scan-outbound"   # the device itself scans others
+            if kind == "spoofing" and self._leased(device, e["src"]):
+                continue
+            self.raise_alert(device, kind, "kernel", e, received)
+
+    def _leased(self, device: str, src: str) -> bool:
+        """A device's first packets from the address the DHCP server has just leased it can
+        come before the server's lease event (its script takes 0.1-0.2 s to reach us): the
+        lease file, written as the lease is made, says it is the device's new address, not
+        a spoof. The address is taken at once; the packets before it were dropped."""
+        mac = self.known[device]["mac"]
+        try:
+            leases = Path(self.cfg.gateway.dhcp_leases).read_text(errors="replace")
+        except OSError:
+            return False
+        for line in leases.splitlines():
+            fields = line.split()    # expiry MAC address hostname client-id
+            if len(fields) >= 3 and fields[1].lower() == mac and fields[2] == src:
+                log.info("%s: first packets from %s, its new lease: renumbered, not spoofing",
+                         device, src)
+                self.discovered(mac, src)
+                return True
+        return False
+
+    def raise_alert(self, device: str | None, kind: str, source: str, details: dict,
+                    received_ns: int, rule: str | None = None, severity: str | None = None) -> dict:
+        alert = {"device": device, "type": kind, "source": source,
+                 "severity": severity or severity_of(kind), "details": details,
+                 "at": iso(self.now())}
+        self._alerts.append((self.now(), device, kind))
+        self.counters["alerts"] += 1
+        data = {"type": kind, **({"rule": rule} if rule else {})}
+        # Enforce first: the rules read alerts from memory, and the records can wait.
+        self._evaluate(policy.Stimulus("alert", device, data, received_ns))
+        self.store.add_alert(alert)
+        if self.bus:
+            self.bus.publish_alert(alert)
+        self.notify({"kind": "alert", **alert})
+        return alert
+
+    # -- decisions ------------------------------------------------------------------------
+    def maintenance_active(self) -> bool:
+        until = self.store.maintenance_until()
+        return bool(until) and datetime.datetime.fromisoformat(until) > self.now()
+
+    def _evaluate(self, stimulus: policy.Stimulus) -> None:
+        if self.maintenance_active():
+            return
+        try:
+            decisions = self.engine.evaluate(stimulus, self)
+        except KalkiError as e:
+            log.error("policy evaluation failed: %s", e)
+            return
+        with self.store.batch():     # one write for everything this stimulus changed
+            for d in decisions:
+                self._execute(d)
+
+    def _execute(self, d: policy.Decision) -> None:
+        done = []
+        enforced = self._carry_out(d, done)
+        for a in d.actions:
+            if a.kind == "alert":
+                params = {k: v for k, v in a.params.items() if k not in ("type", "severity")}
+                self.raise_alert(d.device or (a.targets[0] if a.targets else None), a.params["type"],
+                                 "rule", params, d.decided_ns, rule=d.rule,
+                                 severity=a.params.get("severity"))
+                done.append({"action": "alert", **a.params})
+        self._record_decision(d, done, enforced)
+
+    def _carry_out(self, d: policy.Decision, done: list) -> tuple[int, int] | None:
+        """The decision's postures first, all in force together (one nftables transaction),
+        then its commands. Returns when the postures were in XDP and when all of them were
+        read back from the kernel (set_postures)."""
+        changes, steps = [], []
+        for a in d.actions:
+            if a.kind != "set_posture":
+                continue
+            for target in a.targets:
+                step = {"action": a.kind, "target": target, **a.params}
+                current = self.posture(target)
+                if stricter(current, a.params["posture"]):
+                    # Rules only escalate; lowering is for the operator and expiries.
+                    done.append({**step, "skipped": f"{target} is already {current}"})
+                    continue
+                try:
+                    self._check_posture(target, a.params["posture"], a.params.get("for_seconds"))
+                except KalkiError as e:
+                    log.error("rule %s: set_posture on %s failed: %s", d.rule, target, e)
+                    done.append({**step, "error": str(e)})
+                    continue
+                changes.append((target, a.params["posture"], a.params.get("for_seconds")))
+                steps.append(step)
+        enforced = None
+        if changes:
+            try:
+                enforced = self.set_postures(changes, f"rule {d.rule}", actor=f"rule {d.rule}")
+            except KalkiError as e:     # a refused batch is put back whole (Dataplane.batch)
+                log.error("rule %s: the data path refused its postures: %s", d.rule, e)
+                steps = [{**step, "error": str(e)} for step in steps]
+        done.extend(steps)
+        for a in d.actions:
+            if a.kind != "command":
+                continue
+            for target in a.targets:
+                step = {"action": a.kind, "target": target, **a.params}
+                try:
+                    if self.adapter and self.adapter.handles(target):
+                        self.loop.create_task(self._adapter_command(target, a.params["payload"]))
+                    elif self.bus:
+                        self.bus.send_command(target, a.params["payload"])
+                except KalkiError as e:
+                    log.error("rule %s: command to %s failed: %s", d.rule, target, e)
+                    step["error"] = str(e)
+                done.append(step)
+        return enforced
+
+    def _record_decision(self, d: policy.Decision, done: list, enforced: tuple[int, int] | None) -> None:
+        s = d.stimulus
+        rec = {"kind": "decision", "rule": d.rule, "device": d.device,
+               "stimulus": {"kind": s.kind, "device": s.device, "data": s.data},
+               "actions": done, "at": iso(self.now()),
+               "timing_ms": {"decide": round((d.decided_ns - s.received_ns) / 1e6, 3),
+                             "xdp": round((enforced[0] - s.received_ns) / 1e6, 3) if enforced else None,
+                             "enforce": round((enforced[1] - s.received_ns) / 1e6, 3)
+                             if enforced else None}}
+        self.store.add_decision(rec)
+        self.notify(rec)
+        self.counters["decisions"] += 1
+        if self.bus:
+            self.bus.publish_decision(rec)
+
+    async def _adapter_command(self, name: str, payload: dict) -> None:
+        try:
+            await self.adapter.command(name, payload)
+        except (OSError, asyncio.TimeoutError, ValueError, KalkiError) as e:
+            log.error("command %s to %s failed: %s", payload, name, e)
+
+    def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
+                    actor: str = "operator") -> int:
+        """Enforces a posture and reads it back; returns the monotonic ns it was confirmed."""
+        return self.set_postures([(name, posture, for_seconds)], reason, actor)[1]
+
+    def _check_posture(self, name: str, posture: str, for_seconds: int | None) -> tuple[dict, int]:
+        """(the device, the posture's code); raises if the change cannot be made."""
+        d = self._device(name)
+        if not d.get("approved") or d.get("type") not in self.profiles:
+            raise ConfigError(f"device {name}: approve it with a type before setting its posture")
+        check_posture(posture, f"device {name}")
+        if for_seconds is not None and (isinstance(for_seconds, bool) or not isinstance(for_seconds, int)
+                                        or for_seconds <= 0):
+            raise ConfigError(f"device {name}: duration must be a positive number of seconds")
+        return d, POSTURE_CODES.get(posture, 0)
+
+    def set_postures(self, changes: list[tuple[str, str, int | None]], reason: str,
+                     actor: str = "operator") -> tuple[int, int]:
+        """Puts several (device, posture, seconds or None) in force together: all are checked
+        before any changes; each device's XDP entry is in force as it is written and nftables'
+        part of all of them is one transaction. The records, the MQTT messages and the rules
+        that watch postures follow once every device is read back from the kernel. Returns the
+        monotonic ns when every XDP entry was written and when all was read back."""
+        checked = [(name, posture, seconds, *self._check_posture(name, posture, seconds))
+                   for name, posture, seconds in changes]
+        with self.dp.batch():
+            for name, posture, _, d, code in checked:
+                stack = self.profiles[d["type"]].stack(posture)
+                self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
+            xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
+        devices = self.dp._maps["kalki_devices"]
+        for name, posture, _, _, code in checked:
+            entry = devices.lookup(ctypes.c_uint32(self.dp.device_id(name)))
+            if entry is None or entry.posture != code:
+                raise KalkiError(f"device {name}: the kernel does not show posture {posture} "
+                                 "after applying it")
+        enforced = time.monotonic_ns()
+        now = self.now()
+        moved = []
+        with self.store.batch():     # one write to the SD card, all or nothing
+            for name, posture, for_seconds, d, _ in checked:
+                revert_to = None
+                if for_seconds:
+                    revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
+                changed = posture != d["posture"]
+                self._update_device(name, posture=posture,
+                                    posture_expires=iso(now + datetime.timedelta(seconds=for_seconds))
+                                    if for_seconds else None, posture_revert_to=revert_to)
+                if changed:
+                    moved.append((name, posture))
+                    self.store.record_posture(name, posture, reason)
+                    self.store.audit("posture", actor, {"device": name, "posture": posture,
+                                                        "reason": reason, "for_seconds": for_seconds})
+        for name, posture in moved:
+            if self.bus:
+                self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
+            self.notify({"kind": "posture", "device": name, "posture": posture, "reason": reason})
+        for name, posture in moved:
+            self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
+        return xdp, enforced
+
+    # -- devices --------------------------------------------------------------------------
+    def _device(self, name: str) -> dict:
+        try:
+            return self.known[name]
+        except KeyError:
+            raise UnknownDeviceError(f"device {name!r} does not exist") from None
+
+    def _update_device(self, name: str, **fields) -> None:
+        if name in self.known:
+            self.known[name] = self.store.update_device(name, **fields)
+
+    def add_device(self, name: str, mac: str, ip: str, type: str | None = None,
+                   approve: bool = False, group: str | None = None, actor: str = "operator") -> dict:
+        DeviceSpec(name, mac, ip).checked()
+        if type is not None and type not in self.profiles:
+            raise ConfigError(f"device {name}: unknown type {type!r} (known: {', '.join(self.profiles)})")
+        for other in self.known.values():
+            if other["name"] != name and other["mac"] == mac.lower():
+                raise ConfigError(f"device {name}: MAC {mac} already belongs to {other['name']}")
+        self.known[name] = self.store.upsert_device(name, mac.lower(), ip=ip, type=type, group=group)
+        self.store.audit("device-add", actor, {"device": name, "mac": mac, "ip": ip, "type": type})
+        self.notify({"kind": "device", "device": name, "event": "added"})
+        if approve:
+            self.approve(name, type, actor=actor)
+        return self.known[name]
+
+    def approve(self, name: str, type: str | None, actor: str = "operator") -> dict:
+        d = self._device(name)
+        type = type or d.get("type")
+        if type not in self.profiles:
+            raise ConfigError(f"device {name}: give a type to approve it (known: {', '.join(self.profiles)})")
+        if not d.get("ip"):
+            raise ConfigError(f"device {name}: no address known yet")
+        self._update_device(name, type=type, approved=True)
+        self.store.audit("approve", actor, {"device": name, "type": type})
+        self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
+        if self.bus:
+            self.bus.publish_discovery(name, type)
+        return self.known[name]
+
+    def remove(self, name: str, actor: str = "operator") -> None:
+        self._device(name)
+        if name in self.dp.devices:
+            self.dp.remove(name)
+        self.store.remove_device(name)
+        del self.known[name]
+        self.store.audit("remove", actor, {"device": name})
+        self.notify({"kind": "device", "device": name, "event": "removed"})
+        if self.bus:
+            self.bus.remove_discovery(name)
+
+    def discovered(self, mac: str, ip: str, identity: dict | None = None) -> None:
+        """A device seen on the device side (neighbour table or DHCP lease)."""
+        mac = mac.lower()
+        identity = {k: v for k, v in (identity or {}).items()
+                    if k in ("hostname", "client_id", "vendor_class") and isinstance(v, str) and v}
+        known = next((d for d in self.known.values() if d["mac"] == mac), None)
+        if known:   # identity is the MAC: the same device, perhaps at a new address
+            if identity and any(known["identity"].get(k) != v for k, v in identity.items()):
+                self._update_device(known["name"], identity=identity)
+                if not known.get("approved"):
+                    self._suggest(known["name"])
+            if known.get("ip") != ip:
+                self._update_device(known["name"], ip=ip)
+                if known.get("approved"):
+                    self.set_posture(known["name"], known["posture"], "address changed", actor="discovery")
+            return
+        name = device_name_for(identity.get("hostname", ""), mac, self.known)
+        self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity,
+                                                      approved=False, posture="unknown")
+        suggestion = self._suggest(name)
+        self.raise_alert(name, "new-device", "discovery", {"mac": mac, "ip": ip,
+                                                           "suggested_type": suggestion},
+                         time.monotonic_ns())
+
+    def _suggest(self, name: str) -> str | None:
+        """The profile a new device seems to fit; shown to the operator, who decides."""
+        d = self.known[name]
+        suggestion = next((t for t, p in self.profiles.items()
+                           if p.matches(d["mac"], d.get("identity") or {})), None)
+        if suggestion:
+            self.suggestions[name] = suggestion
+        return suggestion
+
+    def _start_neighbour_monitor(self) -> None:
+        """Devices appear in the gateway's neighbour table when they first talk to it. A
+        netlink socket subscribed to neighbour events, read on the loop (no thread). The table
+        as it is now comes from one dump at start."""
+        import ipaddress
+        import subprocess
+        ifname = self.cfg.gateway.devices_interface
+        net = ipaddress.IPv4Network(self.cfg.gateway.lan)
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError:
+            log.warning("neighbour monitor: no interface %s", ifname)
+            return
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_NEIGH))
+        self._neigh_sock = sock
+
+        def seen(mac, ip):
+            try:
+                if mac and ip and ipaddress.IPv4Address(ip) in net:
+                    self.discovered(mac, ip)
+            except (ValueError, KalkiError) as e:
+                log.warning("neighbour %s %s: %s", mac, ip, e)
+
+        def readable():
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < 16:
+                    break
+                if kind == RTM_NEWNEIGH:
+                    neighbour = parse_neighbour(data[offset + 16:offset + length])
+                    if neighbour and neighbour[0] == ifindex:
+                        seen(neighbour[1], neighbour[2])
+                offset += (length + 3) & ~3
+
+        self.loop.add_reader(sock.fileno(), readable)
+        out = subprocess.run(["ip", "-j", "neigh", "show", "dev", ifname], capture_output=True, text=True)
+        for n in json.loads(out.stdout or "[]"):
+            seen(n.get("lladdr"), n.get("dst"))
+
+    # -- listeners (the web page's live view, the LEDs) -----------------------------------
+    def subscribe(self) -> asyncio.Queue:
+        """A queue of events: {"kind": "posture"|"alert"|"decision"|"device"|"panel", ...}."""
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self._listeners.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._listeners.discard(q)
+
+    def notify(self, event: dict) -> None:
+        for q in list(self._listeners):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:    # a stalled reader loses events, not the supervisor
+                pass
+
+    def summary(self) -> str:
+        """What the posture LEDs show: "alert" (any attack or quarantine), "warning" (any
+        suspicious, or a new device waiting for approval), "normal"."""
+        postures = {d["posture"] for d in self.known.values() if d.get("approved")}
+        waiting = any(not d.get("approved") for d in self.known.values())
+        if postures & {"attack", "quarantine"}:
+            return "alert"
+        if "suspicious" in postures or waiting:
+            return "warning"
+        return "normal"
+
+    # -- the technician's button ----------------------------------------------------------
+    def open_claim_window(self, minutes: int = 5, actor: str = "button") -> None:
+        self.claim_until = self.now() + datetime.timedelta(minutes=minutes)
+        self.store.audit("claim-window", actor, {"until": iso(self.claim_until)})
+        self.notify({"kind": "panel", "event": "claim-window", "until": iso(self.claim_until)})
+
+    def claim_open(self) -> bool:
+        return self.claim_until is not None and self.now() < self.claim_until
+
+    def reset_admin(self, actor: str = "button") -> None:
+        """Held 5 s: the admin password and every session go; devices and protection stay."""
+        self.store.set_setting("admin", None)
+        self.auth_epoch += 1
+        self.store.audit("admin-reset", actor, {})
+        self.notify({"kind": "panel", "event": "admin-reset"})
+
+    def factory_reset(self, actor: str = "button") -> None:
+        """Held 15 s: the store back to defaults and every device back to unknown, which the
+        data path keeps closed."""
+        for name in list(self.known):
+            if name in self.dp.devices:
+                self.dp.remove(name)
+        with self.store.batch():
+            for name in list(self.known):
+                self.store.remove_device(name)
+            for rule in self.store.rules():
+                self.store.delete_rule(rule["name"])
+            self.store.set_setting("admin", None)
+            self.store.set_maintenance(None)
+        self.known.clear()
+        self.auth_epoch += 1
+        self.store.audit("factory-reset", actor, {})
+        self.notify({"kind": "panel", "event": "factory-reset"})
+
+    # -- timers ---------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        last_prune = last_flush = time.monotonic()
+        ticks = 0
+        last_error, last_error_at = "", 0.0
+        while not self._stop.is_set():
+            await asyncio.sleep(0.25)
+            self.heartbeat = time.monotonic()
+            ticks += 1
+            # the young generations every tick, everything every 15 s
+            generation = 2 if ticks % 60 == 0 else 1
+            started = time.perf_counter()
+            gc.collect(generation)
+            pause_ms = (time.perf_counter() - started) * 1e3
+            self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
+            try:
+                self._expire_postures()
+                if time.monotonic() - last_flush >= 1:
+                    last_flush = time.monotonic()
+                    await self.store.flush_behind()
+                if time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    self.store.prune()
+            except KalkiError as e:
+                # The SD card full or failing: the heartbeat, the expiries and the collections
+                # must go on; say so once a minute, not every tick.
+                if str(e) != last_error or time.monotonic() - last_error_at > 60:
+                    log.error("ticker: %s", e)
+                    last_error, last_error_at = str(e), time.monotonic()
+
+    def _expire_postures(self) -> None:
+        now = self.now()
+        for name, d in list(self.known.items()):
+            exp = d.get("posture_expires")
+            if exp and datetime.datetime.fromisoformat(exp) <= now:
+                try:
+                    self.set_posture(name, d.get("posture_revert_to") or "normal", "expired",
+                                     actor="timer")
+                except KalkiError as e:
+                    log.error("reverting %s: %s", name, e)
+                    self._update_device(name, posture_expires=None)
+
+    # -- the control socket ---------------------------------------------------------------
+    async def _start_control(self) -> None:
+        from appliance.supervisor import control
+        path = Path(self.cfg.control.socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        old = os.umask(0o077)     # root-only: the socket can change postures
+        try:
+            self._control_server = await asyncio.start_unix_server(
+                lambda r, w: control.serve_client(self, r, w), path=str(path))
+        finally:
+            os.umask(old)
+
+
+def _resident_mb() -> str:
+    """VmRSS, for the start-up line that the serial console and the image's boot test show."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return f"{int(line.split()[1]) / 1024:.1f} MB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "unknown"
+
+
+def main(config_path: str) -> int:
+    from appliance.config import load
+    cfg = load(config_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sup = Supervisor(cfg)
+    asyncio.run(sup.run())
+    return 0

@@ -1,0 +1,1 @@
+"""The appliance's own services around the supervisor: the site file, Mosquitto, dnsmasq."""

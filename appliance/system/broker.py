@@ -1,0 +1,287 @@
+"""Mosquitto, configured by the project: no anonymous clients, one password per device,
+and an ACL that lets a device speak only under its own topic.
+
+    broker = Broker(Path("/run/kalki/mqtt"), port=1883, users={"kalki": pw, "light1": pw1})
+    with broker:
+        broker.add_user("plug2", random_password())   # no restart: SIGHUP re-reads the files
+"""
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+from pathlib import Path
+
+from appliance import netns
+from appliance import HOME
+from appliance.errors import ConfigError, KalkiError
+from appliance.vocab import check_device_name
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+MAX_PACKET_SIZE = 65536  # the broker drops the connection of a client sending more
+PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.x writes by default
+RESERVED_NAMES = {"bridge"}  # <base>/bridge/... belongs to the supervisor
+
+# MQTT 3.1.1 CONNECT, clean session, empty client id, no credentials.
+ANONYMOUS_CONNECT = bytes.fromhex("100c00044d5154540402003c0000")
+
+CONF = "mosquitto.conf"
+PASSWORDS = "passwords"
+ACL = "acl"
+LOG = "mosquitto.log"
+OUTPUT = "mosquitto.out"  # stderr: errors from before the log file is opened
+# The plugin that counts the publishes the ACL refuses (mosquitto/kalki_denials.c), built by
+# scripts/setup.sh, and for the SD-card image by image/stages/30-appliance.sh.
+DENIALS_PLUGIN = HOME / "build" / "kalki_denials.so"
+
+
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+
+
+def random_password() -> str:
+    # Letters and digits only: a password that begins with '-' reads as an option to argparse,
+    # mosquitto_pub -P and every other command line a technician or a script passes it to.
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(32))
+
+
+def check_name(name: str, what: str = "device name") -> str:
+    """Names become topic levels and ACL %u substitutions (vocab.DEVICE_NAME)."""
+    return check_device_name(name, what)
+
+
+def hash_password(password: str) -> str:
+    """Mosquitto 2.x's PBKDF2-SHA512 format, the same as `mosquitto_passwd -b` writes."""
+    if not password or "\n" in password:
+        raise ConfigError("a broker password must be non-empty and one line")
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS, 64)
+    return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _write(path: Path, text: str, mode: int = 0o600) -> None:
+    # The broker may re-read these on SIGHUP at any moment: never let it see half a file.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
+                 users: dict[str, str] | None = None, supervisor_user: str = "kalki",
+                 base: str = "kalki", run_as: str | None = None,
+                 denials_plugin: Path | None = DENIALS_PLUGIN) -> Path:
+    """Write mosquitto.conf, the password file and the ACL into directory; returns the conf.
+
+    users maps user name to password: the supervisor_user may read and write everything,
+    every other user is a device. run_as is the account mosquitto drops to when started as
+    root; by default the current one, which can read the files written here. The denials
+    plugin is loaded when it is there: without it the broker refuses the same publishes,
+    and nobody counts them.
+    """
+    directory = Path(directory)
+    users = dict(users or {})
+    check_name(supervisor_user, "supervisor user")
+    check_name(base, "topic base")
+    for name in users:
+        check_name(name, "broker user")
+        if name in RESERVED_NAMES:
+            raise ConfigError(f"broker user {name!r} is reserved for the supervisor's topics")
+    if not 0 < port < 65536:
+        raise ConfigError(f"broker port {port} is out of range")
+    run_as = run_as or getpass.getuser()
+    directory.mkdir(parents=True, exist_ok=True)
+
+    _write(directory / PASSWORDS, "".join(f"{u}:{hash_password(p)}\n" for u, p in users.items()))
+    # Patterns apply to every user; %u is the authenticated user name, so a device can only
+    # publish under its own topic and only read its own commands.
+    _write(directory / ACL, "\n".join([
+        f"user {supervisor_user}",
+        "topic readwrite #",
+        "",
+        f"pattern write {base}/%u",
+        f"pattern write {base}/%u/availability",
+        f"pattern read {base}/%u/set",
+        f"pattern read {base}/bridge/state",
+        "",
+    ]))
+    conf = directory / CONF
+    _write(conf, "\n".join([
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "persistence false",
+        f"user {run_as}",
+        f"listener {port} {listen}",
+        f"password_file {directory / PASSWORDS}",
+        f"acl_file {directory / ACL}",
+        f"max_packet_size {MAX_PACKET_SIZE}",
+        f"log_dest file {directory / LOG}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",  # includes "Reloading config.", which reload() waits for
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        *([f"plugin {denials_plugin}", f"plugin_opt_base {base}",
+           f"plugin_opt_supervisor {supervisor_user}"]
+          if denials_plugin and Path(denials_plugin).is_file() else []),
+        "",
+    ]), 0o644)
+    if os.geteuid() == 0 and run_as != getpass.getuser():
+        for path in (directory, directory / PASSWORDS, directory / ACL):
+            shutil.chown(path, user=run_as)
+    return conf
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+class Broker:
+    """One mosquitto process and the files it runs from."""
+
+    def __init__(self, directory: Path, listen: str = "127.0.0.1", port: int = 1883,
+                 users: dict[str, str] | None = None, supervisor_user: str = "kalki",
+                 base: str = "kalki", run_as: str | None = None, binary: str = MOSQUITTO):
+        self.directory = Path(directory)
+        self.listen = listen
+        self.port = port
+        self.users = dict(users or {})
+        self.supervisor_user = supervisor_user
+        self.base = base
+        self.run_as = run_as
+        self.binary = binary
+        self.namespace: str | None = None
+        self._process: subprocess.Popen | None = None
+        self.conf = self._write()
+
+    def _write(self) -> Path:
+        return write_config(self.directory, self.listen, self.port, self.users,
+                            self.supervisor_user, self.base, self.run_as)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, namespace: str | None = None, timeout: float = 10.0) -> Broker:
+        if self.running:
+            raise KalkiError(f"mosquitto on port {self.port} is already running (pid {self.pid})")
+        self.namespace = namespace
+        if self._accepts_connections():
+            # Otherwise we would take someone else's listener for ours.
+            raise KalkiError(f"port {self.port} on {self._connect_host()} is already in use")
+        command = [self.binary, "-c", str(self.conf)]
+        if namespace:
+            # nsenter execs mosquitto in place, so the pid we hold is the broker's own.
+            command = ["nsenter", f"--net={netns.path(namespace)}", *command]
+        with open(self.directory / OUTPUT, "ab") as output:
+            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_listening(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.listen in ("0.0.0.0", "") else self.listen
+
+    def _accepts_connections(self) -> bool:
+        try:
+            with netns.entered(self.namespace), socket.create_connection(
+                    (self._connect_host(), self.port), 0.5):
+                return True
+        except OSError:
+            return False
+
+    def _wait_listening(self, timeout: float) -> None:
+        host = self._connect_host()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise KalkiError(f"mosquitto exited with status {self._process.returncode} "
+                                 f"before listening on {host}:{self.port}:\n{self.log_tail()}")
+            if self._accepts_connections():
+                return
+            if time.monotonic() > deadline:
+                raise KalkiError(f"mosquitto is not listening on {host}:{self.port} after "
+                                 f"{timeout:g}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        tail = []
+        for name in (OUTPUT, LOG):
+            try:
+                tail += (self.directory / name).read_text(errors="replace").splitlines()[-lines:]
+            except FileNotFoundError:
+                pass
+        return "\n".join(tail) or "(no broker output)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def reload(self, timeout: float = 5.0) -> None:
+        """SIGHUP: mosquitto re-reads the password and ACL files; waits until it has."""
+        if not self.running:
+            return  # the files are read at the next start anyway
+        log = self.directory / LOG
+        offset = log.stat().st_size  # the log only grows; read just what the reload adds
+        self._process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while b"Reloading config" not in _read_from(log, offset):
+            if time.monotonic() > deadline:
+                raise KalkiError(f"mosquitto on port {self.port} did not reload within "
+                                 f"{timeout:g}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        # The line is logged just before the files are re-read; mosquitto is single-threaded,
+        # so once it answers a connection the reload is complete.
+        self._round_trip()
+
+    def _round_trip(self) -> None:
+        host = self._connect_host()
+        with netns.entered(self.namespace), socket.create_connection((host, self.port), 5) as s:
+            s.sendall(ANONYMOUS_CONNECT)
+            s.settimeout(5)
+            s.recv(4)  # CONNACK (refused: anonymous)
+
+    def add_user(self, name: str, password: str) -> None:
+        check_name(name, "broker user")
+        self.users[name] = password
+        self._write()
+        self.reload()
+
+    def remove_user(self, name: str) -> None:
+        if self.users.pop(name, None) is None:
+            return
+        self._write()
+        self.reload()
+
+    def __enter__(self) -> Broker:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

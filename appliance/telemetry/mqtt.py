@@ -1,0 +1,291 @@
+"""The supervisor's side of MQTT, with Zigbee2MQTT-style topics:
+
+    <base>/<device>                 device telemetry, a flat JSON object   (device -> us)
+    <base>/<device>/availability    "online" / "offline", retained         (device -> us)
+    <base>/<device>/set             commands                               (us -> device)
+    <base>/<device>/posture         {"posture", "since"}, retained         (us -> anyone)
+    <base>/bridge/state             {"state": "online"|"offline"}, retained; our last will
+    <base>/bridge/alerts, <base>/bridge/decisions
+    <base>/bridge/denied            what the broker refused to devices, once a second at most
+                                    (mosquitto/kalki_denials.c)                (broker -> us)
+    homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery
+
+Everything a device sends is untrusted: it is checked here and counted in `rejected` by
+reason, never raised into paho's network thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from appliance.system.broker import check_name
+from appliance.errors import KalkiError
+
+log = logging.getLogger("kalki.mqtt")
+
+DISCOVERY_PREFIX = "homeassistant"
+MAX_KEYS = 64
+LOG_EVERY = 10.0  # seconds between log lines for one rejection reason
+AVAILABILITY = ("online", "offline")
+SCALARS = (str, int, float, bool, type(None))
+QUIET_SUFFIXES = {"posture", "set"}  # our own publications, if a wildcard ever echoes them
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python would otherwise accept NaN and Infinity
+
+
+class Bus:
+    def __init__(self, host: str, port: int, user: str, password: str, base: str = "kalki", *,
+                 known_device: Callable[[str], bool],
+                 on_telemetry: Callable[[str, dict], None],
+                 on_availability: Callable[[str, str], None],
+                 on_denied: Callable[[str, str, int], None] = lambda user, topic, count: None,
+                 loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096):
+        self.host, self.port, self.user, self.base = host, port, user, base
+        self.known_device = known_device
+        self.on_telemetry = on_telemetry
+        self.on_availability = on_availability
+        self.on_denied = on_denied
+        self.loop = loop
+        self.max_payload = max_payload
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.denied: collections.Counter[str] = collections.Counter()   # per broker user
+        self.state_topic = f"{base}/bridge/state"
+        self.denied_topic = f"{base}/bridge/denied"
+        self._last_logged: dict[str, float] = {}
+        self._connected = threading.Event()
+        self._refusal = "no answer yet"
+        self._closed = False
+
+        # A random suffix: a device that guessed our client id could make the broker kick us.
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"{user}-{secrets.token_hex(6)}")
+        self.client.username_pw_set(user, password)
+        self.client.will_set(self.state_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
+        self.client.reconnect_delay_set(1, 30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.connect_async(host, port)
+        self.client.loop_start()
+
+    # ------------------------------------------------------------ connection
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        if not self._connected.wait(timeout):
+            raise KalkiError(f"MQTT broker {self.host}:{self.port} did not accept user "
+                             f"{self.user!r} within {timeout:g}s: {self._refusal}")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refusal = str(reason_code)
+            log.warning("MQTT broker %s:%s refused %r: %s", self.host, self.port, self.user, reason_code)
+            return
+        client.publish(self.state_topic, json.dumps({"state": "online"}), qos=1, retain=True)
+        client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1),
+                          (self.denied_topic, 1)])
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._closed:
+            log.warning("MQTT connection to %s:%s lost: %s", self.host, self.port, reason_code)
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.client.is_connected():
+            # A clean disconnect suppresses the last will, so say it ourselves.
+            info = self.client.publish(self.state_topic, json.dumps({"state": "offline"}),
+                                       qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass  # the connection went at the same moment; the will covers it
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    # ------------------------------------------------------------ incoming
+
+    def _on_message(self, client, userdata, message) -> None:
+        # paho's thread: hand the raw message over, the checks call the supervisor.
+        if self.loop is None:
+            self.handle(message.topic, message.payload)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.handle, message.topic, message.payload)
+        except RuntimeError:
+            pass  # the loop is closed: we are shutting down
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Check one incoming message and pass it on, or count why not. Never raises."""
+        try:
+            if topic == self.denied_topic:
+                self._count_denied(payload)
+                return
+            parsed = self._check(topic, payload)
+            if parsed is None:
+                return
+            kind, device, value = parsed
+            if kind == "availability":
+                self.on_availability(device, value)
+            else:
+                self.on_telemetry(device, value)
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            self._log_rejection(exc.reason, topic, str(exc))
+        except Exception:
+            log.exception("handling MQTT message on %s failed", topic)
+
+    def _check(self, topic: str, payload: bytes) -> tuple[str, str, object] | None:
+        prefix = f"{self.base}/"
+        if not topic.startswith(prefix):
+            raise Rejected("bad_topic", "outside the base topic")
+        levels = topic[len(prefix):].split("/")
+        device = levels[0]
+        if device == "bridge" or (len(levels) == 2 and levels[1] in QUIET_SUFFIXES):
+            return None
+        if len(levels) > 2 or (len(levels) == 2 and levels[1] != "availability"):
+            raise Rejected("bad_topic", "not a device topic")
+        try:
+            check_name(device)
+        except KalkiError:
+            raise Rejected("bad_topic", f"bad device name {device!r}") from None
+        if not self.known_device(device):
+            raise Rejected("unknown_device", f"unknown device {device!r}")
+        if len(payload) > self.max_payload:
+            raise Rejected("oversized", f"{len(payload)} bytes from {device}")
+
+        if len(levels) == 2:
+            state = payload.decode("ascii", errors="replace")
+            if state not in AVAILABILITY:
+                raise Rejected("malformed", f"availability {state[:20]!r} from {device}")
+            return "availability", device, state
+
+        try:
+            data = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise Rejected("malformed", f"not JSON from {device}: {exc}") from None
+        if not isinstance(data, dict):
+            raise Rejected("malformed", f"telemetry from {device} is not a JSON object")
+        if len(data) > MAX_KEYS:
+            raise Rejected("malformed", f"{len(data)} keys from {device}")
+        for key, value in data.items():
+            if not isinstance(value, SCALARS) or (isinstance(value, float) and not math.isfinite(value)):
+                raise Rejected("malformed", f"{key!r} from {device} is not a scalar")
+        if "device" in data and data["device"] != device:
+            raise Rejected("forged", f"{device} claims to be {data['device']!r}")
+        return "telemetry", device, data
+
+    def _count_denied(self, payload: bytes) -> None:
+        """The broker's report of the publishes it refused to devices: only the broker and the
+        supervisor's own user can write this topic, and it is checked all the same."""
+        try:
+            report = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+            entries = report["denied"]
+            untracked = report.get("untracked", 0)
+            if not isinstance(entries, list) or not isinstance(untracked, int) or untracked < 0:
+                raise ValueError("bad shape")
+            checked = []
+            for e in entries:
+                user, topic, count = e["user"], e["topic"], e["count"]
+                if not (isinstance(user, str) and isinstance(topic, str)
+                        and isinstance(count, int) and count > 0):
+                    raise ValueError(f"bad entry {e!r}")
+                checked.append((user, topic, count))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Rejected("malformed", f"broker's denied report: {exc}") from None
+        if untracked:
+            self.rejected["denied"] += untracked
+            self.denied["(untracked)"] += untracked
+        for user, topic, count in checked:
+            self.rejected["denied"] += count
+            self.denied[user] += count
+            self._log_rejection("denied", topic, f"{user} may not publish there, {count} time(s)")
+            self.on_denied(user, topic, count)
+
+    def _log_rejection(self, reason: str, topic: str, detail: str) -> None:
+        # A flooding device must not flood the log as well.
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -LOG_EVERY) < LOG_EVERY:
+            return
+        self._last_logged[reason] = now
+        log.warning("rejected MQTT message on %s (%s): %s; %d %s so far",
+                    topic, reason, detail, self.rejected[reason], reason)
+
+    # ------------------------------------------------------------ outgoing
+
+    def _publish(self, topic: str, payload: dict | str, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        return self.client.publish(topic, text, qos=1, retain=retain)
+
+    def posture_topic(self, device: str) -> str:
+        return f"{self.base}/{check_name(device)}/posture"
+
+    def discovery_topic(self, device: str) -> str:
+        return f"{DISCOVERY_PREFIX}/sensor/kalki_{check_name(device)}/posture/config"
+
+    def publish_posture(self, device: str, posture: str, since_iso: str) -> mqtt.MQTTMessageInfo:
+        return self._publish(self.posture_topic(device), {"posture": posture, "since": since_iso},
+                             retain=True)
+
+    def publish_alert(self, alert: dict) -> mqtt.MQTTMessageInfo:
+        return self._publish(f"{self.base}/bridge/alerts", alert)
+
+    def publish_decision(self, decision: dict) -> mqtt.MQTTMessageInfo:
+        return self._publish(f"{self.base}/bridge/decisions", decision)
+
+    def publish_telemetry(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
+        """For a polled device (appliance.telemetry.adapters): its state where it would publish it."""
+        return self._publish(f"{self.base}/{device}", payload)
+
+    def send_command(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
+        return self._publish(f"{self.base}/{check_name(device)}/set", payload)
+
+    def discovery_config(self, device: str, device_type: str) -> dict:
+        return {
+            "name": "Posture",
+            "unique_id": f"kalki_{device}_posture",
+            "state_topic": self.posture_topic(device),
+            "value_template": "{{ value_json.posture }}",
+            "availability_topic": self.state_topic,
+            "availability_template": "{{ value_json.state }}",
+            "device": {"identifiers": [f"kalki_{device}"], "name": device,
+                       "model": device_type, "manufacturer": "Kalki"},
+        }
+
+    def publish_discovery(self, device: str, device_type: str) -> mqtt.MQTTMessageInfo:
+        return self._publish(self.discovery_topic(device),
+                             self.discovery_config(device, device_type), retain=True)
+
+    def remove_discovery(self, device: str) -> mqtt.MQTTMessageInfo:
+        # An empty retained payload clears the retained config; Home Assistant drops the entity.
+        return self._publish(self.discovery_topic(device), "", retain=True)
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+"""The appliance's words, each defined once: postures and their order, severities, alert kinds,
+days, and one validator each for a device name, a MAC address, a time of day (HH:MM), a time
+zone and business hours.
+
+Validators take `where` (the culprit, named in the message) and `error` (the exception class of
+the caller's layer: a store raises StoreError, a site file SiteError), so the rule is the same
+everywhere while each layer keeps its own exception.
+"""
+from __future__ import annotations
+
+import datetime
+import re
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from appliance.errors import ConfigError
+
+# -- postures -----------------------------------------------------------------------------------
+# The order is the kernel's code (kalki.h's posture field) and must not change.
+POSTURES = ("unknown", "normal", "suspicious", "attack", "quarantine")
+POSTURE_CODES = {p: i for i, p in enumerate(POSTURES)}
+SETTABLE_POSTURES = POSTURES[1:]      # an operator or a rule never sets "unknown"
+# How strict each posture is: a rule never lowers a posture that another raised.
+ESCALATION = {"unknown": 0, "normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
+
+
+def stricter(a: str, b: str) -> bool:
+    """True if posture `a` protects more than `b`."""
+    return ESCALATION.get(a, 0) > ESCALATION.get(b, 0)
+
+
+def check_posture(value, where: str, settable: bool = False, error: type[Exception] = ConfigError) -> str:
+    known = SETTABLE_POSTURES if settable else POSTURES
+    if value not in known:
+        raise error(f"{where}: unknown posture {value!r} (known: {', '.join(known)})")
+    return value
+
+
+# -- alerts -------------------------------------------------------------------------------------
+SEVERITIES = ("info", "warning", "critical")
+# Every alert kind the appliance raises itself, with its severity. Rules may raise others.
+ALERT_SEVERITY = {
+    "port-scan": "warning", "port-scan-outbound": "critical", "syn-flood": "critical",
+    "brute-force": "critical", "egress-anomaly": "warning", "spoofing": "critical",
+    "lateral-movement": "critical", "gateway-probe": "critical", "gate-login-failures": "warning",
+    "new-device": "info", "mqtt-denied": "warning",
+}
+ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery")
+
+
+def severity_of(kind: str) -> str:
+    return ALERT_SEVERITY.get(kind, "warning")
+
+
+# -- days and times -----------------------------------------------------------------------------
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WORKDAYS = DAYS[:5]
+
+
+def iso(at: datetime.datetime) -> str:
+    """The one form a time is stored and sent in: UTC, ISO 8601, microseconds."""
+    return at.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_hhmm(text, where: str, error: type[Exception] = ConfigError) -> int:
+    """'HH:MM' -> minutes after midnight."""
+    m = re.fullmatch(r"(\d{2}):(\d{2})", text) if isinstance(text, str) else None
+    if not m or int(m[1]) > 23 or int(m[2]) > 59:
+        raise error(f"{where}: invalid time {text!r} (HH:MM, 00:00 to 23:59)")
+    return int(m[1]) * 60 + int(m[2])
+
+
+def check_days(value, where: str, error: type[Exception] = ConfigError) -> tuple[str, ...]:
+    """A day or a non-empty list of days: "mon" .. "sun"."""
+    days = [value] if isinstance(value, str) else value
+    if not isinstance(days, (list, tuple)) or not days:
+        raise error(f"{where}: expected a list of days like [\"mon\", \"tue\"], got {value!r}")
+    for i, day in enumerate(days):
+        if day not in DAYS:
+            raise error(f"{where}[{i}]: unknown day {day!r} (known: {', '.join(DAYS)})")
+    return tuple(days)
+
+
+def check_timezone(value, where: str, error: type[Exception] = ConfigError) -> str:
+    try:
+        if not isinstance(value, str) or not value:
+            raise ValueError
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise error(f"{where}: unknown time zone {value!r} (e.g. Europe/Berlin, UTC)") from None
+    return value
+
+
+def check_business_hours(value, where: str, error: type[Exception] = ConfigError) -> dict:
+    """{"days": [...], "start": "HH:MM", "end": "HH:MM"} -> the same, checked; days default
+    to the working week. The window may cross midnight but may not be empty."""
+    if not isinstance(value, dict) or not {"start", "end"} <= set(value) or set(value) - {"days", "start", "end"}:
+        raise error(f"{where}: expected a table with days, start and end, got {value!r}")
+    days = check_days(value.get("days", list(WORKDAYS)), f"{where}.days", error)
+    start = parse_hhmm(value["start"], f"{where}.start", error)
+    end = parse_hhmm(value["end"], f"{where}.end", error)
+    if start == end:
+        raise error(f"{where}.start/end: the same time; business hours would be empty")
+    return {"days": list(days), "start": value["start"], "end": value["end"]}
+
+
+# -- identities ---------------------------------------------------------------------------------
+# A device name becomes an MQTT topic level, an ACL %u, an nftables chain name and a URL path
+# segment: letters, digits, '_' and '-' only (no wildcards, separators or dots), at most 40.
+DEVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def check_device_name(name, where: str = "device name", error: type[Exception] = ConfigError) -> str:
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise error(f"{where} {name!r}: use 1 to 40 letters, digits, '_' or '-'")
+    return name
+
+
+def device_name_for(hostname: str, mac: str, taken) -> str:
+    """A name for a newly seen device: its DHCP hostname made valid, else 'device-' and the end
+    of its MAC; the MAC's end is added when the name is taken."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", hostname or "")[:33]
+    if not name or name in taken:
+        name = (name + "-" if name else "device-") + mac.replace(":", "")[-6:]
+    return name
+
+
+def check_mac(value, where: str, error: type[Exception] = ConfigError, unicast: bool = False) -> str:
+    """A MAC address in the one form kept: lower case, colons. `unicast` refuses the all-zero
+    and group addresses, which no device has."""
+    mac = value.lower().replace("-", ":") if isinstance(value, str) else value
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+        raise error(f"{where}: invalid MAC address {value!r}")
+    if unicast and (mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1):
+        raise error(f"{where}: {value!r} is not a device's (unicast) MAC address")
+    return mac
