@@ -85,7 +85,7 @@ def _lab_block(args) -> int:
 
 # -- the supervisor -------------------------------------------------------------------------
 def _run(args) -> int:
-    from appliance.supervisor.core import main
+    from appliance.run import main
     return main(args.config)
 
 
@@ -96,7 +96,7 @@ def _config_defaults(args) -> int:
 
 
 def _rules_validate(args) -> int:
-    from appliance.supervisor.control import validate_rules_text
+    from appliance.supervisor.ops import validate_rules_text
     try:
         text = open(args.file).read()
     except OSError as e:
@@ -108,14 +108,14 @@ def _rules_validate(args) -> int:
 
 def _socket(args) -> str:
     if args.lab:
-        from appliance.supervisor.control import socket_for_lab
-        return socket_for_lab(args.lab)
+        from lab import topology
+        return topology.control_socket(args.lab)
     return args.socket
 
 
 def _call(op, **fields):
     def run(args) -> int:
-        from appliance.supervisor.control import request
+        from appliance.client import request
         values = {k: getattr(args, v) for k, v in fields.items() if getattr(args, v) is not None}
         _print(request(_socket(args), op, **values), getattr(args, "json", False))
         return 0

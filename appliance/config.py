@@ -109,7 +109,7 @@ class Config:
     profiles: str = _doc("directory of device-type profiles", "")
     path: str = ""
 
-    def check(self) -> "Config":
+    def check(self) -> Config:
         where = self.path or "config"
         try:
             net = ipaddress.IPv4Network(self.gateway.lan)

@@ -58,7 +58,7 @@ WORKDAYS = DAYS[:5]
 
 def iso(at: datetime.datetime) -> str:
     """The one form a time is stored and sent in: UTC, ISO 8601, microseconds."""
-    return at.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def parse_hhmm(text, where: str, error: type[Exception] = ConfigError) -> int:

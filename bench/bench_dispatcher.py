@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import common
-from common import dataplane, bpf, maps, emit, median
+from common import bpf, dataplane, emit, maps, median
 
 BENCH = "dispatcher"
 REPEAT = int(os.environ.get("KALKI_BENCH_REPEAT", 1_000_000))

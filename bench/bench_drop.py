@@ -90,10 +90,10 @@ def proc_cpu_ns(pid: int) -> int:
 def measure(case, lab, dp, device, trafgen_cmd) -> dict:
     gw = lab.namespaces["gw"]
     if case == "xdp":
-        read = lambda: dp.counters(device).get("drop_set", {}).get("packets", 0)  # noqa: E731
+        read = lambda: dp.counters(device).get("drop_set", {}).get("packets", 0)
     else:
         family = "netdev" if case == "netdev" else "inet"
-        read = lambda: nft_rule_packets(gw, family)  # noqa: E731
+        read = lambda: nft_rule_packets(gw, family)
     sender = common.ns_popen(lab.namespaces["atk"], trafgen_cmd, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -30,12 +30,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, emit, install_signal_handlers  # noqa: E402
-from appliance.store.state import LogTable, Retention  # noqa: E402
+from common import ROOT, emit, install_signal_handlers
+
+from appliance.store.state import LogTable, Retention
 
 BENCH = "store"
 DEVICES = int(os.environ.get("KALKI_BENCH_DEVICES", "1000"))
@@ -106,7 +107,7 @@ print(json.dumps(out))
 def fill(directory: Path, devices: int, retention: Retention) -> dict:
     actions = [{"action": "set_posture", "target": f"cam{i}", "posture": "suspicious",
                 "enforced": True} for i in range(25)]
-    base = datetime.now(timezone.utc) - timedelta(days=3)    # young enough for the age limit
+    base = datetime.now(UTC) - timedelta(days=3)    # young enough for the age limit
 
     def stamp(seconds: int) -> str:
         return (base + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
@@ -182,6 +183,7 @@ def main() -> int:
 def state_write(devices: int) -> tuple[float, float, int]:
     import statistics
     import time
+
     from appliance.store.state import Store
     with tempfile.TemporaryDirectory(prefix="kalki-bench-state-") as tmp:
         store = Store(Path(tmp))

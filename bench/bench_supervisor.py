@@ -28,14 +28,14 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (emit, install_signal_handlers, lab_only, percentile, median, remove_lab, suffix,  # noqa: E402
-                    vm_status)
-from appliance.supervisor import control
-from appliance.dataplane import api as dataplane
-from appliance import netns  # noqa: E402
-from lab import topology  # noqa: E402
+import paho.mqtt.client as mqtt
+from common import emit, install_signal_handlers, lab_only, median, percentile, remove_lab, suffix, vm_status
 
-import paho.mqtt.client as mqtt  # noqa: E402
+from appliance import (
+    client,
+    netns,
+)
+from lab import topology
 
 BENCH = "supervisor"
 AFTER_HOURS = "2026-11-28T23:00:00+01:00"      # a Saturday night in Berlin
@@ -68,7 +68,7 @@ def supervised_lab(tag: str, devices: int):
 
 
 def ask(state, op, **args):
-    return control.request(state.gateway["socket"], op, **args)
+    return client.request(state.gateway["socket"], op, **args)
 
 
 def postures(state) -> dict[str, str]:
@@ -288,7 +288,7 @@ def brute_force(atk_ns: str, src: str, dst: str, port: int = 23, attempts: int =
                 answered += 1
             except ConnectionRefusedError:
                 answered += 1
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 break
             finally:
                 s.close()

@@ -22,15 +22,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import struct
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
 
 import common
-from common import dataplane, emit, maps, median, percentile
+from common import dataplane, emit, maps, percentile
 
 BENCH = "switch"
 SWITCHES = int(os.environ.get("KALKI_BENCH_SWITCHES", 300))
@@ -139,7 +137,7 @@ def effects(records, seqs, ts, gap_ns):
 
 
 def report(variant: str, records, eff) -> None:
-    us = lambda xs: [x / 1000 for x in xs]  # noqa: E731
+    us = lambda xs: [x / 1000 for x in xs]
     calls = us([r[2] for r in records])
     seen = us([r[3] for r in records if r[3] is not None])
     missed = sum(1 for r in records if r[3] is None)

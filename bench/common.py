@@ -13,11 +13,9 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,9 +23,11 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from appliance.dataplane import bpf, api as dataplane, loader, maps, umbox  # noqa: E402
-from lab import topology  # noqa: E402
-from labutil import udp_packet, tcp_syn  # noqa: E402,F401  (packet builders of the tests)
+from labutil import tcp_syn, udp_packet  # noqa: F401  (packet builders of the tests)
+
+from appliance.dataplane import api as dataplane
+from appliance.dataplane import bpf, loader, maps, umbox
+from lab import topology
 
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)

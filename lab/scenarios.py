@@ -20,11 +20,10 @@ import json
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
-from appliance.supervisor import control
-from appliance import netns
+from appliance import client, netns
 from appliance.errors import KalkiError, LabError
 from lab import topology
 
@@ -81,7 +80,7 @@ class _Demo:
 
     # -- the control socket and the devices' own APIs -------------------------------------
     def ask(self, op: str, **args):
-        return control.request(self.lab.gateway["socket"], op, **args)
+        return client.request(self.lab.gateway["socket"], op, **args)
 
     def devices(self) -> dict[str, dict]:
         return {d["name"]: d for d in self.ask("devices")}
@@ -100,9 +99,8 @@ class _Demo:
                                      headers={"Authorization": f"Basic {auth}",
                                               "Content-Type": "application/json"})
         try:
-            with netns.entered(dev.namespace):
-                with urllib.request.urlopen(req, timeout=3) as r:
-                    return json.load(r)
+            with netns.entered(dev.namespace), urllib.request.urlopen(req, timeout=3) as r:
+                return json.load(r)
         except OSError as e:
             raise Failed(f"{dev.name}'s API at {dev.ip} did not answer {method} {path}: {e}") from None
 
@@ -242,7 +240,7 @@ class _Demo:
         step = self.expect("scan", light.name, "quarantine", started)
         if step.ok:
             others = {n: d["posture"] for n, d in self.devices().items() if n != light.name}
-            self.say(f"   -> the others keep their posture: "
+            self.say("   -> the others keep their posture: "
                      + ", ".join(f"{n} {p}" for n, p in sorted(others.items())))
         self.leds()
 

@@ -12,7 +12,7 @@ async def _answer(reader, writer):
         writer.write(f"sink {port}\n".encode())
         await writer.drain()
         await asyncio.wait_for(reader.read(4096), 5)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     finally:
         writer.close()

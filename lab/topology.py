@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from appliance.supervisor import control
-from appliance.errors import LabError
+from appliance import client
+from appliance.errors import KalkiError, LabError
 
 STATE_DIR = Path(os.environ.get("KALKI_LAB_DIR", "/run/kalki/labs"))
 LAN = ipaddress.IPv4Network("198.18.0.0/20")
@@ -67,7 +67,7 @@ class LabState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "LabState":
+    def from_json(cls, data: dict) -> LabState:
         data = dict(data)
         data["devices"] = [LabDevice(**d) for d in data["devices"]]
         return cls(**data)
@@ -172,16 +172,16 @@ def _configure_devices(s: LabState) -> None:
     """Addresses and routes in each device namespace, over netlink from this process
     (one `ip` process per namespace would cost seconds at 1,000 devices)."""
     from pyroute2 import IPRoute
+
     from appliance import netns
     for d in s.devices:
-        with netns.entered(d.namespace):
-            with IPRoute() as ipr:
-                lo, eth0 = ipr.link_lookup(ifname="lo")[0], ipr.link_lookup(ifname="eth0")[0]
-                ipr.link("set", index=lo, state="up")
-                ipr.link("set", index=eth0, state="up")
-                if not d.dhcp:
-                    ipr.addr("add", index=eth0, address=d.ip, prefixlen=LAN.prefixlen)
-                    ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_LAN_IP)
+        with netns.entered(d.namespace), IPRoute() as ipr:
+            lo, eth0 = ipr.link_lookup(ifname="lo")[0], ipr.link_lookup(ifname="eth0")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.link("set", index=eth0, state="up")
+            if not d.dhcp:
+                ipr.addr("add", index=eth0, address=d.ip, prefixlen=LAN.prefixlen)
+                ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_LAN_IP)
 
 
 def _sysctls(s: LabState) -> None:
@@ -252,7 +252,7 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
             _start_supervisor(s, lab_dir, fake_time, ui)
             for d in s.devices:
                 if not d.dhcp:
-                    control.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
+                    client.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
                                     ip=d.ip, type=d.type, approve=True)
             _start_dhcp(s, lab_dir)
         elif protect:
@@ -355,8 +355,8 @@ def wait_for_supervisor(s: LabState, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return control.request(s.gateway["socket"], "status", timeout=5)
-        except (LabError, OSError, ValueError, control.KalkiError) as e:
+            return client.request(s.gateway["socket"], "status", timeout=5)
+        except (LabError, OSError, ValueError, KalkiError) as e:
             if time.monotonic() > deadline:
                 log = (state_path(s.name).parent / "supervisor.log")
                 tail = log.read_text()[-2000:] if log.exists() else ""
@@ -486,3 +486,8 @@ def down(name: str) -> list[str]:
     remove_pins(name)
     shutil.rmtree(state_path(name).parent, ignore_errors=True)
     return removed
+
+
+def control_socket(name: str) -> str:
+    """The control socket of lab `name`'s supervisor."""
+    return str(state_path(name).parent / "kalki.sock")

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from labutil import connect, ping, wait_until
 
-from appliance.supervisor import control
+from appliance import client
 from appliance.errors import KalkiError
 from lab import topology
-from labutil import connect, ping, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -24,11 +24,11 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER} (scripts/setup.sh installs chromium and "
                 "chromium-driver)", allow_module_level=True)
 
-from selenium import webdriver                                   # noqa: E402
-from selenium.webdriver.chrome.service import Service            # noqa: E402
-from selenium.webdriver.common.by import By                      # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
     shot(d, "claim")
 
     try:      # a short press of the lab's (mock) button opens the claim window
-        control.request(sock, "button", action="press")
+        client.request(sock, "button", action="press")
     except KalkiError as e:
         if "unknown request" in str(e):
             pytest.skip("the control op 'button' is not there yet (appliance/faces/panel.py)")
@@ -146,7 +146,7 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
     d.find_element(By.XPATH, "//button[text()='Set posture']").click()
     wait(d).until(lambda drv: drv.find_element(By.CSS_SELECTOR, '[data-device="plug1"] [data-role="posture"]')
                   .text == "suspicious")
-    assert control.request(sock, "device_show", name="plug1")["posture"] == "suspicious"
+    assert client.request(sock, "device_show", name="plug1")["posture"] == "suspicious"
     shot(d, "device")
 
     # a bad value is refused with a clear message, and nothing changes
@@ -154,7 +154,7 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
     d.find_element(By.XPATH, "//button[text()='Set posture']").click()
     error = wait(d).until(lambda drv: drv.find_element(By.CSS_SELECTOR, ".error"))  # after the reload
     assert "soon" in error.text
-    assert control.request(sock, "device_show", name="plug1")["posture"] == "suspicious"
+    assert client.request(sock, "device_show", name="plug1")["posture"] == "suspicious"
 
     # the attack: the overview turns the camera red while it stays open
     d.get(url + "/")
@@ -191,5 +191,5 @@ def test_claim_login_approve_posture_and_a_live_attack(blab, browser):
     d.set_window_size(1280, 900)
 
     # the button held 5 s: the admin password goes and the open page is logged out
-    control.request(sock, "button", action="hold", seconds=5.5)
+    client.request(sock, "button", action="hold", seconds=5.5)
     wait(d, 20).until(EC.url_contains("/claim"))

@@ -13,8 +13,17 @@ import time
 from pathlib import Path
 
 from appliance.dataplane import gate as gate_mod
-from appliance.dataplane.gate import Credentials, FailureTracker, Gate, command_blocker, device_head, hash_password, original_destination
-from lab.device_services import Device, serve as serve_device
+from appliance.dataplane.gate import (
+    Credentials,
+    FailureTracker,
+    Gate,
+    command_blocker,
+    device_head,
+    hash_password,
+    original_destination,
+)
+from lab.device_services import Device
+from lab.device_services import serve as serve_device
 
 REPO = Path(__file__).resolve().parents[1]
 GATE_USER, GATE_PASSWORD = "kalki", "gate-pass"

@@ -55,7 +55,7 @@ def python_name(const):
 
 
 def strip_comments(text):
-    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.DOTALL)
 
 
 def parse_structs(text):
@@ -66,7 +66,7 @@ def parse_structs(text):
     for name, body in re.findall(r"struct\s+(\w+)\s*\{([^{}]*)\}\s*;", strip_comments(text)):
         structs[name] = []
         for decl in filter(None, (d.strip() for d in body.split(";"))):
-            m = re.fullmatch(r"(struct\s+\w+|\w+)\s+(.+)", decl, re.S)
+            m = re.fullmatch(r"(struct\s+\w+|\w+)\s+(.+)", decl, re.DOTALL)
             declarators = [re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(\w+)\s*\])?\s*", d)
                            for d in (m[2].split(",") if m else [""])]
             if not all(declarators):
@@ -80,7 +80,7 @@ def parse_constants(text):
     """{NAME: value} from `#define NAME 8`, `#define NAME (1u << 3)` and the entries of every enum."""
     text = strip_comments(text)
     constants = {}
-    for name, value in re.findall(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(\S.*?)\s*$", text, re.M):
+    for name, value in re.findall(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(\S.*?)\s*$", text, re.MULTILINE):
         m = re.fullmatch(r"\(?\s*(0x[0-9a-fA-F]+|\d+)[uUlL]*\s*(?:<<\s*(\d+)\s*)?\)?", value)
         if not m:
             raise ValueError(f"#define {name} {value}: not an integer this parser reads; teach it")

@@ -1,15 +1,15 @@
 """The lab itself: its description, two labs side by side, and that nothing is left behind."""
+import ipaddress
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from labutil import LAB_RANGE, connect, ping
 
 from appliance.errors import LabError
 from lab import topology
-from labutil import LAB_RANGE, connect, ping
-import ipaddress
 
 pytestmark = pytest.mark.lab
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from appliance.errors import ConfigError, KalkiError
 from appliance.system import broker as broker_mod
 from appliance.system.broker import DENIALS_PLUGIN, Broker, random_password, write_config
-from appliance.errors import ConfigError, KalkiError
-from lab.device_services import Device, MqttTelemetry
 from appliance.telemetry.mqtt import Bus
+from lab.device_services import Device, MqttTelemetry
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = ("light1", "light2", "plug1")

@@ -12,12 +12,12 @@ import time
 import pytest
 from gpiozero import LED, Button
 from gpiozero.pins.mock import MockFactory
+from labutil import wait_until
 
-from appliance.supervisor import control
+from appliance import client
 from appliance.config import Config
 from appliance.faces.panel import PATTERNS, Panel, action_for, readme_table
 from appliance.store.state import Store
-from labutil import wait_until
 
 
 class FakeClock:
@@ -31,8 +31,8 @@ class FakeClock:
         self.t += seconds
 
 
-class FakeSupervisor:
-    """The supervisor's panel hooks, with the same effects on a real store."""
+class FakeOps:
+    """What the panel uses of appliance.supervisor.ops.Ops, with the same effects on a real store."""
 
     def __init__(self, tmp_path, loop, clock):
         self.cfg = Config()
@@ -46,7 +46,11 @@ class FakeSupervisor:
         self.calls = []
         self.auth_epoch = 0
         self.stuck_since = None
+        self.site_error = None
         self._listeners = set()
+
+    def audit(self, kind, actor, details):
+        self.store.audit(kind, actor, details)
 
     @property
     def heartbeat(self):    # a ticking loop, until the test makes it stick
@@ -74,14 +78,14 @@ class FakeSupervisor:
 
     def open_claim_window(self, minutes=5, actor="button"):
         self.calls.append("claim")
-        self.claim_until = (datetime.datetime.now(datetime.timezone.utc)
+        self.claim_until = (datetime.datetime.now(datetime.UTC)
                             + datetime.timedelta(minutes=minutes))
         self.store.audit("claim-window", actor, {"until": self.claim_until.isoformat()})
         self.notify({"kind": "panel", "event": "claim-window"})
 
     def claim_open(self):
         return (self.claim_until is not None
-                and datetime.datetime.now(datetime.timezone.utc) < self.claim_until)
+                and datetime.datetime.now(datetime.UTC) < self.claim_until)
 
     def reset_admin(self, actor="button"):
         self.calls.append("admin-reset")
@@ -117,7 +121,7 @@ def clock():
 
 @pytest.fixture
 def sup(tmp_path, loop, clock):
-    s = FakeSupervisor(tmp_path, loop, clock)
+    s = FakeOps(tmp_path, loop, clock)
     s.loop_thread = loop.thread
     yield s
     s.store.close()
@@ -331,7 +335,7 @@ def test_claim_window_blinks_green_and_keeps_showing_an_alert(panel, sup):
     on_loop(sup, sup.open_claim_window, 5, "test")
     assert wait_until(lambda: panel.pattern == "claim", 3)
     assert blinks(panel.green) and steady(panel.red) and not panel.amber.is_lit
-    sup.claim_until = datetime.datetime.now(datetime.timezone.utc)      # the window closes
+    sup.claim_until = datetime.datetime.now(datetime.UTC)      # the window closes
     assert wait_until(lambda: panel.pattern == "alert", 2.5)
     assert lit(panel) == {"red"} and steady(panel.red)
 
@@ -416,27 +420,27 @@ def test_the_lab_button_opens_the_claim_window(run_suffix):
     lab = topology.up(name, devices=2, services=False, supervisor=True)
     try:
         sock = lab.gateway["socket"]
-        assert wait_until(lambda: control.request(sock, "panel")["pattern"] == "normal", 5)
-        assert control.request(sock, "panel")["claim_open"] is False
+        assert wait_until(lambda: client.request(sock, "panel")["pattern"] == "normal", 5)
+        assert client.request(sock, "panel")["claim_open"] is False
         out = subprocess.run([sys.executable, "-m", "appliance.cli", "--lab", name, "button",
                               "press"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
-        assert wait_until(lambda: control.request(sock, "panel")["claim_open"], 5)
-        shown = control.request(sock, "panel")
-        assert wait_until(lambda: control.request(sock, "panel")["pattern"] == "claim", 3)
+        assert wait_until(lambda: client.request(sock, "panel")["claim_open"], 5)
+        shown = client.request(sock, "panel")
+        assert wait_until(lambda: client.request(sock, "panel")["pattern"] == "claim", 3)
         assert shown["enabled"] and shown["claim_until"]
-        audit = [a for a in control.request(sock, "decisions", limit=20)
+        audit = [a for a in client.request(sock, "decisions", limit=20)
                  if a.get("kind") == "audit" and a.get("event") == "button"]
         assert audit and audit[0]["details"]["action"] == "claim-window"
         # a 5 s hold: the loop keeps answering while the mock finger holds the button
-        control.request(sock, "button", action="hold", seconds=5.3)
+        client.request(sock, "button", action="hold", seconds=5.3)
         started = time.monotonic()
-        control.request(sock, "status")
+        client.request(sock, "status")
         assert time.monotonic() - started < 1
-        assert wait_until(lambda: control.request(sock, "panel")["pattern"] == "countdown", 7)
+        assert wait_until(lambda: client.request(sock, "panel")["pattern"] == "countdown", 7)
         assert wait_until(lambda: any(
-            a.get("event") == "admin-reset" for a in control.request(sock, "decisions", limit=20)), 5)
-        assert len(control.request(sock, "devices")) == 2          # the devices stay
+            a.get("event") == "admin-reset" for a in client.request(sock, "decisions", limit=20)), 5)
+        assert len(client.request(sock, "devices")) == 2          # the devices stay
         bad = subprocess.run([sys.executable, "-m", "appliance.cli", "--lab", name, "button",
                               "hold", "0"], capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and "seconds" in bad.stderr

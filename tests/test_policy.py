@@ -6,9 +6,17 @@ import time
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.policy.engine import ATTACK_RULES, INTRUSION_RULE, Engine, Stimulus, builtin_rules, parse_duration, parse_rule
+from appliance.policy.engine import (
+    ATTACK_RULES,
+    INTRUSION_RULE,
+    Engine,
+    Stimulus,
+    builtin_rules,
+    parse_duration,
+    parse_rule,
+)
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 WEDNESDAY_0700_UTC = datetime.datetime(2024, 5, 15, 7, 0, tzinfo=UTC)   # 09:00 in Berlin (CEST)
 SATURDAY_NOON_UTC = datetime.datetime(2024, 5, 18, 12, 0, tzinfo=UTC)
 WEDNESDAY_2000_UTC = datetime.datetime(2024, 5, 15, 20, 0, tzinfo=UTC)  # 22:00 in Berlin

@@ -11,12 +11,12 @@ import threading
 import time
 
 import pytest
+from conftest import normal_specs
+from labutil import connect, open_connection, ping, send_raw, tcp_syn, udp_send
 
-from appliance.dataplane import api as dataplane, maps
+from appliance.dataplane import api as dataplane
 from appliance.errors import ConfigError, UnknownDeviceError, UnknownUmboxError
 from lab import topology
-from conftest import normal_specs
-from labutil import connect, open_connection, ping, udp_send, send_raw, tcp_syn, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -199,8 +199,9 @@ def test_reconcile_repairs_what_was_tampered_with(lab, fresh):
 
 def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):
     """A rule that moves several devices at once: XDP entries at once, one nft transaction."""
-    from appliance.errors import DataplaneError
     from labutil import http
+
+    from appliance.errors import DataplaneError
     names = ["camera1", "plug1", "light1"]
     gated = {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 7}}
     runs = []
@@ -219,10 +220,9 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
     def refuse(cmds, what):
         raise DataplaneError("refused on purpose")
     monkeypatch.setattr(fresh._nft, "run", refuse)
-    with pytest.raises(DataplaneError, match="on purpose"):
-        with fresh.batch():
-            for name in names:
-                fresh.set_stack(name, {"anti_spoof": {}, "conn_limit": {"concurrent": 3}})
+    with pytest.raises(DataplaneError, match="on purpose"), fresh.batch():
+        for name in names:
+            fresh.set_stack(name, {"anti_spoof": {}, "conn_limit": {"concurrent": 3}})
     monkeypatch.setattr(fresh._nft, "run", real_run)
     for n in names:
         assert bytes(fresh._maps["kalki_devices"].lookup(
@@ -233,12 +233,11 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
     # A device of the batch is refused before nftables is even asked (an address that belongs
     # to another device): the ones already written, quarantine included, are put back too.
     clash = lab.device("light1")
-    with pytest.raises(ConfigError, match="already belongs"):
-        with fresh.batch():
-            fresh.set_stack("camera1", {"quarantine": {}})
-            fresh.set_stack("plug1", {"anti_spoof": {}})
-            fresh.apply(dataplane.DeviceSpec("plug1", lab.device("plug1").mac, clash.ip,
-                                             {"anti_spoof": {}}))
+    with pytest.raises(ConfigError, match="already belongs"), fresh.batch():
+        fresh.set_stack("camera1", {"quarantine": {}})
+        fresh.set_stack("plug1", {"anti_spoof": {}})
+        fresh.apply(dataplane.DeviceSpec("plug1", lab.device("plug1").mac, clash.ip,
+                                         {"anti_spoof": {}}))
     for n in names:
         assert bytes(fresh._maps["kalki_devices"].lookup(
             ctypes.c_uint32(fresh.device_id(n)))) == entries[n]

@@ -1,11 +1,11 @@
 """A thousand devices on one gateway: all protected, a posture change on one leaves the rest
 alone, and the data path reads back what it was given."""
 import pytest
+from conftest import normal_specs
+from labutil import ping
 
 from appliance.dataplane import api as dataplane
 from lab import topology
-from conftest import normal_specs
-from labutil import connect, ping
 
 pytestmark = pytest.mark.lab
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from appliance.supervisor import control
+from appliance import client
 from appliance.errors import LabError
 from lab import scenarios, topology
 
@@ -46,12 +46,12 @@ def test_all_scenarios_report_the_postures_the_supervisor_shows(demo_lab):
     assert "(reset camera1 from suspicious to normal)" in text
     assert "(reset camera1 from attack to normal)" in text
     # the supervisor agrees: the last scenario's state is still there, the others were reset
-    postures = {d["name"]: d["posture"] for d in control.request(demo_lab.gateway["socket"], "devices")}
+    postures = {d["name"]: d["posture"] for d in client.request(demo_lab.gateway["socket"], "devices")}
     assert postures == {"camera1": "normal", "plug1": "quarantine", "light1": "normal",
                         "motion_sensor1": "normal"}
-    panel = control.request(demo_lab.gateway["socket"], "panel")
+    panel = client.request(demo_lab.gateway["socket"], "panel")
     assert panel["pattern"] == "alert" and panel["leds"]["red"]["lit"]
-    alerts = {a["type"] for a in control.request(demo_lab.gateway["socket"], "alerts", limit=100)}
+    alerts = {a["type"] for a in client.request(demo_lab.gateway["socket"], "alerts", limit=100)}
     assert {"physical-intrusion", "brute-force", "gateway-probe"} <= alerts
     assert "(reset light1 from quarantine to normal)" in text
     assert alerts & {"lateral-movement", "port-scan-outbound"}
@@ -80,7 +80,7 @@ def test_lab_up_with_a_scenario_leaves_the_lab_up(run_suffix):
         assert f"the lab stays up; remove it with: kalki lab down {name}" in out.stdout
         assert name in topology.labs()
         lab = topology.load(name)
-        postures = {d["name"]: d["posture"] for d in control.request(lab.gateway["socket"], "devices")}
+        postures = {d["name"]: d["posture"] for d in client.request(lab.gateway["socket"], "devices")}
         assert postures["camera1"] == "attack" and postures["plug1"] == "normal"
     finally:
         topology.down(name)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from appliance.errors import ConfigError
 from appliance.store.state import AtomicJSONStorage, LogTable, Retention, Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 class Clock:
@@ -416,11 +416,10 @@ def test_a_failed_batch_changes_nothing(tmp_path, clock, monkeypatch):
     count = writes(monkeypatch)
     with Store(tmp_path, clock=clock) as store:
         store.upsert_device("cam1", "aa:bb:cc:00:00:01")
-        with pytest.raises(StoreError, match="device 'ghost' does not exist"):
-            with store.batch():
-                store.update_device("cam1", posture="quarantined")
-                store.add_alert(alert())
-                store.record_posture("ghost", "quarantined", "scan")
+        with pytest.raises(StoreError, match="device 'ghost' does not exist"), store.batch():
+            store.update_device("cam1", posture="quarantined")
+            store.add_alert(alert())
+            store.record_posture("ghost", "quarantined", "scan")
         assert count[0] == 1
         assert store.get_device("cam1")["posture"] == "unknown" and store.alerts() == []
         store.add_alert(alert())
@@ -461,6 +460,7 @@ def test_an_update_that_fails_to_reach_the_disk_leaves_the_state_as_it_was(tmp_p
     """TinyDB edits the documents it updates in place: the table makes them its own first, so
     the state in memory stays what the file says when the write fails (outside a batch too)."""
     from tinydb import TinyDB
+
     from appliance.store.state import _Table
     db = TinyDB(tmp_path / "db.json", storage=AtomicJSONStorage)
     db.table_class = _Table
@@ -640,7 +640,7 @@ def test_log_rewrites_keep_the_records_and_where_they_are(tmp_path, clock):
         got = table.records(table.rows("d0"))
         assert [r["at"][14:19] for r in got] == ["01:00", "00:27", "00:24"]
         assert [r["type"] for r in table.records(table.rows(tags=["flood"]))] == ["flood"]
-        assert len(table.rows(since=datetime(2026, 11, 26, 0, 0, 25, tzinfo=timezone.utc).timestamp())) == 6
+        assert len(table.rows(since=datetime(2026, 11, 26, 0, 0, 25, tzinfo=UTC).timestamp())) == 6
     assert len(path.read_text().splitlines()) == 23
     log.close()
     again.close()

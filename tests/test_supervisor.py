@@ -12,12 +12,11 @@ import time
 import urllib.request
 
 import pytest
-
-from appliance.supervisor import control
-from appliance.system import dhcp
-from appliance import netns
-from lab import topology
 from labutil import connect, http, ping, wait_until
+
+from appliance import client, netns
+from appliance.system import dhcp
+from lab import topology
 
 pytestmark = pytest.mark.lab
 
@@ -35,7 +34,7 @@ def slab(run_suffix):
 
 
 def ask(lab, op, **args):
-    return control.request(lab.gateway["socket"], op, **args)
+    return client.request(lab.gateway["socket"], op, **args)
 
 
 def devices(lab):
@@ -64,7 +63,7 @@ def kalki(lab, *args):
 
 
 def test_intrusion_rule_end_to_end(slab):
-    cam, light = slab.device("camera1"), slab.device("light1")
+    cam = slab.device("camera1")
     inet = slab.namespaces["inet"]
     assert wait_until(lambda: devices(slab)["light1"].get("availability") == "online", 5)
     assert http(inet, cam.ip)[0] == 200                       # normal: the camera answers
@@ -353,8 +352,10 @@ def test_neighbour_messages_are_decoded_as_pyroute2_would():
     """The supervisor decodes RTM_NEWNEIGH by hand (memory); pyroute2 is the reference."""
     import socket as s
     import struct
+
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
-    from appliance.supervisor.core import parse_neighbour
+
+    from appliance.telemetry.neighbours import parse_neighbour
     msg = ndmsg()
     msg["family"], msg["ifindex"], msg["state"] = s.AF_INET, 7, 2
     msg["attrs"] = [("NDA_DST", "198.18.0.10"), ("NDA_LLADDR", "02:4b:00:00:00:01")]

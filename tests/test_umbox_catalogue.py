@@ -4,8 +4,8 @@ import ctypes
 import pytest
 
 from appliance.dataplane import maps, umbox
-from appliance.policy import profiles
 from appliance.errors import ConfigError, UnknownUmboxError
+from appliance.policy import profiles
 
 
 def test_every_shipped_profile_is_valid_and_covers_the_umboxes():

@@ -7,11 +7,21 @@ import time
 import urllib.request
 
 import pytest
+from labutil import (
+    connect,
+    http,
+    listening,
+    open_connection,
+    ping,
+    send_raw,
+    tcp_syn,
+    udp_packet,
+    udp_send,
+    wait_until,
+)
 
 from appliance import netns
 from lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
-from labutil import (connect, http, listening, open_connection, ping, send_raw, tcp_syn, udp_packet,
-                     udp_send, wait_until)
 
 pytestmark = pytest.mark.lab
 
@@ -40,9 +50,8 @@ def events_of(dp, reason, timeout=1.0):
 
 def device_stats(lab, name):
     d = lab.device(name)
-    with netns.entered(d.namespace):
-        with urllib.request.urlopen(f"http://{d.ip}/_lab/stats", timeout=2) as r:
-            return json.load(r)
+    with netns.entered(d.namespace), urllib.request.urlopen(f"http://{d.ip}/_lab/stats", timeout=2) as r:
+        return json.load(r)
 
 
 def test_quarantine_leaves_only_gateway_services(lab, fresh):

@@ -6,14 +6,15 @@ import datetime
 import functools
 import json
 import re
-import types
 
 import aiohttp
 import pytest
 
 from appliance import config
+from appliance.faces.web import auth, create_app, listening_socket, serve
+from appliance.supervisor import accounts, ops
 from appliance.supervisor.core import Supervisor
-from appliance.faces.web import auth, create_app, listening_socket, ops, serve
+from appliance.supervisor.ops import Ops
 
 PASSWORD = "correct horse battery"
 
@@ -23,7 +24,6 @@ class FakeDataplane:
 
     def __init__(self):
         self.devices = {}
-        self._maps = {"kalki_devices": self}
 
     def apply(self, spec):
         self.devices[spec.name] = spec
@@ -34,11 +34,8 @@ class FakeDataplane:
     def remove(self, name):
         self.devices.pop(name, None)
 
-    def device_id(self, name):
-        return list(self.devices).index(name)
-
-    def lookup(self, key):
-        return types.SimpleNamespace(posture=list(self.devices.values())[key.value].posture)
+    def read_back(self, name):
+        return self.devices[name].posture
 
     def counters(self, name):
         return {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
@@ -74,7 +71,7 @@ def aiotest(fn):
 @contextlib.asynccontextmanager
 async def client(sup, tls=False):
     """A session against the page served on 127.0.0.1 (its cookies kept, as a browser would)."""
-    server = await serve(create_app(sup, tls=tls), listening_socket("127.0.0.1", 0))
+    server = await serve(create_app(Ops(sup), tls=tls), listening_socket("127.0.0.1", 0))
     host, port = server.addresses[0]
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}",
@@ -85,7 +82,7 @@ async def client(sup, tls=False):
 
 
 def set_admin(sup, user="admin", password=PASSWORD):
-    sup.store.set_setting("admin", {"user": user, "scrypt": auth.hash_password(password)})
+    sup.store.set_setting("admin", {"user": user, "scrypt": accounts.hash_password(password)})
 
 
 def csrf_of(text):
@@ -191,7 +188,7 @@ async def test_claim_only_while_the_window_is_open(sup):
         sup.open_claim_window()
         r = await c.post("/claim", data=form, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/login"   # the page sends you to log in
-        assert auth.verify_password(PASSWORD, sup.store.get_setting("admin")["scrypt"])
+        assert accounts.verify_password(PASSWORD, sup.store.get_setting("admin")["scrypt"])
         await login(c)
 
 
@@ -308,7 +305,7 @@ async def test_pages_show_the_devices(sup):
     set_admin(sup)
     sup.raise_alert("camera1", "brute-force", "kernel",
                     {"src": "198.19.0.66", "dst": "198.18.0.10", "dst_port": 23, "action": "drop"}, 0)
-    sup._on_telemetry("plug1", {"on": True, "power_w": 12})
+    sup.on_telemetry("plug1", {"on": True, "power_w": 12})
     async with client(sup) as c:
         await login(c)
         home = await (await c.get("/")).text()
@@ -382,22 +379,22 @@ async def test_forms_change_things_and_refuse_bad_input(sup):
         assert r.status == 400 and "current password" in await r.text()
         r = await post("/settings/password", data={"current": PASSWORD, "password": "short",
                                                    "confirm": "short", "csrf": token})
-        assert r.status == 400 and auth.verify_password(PASSWORD, sup.store.get_setting("admin")["scrypt"])
+        assert r.status == 400 and accounts.verify_password(PASSWORD, sup.store.get_setting("admin")["scrypt"])
         r = await post("/settings/password", data={"current": PASSWORD, "password": "y" * 12,
                                                    "confirm": "y" * 12, "csrf": token})
-        assert r.status == 303 and auth.verify_password("y" * 12, sup.store.get_setting("admin")["scrypt"])
+        assert r.status == 303 and accounts.verify_password("y" * 12, sup.store.get_setting("admin")["scrypt"])
         # tokens
         r = await post("/settings/tokens", data={"name": "", "csrf": token})
-        assert r.status == 400 and not auth.list_tokens(sup.store)
+        assert r.status == 400 and not accounts.list_tokens(sup.store)
         r = await post("/settings/tokens", data={"name": "ha", "csrf": token})
         assert r.status == 200
         shown = re.search(r'id="new-token">([^<]+)<', await r.text()).group(1)
-        assert shown not in json.dumps(sup.store.get_setting(auth.TOKENS_SETTING))   # stored hashed
-        tid = auth.list_tokens(sup.store)[0]["id"]
+        assert shown not in json.dumps(sup.store.get_setting(accounts.TOKENS_SETTING))   # stored hashed
+        tid = accounts.list_tokens(sup.store)[0]["id"]
         r = await post("/settings/tokens/nope/delete", data={"csrf": token})
         assert r.status == 400
         r = await post(f"/settings/tokens/{tid}/delete", data={"csrf": token})
-        assert r.status == 303 and not auth.list_tokens(sup.store)
+        assert r.status == 303 and not accounts.list_tokens(sup.store)
 
 
 RULE = """[[rules]]
@@ -438,7 +435,7 @@ async def test_site_rules_edit_validate_enable(sup):
         r = await post("/rules/plug-watch/enabled", data={"enabled": "true", "csrf": token})
         assert "plug-watch" in [x.name for x in sup.engine.rules]
         # the rule works: telemetry moves the plug
-        sup._on_telemetry("plug1", {"power_w": 3000})
+        sup.on_telemetry("plug1", {"power_w": 3000})
         assert sup.posture("plug1") == "suspicious"
         r = await post("/rules/plug-watch/delete", data={"csrf": token})
         assert r.status == 303 and sup.store.rules() == []
@@ -522,14 +519,14 @@ async def test_api_with_token_and_bad_input(sup):
 @aiotest
 async def test_tokens_stop_working_when_the_admin_is_reset(sup):
     set_admin(sup)
-    token, _ = auth.create_token(sup.store, "ha", sup.now())
+    token, _ = accounts.create_token(sup.store, "ha", sup.now())
     async with client(sup) as c:
         h = {"Authorization": f"Bearer {token}"}
         assert (await c.get("/api/devices", headers=h)).status == 200
         sup.reset_admin()
         assert (await c.get("/api/devices", headers=h)).status == 401
         sup.open_claim_window()
-        ops.claim(sup, "admin", PASSWORD, PASSWORD, "test")     # a new owner: old tokens gone
+        Ops(sup).claim("admin", PASSWORD, PASSWORD, "test")     # a new owner: old tokens gone
         assert (await c.get("/api/devices", headers=h)).status == 401
 
 
@@ -577,28 +574,28 @@ async def test_healthz(sup):
 
 
 def test_passwords_use_scrypt_with_salt():
-    a, b = auth.hash_password(PASSWORD), auth.hash_password(PASSWORD)
+    a, b = accounts.hash_password(PASSWORD), accounts.hash_password(PASSWORD)
     assert a["salt"] != b["salt"] and a["hash"] != b["hash"]
-    assert auth.verify_password(PASSWORD, a) and not auth.verify_password(PASSWORD + "x", a)
-    assert not auth.verify_password(PASSWORD, {"salt": "!!"})
+    assert accounts.verify_password(PASSWORD, a) and not accounts.verify_password(PASSWORD + "x", a)
+    assert not accounts.verify_password(PASSWORD, {"salt": "!!"})
 
 
 def test_rule_toml_round_trip():
     import tomllib
-    from appliance.supervisor import control
     rule = tomllib.loads(RULE)["rules"][0]
     assert tomllib.loads(ops.rule_toml(rule))["rules"][0] == rule
-    assert control.validate_rules_text(ops.RULE_EXAMPLE, "example")["valid"] == ["night-camera-watch"]
+    assert ops.validate_rules_text(ops.RULE_EXAMPLE, "example")["valid"] == ["night-camera-watch"]
 
 
 @aiotest
 async def test_start_web_with_tls_makes_a_certificate(sup, tmp_path):
     import aiohttp
+
     from appliance.faces.web import start_web
     set_admin(sup)
     sup.cfg.web.listen, sup.cfg.web.port, sup.cfg.web.tls = "127.0.0.1", 0, True
     sup.cfg.web.tls_dir = str(tmp_path / "tls")
-    runner = await start_web(sup)
+    runner = await start_web(Ops(sup))
     try:
         port = runner.addresses[0][1]
         assert (tmp_path / "tls" / "key.pem").stat().st_mode & 0o077 == 0
@@ -612,18 +609,19 @@ async def test_start_web_with_tls_makes_a_certificate(sup, tmp_path):
 @aiotest
 async def test_start_web_in_a_network_namespace_file(sup):
     import os
+
     import aiohttp
+
     from appliance.faces.web import start_web
     if os.geteuid() != 0:
         pytest.skip("setns needs root")
     sup.cfg.web.listen, sup.cfg.web.port, sup.cfg.web.tls = "127.0.0.1", 0, False
     sup.cfg.web.netns = "/proc/self/ns/net"
-    runner = await start_web(sup)
+    runner = await start_web(Ops(sup))
     try:
         port = runner.addresses[0][1]
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                assert r.status == 200
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
     finally:
         await runner.cleanup()
 
@@ -644,7 +642,7 @@ async def test_a_site_settings_error_is_shown_on_every_page(sup):
 @aiotest
 async def test_repeated_reports_are_kept_once_and_still_counted(sup):
     for watts in (5, 5, 5, 9):
-        sup._on_telemetry("plug1", {"on": True, "power_w": watts})
+        sup.on_telemetry("plug1", {"on": True, "power_w": watts})
     kept = sup._telemetry["plug1"]
     assert kept[0][1] is kept[1][1] is kept[2][1] and kept[3][1] is not kept[2][1]
     assert sup.telemetry("plug1", "power_w") == [5, 5, 5, 9]
@@ -692,7 +690,7 @@ async def raw(port, data: bytes, timeout=5.0) -> bytes:
 
 @contextlib.asynccontextmanager
 async def served(sup):
-    server = await serve(create_app(sup, tls=False), listening_socket("127.0.0.1", 0))
+    server = await serve(create_app(Ops(sup), tls=False), listening_socket("127.0.0.1", 0))
     try:
         yield server, server.addresses[0][1]
     finally:
@@ -733,7 +731,7 @@ async def test_too_many_headers_or_too_big_a_body_is_refused_and_changes_nothing
 
 @aiotest
 async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
-    import appliance.faces.web as web
+    from appliance.faces import web
     monkeypatch.setattr(web, "REQUEST_SECONDS", 0.3)
     async with served(sup) as (_, port):
         t0 = asyncio.get_running_loop().time()
@@ -744,7 +742,7 @@ async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
 
 @aiotest
 async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypatch):
-    import appliance.faces.web as web
+    from appliance.faces import web
     monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
     async with served(sup) as (server, port):
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
@@ -758,7 +756,7 @@ async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypa
         set_admin(sup)
         async with aiohttp.ClientSession() as s:
             r = await s.get(f"http://127.0.0.1:{port}/api/events",
-                            headers={"Authorization": "Bearer " + auth.create_token(
+                            headers={"Authorization": "Bearer " + accounts.create_token(
                                 sup.store, "t", sup.now())[0]})
             assert r.status == 200
             await asyncio.sleep(0.05)
@@ -796,7 +794,7 @@ async def test_unknown_paths_and_methods(sup):
 @aiotest
 async def test_a_head_request_on_the_event_stream_holds_nothing(sup):
     set_admin(sup)
-    token = auth.create_token(sup.store, "t", sup.now())[0]
+    token = accounts.create_token(sup.store, "t", sup.now())[0]
     async with client(sup) as c:
         r = await c.head("/api/events", headers={"Authorization": f"Bearer {token}"})
         assert r.status == 200
@@ -808,7 +806,7 @@ async def test_a_head_request_on_the_event_stream_holds_nothing(sup):
 async def test_a_client_that_expects_100_continue_gets_it(sup):
     """curl asks for it before sending a body over 1 KiB (rules as TOML), and waits a second."""
     set_admin(sup)
-    token = auth.create_token(sup.store, "t", sup.now())[0]
+    token = accounts.create_token(sup.store, "t", sup.now())[0]
     body = json.dumps({"text": RULE}).encode()
     async with served(sup) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

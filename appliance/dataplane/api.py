@@ -11,7 +11,6 @@ import ctypes
 import ipaddress
 import json
 import os
-import re
 import socket
 import subprocess
 import time
@@ -67,7 +66,7 @@ class DeviceSpec:
     stack: dict = field(default_factory=dict)
     posture: int = 0
 
-    def checked(self) -> "DeviceSpec":
+    def checked(self) -> DeviceSpec:
         check_device_name(self.name)
         mac = check_mac(self.mac, f"device {self.name}", unicast=True)
         try:
@@ -117,7 +116,7 @@ class Dataplane:
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
     def open(cls, instance: str, namespace: str | None = None,
-             settings: GatewaySettings | None = None, defines=None) -> "Dataplane":
+             settings: GatewaySettings | None = None, defines=None) -> Dataplane:
         dp = cls(instance, namespace, settings)
         try:
             dp._load(defines)
@@ -200,6 +199,20 @@ class Dataplane:
 
     def device_id(self, name: str) -> int:
         return self._applied(name).device_id
+
+    def read_back(self, name: str) -> int | None:
+        """The posture code the kernel holds for a device (its XDP entry), or None if it holds
+        none: what "enforced" is checked against after a change."""
+        entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(self.device_id(name)))
+        if entry is None or not entry.flags & maps.Flag.PRESENT:
+            return None
+        return entry.posture
+
+    def events_fileno(self) -> int:
+        """The ring buffer's descriptor, readable when kernel events wait: for a loop's reader."""
+        if self._ring is None:
+            raise DataplaneError("the data path is not loaded")
+        return self._ring.fileno()
 
     def _applied(self, name: str) -> _Applied:
         try:

@@ -13,7 +13,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from appliance import HOME
 from appliance.dataplane import maps

@@ -142,14 +142,14 @@ class Panel:
     `pin_factory`: a gpiozero pin factory (tests pass a MockFactory); by default a MockFactory
     when `[panel] mock_pins` is set, else gpiozero's default (real GPIO). `clock`: the
     monotonic clock for hold durations and the heartbeat, the same clock as
-    `sup.heartbeat` (tests pass a fake one). `watch_every`: the watchdog thread's period, or
+    `ops.heartbeat` (tests pass a fake one). `watch_every`: the watchdog thread's period, or
     None for no thread (tests then call `refresh()` themselves)."""
 
-    def __init__(self, sup, pin_factory=None, clock=time.monotonic,
+    def __init__(self, ops, pin_factory=None, clock=time.monotonic,
                  watch_every: float | None = WATCH_EVERY, evaluate_every: float = EVALUATE_EVERY):
         from gpiozero import LED, Button
-        cfg = sup.cfg.panel
-        self.sup = sup
+        cfg = ops.cfg.panel
+        self.ops = ops
         self._clock = clock
         self._own_factory = False
         if pin_factory is None and cfg.mock_pins:
@@ -187,9 +187,9 @@ class Panel:
         self.refresh()                       # "booting" until the loop has evaluated
         self._queue: asyncio.Queue | None = None
         self._task = None
-        if sup.loop is not None:
+        if ops.loop is not None:
             self._task = asyncio.run_coroutine_threadsafe(self._watch_postures(evaluate_every),
-                                                          sup.loop)
+                                                          ops.loop)
         self._watchdog = None
         if watch_every:
             self._watchdog = threading.Thread(target=self._watch, args=(watch_every,),
@@ -265,7 +265,7 @@ class Panel:
             name = "countdown" if self._stage == "admin-reset" else "factory-reset"
         elif self._fault:
             name = "fault"
-        elif getattr(self.sup, "site_error", None):
+        elif self.ops.site_error:
             name = "site-error"
         elif self._posture is None:
             name = "booting"
@@ -285,7 +285,7 @@ class Panel:
             if self._closed:
                 return self._pattern
             now = self._clock()
-            heartbeat = max(self.sup.heartbeat, self._started)
+            heartbeat = max(self.ops.heartbeat, self._started)
             fault = now - heartbeat > FAULT_AFTER
             if fault != self._fault:
                 self._fault = fault
@@ -299,7 +299,7 @@ class Panel:
                     self._stage = stage
                     log.info("button held %.1f s: release now to %s", now - self._pressed_at,
                              BUTTON_ACTIONS[stage])
-                    self._to_loop(self.sup.notify, {"kind": "panel", "event": "button-held",
+                    self._to_loop(self.ops.notify, {"kind": "panel", "event": "button-held",
                                                     "on_release": stage})
             name, modes = self._wanted()
             shown = (name, tuple(sorted((k, str(v)) for k, v in modes.items())))
@@ -326,24 +326,24 @@ class Panel:
 
     # -- the posture, from the loop ---------------------------------------------------------
     async def _watch_postures(self, every: float) -> None:
-        q = self.sup.subscribe()
+        q = self.ops.subscribe()
         self._queue = q
         try:
             while not self._closed:
                 self._evaluate()
                 try:
                     await asyncio.wait_for(q.get(), every)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 while not q.empty():      # a burst of events: one evaluation
                     q.get_nowait()
         finally:
-            self.sup.unsubscribe(q)
+            self.ops.unsubscribe(q)
 
     def _evaluate(self) -> None:
         """On the loop: the posture summary and the claim window, then the LEDs."""
         try:
-            summary, claim = self.sup.summary(), bool(self.sup.claim_open())
+            summary, claim = self.ops.summary(), bool(self.ops.claim_open())
         except Exception:
             log.exception("panel: reading the posture summary failed")
             return
@@ -365,7 +365,7 @@ class Panel:
                 return
             self._pressed_at = self._clock()
             self._stage = "claim-window"
-        self._to_loop(self.sup.notify, {"kind": "panel", "event": "button-down"})
+        self._to_loop(self.ops.notify, {"kind": "panel", "event": "button-down"})
         self.refresh()
 
     def _on_released(self) -> None:
@@ -382,21 +382,21 @@ class Panel:
 
     def _act(self, held_s: float, action: str) -> None:
         """On the loop: the audit entry, then what the press means."""
-        sup = self.sup
+        ops = self.ops
         try:
-            sup.store.audit("button", "technician", {"held_s": held_s, "action": action})
+            ops.audit("button", "technician", {"held_s": held_s, "action": action})
             if action == "claim-window":
-                sup.open_claim_window(minutes=CLAIM_MINUTES, actor="button")
+                ops.open_claim_window(minutes=CLAIM_MINUTES, actor="button")
             elif action == "admin-reset":
-                sup.reset_admin(actor="button")
+                ops.reset_admin(actor="button")
             else:
-                sup.factory_reset(actor="button")
+                ops.factory_reset(actor="button")
         except Exception:
             log.exception("button: %s failed", action)
         self._evaluate()
 
     def _to_loop(self, fn, *args) -> None:
-        loop = self.sup.loop
+        loop = self.ops.loop
         if loop is None or loop.is_closed():
             log.warning("panel: no running supervisor loop for %s", getattr(fn, "__name__", fn))
             return
@@ -457,7 +457,7 @@ class Panel:
         if self._task is not None:
             self._task.cancel()
         if self._queue is not None:
-            self.sup.unsubscribe(self._queue)
+            self.ops.unsubscribe(self._queue)
         with self._lock:
             self._release_pins()
             self._pattern, self._modes, self._shown = "off", {}, None

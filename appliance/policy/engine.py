@@ -38,8 +38,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from appliance.errors import ConfigError
-from appliance.vocab import (DAYS, SEVERITIES, WORKDAYS, check_days, check_posture, check_timezone,
-                             parse_hhmm)
+from appliance.vocab import DAYS, SEVERITIES, WORKDAYS, check_days, check_posture, check_timezone, parse_hhmm
 
 AGGREGATES = ("last", "avg", "min", "max", "count", "sum")
 CONDITIONS = ("alert", "telemetry", "changed", "posture", "time", "all", "any", "not")
@@ -388,7 +387,7 @@ class _Context:
     def __init__(self, stimulus: Stimulus, facts: Facts):
         self.stimulus, self.facts = stimulus, facts
         now = facts.now()
-        self.now = now if now.tzinfo else now.replace(tzinfo=datetime.timezone.utc)
+        self.now = now if now.tzinfo else now.replace(tzinfo=datetime.UTC)
         self._devices: list[str] | None = None
         self._hours: dict | None = None
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from appliance import HOME
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError
-from appliance.vocab import POSTURES
 
 PROFILE_DIR = HOME / "umboxes"
 

@@ -19,20 +19,26 @@ import copy
 import ipaddress
 import json
 import os
-import re
 import time
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tinydb import Storage, TinyDB, where
 from tinydb.table import Table
 
-from appliance.errors import ConfigError, KalkiError, StoreError
-from appliance.vocab import (ALERT_SOURCES, WORKDAYS, check_business_hours, check_device_name, check_mac,
-                             check_timezone, iso)
+from appliance.errors import ConfigError, StoreError
+from appliance.vocab import (
+    ALERT_SOURCES,
+    WORKDAYS,
+    check_business_hours,
+    check_device_name,
+    check_mac,
+    check_timezone,
+    iso,
+)
 
 DEFAULT_DIRECTORY = Path("/var/lib/kalki")
 FILENAME = "kalki.json"
@@ -619,7 +625,7 @@ class Store:
         self.directory = Path(directory)
         self.path = self.directory / FILENAME
         self.retention = retention
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock or (lambda: datetime.now(UTC))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -827,9 +833,7 @@ class Store:
                 raise StoreError(f"{what}: expected true or false, got {value!r}")
             elif key == "posture":
                 _text(value, what)
-            elif key in ("posture_since", "first_seen", "last_seen"):
-                value = _stamp(value, what)
-            elif key == "posture_expires" and value is not None:
+            elif key in ("posture_since", "first_seen", "last_seen") or key == "posture_expires" and value is not None:
                 value = _stamp(value, what)
             elif key in ("type", "group", "posture_revert_to"):
                 _text(value, what, optional=True)
@@ -1011,6 +1015,11 @@ class Store:
         if default is not None:
             return default
         return copy.deepcopy(DEFAULT_SETTINGS.get(key))
+
+    @staticmethod
+    def check_setting(key, value) -> None:
+        """Raises StoreError naming the setting if `value` would be refused."""
+        _check_setting(key, value)
 
     def set_setting(self, key: str, value):
         _text(key, "setting name")

@@ -9,62 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import datetime
 import gc
-import json
 import logging
-import os
-import re
-import signal
-import socket
-import struct
 import time
 from pathlib import Path
 
-from appliance.policy import engine as policy, profiles
 from appliance.config import Config
-from appliance.dataplane.api import Dataplane, DeviceSpec, GatewaySettings
+from appliance.dataplane.api import Dataplane, DeviceSpec
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
+from appliance.policy import engine as policy
+from appliance.policy import profiles
 from appliance.store.state import Retention, Store
-from appliance.vocab import (POSTURE_CODES, check_posture, device_name_for, iso, severity_of,
-                             stricter)
+from appliance.telemetry.kernel import alert_kind
+from appliance.vocab import POSTURE_CODES, check_posture, device_name_for, iso, severity_of, stricter
 
 log = logging.getLogger("kalki.supervisor")
 
-RTMGRP_NEIGH = 0x4
-RTM_NEWNEIGH = 28
-NDA_DST, NDA_LLADDR = 1, 2
-
 TELEMETRY_KEPT = 64     # reports per device in memory: what rules' windows and aggregates see
-KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
-                 "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
-                 "lateral": "lateral-movement", "gateway": "gateway-probe"}
-
-
-def parse_neighbour(body: bytes):
-    """(ifindex, MAC, IPv4) of an RTM_NEWNEIGH body (struct ndmsg + attributes), or None.
-    Decoded by hand: importing pyroute2 for this would cost the supervisor 20 MB."""
-    if len(body) < 12:
-        return None
-    family, ifindex = body[0], struct.unpack_from("=i", body, 4)[0]
-    if family != socket.AF_INET:
-        return None
-    mac = ip = None
-    offset = 12
-    while offset + 4 <= len(body):
-        length, kind = struct.unpack_from("=HH", body, offset)
-        if length < 4:
-            break
-        value = body[offset + 4:offset + length]
-        if kind == NDA_DST and len(value) == 4:
-            ip = socket.inet_ntoa(value)
-        elif kind == NDA_LLADDR and len(value) == 6:
-            mac = ":".join(f"{b:02x}" for b in value)
-        offset += (length + 3) & ~3
-    return (ifindex, mac, ip) if mac and ip else None
-
-
 class Clock:
     """Wall time for policy (business hours). In the lab it may start at a given time and run
     on from there: the fake clock of the time-of-day rules."""
@@ -81,10 +43,10 @@ class Clock:
             raise ConfigError(f"clock: invalid ISO time {iso!r}") from None
         if at.tzinfo is None:
             raise ConfigError(f"clock: {iso!r} needs a time zone offset")
-        self._offset = at - datetime.datetime.now(datetime.timezone.utc)
+        self._offset = at - datetime.datetime.now(datetime.UTC)
 
     def now(self) -> datetime.datetime:
-        return datetime.datetime.now(datetime.timezone.utc) + self._offset
+        return datetime.datetime.now(datetime.UTC) + self._offset
 
 
 class Supervisor:
@@ -96,7 +58,7 @@ class Supervisor:
         self.store = Store(Path(s.directory), Retention(s.history_per_device, s.alerts, s.decisions,
                                                         s.max_age_days), clock=self.clock.now)
         self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
-        self.engine = policy.Engine(self._rules())
+        self.engine = policy.Engine(self.rules())
         self.dp: Dataplane | None = None
         self.bus = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -105,13 +67,10 @@ class Supervisor:
         self._telemetry: dict[str, collections.deque] = {}
         self._alerts: collections.deque = collections.deque(maxlen=20000)
         self._stop = asyncio.Event()
-        self._neigh_sock = None
-        self._control_server = None
         self.counters = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
         self._listeners: set[asyncio.Queue] = set()
         self.site_error = self._read_site_error()   # shown on the LEDs and the web page
-        self.web = None      # the web page's runner (appliance.faces.web), when enabled
         self.adapter = None  # polls devices that have an HTTP API and no MQTT
         self.panel = None    # LEDs and button (appliance.faces.panel), when enabled
         self.claim_until: datetime.datetime | None = None
@@ -130,7 +89,8 @@ class Supervisor:
             return None
 
     # -- the rules ------------------------------------------------------------------------
-    def _rules(self) -> list[policy.Rule]:
+    def rules(self) -> list[policy.Rule]:
+        """Every rule in force: built-in, from the profiles, the site's."""
         rules = policy.builtin_rules()
         for p in self.profiles.values():
             rules += p.rules
@@ -138,6 +98,9 @@ class Supervisor:
             data = {k: v for k, v in r.items() if k not in ("updated",)}
             rules.append(policy.parse_rule(data, f"site rule {r.get('name', i)}", source="site"))
         return rules
+
+    def reload_rules(self) -> None:
+        self.engine.replace_rules(self.rules())
 
     # -- policy.Facts ---------------------------------------------------------------------
     def now(self) -> datetime.datetime:
@@ -198,53 +161,29 @@ class Supervisor:
                 else p.timezone}
 
     # -- life cycle -----------------------------------------------------------------------
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        g = self.cfg.gateway
-        settings = GatewaySettings(devices_if=g.devices_interface, uplink_if=g.uplink_interface,
-                                   gateway_ip=g.address, lan=g.lan, gate_port=g.gate_port,
-                                   mqtt_port=self.cfg.mqtt.port)
-        self.dp = Dataplane.open(g.instance, g.namespace or None, settings)
+    def attach(self, dp, loop: asyncio.AbstractEventLoop) -> None:
+        """Takes the opened data path, converges it to the store, and owns it from now on."""
+        self.dp, self.loop = dp, loop
         self.reconcile_report = self.dp.reconcile(self._wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
-        self.loop.add_reader(self.dp._ring.fileno(), self._on_kernel_events)
-        self._connect_mqtt()
-        await self._start_control()
-        self._start_neighbour_monitor()
-        from appliance.telemetry.adapters import HueAdapter, load_credentials
-        credentials = load_credentials(self.cfg.adapters.credentials_file)
-        if credentials:
-            self.adapter = HueAdapter(self, credentials)
-            self.adapter.start()
-        if self.cfg.web.enabled:
-            from appliance.faces.web import start_web
-            self.web = await start_web(self)
-        if self.cfg.panel.enabled:
-            from appliance.faces.panel import Panel
-            self.panel = Panel(self)
-        self.loop.create_task(self._ticker())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._stop.set)
-        # What start-up made (modules, profiles, rules, the store) lives as long as the
-        # process: out of the collector's sight. And the collector runs from the ticker, between
-        # events, never whenever an allocation count trips it: collections in the middle of
-        # moving 25 cameras put milliseconds on the slowest decisions.
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-        print(f"kalki: protection enforced for {len(self._wanted())} devices "
-              f"(resident memory {_resident_mb()})", flush=True)
 
-    async def run(self) -> None:
-        await self.start()
-        try:
-            await self._stop.wait()
-        finally:
-            if self.web:
-                await self.web.cleanup()
-                self.web = None
-            self.close()
+    def attach_bus(self, bus) -> None:
+        """Takes the MQTT side (or None: MQTT off) and publishes what it should know."""
+        self.bus = bus
+        if bus is None:
+            return
+        for name, d in self.known.items():
+            if d.get("approved"):
+                bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
+                bus.publish_discovery(name, d.get("type") or "generic")
+
+    def start_ticker(self) -> None:
+        assert self.loop is not None
+        self.loop.create_task(self._ticker())
+
+    def enforced_count(self) -> int:
+        return len(self._wanted())
 
     def close(self) -> None:
         """Stops listening; what is in the kernel stays and keeps protecting."""
@@ -258,11 +197,8 @@ class Supervisor:
             self.bus.close()
             self.bus = None
         if self.dp:
-            if self.loop:
-                self.loop.remove_reader(self.dp._ring.fileno())
             self.dp.close()
-        if self._control_server:
-            self._control_server.close()
+        self._stop.set()
         self.store.close()
 
     def _wanted(self) -> list[DeviceSpec]:
@@ -274,24 +210,8 @@ class Supervisor:
                                       POSTURE_CODES.get(d["posture"], 0)))
         return out
 
-    # -- MQTT -----------------------------------------------------------------------------
-    def _connect_mqtt(self) -> None:
-        m = self.cfg.mqtt
-        try:
-            password = Path(m.password_file).read_text().strip()
-        except OSError as e:
-            log.warning("MQTT off: cannot read %s: %s", m.password_file, e)
-            return
-        from appliance.telemetry.mqtt import Bus
-        self.bus = Bus(m.host, m.port, m.user, password, m.base, known_device=self.known.__contains__,
-                       on_telemetry=self._on_telemetry, on_availability=self._on_availability,
-                       on_denied=self._on_denied, loop=self.loop, max_payload=m.max_payload)
-        for name, d in self.known.items():
-            if d.get("approved"):
-                self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
-                self.bus.publish_discovery(name, d.get("type") or "generic")
-
-    def _on_telemetry(self, device: str, payload: dict) -> None:
+    # -- telemetry (wired by appliance.run) ----------------------------------------------
+    def on_telemetry(self, device: str, payload: dict) -> None:
         received = time.monotonic_ns()
         self.counters["telemetry"] += 1
         kept = self._telemetry.get(device)
@@ -303,10 +223,10 @@ class Supervisor:
         kept.append((self.now().timestamp(), payload))
         self._evaluate(policy.Stimulus("telemetry", device, payload, received))
 
-    def _on_availability(self, device: str, state: str) -> None:
+    def on_availability(self, device: str, state: str) -> None:
         self.availability[device] = state
 
-    def _on_denied(self, user: str, topic: str, count: int) -> None:
+    def on_denied(self, user: str, topic: str, count: int) -> None:
         """The broker refused a device's publishes outside its own topic (speaking for another
         device, or sending commands): an alert, and no posture change by itself, as a
         misconfigured device does the same."""
@@ -314,15 +234,15 @@ class Supervisor:
                          {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
 
     # -- kernel events --------------------------------------------------------------------
-    def _on_kernel_events(self) -> None:
+    def on_kernel_events(self) -> None:
         received = time.monotonic_ns()
         for e in self.dp.events(limit=512):
-            kind = KERNEL_ALERTS.get(e["reason"])
             device = e["device"]
-            if not kind or not isinstance(device, str) or device not in self.known:
+            if not isinstance(device, str) or device not in self.known:
                 continue
-            if kind == "port-scan" and e["src"] == self.known[device].get("ip"):
-                kind = "port-scan-outbound"   # the device itself scans others
+            kind = alert_kind(e, self.known[device].get("ip"))
+            if not kind:
+                continue
             if kind == "spoofing" and self._leased(device, e["src"]):
                 continue
             self.raise_alert(device, kind, "kernel", e, received)
@@ -456,7 +376,7 @@ class Supervisor:
     async def _adapter_command(self, name: str, payload: dict) -> None:
         try:
             await self.adapter.command(name, payload)
-        except (OSError, asyncio.TimeoutError, ValueError, KalkiError) as e:
+        except (TimeoutError, OSError, ValueError, KalkiError) as e:
             log.error("command %s to %s failed: %s", payload, name, e)
 
     def set_posture(self, name: str, posture: str, reason: str, for_seconds: int | None = None,
@@ -466,7 +386,7 @@ class Supervisor:
 
     def _check_posture(self, name: str, posture: str, for_seconds: int | None) -> tuple[dict, int]:
         """(the device, the posture's code); raises if the change cannot be made."""
-        d = self._device(name)
+        d = self.device(name)
         if not d.get("approved") or d.get("type") not in self.profiles:
             raise ConfigError(f"device {name}: approve it with a type before setting its posture")
         check_posture(posture, f"device {name}")
@@ -489,10 +409,8 @@ class Supervisor:
                 stack = self.profiles[d["type"]].stack(posture)
                 self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
             xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
-        devices = self.dp._maps["kalki_devices"]
         for name, posture, _, _, code in checked:
-            entry = devices.lookup(ctypes.c_uint32(self.dp.device_id(name)))
-            if entry is None or entry.posture != code:
+            if self.dp.read_back(name) != code:
                 raise KalkiError(f"device {name}: the kernel does not show posture {posture} "
                                  "after applying it")
         enforced = time.monotonic_ns()
@@ -521,7 +439,7 @@ class Supervisor:
         return xdp, enforced
 
     # -- devices --------------------------------------------------------------------------
-    def _device(self, name: str) -> dict:
+    def device(self, name: str) -> dict:
         try:
             return self.known[name]
         except KeyError:
@@ -547,7 +465,7 @@ class Supervisor:
         return self.known[name]
 
     def approve(self, name: str, type: str | None, actor: str = "operator") -> dict:
-        d = self._device(name)
+        d = self.device(name)
         type = type or d.get("type")
         if type not in self.profiles:
             raise ConfigError(f"device {name}: give a type to approve it (known: {', '.join(self.profiles)})")
@@ -561,7 +479,7 @@ class Supervisor:
         return self.known[name]
 
     def remove(self, name: str, actor: str = "operator") -> None:
-        self._device(name)
+        self.device(name)
         if name in self.dp.devices:
             self.dp.remove(name)
         self.store.remove_device(name)
@@ -603,52 +521,6 @@ class Supervisor:
         if suggestion:
             self.suggestions[name] = suggestion
         return suggestion
-
-    def _start_neighbour_monitor(self) -> None:
-        """Devices appear in the gateway's neighbour table when they first talk to it. A
-        netlink socket subscribed to neighbour events, read on the loop (no thread). The table
-        as it is now comes from one dump at start."""
-        import ipaddress
-        import subprocess
-        ifname = self.cfg.gateway.devices_interface
-        net = ipaddress.IPv4Network(self.cfg.gateway.lan)
-        try:
-            ifindex = socket.if_nametoindex(ifname)
-        except OSError:
-            log.warning("neighbour monitor: no interface %s", ifname)
-            return
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                             socket.NETLINK_ROUTE)
-        sock.bind((0, RTMGRP_NEIGH))
-        self._neigh_sock = sock
-
-        def seen(mac, ip):
-            try:
-                if mac and ip and ipaddress.IPv4Address(ip) in net:
-                    self.discovered(mac, ip)
-            except (ValueError, KalkiError) as e:
-                log.warning("neighbour %s %s: %s", mac, ip, e)
-
-        def readable():
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                return
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind = struct.unpack_from("=IH", data, offset)
-                if length < 16:
-                    break
-                if kind == RTM_NEWNEIGH:
-                    neighbour = parse_neighbour(data[offset + 16:offset + length])
-                    if neighbour and neighbour[0] == ifindex:
-                        seen(neighbour[1], neighbour[2])
-                offset += (length + 3) & ~3
-
-        self.loop.add_reader(sock.fileno(), readable)
-        out = subprocess.run(["ip", "-j", "neigh", "show", "dev", ifname], capture_output=True, text=True)
-        for n in json.loads(out.stdout or "[]"):
-            seen(n.get("lladdr"), n.get("dst"))
 
     # -- listeners (the web page's live view, the LEDs) -----------------------------------
     def subscribe(self) -> asyncio.Queue:
@@ -753,37 +625,3 @@ class Supervisor:
                 except KalkiError as e:
                     log.error("reverting %s: %s", name, e)
                     self._update_device(name, posture_expires=None)
-
-    # -- the control socket ---------------------------------------------------------------
-    async def _start_control(self) -> None:
-        from appliance.supervisor import control
-        path = Path(self.cfg.control.socket)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            path.unlink()
-        old = os.umask(0o077)     # root-only: the socket can change postures
-        try:
-            self._control_server = await asyncio.start_unix_server(
-                lambda r, w: control.serve_client(self, r, w), path=str(path))
-        finally:
-            os.umask(old)
-
-
-def _resident_mb() -> str:
-    """VmRSS, for the start-up line that the serial console and the image's boot test show."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return f"{int(line.split()[1]) / 1024:.1f} MB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return "unknown"
-
-
-def main(config_path: str) -> int:
-    from appliance.config import load
-    cfg = load(config_path)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sup = Supervisor(cfg)
-    asyncio.run(sup.run())
-    return 0

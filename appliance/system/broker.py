@@ -11,7 +11,6 @@ import base64
 import getpass
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -21,8 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance import netns
-from appliance import HOME
+from appliance import HOME, netns
 from appliance.errors import ConfigError, KalkiError
 from appliance.vocab import check_device_name
 

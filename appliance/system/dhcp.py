@@ -62,14 +62,14 @@ def start(conf: Path, namespace: str | None = None) -> int:
 
 def lease_event(socket_path: str, argv: list[str], env: dict) -> None:
     """dnsmasq calls: add|old|del MAC IP [HOSTNAME], details in DNSMASQ_* variables."""
-    from appliance.supervisor import control
+    from appliance import client
     if len(argv) < 3 or argv[0] not in ("add", "old", "del"):
         return
     action, mac, ip = argv[:3]
     identity = {"hostname": (argv[3] if len(argv) > 3 else None) or env.get("DNSMASQ_SUPPLIED_HOSTNAME"),
                 "client_id": env.get("DNSMASQ_CLIENT_ID"),
                 "vendor_class": env.get("DNSMASQ_VENDOR_CLASS")}
-    control.request(socket_path, "dhcp_lease", action=action, mac=mac, ip=ip,
+    client.request(socket_path, "dhcp_lease", action=action, mac=mac, ip=ip,
                     identity={k: v for k, v in identity.items() if v})
 
 

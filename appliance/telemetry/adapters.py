@@ -54,58 +54,67 @@ async def http(method: str, ip: str, path: str, body: dict | None = None, port: 
 
 
 class HueAdapter:
-    def __init__(self, sup, credentials: dict[str, dict]):
-        self.sup = sup
+    """Polls devices with a Hue-style HTTP API and no MQTT. It reads the devices through
+    `devices()` ({name: device record}) and `profile(type)`, and reports upward only through
+    `on_report(name, payload)` and `on_availability(name, state)`, wired in appliance.run."""
+
+    def __init__(self, credentials: dict[str, dict], *, devices, profile, on_report, on_availability,
+                 loop: asyncio.AbstractEventLoop):
         self.credentials = credentials
+        self._devices, self._profile = devices, profile
+        self._on_report, self._on_availability = on_report, on_availability
+        self._loop = loop
+        self._available: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     def handles(self, device: str) -> bool:
-        d = self.sup.known.get(device)
-        profile = self.sup.profiles.get(d.get("type")) if d else None
+        d = self._devices().get(device)
+        profile = self._profile(d.get("type")) if d else None
         return bool(profile and profile.adapter and profile.adapter["kind"] == "hue"
                     and device in self.credentials)
 
     def start(self) -> None:
-        self._task = self.sup.loop.create_task(self._poll_forever())
+        self._task = self._loop.create_task(self._poll_forever())
 
     def close(self) -> None:
         if self._task:
             self._task.cancel()
             self._task = None
 
+    def _availability(self, name: str, state: str) -> None:
+        self._available[name] = state
+        self._on_availability(name, state)
+
     async def _poll_forever(self) -> None:
         while True:
             period = 2.0
-            for name in [n for n in list(self.sup.known) if self.handles(n)]:
-                d = self.sup.known.get(name)
+            for name in [n for n in list(self._devices()) if self.handles(n)]:
+                d = self._devices().get(name)
                 if not d or not d.get("approved") or d["posture"] == "quarantine":
                     continue
-                period = min(period, self.sup.profiles[d["type"]].adapter["poll_seconds"])
+                period = min(period, self._profile(d["type"]).adapter["poll_seconds"])
                 try:
                     await self.poll(name)
-                except (OSError, asyncio.TimeoutError, ValueError, KalkiError) as e:
-                    if self.sup.availability.get(name) != "offline":
+                except (TimeoutError, OSError, ValueError, KalkiError) as e:
+                    if self._available.get(name) != "offline":
                         log.warning("polling %s: %s", name, e)
-                    self.sup.availability[name] = "offline"
+                    self._availability(name, "offline")
             await asyncio.sleep(period)
 
     async def poll(self, name: str) -> dict:
-        d = self.sup.known[name]
+        d = self._devices()[name]
         user = self.credentials[name]["user"]
         lights = await http("GET", d["ip"], f"/api/{user}/lights")
         if isinstance(lights, list):     # Hue answers errors as a list with status 200
             raise KalkiError(f"{name}: {lights[0].get('error', {}).get('description', lights)}")
         state = lights["1"]["state"]
         payload = {"on": bool(state["on"]), "brightness": round(int(state["bri"]) * 100 / 254)}
-        self.sup.availability[name] = "online"
-        if self.sup.bus:     # the same topic an MQTT device would use; the bus hands it back
-            self.sup.bus.publish_telemetry(name, payload)
-        else:
-            self.sup._on_telemetry(name, payload)
+        self._availability(name, "online")
+        self._on_report(name, payload)
         return payload
 
     async def command(self, name: str, payload: dict) -> None:
-        d = self.sup.known[name]
+        d = self._devices()[name]
         user = self.credentials[name]["user"]
         body = {}
         if "on" in payload:

@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from appliance.system.broker import check_name
 from appliance.errors import KalkiError
+from appliance.system.broker import check_name
 
 log = logging.getLogger("kalki.mqtt")
 

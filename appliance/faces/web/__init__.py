@@ -1,6 +1,6 @@
 """The operator's web page and its JSON API, served by the supervisor with Microdot.
 
-`start_web(sup)` is called by the supervisor when [web] enabled = true. Everything behind the
+`start_web(ops)` is called by the supervisor when [web] enabled = true. Everything behind the
 page goes through the same code as the control socket (`appliance.supervisor.control.handle`), so the
 page, the API and the CLI validate alike and errors name the culprit.
 
@@ -12,7 +12,7 @@ open connections, SameSite cookies, and no traceback for a malformed request.
 
 Security: no default password (the first admin is set during the button's claim window),
 scrypt password hashes, HttpOnly SameSite=Strict session cookies (Secure with TLS), sessions
-that end when the admin password is reset (`sup.auth_epoch`), login rate limiting per client
+that end when the admin password is reset (`ops.auth_epoch`), login rate limiting per client
 address, a synchronizer CSRF token on every state change, API tokens stored hashed, and strict
 security headers (a CSP without inline scripts).
 """
@@ -72,7 +72,7 @@ class Page(Microdot):
     async def handle_request(self, reader, writer):
         try:
             req = await Request.create(self, reader, writer, writer.get_extra_info("peername"))
-        except (ValueError, IndexError, EOFError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ValueError, IndexError, EOFError, OSError) as e:
             log.debug("web: bad request from %s: %s", writer.get_extra_info("peername"), e)
             req = None
         res = await self.dispatch_request(req)
@@ -83,15 +83,16 @@ class Page(Microdot):
 
 
 class WebState:
-    def __init__(self, sup, tls: bool):
-        self.sup = sup
+    def __init__(self, ops, tls: bool):
+        self.ops = ops
         self.tls = tls
         self.sessions = auth.Sessions()
         self.logins = auth.RateLimiter(limit=5, window=60)
         self.bearer = auth.RateLimiter(limit=20, window=60)
 
-    def admin(self) -> dict | None:
-        return self.sup.store.get_setting("admin")
+    def admin(self) -> str | None:
+        """The admin's user name, or None before the gateway is claimed."""
+        return self.ops.admin_user()
 
     def set_cookie(self, response: Response, session: auth.Session) -> None:
         add_cookie(response, f"{COOKIE}={session.id}; Path=/; HttpOnly; SameSite=Strict"
@@ -102,7 +103,7 @@ class WebState:
         CSRF token), with its cookie set on the response."""
         s = request.g.session
         if s is None:
-            s = request.g.session = self.sessions.new(None, self.sup.auth_epoch)
+            s = request.g.session = self.sessions.new(None, self.ops.auth_epoch)
         self.set_cookie(response, s)
         return s
 
@@ -169,12 +170,12 @@ def route(app: Microdot, method: str, path: str, handler) -> None:
 def identify(request: Request) -> None:
     """Sets request.g.session, .user and .via ("session" or "token"), and .bad_token."""
     st = state(request)
-    sup = st.sup
+    ops = st.ops
     g = request.g
     g.user = g.via = None
     g.bad_token = False
     session = st.sessions.get(request.cookies.get(COOKIE))
-    if session is not None and session.epoch != sup.auth_epoch:
+    if session is not None and session.epoch != ops.auth_epoch:
         st.sessions.drop(session.id)      # the password was reset: this session is over
         session = None
     g.session = session
@@ -182,14 +183,14 @@ def identify(request: Request) -> None:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         token = header[7:].strip()
-        owner = auth.token_owner(sup.store, token) if admin and token else None
+        owner = ops.token_owner(token) if admin and token else None
         if owner:
             g.user, g.via = f"token:{owner['name']}", "token"
         else:
             g.bad_token = True
         return
     if session is not None and session.user is not None:
-        if admin and session.user == admin.get("user"):
+        if admin and session.user == admin:
             g.user, g.via = session.user, "session"
         else:
             st.sessions.drop(session.id)
@@ -277,9 +278,9 @@ async def static_file(request: Request) -> Response:
     return Response(path.read_bytes(), 200, {"Content-Type": STATIC_TYPES[path.suffix]})
 
 
-def create_app(sup, tls: bool | None = None) -> Page:
+def create_app(ops, tls: bool | None = None) -> Page:
     from appliance.faces.web import api, views
-    st = WebState(sup, sup.cfg.web.tls if tls is None else tls)
+    st = WebState(ops, ops.cfg.web.tls if tls is None else tls)
     app = Page(st)
     app.before_request(guard)
     headers = security_headers(st)
@@ -310,7 +311,7 @@ class _Reader:
         remaining = self._deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             coro.close()
-            raise asyncio.TimeoutError("the request took too long")
+            raise TimeoutError("the request took too long")
         return await asyncio.wait_for(coro, remaining)
 
     async def readline(self):
@@ -346,7 +347,7 @@ class _Reader:
             async with asyncio.timeout(seconds):
                 while left > 0 and (data := await self._reader.read(min(left, 65536))):
                     left -= len(data)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
 
     async def read(self, n=-1):
@@ -374,7 +375,7 @@ class _Writer:
         self._writer.close()
         try:
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
 
 
@@ -406,7 +407,7 @@ class WebServer:
         w = _Writer(writer)
         try:
             await self.app.handle_request(_Reader(reader, writer), w)
-        except (OSError, asyncio.TimeoutError) as e:    # the client went away or stopped reading
+        except (TimeoutError, OSError) as e:    # the client went away or stopped reading
             log.debug("web: connection from %s ended: %s", writer.get_extra_info("peername"), e)
         except asyncio.CancelledError:
             pass
@@ -478,7 +479,7 @@ def ensure_certificate(tls_dir: str | Path, hostname: str = "kalki.local") -> tu
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pk = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     c = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pk.public_key())
          .serial_number(x509.random_serial_number())
          .not_valid_before(now - datetime.timedelta(days=1))
@@ -505,11 +506,11 @@ def ssl_context(tls_dir: str | Path) -> ssl.SSLContext:
     return ctx
 
 
-async def start_web(sup) -> WebServer:
+async def start_web(ops) -> WebServer:
     """Serves the page on [web] listen:port (in [web] netns if set); returns the server
     (`await server.cleanup()` stops it)."""
-    w = sup.cfg.web
-    app = create_app(sup)
+    w = ops.cfg.web
+    app = create_app(ops)
     ctx = ssl_context(w.tls_dir) if w.tls else None
     sock = listening_socket(w.listen, w.port, w.netns)
     try:

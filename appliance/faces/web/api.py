@@ -9,9 +9,9 @@ import json
 from microdot import Response
 
 from appliance.errors import ConfigError, KalkiError
-from appliance.faces.web import auth, ops
 from appliance.faces.web import json_response, mime, route
 from appliance.faces.web import state as web_state
+from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
 
 MAX_LIMIT = 1000
 
@@ -54,44 +54,44 @@ def endpoint(fn):
         try:
             return await fn(request)
         except (KalkiError, ValueError, TypeError) as e:
-            return json_response({"error": str(e)}, ops.error_status(e))
+            return json_response({"error": str(e)}, error_status(e))
     wrapper.__name__ = fn.__name__
     return wrapper
 
 
-def sup_of(request):
-    return web_state(request).sup
+def ops_of(request):
+    return web_state(request).ops
 
 
 @endpoint
 async def status(request):
-    sup = sup_of(request)
-    out = ops.run(sup, "status")
-    out["summary"] = sup.summary()
-    out["claim_open"] = sup.claim_open()
+    ops = ops_of(request)
+    out = ops.status()
+    out["summary"] = ops.summary()
+    out["claim_open"] = ops.claim_open()
     return ok(out)
 
 
 @endpoint
 async def devices(request):
-    return ok(ops.run(sup_of(request), "devices"))
+    return ok(ops_of(request).devices())
 
 
 @endpoint
 async def device(request):
-    return ok(ops.device_detail(sup_of(request), request.url_args["name"]))
+    return ok(ops_of(request).device_detail(request.url_args["name"]))
 
 
 @endpoint
 async def device_delete(request):
-    return ok(ops.run(sup_of(request), "device_remove", name=request.url_args["name"]))
+    return ok(ops_of(request).device_remove(name=request.url_args["name"]))
 
 
 @endpoint
 async def approve(request):
     data = await body(request)
     known_keys(data, ("type",), "approve")
-    return ok(ops.approve(sup_of(request), request.url_args["name"], data.get("type")))
+    return ok(ops_of(request).device_approve(request.url_args["name"], data.get("type")))
 
 
 @endpoint
@@ -100,13 +100,12 @@ async def posture(request):
     known_keys(data, ("posture", "for"), "posture")
     if "posture" not in data:
         raise ConfigError("posture: missing 'posture'")
-    return ok(ops.set_posture(sup_of(request), request.url_args["name"], data["posture"],
-                              data.get("for")))
+    return ok(ops_of(request).posture_set(request.url_args["name"], data["posture"], data.get("for")))
 
 
 @endpoint
 async def reset(request):
-    return ok(ops.run(sup_of(request), "posture_reset", name=request.url_args["name"]))
+    return ok(ops_of(request).posture_reset(name=request.url_args["name"]))
 
 
 @endpoint
@@ -115,12 +114,12 @@ async def maintenance(request):
     known_keys(data, ("minutes",), "maintenance")
     if "minutes" not in data:
         raise ConfigError("maintenance: missing 'minutes'")
-    return ok(ops.run(sup_of(request), "maintenance", minutes=data["minutes"]))
+    return ok(ops_of(request).maintenance(minutes=data["minutes"]))
 
 
 @endpoint
 async def alerts(request):
-    return ok(sup_of(request).store.alerts(device=request.args.get("device"), limit=limit(request)))
+    return ok(ops_of(request).alerts(device=request.args.get("device"), limit=limit(request)))
 
 
 @endpoint
@@ -128,25 +127,25 @@ async def decisions(request):
     kind = request.args.get("kind")
     if kind not in (None, "decision", "audit"):
         raise ConfigError(f"kind: expected decision or audit, got {kind!r}")
-    return ok(sup_of(request).store.decisions(device=request.args.get("device"),
-                                              limit=limit(request), kind=kind))
+    return ok(ops_of(request).decisions(device=request.args.get("device"),
+                                        limit=limit(request), kind=kind))
 
 
 @endpoint
 async def audit(request):
-    return ok(sup_of(request).store.decisions(kind="audit", limit=limit(request, 100)))
+    return ok(ops_of(request).audit_log(limit(request, 100)))
 
 
 @endpoint
 async def rules(request):
-    return ok(ops.rules_view(sup_of(request)))
+    return ok(ops_of(request).rules_view())
 
 
 @endpoint
 async def rules_post(request):
     data = await body(request)
     known_keys(data, ("text",), "rules")
-    return ok({"saved": ops.put_rules_text(sup_of(request), data.get("text"), actor(request))})
+    return ok({"saved": ops_of(request).put_rules_text(data.get("text"), actor(request))})
 
 
 @endpoint
@@ -155,7 +154,7 @@ async def rules_validate(request):
     known_keys(data, ("text",), "rules/validate")
     if not isinstance(data.get("text"), str):
         raise ConfigError("rules/validate: 'text' must be a string of TOML")
-    return ok(ops.run(sup_of(request), "rules_validate", text=data["text"], source="rules"))
+    return ok(ops_of(request).rules_validate(text=data["text"], source="rules"))
 
 
 @endpoint
@@ -164,7 +163,7 @@ async def rule_put(request):
     name = request.url_args["name"]
     if data.get("name", name) != name:
         raise ConfigError(f"rule {name!r}: the body names another rule, {data.get('name')!r}")
-    return ok({"saved": ops.put_rules(sup_of(request), [{**data, "name": name}], f"rule {name}",
+    return ok({"saved": ops_of(request).put_rules([{**data, "name": name}], f"rule {name}",
                                       actor(request))})
 
 
@@ -172,68 +171,66 @@ async def rule_put(request):
 async def rule_enabled(request):
     data = await body(request)
     known_keys(data, ("enabled",), "enabled")
-    return ok(ops.set_rule_enabled(sup_of(request), request.url_args["name"], data.get("enabled"),
+    return ok(ops_of(request).set_rule_enabled(request.url_args["name"], data.get("enabled"),
                                    actor(request)))
 
 
 @endpoint
 async def rule_delete(request):
-    ops.delete_rule(sup_of(request), request.url_args["name"], actor(request))
+    ops_of(request).delete_rule(request.url_args["name"], actor(request))
     return ok({"deleted": request.url_args["name"]})
 
 
 @endpoint
 async def settings(request):
-    sup = sup_of(request)
-    return ok({**sup.settings(), "mqtt": ops.mqtt_view(sup)})
+    ops = ops_of(request)
+    return ok({**ops.settings(), "mqtt": ops.mqtt_view()})
 
 
 @endpoint
 async def settings_put(request):
     data = await body(request)
-    return ok(ops.update_settings(sup_of(request), data, actor(request)))
+    return ok(ops_of(request).update_settings(data, actor(request)))
 
 
 @endpoint
 async def tokens(request):
-    return ok(auth.list_tokens(sup_of(request).store))
+    return ok(ops_of(request).tokens())
 
 
 @endpoint
 async def token_post(request):
     data = await body(request)
     known_keys(data, ("name",), "token")
-    sup = sup_of(request)
-    token, rec = auth.create_token(sup.store, data.get("name"), sup.now())
-    sup.store.audit("api-token-create", actor(request), {"token": rec["name"]})
+    ops = ops_of(request)
+    token, rec = ops.create_token(data.get("name"), actor(request))
     return ok({**rec, "token": token}, status=201)
 
 
 @endpoint
 async def token_delete(request):
-    sup = sup_of(request)
-    rec = auth.delete_token(sup.store, request.url_args["id"])
-    sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
+    ops = ops_of(request)
+    rec = ops.delete_token(request.url_args["id"], actor(request))
     return ok({"deleted": rec["id"]})
 
 
 async def events(request):
-    """Server-sent events from `sup.subscribe()`; ends when the client goes or its login ends."""
+    """Server-sent events from `ops.subscribe()`; ends when the client goes or its login ends."""
     st = web_state(request)
-    sup = st.sup
+    ops = st.ops
     session_id = request.g.session.id if request.g.via == "session" else None
-    epoch = sup.auth_epoch
+    epoch = ops.auth_epoch
 
     async def stream():     # subscribes when the answer is written (not for HEAD)
-        q = sup.subscribe()
+        q = ops.subscribe()
         try:
             yield b"retry: 2000\n: connected\n\n"
             while True:
                 try:
                     event = await asyncio.wait_for(q.get(), 15)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     event = None
-                if sup.auth_epoch != epoch or (session_id and st.sessions.get(session_id) is None):
+                if ops.auth_epoch != epoch or (session_id and st.sessions.get(session_id) is None):
                     yield b"event: logout\ndata: {}\n\n"
                     return
                 if event is None:
@@ -241,7 +238,7 @@ async def events(request):
                     continue
                 yield f"data: {json.dumps(event, default=str)}\n\n".encode()
         finally:
-            sup.unsubscribe(q)
+            ops.unsubscribe(q)
 
     return Response(stream(), 200, {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
 
@@ -300,7 +297,7 @@ def _op(summary: str, body: dict | None = None, params=(), ok_schema=None, error
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
 _DEVICE = {"name": "device", "in": "query", "schema": {"type": "string"}}
-_POSTURE = {"type": "string", "enum": list(ops.SETTABLE_POSTURES)}
+_POSTURE = {"type": "string", "enum": list(SETTABLE_POSTURES)}
 
 OPENAPI = {
     "openapi": "3.0.3",

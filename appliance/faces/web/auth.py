@@ -1,67 +1,18 @@
-"""Who may use the web page: the admin password (scrypt), sessions, API tokens, and the limit on
-guessing.
+"""The web page's sessions and the limit on guessing. The admin password and the API tokens
+are the supervisor's (appliance.supervisor.accounts), reached through the ops.
 
-There is no default password. The first admin is set on the claim page while the claim window
-is open (a short press of the button on the box); holding the button resets it, which bumps
-`sup.auth_epoch` and so ends every session.
+Holding the button resets the password, which bumps the ops' `auth_epoch` and so ends every
+session.
 """
 from __future__ import annotations
 
-import base64
 import collections
-import datetime
-import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
 
-from appliance.errors import ConfigError
-
-SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
-MIN_PASSWORD = 10
-MAX_PASSWORD = 1024
-TOKENS_SETTING = "api_tokens"
 SESSION_IDLE_S = 12 * 3600
 MAX_SESSIONS = 2000
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def hash_password(password: str, **params) -> dict:
-    """{"salt", "hash", "n", "r", "p", "dklen"}: scrypt with a fresh salt, parameters kept
-    with the hash so they can be raised later without breaking old hashes."""
-    p = {**SCRYPT, **params}
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=p["n"], r=p["r"], p=p["p"],
-                            dklen=p["dklen"], maxmem=128 * 1024 * 1024)
-    return {"salt": _b64(salt), "hash": _b64(digest), **p}
-
-
-def verify_password(password: str, stored: dict) -> bool:
-    try:
-        salt, expected = base64.b64decode(stored["salt"]), base64.b64decode(stored["hash"])
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=int(stored["n"]),
-                                r=int(stored["r"]), p=int(stored["p"]), dklen=len(expected),
-                                maxmem=128 * 1024 * 1024)
-    except (KeyError, TypeError, ValueError):
-        return False
-    return hmac.compare_digest(digest, expected)
-
-
-def check_new_credentials(user, password, confirm) -> str:
-    """The checked user name; raises ConfigError naming what is wrong."""
-    if not isinstance(user, str) or not 1 <= len(user.strip()) <= 64 or not user.strip().isprintable():
-        raise ConfigError("user: 1 to 64 printable characters")
-    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
-        raise ConfigError(f"password: at least {MIN_PASSWORD} characters")
-    if len(password) > MAX_PASSWORD:
-        raise ConfigError(f"password: at most {MAX_PASSWORD} characters")
-    if password != confirm:
-        raise ConfigError("password: the two entries differ")
-    return user.strip()
 
 
 @dataclass
@@ -150,47 +101,3 @@ class RateLimiter:
 
     def clear(self, addr: str) -> None:
         self._failures.pop(addr, None)
-
-
-# -- API tokens (stored hashed in the store's settings) --------------------------------------
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def list_tokens(store) -> list[dict]:
-    return [{k: v for k, v in t.items() if k != "sha256"}
-            for t in (store.get_setting(TOKENS_SETTING) or [])]
-
-
-def create_token(store, name, now: datetime.datetime) -> tuple[str, dict]:
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64 or not name.strip().isprintable():
-        raise ConfigError("token name: 1 to 64 printable characters")
-    tokens = store.get_setting(TOKENS_SETTING) or []
-    if any(t["name"] == name.strip() for t in tokens):
-        raise ConfigError(f"token name: {name.strip()!r} exists already")
-    if len(tokens) >= 50:
-        raise ConfigError("token: at most 50 tokens; delete one first")
-    token = "kalki_" + secrets.token_urlsafe(32)
-    rec = {"id": secrets.token_hex(6), "name": name.strip(), "sha256": _token_hash(token),
-           "created": now.isoformat(timespec="seconds")}
-    store.set_setting(TOKENS_SETTING, tokens + [rec])
-    return token, {k: v for k, v in rec.items() if k != "sha256"}
-
-
-def delete_token(store, token_id: str) -> dict:
-    tokens = store.get_setting(TOKENS_SETTING) or []
-    gone = next((t for t in tokens if t["id"] == token_id), None)
-    if gone is None:
-        raise ConfigError(f"token {token_id!r} does not exist")
-    store.set_setting(TOKENS_SETTING, [t for t in tokens if t["id"] != token_id])
-    return {k: v for k, v in gone.items() if k != "sha256"}
-
-
-def token_owner(store, token: str) -> dict | None:
-    digest = _token_hash(token)
-    found = None
-    for t in store.get_setting(TOKENS_SETTING) or []:
-        if hmac.compare_digest(t["sha256"], digest):
-            found = t
-    return found

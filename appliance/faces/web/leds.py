@@ -17,12 +17,6 @@ def markdown_table() -> str:
     return readme_table()
 
 
-def current(sup) -> dict | None:
+def current(ops) -> dict | None:
     """What the LEDs show now, if the panel runs."""
-    panel = getattr(sup, "panel", None)
-    if panel is None:
-        return None
-    try:
-        return panel.state()
-    except Exception:     # the page must not fail because of the LEDs
-        return None
+    return ops.panel_state

@@ -9,14 +9,14 @@ import json
 from microdot import Response
 
 from appliance.errors import KalkiError
-from appliance.faces.web import auth, leds, ops
+from appliance.faces.web import client_address, html_response, json_response, leds, route, see_other
 from appliance.faces.web import form as form_data
-from appliance.faces.web import client_address, html_response, json_response, route, see_other
 from appliance.faces.web import state as web_state
+from appliance.supervisor.ops import MAX_PASSWORD, MIN_PASSWORD, SETTABLE_POSTURES, error_status
+from appliance.vocab import DAYS
 
 NAV = (("/", "Overview"), ("/rules", "Rules"), ("/audit", "Audit"), ("/settings", "Settings"),
        ("/leds", "LEDs"))
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def e(value) -> str:
@@ -61,7 +61,7 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
         session.flash.clear()
     if error:
         flash += f'<p class="error" role="alert">{e(error)}</p>'
-    site_error = getattr(st.sup, "site_error", None) if hasattr(st, "sup") else None
+    site_error = st.ops.site_error if hasattr(st, "ops") else None
     if site_error:   # the site settings on the card are wrong: the devices side stays closed
         flash += (f'<p class="error" id="site-error" role="alert">The site settings (kalki.toml '
                   f'on the SD card) are wrong, so the devices side stays closed: {e(site_error)}</p>')
@@ -124,22 +124,20 @@ async def login_post(request):
         resp.headers["Retry-After"] = str(retry)
         return resp
     data = form_data(request)
-    admin = st.admin()
-    if not admin:
+    if not st.admin():
         return see_other("/claim")
     user, password = data.get("user"), data.get("password")
-    ok = (isinstance(user, str) and isinstance(password, str) and user == admin.get("user")
-          and 0 < len(password) <= auth.MAX_PASSWORD)
+    ok = isinstance(password, str) and 0 < len(password) <= MAX_PASSWORD
     if ok:
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, auth.verify_password, password, admin["scrypt"])
+        ok = await loop.run_in_executor(None, st.ops.check_admin_password, user, password)
     if not ok:
         st.logins.fail(addr)
         return await login_page(request, "Wrong user or password.", 401)
     st.logins.clear(addr)
     if request.g.session:
         st.sessions.drop(request.g.session.id)      # a fresh id after login (fixation)
-    session = request.g.session = st.sessions.new(user, st.sup.auth_epoch)
+    session = request.g.session = st.sessions.new(user, st.ops.auth_epoch)
     resp = see_other("/")
     st.set_cookie(resp, session)
     return resp
@@ -159,13 +157,13 @@ async def claim_page(request, error=None, status=200):
         return see_other("/login")
     resp = Response()
     st.anonymous(request, resp)
-    sup = st.sup
-    if sup.claim_open():
+    ops = st.ops
+    if ops.claim_open():
         body = f"""<p class="ok" id="claim-open">The claim window is open. Choose the admin user and password.</p>
 <form method="post" action="/claim" class="card narrow">{csrf_field(request)}
 <label>User <input name="user" value="admin" autocomplete="username" required></label>
-<label>Password (at least {auth.MIN_PASSWORD} characters)
-<input name="password" type="password" autocomplete="new-password" required minlength="{auth.MIN_PASSWORD}"></label>
+<label>Password (at least {MIN_PASSWORD} characters)
+<input name="password" type="password" autocomplete="new-password" required minlength="{MIN_PASSWORD}"></label>
 <label>Password again <input name="confirm" type="password" autocomplete="new-password" required></label>
 <button type="submit" id="claim">Set the admin password</button></form>"""
     else:
@@ -187,10 +185,10 @@ async def claim_post(request):
         return resp
     data = form_data(request)
     try:
-        ops.claim(st.sup, data.get("user"), data.get("password"), data.get("confirm"),
+        st.ops.claim(data.get("user"), data.get("password"), data.get("confirm"),
                   actor=f"web:{addr}")
     except KalkiError as err:
-        if not st.sup.claim_open():
+        if not st.ops.claim_open():
             st.logins.fail(addr)
         return await claim_page(request, str(err), 400)
     request.g.session.flash.append("Admin password set: log in.")
@@ -204,7 +202,7 @@ def led_table() -> str:
 
 
 async def leds_page(request):
-    now = leds.current(web_state(request).sup)
+    now = leds.current(web_state(request).ops)
     shown = (f'<p class="big" id="led-now">Now: <strong>{e(now.get("shows"))}</strong> '
              f'({e(now.get("pattern"))}) — {e(now.get("meaning"))}</p>') if now else \
         '<p class="muted">The panel is off on this gateway ([panel] enabled = false).</p>'
@@ -220,39 +218,39 @@ SUMMARY_WORDS = {"normal": "All devices normal", "warning": "Attention: a device
                  "alert": "Alert: a device is under attack or in quarantine"}
 
 
-def summary_html(sup) -> str:
-    s = sup.summary()
+def summary_html(ops) -> str:
+    s = ops.summary()
     return f'<p id="summary" class="summary summary-{e(s)}" data-summary="{e(s)}">{e(SUMMARY_WORDS.get(s, s))}</p>'
 
 
-def type_select(sup, selected=None, name="type") -> str:
+def type_select(ops, selected=None, name="type") -> str:
     opts = "".join(f'<option value="{e(t)}"{" selected" if t == selected else ""}>{e(t)}</option>'
-                   for t in sorted(sup.profiles))
+                   for t in ops.profile_types())
     return f'<select name="{e(name)}" aria-label="type">{opts}</select>'
 
 
 async def overview(request, error=None, status=200):
-    sup = web_state(request).sup
-    devices = ops.run(sup, "devices")
+    ops = web_state(request).ops
+    devices = ops.devices()
     rows = []
     for d in devices:
         name = d["name"]
         action = ""
         if not d.get("approved"):
             action = form(request, f"/devices/{name}/approve",
-                          type_select(sup, d.get("suggested_type") or d.get("type")), "Approve",
+                          type_select(ops, d.get("suggested_type") or d.get("type")), "Approve",
                           "inline approve")
         rows.append(f'<tr data-device="{e(name)}"><td><a href="/devices/{e(name)}">{e(name)}</a></td>'
                     f'<td>{badge(d)}</td><td>{e(d.get("type") or "—")}</td><td>{e(d.get("ip"))}</td>'
                     f'<td>{action}</td></tr>')
     if not rows:
         rows = ['<tr><td colspan="5" class="muted">no devices yet</td></tr>']
-    maint = sup.store.maintenance_until()
-    m_text = (f"Maintenance (automation paused) until {e(maint)}." if maint and sup.maintenance_active()
+    maint = ops.maintenance_until()
+    m_text = (f"Maintenance (automation paused) until {e(maint)}." if maint and ops.maintenance_active()
               else "Automation is on.")
-    alerts = sup.store.alerts(limit=10)
+    alerts = ops.alerts(limit=10)
     alert_items = "".join(f"<li>{alert_line(a)}</li>" for a in alerts) or '<li class="muted">none</li>'
-    body = f"""{summary_html(sup)}
+    body = f"""{summary_html(ops)}
 <div class="scroll"><table id="devices"><thead><tr><th>Device</th><th>Posture</th><th>Type</th><th>Address</th><th></th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table></div>
 <h2>Recent alerts</h2><ul id="alerts" class="alerts">{alert_items}</ul>
@@ -269,10 +267,10 @@ def alert_line(a: dict) -> str:
 
 
 async def maintenance_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     try:
-        r = ops.maintenance(sup, data.get("minutes"))
+        r = ops.maintenance(_form_minutes(data.get("minutes")))
     except (KalkiError, ValueError) as err:
         return await overview(request, str(err), 400)
     return done(request, f"Maintenance until {r['maintenance_until']}." if r["maintenance_until"]
@@ -282,12 +280,12 @@ async def maintenance_post(request):
 # -- a device ------------------------------------------------------------------------------
 
 async def device_page(request, error=None, status=200):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     name = request.url_args["name"]
     try:
-        d = ops.device_detail(sup, name)
+        d = ops.device_detail(name)
     except KalkiError as err:
-        return page(request, "No such device", f"<p>{e(err)}</p>", status=ops.error_status(err))
+        return page(request, "No such device", f"<p>{e(err)}</p>", status=error_status(err))
     ident = [("MAC", d.get("mac")), ("Address", d.get("ip")), ("Type", d.get("type") or "—"),
              ("Approved", "yes" if d.get("approved") else "no"), ("Group", d.get("group") or "—"),
              ("MQTT", d.get("availability") or "—"), ("First seen", d.get("first_seen")),
@@ -300,7 +298,7 @@ async def device_page(request, error=None, status=200):
     p += "</span></p>"
     if d.get("approved"):
         posture_opts = "".join(f'<option value="{x}"{" selected" if x == d.get("posture") else ""}>{x}</option>'
-                               for x in ops.SETTABLE_POSTURES)
+                               for x in SETTABLE_POSTURES)
         p += form(request, f"/devices/{name}/posture",
                   f'<label>Posture <select name="posture" id="posture-select">{posture_opts}</select></label>'
                   '<label>for <input name="for" placeholder="e.g. 15m (empty: until changed)" size="12"></label>',
@@ -308,7 +306,7 @@ async def device_page(request, error=None, status=200):
         p += form(request, f"/devices/{name}/reset", "", "Reset to normal", "inline")
     else:
         p += form(request, f"/devices/{name}/approve",
-                  f"<label>Type {type_select(sup, d.get('suggested_type') or d.get('type'))}</label>",
+                  f"<label>Type {type_select(ops, d.get('suggested_type') or d.get('type'))}</label>",
                   "Approve", "inline approve")
     umbox_rows = [(e(u), f"<code>{j(params)}</code>") for u, params in (d.get("umboxes") or {}).items()]
     counters = d.get("counters") or {}
@@ -343,45 +341,45 @@ async def device_page(request, error=None, status=200):
 
 
 async def device_posture_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     name = request.url_args["name"]
     data = form_data(request)
     try:
-        ops.set_posture(sup, name, data.get("posture"), (data.get("for") or "").strip() or None)
+        ops.posture_set(name, data.get("posture"), (data.get("for") or "").strip() or None)
     except KalkiError as err:
-        return await device_page(request, str(err), ops.error_status(err))
+        return await device_page(request, str(err), error_status(err))
     return done(request, f"{name}: posture {data.get('posture')}.", f"/devices/{name}")
 
 
 async def device_reset_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     name = request.url_args["name"]
     try:
-        ops.run(sup, "posture_reset", name=name)
+        ops.posture_reset(name=name)
     except KalkiError as err:
-        return await device_page(request, str(err), ops.error_status(err))
+        return await device_page(request, str(err), error_status(err))
     return done(request, f"{name}: back to normal.", f"/devices/{name}")
 
 
 async def device_approve_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     name = request.url_args["name"]
     data = form_data(request)
     try:
-        ops.approve(sup, name, data.get("type"))
+        ops.device_approve(name, data.get("type"))
     except KalkiError as err:
-        if ops.error_status(err) == 404:
+        if error_status(err) == 404:
             return await device_page(request, str(err), 404)
-        return await overview(request, str(err), ops.error_status(err))
+        return await overview(request, str(err), error_status(err))
     return done(request, f"{name} approved as {data.get('type')}.", "/")
 
 
 # -- rules ---------------------------------------------------------------------------------
 
 async def rules_page(request, error=None, status=200, text=None):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     rows = []
-    for r in ops.rules_view(sup):
+    for r in ops.rules_view():
         actions = ""
         if r["editable"]:
             actions = (f'<a href="/rules?edit={e(r["name"])}">edit</a> ' +
@@ -393,9 +391,7 @@ async def rules_page(request, error=None, status=200, text=None):
                      e(", ".join(r["applies_to"]) or "any"), e(r["description"]), actions))
     edit = request.args.get("edit")
     if text is None:
-        text = ops.RULE_EXAMPLE
-        if edit and sup.store.get_rule(edit):
-            text = ops.rule_toml({k: v for k, v in sup.store.get_rule(edit).items() if k != "updated"})
+        text = ops.rule_text(edit)
     body = f"""{table(("rule", "source", "priority", "enabled", "applies to", "description", ""), rows, "rules")}
 <h2>Add or replace site rules</h2>
 <p class="muted">TOML, one <code>[[rules]]</code> table per rule; a rule with an existing site rule's name replaces it. Built-in and profile rules cannot be changed here.</p>
@@ -406,21 +402,21 @@ async def rules_page(request, error=None, status=200, text=None):
 
 
 async def rules_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     text = data.get("text")
     try:
-        names = ops.put_rules_text(sup, text, actor(request))
+        names = ops.put_rules_text(text, actor(request))
     except (KalkiError, ValueError) as err:
         return await rules_page(request, str(err), 400, text=text if isinstance(text, str) else "")
     return done(request, f"Saved: {', '.join(names)}.", "/rules")
 
 
 async def rule_enabled_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     try:
-        ops.set_rule_enabled(sup, request.url_args["name"], data.get("enabled"), actor(request))
+        ops.set_rule_enabled(request.url_args["name"], data.get("enabled"), actor(request))
     except KalkiError as err:
         return await rules_page(request, str(err), 400)
     return done(request, f"Rule {request.url_args['name']} "
@@ -428,9 +424,9 @@ async def rule_enabled_post(request):
 
 
 async def rule_delete_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     try:
-        ops.delete_rule(sup, request.url_args["name"], actor(request))
+        ops.delete_rule(request.url_args["name"], actor(request))
     except KalkiError as err:
         return await rules_page(request, str(err), 400)
     return done(request, f"Rule {request.url_args['name']} deleted.", "/rules")
@@ -439,28 +435,28 @@ async def rule_delete_post(request):
 # -- audit ---------------------------------------------------------------------------------
 
 async def audit_page(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     rows = [(e(a["at"][:19]), e(a.get("event")), e(a.get("actor")),
              f'<a href="/devices/{e(a["device"])}">{e(a["device"])}</a>' if a.get("device") else "",
-             f"<code>{j(a.get('details'))}</code>") for a in sup.store.decisions(kind="audit", limit=300)]
+             f"<code>{j(a.get('details'))}</code>") for a in ops.audit_log(300)]
     return page(request, "Audit log", table(("at", "event", "actor", "device", "details"), rows, "audit"))
 
 
 # -- settings ------------------------------------------------------------------------------
 
 async def settings_page(request, error=None, status=200, new_token=None):
-    sup = web_state(request).sup
-    s = sup.settings()
+    ops = web_state(request).ops
+    s = ops.settings()
     bh = s["business_hours"]
     days = "".join(f'<label class="day"><input type="checkbox" name="days" value="{d}"'
                    f'{" checked" if d in bh["days"] else ""}> {d}</label>' for d in DAYS)
     tokens = [(e(t["name"]), e(t["id"]), e(t["created"]),
                form(request, f"/settings/tokens/{t['id']}/delete", "", "Delete", "inline"))
-              for t in auth.list_tokens(sup.store)]
+              for t in ops.tokens()]
     shown = (f'<p class="ok">New token (shown once; send it as <code>Authorization: Bearer …</code>): '
              f'<code id="new-token">{e(new_token)}</code></p>') if new_token else ""
     mqtt_rows = [(e(m["device"]), {True: "yes", False: "no", None: "unknown"}[m["broker_user"]],
-                  e(m["availability"] or "—")) for m in ops.mqtt_view(sup)]
+                  e(m["availability"] or "—")) for m in ops.mqtt_view()]
     body = f"""<section><h2>Business hours</h2>
 {form(request, "/settings/business-hours", f'<div class="days">{days}</div><label>from <input name="start" value="{e(bh["start"])}" size="5"></label><label>to <input name="end" value="{e(bh["end"])}" size="5"></label>', "Save", "card")}
 </section><section><h2>Time zone</h2>
@@ -477,21 +473,21 @@ async def settings_page(request, error=None, status=200, new_token=None):
 
 
 async def business_hours_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     value = {"days": data.getlist("days") if data else [], "start": data.get("start", ""), "end": data.get("end", "")}
     try:
-        ops.update_settings(sup, {"business_hours": value}, actor(request))
+        ops.update_settings({"business_hours": value}, actor(request))
     except (KalkiError, ValueError) as err:
         return await settings_page(request, str(err), 400)
     return done(request, "Business hours saved.", "/settings")
 
 
 async def timezone_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     try:
-        ops.update_settings(sup, {"timezone": (data.get("timezone") or "").strip()}, actor(request))
+        ops.update_settings({"timezone": (data.get("timezone") or "").strip()}, actor(request))
     except (KalkiError, ValueError) as err:
         return await settings_page(request, str(err), 400)
     return done(request, "Time zone saved.", "/settings")
@@ -507,7 +503,7 @@ async def password_post(request):
         resp.headers["Retry-After"] = str(retry)
         return resp
     try:
-        ops.change_password(st.sup, data.get("current"), data.get("password"), data.get("confirm"),
+        st.ops.change_password(data.get("current"), data.get("password"), data.get("confirm"),
                             actor(request))
     except KalkiError as err:
         if "current password" in str(err):
@@ -517,21 +513,19 @@ async def password_post(request):
 
 
 async def token_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     data = form_data(request)
     try:
-        token, rec = auth.create_token(sup.store, data.get("name"), sup.now())
-        sup.store.audit("api-token-create", actor(request), {"token": rec["name"]})
+        token, rec = ops.create_token(data.get("name"), actor(request))
     except KalkiError as err:
         return await settings_page(request, str(err), 400)
     return await settings_page(request, new_token=token)
 
 
 async def token_delete_post(request):
-    sup = web_state(request).sup
+    ops = web_state(request).ops
     try:
-        rec = auth.delete_token(sup.store, request.url_args["id"])
-        sup.store.audit("api-token-delete", actor(request), {"token": rec["name"]})
+        rec = ops.delete_token(request.url_args["id"], actor(request))
     except KalkiError as err:
         return await settings_page(request, str(err), 400)
     return done(request, f"Token {rec['name']} deleted.", "/settings")
@@ -539,8 +533,8 @@ async def token_delete_post(request):
 
 async def healthz(request):
     import time
-    sup = web_state(request).sup
-    age = round(time.monotonic() - getattr(sup, "heartbeat", time.monotonic()), 2)
+    ops = web_state(request).ops
+    age = round(time.monotonic() - ops.heartbeat, 2)
     ok = age < 10
     return json_response({"ok": ok, "heartbeat_age_s": age}, 200 if ok else 503)
 
@@ -571,3 +565,8 @@ def add_routes(app) -> None:
     route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)
     route(app, "GET", "/leds", leds_page)
 
+
+
+def _form_minutes(value):
+    """A form sends text: "30" is 30 minutes; anything else goes to the op, which names it."""
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value

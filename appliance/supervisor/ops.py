@@ -1,0 +1,492 @@
+"""The operations: the one API that every face calls. The control socket (and so the `kalki`
+command and dnsmasq's lease script), the web page and the technician's button all go through
+`Ops`, and none of them reaches deeper into the supervisor.
+
+Every operation validates before it changes anything, and raises a KalkiError (or ValueError)
+whose message names the culprit. `CONTROL` lists the ones the control socket serves.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+import tomllib
+from pathlib import Path
+
+from appliance.errors import ConfigError, StoreError, UnknownDeviceError
+from appliance.policy import engine as policy
+from appliance.supervisor import accounts
+from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
+from appliance.vocab import SETTABLE_POSTURES, check_posture
+
+# The control socket's requests, each an Ops method of the same name.
+CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
+           "posture_set", "posture_reset", "alerts", "decisions", "maintenance", "memory",
+           "rules_validate", "block_source", "dhcp_lease", "clock_set", "button", "panel")
+
+RULE_EXAMPLE = """[[rules]]
+name = "night-camera-watch"
+description = "any alert on a camera at night: suspicious for an hour"
+applies_to = ["camera"]
+when = {all = [{time = {business_hours = false}}, {alert = {device = "self", count = 1, within = "10m"}}]}
+then = [{set_posture = {posture = "suspicious", for = "1h"}}]
+"""
+
+
+def error_status(e: Exception) -> int:
+    """The HTTP status a face answers an operation's error with."""
+    if isinstance(e, UnknownDeviceError):
+        return 404
+    if isinstance(e, (ConfigError, ValueError, TypeError, StoreError)):
+        return 400
+    return 500
+
+
+def _duration(value) -> int | None:
+    if value in (None, ""):
+        return None
+    return policy.parse_duration(value, "--for")
+
+
+def _minutes(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 24 * 60:
+        raise ConfigError(f"maintenance: minutes must be 0 to 1440, got {value!r}")
+    return value
+
+
+def validate_rules_text(text, source: str) -> dict:
+    """A TOML file of [[rules]] (site rules), validated without changing anything."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{source}: the text is empty")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    rules = data.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise ConfigError(f"{source}: expected [[rules]] tables")
+    parsed = [policy.parse_rule(r, f"{source}: rules[{i}]") for i, r in enumerate(rules)]
+    policy.Engine(parsed)     # duplicate names
+    return {"valid": [r.name for r in parsed]}
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)      # a JSON string is a TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def rule_toml(rule: dict) -> str:
+    lines = ["[[rules]]"]
+    for k in ("name", "description", "priority", "enabled", "applies_to", "when", "then"):
+        if k in rule:
+            lines.append(f"{k} = {toml_value(rule[k])}")
+    return "\n".join(lines) + "\n"
+
+
+class Ops:
+    """What can be asked of the supervisor. `sup` is the one writer (supervisor.core)."""
+
+    SETTABLE_POSTURES = SETTABLE_POSTURES
+
+    def __init__(self, sup):
+        self._sup = sup
+
+    # -- what the faces read ------------------------------------------------------------
+    @property
+    def cfg(self):
+        return self._sup.cfg
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._sup.loop
+
+    @property
+    def heartbeat(self) -> float:
+        """The loop's last tick, time.monotonic() (the panel's watchdog)."""
+        return self._sup.heartbeat
+
+    @property
+    def site_error(self) -> str | None:
+        return self._sup.site_error
+
+    @property
+    def auth_epoch(self) -> int:
+        return self._sup.auth_epoch
+
+    @property
+    def panel_state(self) -> dict | None:
+        """What the LEDs show now, if the panel runs."""
+        panel = self._sup.panel
+        try:
+            return panel.state() if panel is not None else None
+        except Exception:     # a page must not fail because of the LEDs
+            return None
+
+    def now(self) -> datetime.datetime:
+        return self._sup.now()
+
+    def summary(self) -> str:
+        return self._sup.summary()
+
+    def claim_open(self) -> bool:
+        return self._sup.claim_open()
+
+    def maintenance_until(self) -> str | None:
+        return self._sup.store.maintenance_until()
+
+    def maintenance_active(self) -> bool:
+        return self._sup.maintenance_active()
+
+    def profile_types(self) -> list[str]:
+        return sorted(self._sup.profiles)
+
+    def settings(self) -> dict:
+        return self._sup.settings()
+
+    def subscribe(self) -> asyncio.Queue:
+        return self._sup.subscribe()
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._sup.unsubscribe(q)
+
+    def notify(self, event: dict) -> None:
+        self._sup.notify(event)
+
+    def audit(self, kind: str, actor: str, details: dict) -> None:
+        self._sup.store.audit(kind, actor, details)
+
+    def audit_log(self, limit: int = 300) -> list[dict]:
+        return self._sup.store.decisions(kind="audit", limit=limit)
+
+    # -- the control socket's operations ------------------------------------------------
+    def status(self) -> dict:
+        sup = self._sup
+        return {"devices": len(sup.known), "enforced": len(sup.dp.devices),
+                "uptime_s": round((time.monotonic_ns() - sup.started_ns) / 1e9, 1),
+                "mqtt": bool(sup.bus and sup.bus.connected),
+                "mqtt_rejected": dict(sup.bus.rejected) if sup.bus else {},
+                "mqtt_denied": dict(sup.bus.denied) if sup.bus else {},
+                "maintenance_until": sup.store.maintenance_until(),
+                "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
+                "site_error": sup.site_error, "counters": dict(sup.counters),
+                "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms]}
+
+    def _view(self, d: dict) -> dict:
+        sup, name = self._sup, d["name"]
+        out = dict(d)
+        out["enforced"] = name in sup.dp.devices
+        out["availability"] = sup.availability.get(name)
+        if name in sup.suggestions:
+            out["suggested_type"] = sup.suggestions[name]
+        return out
+
+    def devices(self) -> list[dict]:
+        return [self._view(d) for d in sorted(self._sup.known.values(), key=lambda d: d["name"])]
+
+    def device_show(self, name: str) -> dict:
+        sup = self._sup
+        d = sup.device(name)
+        view = self._view(d)
+        view["history"] = sup.store.posture_history(name, limit=20)
+        view["counters"] = sup.dp.counters(name) if name in sup.dp.devices else {}
+        view["alerts"] = sup.store.alerts(device=name, limit=20)
+        view["umboxes"] = sup.profiles[d["type"]].stack(d["posture"]) if d.get("type") in sup.profiles else {}
+        return view
+
+    def device_add(self, name, mac, ip, type=None, approve=False, group=None) -> dict:
+        return self._sup.add_device(name, mac, ip, type, bool(approve), group)
+
+    def device_approve(self, name, type=None, actor: str = "operator") -> dict:
+        sup = self._sup
+        d = sup.device(name)
+        type = type or d.get("type")
+        if not isinstance(type, str) or type not in sup.profiles:
+            raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
+        return sup.approve(name, type, actor=actor)
+
+    def device_remove(self, name, actor: str = "operator") -> dict:
+        self._sup.remove(name, actor=actor)
+        return {"removed": name}
+
+    def posture_set(self, name, posture, for_=None, actor: str = "operator") -> dict:
+        check_posture(posture, "posture", settable=True)
+        ns = self._sup.set_posture(name, posture, "set by operator", _duration(for_), actor=actor)
+        return {"device": name, "posture": posture, "enforced_ns": ns}
+
+    def posture_reset(self, name, actor: str = "operator") -> dict:
+        self._sup.set_posture(name, "normal", "reset by operator", actor=actor)
+        return {"device": name, "posture": "normal"}
+
+    def alerts(self, device=None, limit=50) -> list[dict]:
+        return self._sup.store.alerts(device=device, limit=int(limit))
+
+    def decisions(self, device=None, limit=50, kind=None) -> list[dict]:
+        """Decisions (kind "decision"), the audit trail ("audit"), or both (None)."""
+        return self._sup.store.decisions(device=device, limit=int(limit), kind=kind)
+
+    def maintenance(self, minutes, actor: str = "operator") -> dict:
+        minutes = _minutes(minutes)
+        sup = self._sup
+        until = (sup.now() + datetime.timedelta(minutes=minutes)).isoformat() if minutes else None
+        sup.store.set_maintenance(until)
+        sup.store.audit("maintenance", actor, {"until": until})
+        return {"maintenance_until": until}
+
+    def memory(self, top=25) -> dict:
+        """VmRSS/VmHWM, and where the memory went if traced: for a field engineer chasing growth."""
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile")))
+        out: dict = {k: v.strip() for k, v in status.items()}
+        import tracemalloc
+        if tracemalloc.is_tracing():   # PYTHONTRACEMALLOC=N in the supervisor's environment
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:int(top)]
+            out["top"] = [{"where": str(t.traceback), "kb": round(t.size / 1024, 1), "count": t.count}
+                          for t in stats]
+        return out
+
+    def rules_validate(self, text, source="rules") -> dict:
+        return validate_rules_text(text, source)
+
+    def block_source(self, ip, seconds, target=None, reason="blocked", by="operator") -> dict:
+        sup = self._sup
+        sup.dp.block_source(ip, seconds)
+        device = sup.dp.device_by_ip(target) if target else None
+        sup.raise_alert(device, reason, by, {"source": ip, "seconds": seconds}, time.monotonic_ns())
+        return {"blocked": ip, "seconds": seconds}
+
+    def dhcp_lease(self, action, mac=None, ip=None, identity=None) -> dict:
+        if action in ("add", "old"):
+            if identity is not None and not isinstance(identity, dict):
+                raise ConfigError("dhcp_lease: identity must be an object")
+            if mac is None or ip is None:
+                raise ConfigError(f"dhcp_lease {action}: mac and ip are required")
+            self._sup.discovered(mac, ip, identity or {})
+        return {"ok": True}
+
+    def clock_set(self, time) -> dict:
+        sup = self._sup
+        if not sup.cfg.policy.fake_time:
+            raise ConfigError("clock_set: only with policy.fake_time set (the lab)")
+        sup.clock.set(time)
+        return {"policy_time": sup.now().isoformat()}
+
+    def button(self, action, seconds=None) -> dict:
+        """The lab's finger on the button."""
+        if not self._sup.panel:
+            raise ConfigError("button: the panel is off ([panel] enabled = false)")
+        return self._sup.panel.simulate(action, seconds)
+
+    def panel(self) -> dict:
+        sup = self._sup
+        if not sup.panel:
+            return {"enabled": False, "claim_open": sup.claim_open()}
+        return {"enabled": True, **sup.panel.state(), "claim_open": sup.claim_open(),
+                "claim_until": sup.claim_until.isoformat() if sup.claim_open() else None}
+
+    # -- the page's views ---------------------------------------------------------------
+    def telemetry(self, name: str, limit: int = 20) -> list[dict]:
+        return [{"at": at.isoformat(timespec="seconds"), "values": payload}
+                for at, payload in self._sup.recent_telemetry(name, limit)]
+
+    def device_detail(self, name: str) -> dict:
+        view = self.device_show(name)
+        view["telemetry"] = self.telemetry(name)
+        view["decisions"] = self._sup.store.decisions(device=name, limit=30)
+        view["kernel_alerts"] = [a for a in view.get("alerts", []) if a.get("source") == "kernel"]
+        return view
+
+    def mqtt_view(self) -> list[dict]:
+        users = self._broker_users()
+        sup = self._sup
+        return [{"device": name, "broker_user": None if users is None else name in users,
+                 "availability": sup.availability.get(name)}
+                for name in sorted(sup.known)]
+
+    def _broker_users(self) -> set[str] | None:
+        """Devices with a user on the MQTT broker, from Mosquitto's password file when the
+        supervisor can see it (the lab; on a Pi /etc/kalki/mqtt/passwords); None if unknown."""
+        pw = Path(self._sup.cfg.mqtt.password_file)
+        for candidate in (pw.parent / "mqtt" / "passwords", Path("/etc/kalki/mqtt/passwords")):
+            try:
+                return {line.split(":", 1)[0] for line in candidate.read_text().splitlines() if ":" in line}
+            except OSError:
+                continue
+        return None
+
+    # -- rules --------------------------------------------------------------------------
+    def rules_view(self) -> list[dict]:
+        sup = self._sup
+        stored = {r["name"]: r for r in sup.store.rules()}
+        out = []
+        for r in sup.rules():
+            row = {"name": r.name, "source": r.source, "priority": r.priority, "enabled": r.enabled,
+                   "applies_to": list(r.applies_to), "editable": r.source == "site",
+                   "description": (stored.get(r.name) or {}).get("description", "")}
+            if r.source == "site":
+                row["definition"] = {k: v for k, v in stored.get(r.name, {}).items() if k != "updated"}
+            out.append(row)
+        order = {"builtin": 0, "site": 2}
+        return sorted(out, key=lambda r: (order.get(r["source"], 1), r["source"], r["name"]))
+
+    def rule_text(self, name: str | None) -> str:
+        """A site rule as TOML for the editor, or the example."""
+        rule = self._sup.store.get_rule(name) if name else None
+        if rule is None:
+            return RULE_EXAMPLE
+        return rule_toml({k: v for k, v in rule.items() if k != "updated"})
+
+    def _fixed_names(self) -> dict[str, str]:
+        return {r.name: r.source for r in self._sup.rules() if r.source != "site"}
+
+    def put_rules(self, rules: list[dict], where: str, actor: str) -> list[str]:
+        """Adds or replaces site rules after checking each and the whole rule set."""
+        sup = self._sup
+        if not isinstance(rules, list) or not rules:
+            raise ConfigError(f"{where}: expected a non-empty list of rules")
+        parsed = [policy.parse_rule(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)]
+        fixed = self._fixed_names()
+        for r in parsed:
+            if r.name in fixed:
+                raise ConfigError(f"rule {r.name!r}: a {fixed[r.name]} rule has that name; "
+                                  "choose another name")
+        site = {r["name"]: r for r in sup.store.rules()}
+        for r in rules:
+            site[r["name"]] = {**r, "enabled": r.get("enabled", site.get(r["name"], {}).get("enabled", True))}
+        candidate = [r for r in sup.rules() if r.source != "site"]
+        candidate += [policy.parse_rule({k: v for k, v in d.items() if k != "updated"},
+                                        f"site rule {n}", source="site") for n, d in site.items()]
+        policy.Engine(candidate)     # duplicate names, anything else the engine refuses
+        with sup.store.batch():
+            for r in rules:
+                sup.store.put_rule(r["name"], r)
+                sup.store.audit("rule-put", actor, {"rule": r["name"]})
+        sup.reload_rules()
+        return [r.name for r in parsed]
+
+    def put_rules_text(self, text, actor: str) -> list[str]:
+        validate_rules_text(text, "rules")
+        return self.put_rules(tomllib.loads(text)["rules"], "rules", actor)
+
+    def _site_rule(self, name) -> None:
+        if not isinstance(name, str) or self._sup.store.get_rule(name) is None:
+            fixed = self._fixed_names()
+            if name in fixed:
+                raise ConfigError(f"rule {name!r} is a {fixed[name]} rule; only site rules can be changed")
+            raise ConfigError(f"rule {name!r} does not exist")
+
+    def set_rule_enabled(self, name, enabled, actor: str) -> dict:
+        self._site_rule(name)
+        if isinstance(enabled, str) and enabled in ("true", "false", "1", "0"):
+            enabled = enabled in ("true", "1")
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"rule {name!r}: enabled must be true or false, got {enabled!r}")
+        store = self._sup.store
+        with store.batch():
+            rule = store.set_rule_enabled(name, enabled)
+            store.audit("rule-enabled" if enabled else "rule-disabled", actor, {"rule": name})
+        self._sup.reload_rules()
+        return rule
+
+    def delete_rule(self, name, actor: str) -> None:
+        self._site_rule(name)
+        store = self._sup.store
+        with store.batch():
+            store.delete_rule(name)
+            store.audit("rule-delete", actor, {"rule": name})
+        self._sup.reload_rules()
+
+    # -- settings -----------------------------------------------------------------------
+    def update_settings(self, changes: dict, actor: str) -> dict:
+        if not isinstance(changes, dict) or not changes:
+            raise ConfigError("settings: expected an object with business_hours and/or timezone")
+        unknown = set(changes) - {"business_hours", "timezone"}
+        if unknown:
+            raise ConfigError(f"settings: unknown key(s) {sorted(unknown)} (known: business_hours, timezone)")
+        store = self._sup.store
+        for k, v in changes.items():   # all checked before any is stored
+            store.check_setting(k, v)
+        with store.batch():
+            for k, v in changes.items():
+                store.set_setting(k, v)
+            store.audit("settings", actor, {"changed": sorted(changes)})
+        return self._sup.settings()
+
+    # -- accounts -----------------------------------------------------------------------
+    def admin_user(self) -> str | None:
+        admin = self._sup.store.get_setting("admin")
+        return admin["user"] if admin else None
+
+    def check_admin_password(self, user, password) -> bool:
+        """Slow on purpose (scrypt): call it from a thread."""
+        admin = self._sup.store.get_setting("admin")
+        return bool(admin and isinstance(password, str) and user == admin["user"]
+                    and accounts.verify_password(password, admin["scrypt"]))
+
+    def change_password(self, current, new, confirm, actor: str) -> None:
+        store = self._sup.store
+        admin = store.get_setting("admin")
+        if not admin or not isinstance(current, str) or not accounts.verify_password(current, admin["scrypt"]):
+            raise ConfigError("current password: wrong")
+        user = accounts.check_new_credentials(admin["user"], new, confirm)
+        with store.batch():
+            store.set_setting("admin", {"user": user, "scrypt": accounts.hash_password(new)})
+            store.audit("admin-password", actor, {})
+
+    def claim(self, user, password, confirm, actor: str) -> str:
+        sup = self._sup
+        if sup.store.get_setting("admin"):
+            raise ConfigError("this gateway has an admin already: log in")
+        if not sup.claim_open():
+            raise ConfigError("the claim window is closed: press the button on the box, then try again "
+                              "within 5 minutes")
+        user = accounts.check_new_credentials(user, password, confirm)
+        with sup.store.batch():
+            sup.store.set_setting("admin", {"user": user, "scrypt": accounts.hash_password(password)})
+            sup.store.set_setting(accounts.TOKENS_SETTING, [])     # a new owner: old tokens go
+            sup.store.audit("admin-claimed", actor, {"user": user})
+        sup.claim_until = None       # one claim per press
+        return user
+
+    def tokens(self) -> list[dict]:
+        return accounts.list_tokens(self._sup.store)
+
+    def create_token(self, name, actor: str) -> tuple[str, dict]:
+        store = self._sup.store
+        with store.batch():
+            token, rec = accounts.create_token(store, name, self._sup.now())
+            store.audit("api-token-create", actor, {"token": rec["name"]})
+        return token, rec
+
+    def delete_token(self, token_id, actor: str) -> dict:
+        store = self._sup.store
+        with store.batch():
+            rec = accounts.delete_token(store, token_id)
+            store.audit("api-token-delete", actor, {"token": rec["name"]})
+        return rec
+
+    def token_owner(self, token: str) -> dict | None:
+        return accounts.token_owner(self._sup.store, token)
+
+    # -- the technician's button --------------------------------------------------------
+    def open_claim_window(self, minutes: int = 5, actor: str = "button") -> None:
+        self._sup.open_claim_window(minutes, actor)
+
+    def reset_admin(self, actor: str = "button") -> None:
+        self._sup.reset_admin(actor)
+
+    def factory_reset(self, actor: str = "button") -> None:
+        self._sup.factory_reset(actor)
