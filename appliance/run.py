@@ -18,6 +18,8 @@ from appliance.dataplane.api import Dataplane, GatewaySettings
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
+from appliance.system.site import ERROR_FILE
+from appliance.telemetry import kernel
 from appliance.telemetry.neighbours import NeighbourMonitor
 
 log = logging.getLogger("kalki.run")
@@ -77,12 +79,15 @@ async def start_control(cfg: Config, ops: Ops) -> asyncio.AbstractServer:
 async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     sup = Supervisor(cfg)
+    sup.site_error = read_site_error()
     ops = Ops(sup)
     stop = asyncio.Event()
     neighbours = web = control_server = None
     try:
         sup.attach(open_dataplane(cfg), loop)
-        loop.add_reader(sup.dp.events_fileno(), sup.on_kernel_events)
+        dp = sup.dp
+        loop.add_reader(dp.events_fileno(), lambda: sup.on_kernel_alerts(
+            kernel.alerts(dp.events(limit=512), sup.device_ip)))
         sup.attach_bus(connect_mqtt(cfg, sup, loop))
         control_server = await start_control(cfg, ops)
         neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop)
@@ -117,6 +122,14 @@ async def serve(cfg: Config) -> None:
         if sup.dp:
             loop.remove_reader(sup.dp.events_fileno())
         sup.close()
+
+
+def read_site_error() -> str | None:
+    """What the image's site-apply found wrong in kalki.toml on the SD card, if anything."""
+    try:
+        return ERROR_FILE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _resident_mb() -> str:

@@ -12,6 +12,7 @@ from appliance.dataplane import umbox
 from appliance.errors import ConfigError
 
 PROFILE_DIR = HOME / "umboxes"
+ADAPTER_KINDS = ("hue",)      # appliance.telemetry.adapters
 
 
 @dataclass
@@ -87,7 +88,6 @@ def load_profile(path: Path) -> Profile:
                                 source=f"profile:{data['type']}") for i, r in enumerate(rules)]
     adapter = None
     if "adapter" in data:
-        from appliance.telemetry.adapters import check_profile_adapter
         adapter = check_profile_adapter(data["adapter"], path.name)
     return Profile(data["type"], data.get("description", ""), checked, path,
                    data.get("telemetry", {}), data.get("commands", {}), parsed, match, adapter)
@@ -101,3 +101,17 @@ def load_all(directory: Path = PROFILE_DIR) -> dict[str, Profile]:
             raise ConfigError(f"{path}: device type {p.type} is also defined in {out[p.type].path.name}")
         out[p.type] = p
     return out
+
+
+def check_profile_adapter(data, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: adapter must be a table")
+    unknown = set(data) - {"kind", "poll_seconds"}
+    if unknown:
+        raise ConfigError(f"{where}: adapter: unknown key(s) {sorted(unknown)}")
+    if data.get("kind") not in ADAPTER_KINDS:
+        raise ConfigError(f"{where}: adapter.kind must be one of {', '.join(ADAPTER_KINDS)}")
+    poll = data.get("poll_seconds", 2)
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.2 <= poll <= 3600:
+        raise ConfigError(f"{where}: adapter.poll_seconds must be 0.2 to 3600, got {poll!r}")
+    return {"kind": data["kind"], "poll_seconds": float(poll)}

@@ -21,7 +21,6 @@ from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import engine as policy
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
-from appliance.telemetry.kernel import alert_kind
 from appliance.vocab import POSTURE_CODES, check_posture, device_name_for, iso, severity_of, stricter
 
 log = logging.getLogger("kalki.supervisor")
@@ -70,7 +69,7 @@ class Supervisor:
         self.counters = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
         self._listeners: set[asyncio.Queue] = set()
-        self.site_error = self._read_site_error()   # shown on the LEDs and the web page
+        self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.adapter = None  # polls devices that have an HTTP API and no MQTT
         self.panel = None    # LEDs and button (appliance.faces.panel), when enabled
         self.claim_until: datetime.datetime | None = None
@@ -78,15 +77,6 @@ class Supervisor:
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
-
-    @staticmethod
-    def _read_site_error() -> str | None:
-        """What the image's site-apply found wrong in kalki.toml on the SD card, if anything."""
-        from appliance.system.site import ERROR_FILE
-        try:
-            return ERROR_FILE.read_text().strip() or None
-        except OSError:
-            return None
 
     # -- the rules ------------------------------------------------------------------------
     def rules(self) -> list[policy.Rule]:
@@ -234,15 +224,10 @@ class Supervisor:
                          {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
 
     # -- kernel events --------------------------------------------------------------------
-    def on_kernel_events(self) -> None:
+    def on_kernel_alerts(self, alerts) -> None:
+        """(device, alert kind, kernel event) from appliance.telemetry.kernel."""
         received = time.monotonic_ns()
-        for e in self.dp.events(limit=512):
-            device = e["device"]
-            if not isinstance(device, str) or device not in self.known:
-                continue
-            kind = alert_kind(e, self.known[device].get("ip"))
-            if not kind:
-                continue
+        for device, kind, e in alerts:
             if kind == "spoofing" and self._leased(device, e["src"]):
                 continue
             self.raise_alert(device, kind, "kernel", e, received)
@@ -439,6 +424,11 @@ class Supervisor:
         return xdp, enforced
 
     # -- devices --------------------------------------------------------------------------
+    def device_ip(self, name: str) -> str | None:
+        """The device's address, or None if the supervisor does not know the device."""
+        d = self.known.get(name)
+        return (d.get("ip") or "") if d else None
+
     def device(self, name: str) -> dict:
         try:
             return self.known[name]

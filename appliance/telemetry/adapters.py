@@ -16,22 +16,7 @@ from pathlib import Path
 from appliance.errors import ConfigError, KalkiError
 
 log = logging.getLogger("kalki.adapters")
-KINDS = ("hue",)
 TIMEOUT = 2.0
-
-
-def check_profile_adapter(data, where: str) -> dict:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: adapter must be a table")
-    unknown = set(data) - {"kind", "poll_seconds"}
-    if unknown:
-        raise ConfigError(f"{where}: adapter: unknown key(s) {sorted(unknown)}")
-    if data.get("kind") not in KINDS:
-        raise ConfigError(f"{where}: adapter.kind must be one of {', '.join(KINDS)}")
-    poll = data.get("poll_seconds", 2)
-    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.2 <= poll <= 3600:
-        raise ConfigError(f"{where}: adapter.poll_seconds must be 0.2 to 3600, got {poll!r}")
-    return {"kind": data["kind"], "poll_seconds": float(poll)}
 
 
 async def http(method: str, ip: str, path: str, body: dict | None = None, port: int = 80):

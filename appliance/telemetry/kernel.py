@@ -2,6 +2,8 @@
 (ebpf/kalki.h's reasons, as appliance.dataplane.maps names them)."""
 from __future__ import annotations
 
+from typing import Callable, Iterable, Iterator
+
 KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
                  "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
                  "lateral": "lateral-movement", "gateway": "gateway-probe"}
@@ -14,3 +16,18 @@ def alert_kind(event: dict, device_ip: str | None) -> str | None:
     if kind == "port-scan" and device_ip is not None and event.get("src") == device_ip:
         return "port-scan-outbound"
     return kind
+
+
+def alerts(events: Iterable[dict], device_ip: Callable[[str], str | None]) -> Iterator[tuple[str, str, dict]]:
+    """(device, alert kind, event) for each event about a known device that raises an alert;
+    `device_ip(name)` is None for a device the supervisor does not know."""
+    for e in events:
+        device = e.get("device")
+        if not isinstance(device, str):
+            continue
+        ip = device_ip(device)
+        if ip is None:
+            continue
+        kind = alert_kind(e, ip)
+        if kind:
+            yield device, kind, e

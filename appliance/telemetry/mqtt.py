@@ -28,7 +28,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from appliance.errors import KalkiError
-from appliance.system.broker import check_name
+from appliance.vocab import check_device_name
 
 log = logging.getLogger("kalki.mqtt")
 
@@ -170,7 +170,7 @@ class Bus:
         if len(levels) > 2 or (len(levels) == 2 and levels[1] != "availability"):
             raise Rejected("bad_topic", "not a device topic")
         try:
-            check_name(device)
+            check_device_name(device)
         except KalkiError:
             raise Rejected("bad_topic", f"bad device name {device!r}") from None
         if not self.known_device(device):
@@ -242,10 +242,10 @@ class Bus:
         return self.client.publish(topic, text, qos=1, retain=retain)
 
     def posture_topic(self, device: str) -> str:
-        return f"{self.base}/{check_name(device)}/posture"
+        return f"{self.base}/{check_device_name(device)}/posture"
 
     def discovery_topic(self, device: str) -> str:
-        return f"{DISCOVERY_PREFIX}/sensor/kalki_{check_name(device)}/posture/config"
+        return f"{DISCOVERY_PREFIX}/sensor/kalki_{check_device_name(device)}/posture/config"
 
     def publish_posture(self, device: str, posture: str, since_iso: str) -> mqtt.MQTTMessageInfo:
         return self._publish(self.posture_topic(device), {"posture": posture, "since": since_iso},
@@ -262,7 +262,7 @@ class Bus:
         return self._publish(f"{self.base}/{device}", payload)
 
     def send_command(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
-        return self._publish(f"{self.base}/{check_name(device)}/set", payload)
+        return self._publish(f"{self.base}/{check_device_name(device)}/set", payload)
 
     def discovery_config(self, device: str, device_type: str) -> dict:
         return {
