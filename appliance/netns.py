@@ -20,12 +20,14 @@ def _setns(fd: int, what: str) -> None:
 
 
 def path(name: str) -> str:
-    return f"/run/netns/{name}"
+    """A namespace's file: `name` under /run/netns, or `name` itself if it is a path."""
+    return name if name.startswith("/") else f"/run/netns/{name}"
 
 
 @contextlib.contextmanager
 def entered(name: str | None):
-    """`with entered("kalki-x-gw"):` runs the block in that namespace; None means stay."""
+    """`with entered("kalki-x-gw"):` (or a path such as /proc/PID/ns/net) runs the block in
+    that namespace; None means stay."""
     if name is None:
         yield
         return

@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, emit, install_signal_handlers
 
-from appliance.store.state import LogTable, Retention
+from appliance.store.logs import LogTable
+from appliance.store.state import Retention
 
 BENCH = "store"
 DEVICES = int(os.environ.get("KALKI_BENCH_DEVICES", "1000"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ("appliance", "appliance.errors", "appliance.vocab", "appliance.config")
+BASE = ("appliance", "appliance.errors", "appliance.vocab", "appliance.config", "appliance.netns")
 
 # Importer (a package or module prefix) -> what it may import besides itself and BASE.
 # "appliance.*" is the whole product.

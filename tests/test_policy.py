@@ -6,15 +6,8 @@ import time
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.policy.engine import (
-    ATTACK_RULES,
-    INTRUSION_RULE,
-    Engine,
-    Stimulus,
-    builtin_rules,
-    parse_duration,
-    parse_rule,
-)
+from appliance.policy import Engine, Stimulus, builtin_rules, parse_duration, parse_rule
+from appliance.policy.builtin import ATTACK_RULES, INTRUSION_RULE
 
 UTC = datetime.UTC
 WEDNESDAY_0700_UTC = datetime.datetime(2024, 5, 15, 7, 0, tzinfo=UTC)   # 09:00 in Berlin (CEST)

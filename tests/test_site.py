@@ -157,7 +157,7 @@ def test_dnsmasq_serves_only_the_devices_side(tmp_path):
     conf = site.render(site.load(write(tmp_path, WIRED)))["dnsmasq.conf"]
     assert "interface=eth1" in conf.splitlines()
     assert "except-interface=lo" in conf.splitlines()
-    assert "dhcp-range=198.18.0.10,198.18.15.254,255.255.240.0,12h" in conf
+    assert "dhcp-range=198.18.8.0,198.18.15.254,255.255.240.0,12h" in conf   # the upper half
     assert "dhcp-option=option:router,198.18.0.1" in conf
     assert "/var/lib/kalki/" in conf
 
@@ -239,3 +239,13 @@ def test_example_file_in_the_image_is_valid():
     text = example.read_text().replace(site.PLACEHOLDER_PASSPHRASE, "a passphrase of our own")
     s = site.parse(tomllib.loads(text), "kalki.toml")
     assert s.wifi is not None and not s.ssh_enabled and s.devices_interface == "wlan0"
+
+
+def test_the_lab_and_the_appliance_lease_by_one_rule(tmp_path):
+    from appliance.system import dhcp
+    assert dhcp.lease_range("198.18.0.0/24", "198.18.0.1") == ("198.18.0.128", "198.18.0.254")
+    assert dhcp.lease_range("198.18.0.0/24", "198.18.0.254") == ("198.18.0.128", "198.18.0.253")
+    lab = dhcp.write_config(tmp_path / "lab", "dev0", "198.18.0.1", "198.18.0.0/20", "/run/x.sock").read_text()
+    appliance = site.render(site.load(write(tmp_path, WIRED)))["dnsmasq.conf"]
+    ranges = {line for text in (lab, appliance) for line in text.splitlines() if line.startswith("dhcp-range=")}
+    assert ranges == {"dhcp-range=198.18.8.0,198.18.15.254,255.255.240.0,12h"}

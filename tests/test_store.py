@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
-from appliance.store.state import AtomicJSONStorage, LogTable, Retention, Store, StoreError
+from appliance.errors import ConfigError, StoreError
+from appliance.store.logs import LogTable
+from appliance.store.state import Retention, Store
+from appliance.store.storage import AtomicJSONStorage
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -461,7 +463,7 @@ def test_an_update_that_fails_to_reach_the_disk_leaves_the_state_as_it_was(tmp_p
     the state in memory stays what the file says when the write fails (outside a batch too)."""
     from tinydb import TinyDB
 
-    from appliance.store.state import _Table
+    from appliance.store.storage import _Table
     db = TinyDB(tmp_path / "db.json", storage=AtomicJSONStorage)
     db.table_class = _Table
     t = db.table("t", cache_size=0)

@@ -654,7 +654,7 @@ async def test_repeated_reports_are_kept_once_and_still_counted(sup):
 @aiotest
 async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplog):
     """Heartbeat, expiries and collections must outlive a failing store (a full SD card)."""
-    from appliance.store.state import StoreError
+    from appliance.errors import StoreError
 
     async def full():
         raise StoreError("cannot write the log /var/lib/kalki/alerts.jsonl: No space left on device")
@@ -731,8 +731,8 @@ async def test_too_many_headers_or_too_big_a_body_is_refused_and_changes_nothing
 
 @aiotest
 async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
-    from appliance.faces import web
-    monkeypatch.setattr(web, "REQUEST_SECONDS", 0.3)
+    from appliance.faces.web import server
+    monkeypatch.setattr(server, "REQUEST_SECONDS", 0.3)
     async with served(sup) as (_, port):
         t0 = asyncio.get_running_loop().time()
         answer = await raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5)  # no blank line
@@ -742,8 +742,8 @@ async def test_a_client_that_stalls_is_cut_off(sup, monkeypatch):
 
 @aiotest
 async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypatch):
-    from appliance.faces import web
-    monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
+    from appliance.faces.web import server
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 3)
     async with served(sup) as (server, port):
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         await asyncio.sleep(0.1)

@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance import HOME
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError
+from appliance.policy.rules import parse_rule
 
 PROFILE_DIR = HOME / "umboxes"
 ADAPTER_KINDS = ("hue",)      # appliance.telemetry.adapters
@@ -80,11 +81,10 @@ def load_profile(path: Path) -> Profile:
             re.compile(match["hostname"])
         except re.error as e:
             raise ConfigError(f"{path.name}: match.hostname: invalid pattern: {e}") from None
-    from appliance.policy import engine as policy
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise ConfigError(f"{path.name}: key 'rules' must be a list of tables ([[rules]])")
-    parsed = [policy.parse_rule(r, f"{path.name}: rules[{i}]", (data["type"],),
+    parsed = [parse_rule(r, f"{path.name}: rules[{i}]", (data["type"],),
                                 source=f"profile:{data['type']}") for i, r in enumerate(rules)]
     adapter = None
     if "adapter" in data:

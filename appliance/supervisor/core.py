@@ -15,10 +15,10 @@ import logging
 import time
 from pathlib import Path
 
+from appliance import policy
 from appliance.config import Config
 from appliance.dataplane.api import Dataplane, DeviceSpec
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
-from appliance.policy import engine as policy
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
 from appliance.vocab import POSTURE_CODES, check_posture, device_name_for, iso, severity_of, stricter

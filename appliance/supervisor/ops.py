@@ -14,8 +14,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from appliance import policy
 from appliance.errors import ConfigError, StoreError, UnknownDeviceError
-from appliance.policy import engine as policy
 from appliance.supervisor import accounts
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
 from appliance.vocab import SETTABLE_POSTURES, check_posture

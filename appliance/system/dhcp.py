@@ -18,33 +18,58 @@ from appliance.errors import ConfigError, KalkiError
 DNSMASQ = "/usr/sbin/dnsmasq"
 
 
-def write_config(directory: Path, interface: str, gateway_ip: str, lan: str, socket_path: str,
-                 reserved: dict[str, str] | None = None) -> Path:
-    """dnsmasq.conf for the device side: leases from the upper part of the LAN (the lower
-    part is for fixed addresses), `reserved` = {mac: address} pinned, DNS answered locally."""
+def lease_range(lan: str, gateway_ip: str) -> tuple[str, str]:
+    """The addresses leased: the upper half of the LAN's hosts (the lower half is for fixed
+    addresses), never the gateway's own."""
     net = ipaddress.IPv4Network(lan)
-    if ipaddress.IPv4Address(gateway_ip) not in net:
+    gateway = ipaddress.IPv4Address(gateway_ip)
+    if gateway not in net:
         raise ConfigError(f"dhcp: gateway {gateway_ip} is not in {lan}")
     hosts = list(net.hosts())
     first, last = hosts[len(hosts) // 2], hosts[-1]
+    if gateway == last:
+        last = hosts[-2]
+    elif gateway == first:
+        first = hosts[len(hosts) // 2 + 1]
+    return str(first), str(last)
+
+
+def dnsmasq_conf(interface: str, gateway_ip: str, lan: str, lease_file: str, *,
+                 upstream: list[str], lease_script: str | None = None,
+                 reserved: dict[str, str] | None = None, extra: list[str] | None = None) -> str:
+    """dnsmasq.conf for the devices side, the one rule for the lab and the appliance: DHCP and
+    DNS on `interface` only, the gateway as router and name server, leases from lease_range(),
+    `reserved` = {mac: address} pinned, each lease event to `lease_script` (as root: it talks
+    to the root-only control socket). `upstream`: where DNS goes on (resolv-file=... or
+    no-resolv)."""
+    first, last = lease_range(lan, gateway_ip)
+    lines = [
+        f"interface={interface}", "except-interface=lo",
+        f"dhcp-range={first},{last},{ipaddress.IPv4Network(lan).netmask},12h",
+        f"dhcp-option=option:router,{gateway_ip}", f"dhcp-option=option:dns-server,{gateway_ip}",
+        "dhcp-authoritative", f"dhcp-leasefile={lease_file}", *upstream,
+    ]
+    if lease_script:
+        lines += [f"dhcp-script={lease_script}", "dhcp-scriptuser=root"]
+    lines += [f"dhcp-host={mac},{ip}" for mac, ip in (reserved or {}).items()]
+    return "\n".join(lines + (extra or [])) + "\n"
+
+
+def write_config(directory: Path, interface: str, gateway_ip: str, lan: str, socket_path: str,
+                 reserved: dict[str, str] | None = None) -> Path:
+    """The lab's dnsmasq.conf and lease script in `directory` (dnsmasq runs as root there)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "lease-event"
     script.write_text(f"#!/bin/sh\nexec {sys.executable} -m appliance.system.dhcp --socket {socket_path} \"$@\"\n")
     script.chmod(0o700)
-    lines = [
-        f"interface={interface}", "bind-interfaces", "except-interface=lo",
-        f"listen-address={gateway_ip}",
-        f"dhcp-range={first},{last},{net.netmask},12h",
-        f"dhcp-option=option:router,{gateway_ip}", f"dhcp-option=option:dns-server,{gateway_ip}",
-        f"dhcp-leasefile={directory / 'leases'}",
-        f"dhcp-script={script}", "dhcp-scriptuser=root",
-        "no-resolv", "no-hosts", "log-dhcp", f"log-facility={directory / 'dnsmasq.log'}",
-        f"pid-file={directory / 'dnsmasq.pid'}", "user=root",
-    ]
-    lines += [f"dhcp-host={mac},{ip}" for mac, ip in (reserved or {}).items()]
     conf = directory / "dnsmasq.conf"
-    conf.write_text("\n".join(lines) + "\n")
+    conf.write_text(dnsmasq_conf(
+        interface, gateway_ip, lan, str(directory / "leases"), upstream=["no-resolv", "no-hosts"],
+        lease_script=str(script), reserved=reserved,
+        extra=["bind-interfaces", f"listen-address={gateway_ip}", "log-dhcp",
+               f"log-facility={directory / 'dnsmasq.log'}", f"pid-file={directory / 'dnsmasq.pid'}",
+               "user=root"]))
     return conf
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from appliance import config
 from appliance.errors import ConfigError
+from appliance.system import dhcp
 from appliance.vocab import WORKDAYS, check_business_hours, check_timezone
 
 SOURCE = Path("/boot/firmware/kalki.toml")
@@ -163,10 +164,21 @@ def check_authorized_key(value: str, where: str) -> str:
 
 
 def parse(data: dict, path: str = "kalki.toml") -> Site:
+    """The site file as a Site; SiteError names the file and the key at fault."""
     top = _table(data, path, ("network", "wifi", "time", "business_hours", "ssh"))
     site = Site(path=path)
+    _parse_network(site, top.get("network", {}), path)
+    _parse_wifi(site, top, path)
+    _parse_time(site, top.get("time", {}), top.get("business_hours", {}), path)
+    _parse_ssh(site, top.get("ssh", {}), path)
+    try:
+        supervisor_config(site).check()
+    except ConfigError as e:
+        raise SiteError(f"{path}: {e}") from None
+    return site
 
-    net = _table(top.get("network", {}), f"{path}: network",
+def _parse_network(site: Site, section: dict, path: str) -> None:
+    net = _table(section, f"{path}: network",
                  ("devices_interface", "uplink_interface", "address", "lan"))
     w = f"{path}: network"
     site.devices_interface = _interface(net, "devices_interface", w, site.devices_interface)
@@ -189,6 +201,8 @@ def parse(data: dict, path: str = "kalki.toml") -> Site:
     if lan.prefixlen > 28:
         raise SiteError(f"{w}.lan: {lan} leaves too few addresses for devices (at most /28)")
 
+
+def _parse_wifi(site: Site, top: dict, path: str) -> None:
     if "wifi" in top:
         wt = _table(top["wifi"], f"{path}: wifi", ("ssid", "passphrase", "country", "channel"))
         w = f"{path}: wifi"
@@ -212,18 +226,21 @@ def parse(data: dict, path: str = "kalki.toml") -> Site:
                         f"{site.devices_interface!r} (ssid and passphrase of the devices' access "
                         f"point); there is no open Wi-Fi")
 
-    tt = _table(top.get("time", {}), f"{path}: time", ("timezone",))
+
+def _parse_time(site: Site, time_section: dict, hours_section: dict, path: str) -> None:
+    tt = _table(time_section, f"{path}: time", ("timezone",))
     site.timezone = _str(tt, "timezone", f"{path}: time", site.timezone)
     check_timezone(site.timezone, f"{path}: time.timezone", SiteError)
-
-    bt = _table(top.get("business_hours", {}), f"{path}: business_hours", ("days", "start", "end"))
+    bt = _table(hours_section, f"{path}: business_hours", ("days", "start", "end"))
     w = f"{path}: business_hours"
     hours = check_business_hours({"days": bt.get("days", site.business_days),
                                   "start": bt.get("start", site.business_start),
                                   "end": bt.get("end", site.business_end)}, w, SiteError)
     site.business_days, site.business_start, site.business_end = hours["days"], hours["start"], hours["end"]
 
-    st = _table(top.get("ssh", {}), f"{path}: ssh", ("enabled", "authorized_key"))
+
+def _parse_ssh(site: Site, section: dict, path: str) -> None:
+    st = _table(section, f"{path}: ssh", ("enabled", "authorized_key"))
     enabled = st.get("enabled", False)
     if not isinstance(enabled, bool):
         raise SiteError(f"{path}: ssh.enabled: expected true or false, got {enabled!r}")
@@ -235,11 +252,6 @@ def parse(data: dict, path: str = "kalki.toml") -> Site:
                         f"(SSH logs in only with a key)")
     site.ssh_enabled = enabled
 
-    try:
-        supervisor_config(site).check()
-    except ConfigError as e:
-        raise SiteError(f"{path}: {e}") from None
-    return site
 
 
 def load(path: Path | str = SOURCE) -> Site:
@@ -320,34 +332,14 @@ def hostapd_conf(site: Site) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dhcp_range(site: Site) -> tuple[str, str]:
-    lan = ipaddress.IPv4Network(site.lan)
-    hosts = [lan.network_address + 10, lan.broadcast_address - 1]
-    if int(hosts[0]) >= int(hosts[1]):
-        hosts[0] = lan.network_address + 2
-    return str(hosts[0]), str(hosts[1])
-
-
 def dnsmasq_conf(site: Site) -> str:
-    lan = ipaddress.IPv4Network(site.lan)
-    first, last = dhcp_range(site)
-    return "\n".join([
-        "# Rendered at boot from the site settings by appliance/system/site.py; do not edit.",
-        "# DHCP and DNS for the devices side only.",
-        f"interface={site.devices_interface}",
-        "except-interface=lo",
-        "bind-dynamic",
-        "domain-needed",
-        "bogus-priv",
-        # The uplink's name servers as systemd-resolved learnt them (not its 127.0.0.53 stub).
-        "resolv-file=/run/systemd/resolve/resolv.conf",
-        f"dhcp-range={first},{last},{lan.netmask},12h",
-        f"dhcp-option=option:router,{site.address}",
-        f"dhcp-option=option:dns-server,{site.address}",
-        "dhcp-authoritative",
-        f"dhcp-leasefile={LEASE_FILE}",
-        "",
-    ])
+    return ("# Rendered at boot from the site settings by appliance/system/site.py; do not edit.\n"
+            "# DHCP and DNS for the devices side only.\n"
+            + dhcp.dnsmasq_conf(
+                site.devices_interface, site.address, site.lan, LEASE_FILE,
+                # The uplink's name servers as systemd-resolved learnt them (not its stub).
+                upstream=["resolv-file=/run/systemd/resolve/resolv.conf", "domain-needed", "bogus-priv"],
+                extra=["bind-dynamic"]))
 
 
 def networkd_files(site: Site) -> dict[str, str]:

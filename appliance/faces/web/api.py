@@ -9,8 +9,8 @@ import json
 from microdot import Response
 
 from appliance.errors import ConfigError, KalkiError
-from appliance.faces.web import json_response, mime, route
-from appliance.faces.web import state as web_state
+from appliance.faces.web.http import json_response, mime, route
+from appliance.faces.web.http import state as web_state
 from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
 
 MAX_LIMIT = 1000

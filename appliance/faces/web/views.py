@@ -9,9 +9,10 @@ import json
 from microdot import Response
 
 from appliance.errors import KalkiError
-from appliance.faces.web import client_address, html_response, json_response, leds, route, see_other
-from appliance.faces.web import form as form_data
-from appliance.faces.web import state as web_state
+from appliance.faces.web import leds
+from appliance.faces.web.http import client_address, html_response, json_response, route, see_other
+from appliance.faces.web.http import form as form_data
+from appliance.faces.web.http import state as web_state
 from appliance.supervisor.ops import MAX_PASSWORD, MIN_PASSWORD, SETTABLE_POSTURES, error_status
 from appliance.vocab import DAYS
 

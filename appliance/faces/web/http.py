@@ -1,0 +1,253 @@
+"""The page's HTTP plumbing: the Microdot app with its state, responses, routing, who is
+asking (session or token), the CSRF guard, security headers and error pages."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+from urllib.parse import unquote
+
+from microdot import Microdot, Request, Response
+
+from appliance.errors import ConfigError
+from appliance.faces.web import auth
+
+log = logging.getLogger("kalki.web")
+
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "kalki_session"
+CSRF_HEADER = "X-CSRF-Token"
+PUBLIC = ("/login", "/claim", "/healthz")
+UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+       "frame-ancestors 'none'")
+
+MAX_BODY = 256 * 1024          # a request body (rules as TOML are the biggest)
+
+# Microdot's limits are class attributes, read when a request is parsed. A line may be 8 KiB
+# (Microdot's 2 KiB would refuse a browser that holds other cookies for the same address).
+Request.max_content_length = MAX_BODY
+Request.max_body_length = MAX_BODY
+Request.max_readline = 8 * 1024
+
+
+class Page(Microdot):
+    """The application: Microdot's routing plus the page's state, and a request parser that
+    answers 400 to a malformed or oversized head instead of printing a traceback."""
+
+    def __init__(self, st: WebState):
+        super().__init__()
+        self.state = st
+        self.options_handler = None      # OPTIONS is 405: nothing here is for other origins
+
+    async def handle_request(self, reader, writer):
+        try:
+            req = await Request.create(self, reader, writer, writer.get_extra_info("peername"))
+        except (TimeoutError, ValueError, IndexError, EOFError, OSError) as e:
+            log.debug("web: bad request from %s: %s", writer.get_extra_info("peername"), e)
+            req = None
+        res = await self.dispatch_request(req)
+        await res.write(writer)
+        if req is not None and req.content_length > MAX_BODY:
+            await reader.discard()      # so that the client reads the 413 rather than a reset
+        await writer.aclose()
+
+
+class WebState:
+    def __init__(self, ops, tls: bool):
+        self.ops = ops
+        self.tls = tls
+        self.sessions = auth.Sessions()
+        self.logins = auth.RateLimiter(limit=5, window=60)
+        self.bearer = auth.RateLimiter(limit=20, window=60)
+
+    def admin(self) -> str | None:
+        """The admin's user name, or None before the gateway is claimed."""
+        return self.ops.admin_user()
+
+    def set_cookie(self, response: Response, session: auth.Session) -> None:
+        add_cookie(response, f"{COOKIE}={session.id}; Path=/; HttpOnly; SameSite=Strict"
+                             + ("; Secure" if self.tls else ""))
+
+    def anonymous(self, request: Request, response: Response) -> auth.Session:
+        """The request's session, or a new anonymous one (for the login and claim forms'
+        CSRF token), with its cookie set on the response."""
+        s = request.g.session
+        if s is None:
+            s = request.g.session = self.sessions.new(None, self.ops.auth_epoch)
+        self.set_cookie(response, s)
+        return s
+
+
+def add_cookie(response: Response, cookie: str) -> None:
+    response.headers["Set-Cookie"] = [*(response.headers.get("Set-Cookie") or []), cookie]
+
+
+def state(request: Request) -> WebState:
+    return request.app.state
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC or path.startswith("/static/")
+
+
+def wants_json(request: Request | None) -> bool:
+    return request is not None and request.path.startswith("/api/")
+
+
+def mime(request: Request) -> str:
+    return (request.content_type or "").split(";")[0].strip().lower()
+
+
+def json_response(data, status: int = 200, **headers) -> Response:
+    return Response(json.dumps(data, default=str), status,
+                    {"Content-Type": "application/json; charset=utf-8", **headers})
+
+
+def json_error(status: int, message: str, **headers) -> Response:
+    return json_response({"error": message}, status, **headers)
+
+
+def html_response(text: str, status: int = 200) -> Response:
+    return Response(text, status, {"Content-Type": "text/html; charset=utf-8"})
+
+
+def see_other(location: str) -> Response:
+    return Response.redirect(location, 303)
+
+
+def form(request: Request):
+    """The request's urlencoded form (a MultiDict: .get(), .getlist()), empty for any other
+    body. A body that is not a form (bad %-escapes, not UTF-8) is a ConfigError."""
+    if mime(request) != "application/x-www-form-urlencoded":
+        return {}
+    try:
+        return request.form
+    except ValueError as e:
+        raise ConfigError(f"malformed form body: {e}") from None
+
+
+def route(app: Microdot, method: str, path: str, handler) -> None:
+    """Routes `handler(request)`; the path's <arguments>, %-decoded, are in request.url_args.
+    Handlers are coroutines, so they run in the supervisor's loop (Microdot would put plain
+    functions in a thread)."""
+    async def call(request, **args):
+        request.url_args = {k: unquote(v) for k, v in args.items()}
+        return await handler(request)
+    call.__name__ = handler.__name__
+    app.route(path, methods=[method])(call)
+
+
+def identify(request: Request) -> None:
+    """Sets request.g.session, .user and .via ("session" or "token"), and .bad_token."""
+    st = state(request)
+    ops = st.ops
+    g = request.g
+    g.user = g.via = None
+    g.bad_token = False
+    session = st.sessions.get(request.cookies.get(COOKIE))
+    if session is not None and session.epoch != ops.auth_epoch:
+        st.sessions.drop(session.id)      # the password was reset: this session is over
+        session = None
+    g.session = session
+    admin = st.admin()
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        token = header[7:].strip()
+        owner = ops.token_owner(token) if admin and token else None
+        if owner:
+            g.user, g.via = f"token:{owner['name']}", "token"
+        else:
+            g.bad_token = True
+        return
+    if session is not None and session.user is not None:
+        if admin and session.user == admin:
+            g.user, g.via = session.user, "session"
+        else:
+            st.sessions.drop(session.id)
+            g.session = None
+
+
+async def guard(request: Request):
+    """Runs before every routed request: who is asking, and the CSRF token on changes."""
+    st = state(request)
+    identify(request)
+    g = request.g
+    if not is_public(request.path) and g.user is None:
+        if g.bad_token:
+            addr = client_address(request)
+            retry = st.bearer.retry_after(addr)
+            st.bearer.fail(addr)
+            if retry:
+                return json_error(429, "too many failed attempts; try again later",
+                                  **{"Retry-After": str(retry)})
+        if wants_json(request) or g.bad_token:
+            return json_error(401, "authentication required: log in or send "
+                                   "'Authorization: Bearer <token>'",
+                              **{"WWW-Authenticate": 'Bearer realm="kalki"'})
+        if request.method in UNSAFE:
+            return json_error(401, "authentication required")
+        return see_other("/login" if st.admin() else "/claim")
+    if request.method in UNSAFE and g.via != "token":
+        session = g.session
+        sent = request.headers.get(CSRF_HEADER)
+        if sent is None and mime(request) in FORM_TYPES:
+            try:
+                sent = form(request).get("csrf")
+            except ConfigError as e:
+                return json_error(400, str(e))
+        if session is None or not isinstance(sent, str) or not hmac.compare_digest(sent, session.csrf):
+            return json_error(403, "missing or wrong CSRF token (reload the page)")
+    return None
+
+
+def client_address(request: Request) -> str:
+    addr = request.client_addr
+    return str(addr[0]) if isinstance(addr, (tuple, list)) and addr else "?"
+
+
+def security_headers(st: WebState):
+    async def add(request: Request | None, response: Response) -> Response:
+        h = response.headers
+        if "Content-Security-Policy" not in h:
+            h["Content-Security-Policy"] = CSP
+        h["X-Frame-Options"] = "DENY"
+        h["X-Content-Type-Options"] = "nosniff"
+        h["Referrer-Policy"] = "no-referrer"
+        if "Cross-Origin-Opener-Policy" not in h:
+            h["Cross-Origin-Opener-Policy"] = "same-origin"
+        if st.tls:
+            h["Strict-Transport-Security"] = "max-age=31536000"
+        static = request is not None and request.path.startswith("/static/")
+        h["Cache-Control"] = "no-cache" if static else "no-store"
+        return response
+    return add
+
+
+ERRORS = {400: "bad request", 404: "not found", 405: "method not allowed",
+          413: f"request body too large (at most {MAX_BODY // 1024} KiB)", 500: "internal error"}
+
+
+def error_page(status: int):
+    async def answer(request: Request | None) -> Response:
+        if wants_json(request):
+            return json_error(status, ERRORS[status])
+        return Response(ERRORS[status].capitalize() + ".\n", status,
+                        {"Content-Type": "text/plain; charset=utf-8"})
+    return answer
+
+
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+
+
+async def static_file(request: Request) -> Response:
+    """The page's own files, by name only: no directories, nothing outside STATIC."""
+    name = request.url_args["name"]
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+        return await error_page(404)(request)
+    return Response(path.read_bytes(), 200, {"Content-Type": STATIC_TYPES[path.suffix]})
