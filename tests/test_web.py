@@ -538,7 +538,7 @@ async def test_server_sent_events_are_live_and_unsubscribe(sup):
         r = await c.get("/api/events")
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         await asyncio.sleep(0.05)
-        assert len(sup._listeners) == 1
+        assert len(sup.listeners) == 1
         sup.set_posture("plug1", "suspicious", "test")
         got = None
         for _ in range(20):
@@ -551,11 +551,11 @@ async def test_server_sent_events_are_live_and_unsubscribe(sup):
         assert got == {"kind": "posture", "device": "plug1", "posture": "suspicious", "reason": "test"}
         r.close()
         for _ in range(100):
-            if not sup._listeners:
+            if not len(sup.listeners):
                 break
             sup.notify({"kind": "panel", "event": "tick"})     # the writer notices the gone client
             await asyncio.sleep(0.02)
-        assert not sup._listeners
+        assert not len(sup.listeners)
         # the stream ends when the password is reset
         r = await c.get("/api/events")
         await asyncio.sleep(0.05)
@@ -563,7 +563,7 @@ async def test_server_sent_events_are_live_and_unsubscribe(sup):
         text = (await asyncio.wait_for(r.content.read(), 5)).decode()
         assert "event: logout" in text
         await asyncio.sleep(0.05)
-        assert not sup._listeners
+        assert not len(sup.listeners)
 
 
 @aiotest
@@ -643,8 +643,8 @@ async def test_a_site_settings_error_is_shown_on_every_page(sup):
 async def test_repeated_reports_are_kept_once_and_still_counted(sup):
     for watts in (5, 5, 5, 9):
         sup.on_telemetry("plug1", {"on": True, "power_w": watts})
-    kept = sup._telemetry["plug1"]
-    assert kept[0][1] is kept[1][1] is kept[2][1] and kept[3][1] is not kept[2][1]
+    kept = [payload for _, payload in sup.recent_telemetry("plug1", 4)][::-1]
+    assert kept[0] is kept[1] is kept[2] and kept[3] is not kept[2]
     assert sup.telemetry("plug1", "power_w") == [5, 5, 5, 9]
     since = sup.now() - datetime.timedelta(minutes=1)
     assert sup.telemetry("plug1", "power_w", last=2, since=since) == [5, 9]
@@ -760,10 +760,10 @@ async def test_open_connections_are_capped_and_cleanup_closes_them(sup, monkeypa
                                 sup.store, "t", sup.now())[0]})
             assert r.status == 200
             await asyncio.sleep(0.05)
-            assert len(sup._listeners) == 1
+            assert len(sup.listeners) == 1
             await asyncio.wait_for(server.cleanup(), 3)
             assert await asyncio.wait_for(r.content.read(), 3) is not None   # ended, not hung
-            assert not sup._listeners
+            assert not len(sup.listeners)
 
 
 @aiotest
@@ -799,7 +799,7 @@ async def test_a_head_request_on_the_event_stream_holds_nothing(sup):
         r = await c.head("/api/events", headers={"Authorization": f"Bearer {token}"})
         assert r.status == 200
         await asyncio.sleep(0.05)
-        assert not sup._listeners
+        assert not len(sup.listeners)
 
 
 @aiotest

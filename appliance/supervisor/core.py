@@ -21,32 +21,11 @@ from appliance.dataplane.api import Dataplane, DeviceSpec
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
+from appliance.supervisor.clock import Clock
+from appliance.supervisor.memory import Listeners, Recent
 from appliance.vocab import POSTURE_CODES, check_posture, device_name_for, iso, severity_of, stricter
 
 log = logging.getLogger("kalki.supervisor")
-
-TELEMETRY_KEPT = 64     # reports per device in memory: what rules' windows and aggregates see
-class Clock:
-    """Wall time for policy (business hours). In the lab it may start at a given time and run
-    on from there: the fake clock of the time-of-day rules."""
-
-    def __init__(self, start: str = ""):
-        self._offset = datetime.timedelta(0)
-        if start:
-            self.set(start)
-
-    def set(self, iso: str) -> None:
-        try:
-            at = datetime.datetime.fromisoformat(iso)
-        except ValueError:
-            raise ConfigError(f"clock: invalid ISO time {iso!r}") from None
-        if at.tzinfo is None:
-            raise ConfigError(f"clock: {iso!r} needs a time zone offset")
-        self._offset = at - datetime.datetime.now(datetime.UTC)
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.now(datetime.UTC) + self._offset
-
 
 class Supervisor:
     def __init__(self, cfg: Config):
@@ -63,12 +42,11 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_ns = time.monotonic_ns()
         self.reconcile_report: dict = {}
-        self._telemetry: dict[str, collections.deque] = {}
-        self._alerts: collections.deque = collections.deque(maxlen=20000)
+        self.recent = Recent()
         self._stop = asyncio.Event()
         self.counters = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
-        self._listeners: set[asyncio.Queue] = set()
+        self.listeners = Listeners()
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.adapter = None  # polls devices that have an HTTP API and no MQTT
         self.panel = None    # LEDs and button (appliance.faces.panel), when enabled
@@ -108,35 +86,14 @@ class Supervisor:
         return d.get("group") if d else None
 
     def alerts(self, device, types, since) -> int:
-        # newest first, stopping at the window's start: up to 20,000 are kept
-        count = 0
-        for at, dev, typ in reversed(self._alerts):
-            if at < since:
-                break
-            if (device is None or dev == device) and (types is None or typ in types):
-                count += 1
-        return count
+        return self.recent.alerts(device, types, since)
 
     def telemetry(self, device, field, last=None, since=None) -> list:
-        # newest first, stopping as soon as the window or the count is full: this runs for
-        # every rule on every report
-        values = []
-        since = since.timestamp() if since is not None else None
-        for at, payload in reversed(self._telemetry.get(device, ())):
-            if since is not None and at < since:
-                break
-            if field in payload:
-                values.append(payload[field])
-                if last is not None and len(values) >= last:
-                    break
-        values.reverse()
-        return values
+        return self.recent.telemetry(device, field, last, since)
 
     def recent_telemetry(self, device: str, limit: int = 20) -> list[tuple[datetime.datetime, dict]]:
         """The device's last reports, newest first, for people to read."""
-        rows = list(self._telemetry.get(device, ()))[-limit:]
-        tz = self.now().tzinfo
-        return [(datetime.datetime.fromtimestamp(at, tz), payload) for at, payload in reversed(rows)]
+        return self.recent.reports(device, limit, self.now().tzinfo)
 
     def posture(self, device: str) -> str:
         d = self.known.get(device)
@@ -204,13 +161,7 @@ class Supervisor:
     def on_telemetry(self, device: str, payload: dict) -> None:
         received = time.monotonic_ns()
         self.counters["telemetry"] += 1
-        kept = self._telemetry.get(device)
-        if kept is None:
-            kept = self._telemetry[device] = collections.deque(maxlen=TELEMETRY_KEPT)
-        elif kept[-1][1] == payload:
-            payload = kept[-1][1]    # the same report again (most sensors repeat themselves): share it
-        # (POSIX seconds, payload): a float is half a datetime, and 64 reports x 1,000 devices add up
-        kept.append((self.now().timestamp(), payload))
+        payload = self.recent.add_telemetry(device, payload, self.now())
         self._evaluate(policy.Stimulus("telemetry", device, payload, received))
 
     def on_availability(self, device: str, state: str) -> None:
@@ -256,7 +207,7 @@ class Supervisor:
         alert = {"device": device, "type": kind, "source": source,
                  "severity": severity or severity_of(kind), "details": details,
                  "at": iso(self.now())}
-        self._alerts.append((self.now(), device, kind))
+        self.recent.add_alert(self.now(), device, kind)
         self.counters["alerts"] += 1
         data = {"type": kind, **({"rule": rule} if rule else {})}
         # Enforce first: the rules read alerts from memory, and the records can wait.
@@ -514,20 +465,13 @@ class Supervisor:
 
     # -- listeners (the web page's live view, the LEDs) -----------------------------------
     def subscribe(self) -> asyncio.Queue:
-        """A queue of events: {"kind": "posture"|"alert"|"decision"|"device"|"panel", ...}."""
-        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
-        self._listeners.add(q)
-        return q
+        return self.listeners.subscribe()
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
-        self._listeners.discard(q)
+        self.listeners.unsubscribe(q)
 
     def notify(self, event: dict) -> None:
-        for q in list(self._listeners):
-            try:
-                q.put_nowait(event)
-            except asyncio.QueueFull:    # a stalled reader loses events, not the supervisor
-                pass
+        self.listeners.notify(event)
 
     def summary(self) -> str:
         """What the posture LEDs show: "alert" (any attack or quarantine), "warning" (any

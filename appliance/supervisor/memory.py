@@ -1,0 +1,86 @@
+"""What the rules see of the recent past, kept in memory only: each device's last telemetry
+reports and the last alerts. Not worth a write to the SD card; a restart starts it afresh."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+
+TELEMETRY_KEPT = 64     # reports per device: what rules' windows and aggregates see
+ALERTS_KEPT = 20000
+
+
+class Recent:
+    def __init__(self) -> None:
+        self._telemetry: dict[str, collections.deque] = {}
+        self._alerts: collections.deque = collections.deque(maxlen=ALERTS_KEPT)
+
+    def add_telemetry(self, device: str, payload: dict, at: datetime.datetime) -> dict:
+        """Keeps a report; returns the payload kept (an equal earlier one is shared)."""
+        kept = self._telemetry.get(device)
+        if kept is None:
+            kept = self._telemetry[device] = collections.deque(maxlen=TELEMETRY_KEPT)
+        elif kept[-1][1] == payload:
+            payload = kept[-1][1]    # the same report again (most sensors repeat themselves): share it
+        # (POSIX seconds, payload): a float is half a datetime, and 64 reports x 1,000 devices add up
+        kept.append((at.timestamp(), payload))
+        return payload
+
+    def add_alert(self, at: datetime.datetime, device: str | None, kind: str) -> None:
+        self._alerts.append((at, device, kind))
+
+    def alerts(self, device, types, since) -> int:
+        # newest first, stopping at the window's start
+        count = 0
+        for at, dev, typ in reversed(self._alerts):
+            if at < since:
+                break
+            if (device is None or dev == device) and (types is None or typ in types):
+                count += 1
+        return count
+
+    def telemetry(self, device, field, last=None, since=None) -> list:
+        # newest first, stopping as soon as the window or the count is full: this runs for
+        # every rule on every report
+        values = []
+        since_s = since.timestamp() if since is not None else None
+        for at, payload in reversed(self._telemetry.get(device, ())):
+            if since_s is not None and at < since_s:
+                break
+            if field in payload:
+                values.append(payload[field])
+                if last is not None and len(values) >= last:
+                    break
+        values.reverse()
+        return values
+
+    def reports(self, device: str, limit: int, tz) -> list[tuple[datetime.datetime, dict]]:
+        """The device's last reports, newest first, for people to read."""
+        rows = list(self._telemetry.get(device, ()))[-limit:]
+        return [(datetime.datetime.fromtimestamp(at, tz), payload) for at, payload in reversed(rows)]
+
+
+class Listeners:
+    """The live view's and the LEDs' queues of events: {"kind": "posture"|"alert"|"decision"|
+    "device"|"panel", ...}. A stalled reader loses events, never the supervisor."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue] = set()
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self._queues.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._queues.discard(q)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def notify(self, event: dict) -> None:
+        for q in list(self._queues):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                pass
