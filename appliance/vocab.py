@@ -93,7 +93,7 @@ def check_timezone(value, where: str, error: type[Exception] = ConfigError) -> s
 def check_business_hours(value, where: str, error: type[Exception] = ConfigError) -> dict:
     """{"days": [...], "start": "HH:MM", "end": "HH:MM"} -> the same, checked; days default
     to the working week. The window may cross midnight but may not be empty."""
-    if not isinstance(value, dict) or not {"start", "end"} <= set(value) or set(value) - {"days", "start", "end"}:
+    if not isinstance(value, dict) or not {"start", "end"} <= set(value) <= {"days", "start", "end"}:
         raise error(f"{where}: expected a table with days, start and end, got {value!r}")
     days = check_days(value.get("days", list(WORKDAYS)), f"{where}.days", error)
     start = parse_hhmm(value["start"], f"{where}.start", error)

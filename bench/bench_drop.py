@@ -98,9 +98,11 @@ def measure(case, lab, dp, device, trafgen_cmd) -> dict:
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(WARMUP)
-        c0, s0, n0, p0, t0 = common.cpu_times(), proc_cpu_ns(sender.pid), common.net_rx_softirqs(), read(), time.monotonic()
+        c0, s0, n0 = common.cpu_times(), proc_cpu_ns(sender.pid), common.net_rx_softirqs()
+        p0, t0 = read(), time.monotonic()
         time.sleep(WINDOW)
-        c1, s1, n1, p1, t1 = common.cpu_times(), proc_cpu_ns(sender.pid), common.net_rx_softirqs(), read(), time.monotonic()
+        c1, s1, n1 = common.cpu_times(), proc_cpu_ns(sender.pid), common.net_rx_softirqs()
+        p1, t1 = read(), time.monotonic()
         if sender.poll() is not None:
             raise RuntimeError(f"trafgen exited early with {sender.returncode}")
     finally:

@@ -190,7 +190,8 @@ def state_write(devices: int) -> tuple[float, float, int]:
         store = Store(Path(tmp))
         with store.batch():
             for i in range(devices):
-                store.upsert_device(f"dev{i}", "02:4b:00:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255, i & 255),
+                store.upsert_device(f"dev{i}", "02:4b:00:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255,
+                                                                            i & 255),
                                     ip=f"198.18.{i // 250}.{i % 250 + 1}", type="camera",
                                     approved=True, posture="normal")
         runs = []

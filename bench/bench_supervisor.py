@@ -357,10 +357,13 @@ def main() -> int:
                  "devices": SMALL, "publishing_hz_per_device": 1}
         stats("mqtt_enforce", r["enforce"], target=10, **extra)
         stats("mqtt_decide", r["decide"], **extra)
-        stats("mqtt_xdp", r["xdp"], **extra, how="stimulus -> every camera's XDP entry written (nftables' part follows)")
-        stats("mqtt_end_to_end", r["e2e"], **extra, how="publish call -> the first camera's retained posture message received by an MQTT client")
-        emit(BENCH, "mqtt_enforce_per_camera_median", round(median(r["enforce"]) / max(1, extra["cameras_per_decision"]), 3)
-             if r["enforce"] else None, "ms", n=len(r["enforce"]),
+        stats("mqtt_xdp", r["xdp"], **extra,
+              how="stimulus -> every camera's XDP entry written (nftables' part follows)")
+        stats("mqtt_end_to_end", r["e2e"], **extra,
+              how="publish call -> the first camera's retained posture message received by an MQTT client")
+        per_camera = (round(median(r["enforce"]) / max(1, extra["cameras_per_decision"]), 3)
+                      if r["enforce"] else None)
+        emit(BENCH, "mqtt_enforce_per_camera_median", per_camera, "ms", n=len(r["enforce"]),
              how="median enforce / cameras in the decision (cameras are enforced one after another)")
         if len(r["enforce"]) >= 20:
             emit(BENCH, "mqtt_enforce_first10_median", round(median(r["enforce"][:10]), 3), "ms",
@@ -372,13 +375,15 @@ def main() -> int:
         emit(BENCH, "supervisor_counters_after_mqtt", r["status"]["counters"], "count",
              mqtt_rejected=r["status"]["mqtt_rejected"])
         emit(BENCH, "gc_pause_max_ms", r["status"].get("gc_pause_max_ms"), "ms",
-             how="longest collection of generations 0-1 and 0-2 by the supervisor's ticker between events ([0] unused)")
+             how="longest collection of generations 0-1 and 0-2 by the supervisor's ticker "
+                 "between events ([0] unused)")
 
         b = bench_brute_force(state)
         extra = {"rule": "device-under-attack", "samples": "one per camera, fresh attacker source each"}
         stats("kernel_enforce", b["enforce"], target=1, **extra)
         stats("kernel_decide", b["decide"], **extra)
-        stats("kernel_end_to_end", b["e2e"], **extra, how="first SYN -> decision seen via control (includes the 11 connects)")
+        stats("kernel_end_to_end", b["e2e"], **extra,
+              how="first SYN -> decision seen via control (includes the 11 connects)")
         emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"])
 
         # A full collection runs every 15 s (from the ticker, between events): wait for one.
@@ -401,7 +406,8 @@ def main() -> int:
             m = supervisor_memory(state)
             emit(BENCH, f"rss_{BIG}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=64,
                  met=m["VmRSS"] / 1024 <= 64, hwm_mb=round(m["VmHWM"] / 1024, 1),
-                 enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024), web_and_panel=UI,
+                 enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024),
+                 web_and_panel=UI,
                  note="no telemetry in this lab")
             emit(BENCH, f"hwm_{BIG}_devices", round(m["VmHWM"] / 1024, 1), "MB")
     emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s")

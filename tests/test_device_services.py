@@ -29,7 +29,7 @@ async def raw_http(port: int, data: bytes) -> tuple[int, dict, bytes]:
     writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines)}
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     assert int(headers["content-length"]) == len(body)
     return int(status_line.split()[1]), headers, body
 
@@ -83,7 +83,8 @@ def test_login_token_and_status():
 def test_login_failed():
     async def scenario(device, ports):
         port = ports["http"]
-        assert await http(port, "POST", "/login", {"user": "admin", "password": "admin"}) == (401, {"ok": False})
+        assert await http(port, "POST", "/login", {"user": "admin", "password": "admin"}) == (401,
+                                                                                              {"ok": False})
         assert await http(port, "POST", "/login", headers={"Authorization": basic("root", PASSWORD)}) == (
             401, {"ok": False})
         assert device.stats["logins_failed"] == 2 and device.stats["logins_ok"] == 0
@@ -198,7 +199,8 @@ def test_cli_ready_file_and_sigterm(tmp_path):
             time.sleep(0.02)
         info = json.loads(ready.read_text())
         assert info["pid"] == proc.pid and set(info["ports"]) == {"http"}
-        assert asyncio.run(http(info["ports"]["http"], "GET", "/")) == (200, {"device": "cam1", "type": "camera"})
+        assert asyncio.run(http(info["ports"]["http"], "GET", "/")) == (200, {"device": "cam1",
+                                                                              "type": "camera"})
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
     finally:

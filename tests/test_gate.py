@@ -46,7 +46,8 @@ class FakeClock:
 
 def test_tracker_blocks_after_max_failures_and_calls_on_block_once():
     clock, calls = FakeClock(), []
-    tracker = FailureTracker(3, window=60, block_seconds=300, on_block=lambda *a: calls.append(a), clock=clock)
+    tracker = FailureTracker(3, window=60, block_seconds=300, on_block=lambda *a: calls.append(a),
+                             clock=clock)
     assert [tracker.record_failure("10.0.0.9") for _ in range(3)] == [False] * 3
     assert not tracker.is_blocked("10.0.0.9")
     assert tracker.record_failure("10.0.0.9") is True
@@ -126,12 +127,13 @@ async def request(port: int, data: bytes) -> tuple[int, dict, bytes]:
     writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines)}
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     return int(status_line.split()[1]), headers, body
 
 
 def get(path: str, **headers: str) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", "Host: cam1"] + [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    lines = [f"GET {path} HTTP/1.1", "Host: cam1"] + [f"{k.replace('_', '-')}: {v}" for k,
+                                                      v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -245,7 +247,8 @@ def test_gate_cli_proxies_and_exits_on_sigterm(tmp_path):
             deadline = time.monotonic() + 5
             while True:
                 try:
-                    status, _, body = await request(gate_port, get("/", Authorization=basic(GATE_USER, GATE_PASSWORD)))
+                    status, _, body = await request(gate_port, get("/", Authorization=basic(GATE_USER,
+                                                                                            GATE_PASSWORD)))
                     break
                 except ConnectionRefusedError:
                     assert time.monotonic() < deadline

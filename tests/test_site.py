@@ -245,7 +245,9 @@ def test_the_lab_and_the_appliance_lease_by_one_rule(tmp_path):
     from appliance.system import dhcp
     assert dhcp.lease_range("198.18.0.0/24", "198.18.0.1") == ("198.18.0.128", "198.18.0.254")
     assert dhcp.lease_range("198.18.0.0/24", "198.18.0.254") == ("198.18.0.128", "198.18.0.253")
-    lab = dhcp.write_config(tmp_path / "lab", "dev0", "198.18.0.1", "198.18.0.0/20", "/run/x.sock").read_text()
+    lab = dhcp.write_config(tmp_path / "lab", "dev0", "198.18.0.1", "198.18.0.0/20", "/run/x.sock")
+    lab = lab.read_text()
     appliance = site.render(site.load(write(tmp_path, WIRED)))["dnsmasq.conf"]
-    ranges = {line for text in (lab, appliance) for line in text.splitlines() if line.startswith("dhcp-range=")}
+    ranges = {line for text in (lab, appliance) for line in text.splitlines()
+              if line.startswith("dhcp-range=")}
     assert ranges == {"dhcp-range=198.18.8.0,198.18.15.254,255.255.240.0,12h"}

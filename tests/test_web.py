@@ -344,7 +344,8 @@ async def test_forms_change_things_and_refuse_bad_input(sup):
             r = await post("/devices/camera1/posture", data={**bad, "csrf": token})
             assert r.status == 400 and msg in await r.text(), bad
             assert sup.posture("camera1") == "normal"
-        r = await post("/devices/camera1/posture", data={"posture": "suspicious", "for": "15m", "csrf": token})
+        r = await post("/devices/camera1/posture", data={"posture": "suspicious", "for": "15m",
+                                                         "csrf": token})
         assert r.status == 303 and sup.posture("camera1") == "suspicious"
         assert sup.known["camera1"]["posture_expires"]
         r = await post("/devices/nope/posture", data={"posture": "attack", "csrf": token})
@@ -379,10 +380,12 @@ async def test_forms_change_things_and_refuse_bad_input(sup):
         assert r.status == 400 and "current password" in await r.text()
         r = await post("/settings/password", data={"current": PASSWORD, "password": "short",
                                                    "confirm": "short", "csrf": token})
-        assert r.status == 400 and accounts.verify_password(PASSWORD, sup.store.get_setting("admin")["scrypt"])
+        assert r.status == 400 and accounts.verify_password(PASSWORD,
+                                                            sup.store.get_setting("admin")["scrypt"])
         r = await post("/settings/password", data={"current": PASSWORD, "password": "y" * 12,
                                                    "confirm": "y" * 12, "csrf": token})
-        assert r.status == 303 and accounts.verify_password("y" * 12, sup.store.get_setting("admin")["scrypt"])
+        assert r.status == 303 and accounts.verify_password("y" * 12,
+                                                            sup.store.get_setting("admin")["scrypt"])
         # tokens
         r = await post("/settings/tokens", data={"name": "", "csrf": token})
         assert r.status == 400 and not accounts.list_tokens(sup.store)

@@ -563,7 +563,7 @@ class Dataplane:
         """{ifname: attached XDP program id or None}, read from the kernel."""
         cmd = ["ip", "-j", *(["-n", self.namespace] if self.namespace else []), "link", "show"]
         links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        by_name = {l["ifname"]: l.get("xdp", {}).get("prog", {}).get("id") for l in links}
+        by_name = {link["ifname"]: link.get("xdp", {}).get("prog", {}).get("id") for link in links}
         return {ifname: by_name.get(ifname) for ifname in self._attachments().values()}
 
     def pinned_program_ids(self) -> dict[str, int]:

@@ -293,7 +293,7 @@ class Gate:
             return await self._answer(reader, writer, simple_response(408, "Request Timeout"))
 
         lines = head[:-4].split(b"\r\n")
-        auth = next((l.split(b":", 1)[1] for l in lines[1:] if header_name(l) == b"authorization"), b"")
+        auth = next((h.split(b":", 1)[1] for h in lines[1:] if header_name(h) == b"authorization"), b"")
         creds = parse_basic(auth)
         if creds is None or not self.credentials.check(*creds):
             reason = "no credentials" if creds is None else f"wrong credentials user={creds[0]!r}"

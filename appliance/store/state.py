@@ -338,7 +338,8 @@ class Store:
                 raise StoreError(f"{what}: expected true or false, got {value!r}")
             elif key == "posture":
                 _text(value, what)
-            elif key in ("posture_since", "first_seen", "last_seen") or key == "posture_expires" and value is not None:
+            elif (key in ("posture_since", "first_seen", "last_seen")
+                  or key == "posture_expires" and value is not None):
                 value = _stamp(value, what)
             elif key in ("type", "group", "posture_revert_to"):
                 _text(value, what, optional=True)

@@ -32,7 +32,8 @@ def handle(ops: Ops, req: dict):
         inspect.signature(method).bind(**kwargs)
     except TypeError as e:
         missing = str(e).removeprefix("missing a required argument: ")
-        raise ConfigError(f"{op}: missing argument {missing}" if missing != str(e) else f"{op}: {e}") from None
+        problem = f"missing argument {missing}" if missing != str(e) else str(e)
+        raise ConfigError(f"{op}: {problem}") from None
     return method(**kwargs)
 
 

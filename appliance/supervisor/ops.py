@@ -439,7 +439,7 @@ class Ops:
     def change_password(self, current, new, confirm, actor: str) -> None:
         store = self._sup.store
         admin = store.get_setting("admin")
-        if not admin or not isinstance(current, str) or not accounts.verify_password(current, admin["scrypt"]):
+        if not (admin and isinstance(current, str) and accounts.verify_password(current, admin["scrypt"])):
             raise ConfigError("current password: wrong")
         user = accounts.check_new_credentials(admin["user"], new, confirm)
         with store.batch():

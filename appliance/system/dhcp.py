@@ -61,7 +61,8 @@ def write_config(directory: Path, interface: str, gateway_ip: str, lan: str, soc
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "lease-event"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m appliance.system.dhcp --socket {socket_path} \"$@\"\n")
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m appliance.system.dhcp "
+                      f"--socket {socket_path} \"$@\"\n")
     script.chmod(0o700)
     conf = directory / "dnsmasq.conf"
     conf.write_text(dnsmasq_conf(

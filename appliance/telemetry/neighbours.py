@@ -65,7 +65,8 @@ class NeighbourMonitor:
         sock.bind((0, RTMGRP_NEIGH))
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._readable)
-        out = subprocess.run(["ip", "-j", "neigh", "show", "dev", self.ifname], capture_output=True, text=True)
+        out = subprocess.run(["ip", "-j", "neigh", "show", "dev", self.ifname],
+                             capture_output=True, text=True)
         for n in json.loads(out.stdout or "[]"):
             self._seen(n.get("lladdr"), n.get("dst"))
 

@@ -12,6 +12,7 @@ from appliance.errors import ConfigError, KalkiError
 from appliance.faces.web.http import json_response, mime, route
 from appliance.faces.web.http import state as web_state
 from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
+from appliance.vocab import DAYS
 
 MAX_LIMIT = 1000
 
@@ -318,7 +319,8 @@ OPENAPI = {
             "Error": {"description": "refused; nothing changed",
                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
             "Unauthorized": {"description": "no valid session or token",
-                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                             "content": {"application/json": {
+                                 "schema": {"$ref": "#/components/schemas/Error"}}}},
             "Csrf": {"description": "session without the right X-CSRF-Token header",
                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}},
     "paths": {
@@ -345,7 +347,8 @@ OPENAPI = {
         "/api/maintenance": {"post": _op(
             "pause automation for some minutes (0 ends it)",
             body=_json_body({"type": "object", "required": ["minutes"],
-                             "properties": {"minutes": {"type": "integer", "minimum": 0, "maximum": 1440}}}))},
+                             "properties": {"minutes": {"type": "integer", "minimum": 0,
+                                                        "maximum": 1440}}}))},
         "/api/alerts": {"get": _op("alerts, newest first", params=[_DEVICE, _LIMIT])},
         "/api/decisions": {"get": _op("decisions and audit entries, newest first", params=[
             _DEVICE, _LIMIT, {"name": "kind", "in": "query",
@@ -376,7 +379,7 @@ OPENAPI = {
                     "timezone": {"type": "string", "example": "Europe/Berlin"},
                     "business_hours": {"type": "object", "required": ["days", "start", "end"],
                                        "properties": {"days": {"type": "array", "items": {
-                                           "type": "string", "enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
+                                           "type": "string", "enum": list(DAYS)}},
                                            "start": {"type": "string", "example": "08:00"},
                                            "end": {"type": "string", "example": "18:00"}}}}}))},
         "/api/tokens": {
