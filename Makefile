@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 LAB ?= demo
 
-.PHONY: setup demo demo-down test bench clean
+.PHONY: setup demo demo-down test test-unit lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,13 +16,26 @@ demo-down: setup
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# The tests that need no root, no namespaces and no kernel: policy, store, profiles, vocab, the
+# web page and the panel over fakes. Sets up only when there is no .venv yet.
+test-unit:
+	@[ -x $(PY) ] || bash scripts/setup.sh
+	$(PY) -m pytest -q -ra -m "not lab" $(PYTEST_ARGS)
+
+# ruff and mypy (configured in pyproject.toml) and shellcheck on the shell scripts.
+lint:
+	@[ -x $(PY) ] || bash scripts/setup.sh
+	$(PY) -m ruff check appliance lab tests bench
+	$(PY) -m mypy
+	bash scripts/lint-shell.sh
+
 bench: setup
 	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf .venv .pytest_cache
 
-# The SD-card image (issue 5; README "The SD-card image"): build_image.sh runs the recipe in
+# The SD-card image (issue 5; docs/image.md): build_image.sh runs the recipe in
 # image/ as root and installs its own build dependencies. OUT, BASE_IMAGE and IMAGE optional.
 .PHONY: image image-boot-test
 OUT ?= out

@@ -14,7 +14,7 @@ usage: ./build_image.sh [--out DIR] [--base-image FILE] [--work DIR] [--from STA
 
 Builds out/kalki-pi-arm64-<date>-<version>.img.xz (plus .bmap when bmaptool is at hand, a
 .sha256 and a .manifest.txt with the image's sha256 and every package version) for 64-bit
-Raspberry Pi boards (Pi 3, Pi 4, Zero 2 W; see README "The SD-card image"). Runs as root; installs
+Raspberry Pi boards (Pi 3, Pi 4, Zero 2 W; see docs/image.md). Runs as root; installs
 its own build dependencies (Debian packages) when missing.
 
   --out DIR          where the image goes (default: ./out)

@@ -198,7 +198,7 @@ def dump(cfg: Config) -> str:
         lines.append(f"profiles = {_toml(cfg.profiles)}")
     for f in dataclasses.fields(Config):
         section = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(section):
+        if dataclasses.is_dataclass(section) and not isinstance(section, type):
             lines.append(f"[{f.name}]")
             lines += [f"{k} = {_toml(v)}" for k, v in dataclasses.asdict(section).items()]
     return "\n".join(lines) + "\n"

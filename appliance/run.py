@@ -119,7 +119,7 @@ async def serve(cfg: Config) -> None:
             neighbours.close()
         if control_server:
             control_server.close()
-        if sup.dp:
+        if sup.attached:
             loop.remove_reader(sup.dp.events_fileno())
         sup.close()
 

@@ -270,7 +270,9 @@ class TelnetLogin:
         self.device.stats["telnet_sessions"] += 1
         try:
             user = await self._prompt(reader, writer, "login: ")
-            password = None if user is None else await self._prompt(reader, writer, "password: ")
+            if user is None:
+                return
+            password = await self._prompt(reader, writer, "password: ")
             if password is None:
                 return
             if not self.device.check_login(user, password):

@@ -285,7 +285,10 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
                     users={**passwords, SUPERVISOR_USER: supervisor_password},
                     supervisor_user=SUPERVISOR_USER)
     broker.start(namespace=s.namespaces["gw"])
-    s.pids["broker"] = broker.pid
+    broker_pid = broker.pid
+    if broker_pid is None:
+        raise LabError(f"lab {s.name}: mosquitto has no process after starting")
+    s.pids["broker"] = broker_pid
     _save(s)
     cfg = config.Config()
     cfg.gateway.devices_interface, cfg.gateway.uplink_interface = "dev0", "up0"
@@ -475,9 +478,9 @@ def down(name: str) -> list[str]:
             if ns.endswith("-host") or os.stat(f"/run/netns/{ns}").st_ino == own:
                 continue
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            for pid in pids.split():
+            for pid_text in pids.split():
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(int(pid_text), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
     if namespaces:

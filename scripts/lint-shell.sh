@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 command -v shellcheck >/dev/null || { echo "lint-shell: shellcheck is missing (apt-get install shellcheck)" >&2; exit 2; }
 
-files=(build_image.sh image/*.sh image/stages/*.sh image/hooks/* scripts/*.sh)
+files=(build_image.sh .ci/run image/*.sh image/stages/*.sh image/hooks/* scripts/*.sh)
 while IFS= read -r -d '' f; do
   # #!/bin/sh, #!/bin/bash, #!/usr/bin/env bash, ... (not e.g. #!/usr/sbin/nft -f)
   if head -n 1 "$f" | grep -qE '^#![[:space:]]*/(usr/)?bin/(env[[:space:]]+)?(ba|da)?sh([[:space:]]|$)'; then

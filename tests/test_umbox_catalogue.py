@@ -88,3 +88,15 @@ def test_contract_sizes_match_the_header():
     assert ctypes.sizeof(maps.Device) == 96
     assert ctypes.sizeof(maps.Event) == 40
     assert ctypes.sizeof(maps.AllowKey) == 12 and ctypes.sizeof(maps.AllowValue) == 36
+
+
+def test_a_protocol_that_is_not_a_word_is_refused_by_name():
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        umbox.compile_stack({"allowlist": {"destinations": [{"address": "198.19.8.0/24", "proto": ["tcp"]}]}},
+                            "camera.toml: normal")
+
+
+def test_a_stack_never_shares_the_catalogue_s_default_list():
+    stack = umbox.validate({"brute_force": {}}, "x")
+    stack["brute_force"]["ports"].append(2323)
+    assert umbox.validate({"brute_force": {}}, "x")["brute_force"]["ports"] == [22, 23, 80]

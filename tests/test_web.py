@@ -9,6 +9,7 @@ import re
 
 import aiohttp
 import pytest
+from fakes import FakeDataplane
 
 from appliance import config
 from appliance.faces.web import auth, create_app, listening_socket, serve
@@ -19,29 +20,6 @@ from appliance.supervisor.ops import Ops
 PASSWORD = "correct horse battery"
 
 
-class FakeDataplane:
-    """What the supervisor and control.handle use of appliance.dataplane.Dataplane."""
-
-    def __init__(self):
-        self.devices = {}
-
-    def apply(self, spec):
-        self.devices[spec.name] = spec
-
-    def batch(self):
-        return contextlib.nullcontext()
-
-    def remove(self, name):
-        self.devices.pop(name, None)
-
-    def read_back(self, name):
-        return self.devices[name].posture
-
-    def counters(self, name):
-        return {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
-                "pass": {"umbox": "dispatcher", "packets": 100, "bytes": 9000}}
-
-
 @pytest.fixture
 def sup(tmp_path):
     cfg = config.Config()
@@ -49,7 +27,7 @@ def sup(tmp_path):
     cfg.mqtt.password_file = str(tmp_path / "mqtt-supervisor")
     cfg.web.tls = False
     s = Supervisor(cfg)
-    s.dp = FakeDataplane()
+    s.attach(FakeDataplane(), loop=None)
     s.add_device("camera1", "02:4b:00:00:00:01", "198.18.0.10", "camera", approve=True)
     s.add_device("plug1", "02:4b:00:00:00:02", "198.18.0.11", "plug", approve=True)
     s.discovered("02:4b:00:00:00:03", "198.18.0.12")       # a new device, waiting

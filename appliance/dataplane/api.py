@@ -192,10 +192,11 @@ class Dataplane:
         a = self._devices.pop(name, None)
         if a is None:
             return
-        for index, key in ((self._name_by_mac, a.spec.mac), (self._name_by_ip, a.spec.ip),
-                           (self._name_by_id, a.device_id)):
+        for index, key in ((self._name_by_mac, a.spec.mac), (self._name_by_ip, a.spec.ip)):
             if index.get(key) == name:
                 del index[key]
+        if self._name_by_id.get(a.device_id) == name:
+            del self._name_by_id[a.device_id]
 
     def device_id(self, name: str) -> int:
         return self._applied(name).device_id
@@ -210,9 +211,19 @@ class Dataplane:
 
     def events_fileno(self) -> int:
         """The ring buffer's descriptor, readable when kernel events wait: for a loop's reader."""
+        return self._loaded_ring().fileno()
+
+    def _loaded_ring(self) -> bpf.RingBuffer:
+        """The event ring buffer, which open() maps."""
         if self._ring is None:
             raise DataplaneError("the data path is not loaded")
-        return self._ring.fileno()
+        return self._ring
+
+    def _loaded_nft(self) -> nft.Nft:
+        """The nftables handle, which open() makes."""
+        if self._nft is None:
+            raise DataplaneError("the data path is not loaded: no nftables handle")
+        return self._nft
 
     def _applied(self, name: str) -> _Applied:
         try:
@@ -357,7 +368,7 @@ class Dataplane:
         # In quarantine XDP drops everything nftables would act on: leave it as it is.
         plan = None
         if not compiled.flags & maps.Flag.QUARANTINE:
-            rules = self._nft.device_rules(device_id, compiled.conn_limit)
+            rules = self._loaded_nft().device_rules(device_id, compiled.conn_limit)
             if self._batch is None:
                 try:
                     self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
@@ -383,7 +394,7 @@ class Dataplane:
         current = self._nft_state.get(device_id)
         if current and not self._nft_differs(current, wanted):
             return None
-        commands = self._nft.device_commands(device_id, mac, ip, rules, gate_port, current)
+        commands = self._loaded_nft().device_commands(device_id, mac, ip, rules, gate_port, current)
         return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
                           "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
 
@@ -393,13 +404,13 @@ class Dataplane:
         if not plan:
             return
         try:
-            self._nft.run(plan[0], f"device {name}")
+            self._loaded_nft().run(plan[0], f"device {name}")
         except DataplaneError:
             # Somebody else changed the table since we last read it: read it and try once more.
-            self._nft_state = self._nft.read_back()
+            self._nft_state = self._loaded_nft().read_back()
             plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
             if plan:
-                self._nft.run(plan[0], f"device {name}")
+                self._loaded_nft().run(plan[0], f"device {name}")
         if plan:
             self._nft_state[device_id] = plan[1]
 
@@ -424,7 +435,8 @@ class Dataplane:
         if not commands:
             return
         try:
-            self._nft.run(commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
+            self._loaded_nft().run(
+                commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
         except DataplaneError:
             self._undo(pending)
             raise
@@ -435,7 +447,7 @@ class Dataplane:
     def _undo(self, pending: list) -> None:
         for *_, undo in reversed(pending):
             undo()
-        self._nft_state = self._nft.read_back()
+        self._nft_state = self._loaded_nft().read_back()
         self._collect_lists()
 
     @staticmethod
@@ -484,7 +496,8 @@ class Dataplane:
     def _remove_id(self, device_id: int, macs, ips) -> None:
         current = self._nft_state.pop(device_id, None)
         if current:
-            self._nft.run(self._nft.removal_commands(device_id, current), f"removing device {device_id}")
+            nf = self._loaded_nft()
+            nf.run(nf.removal_commands(device_id, current), f"removing device {device_id}")
         self._drop_kernel_entry(device_id, macs, ips)
         self._collect_lists()
 
@@ -515,9 +528,10 @@ class Dataplane:
 
     def events(self, timeout: float = 0.0, limit: int = 4096) -> list[dict]:
         """Detector events from the kernel ring buffer, oldest first."""
-        records = self._ring.drain(limit)
-        if not records and timeout > 0 and self._ring.wait(timeout):
-            records = self._ring.drain(limit)
+        ring = self._loaded_ring()
+        records = ring.drain(limit)
+        if not records and timeout > 0 and ring.wait(timeout):
+            records = ring.drain(limit)
         names = self._name_by_id
         out = []
         for raw in records:
@@ -579,7 +593,7 @@ class Dataplane:
     def reconcile(self, wanted: list[DeviceSpec]) -> dict:
         """Reads back what the kernel has and converges it to `wanted`. Returns the report:
         what was already right and what had to be fixed."""
-        report = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
+        report: dict[str, list] = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
         specs = [w.checked() for w in wanted]
         compiled = {s.name: umbox.compile_stack(s.stack, where=f"device {s.name}: ") for s in specs}
         pinned = self.pinned_program_ids()
@@ -589,7 +603,7 @@ class Dataplane:
             loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
             report["reattached"] = sorted(missing.values())
         by_mac = self._kernel_ids_by_mac()
-        self._nft_state = nft_state = self._nft.read_back()
+        self._nft_state = nft_state = self._loaded_nft().read_back()
         self._lists, self._allow_of, self._stale_ids = None, None, True   # read the kernel afresh
         wanted_ids = set()
         for s in specs:
@@ -606,7 +620,7 @@ class Dataplane:
             entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
             ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
             allow_id = self._list_id(self._allow_content(c), create=False)
-            rules = nft.normalise_rules(self._nft.device_rules(device_id, c.conn_limit))
+            rules = nft.normalise_rules(self._loaded_nft().device_rules(device_id, c.conn_limit))
             nft_cur = nft_state.get(device_id)
             nft_ok = bool(c.flags & maps.Flag.QUARANTINE) or (
                 nft_cur is not None and not self._nft_differs(nft_cur, {

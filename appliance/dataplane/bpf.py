@@ -261,7 +261,7 @@ class RingBuffer:
 
     def drain(self, limit: int = 1 << 30) -> list[bytes]:
         """Every committed record not yet consumed, oldest first (at most `limit`)."""
-        out = []
+        out: list[bytes] = []
         cons = struct.unpack_from("<Q", self._consumer, 0)[0]
         prod = struct.unpack_from("<Q", self._producer, 0)[0]
         mask = self.size - 1

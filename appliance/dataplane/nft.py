@@ -13,7 +13,7 @@ from appliance.errors import DataplaneError
 
 TABLE = "kalki"
 FAMILY = "inet"
-_T = {"family": FAMILY, "table": TABLE}
+_T: dict[str, object] = {"family": FAMILY, "table": TABLE}
 
 
 def chain_in(device_id: int) -> str:

@@ -6,8 +6,10 @@ validates all of it before anything is touched, so a bad stack changes nothing.
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.dataplane import maps
 from appliance.errors import ConfigError, UnknownUmboxError
@@ -24,7 +26,11 @@ class Param:
     required: bool = False
 
 
-_MS = dict(minimum=1, maximum=3_600_000)
+def _ms(default: int) -> Param:
+    """A window in milliseconds: 1 ms to one hour."""
+    return Param(int, default, minimum=1, maximum=3_600_000)
+
+
 _BLOCK = Param(int, 0, 0, 86_400)
 
 CATALOGUE: dict[str, dict[str, Param]] = {
@@ -40,11 +46,11 @@ CATALOGUE: dict[str, dict[str, Param]] = {
         "concurrent": Param(int, 0, 0, 1_000_000),
         "new_per_second": Param(int, 0, 0, 1_000_000),
     },
-    "port_scan": {"ports": Param(int, 10, 1, 65_535), "window_ms": Param(int, 1000, **_MS),
+    "port_scan": {"ports": Param(int, 10, 1, 65_535), "window_ms": _ms(1000),
                   "block_seconds": _BLOCK},
-    "syn_flood": {"syns": Param(int, 200, 1, 10_000_000), "window_ms": Param(int, 1000, **_MS),
+    "syn_flood": {"syns": Param(int, 200, 1, 10_000_000), "window_ms": _ms(1000),
                   "block_seconds": _BLOCK},
-    "brute_force": {"attempts": Param(int, 5, 1, 1_000_000), "window_ms": Param(int, 10_000, **_MS),
+    "brute_force": {"attempts": Param(int, 5, 1, 1_000_000), "window_ms": _ms(10_000),
                     "ports": Param(list, [22, 23, 80]), "block_seconds": Param(int, 300, 0, 86_400)},
     "egress_anomaly": {"block": Param(bool, False), "destinations": Param(list, None)},
     "lateral_block": {},
@@ -107,7 +113,7 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
             if not port_text.isdigit():
                 raise ConfigError(f"{culprit}: invalid port {port_text!r}")
             port = int(port_text)
-        entry_dict = {"address": addr, "proto": proto, "port": port}
+        entry_dict: dict[str, Any] = {"address": addr, "proto": proto, "port": port}
     elif isinstance(entry, dict):
         unknown = set(entry) - {"address", "proto", "port"}
         if unknown:
@@ -120,7 +126,7 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
     except ValueError as e:
         raise ConfigError(f"{culprit}: invalid address or CIDR: {e}") from None
     proto = entry_dict["proto"]
-    if proto not in PROTOCOLS:
+    if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise ConfigError(f"{culprit}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
     port = entry_dict["port"]
     if port:
@@ -154,7 +160,7 @@ def validate(stack, where: str = "") -> dict[str, dict]:
             elif p.required:
                 raise ConfigError(f"{where}umbox {umbox}: parameter {name} is required")
             else:
-                params[name] = p.default
+                params[name] = copy.deepcopy(p.default)   # a stack never shares the catalogue's list
         out[umbox] = params
     return out
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any, Protocol
 
 log = logging.getLogger("kalki.panel")
 
@@ -32,7 +33,7 @@ SLOW, BLINK, FAST = (0.8, 0.8), (0.5, 0.5), (0.1, 0.1)
 ALTERNATE = "alternate"
 
 # What the technician sees, what it means and what to do: the words the web page and the
-# README show too. Ordered as a technician would look them up.
+# docs/leds.md show too. Ordered as a technician would look them up.
 PATTERNS: dict[str, dict[str, str]] = {
     "normal": {
         "leds": "green steady",
@@ -129,12 +130,34 @@ def action_for(held_s: float) -> str:
 
 
 def readme_table() -> str:
-    """The LED table as Markdown, for the README and the web page."""
+    """The LED table as Markdown, for docs/leds.md and the web page."""
     rows = ["| LEDs | pattern | what it means | what to do |", "|---|---|---|---|"]
     for name, p in PATTERNS.items():
         rows.append(f"| {p['leds']} | `{name}` | {p['meaning']} | {p['action']} |")
     return "\n".join(rows)
 
+
+
+class PanelOps(Protocol):
+    """What the panel uses of the ops (appliance.supervisor.ops.Ops): the seam its tests fake."""
+    @property
+    def cfg(self) -> Any: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    @property
+    def heartbeat(self) -> float: ...
+    @property
+    def site_error(self) -> str | None: ...
+
+    def summary(self) -> str: ...
+    def claim_open(self) -> bool: ...
+    def subscribe(self) -> asyncio.Queue: ...
+    def unsubscribe(self, q: asyncio.Queue) -> None: ...
+    def notify(self, event: dict) -> None: ...
+    def audit(self, kind: str, actor: str, details: dict) -> None: ...
+    def open_claim_window(self, minutes: int = 5, actor: str = "button") -> None: ...
+    def reset_admin(self, actor: str = "button") -> None: ...
+    def factory_reset(self, actor: str = "button") -> None: ...
 
 class Panel:
     """The LEDs and the button of one supervisor.
@@ -145,7 +168,7 @@ class Panel:
     `ops.heartbeat` (tests pass a fake one). `watch_every`: the watchdog thread's period, or
     None for no thread (tests then call `refresh()` themselves)."""
 
-    def __init__(self, ops, pin_factory=None, clock=time.monotonic,
+    def __init__(self, ops: PanelOps, pin_factory=None, clock=time.monotonic,
                  watch_every: float | None = WATCH_EVERY, evaluate_every: float = EVALUATE_EVERY):
         from gpiozero import LED, Button
         cfg = ops.cfg.panel
@@ -427,7 +450,9 @@ class Panel:
                 raise ConfigError("button: the panel is closed")
             if self._pressing is not None and self._pressing.is_alive():
                 raise ConfigError("button: it is being held already")
-            pin = self.button.pin
+            button = self.button
+            assert button is not None, "panel: the button is made in __init__, which failed"
+            pin = button.pin
 
             def finger():
                 pin.drive_low()

@@ -45,5 +45,5 @@ ATTACK_RULES = [
 
 
 def builtin_rules() -> list[Rule]:
-    return [parse_rule(r, f"policy.py: {r['name']}", source="builtin")
+    return [parse_rule(r, f"built-in rule {r['name']}", source="builtin")
             for r in (INTRUSION_RULE, *ATTACK_RULES)]

@@ -259,10 +259,10 @@ class Engine:
         if not per_device:
             return [None]
         device = ctx.stimulus.device
-        candidates = [device] if device is not None else ctx.devices()
+        candidates: list[str | None] = [device] if device is not None else list(ctx.devices())
         if not rule.applies_to:
             return candidates
-        return [d for d in candidates if ctx.facts.device_type(d) in rule.applies_to]
+        return [d for d in candidates if d is not None and ctx.facts.device_type(d) in rule.applies_to]
 
     def evaluate(self, stimulus: Stimulus, facts: Facts) -> list[Decision]:
         ctx = _Context(stimulus, facts)

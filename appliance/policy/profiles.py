@@ -94,7 +94,7 @@ def load_profile(path: Path) -> Profile:
 
 
 def load_all(directory: Path = PROFILE_DIR) -> dict[str, Profile]:
-    out = {}
+    out: dict[str, Profile] = {}
     for path in sorted(Path(directory).glob("*.toml")):
         p = load_profile(path)
         if p.type in out:

@@ -242,7 +242,7 @@ def _time_condition(body, where: str) -> dict:
     if not isinstance(between, list) or len(between) != 2:
         raise ConfigError(f"{where}.between: expected [start, end], e.g. [\"22:00\", \"06:00\"]")
     return {
-        "between": _window(*between, f"{where}.between"),
+        "between": _window(between[0], between[1], f"{where}.between"),
         "days": check_days(c["days"], f"{where}.days") if "days" in c else None,
         "timezone": check_timezone(c["timezone"], f"{where}.timezone") if "timezone" in c else None,
     }
@@ -262,7 +262,7 @@ def _action(data, where: str) -> dict:
     where = f"{where}.{kind}"
     if kind == "set_posture":
         a = _keys(body, where, required=("posture",), optional=("device", "for"))
-        check_posture(a["posture"], f"{where}.posture")
+        check_posture(a["posture"], f"{where}.posture", settable=True)
         return {kind: {"device": _selector(a.get("device", "self"), f"{where}.device"),
                        "posture": a["posture"],
                        "for": parse_duration(a["for"], f"{where}.for") if "for" in a else None}}

@@ -8,8 +8,10 @@ import json
 import os
 import time
 from array import array
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from appliance.errors import StoreError
 from appliance.store.storage import fsync_dir
@@ -57,7 +59,7 @@ class LogTable:
         self._rewrite = False
         self._bytes = 0              # the file's size as written
         self._dead = 0               # bytes of it that removed records take
-        self._reader = None
+        self._reader: BinaryIO | None = None
         self._pending: _Append | _Rewrite | None = None
         self._removals = 0           # remove() calls so far: did any come during a flush?
         self._load()
@@ -139,6 +141,7 @@ class LogTable:
     def rows(self, device=ANY, tags=None, since: float | None = None,
              before: float | None = None) -> list[int]:
         """The rows of the records that match, newest first (by time, then id)."""
+        rows: Sequence[int]
         if device is ANY:
             rows = range(len(self._id))
         else:
@@ -162,6 +165,9 @@ class LogTable:
         for i in rows:
             doc_id = self._id[i]
             line = self._unwritten.get(doc_id) if self._pos[i] < 0 else self._read(i)
+            if line is None:
+                raise StoreError(f"the log {self.path}: record {doc_id} is neither in the file nor "
+                                 "waiting to be written; restart the supervisor")
             rec = json.loads(line)
             if rec.pop("_id", None) != doc_id:
                 raise StoreError(f"the log {self.path} changed under the supervisor (record "
@@ -190,14 +196,16 @@ class LogTable:
         for i in doomed:
             self._per_device[self._device[i]] -= 1
             self._unwritten.pop(self._id[i], None)
-        doomed = sorted(doomed)
-        for column in (self._id, self._at, self._device, self._tag, self._pos, self._size):
-            if len(doomed) <= 256:     # a device's trim: a few moves of the tail
-                for i in reversed(doomed):
+        ordered = sorted(doomed)
+        columns: tuple[array[Any], ...] = (      # integer and float columns alike
+            self._id, self._at, self._device, self._tag, self._pos, self._size)
+        for column in columns:
+            if len(ordered) <= 256:    # a device's trim: a few moves of the tail
+                for i in reversed(ordered):
                     del column[i]
             else:                      # an age-out: one copy of what stays, run by run
                 kept, start = array(column.typecode), 0
-                for i in doomed:
+                for i in ordered:
                     kept.extend(column[start:i])
                     start = i + 1
                 kept.extend(column[start:])
@@ -240,6 +248,7 @@ class LogTable:
     def begin_flush(self) -> _Append | _Rewrite | None:
         if self._pending is not None:
             raise StoreError(f"the log {self.path}: a flush is already running")
+        job: _Append | _Rewrite
         if self._rewrite:
             unreadable = None
             try:

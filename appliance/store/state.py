@@ -1,8 +1,9 @@
-"""The supervisor's state: devices, posture history, alerts, the audit log, site rules and
-settings, in one TinyDB file (kalki.json, in /var/lib/kalki by default).
+"""The supervisor's state: devices, site rules and settings in one TinyDB file (kalki.json, in
+/var/lib/kalki by default), and beside it the logs (posture history, alerts, decisions and the
+audit trail: appliance.store.logs).
 
-Only the supervisor process writes it. Every write replaces the whole file atomically, so a
-kill or a power cut at any instant leaves the old state or the new one, never a torn file.
+Only the supervisor process writes them. Every write of kalki.json replaces the whole file
+atomically, so a kill or a power cut at any instant leaves the old state or the new one.
 Each public mutating call is one disk write; `with store.batch():` makes several calls one
 write, all or nothing.
 
@@ -20,8 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinydb import TinyDB, where
+from tinydb.table import Table
 
 from appliance.errors import ConfigError, StoreError
 from appliance.store.logs import ANY, LogTable
@@ -35,6 +38,9 @@ from appliance.vocab import (
     check_timezone,
     iso,
 )
+
+if TYPE_CHECKING:
+    from appliance.store.logs import _Append, _Rewrite
 
 DEFAULT_DIRECTORY = Path("/var/lib/kalki")
 FILENAME = "kalki.json"
@@ -137,17 +143,22 @@ class Store:
             raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
         self._db = TinyDB(self.path, storage=AtomicJSONStorage)
         self._db.table_class = _Table
-        self._storage = self._db.storage
+        storage = self._db.storage
+        assert isinstance(storage, AtomicJSONStorage), "TinyDB made the storage class it was given"
+        self._storage = storage
         self._storage.read()    # a corrupt file fails here, at start-up, naming itself
         # No query cache: reads are served from memory anyway, and a cache could hold results
         # of a batch that was rolled back.
-        self._t = {name: self._db.table(name, cache_size=0) for name in STATE_TABLES}
+        self._t: dict[str, Table | LogTable] = {
+            name: self._db.table(name, cache_size=0) for name in STATE_TABLES}
         self._logs = {name: LogTable(self.directory / f"{name}.jsonl") for name in LOG_TABLES}
         self._t.update(self._logs)
         self._closed = False
         self._batch_depth = 0
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._behind = None          # (future, [(log, job)]) of the flush running behind
+        # (future, [(log, job)]) of the flush running behind
+        self._behind: tuple[concurrent.futures.Future[list[None]],
+                            list[tuple[LogTable, _Append | _Rewrite]]] | None = None
 
     def flush(self):
         """Writes the log lines kept in memory since the last flush (the supervisor does this
@@ -274,7 +285,7 @@ class Store:
                 changes = self._device_fields(name, current, fields, now)
                 self._table("devices").update({**changes, "last_seen": now},
                                               doc_ids=[current.doc_id])
-        return self.get_device(name)
+        return _plain(self._device(name))
 
     def get_device(self, name: str) -> dict | None:
         doc = self._table("devices").get(where("name") == name)
@@ -294,7 +305,7 @@ class Store:
             current = self._device(name)
             changes = self._device_fields(name, current, fields, self._now())
             self._table("devices").update(changes, doc_ids=[current.doc_id])
-        return self.get_device(name)
+        return _plain(self._device(name))
 
     def remove_device(self, name: str):
         """Forgets the device; its posture history, alerts and decisions stay."""
@@ -484,7 +495,7 @@ class Store:
                 self._table("rules").insert(doc)
             else:
                 self._table("rules").update(replace, doc_ids=[current.doc_id])
-        return self.get_rule(name)
+        return _plain(self._rule(name))
 
     def get_rule(self, name: str) -> dict | None:
         doc = self._table("rules").get(where("name") == name)
@@ -502,7 +513,7 @@ class Store:
             raise StoreError(f"rule {name!r}: enabled must be true or false, got {enabled!r}")
         with self.batch():
             self._table("rules").update({"enabled": enabled}, doc_ids=[self._rule(name).doc_id])
-        return self.get_rule(name)
+        return _plain(self._rule(name))
 
     def _rule(self, name):
         doc = self._table("rules").get(where("name") == name)

@@ -22,12 +22,12 @@ def handle(ops: Ops, req: dict):
     """Carries out one request on the supervisor's loop; returns the result or raises."""
     op = req.get("op")
     args = req.get("args") or {}
-    if not isinstance(args, dict):
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ConfigError("args must be an object")
     if op not in CONTROL:
         raise ConfigError(f"unknown request {op!r}")
     method = getattr(ops, op)
-    kwargs = {_RENAMED.get(k, k): v for k, v in args.items()}
+    kwargs: dict[str, object] = {_RENAMED.get(str(k), str(k)): v for k, v in args.items()}
     try:
         inspect.signature(method).bind(**kwargs)
     except TypeError as e:

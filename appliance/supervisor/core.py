@@ -14,10 +14,12 @@ import gc
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance import policy
 from appliance.config import Config
-from appliance.dataplane.api import Dataplane, DeviceSpec
+from appliance.dataplane.api import DeviceSpec
+from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
@@ -37,19 +39,19 @@ class Supervisor:
                                                         s.max_age_days), clock=self.clock.now)
         self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
         self.engine = policy.Engine(self.rules())
-        self.dp: Dataplane | None = None
-        self.bus = None
+        self._dp: DataplanePort | None = None
+        self.bus: Any = None       # telemetry.mqtt.Bus, handed in by appliance.run (None: MQTT off)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_ns = time.monotonic_ns()
         self.reconcile_report: dict = {}
         self.recent = Recent()
         self._stop = asyncio.Event()
-        self.counters = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
         self.listeners = Listeners()
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
-        self.adapter = None  # polls devices that have an HTTP API and no MQTT
-        self.panel = None    # LEDs and button (appliance.faces.panel), when enabled
+        self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
+        self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
@@ -108,9 +110,22 @@ class Supervisor:
                 else p.timezone}
 
     # -- life cycle -----------------------------------------------------------------------
-    def attach(self, dp, loop: asyncio.AbstractEventLoop) -> None:
+    @property
+    def dp(self) -> DataplanePort:
+        if self._dp is None:
+            raise KalkiError("the supervisor has no data path yet (attach() comes first)")
+        return self._dp
+
+    @property
+    def attached(self) -> bool:
+        return self._dp is not None
+
+    def enforced(self, name: str) -> bool:
+        return name in self.dp.devices
+
+    def attach(self, dp: DataplanePort, loop: asyncio.AbstractEventLoop) -> None:
         """Takes the opened data path, converges it to the store, and owns it from now on."""
-        self.dp, self.loop = dp, loop
+        self._dp, self.loop = dp, loop
         self.reconcile_report = self.dp.reconcile(self._wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
@@ -143,8 +158,8 @@ class Supervisor:
         if self.bus:
             self.bus.close()
             self.bus = None
-        if self.dp:
-            self.dp.close()
+        if self._dp:
+            self._dp.close()
         self._stop.set()
         self.store.close()
 
@@ -221,7 +236,7 @@ class Supervisor:
     # -- decisions ------------------------------------------------------------------------
     def maintenance_active(self) -> bool:
         until = self.store.maintenance_until()
-        return bool(until) and datetime.datetime.fromisoformat(until) > self.now()
+        return until is not None and datetime.datetime.fromisoformat(until) > self.now()
 
     def _evaluate(self, stimulus: policy.Stimulus) -> None:
         if self.maintenance_active():
@@ -236,7 +251,7 @@ class Supervisor:
                 self._execute(d)
 
     def _execute(self, d: policy.Decision) -> None:
-        done = []
+        done: list[dict] = []
         enforced = self._carry_out(d, done)
         for a in d.actions:
             if a.kind == "alert":
@@ -284,7 +299,7 @@ class Supervisor:
             for target in a.targets:
                 step = {"action": a.kind, "target": target, **a.params}
                 try:
-                    if self.adapter and self.adapter.handles(target):
+                    if self.adapter and self.adapter.handles(target) and self.loop:
                         self.loop.create_task(self._adapter_command(target, a.params["payload"]))
                     elif self.bus:
                         self.bus.send_command(target, a.params["payload"])

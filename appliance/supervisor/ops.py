@@ -364,16 +364,17 @@ class Ops:
                 raise ConfigError(f"rule {r.name!r}: a {fixed[r.name]} rule has that name; "
                                   "choose another name")
         site = {r["name"]: r for r in sup.store.rules()}
-        for r in rules:
-            site[r["name"]] = {**r, "enabled": r.get("enabled", site.get(r["name"], {}).get("enabled", True))}
+        for new in rules:
+            enabled = new.get("enabled", site.get(new["name"], {}).get("enabled", True))
+            site[new["name"]] = {**new, "enabled": enabled}
         candidate = [r for r in sup.rules() if r.source != "site"]
         candidate += [policy.parse_rule({k: v for k, v in d.items() if k != "updated"},
                                         f"site rule {n}", source="site") for n, d in site.items()]
         policy.Engine(candidate)     # duplicate names, anything else the engine refuses
         with sup.store.batch():
-            for r in rules:
-                sup.store.put_rule(r["name"], r)
-                sup.store.audit("rule-put", actor, {"rule": r["name"]})
+            for new in rules:
+                sup.store.put_rule(new["name"], new)
+                sup.store.audit("rule-put", actor, {"rule": new["name"]})
         sup.reload_rules()
         return [r.name for r in parsed]
 

@@ -174,6 +174,12 @@ class Broker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def _started(self) -> subprocess.Popen:
+        """The mosquitto process, which start() makes."""
+        if self._process is None:
+            raise KalkiError(f"mosquitto on port {self.port} is not started")
+        return self._process
+
     def start(self, namespace: str | None = None, timeout: float = 10.0) -> Broker:
         if self.running:
             raise KalkiError(f"mosquitto on port {self.port} is already running (pid {self.pid})")
@@ -209,9 +215,10 @@ class Broker:
     def _wait_listening(self, timeout: float) -> None:
         host = self._connect_host()
         deadline = time.monotonic() + timeout
+        process = self._started()
         while True:
-            if self._process.poll() is not None:
-                raise KalkiError(f"mosquitto exited with status {self._process.returncode} "
+            if process.poll() is not None:
+                raise KalkiError(f"mosquitto exited with status {process.returncode} "
                                  f"before listening on {host}:{self.port}:\n{self.log_tail()}")
             if self._accepts_connections():
                 return
@@ -246,7 +253,7 @@ class Broker:
             return  # the files are read at the next start anyway
         log = self.directory / LOG
         offset = log.stat().st_size  # the log only grows; read just what the reload adds
-        self._process.send_signal(signal.SIGHUP)
+        self._started().send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while b"Reloading config" not in _read_from(log, offset):
             if time.monotonic() > deadline:

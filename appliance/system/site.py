@@ -308,6 +308,9 @@ def wpa_psk(ssid: str, passphrase: str) -> str:
 
 def hostapd_conf(site: Site) -> str:
     wifi = site.wifi
+    if wifi is None:
+        raise SiteError(f"hostapd.conf: the site has no [wifi] settings (devices interface "
+                        f"{site.devices_interface!r})")
     lines = [
         "# Rendered at boot from the site settings by appliance/system/site.py; do not edit.",
         f"interface={site.devices_interface}",

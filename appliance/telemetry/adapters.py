@@ -101,7 +101,7 @@ class HueAdapter:
     async def command(self, name: str, payload: dict) -> None:
         d = self._devices()[name]
         user = self.credentials[name]["user"]
-        body = {}
+        body: dict[str, bool | int] = {}
         if "on" in payload:
             body["on"] = bool(payload["on"])
         if "brightness" in payload:

@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 
@@ -38,6 +39,8 @@ LOG_EVERY = 10.0  # seconds between log lines for one rejection reason
 AVAILABILITY = ("online", "offline")
 SCALARS = (str, int, float, bool, type(None))
 QUIET_SUFFIXES = {"posture", "set"}  # our own publications, if a wildcard ever echoes them
+# A message that passed the checks: (kind, device, the availability state or the telemetry).
+Checked = tuple[Literal["availability"], str, str] | tuple[Literal["telemetry"], str, dict]
 
 
 class Rejected(Exception):
@@ -148,18 +151,19 @@ class Bus:
             parsed = self._check(topic, payload)
             if parsed is None:
                 return
-            kind, device, value = parsed
-            if kind == "availability":
-                self.on_availability(device, value)
+            if parsed[0] == "availability":
+                _, device, state = parsed
+                self.on_availability(device, state)
             else:
-                self.on_telemetry(device, value)
+                _, device, data = parsed
+                self.on_telemetry(device, data)
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             self._log_rejection(exc.reason, topic, str(exc))
         except Exception:
             log.exception("handling MQTT message on %s failed", topic)
 
-    def _check(self, topic: str, payload: bytes) -> tuple[str, str, object] | None:
+    def _check(self, topic: str, payload: bytes) -> Checked | None:
         prefix = f"{self.base}/"
         if not topic.startswith(prefix):
             raise Rejected("bad_topic", "outside the base topic")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from microdot import Response
 
@@ -282,7 +283,7 @@ def _json_body(schema: dict, required=True) -> dict:
 
 
 def _op(summary: str, body: dict | None = None, params=(), ok_schema=None, errors=(400,)) -> dict:
-    op = {"summary": summary, "responses": {
+    op: dict[str, Any] = {"summary": summary, "responses": {
         "200": {"description": "done", "content": {"application/json": {"schema": ok_schema or {}}}},
         "401": {"$ref": "#/components/responses/Unauthorized"}}}
     for code in errors:

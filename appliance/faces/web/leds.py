@@ -1,7 +1,7 @@
 """What the LEDs on the box mean: the technician's table (the page /leds and the claim page).
 
 The words come from appliance.faces.panel.PATTERNS, the panel's own list, so the box, the page and the
-README say the same thing.
+docs/leds.md say the same thing.
 """
 from __future__ import annotations
 

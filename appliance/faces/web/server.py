@@ -119,8 +119,11 @@ class WebServer:
         self.addresses = [sock.getsockname()[:2]]
 
     async def start(self) -> WebServer:
-        tls = {"ssl": self._ssl, "ssl_handshake_timeout": REQUEST_SECONDS} if self._ssl else {}
-        self._server = await asyncio.start_server(self._serve, sock=self._sock, **tls)
+        if self._ssl:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock, ssl=self._ssl,
+                                                      ssl_handshake_timeout=REQUEST_SECONDS)
+        else:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock)
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -130,6 +133,7 @@ class WebServer:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None, "asyncio.start_server serves each connection in a task"
         self._open.add(task)
         w = _Writer(writer)
         try:

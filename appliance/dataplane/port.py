@@ -1,0 +1,44 @@
+"""What the supervisor needs of the data path: the seam between them, as policy.Facts is the
+policy's. appliance.dataplane.api.Dataplane is the real one (XDP and nftables in the kernel);
+the tests' FakeDataplane is another. A test checks that both have every method named here."""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from appliance.dataplane.api import DeviceSpec
+
+
+class DataplanePort(Protocol):
+    @property
+    def devices(self) -> dict[str, DeviceSpec]:
+        """The devices the data path holds, by name."""
+        ...
+
+    def apply(self, spec: DeviceSpec) -> int:
+        """Puts a device's stack and posture in force; returns its device id."""
+        ...
+
+    def batch(self) -> AbstractContextManager:
+        """Several applies as one: nftables' part is one transaction, all or nothing."""
+        ...
+
+    def remove(self, name: str) -> None: ...
+
+    def read_back(self, name: str) -> int | None:
+        """The posture code the kernel holds for the device, or None."""
+        ...
+
+    def counters(self, name: str) -> dict[str, dict]: ...
+
+    def block_source(self, ip: str, seconds: int, device: str | None = None) -> None: ...
+
+    def device_by_ip(self, ip: str) -> str | None: ...
+
+    def events(self, timeout: float = 0.0, limit: int = 4096) -> list[dict]: ...
+
+    def events_fileno(self) -> int: ...
+
+    def reconcile(self, wanted: list[DeviceSpec]) -> dict: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,50 @@
+"""Fakes behind the product's Protocol seams, for the tests that need no root."""
+from __future__ import annotations
+
+import contextlib
+
+
+class FakeDataplane:
+    """The data path as the supervisor sees it (appliance.dataplane.port.DataplanePort), in
+    memory: what is applied is what reads back."""
+
+    def __init__(self):
+        self.devices = {}
+        self.blocked = {}
+
+    def apply(self, spec):
+        self.devices[spec.name] = spec
+        return list(self.devices).index(spec.name) + 1
+
+    def batch(self):
+        return contextlib.nullcontext()
+
+    def remove(self, name):
+        self.devices.pop(name, None)
+
+    def read_back(self, name):
+        return self.devices[name].posture
+
+    def counters(self, name):
+        return {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
+                "pass": {"umbox": "dispatcher", "packets": 100, "bytes": 9000}}
+
+    def block_source(self, ip, seconds, device=None):
+        self.blocked[ip] = seconds
+
+    def device_by_ip(self, ip):
+        return next((n for n, s in self.devices.items() if s.ip == ip), None)
+
+    def events(self, timeout=0.0, limit=4096):
+        return []
+
+    def events_fileno(self):
+        raise OSError("the fake data path has no ring buffer")
+
+    def reconcile(self, wanted):
+        for spec in wanted:
+            self.apply(spec)
+        return {"applied": [s.name for s in wanted]}
+
+    def close(self):
+        pass
