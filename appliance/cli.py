@@ -89,6 +89,27 @@ def _run(args) -> int:
     return main(args.config)
 
 
+def _store_restore_previous(args) -> int:
+    """Offline: the supervisor must not have the store open while its file is replaced."""
+    from pathlib import Path
+
+    from appliance.client import request
+    from appliance.config import load
+    from appliance.store.state import FILENAME
+    from appliance.store.storage import restore_previous
+    directory = Path(args.state_dir or load(args.config).state.directory)
+    try:
+        request(_socket(args), "status", timeout=2)
+    except KalkiError:
+        pass
+    else:
+        raise KalkiError("a supervisor is running and has the store open: stop it first "
+                         "(systemctl stop kalki), then run this again")
+    refused = restore_previous(directory / FILENAME)
+    print(f"{directory / FILENAME}: the previous generation is back; the refused file is {refused}")
+    return 0
+
+
 def _config_defaults(args) -> int:
     from appliance.config import defaults_toml
     print(defaults_toml())
@@ -96,9 +117,10 @@ def _config_defaults(args) -> int:
 
 
 def _rules_validate(args) -> int:
+    from appliance.config import read_text
     from appliance.supervisor.ops import validate_rules_text
     try:
-        text = open(args.file).read()
+        text = read_text(args.file)       # UTF-8, or a ConfigError naming the byte
     except OSError as e:
         raise KalkiError(f"{args.file}: {e.strerror}") from None
     result = validate_rules_text(text, args.file)
@@ -162,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the supervisor")
     p.add_argument("--config", default="/etc/kalki/kalki.toml")
     p.set_defaults(func=_run)
+    store = sub.add_parser("store", help="the state store").add_subparsers(dest="store_command",
+                                                                            required=True)
+    p = store.add_parser("restore-previous", help="put back the store's previous generation "
+                         "(kalki.json.prev) after an empty or corrupt kalki.json; supervisor stopped")
+    p.add_argument("--config", default="/etc/kalki/kalki.toml")
+    p.add_argument("--state-dir", help="the state directory (default: the config's state.directory)")
+    p.set_defaults(func=_store_restore_previous)
     cfg = sub.add_parser("config", help="the configuration file").add_subparsers(
         dest="config_command", required=True)
     cfg.add_parser("defaults", help="every key with its default and meaning").set_defaults(
@@ -223,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the device address the source went for")
     p.set_defaults(func=_call("block_source", ip="source", seconds="seconds", reason="reason",
                               by="by", target="target"))
+    p = sub.add_parser("unblock", help="take a source out of the kernel drop set")
+    p.add_argument("source")
+    p.set_defaults(func=_call("unblock_source", ip="source"))
     # the panel (appliance/faces/panel.py): the button (mock pins in the lab) and the LEDs
     button = sub.add_parser("button", help="press the appliance's button (the lab's mock "
                             "pins)").add_subparsers(dest="button_command", required=True)

@@ -13,15 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
-from appliance.vocab import WORKDAYS, check_business_hours, check_timezone
+from appliance.vocab import WORKDAYS, check_business_hours, check_days, check_timezone, parse_hhmm
 
 DEFAULT_PATH = Path("/etc/kalki/kalki.toml")
 
 
-def _doc(text: str, default):
+def _doc(text: str, default, bounds: tuple[int, int] | None = None):
+    """A key: its meaning, its default (which gives its type) and, for a number, its bounds."""
+    meta = {"doc": text, "bounds": bounds}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PORT = (1, 65535)
+GPIO = (0, 27)       # BCM numbers on the Pi's header
 
 
 @dataclass
@@ -32,7 +38,7 @@ class GatewaySection:
     lan: str = _doc("the device network, CIDR", "198.18.0.0/20")
     namespace: str = _doc("network namespace of the gateway (the lab only; empty on a Pi)", "")
     instance: str = _doc("name of the pin directory under /sys/fs/bpf/kalki/", "appliance")
-    gate_port: int = _doc("port of the authentication gate on the gateway", 8181)
+    gate_port: int = _doc("port of the authentication gate on the gateway", 8181, PORT)
     dhcp_leases: str = _doc("the DHCP server's lease file (dnsmasq): a device's first packets "
                             "from a new address are not taken for spoofing", "/var/lib/kalki/dnsmasq/leases")
 
@@ -40,20 +46,21 @@ class GatewaySection:
 @dataclass
 class StateSection:
     directory: str = _doc("where the store lives (the data partition on a Pi)", "/var/lib/kalki")
-    history_per_device: int = _doc("posture changes kept per device", 200)
-    alerts: int = _doc("alerts kept", 5000)
-    decisions: int = _doc("decisions (audit log entries) kept", 5000)
-    max_age_days: int = _doc("nothing older is kept", 30)
+    history_per_device: int = _doc("posture changes kept per device", 200, (1, 100_000))
+    alerts: int = _doc("alerts kept", 5000, (1, 1_000_000))
+    decisions: int = _doc("decisions (audit log entries) kept", 5000, (1, 1_000_000))
+    max_age_days: int = _doc("nothing older is kept", 30, (1, 3650))
 
 
 @dataclass
 class MqttSection:
     host: str = _doc("broker address", "127.0.0.1")
-    port: int = _doc("broker port", 1883)
+    port: int = _doc("broker port", 1883, PORT)
     base: str = _doc("topic prefix: <base>/<device>, <base>/<device>/set, <base>/bridge/state", "kalki")
     user: str = _doc("the supervisor's broker user", "kalki")
     password_file: str = _doc("file holding the supervisor's broker password", "/etc/kalki/mqtt-password")
-    max_payload: int = _doc("bytes; bigger telemetry payloads are rejected and counted", 4096)
+    max_payload: int = _doc("bytes; bigger telemetry payloads are rejected and counted", 4096,
+                            (64, 65536))   # the broker's max_packet_size
 
 
 @dataclass
@@ -74,7 +81,7 @@ class ControlSection:
 class WebSection:
     enabled: bool = _doc("serve the operator's web page", False)
     listen: str = _doc("address of the web page", "0.0.0.0")
-    port: int = _doc("port of the web page", 443)
+    port: int = _doc("port of the web page", 443, PORT)
     tls: bool = _doc("HTTPS with a certificate the appliance makes at first start", True)
     tls_dir: str = _doc("where the certificate and key are kept", "/var/lib/kalki/tls")
     netns: str = _doc("lab only: network namespace file to listen in (e.g. /proc/1/ns/net)", "")
@@ -84,10 +91,10 @@ class WebSection:
 class PanelSection:
     enabled: bool = _doc("drive the posture LEDs and the button", False)
     mock_pins: bool = _doc("gpiozero's mock pin factory instead of real GPIO (the lab, tests)", False)
-    led_green: int = _doc("BCM pin of the green LED", 17)
-    led_amber: int = _doc("BCM pin of the amber LED", 27)
-    led_red: int = _doc("BCM pin of the red LED", 22)
-    button: int = _doc("BCM pin of the button (to ground)", 3)
+    led_green: int = _doc("BCM pin of the green LED", 17, GPIO)
+    led_amber: int = _doc("BCM pin of the amber LED", 27, GPIO)
+    led_red: int = _doc("BCM pin of the red LED", 22, GPIO)
+    button: int = _doc("BCM pin of the button (to ground)", 3, GPIO)
 
 
 @dataclass
@@ -111,6 +118,13 @@ class Config:
 
     def check(self) -> Config:
         where = self.path or "config"
+        for f in dataclasses.fields(self):     # every key: its type and bounds (beside its default)
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sf in dataclasses.fields(value):
+                    _check_value(sf, getattr(value, sf.name), f"{where}: {f.name}.{sf.name}")
+            elif f.name != "path":
+                _check_value(f, value, f"{where}: {f.name}")
         try:
             net = ipaddress.IPv4Network(self.gateway.lan)
             if ipaddress.IPv4Address(self.gateway.address) not in net:
@@ -119,6 +133,9 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"{where}: gateway.lan / gateway.address: {e}") from None
         p = self.policy
+        check_days(p.business_days, f"{where}: policy.business_days")
+        parse_hhmm(p.business_start, f"{where}: policy.business_start")
+        parse_hhmm(p.business_end, f"{where}: policy.business_end")
         check_business_hours({"days": p.business_days, "start": p.business_start, "end": p.business_end},
                              f"{where}: policy.business_days/start/end")
         check_timezone(p.timezone, f"{where}: policy.timezone")
@@ -136,24 +153,55 @@ def _build(cls, data: dict, where: str):
     for name, value in data.items():
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
-        elif type(default) is not type(value) and not (isinstance(default, float) and isinstance(value, int)):
-            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}"
-                              if where else f"{name}: expected {type(default).__name__}, got {value!r}")
+            kwargs[name] = _build(type(default), value, key)
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_value(f, value, key)
     return cls(**kwargs)
+
+
+def _check_value(f: dataclasses.Field, value, key: str):
+    """A key's value against its default's type and its declared bounds; `key` names it."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if type(default) is not type(value) and not (isinstance(default, float) and isinstance(value, int)):
+        raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}")
+    bounds = f.metadata.get("bounds")
+    if bounds and not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(f"{key}: expected {bounds[0]} to {bounds[1]}, got {value!r}")
+    return value
+
+
+def read_text(path: Path | str) -> str:
+    """A file's text, decoded as UTF-8; a ConfigError names the file and the first bad byte.
+    OSError (no such file, ...) is the caller's to word."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte {e.start} (line {line}) is "
+                          f"0x{raw[e.start]:02x} ({e.reason})") from None
+
+
+def parse_toml(text: str, where: str) -> dict:
+    """TOML text as a dict; a ConfigError names `where`, also for absurd nesting."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
 
 
 def load(path: Path | str) -> Config:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = parse_toml(read_text(path), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
     try:
         cfg = _build(Config, data, "")
     except ConfigError as e:

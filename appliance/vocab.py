@@ -19,6 +19,7 @@ from appliance.errors import ConfigError
 POSTURES = ("unknown", "normal", "suspicious", "attack", "quarantine")
 POSTURE_CODES = {p: i for i, p in enumerate(POSTURES)}
 SETTABLE_POSTURES = POSTURES[1:]      # an operator or a rule never sets "unknown"
+MAX_POSTURE_SECONDS = 30 * 86400       # a timed posture lasts at most 30 days (--for 30d)
 # How strict each posture is: a rule never lowers a posture that another raised.
 ESCALATION = {"unknown": 0, "normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
 
@@ -42,7 +43,7 @@ ALERT_SEVERITY = {
     "port-scan": "warning", "port-scan-outbound": "critical", "syn-flood": "critical",
     "brute-force": "critical", "egress-anomaly": "warning", "spoofing": "critical",
     "lateral-movement": "critical", "gateway-probe": "critical", "gate-login-failures": "warning",
-    "new-device": "info", "mqtt-denied": "warning",
+    "new-device": "info", "mqtt-denied": "warning", "tamper": "critical",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery")
 

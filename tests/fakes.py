@@ -11,6 +11,7 @@ class FakeDataplane:
     def __init__(self):
         self.devices = {}
         self.blocked = {}
+        self.tampered = []
 
     def apply(self, spec):
         self.devices[spec.name] = spec
@@ -32,6 +33,9 @@ class FakeDataplane:
     def block_source(self, ip, seconds, device=None):
         self.blocked[ip] = seconds
 
+    def unblock_source(self, ip):
+        return self.blocked.pop(ip, None) is not None
+
     def device_by_ip(self, ip):
         return next((n for n, s in self.devices.items() if s.ip == ip), None)
 
@@ -46,5 +50,28 @@ class FakeDataplane:
             self.apply(spec)
         return {"applied": [s.name for s in wanted]}
 
+    def drift(self):
+        """A test tampers by setting `tampered`: what drift() reports until restore()."""
+        return list(self.tampered)
+
+    def restore(self, wanted):
+        self.tampered = []
+        return self.reconcile(wanted)
+
     def close(self):
         pass
+
+
+def supervisor(tmp_path, **devices):
+    """A Supervisor on a real store in tmp_path and a FakeDataplane, with devices given as
+    name=(mac, ip, type), each approved."""
+    from appliance import config
+    from appliance.supervisor.core import Supervisor
+    cfg = config.Config()
+    cfg.state.directory = str(tmp_path / "state")
+    cfg.mqtt.password_file = str(tmp_path / "mqtt-supervisor")
+    sup = Supervisor(cfg)
+    sup.attach(FakeDataplane(), loop=None)
+    for name, (mac, ip, type_) in devices.items():
+        sup.add_device(name, mac, ip, type_, approve=True)
+    return sup

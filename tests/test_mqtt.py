@@ -253,6 +253,7 @@ def test_bad_messages_are_counted_and_later_ones_still_processed(broker, bus, de
             light1.publish("kalki/light1", b'{"x": NaN}')
             light1.publish("kalki/light1", {f"k{i}": i for i in range(65)})
             light1.publish("kalki/light1/availability", "maybe")
+            light1.publish("kalki/light1", b"[" * 4000)        # under max_payload, nested too deeply
             light1.publish("kalki/light1", json.dumps({"pad": "x" * 5000}))  # < broker maximum
             light1.publish("kalki/light1", {"device": "light2", "on": True})
             ghost.publish("kalki/ghost", {"on": True})
@@ -261,8 +262,9 @@ def test_bad_messages_are_counted_and_later_ones_still_processed(broker, bus, de
             wait_for(lambda: bus.seen.telemetry, what="the valid message")
     finally:
         kalki.close()
-    assert bus.rejected == {"malformed": 7, "oversized": 1, "forged": 1, "unknown_device": 1,
+    assert bus.rejected == {"malformed": 8, "oversized": 1, "forged": 1, "unknown_device": 1,
                             "bad_topic": 1}
+    assert not [r for r in caplog.records if r.exc_info]          # no traceback for any of them
     assert bus.seen.telemetry == [("light1", {"device": "light1", "on": True, "w": 1.5, "n": None})]
     logged = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert len(logged) == 1  # rate-limited
@@ -425,3 +427,24 @@ def test_generated_passwords_survive_any_command_line():
     passwords = {random_password() for _ in range(2000)}
     assert len(passwords) == 2000
     assert all(len(p) == 32 and p.isascii() and p.isalnum() for p in passwords)
+
+
+def test_a_restarted_broker_gets_the_retained_topics_again(tmp_path):
+    """The faults issue, 12: after a broker restart the retained postures and Home Assistant's
+    discovery were gone until the next change."""
+    users = {"kalki": random_password(), "light1": random_password()}
+    connects = []
+    with Broker(tmp_path, port=free_port(), users=users) as b:
+        bus = Bus("127.0.0.1", b.port, "kalki", users["kalki"], known_device=lambda n: n == "light1",
+                  on_telemetry=lambda *a: None, on_availability=lambda *a: None,
+                  on_connected=lambda: connects.append(bus.publish_posture("light1", "attack", "now")))
+        try:
+            bus.wait_connected(5)
+            wait_for(lambda: retained(b, "kalki/light1/posture") is not None, what="the first posture")
+            b.stop()
+            b.start()
+            wait_for(lambda: len(connects) >= 2, timeout=40, what="the bus to reconnect")
+            wait_for(lambda: retained(b, "kalki/light1/posture") is not None, what="the posture again")
+            assert b'"attack"' in retained(b, "kalki/light1/posture")
+        finally:
+            bus.close()

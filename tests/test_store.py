@@ -73,7 +73,7 @@ def test_new_device_gets_defaults_and_timestamps(store):
     assert d == {"name": "cam1", "mac": "aa:bb:cc:00:00:01", "ip": "10.0.0.5", "type": "camera",
                  "identity": {"hostname": "cam", "client_id": None, "vendor_class": None},
                  "approved": False, "posture": "unknown", "posture_since": iso(T0),
-                 "posture_expires": None, "posture_revert_to": None, "group": None,
+                 "posture_expires": None, "posture_revert_to": None, "posture_after": [], "group": None,
                  "first_seen": iso(T0), "last_seen": iso(T0)}
     assert store.get_device("cam1") == d
     assert store.device_by_mac("aa-bb-cc-00-00-01") == d
@@ -439,11 +439,33 @@ def test_closed_store_refuses_and_close_is_idempotent(tmp_path):
 
 # the storage
 
-def test_storage_reads_none_for_missing_or_empty_file(tmp_path):
+def test_storage_reads_none_for_a_missing_file_and_refuses_an_empty_one(tmp_path):
     path = tmp_path / "db.json"
     assert AtomicJSONStorage(path).read() is None
-    path.write_text("  \n")
-    assert AtomicJSONStorage(path).read() is None
+    path.write_text("  \n")       # a 0-byte or blank file is not an empty store: it lost one
+    with pytest.raises(StoreError, match=f"the store {path} is empty; it is left as it is"):
+        AtomicJSONStorage(path).read()
+
+
+def test_the_previous_generation_is_kept_and_can_be_put_back(tmp_path):
+    from appliance.store.storage import previous_path, restore_previous
+    with Store(tmp_path) as store:
+        store.upsert_device("camera1", "02:4b:00:00:00:01", ip="198.18.0.10")
+        store.update_device("camera1", approved=True, type="camera", posture="normal")
+        store.update_device("camera1", posture="quarantine")
+    path = tmp_path / "kalki.json"
+    prev = previous_path(path)
+    assert json.loads(prev.read_text())["devices"]["1"]["posture"] == "normal"   # one write behind
+    path.write_bytes(b"")                               # what a power cut on a bad card leaves
+    with pytest.raises(StoreError, match=r"is empty; .*kalki.json.prev: `kalki store restore-previous`"):
+        Store(tmp_path)
+    path.write_text('{"devices": {"1": {"name": "cam')   # torn
+    with pytest.raises(StoreError, match="is corrupt"):
+        Store(tmp_path)
+    refused = restore_previous(path)
+    assert refused.read_text().startswith('{"devices"')
+    with Store(tmp_path) as store:
+        assert store.get_device("camera1")["approved"] and store.get_device("camera1")["posture"] == "normal"
 
 
 def test_storage_writes_atomically_and_leaves_no_temp_file(tmp_path):
@@ -817,3 +839,19 @@ def test_a_log_that_cannot_be_rewritten_does_not_stop_the_others(tmp_path):
     assert [a["details"]["n"] for a in Store(tmp_path).alerts()][:1] == [9]
     with pytest.raises(StoreError, match="history.jsonl"):
         store.close()                               # said each time, never a flush stuck
+
+
+def test_kalki_store_restore_previous_puts_it_back(tmp_path):
+    import subprocess
+    import sys
+    with Store(tmp_path) as store:
+        store.upsert_device("camera1", "02:4b:00:00:00:01", ip="198.18.0.10")
+        store.update_device("camera1", approved=True)
+    (tmp_path / "kalki.json").write_bytes(b"")
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "--socket", str(tmp_path / "none.sock"),
+                          "store", "restore-previous", "--state-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert "previous generation is back" in run.stdout
+    with Store(tmp_path) as store:
+        assert store.get_device("camera1") is not None

@@ -246,6 +246,84 @@ def test_brute_force_moves_the_camera_to_attack(slab):
     assert posture_of(slab, "plug1") == "normal"
 
 
+def test_after_a_reset_a_new_attack_escalates_at_once(slab):
+    """The faults issue, 1: the built-in rules fire on an edge, and "an alert within 5 m" stayed
+    true after a reset, so the second attack went unanswered for 5 minutes."""
+    cam = slab.device("camera1")
+    atk = slab.namespaces["atk"]
+    attacker = slab.gateway["attacker_ip"]
+    if posture_of(slab, "camera1") != "attack":
+        for _ in range(15):
+            connect(atk, cam.ip, 23, timeout=0.3)
+        assert wait_until(lambda: posture_of(slab, "camera1") == "attack", 5)
+    reset = kalki(slab, "posture", "reset", "camera1")
+    assert reset.returncode == 0, reset.stderr
+    unblock = kalki(slab, "unblock", attacker)
+    assert unblock.returncode == 0, unblock.stderr
+    assert '"was_blocked": true' in unblock.stdout, unblock.stdout
+    time.sleep(1)
+    assert posture_of(slab, "camera1") == "normal"          # the old alerts do not put it back
+    for _ in range(15):
+        connect(atk, cam.ip, 23, timeout=0.3)
+    assert wait_until(lambda: posture_of(slab, "camera1") == "attack", 5)
+    decisions = [d for d in ask(slab, "decisions", device="camera1", limit=50)
+                 if d.get("rule") == "device-under-attack"]
+    assert len(decisions) >= 2
+    # kalki block answers, and leaves an alert and an audit record (it exited 2 before)
+    block = kalki(slab, "block", "198.19.0.99", "30")
+    assert block.returncode == 0, block.stderr
+    assert any(a["type"] == "blocked" and a["details"]["source"] == "198.19.0.99"
+               for a in ask(slab, "alerts", limit=20))
+    assert kalki(slab, "unblock", "198.19.0.99").returncode == 0
+
+
+def _nft_table_present(lab) -> bool:
+    return subprocess.run(["ip", "netns", "exec", lab.namespaces["gw"], "nft", "list", "table", "inet",
+                           "kalki"], capture_output=True).returncode == 0
+
+
+def _xdp_attached(lab, ifname) -> bool:
+    out = subprocess.run(["ip", "-n", lab.namespaces["gw"], "-j", "link", "show", "dev", ifname],
+                         capture_output=True, text=True, check=True).stdout
+    return "xdp" in json.loads(out)[0]
+
+
+def _tamper_alerts(lab) -> list:
+    return [a for a in ask(lab, "alerts", limit=50) if a["type"] == "tamper"]
+
+
+def test_enforcement_removed_behind_the_supervisor_s_back_is_restored(slab):
+    """The faults issue, 2: `nft delete table inet kalki` and `ip link set dev0 xdp off` were
+    never noticed; status said enforced, and the next posture change failed."""
+    plug = slab.device("plug1")
+    inet = slab.namespaces["inet"]
+    assert ask(slab, "posture_set", name="plug1", posture="quarantine")["posture"] == "quarantine"
+    try:
+        assert not connect(inet, plug.ip, 23)                   # quarantined: closed
+        before = len(_tamper_alerts(slab))
+        subprocess.run(["ip", "netns", "exec", slab.namespaces["gw"], "nft", "delete", "table", "inet",
+                        "kalki"], check=True)
+        t0 = time.monotonic()
+        assert wait_until(lambda: _nft_table_present(slab) and ask(slab, "status")["tamper"], 3)
+        restored_after = time.monotonic() - t0
+        assert wait_until(lambda: len(_tamper_alerts(slab)) > before, 3)
+        assert "inet kalki is gone" in " ".join(ask(slab, "status")["tamper"]["problems"])
+        assert restored_after < 1.5, restored_after
+
+        subprocess.run(["ip", "-n", slab.namespaces["gw"], "link", "set", "dev", "dev0", "xdp", "off"],
+                       check=True)
+        assert wait_until(lambda: _xdp_attached(slab, "dev0"), 3)
+        assert wait_until(lambda: any("not attached to dev0" in p for a in _tamper_alerts(slab)
+                                      for p in a["details"]["problems"]), 3)
+        assert not connect(inet, plug.ip, 23)                   # still closed, by the restored XDP
+        # the next posture change works
+        assert ask(slab, "posture_reset", name="plug1")["posture"] == "normal"
+        assert wait_until(lambda: connect(inet, plug.ip, 23), 3)
+        assert ask(slab, "status")["enforced"] == len([d for d in devices(slab).values() if d["approved"]])
+    finally:
+        ask(slab, "posture_reset", name="plug1")
+
+
 def test_a_device_scanning_its_neighbours_ends_in_quarantine(slab):
     light, plug = slab.device("light1"), slab.device("plug1")
     for port in range(1, 40):

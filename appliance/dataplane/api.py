@@ -94,6 +94,8 @@ class Dataplane:
         self.settings = settings or GatewaySettings()
         self.pin_dir = f"{BPFFS}/kalki/{instance}"
         self.load_report: dict = {}
+        self._prog_fds: dict[str, int] = {}
+        self._prog_ids: dict[str, int] = {}
         self._maps: dict[str, bpf.Map] = {}
         self._ring: bpf.RingBuffer | None = None
         self._nft: nft.Nft | None = None
@@ -143,6 +145,9 @@ class Dataplane:
                                  lan_mask=_ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
                                  events_per_sec=s.events_per_sec, unknown_flags=0)
         self._maps["kalki_settings"].update(ctypes.c_uint32(0), settings)
+        # Held open for as long as the data path is: what restore() pins again if the pins go.
+        self._prog_fds = {prog: bpf.obj_get(f"{self.pin_dir}/{prog}") for prog in self._attachments()}
+        self._prog_ids = {prog: bpf.prog_info(fd).id for prog, fd in self._prog_fds.items()}
         self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
         self._nft.ensure_table()
         self._nft_state = self._nft.read_back()
@@ -156,6 +161,9 @@ class Dataplane:
             m.close()
         if self._ring:
             self._ring.close()
+        for fd in self._prog_fds.values():
+            os.close(fd)
+        self._prog_fds = {}
 
     def destroy(self) -> None:
         """Removes everything this instance put in the kernel (lab teardown)."""
@@ -579,6 +587,50 @@ class Dataplane:
         links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         by_name = {link["ifname"]: link.get("xdp", {}).get("prog", {}).get("id") for link in links}
         return {ifname: by_name.get(ifname) for ifname in self._attachments().values()}
+
+    def drift(self) -> list[str]:
+        """What differs between the kernel and what this data path put there, each named:
+        the pins, the XDP attachments, the nftables table's outline, every device's XDP
+        entry. Cheap enough to run twice a second (about 1 ms plus one `ip link`)."""
+        problems = []
+        gone = [n for n in [*maps.MAPS, maps.RINGBUF, *self._attachments()]
+                if not os.path.exists(f"{self.pin_dir}/{n}")]
+        if gone:
+            problems.append(f"pinned objects missing under {self.pin_dir}: {', '.join(gone)}")
+        attached = self.attached_programs()
+        for prog, ifname in self._attachments().items():
+            if attached.get(ifname) != self._prog_ids.get(prog):
+                problems.append(f"XDP program {prog} is not attached to {ifname} "
+                                f"(attached: {attached.get(ifname)})")
+        nft_ = self._loaded_nft()
+        outline = nft_.fingerprint()
+        if outline is None:
+            problems.append("nftables table inet kalki is gone")
+        elif outline != nft_.expected_fingerprint(self._nft_state):
+            wanted = nft_.expected_fingerprint(self._nft_state)
+            diff = [k for k in wanted if outline.get(k) != wanted[k]]
+            problems.append(f"nftables table inet kalki changed: {', '.join(diff) or 'unreadable'}")
+        changed = [name for name, a in self._devices.items() if self.read_back(name) != a.spec.posture]
+        if changed:
+            problems.append(f"XDP entries changed for {', '.join(sorted(changed))}")
+        return problems
+
+    def restore(self, wanted: list[DeviceSpec]) -> dict:
+        """After drift(): pins again what was unpinned (the supervisor still holds every map and
+        program), re-creates the table if it is gone, and converges the rest (reconcile)."""
+        for name, m in self._maps.items():
+            if not os.path.exists(f"{self.pin_dir}/{name}"):
+                bpf.obj_pin(m.fd, f"{self.pin_dir}/{name}")
+        ring = self._loaded_ring()
+        if not os.path.exists(f"{self.pin_dir}/{maps.RINGBUF}"):
+            bpf.obj_pin(ring.fileno(), f"{self.pin_dir}/{maps.RINGBUF}")
+        for prog, fd in self._prog_fds.items():
+            if not os.path.exists(f"{self.pin_dir}/{prog}"):
+                bpf.obj_pin(fd, f"{self.pin_dir}/{prog}")
+        nft_ = self._loaded_nft()
+        if nft_.fingerprint() is None:
+            nft_.ensure_table()
+        return self.reconcile(wanted)
 
     def pinned_program_ids(self) -> dict[str, int]:
         out = {}

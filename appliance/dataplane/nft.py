@@ -214,6 +214,45 @@ class Nft:
                                                 "elem": [{"concat": [ip, port]}]}}})
         return cmds
 
+    # -- tampering ------------------------------------------------------------------------
+    BASE_CHAINS = ("from_devices", "to_devices", "forward", "prerouting", "input")
+    VERDICT_MAPS = ("from_device", "to_device")
+
+    def fingerprint(self) -> dict | None:
+        """What a look at the table's outline shows, cheaply (one command, no device rules):
+        its chains, the rules of its base chains, and the entries of its maps and the gate
+        set. None if the table is gone."""
+        lists: list[dict] = [{"list": {"chains": None}}]
+        lists += [{"list": {"chain": {**_T, "name": c}}} for c in self.BASE_CHAINS]
+        lists += [{"list": {"map": {**_T, "name": m}}} for m in self.VERDICT_MAPS]
+        lists += [{"list": {"set": {**_T, "name": "gate"}}}]
+        with netns.entered(self.namespace):
+            rc, out, _ = self._nft.json_cmd({"nftables": lists})
+        if rc != 0:
+            return None if not self.table_exists() else {"unreadable": True}
+        items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
+        chains = {i["chain"]["name"] for i in items
+                  if "chain" in i and i["chain"].get("table") == TABLE and i["chain"].get("family") == FAMILY}
+        base_rules = {c: 0 for c in self.BASE_CHAINS}
+        for i in items:
+            if "rule" in i and i["rule"]["chain"] in base_rules:
+                base_rules[i["rule"]["chain"]] += 1
+        elements = {i[k]["name"]: len(i[k].get("elem", [])) for i in items for k in ("map", "set") if k in i}
+        return {"chains": chains, "base_rules": base_rules, "elements": elements}
+
+    def expected_fingerprint(self, state: dict[int, dict]) -> dict:
+        """The outline the table has when it holds `state` (per device, as read_back gives)."""
+        base_rules = {c: 0 for c in self.BASE_CHAINS}
+        for cmd in self._base(self.devices_if, lambda chain, *expr: {"add": {"rule": {"chain": chain}}}):
+            body = cmd["add"].get("rule")
+            if body:
+                base_rules[body["chain"]] += 1
+        chains = set(self.BASE_CHAINS) | {c for d in state.values() for c in d.get("chains", ())}
+        elements = {"from_device": sum(len(d.get("macs", ())) for d in state.values()),
+                    "to_device": sum(len(d.get("ips", ())) for d in state.values()),
+                    "gate": sum(len(d.get("gates", ())) for d in state.values())}
+        return {"chains": chains, "base_rules": base_rules, "elements": elements}
+
     # -- read back ------------------------------------------------------------------------
     def read_back(self) -> dict[int, dict]:
         """What the kernel has, per device id: macs, ips, gate entries, chains, inbound rules."""

@@ -255,6 +255,10 @@ class Engine:
         self._latched = {key for key in self._latched if key[0] in kept}
         self._rules = [(r, bool(r.applies_to) or _mentions_self((r.when, r.then))) for r in active]
 
+    def forget(self, device: str) -> None:
+        """Re-arms every rule for `device`: the next time a condition holds it fires."""
+        self._latched = {key for key in self._latched if key[1] != device}
+
     def _selves(self, rule: Rule, per_device: bool, ctx: _Context) -> list[str | None]:
         if not per_device:
             return [None]

@@ -3,14 +3,15 @@ stack with its parameters. Validated on load; an error names the file and the ke
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance import HOME
+from appliance.config import parse_toml, read_text
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError
 from appliance.policy.rules import parse_rule
+from appliance.vocab import check_posture
 
 PROFILE_DIR = HOME / "umboxes"
 ADAPTER_KINDS = ("hue",)      # appliance.telemetry.adapters
@@ -50,8 +51,8 @@ class Profile:
 def load_profile(path: Path) -> Profile:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = parse_toml(read_text(path), str(path))
+    except OSError as e:
         raise ConfigError(f"{path}: {e}") from None
     unknown = set(data) - {"type", "description", "postures", "telemetry", "commands", "rules",
                            "match", "adapter"}
@@ -64,6 +65,7 @@ def load_profile(path: Path) -> Profile:
         raise ConfigError(f"{path}: key 'postures' must be a table with at least postures.normal")
     checked = {}
     for posture, stack in postures.items():
+        check_posture(posture, f"{path.name}: postures.{posture}")    # "unknown" may be given
         checked[posture] = umbox.validate(stack, where=f"{path.name}: postures.{posture}: ")
         umbox.compile_stack(stack, where=f"{path.name}: postures.{posture}: ")
     # A posture without umboxes would leave an unapproved device open: fail closed instead.

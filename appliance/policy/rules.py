@@ -16,6 +16,7 @@ AGGREGATES = ("last", "avg", "min", "max", "count", "sum")
 CONDITIONS = ("alert", "telemetry", "changed", "posture", "time", "all", "any", "not")
 ACTIONS = ("set_posture", "command", "alert")
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=", "in")
+MAX_NESTING = 16      # levels of all/any/not in one condition
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NO_DATA = object()
 
@@ -154,20 +155,27 @@ def _value(value, where: str):
     return value
 
 
-def _condition(data, where: str) -> dict:
+def _condition(data, where: str, depth: int = 0) -> dict:
+    """`depth`: how many all/any/not enclose this condition (at most MAX_NESTING)."""
     if not isinstance(data, dict) or len(data) != 1:
         raise ConfigError(f"{where}: a condition is a table with exactly one of: "
                           f"{', '.join(CONDITIONS)}")
     kind, body = next(iter(data.items()))
-    if kind not in _CONDITION_PARSERS:
+    if kind not in CONDITIONS:
         raise ConfigError(f"{where}.{kind}: unknown condition {kind!r} (known: {', '.join(CONDITIONS)})")
+    if kind in ("all", "any", "not") and depth >= MAX_NESTING:
+        raise ConfigError(f"{where}.{kind}: nested deeper than {MAX_NESTING} levels of all/any/not")
+    if kind == "not":
+        return {kind: _condition(body, f"{where}.{kind}", depth + 1)}
+    if kind in ("all", "any"):
+        return {kind: _all_or_any(body, f"{where}.{kind}", depth + 1)}
     return {kind: _CONDITION_PARSERS[kind](body, f"{where}.{kind}")}
 
 
-def _all_or_any(body, where: str) -> tuple:
+def _all_or_any(body, where: str, depth: int = 0) -> tuple:
     if not isinstance(body, list) or not body:
         raise ConfigError(f"{where}: needs a non-empty list of conditions")
-    return tuple(_condition(c, f"{where}[{i}]") for i, c in enumerate(body))
+    return tuple(_condition(c, f"{where}[{i}]", depth) for i, c in enumerate(body))
 
 
 def _alert_condition(body, where: str) -> dict:
@@ -248,9 +256,8 @@ def _time_condition(body, where: str) -> dict:
     }
 
 
-_CONDITION_PARSERS = {
-    "all": _all_or_any, "any": _all_or_any, "not": _condition, "alert": _alert_condition,
-    "telemetry": _telemetry_condition, "changed": _changed_condition,
+_CONDITION_PARSERS = {     # all, any and not: _condition, which counts their nesting
+    "alert": _alert_condition, "telemetry": _telemetry_condition, "changed": _changed_condition,
     "posture": _posture_condition, "time": _time_condition,
 }
 

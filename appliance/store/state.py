@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tinydb import TinyDB, where
 from tinydb.table import Table
@@ -111,6 +111,20 @@ def _text(value, what: str, optional=False):
 
 def _mac(value, culprit: str) -> str:
     return check_mac(value, culprit, StoreError)
+
+
+def _posture_after(value, what: str) -> list[dict]:
+    """The postures a timed one returns to, in order: [{"posture", "until"}], until None for
+    the last (the one that does not expire)."""
+    if not isinstance(value, list):
+        raise StoreError(f"{what}: expected a list, got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != {"posture", "until"}:
+            raise StoreError(f"{what}[{i}]: expected {{posture, until}}, got {entry!r}")
+        until = None if entry["until"] is None else _stamp(entry["until"], f"{what}[{i}].until")
+        out.append({"posture": _text(entry["posture"], f"{what}[{i}].posture"), "until": until})
+    return out
 
 
 def _plain(doc) -> dict:
@@ -274,9 +288,10 @@ class Store:
             current = self._table("devices").get(where("name") == name)
             now = self._now()
             if current is None:
-                blank = {"ip": None, "type": None, "identity": dict.fromkeys(IDENTITY_KEYS),
+                blank: dict[str, Any] = {"ip": None, "type": None, "identity": dict.fromkeys(IDENTITY_KEYS),
                          "approved": False, "posture": "unknown", "posture_since": now,
-                         "posture_expires": None, "posture_revert_to": None, "group": None,
+                         "posture_expires": None, "posture_revert_to": None, "posture_after": [],
+                         "group": None,
                          "first_seen": now}
                 doc = {"name": name, **blank, **self._device_fields(name, blank, fields, now),
                        "last_seen": now}
@@ -323,7 +338,7 @@ class Store:
         culprit = f"device {name!r}"
         if "name" in fields:
             raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
-        unknown = set(fields) - set(current) - {"mac", "last_seen"}
+        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after"}
         if unknown:
             raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
         out = {}
@@ -354,11 +369,14 @@ class Store:
                 value = _stamp(value, what)
             elif key in ("type", "group", "posture_revert_to"):
                 _text(value, what, optional=True)
+            elif key == "posture_after":
+                value = _posture_after(value, what)
             out[key] = value
         if "posture" in out and out["posture"] != current["posture"]:
             out.setdefault("posture_since", now)
             out.setdefault("posture_expires", None)
             out.setdefault("posture_revert_to", None)
+            out.setdefault("posture_after", [])
         return out
 
     # posture history
@@ -384,10 +402,13 @@ class Store:
     # alerts
 
     def add_alert(self, alert: dict) -> int:
-        """alert: device, type, source (one of ALERT_SOURCES), severity, and optionally
-        details (a table) and at (default now). Returns the alert's id."""
-        alert = self._record("alert", alert, required=("device", "type", "source", "severity"),
-                             optional=("details", "at"))
+        """alert: device (None: about no one device, e.g. a source blocked by hand), type,
+        source (one of ALERT_SOURCES), severity, and optionally details (a table) and at
+        (default now). Returns the alert's id."""
+        alert = self._record("alert", {"device": None, **alert}, required=("type", "source", "severity"),
+                             optional=("device", "details", "at"))
+        if alert["device"] is not None:
+            _text(alert["device"], "alert, device")
         if alert["source"] not in ALERT_SOURCES:
             raise StoreError(f"alert for device {alert['device']!r}: unknown source "
                              f"{alert['source']!r} (known: {', '.join(ALERT_SOURCES)})")

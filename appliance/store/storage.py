@@ -44,6 +44,7 @@ class AtomicJSONStorage(Storage):
     def __init__(self, path, **json_kwargs):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self.previous_path = previous_path(self.path)
         self._json_kwargs = json_kwargs
         self._data = None   # the state parsed; None until loaded, or after a failed batch
         self._batch_depth = 0
@@ -92,19 +93,9 @@ class AtomicJSONStorage(Storage):
             return {}
         except (OSError, UnicodeDecodeError) as e:
             raise StoreError(f"cannot read the store {self.path}: {e}") from None
-        if not text.strip():
-            return {}
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise StoreError(f"the store {self.path} is corrupt (not valid JSON: {e}); it is left "
-                             "as it is: restore a backup or move it aside to start empty") from None
-        if not isinstance(data, dict) or not all(
-                isinstance(t, dict) and all(isinstance(d, dict) for d in t.values())
-                for t in data.values()):
-            raise StoreError(f"the store {self.path} is not a TinyDB file (expected tables of "
-                             "documents); it is left as it is")
-        return data
+        # An empty or torn file is refused like a corrupt one: starting empty would forget every
+        # approval and make every device unknown, silently.
+        return parse_state(text, self.path)
 
     def _replace(self, text: str):
         try:
@@ -112,6 +103,12 @@ class AtomicJSONStorage(Storage):
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            if self.path.exists():
+                # The generation being replaced stays as <name>.prev: a hard link, no copy.
+                link = self.previous_path.with_name(f".{self.previous_path.name}.tmp")
+                link.unlink(missing_ok=True)
+                os.link(self.path, link)
+                os.replace(link, self.previous_path)
             os.replace(self.tmp_path, self.path)
             fd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -121,6 +118,51 @@ class AtomicJSONStorage(Storage):
         except OSError as e:
             self.tmp_path.unlink(missing_ok=True)
             raise StoreError(f"cannot write the store {self.path}: {e}") from None
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def parse_state(text: str, path: Path) -> dict:
+    """The state file's tables; StoreError naming the file, what is wrong and what to do."""
+    def refused(why: str) -> StoreError:
+        prev = previous_path(path)
+        offer = (f" The previous generation is {prev}: `kalki store restore-previous` puts it back."
+                 if prev.exists() else " Restore a backup, or move it aside to start empty.")
+        return StoreError(f"the store {path} {why}; it is left as it is.{offer}")
+    if not text.strip():
+        raise refused("is empty")
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise refused(f"is corrupt (not valid JSON: {e})") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(t, dict) and all(isinstance(d, dict) for d in t.values()) for t in data.values()):
+        raise refused("is not a TinyDB file (expected tables of documents)")
+    return data
+
+
+def restore_previous(path: Path) -> Path:
+    """Puts <name>.prev back as the state file, after checking it; the refused file is kept
+    as <name>.refused. Only while no supervisor has the store open. Returns the kept file."""
+    prev = previous_path(path)
+    try:
+        text = prev.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"no previous generation to restore: {prev}: {e}") from None
+    parse_state(text, prev)
+    refused = path.with_name(path.name + ".refused")
+    if path.exists():
+        os.replace(path, refused)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return refused
 
 
 def fsync_dir(directory: Path) -> None:

@@ -50,6 +50,8 @@ async def serve_client(ops: Ops, reader: asyncio.StreamReader, writer: asyncio.S
                     answer = {"ok": True, "result": handle(ops, req)}
                 except json.JSONDecodeError as e:
                     answer = {"ok": False, "error": f"malformed request: {e}"}
+                except RecursionError:
+                    answer = {"ok": False, "error": "malformed request: nested too deeply"}
                 except (KalkiError, ValueError) as e:
                     answer = {"ok": False, "error": str(e)}
             writer.write(json.dumps(answer, default=str).encode() + b"\n")

@@ -25,9 +25,18 @@ from appliance.policy import profiles
 from appliance.store.state import Retention, Store
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.memory import Listeners, Recent
-from appliance.vocab import POSTURE_CODES, check_posture, device_name_for, iso, severity_of, stricter
+from appliance.vocab import (
+    MAX_POSTURE_SECONDS,
+    POSTURE_CODES,
+    check_posture,
+    device_name_for,
+    iso,
+    severity_of,
+    stricter,
+)
 
 log = logging.getLogger("kalki.supervisor")
+TAMPER_SHOWN_S = 600     # the LEDs and the page say "alert" this long after a tamper
 
 class Supervisor:
     def __init__(self, cfg: Config):
@@ -45,6 +54,10 @@ class Supervisor:
         self.started_ns = time.monotonic_ns()
         self.reconcile_report: dict = {}
         self.recent = Recent()
+        self.tamper: dict | None = None      # the last drift found in the kernel, and what was done
+        self._tamper_told: dict[str, float] = {}   # problem -> when the operator was last told
+        self._tampered_at = -1e9
+        self._judged_since: dict[str, datetime.datetime] = {}   # see _judge_from
         self._stop = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
@@ -88,7 +101,15 @@ class Supervisor:
         return d.get("group") if d else None
 
     def alerts(self, device, types, since) -> int:
-        return self.recent.alerts(device, types, since)
+        judged = self._judged_since.get(device) if device is not None else None
+        return self.recent.alerts(device, types, since if judged is None else max(since, judged))
+
+    def _judge_from(self, name: str, at: datetime.datetime) -> None:
+        """An operator (or an expiry) lowered the device's posture: what happened before is
+        judged, and the rules look only at what comes after. A rule whose condition held
+        is re-armed, so the next alert escalates again at once."""
+        self._judged_since[name] = at
+        self.engine.forget(name)
 
     def telemetry(self, device, field, last=None, since=None) -> list:
         return self.recent.telemetry(device, field, last, since)
@@ -131,14 +152,19 @@ class Supervisor:
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
 
     def attach_bus(self, bus) -> None:
-        """Takes the MQTT side (or None: MQTT off) and publishes what it should know."""
+        """Takes the MQTT side (None: MQTT off). It calls republish() on every connect."""
         self.bus = bus
-        if bus is None:
+
+    def republish(self) -> None:
+        """Every approved device's retained posture and Home Assistant discovery, again: after
+        a (re)connect, since a restarted broker has forgotten them."""
+        if self.bus is None:
             return
+        self.counters["mqtt_republished"] += 1
         for name, d in self.known.items():
             if d.get("approved"):
-                bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
-                bus.publish_discovery(name, d.get("type") or "generic")
+                self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
+                self.bus.publish_discovery(name, d.get("type") or "generic")
 
     def start_ticker(self) -> None:
         assert self.loop is not None
@@ -344,10 +370,14 @@ class Supervisor:
         if for_seconds is not None and (isinstance(for_seconds, bool) or not isinstance(for_seconds, int)
                                         or for_seconds <= 0):
             raise ConfigError(f"device {name}: duration must be a positive number of seconds")
+        if for_seconds is not None and for_seconds > MAX_POSTURE_SECONDS:
+            raise ConfigError(f"device {name}: a timed posture lasts at most 30 days "
+                              f"({MAX_POSTURE_SECONDS} s), got {for_seconds} s; leave the duration out "
+                              "for a posture without an end")
         return d, POSTURE_CODES.get(posture, 0)
 
     def set_postures(self, changes: list[tuple[str, str, int | None]], reason: str,
-                     actor: str = "operator") -> tuple[int, int]:
+                     actor: str = "operator", returns: dict[str, list] | None = None) -> tuple[int, int]:
         """Puts several (device, posture, seconds or None) in force together: all are checked
         before any changes; each device's XDP entry is in force as it is written and nftables'
         part of all of them is one transaction. The records, the MQTT messages and the rules
@@ -366,16 +396,22 @@ class Supervisor:
                                  "after applying it")
         enforced = time.monotonic_ns()
         now = self.now()
+        if not actor.startswith("rule "):
+            for name, posture, _, d, _ in checked:
+                if stricter(d["posture"], posture):
+                    self._judge_from(name, now)
         moved = []
         with self.store.batch():     # one write to the SD card, all or nothing
             for name, posture, for_seconds, d, _ in checked:
-                revert_to = None
-                if for_seconds:
-                    revert_to = d.get("posture_revert_to") if d.get("posture_expires") else d["posture"]
+                after = (returns or {}).get(name)
+                if after is None:
+                    after = _returns_after(d, for_seconds)
                 changed = posture != d["posture"]
                 self._update_device(name, posture=posture,
                                     posture_expires=iso(now + datetime.timedelta(seconds=for_seconds))
-                                    if for_seconds else None, posture_revert_to=revert_to)
+                                    if for_seconds else None,
+                                    posture_revert_to=after[0]["posture"] if after else None,
+                                    posture_after=after)
                 if changed:
                     moved.append((name, posture))
                     self.store.record_posture(name, posture, reason)
@@ -493,7 +529,7 @@ class Supervisor:
         suspicious, or a new device waiting for approval), "normal"."""
         postures = {d["posture"] for d in self.known.values() if d.get("approved")}
         waiting = any(not d.get("approved") for d in self.known.values())
-        if postures & {"attack", "quarantine"}:
+        if postures & {"attack", "quarantine"} or time.monotonic() - self._tampered_at < TAMPER_SHOWN_S:
             return "alert"
         if "suspicious" in postures or waiting:
             return "warning"
@@ -549,6 +585,8 @@ class Supervisor:
             pause_ms = (time.perf_counter() - started) * 1e3
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
             try:
+                if ticks % 2 == 0:
+                    self.check_kernel()
                 self._expire_postures()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
@@ -563,14 +601,73 @@ class Supervisor:
                     log.error("ticker: %s", e)
                     last_error, last_error_at = str(e), time.monotonic()
 
+    def check_kernel(self) -> list[str]:
+        """Compares the kernel with what the data path put there; anything changed behind the
+        supervisor's back is a tamper alert (once a minute per problem) and is restored at once.
+        Returns the problems found."""
+        if not self.attached:
+            return []
+        problems = self.dp.drift()
+        if not problems:
+            return []
+        now = time.monotonic()
+        fresh = [p for p in problems if now - self._tamper_told.get(p, -1e9) > 60]
+        try:
+            report = self.dp.restore(self._wanted())
+            restored, error = {k: v for k, v in report.items() if v and k != "unchanged"}, None
+        except KalkiError as e:
+            restored, error = {}, str(e)
+            log.error("tamper: restoring the data path failed: %s", e)
+        self.tamper = {"at": iso(self.now()), "problems": problems, "restored": restored, "error": error}
+        self._tampered_at = now
+        log.warning("tamper: %s; restored: %s", "; ".join(problems), restored or error)
+        self.counters["tamper"] += 1
+        if fresh:
+            for p in fresh:
+                self._tamper_told[p] = now
+            self.raise_alert(None, "tamper", "kernel", {"problems": fresh, "restored": restored,
+                                                        "error": error}, time.monotonic_ns())
+        return problems
+
     def _expire_postures(self) -> None:
         now = self.now()
         for name, d in list(self.known.items()):
             exp = d.get("posture_expires")
             if exp and datetime.datetime.fromisoformat(exp) <= now:
+                posture, seconds, rest = _next_return(d, now)
                 try:
-                    self.set_posture(name, d.get("posture_revert_to") or "normal", "expired",
-                                     actor="timer")
+                    self.set_postures([(name, posture, seconds)], "expired", actor="timer",
+                                      returns={name: rest})
                 except KalkiError as e:
                     log.error("reverting %s: %s", name, e)
                     self._update_device(name, posture_expires=None)
+
+
+def _returns_after(d: dict, for_seconds: int | None) -> list[dict]:
+    """What a device returns to after a new posture: nothing for a posture without an end; for
+    a timed one, the posture it had (until its own end, if it had one), then what that one
+    returned to. So `attack` for 5 minutes over `suspicious` for 10 goes back to `suspicious`
+    for what is left of its 10 minutes."""
+    if not for_seconds:
+        return []
+    if not d.get("posture_expires"):
+        return [{"posture": d["posture"], "until": None}]
+    before = d.get("posture_after")
+    if before is None:    # a record from before posture_after: its one return
+        before = [{"posture": d.get("posture_revert_to") or "normal", "until": None}]
+    return [{"posture": d["posture"], "until": d["posture_expires"]}, *before]
+
+
+def _next_return(d: dict, now: datetime.datetime) -> tuple[str, int | None, list[dict]]:
+    """(posture, seconds it has left or None, what follows it) for a device whose timed
+    posture has ended: the first return that has not ended too."""
+    after = d.get("posture_after")
+    if after is None:
+        after = [{"posture": d.get("posture_revert_to") or "normal", "until": None}]
+    for i, entry in enumerate(after):
+        if entry["until"] is None:
+            return entry["posture"], None, after[i + 1:]
+        left = (datetime.datetime.fromisoformat(entry["until"]) - now).total_seconds()
+        if left >= 1:
+            return entry["posture"], int(left), after[i + 1:]
+    return "normal", None, []

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 from appliance import policy
+from appliance.config import parse_toml
 from appliance.errors import ConfigError, StoreError, UnknownDeviceError
 from appliance.supervisor import accounts
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
@@ -23,7 +24,7 @@ from appliance.vocab import SETTABLE_POSTURES, check_posture
 # The control socket's requests, each an Ops method of the same name.
 CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
            "posture_set", "posture_reset", "alerts", "decisions", "maintenance", "memory",
-           "rules_validate", "block_source", "dhcp_lease", "clock_set", "button", "panel")
+           "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel")
 
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
@@ -59,10 +60,7 @@ def validate_rules_text(text, source: str) -> dict:
     """A TOML file of [[rules]] (site rules), validated without changing anything."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{source}: the text is empty")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    data = parse_toml(text, source)     # a ConfigError also for absurd nesting
     rules = data.get("rules")
     if not isinstance(rules, list) or not rules:
         raise ConfigError(f"{source}: expected [[rules]] tables")
@@ -182,7 +180,7 @@ class Ops:
                 "mqtt_denied": dict(sup.bus.denied) if sup.bus else {},
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
-                "site_error": sup.site_error, "counters": dict(sup.counters),
+                "site_error": sup.site_error, "counters": dict(sup.counters), "tamper": sup.tamper,
                 "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms]}
 
     def _view(self, d: dict) -> dict:
@@ -267,6 +265,12 @@ class Ops:
         device = sup.dp.device_by_ip(target) if target else None
         sup.raise_alert(device, reason, by, {"source": ip, "seconds": seconds}, time.monotonic_ns())
         return {"blocked": ip, "seconds": seconds}
+
+    def unblock_source(self, ip, by="operator") -> dict:
+        sup = self._sup
+        removed = sup.dp.unblock_source(ip)
+        sup.store.audit("unblock", by, {"source": ip, "was_blocked": removed})
+        return {"unblocked": ip, "was_blocked": removed}
 
     def dhcp_lease(self, action, mac=None, ip=None, identity=None) -> dict:
         if action in ("add", "old"):

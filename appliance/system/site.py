@@ -267,6 +267,8 @@ def load(path: Path | str = SOURCE) -> Site:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SiteError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise SiteError(f"{path}: not valid TOML: nested too deeply") from None
     return parse(data, str(path))
 
 
@@ -406,6 +408,7 @@ def _interfaces_only(path: Path) -> Site:
     site = Site()
     try:
         net = tomllib.loads(path.read_text(encoding="utf-8")).get("network", {})
+        net = net if isinstance(net, dict) else {}
         for key in ("devices_interface", "uplink_interface"):
             value = net.get(key)
             if isinstance(value, str) and IFNAME.fullmatch(value):

@@ -59,12 +59,14 @@ class Bus:
                  on_telemetry: Callable[[str, dict], None],
                  on_availability: Callable[[str, str], None],
                  on_denied: Callable[[str, str, int], None] = lambda user, topic, count: None,
-                 loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096):
+                 loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096,
+                 on_connected: Callable[[], None] = lambda: None):
         self.host, self.port, self.user, self.base = host, port, user, base
         self.known_device = known_device
         self.on_telemetry = on_telemetry
         self.on_availability = on_availability
         self.on_denied = on_denied
+        self.on_connected = on_connected   # every (re)connect, from paho's thread
         self.loop = loop
         self.max_payload = max_payload
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -108,6 +110,9 @@ class Bus:
         client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1),
                           (self.denied_topic, 1)])
         self._connected.set()
+        # A broker that restarted has lost its retained topics (persistence is off): whoever
+        # owns them publishes them again.
+        self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
@@ -192,6 +197,8 @@ class Bus:
             data = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
         except (UnicodeDecodeError, ValueError) as exc:
             raise Rejected("malformed", f"not JSON from {device}: {exc}") from None
+        except RecursionError:     # "[[[[..." under max_payload: a device must not crash us
+            raise Rejected("malformed", f"JSON nested too deeply from {device}") from None
         if not isinstance(data, dict):
             raise Rejected("malformed", f"telemetry from {device} is not a JSON object")
         if len(data) > MAX_KEYS:
@@ -207,7 +214,10 @@ class Bus:
         """The broker's report of the publishes it refused to devices: only the broker and the
         supervisor's own user can write this topic, and it is checked all the same."""
         try:
-            report = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+            try:
+                report = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             entries = report["denied"]
             untracked = report.get("untracked", 0)
             if not isinstance(entries, list) or not isinstance(untracked, int) or untracked < 0:

@@ -33,6 +33,8 @@ async def body(request) -> dict:
         data = json.loads(request.body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError("malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError("the body must be a JSON object")
     return data
