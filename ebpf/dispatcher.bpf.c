@@ -370,6 +370,14 @@ static __always_inline int to_gateway_service(struct kalki_settings *s, struct p
 	return 0;
 }
 
+/* Broadcast (limited, or the LAN's own) and multicast (224.0.0.0/4): what a device sends to
+ * whoever listens on its LAN. */
+static __always_inline int lan_chatter(struct kalki_settings *s, __be32 dst)
+{
+	return dst == 0xffffffff || dst == (s->lan_net | ~s->lan_mask) ||
+	       (__builtin_bswap32(dst) >> 28) == 0xe;
+}
+
 static __always_inline int device_service(struct kalki_settings *s, struct packet *p)
 {
 	if (to_gateway_service(s, p, KALKI_F_QUARANTINE_MGMT))
@@ -449,7 +457,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 #ifndef KALKI_NO_DETECTORS
 	if ((cfg->flags & KALKI_F_PORT_SCAN) && (p.syn || p.proto == IPPROTO_UDP) &&
-	    p.dst != s->gateway_ip &&
+	    p.dst != s->gateway_ip && !lan_chatter(s, p.dst) &&
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
 #endif
@@ -467,6 +475,11 @@ int xdp_from_devices(struct xdp_md *ctx)
 	 * (forward chain) drops TCP that no SYN opened. Replies to permitted inbound
 	 * connections so pass, and survive a posture change. */
 	if (!p.opens)
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	/* LAN broadcast and multicast (mDNS, SSDP, vendor discovery such as Tuya's UDP 6667)
+	 * belong to the LAN: not a destination on the internet, not another device's service.
+	 * The rate limit above still applies. */
+	if (lan_chatter(s, p.dst))
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 	if ((cfg->flags & KALKI_F_LATERAL_BLOCK) && (p.dst & s->lan_mask) == s->lan_net) {
 		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, kalki_now());

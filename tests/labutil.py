@@ -18,8 +18,14 @@ from appliance import netns
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 
 
+# LAN broadcast and link-local multicast stay on the lab's own device side (nothing routes them).
+LAN_ONLY = (ipaddress.IPv4Network("255.255.255.255/32"), ipaddress.IPv4Network("224.0.0.0/24"),
+            ipaddress.IPv4Network("239.255.255.250/32"))
+
+
 def _lab_only(ip: str) -> str:
-    assert ipaddress.IPv4Address(ip) in LAB_RANGE, f"{ip} is outside the lab range"
+    address = ipaddress.IPv4Address(ip)
+    assert address in LAB_RANGE or any(address in n for n in LAN_ONLY), f"{ip} is outside the lab range"
     return ip
 
 

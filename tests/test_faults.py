@@ -119,3 +119,16 @@ def test_a_timed_posture_is_bounded(sup):
     with pytest.raises(Exception, match="at most 30 days"):
         Ops(sup).posture_set("camera1", "attack", for_="400d")
     assert sup.posture("camera1") == "normal"
+
+
+def test_report_only_means_report(sup):
+    """Issue 10: the camera's egress anomaly is "report only", yet a built-in rule quarantined
+    it on the first report. A blocked one still does."""
+    from appliance.telemetry import kernel
+    reported = {"device": "camera1", "reason": "egress_anomaly", "action": "reported", "src": CAMERA[1],
+                "dst": "198.19.9.1"}
+    sup.on_kernel_alerts(kernel.alerts([reported], sup.device_ip))
+    assert [a["type"] for a in sup.store.alerts(device="camera1")] == ["egress-report"]
+    assert sup.posture("camera1") == "normal"
+    sup.on_kernel_alerts(kernel.alerts([{**reported, "action": "dropped"}], sup.device_ip))
+    assert sup.posture("camera1") == "quarantine"

@@ -2,6 +2,7 @@
 stopped, and its events and counters say so."""
 import ctypes
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -316,3 +317,45 @@ def test_devices_reach_only_the_gateways_own_services(lab, fresh):
         assert not connect(cam.namespace, uplink, 2222)               # nor at the uplink address
         assert connect(lab.namespaces["inet"], uplink, 2222)          # the operators' side: yes
         assert connect(lab.namespaces["inet"], cam.ip, 23)            # the device works as before
+
+
+def _send_lan_chatter(ns: str, src: str, lan_broadcast: str) -> None:
+    """What a real device sends to its LAN: Tuya's discovery (UDP 6667 to 255.255.255.255),
+    mDNS, SSDP, and a broadcast to the LAN's own broadcast address."""
+    with netns.entered(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    try:
+        for dst, port in (("255.255.255.255", 6667), ("224.0.0.251", 5353),
+                          ("239.255.255.250", 1900), (lan_broadcast, 6667)):
+            for sport in (40001, 40002, 40003):
+                s.sendto(udp_packet(src, dst, sport, port), (labutil_lan_only(dst), 0))
+    finally:
+        s.close()
+
+
+def labutil_lan_only(ip):
+    import labutil
+    return labutil._lab_only(ip)
+
+
+def test_lan_broadcast_and_multicast_are_never_an_anomaly(lab, fresh):
+    """Issue 10: one mDNS packet from the motion sensor quarantined it (egress anomaly). LAN
+    chatter passes the allow-list, the egress check, the lateral block and the scan detector."""
+    import ipaddress
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "allowlist": {"destinations": ["198.19.8.0/24"]},
+                                "egress_anomaly": {}, "lateral_block": {},
+                                "port_scan": {"ports": 3, "block_seconds": 0}})
+    fresh.events()                                            # start from an empty ring
+    before = fresh.counters("camera1")
+    lan = ipaddress.IPv4Network(lab.gateway["lan"])
+    _send_lan_chatter(cam.namespace, cam.ip, str(lan.broadcast_address))
+    time.sleep(0.3)
+    after = fresh.counters("camera1")
+    for reason in ("allowlist", "egress_anomaly", "lateral", "port_scan"):
+        assert after.get(reason, {}).get("packets", 0) == before.get(reason, {}).get("packets", 0), reason
+    assert after["pass"]["packets"] - before.get("pass", {}).get("packets", 0) >= 12
+    assert not [e for e in fresh.events(timeout=0.3)
+                if e["reason"] in ("egress_anomaly", "lateral", "allowlist", "port_scan")]
+    assert not connect(cam.namespace, "198.19.9.1", 80)      # the allow-list still holds for the rest

@@ -15,6 +15,10 @@ def alert_kind(event: dict, device_ip: str | None) -> str | None:
     kind = KERNEL_ALERTS.get(event.get("reason", ""))
     if kind == "port-scan" and device_ip is not None and event.get("src") == device_ip:
         return "port-scan-outbound"
+    if kind == "egress-anomaly" and event.get("action") == "reported":
+        # The profile said "report only": a report, which no built-in rule escalates. An
+        # operator's own rule on egress-report may.
+        return "egress-report"
     return kind
 
 
