@@ -41,11 +41,12 @@ SEVERITIES = ("info", "warning", "critical")
 # Every alert kind the appliance raises itself, with its severity. Rules may raise others.
 ALERT_SEVERITY = {
     "port-scan": "warning", "port-scan-outbound": "critical", "syn-flood": "critical",
-    "brute-force": "critical", "egress-anomaly": "warning", "egress-report": "info", "spoofing": "critical",
-    "lateral-movement": "critical", "gateway-probe": "critical", "gate-login-failures": "warning",
-    "new-device": "info", "mqtt-denied": "warning", "tamper": "critical",
+    "brute-force": "critical", "egress-anomaly": "warning", "egress-report": "info",
+    "spoofing": "critical", "lateral-movement": "critical", "gateway-probe": "critical",
+    "gate-login-failures": "warning", "new-device": "info", "mqtt-denied": "warning",
+    "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
 }
-ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery")
+ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 
 
 def severity_of(kind: str) -> str:

@@ -45,6 +45,9 @@ class FakeDataplane:
     def events_fileno(self):
         raise OSError("the fake data path has no ring buffer")
 
+    def kernel_postures(self):
+        return {s.mac: s.posture for s in self.devices.values()}
+
     def reconcile(self, wanted):
         for spec in wanted:
             self.apply(spec)

@@ -132,3 +132,58 @@ def test_report_only_means_report(sup):
     assert sup.posture("camera1") == "normal"
     sup.on_kernel_alerts(kernel.alerts([{**reported, "action": "dropped"}], sup.device_ip))
     assert sup.posture("camera1") == "quarantine"
+
+
+def test_a_posture_decided_while_the_disk_refuses_is_kept_and_written_later(sup, monkeypatch):
+    """The faults issue, 4: postures enforced while the state directory could not be written
+    were never written, and a quarantined device was released at the next restart."""
+    import json
+    import os
+    path = sup.store.path
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    Ops(sup).posture_set("plug1", "quarantine")                 # answered, not an error
+    assert sup.dp.read_back("plug1") == 4 and sup.posture("plug1") == "quarantine"
+    assert "No space left" in Ops(sup).status()["disk_error"]
+    on_disk = {d["name"]: d["posture"] for d in json.loads(path.read_text())["devices"].values()}
+    assert on_disk["plug1"] == "normal"                          # not yet on disk
+    sup._check_disk()
+    assert sup.disk_error and "No space left" in sup.disk_error
+    monkeypatch.undo()                                           # the disk is back
+    sup._check_disk()
+    assert Ops(sup).status()["disk_error"] is None
+    on_disk = {d["name"]: d["posture"] for d in json.loads(path.read_text())["devices"].values()}
+    assert on_disk["plug1"] == "quarantine"
+    assert any(a["event"] == "store-recovered" for a in sup.store.decisions(kind="audit"))
+    sup.store.flush()
+    assert any(a["type"] == "disk-error" for a in sup.store.alerts())
+
+
+def test_reconcile_keeps_a_stricter_posture_the_kernel_holds(tmp_path):
+    """The faults issue, 4: where the kernel holds a stricter posture than the store (a write
+    lost with a crash), a restart keeps the kernel's, records why and tells the operator."""
+    from fakes import FakeDataplane
+
+    from appliance.dataplane.api import DeviceSpec
+    first = supervisor(tmp_path, camera1=CAMERA, plug1=PLUG)
+    first.store.close()
+    kernel = FakeDataplane()
+    kernel.apply(DeviceSpec("plug1", PLUG[0], PLUG[1], {}, 4))       # quarantine, never written
+    kernel.apply(DeviceSpec("camera1", CAMERA[0], CAMERA[1], {}, 0))  # looser than the store
+    from appliance import config
+    from appliance.supervisor.core import Supervisor
+    cfg = config.Config()
+    cfg.state.directory = str(tmp_path / "state")
+    cfg.mqtt.password_file = str(tmp_path / "mqtt-supervisor")
+    again = Supervisor(cfg)
+    try:
+        again.attach(kernel, loop=None)
+        assert again.posture("plug1") == "quarantine" and kernel.read_back("plug1") == 4
+        assert again.posture("camera1") == "normal" and kernel.read_back("camera1") == 1
+        assert any(a["event"] == "posture-kept" for a in again.store.decisions(kind="audit"))
+        again.store.flush()
+        assert [a["type"] for a in again.store.alerts(device="plug1")] == ["posture-kept"]
+    finally:
+        again.store.close()

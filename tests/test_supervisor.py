@@ -324,6 +324,32 @@ def test_enforcement_removed_behind_the_supervisor_s_back_is_restored(slab):
         ask(slab, "posture_reset", name="plug1")
 
 
+def test_a_read_only_state_directory_keeps_postures_and_writes_them_later(slab):
+    """The faults issue, 4: with the state directory read-only, postures were enforced but
+    never written (and not retried), the CLI got no answer, and a restart released them."""
+    from pathlib import Path
+    state = Path(slab.gateway["socket"]).parent / "state"
+    subprocess.run(["mount", "--bind", str(state), str(state)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(state)], check=True)
+        t0 = time.monotonic()
+        set_ = kalki(slab, "posture", "set", "plug1", "quarantine")
+        assert set_.returncode == 0, set_.stderr                 # answered
+        assert time.monotonic() - t0 < 3
+        assert posture_of(slab, "plug1") == "quarantine"
+        assert not connect(slab.namespaces["inet"], slab.device("plug1").ip, 23)
+        assert wait_until(lambda: ask(slab, "status")["disk_error"], 3)
+        on_disk = json.loads((state / "kalki.json").read_text())["devices"]
+        assert {d["name"]: d["posture"] for d in on_disk.values()}["plug1"] != "quarantine"
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+    assert wait_until(lambda: ask(slab, "status")["disk_error"] is None, 3)
+    on_disk = json.loads((state / "kalki.json").read_text())["devices"]
+    assert {d["name"]: d["posture"] for d in on_disk.values()}["plug1"] == "quarantine"
+    assert any(a["type"] == "disk-error" for a in ask(slab, "alerts", limit=50))
+    ask(slab, "posture_reset", name="plug1")
+
+
 def test_a_device_scanning_its_neighbours_ends_in_quarantine(slab):
     light, plug = slab.device("light1"), slab.device("plug1")
     for port in range(1, 40):

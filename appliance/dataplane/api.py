@@ -239,6 +239,16 @@ class Dataplane:
         except KeyError:
             raise UnknownDeviceError(f"device {name!r} does not exist in the data path") from None
 
+    def kernel_postures(self) -> dict[str, int]:
+        """{MAC: posture code} of every device the kernel holds, read from the maps (what an
+        earlier process left in force)."""
+        out = {}
+        for mac, device_id in self._kernel_ids_by_mac().items():
+            entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
+            if entry is not None and entry.flags & maps.Flag.PRESENT:
+                out[mac] = entry.posture
+        return out
+
     def _kernel_ids_by_mac(self) -> dict[str, int]:
         return {_mac_str(k.addr): self._maps["kalki_dev_by_mac"].lookup(k).value
                 for k in self._maps["kalki_dev_by_mac"].keys()}

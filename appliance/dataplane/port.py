@@ -41,6 +41,10 @@ class DataplanePort(Protocol):
 
     def events_fileno(self) -> int: ...
 
+    def kernel_postures(self) -> dict[str, int]:
+        """{MAC: posture code} the kernel holds now, before reconcile."""
+        ...
+
     def reconcile(self, wanted: list[DeviceSpec]) -> dict: ...
 
     def drift(self) -> list[str]:

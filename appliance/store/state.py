@@ -155,7 +155,10 @@ class Store:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the store directory {self.directory}: {e}") from None
-        self._db = TinyDB(self.path, storage=AtomicJSONStorage)
+        # A refused write keeps the new state in memory (see disk_error): what the supervisor
+        # records is already in force in the kernel, and going back to the file's older state
+        # would release a device at the next restart.
+        self._db = TinyDB(self.path, storage=AtomicJSONStorage, keep_unsaved=True)
         self._db.table_class = _Table
         storage = self._db.storage
         assert isinstance(storage, AtomicJSONStorage), "TinyDB made the storage class it was given"
@@ -173,6 +176,15 @@ class Store:
         # (future, [(log, job)]) of the flush running behind
         self._behind: tuple[concurrent.futures.Future[list[None]],
                             list[tuple[LogTable, _Append | _Rewrite]]] | None = None
+
+    @property
+    def disk_error(self) -> str | None:
+        """Why the state in memory is not on disk yet, or None when it is."""
+        return self._storage.unsaved
+
+    def retry_write(self) -> bool:
+        """Writes the state kept in memory after a refused write; True when the disk has it."""
+        return self._storage.retry()
 
     def flush(self):
         """Writes the log lines kept in memory since the last flush (the supervisor does this

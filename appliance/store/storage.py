@@ -41,8 +41,13 @@ class AtomicJSONStorage(Storage):
     write the file while this object has it open.
     """
 
-    def __init__(self, path, **json_kwargs):
+    def __init__(self, path, keep_unsaved: bool = False, **json_kwargs):
+        """keep_unsaved: when the disk refuses a write, keep the new state in memory as the
+        state (`unsaved` says why, `retry()` writes it) instead of raising and going back to
+        the file's. The supervisor's choice: what it wrote is already in force in the kernel."""
         self.path = Path(path)
+        self.keep_unsaved = keep_unsaved
+        self.unsaved: str | None = None
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self.previous_path = previous_path(self.path)
         self._json_kwargs = json_kwargs
@@ -61,9 +66,9 @@ class AtomicJSONStorage(Storage):
         data = dict(dict.items(data))
         if self._batch_depth:
             self._dirty = True
+            self._data = data
         else:
-            self._replace(json.dumps(data, **self._json_kwargs))
-        self._data = data
+            self._save(data)
 
     @contextmanager
     def batch(self):
@@ -73,7 +78,7 @@ class AtomicJSONStorage(Storage):
         try:
             yield
             if self._batch_depth == 1 and self._dirty:
-                self._replace(json.dumps(self._data, **self._json_kwargs))
+                self._save(self._data)
         except BaseException:
             if self._batch_depth == 1:
                 self._data = None
@@ -97,6 +102,24 @@ class AtomicJSONStorage(Storage):
         # approval and make every device unknown, silently.
         return parse_state(text, self.path)
 
+    def _save(self, data) -> None:
+        try:
+            self._replace(json.dumps(data, **self._json_kwargs))
+        except StoreError as e:
+            if not self.keep_unsaved:
+                raise
+            self.unsaved = str(e)
+        else:
+            self.unsaved = None
+        self._data = data
+
+    def retry(self) -> bool:
+        """Writes the state kept in memory after a refused write; True once it is on disk."""
+        if self.unsaved is None:
+            return True
+        self._save(self._data)
+        return self.unsaved is None
+
     def _replace(self, text: str):
         try:
             with open(self.tmp_path, "w", encoding="utf-8") as f:
@@ -116,7 +139,10 @@ class AtomicJSONStorage(Storage):
             finally:
                 os.close(fd)
         except OSError as e:
-            self.tmp_path.unlink(missing_ok=True)
+            try:
+                self.tmp_path.unlink(missing_ok=True)
+            except OSError:
+                pass        # a read-only file system made none, and refuses the unlink too
             raise StoreError(f"cannot write the store {self.path}: {e}") from None
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 
 from appliance.errors import ConfigError, KalkiError
 from appliance.supervisor.ops import CONTROL, Ops
 
 MAX_REQUEST = 1 << 20
+log = logging.getLogger("kalki.control")
 # Argument names on the wire that are Python keywords.
 _RENAMED = {"for": "for_"}
 
@@ -54,6 +56,10 @@ async def serve_client(ops: Ops, reader: asyncio.StreamReader, writer: asyncio.S
                     answer = {"ok": False, "error": "malformed request: nested too deeply"}
                 except (KalkiError, ValueError) as e:
                     answer = {"ok": False, "error": str(e)}
+                except Exception as e:     # noqa: BLE001 - the caller always gets an answer
+                    log.exception("control: %s", line[:200])
+                    answer = {"ok": False, "error": f"internal error ({type(e).__name__}: {e}); "
+                                                    "see the supervisor's log"}
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):

@@ -28,6 +28,7 @@ from appliance.supervisor.memory import Listeners, Recent
 from appliance.vocab import (
     MAX_POSTURE_SECONDS,
     POSTURE_CODES,
+    POSTURES,
     check_posture,
     device_name_for,
     iso,
@@ -54,6 +55,7 @@ class Supervisor:
         self.started_ns = time.monotonic_ns()
         self.reconcile_report: dict = {}
         self.recent = Recent()
+        self.disk_error: str | None = None   # the store's refused write, while it lasts
         self.tamper: dict | None = None      # the last drift found in the kernel, and what was done
         self._tamper_told: dict[str, float] = {}   # problem -> when the operator was last told
         self._tampered_at = -1e9
@@ -147,9 +149,35 @@ class Supervisor:
     def attach(self, dp: DataplanePort, loop: asyncio.AbstractEventLoop) -> None:
         """Takes the opened data path, converges it to the store, and owns it from now on."""
         self._dp, self.loop = dp, loop
+        self._keep_stricter_kernel_postures()
         self.reconcile_report = self.dp.reconcile(self._wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+
+    def _keep_stricter_kernel_postures(self) -> None:
+        """Reconcile never lowers protection by itself: where the kernel holds a stricter
+        posture than the store (a decision whose write was lost, a crash between the two), the
+        kernel's stays, the store follows, and the operator is told."""
+        kernel = self.dp.kernel_postures()
+        for name, d in list(self.known.items()):
+            code = kernel.get(d["mac"])
+            if code is None or not d.get("approved") or not 0 <= code < len(POSTURES):
+                continue
+            held = POSTURES[code]
+            if stricter(held, d["posture"]):
+                log.warning("%s: the kernel holds %s, the store %s: keeping %s", name, held,
+                            d["posture"], held)
+                self.known[name] = {**d, "posture": held, "posture_expires": None,
+                                    "posture_revert_to": None, "posture_after": []}
+                try:
+                    self._update_device(name, posture=held)
+                    self.store.record_posture(name, held, "kept from the kernel at start")
+                except KalkiError as e:
+                    log.error("%s: %s", name, e)
+                self.store.audit("posture-kept", "supervisor",
+                                 {"device": name, "kernel": held, "store": d["posture"]})
+                self.raise_alert(name, "posture-kept", "supervisor",
+                                 {"kernel": held, "store": d["posture"]}, time.monotonic_ns())
 
     def attach_bus(self, bus) -> None:
         """Takes the MQTT side (None: MQTT off). It calls republish() on every connect."""
@@ -531,6 +559,8 @@ class Supervisor:
         waiting = any(not d.get("approved") for d in self.known.values())
         if postures & {"attack", "quarantine"} or time.monotonic() - self._tampered_at < TAMPER_SHOWN_S:
             return "alert"
+        if self.disk_error:
+            return "warning"
         if "suspicious" in postures or waiting:
             return "warning"
         return "normal"
@@ -587,6 +617,8 @@ class Supervisor:
             try:
                 if ticks % 2 == 0:
                     self.check_kernel()
+                if ticks % 4 == 0:
+                    self._check_disk()
                 self._expire_postures()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
@@ -600,6 +632,22 @@ class Supervisor:
                 if str(e) != last_error or time.monotonic() - last_error_at > 60:
                     log.error("ticker: %s", e)
                     last_error, last_error_at = str(e), time.monotonic()
+
+    def _check_disk(self) -> None:
+        """A write the disk refused (read-only, full, failing card) is retried every second
+        until it succeeds; the operator is told when it starts and when it ends."""
+        error = self.store.disk_error
+        if error is None:
+            return
+        if self.store.retry_write():
+            log.warning("store: the state is on disk again after: %s", error)
+            self.store.audit("store-recovered", "supervisor", {"error": error})
+            self.disk_error = None
+            return
+        if self.disk_error is None:
+            self.disk_error = error
+            log.error("store: %s; the state is kept in memory and retried every second", error)
+            self.raise_alert(None, "disk-error", "supervisor", {"error": error}, time.monotonic_ns())
 
     def check_kernel(self) -> list[str]:
         """Compares the kernel with what the data path put there; anything changed behind the

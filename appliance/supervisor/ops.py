@@ -181,6 +181,7 @@ class Ops:
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
                 "site_error": sup.site_error, "counters": dict(sup.counters), "tamper": sup.tamper,
+                "disk_error": sup.store.disk_error,
                 "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms]}
 
     def _view(self, d: dict) -> dict:
