@@ -8,12 +8,14 @@ Why Microdot (an asyncio web framework of one module) and not aiohttp: the page 
 supervisor, and aiohttp's import alone made the supervisor 12 MB bigger, a quarter of its
 memory target on a Raspberry Pi (bench/bench_supervisor.py). Microdot adds 0.2 MB. What it does
 not do, this module does: a byte and time budget for each request's head and body, a cap on
-open connections, SameSite cookies, and no traceback for a malformed request.
+open connections (in all and per client address), SameSite cookies, and no traceback for a
+malformed request.
 
 Security: no default password (the first admin is set during the button's claim window),
 scrypt password hashes, HttpOnly SameSite=Strict session cookies (Secure with TLS), sessions
 that end when the admin password is reset (`ops.auth_epoch`), login rate limiting per client
-address, a synchronizer CSRF token on every state change, API tokens stored hashed, and strict
+address, a synchronizer CSRF token on every state change, state changes from another origin
+(Origin, or Referer) refused whether by session or token, API tokens stored hashed, and strict
 security headers (a CSP without inline scripts).
 """
 from __future__ import annotations

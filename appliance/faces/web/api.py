@@ -324,7 +324,8 @@ OPENAPI = {
             "Unauthorized": {"description": "no valid session or token",
                              "content": {"application/json": {
                                  "schema": {"$ref": "#/components/schemas/Error"}}}},
-            "Csrf": {"description": "session without the right X-CSRF-Token header",
+            "Csrf": {"description": "session without the right X-CSRF-Token header, or a "
+                                    "request from another origin (its Origin header)",
                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}},
     "paths": {
         "/healthz": {"get": {"summary": "liveness (no authentication)", "security": [],

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from microdot import Microdot, Request, Response
 
@@ -27,6 +27,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "frame-ancestors 'none'")
 
 MAX_BODY = 256 * 1024          # a request body (rules as TOML are the biggest)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Microdot's limits are class attributes, read when a request is parsed. A line may be 8 KiB
 # (Microdot's 2 KiB would refuse a browser that holds other cookies for the same address).
@@ -48,7 +49,9 @@ class Page(Microdot):
 
     async def handle_request(self, reader, writer):
         try:
-            req = await Request.create(self, reader, writer, writer.get_extra_info("peername"))
+            scheme = "https" if writer.get_extra_info("ssl_object") is not None else "http"
+            req = await Request.create(self, reader, writer, writer.get_extra_info("peername"),
+                                       scheme)
         except (TimeoutError, ValueError, IndexError, EOFError, OSError) as e:
             log.debug("web: bad request from %s: %s", writer.get_extra_info("peername"), e)
             req = None
@@ -180,8 +183,15 @@ def identify(request: Request) -> None:
 
 
 async def guard(request: Request):
-    """Runs before every routed request: who is asking, and the CSRF token on changes."""
+    """Runs before every routed request: the Origin of a change, who is asking, and the CSRF
+    token on changes."""
     st = state(request)
+    if request.method in UNSAFE:
+        refused = foreign_origin(request)
+        if refused:
+            log.debug("web: %s (%s %s from %s)", refused, request.method, request.path,
+                      client_address(request))
+            return json_error(403, refused)
     identify(request)
     g = request.g
     if not is_public(request.path) and g.user is None:
@@ -212,9 +222,58 @@ async def guard(request: Request):
     return None
 
 
+def same_origin(url: str, scheme: str, host: str | None) -> bool:
+    """Whether `url` (an Origin, or a Referer) is of the page as this request reached it: the
+    connection's scheme and the request's Host (the gateway is reached by address or by name),
+    the port given or the scheme's own."""
+    def origin(u: str):
+        try:
+            parts = urlsplit(u)
+            port = parts.port
+        except ValueError:              # not a URL, or a port that is not a number
+            return None
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            return None
+        return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+    own = origin(f"{scheme}://{host}") if host else None
+    return own is not None and origin(url) == own
+
+
+def foreign_origin(request: Request) -> str | None:
+    """Why a state change is refused as coming from another origin, or None. A browser says
+    where a change comes from in Origin (older ones in Referer only); a client that sends
+    neither (curl, Home Assistant with a token) is not a page in a browser and is let through.
+    Origin "null" is what a browser sends for the page's own forms under its Referrer-Policy
+    no-referrer, and for a sandboxed or privacy-sensitive page anywhere: taken as the page's
+    only when the browser does not say otherwise in Sec-Fetch-Site (set by browsers only)."""
+    h = request.headers
+    origin, referer = h.get("Origin"), h.get("Referer")
+    if origin == "null":
+        if h.get("Sec-Fetch-Site", "same-origin") == "same-origin":
+            return None
+        what, sent = "Origin", origin
+    elif origin is not None:
+        what, sent = "Origin", origin
+    elif referer is not None:
+        what, sent = "Referer", referer
+    else:
+        return None
+    if sent != "null" and same_origin(sent, request.scheme, h.get("Host")):
+        return None
+    shown = sent if len(sent) <= 100 else sent[:100] + "…"
+    return f"cross-origin request refused: {what} {shown} is not this gateway's"
+
+
+def address_of(peer) -> str:
+    """A client's address as the limits count it (connections per source, failed logins): the
+    peer's host, an IPv4 address on a dual-stack socket (::ffff:a.b.c.d) as a.b.c.d, "?" if
+    unknown. From the connection, never from a header."""
+    host = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else "?"
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def client_address(request: Request) -> str:
-    addr = request.client_addr
-    return str(addr[0]) if isinstance(addr, (tuple, list)) and addr else "?"
+    return address_of(request.client_addr)
 
 
 def security_headers(st: WebState):

@@ -1,10 +1,12 @@
-"""Serving the page: Microdot's parser fed under a byte and time budget per request, a cap on
-open connections, TLS with a certificate made at first start, and the listening socket (in a
-network namespace for the lab)."""
+"""Serving the page: Microdot's parser fed under a byte and time budget per request, caps on
+open connections (in all and per client address, counted from accept to close, TLS handshake
+included), TLS with a certificate made at first start, and the listening socket (in a network
+namespace for the lab)."""
 from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import os
 import socket
@@ -12,13 +14,21 @@ import ssl
 from pathlib import Path
 
 from appliance import netns
-from appliance.faces.web.http import MAX_BODY, Page
+from appliance.faces.web.http import MAX_BODY, Page, address_of
 
 log = logging.getLogger("kalki.web")
 MAX_HEAD = 32 * 1024           # the request line and the headers together
 REQUEST_SECONDS = 10.0         # to send the head and the body
 WRITE_SECONDS = 30.0           # for a client to take each piece of the answer
 MAX_CONNECTIONS = 64           # open at once; more are closed at once (live pages hold one each)
+# Open at once from one client address; more from it are closed at once, so that one client
+# (a slow loris holds each connection up to REQUEST_SECONDS, a live page for as long as it is
+# open) cannot take every connection: it takes at most a quarter, and others are still served.
+# A browser opens at most 6 connections to a host (a live page's stream among them), so this
+# is two browsers and a script behind one address. Must stay below MAX_CONNECTIONS.
+MAX_PER_SOURCE = 16
+REFUSAL_LOG_SECONDS = 10.0     # refused connections are logged at most this often
+CLOSE_SECONDS = 1.0            # for a client to take the end of the answer (TLS: close_notify)
 
 
 # -- serving -----------------------------------------------------------------------------
@@ -101,7 +111,7 @@ class _Writer:
     async def aclose(self) -> None:
         self._writer.close()
         try:
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_SECONDS)
         except (TimeoutError, OSError):
             pass
 
@@ -114,42 +124,119 @@ class WebServer:
         self.app = app
         self._sock = sock
         self._ssl = ssl_context
-        self._server: asyncio.AbstractServer | None = None
+        self._accepting: asyncio.Task | None = None
+        self._unstarted: dict[asyncio.Task, socket.socket] = {}
         self._open: set[asyncio.Task] = set()
+        self._per_source: dict[str, int] = {}      # open connections by client address
+        self._refused, self._refusal_logged = 0, float("-inf")
         self.addresses = [sock.getsockname()[:2]]
 
+    def open_count(self, source: str | None = None) -> int:
+        """Connections open now: all of them, or those from one client address."""
+        return len(self._open) if source is None else self._per_source.get(source, 0)
+
+    def _refusal(self, source: str) -> str | None:
+        """Why a new connection from `source` is closed at once, or None to serve it."""
+        if len(self._open) >= MAX_CONNECTIONS:
+            return f"{len(self._open)} connections open"
+        if self._per_source.get(source, 0) >= MAX_PER_SOURCE:
+            return f"{self._per_source[source]} connections open from {source}"
+        return None
+
+    def _log_refusal(self, why: str, peer) -> None:
+        """A flood of connections is a flood of refusals: logged once in a while, with a count."""
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:
+            log.warning("web: %s; closing a connection from %s (%d closed since the last "
+                        "such message)", why, peer, self._refused)
+            self._refused, self._refusal_logged = 0, now
+
     async def start(self) -> WebServer:
-        if self._ssl:
-            self._server = await asyncio.start_server(self._serve, sock=self._sock, ssl=self._ssl,
-                                                      ssl_handshake_timeout=REQUEST_SECONDS)
-        else:
-            self._server = await asyncio.start_server(self._serve, sock=self._sock)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
         return self
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._open) >= MAX_CONNECTIONS:
-            log.warning("web: %d connections open; closing one from %s", len(self._open),
-                        writer.get_extra_info("peername"))
-            writer.close()
-            return
+    async def _accept(self) -> None:
+        """Takes each new connection and counts it before anything else is done with it, its
+        TLS handshake included: asyncio's start_server hands a connection over only after the
+        handshake, so a client that never sent its hello would hold a file descriptor that no
+        cap counted (1024 of them, systemd's default, and the supervisor can open no file)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._sock)
+            except ConnectionAbortedError:  # the client gave up before it was taken
+                continue
+            except OSError as e:            # out of file descriptors, say: again in a while
+                self._log_refusal(f"cannot accept a connection ({e})", "?")
+                await asyncio.sleep(1.0)
+                continue
+            source = address_of(peer)
+            why = self._refusal(source)
+            if why:
+                self._log_refusal(why, peer)
+                conn.close()
+                continue
+            task = loop.create_task(self._serve(conn, peer))
+            # counted here and given back by _release, whichever way the connection ends
+            self._open.add(task)
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+            self._unstarted[task] = conn
+            task.add_done_callback(functools.partial(self._release, source))
+
+    def _release(self, source: str, task: asyncio.Task) -> None:
+        self._open.discard(task)
+        left = self._per_source.pop(source) - 1
+        if left:
+            self._per_source[source] = left
+        conn = self._unstarted.pop(task, None)      # cancelled before it began (cleanup)
+        if conn is not None:
+            conn.close()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("web: serving a connection from %s failed", source, exc_info=task.exception())
+
+    async def _serve(self, conn: socket.socket, peer) -> None:
         task = asyncio.current_task()
-        assert task is not None, "asyncio.start_server serves each connection in a task"
-        self._open.add(task)
-        w = _Writer(writer)
+        assert task is not None, "each connection is served in a task of its own (_accept)"
+        self._unstarted.pop(task, None)         # begun: the transport below closes it now
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        # asyncio would wait 30 s for a TLS client's close_notify, the connection uncounted
+        # by then: a client that never sends it would hold file descriptors all the same.
         try:
-            await self.app.handle_request(_Reader(reader, writer), w)
+            if self._ssl:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self._ssl, ssl_handshake_timeout=REQUEST_SECONDS,
+                    ssl_shutdown_timeout=CLOSE_SECONDS)
+            else:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError as e:                # the TLS handshake failed or took too long
+            log.debug("web: connection from %s ended in the TLS handshake: %s", peer, e)
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self.app.handle_request(_Reader(reader, writer), _Writer(writer))
         except (TimeoutError, OSError) as e:    # the client went away or stopped reading
-            log.debug("web: connection from %s ended: %s", writer.get_extra_info("peername"), e)
+            log.debug("web: connection from %s ended: %s", peer, e)
         except asyncio.CancelledError:
             pass
         finally:
-            self._open.discard(task)
-            writer.close()
+            # The answer had CLOSE_SECONDS to be taken (_Writer.aclose): a client that has not
+            # taken it is cut off now, so that the connection ends with its slot; with TLS,
+            # ssl_shutdown_timeout does it (Python 3.11's TLS transport cannot be aborted once
+            # closed, by us or by the client).
+            if self._ssl is None:
+                transport.abort()
+            elif not transport.is_closing():
+                transport.close()
 
     async def cleanup(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait([self._accepting])
+            self._accepting = None
         for task in list(self._open):
             task.cancel()
         if self._open:
