@@ -187,3 +187,22 @@ def test_reconcile_keeps_a_stricter_posture_the_kernel_holds(tmp_path):
         assert [a["type"] for a in again.store.alerts(device="plug1")] == ["posture-kept"]
     finally:
         again.store.close()
+
+
+def test_every_connect_republishes_the_retained_topics(sup):
+    """The faults issue, 12: appliance.run wires the bus's on_connected to republish()."""
+    class Bus:
+        def __init__(self):
+            self.postures, self.discovery = {}, set()
+
+        def publish_posture(self, name, posture, since):
+            self.postures[name] = posture
+
+        def publish_discovery(self, name, type_):
+            self.discovery.add(name)
+    sup.bus = Bus()
+    Ops(sup).posture_set("plug1", "attack")
+    sup.bus.postures.clear()
+    sup.republish()
+    assert sup.bus.postures == {"camera1": "normal", "plug1": "attack"}
+    assert sup.bus.discovery == {"camera1", "plug1"}

@@ -434,10 +434,16 @@ def test_a_restarted_broker_gets_the_retained_topics_again(tmp_path):
     discovery were gone until the next change."""
     users = {"kalki": random_password(), "light1": random_password()}
     connects = []
+    buses = []      # the callback comes from paho's thread, maybe before Bus() has returned
+
+    def republish():
+        connects.append(time.monotonic())
+        wait_for(lambda: buses, what="the bus")
+        buses[0].publish_posture("light1", "attack", "now")
     with Broker(tmp_path, port=free_port(), users=users) as b:
         bus = Bus("127.0.0.1", b.port, "kalki", users["kalki"], known_device=lambda n: n == "light1",
-                  on_telemetry=lambda *a: None, on_availability=lambda *a: None,
-                  on_connected=lambda: connects.append(bus.publish_posture("light1", "attack", "now")))
+                  on_telemetry=lambda *a: None, on_availability=lambda *a: None, on_connected=republish)
+        buses.append(bus)
         try:
             bus.wait_connected(5)
             wait_for(lambda: retained(b, "kalki/light1/posture") is not None, what="the first posture")

@@ -264,3 +264,36 @@ def test_a_posture_change_sends_nftables_only_what_differs(lab, fresh, monkeypat
     ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
     assert ops.count(("delete", "element")) == 1 and ("add", "element") not in ops
     assert fresh._nft.read_back()[fresh.device_id("light1")]["gates"] == []
+
+
+def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
+    """The faults issue, 3: with the table present but the pinned maps out of sight (as under
+    `ip netns exec`, which remounts /sys), `kalki run` exited with "nftables refused device
+    light1: ... File exists", and under systemd's Restart= that is a crash loop. Last in the
+    module: it replaces the data path the other tests share."""
+    dp.close()
+    dataplane.remove_pins(lab.name)           # the maps out of sight; programs and table stay
+    again = dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab))
+    try:
+        # in another order than the first time: the new ids are not the old chains' ids
+        report = again.reconcile(normal_specs(lab)[::-1])
+        assert sorted(report["added"]) == sorted(d.name for d in lab.devices)
+        assert not again.drift()
+        cam = lab.device("camera1")
+        assert connect(lab.namespaces["inet"], cam.ip, 23)
+        quarantined = [s for s in normal_specs(lab, "quarantine") if s.name == "camera1"][0]
+        quarantined.posture = 4
+        again.apply(quarantined)
+        assert not connect(lab.namespaces["inet"], cam.ip, 23)
+        # and once more from what this left: maps present, table deleted by hand
+        subprocess.run(["ip", "netns", "exec", lab.namespaces["gw"], "nft", "delete", "table", "inet",
+                        "kalki"], check=True)
+        again.close()
+        third = dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab))
+        try:
+            third.reconcile(normal_specs(lab))
+            assert not third.drift()
+        finally:
+            third.close()
+    finally:
+        again.close()

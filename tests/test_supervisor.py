@@ -300,6 +300,8 @@ def test_enforcement_removed_behind_the_supervisor_s_back_is_restored(slab):
     assert ask(slab, "posture_set", name="plug1", posture="quarantine")["posture"] == "quarantine"
     try:
         assert not connect(inet, plug.ip, 23)                   # quarantined: closed
+        time.sleep(1)
+        assert ask(slab, "status")["tamper"] is None            # nothing found while nothing changed
         before = len(_tamper_alerts(slab))
         subprocess.run(["ip", "netns", "exec", slab.namespaces["gw"], "nft", "delete", "table", "inet",
                         "kalki"], check=True)
@@ -330,6 +332,7 @@ def test_a_read_only_state_directory_keeps_postures_and_writes_them_later(slab):
     from pathlib import Path
     state = Path(slab.gateway["socket"]).parent / "state"
     subprocess.run(["mount", "--bind", str(state), str(state)], check=True)
+    mounted = True
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(state)], check=True)
         t0 = time.monotonic()
@@ -341,13 +344,16 @@ def test_a_read_only_state_directory_keeps_postures_and_writes_them_later(slab):
         assert wait_until(lambda: ask(slab, "status")["disk_error"], 3)
         on_disk = json.loads((state / "kalki.json").read_text())["devices"]
         assert {d["name"]: d["posture"] for d in on_disk.values()}["plug1"] != "quarantine"
-    finally:
         subprocess.run(["umount", str(state)], check=True)
-    assert wait_until(lambda: ask(slab, "status")["disk_error"] is None, 3)
-    on_disk = json.loads((state / "kalki.json").read_text())["devices"]
-    assert {d["name"]: d["posture"] for d in on_disk.values()}["plug1"] == "quarantine"
-    assert any(a["type"] == "disk-error" for a in ask(slab, "alerts", limit=50))
-    ask(slab, "posture_reset", name="plug1")
+        mounted = False
+        assert wait_until(lambda: ask(slab, "status")["disk_error"] is None, 3)
+        on_disk = json.loads((state / "kalki.json").read_text())["devices"]
+        assert {d["name"]: d["posture"] for d in on_disk.values()}["plug1"] == "quarantine"
+        assert any(a["type"] == "disk-error" for a in ask(slab, "alerts", limit=50))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(state)], check=False)
+        ask(slab, "posture_reset", name="plug1")
 
 
 def test_a_device_scanning_its_neighbours_ends_in_quarantine(slab):

@@ -642,6 +642,23 @@ class Dataplane:
             nft_.ensure_table()
         return self.reconcile(wanted)
 
+    def _drop_stale_nft(self, nft_state: dict[int, dict], by_mac: dict[str, int], report: dict) -> None:
+        """nftables entries that belong to no device the maps hold under that id (the maps were
+        made anew while the table stayed, or the other way round) go, in one transaction:
+        otherwise re-adding a device under its new id meets its MAC under the old one ("File
+        exists"). Until the devices are applied again their traffic meets the closed default."""
+        kernel_ids = set(by_mac.values())
+        stale = [i for i, cur in nft_state.items()
+                 if (cur.get("macs") and any(by_mac.get(m) != i for m in cur["macs"]))
+                 or (not cur.get("macs") and i not in kernel_ids)]
+        if not stale:
+            return
+        commands = [c for i in stale for c in self._loaded_nft().removal_commands(i, nft_state[i])]
+        self._loaded_nft().run(commands, f"removing {len(stale)} stale device entries")
+        for i in stale:
+            del nft_state[i]
+        report["stale_nft"] = sorted(stale)
+
     def pinned_program_ids(self) -> dict[str, int]:
         out = {}
         for prog, ifname in self._attachments().items():
@@ -666,6 +683,7 @@ class Dataplane:
             report["reattached"] = sorted(missing.values())
         by_mac = self._kernel_ids_by_mac()
         self._nft_state = nft_state = self._loaded_nft().read_back()
+        self._drop_stale_nft(nft_state, by_mac, report)
         self._lists, self._allow_of, self._stale_ids = None, None, True   # read the kernel afresh
         wanted_ids = set()
         for s in specs:

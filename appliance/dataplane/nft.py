@@ -219,18 +219,22 @@ class Nft:
     VERDICT_MAPS = ("from_device", "to_device")
 
     def fingerprint(self) -> dict | None:
-        """What a look at the table's outline shows, cheaply (one command, no device rules):
+        """What a look at the table's outline shows, cheaply (no device rules are listed):
         its chains, the rules of its base chains, and the entries of its maps and the gate
         set. None if the table is gone."""
         lists: list[dict] = [{"list": {"chains": None}}]
         lists += [{"list": {"chain": {**_T, "name": c}}} for c in self.BASE_CHAINS]
         lists += [{"list": {"map": {**_T, "name": m}}} for m in self.VERDICT_MAPS]
         lists += [{"list": {"set": {**_T, "name": "gate"}}}]
+        items: list[dict] = []
         with netns.entered(self.namespace):
-            rc, out, _ = self._nft.json_cmd({"nftables": lists})
+            for command in lists:     # libnftables 1.0.6 refuses several list commands at once
+                rc, out, _ = self._nft.json_cmd({"nftables": [command]})
+                if rc != 0:
+                    break
+                items += json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         if rc != 0:
             return None if not self.table_exists() else {"unreadable": True}
-        items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         chains = {i["chain"]["name"] for i in items
                   if "chain" in i and i["chain"].get("table") == TABLE and i["chain"].get("family") == FAMILY}
         base_rules = {c: 0 for c in self.BASE_CHAINS}

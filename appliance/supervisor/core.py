@@ -639,15 +639,14 @@ class Supervisor:
         error = self.store.disk_error
         if error is None:
             return
+        if self.disk_error is None:     # told once an episode, even if the next retry succeeds
+            self.disk_error = error
+            log.error("store: %s; the state is kept in memory and retried every second", error)
+            self.raise_alert(None, "disk-error", "supervisor", {"error": error}, time.monotonic_ns())
         if self.store.retry_write():
             log.warning("store: the state is on disk again after: %s", error)
             self.store.audit("store-recovered", "supervisor", {"error": error})
             self.disk_error = None
-            return
-        if self.disk_error is None:
-            self.disk_error = error
-            log.error("store: %s; the state is kept in memory and retried every second", error)
-            self.raise_alert(None, "disk-error", "supervisor", {"error": error}, time.monotonic_ns())
 
     def check_kernel(self) -> list[str]:
         """Compares the kernel with what the data path put there; anything changed behind the

@@ -111,8 +111,11 @@ class Bus:
                           (self.denied_topic, 1)])
         self._connected.set()
         # A broker that restarted has lost its retained topics (persistence is off): whoever
-        # owns them publishes them again.
-        self.on_connected()
+        # owns them publishes them again. An error there must not end paho's thread.
+        try:
+            self.on_connected()
+        except Exception:     # noqa: BLE001
+            log.exception("MQTT: the on-connect callback failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
