@@ -386,15 +386,14 @@ class Dataplane:
         # In quarantine XDP drops everything nftables would act on: leave it as it is.
         plan = None
         if not compiled.flags & maps.Flag.QUARANTINE:
-            rules = self._loaded_nft().device_rules(device_id, compiled.conn_limit)
             if self._batch is None:
                 try:
-                    self._sync_nft(device_id, spec.name, spec.mac, spec.ip, rules, compiled.gate_port)
+                    self._sync_nft(device_id, spec, compiled)
                 except DataplaneError:
                     undo()
                     raise
             else:
-                plan = self._nft_plan(device_id, spec.mac, spec.ip, rules, compiled.gate_port)
+                plan = self._nft_plan(device_id, spec, compiled)
                 if plan:
                     self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
@@ -405,30 +404,23 @@ class Dataplane:
         self._used_ids.add(device_id)
         return device_id
 
-    def _nft_plan(self, device_id, mac, ip, rules, gate_port):
-        """(commands, state after them), or None when nftables already has it."""
-        wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
-                  "rules": nft.normalise_rules(rules)}
-        current = self._nft_state.get(device_id)
-        if current and not self._nft_differs(current, wanted):
-            return None
-        commands = self._loaded_nft().device_commands(device_id, mac, ip, rules, gate_port, current)
-        return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
-                          "chains": [nft.chain_in(device_id), nft.chain_out(device_id)]}
+    def _nft_plan(self, device_id: int, spec: DeviceSpec, compiled: umbox.CompiledStack):
+        return self._loaded_nft().plan(device_id, spec.mac, spec.ip, compiled.conn_limit,
+                                       compiled.gate_port, self._nft_state.get(device_id))
 
-    def _sync_nft(self, device_id, name, mac, ip, rules, gate_port) -> None:
+    def _sync_nft(self, device_id: int, spec: DeviceSpec, compiled: umbox.CompiledStack) -> None:
         """One nftables transaction if the device's part differs from what nftables has."""
-        plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+        plan = self._nft_plan(device_id, spec, compiled)
         if not plan:
             return
         try:
-            self._loaded_nft().run(plan[0], f"device {name}")
+            self._loaded_nft().run(plan[0], f"device {spec.name}")
         except DataplaneError:
             # Somebody else changed the table since we last read it: read it and try once more.
             self._nft_state = self._loaded_nft().read_back()
-            plan = self._nft_plan(device_id, mac, ip, rules, gate_port)
+            plan = self._nft_plan(device_id, spec, compiled)
             if plan:
-                self._loaded_nft().run(plan[0], f"device {name}")
+                self._loaded_nft().run(plan[0], f"device {spec.name}")
         if plan:
             self._nft_state[device_id] = plan[1]
 
@@ -467,12 +459,6 @@ class Dataplane:
             undo()
         self._nft_state = self._loaded_nft().read_back()
         self._collect_lists()
-
-    @staticmethod
-    def _nft_differs(current: dict, wanted: dict) -> bool:
-        return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
-                or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
-                or (current.get("normalised") or nft.normalise_rules(current["rules"])) != wanted["rules"])
 
     def _write_kernel(self, device_id, spec, compiled, allow_id, previous) -> None:
         m = self._maps
@@ -700,12 +686,10 @@ class Dataplane:
             entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
             ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
             allow_id = self._list_id(self._allow_content(c), create=False)
-            rules = nft.normalise_rules(self._loaded_nft().device_rules(device_id, c.conn_limit))
             nft_cur = nft_state.get(device_id)
             nft_ok = bool(c.flags & maps.Flag.QUARANTINE) or (
-                nft_cur is not None and not self._nft_differs(nft_cur, {
-                    "macs": [s.mac], "ips": [s.ip], "rules": rules,
-                    "gates": [(s.ip, c.gate_port)] if c.gate_port else []}))
+                nft_cur is not None and self._loaded_nft().plan(
+                    device_id, s.mac, s.ip, c.conn_limit, c.gate_port, nft_cur) is None)
             kernel_ok = (allow_id is not None and entry is not None
                          and bytes(entry) == bytes(self._device_entry(s, c, allow_id))
                          and ip_id is not None and ip_id.value == device_id)

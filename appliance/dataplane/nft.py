@@ -191,6 +191,20 @@ class Nft:
                                                  "elem": [{"concat": [gate_ip, port]}]}}})
         return cmds
 
+    def plan(self, device_id: int, mac: str, ip: str, conn_limit: dict | None, gate_port: int | None,
+             current: dict | None) -> tuple[list[dict], dict] | None:
+        """What makes the device's part of the table what it should be, given what the table
+        holds for it now: (the transaction's commands, the device's state after them), or None
+        when nothing needs to change. The data path asks once and runs the commands once."""
+        rules = self.device_rules(device_id, conn_limit)
+        wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
+                  "rules": normalise_rules(rules)}
+        if current and not differs(current, wanted):
+            return None
+        commands = self.device_commands(device_id, mac, ip, rules, gate_port, current)
+        return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
+                          "chains": [chain_in(device_id), chain_out(device_id)]}
+
     def removal_commands(self, device_id: int, current: dict | None) -> list[dict]:
         cmds = self._element_removals(current)
         for chain in (chain_in(device_id), chain_out(device_id)):
@@ -294,6 +308,13 @@ class Nft:
                     if ip in ip_to_id:
                         entry(ip_to_id[ip])["gates"].append((ip, port))
         return devices
+
+
+def differs(current: dict, wanted: dict) -> bool:
+    """Whether a device's state in the table (as read_back gives it) is not `wanted`."""
+    return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
+            or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
+            or (current.get("normalised") or normalise_rules(current["rules"])) != wanted["rules"])
 
 
 def normalise_rules(rules: list[list]) -> list[str]:
