@@ -616,7 +616,7 @@ class Supervisor:
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
             try:
                 if ticks % 2 == 0:
-                    self.check_kernel()
+                    await self.watch_kernel()
                 if ticks % 4 == 0:
                     self._check_disk()
                 self._expire_postures()
@@ -647,6 +647,15 @@ class Supervisor:
             log.warning("store: the state is on disk again after: %s", error)
             self.store.audit("store-recovered", "supervisor", {"error": error})
             self.disk_error = None
+
+    async def watch_kernel(self) -> list[str]:
+        """check_kernel() without holding the loop: the kernel is read in a worker thread, and
+        only what it finds is read again (and restored) on the loop, where nothing moves the
+        data path meanwhile; a device applied while the thread read is no tamper."""
+        if not self.attached or self.loop is None:
+            return []
+        found = await self.loop.run_in_executor(None, self.dp.drift)
+        return self.check_kernel() if found else []
 
     def check_kernel(self) -> list[str]:
         """Compares the kernel with what the data path put there; anything changed behind the
