@@ -72,15 +72,15 @@ def test_a_refused_publish_by_an_unknown_user_is_an_alert(sup):
 
 def test_tampering_is_told_once_and_restored_every_time(sup):
     sup.dp.tampered = ["nftables table inet kalki is gone"]
-    assert sup.check_kernel() == ["nftables table inet kalki is gone"]
+    assert sup.watch.check_kernel() == ["nftables table inet kalki is gone"]
     assert sup.dp.tampered == []                                  # restored
     sup.dp.tampered = ["nftables table inet kalki is gone"]
-    sup.check_kernel()
+    sup.watch.check_kernel()
     tamper = [a for a in sup.store.alerts() if a["type"] == "tamper"]
     assert len(tamper) == 1 and tamper[0]["severity"] == "critical"   # told once a minute
     assert Ops(sup).status()["tamper"]["problems"] == ["nftables table inet kalki is gone"]
     assert sup.summary() == "alert"
-    assert sup.check_kernel() == []                               # nothing new
+    assert sup.watch.check_kernel() == []                               # nothing new
 
 
 def _later(sup, seconds):
@@ -149,10 +149,10 @@ def test_a_posture_decided_while_the_disk_refuses_is_kept_and_written_later(sup,
     assert "No space left" in Ops(sup).status()["disk_error"]
     on_disk = {d["name"]: d["posture"] for d in json.loads(path.read_text())["devices"].values()}
     assert on_disk["plug1"] == "normal"                          # not yet on disk
-    sup._check_disk()
-    assert sup.disk_error and "No space left" in sup.disk_error
+    sup.watch.check_disk()
+    assert sup.watch.disk_error and "No space left" in sup.watch.disk_error
     monkeypatch.undo()                                           # the disk is back
-    sup._check_disk()
+    sup.watch.check_disk()
     assert Ops(sup).status()["disk_error"] is None
     on_disk = {d["name"]: d["posture"] for d in json.loads(path.read_text())["devices"].values()}
     assert on_disk["plug1"] == "quarantine"

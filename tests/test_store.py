@@ -855,3 +855,23 @@ def test_kalki_store_restore_previous_puts_it_back(tmp_path):
     assert "previous generation is back" in run.stdout
     with Store(tmp_path) as store:
         assert store.get_device("camera1") is not None
+
+
+def test_a_rewrite_on_a_read_only_directory_fails_into_its_job(tmp_path, monkeypatch):
+    """The faults issue, 4 (found by the lab's read-only test): the clean-up of a rewrite's
+    temporary file raised OSError on a read-only file system, out of the worker; the ticker
+    died and the logs were left half-flushed (an IndexError on the next read)."""
+    import errno
+    import pathlib
+    from array import array
+
+    from appliance.store.logs import _Rewrite
+    job = _Rewrite(tmp_path / "alerts.jsonl", tmp_path / ".alerts.jsonl.tmp", None, array("q"),
+                   array("q"), array("q"), {})
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(job, "_write", refused)
+    monkeypatch.setattr(pathlib.Path, "unlink", refused)
+    job.run()                                   # raised before: the worker's future failed
+    assert isinstance(job.error, OSError) and job.error.errno == errno.EROFS

@@ -358,8 +358,11 @@ class _Rewrite:
         try:
             self._write()
         except Exception as e:       # taken back on the loop by finish_flush
-            self.tmp_path.unlink(missing_ok=True)
             self.error = e
+            try:
+                self.tmp_path.unlink(missing_ok=True)
+            except OSError:
+                pass    # a read-only file system made none, and refuses the unlink too
 
     def _write(self) -> None:
         ids, old, sizes, positions, pos = self.ids, self._old_pos, self.sizes, self.positions, 0

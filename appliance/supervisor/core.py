@@ -25,6 +25,7 @@ from appliance.policy import profiles
 from appliance.store.state import Retention, Store
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.memory import Listeners, Recent
+from appliance.supervisor.watch import Watch
 from appliance.vocab import (
     MAX_POSTURE_SECONDS,
     POSTURE_CODES,
@@ -37,7 +38,6 @@ from appliance.vocab import (
 )
 
 log = logging.getLogger("kalki.supervisor")
-TAMPER_SHOWN_S = 600     # the LEDs and the page say "alert" this long after a tamper
 
 class Supervisor:
     def __init__(self, cfg: Config):
@@ -55,10 +55,7 @@ class Supervisor:
         self.started_ns = time.monotonic_ns()
         self.reconcile_report: dict = {}
         self.recent = Recent()
-        self.disk_error: str | None = None   # the store's refused write, while it lasts
-        self.tamper: dict | None = None      # the last drift found in the kernel, and what was done
-        self._tamper_told: dict[str, float] = {}   # problem -> when the operator was last told
-        self._tampered_at = -1e9
+        self.watch = Watch(self)     # the kernel and the disk, checked from the ticker
         self._judged_since: dict[str, datetime.datetime] = {}   # see _judge_from
         self._stop = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -150,7 +147,7 @@ class Supervisor:
         """Takes the opened data path, converges it to the store, and owns it from now on."""
         self._dp, self.loop = dp, loop
         self._keep_stricter_kernel_postures()
-        self.reconcile_report = self.dp.reconcile(self._wanted())
+        self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
 
@@ -199,7 +196,7 @@ class Supervisor:
         self.loop.create_task(self._ticker())
 
     def enforced_count(self) -> int:
-        return len(self._wanted())
+        return len(self.wanted())
 
     def close(self) -> None:
         """Stops listening; what is in the kernel stays and keeps protecting."""
@@ -217,7 +214,8 @@ class Supervisor:
         self._stop.set()
         self.store.close()
 
-    def _wanted(self) -> list[DeviceSpec]:
+    def wanted(self) -> list[DeviceSpec]:
+        """What the data path should hold: every approved device with an address, in its posture."""
         out = []
         for d in self.known.values():
             if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
@@ -557,9 +555,9 @@ class Supervisor:
         suspicious, or a new device waiting for approval), "normal"."""
         postures = {d["posture"] for d in self.known.values() if d.get("approved")}
         waiting = any(not d.get("approved") for d in self.known.values())
-        if postures & {"attack", "quarantine"} or time.monotonic() - self._tampered_at < TAMPER_SHOWN_S:
+        if postures & {"attack", "quarantine"} or self.watch.tampered_recently():
             return "alert"
-        if self.disk_error:
+        if self.watch.disk_error:
             return "warning"
         if "suspicious" in postures or waiting:
             return "warning"
@@ -616,9 +614,9 @@ class Supervisor:
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
             try:
                 if ticks % 2 == 0:
-                    await self.watch_kernel()
+                    await self.watch.kernel_behind()
                 if ticks % 4 == 0:
-                    self._check_disk()
+                    self.watch.check_disk()
                 self._expire_postures()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
@@ -626,64 +624,17 @@ class Supervisor:
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     self.store.prune()
-            except KalkiError as e:
-                # The SD card full or failing: the heartbeat, the expiries and the collections
-                # must go on; say so once a minute, not every tick.
+            except Exception as e:     # noqa: BLE001
+                # The SD card full or failing, or anything unforeseen: the heartbeat, the
+                # expiries, the watch and the collections must go on (a ticker that died once
+                # left the disk unretried and the panel's watchdog blind); say so once a
+                # minute, not every tick.
                 if str(e) != last_error or time.monotonic() - last_error_at > 60:
-                    log.error("ticker: %s", e)
+                    if isinstance(e, KalkiError):
+                        log.error("ticker: %s", e)
+                    else:
+                        log.exception("ticker: %s", e)
                     last_error, last_error_at = str(e), time.monotonic()
-
-    def _check_disk(self) -> None:
-        """A write the disk refused (read-only, full, failing card) is retried every second
-        until it succeeds; the operator is told when it starts and when it ends."""
-        error = self.store.disk_error
-        if error is None:
-            return
-        if self.disk_error is None:     # told once an episode, even if the next retry succeeds
-            self.disk_error = error
-            log.error("store: %s; the state is kept in memory and retried every second", error)
-            self.raise_alert(None, "disk-error", "supervisor", {"error": error}, time.monotonic_ns())
-        if self.store.retry_write():
-            log.warning("store: the state is on disk again after: %s", error)
-            self.store.audit("store-recovered", "supervisor", {"error": error})
-            self.disk_error = None
-
-    async def watch_kernel(self) -> list[str]:
-        """check_kernel() without holding the loop: the kernel is read in a worker thread, and
-        only what it finds is read again (and restored) on the loop, where nothing moves the
-        data path meanwhile; a device applied while the thread read is no tamper."""
-        if not self.attached or self.loop is None:
-            return []
-        found = await self.loop.run_in_executor(None, self.dp.drift)
-        return self.check_kernel() if found else []
-
-    def check_kernel(self) -> list[str]:
-        """Compares the kernel with what the data path put there; anything changed behind the
-        supervisor's back is a tamper alert (once a minute per problem) and is restored at once.
-        Returns the problems found."""
-        if not self.attached:
-            return []
-        problems = self.dp.drift()
-        if not problems:
-            return []
-        now = time.monotonic()
-        fresh = [p for p in problems if now - self._tamper_told.get(p, -1e9) > 60]
-        try:
-            report = self.dp.restore(self._wanted())
-            restored, error = {k: v for k, v in report.items() if v and k != "unchanged"}, None
-        except KalkiError as e:
-            restored, error = {}, str(e)
-            log.error("tamper: restoring the data path failed: %s", e)
-        self.tamper = {"at": iso(self.now()), "problems": problems, "restored": restored, "error": error}
-        self._tampered_at = now
-        log.warning("tamper: %s; restored: %s", "; ".join(problems), restored or error)
-        self.counters["tamper"] += 1
-        if fresh:
-            for p in fresh:
-                self._tamper_told[p] = now
-            self.raise_alert(None, "tamper", "kernel", {"problems": fresh, "restored": restored,
-                                                        "error": error}, time.monotonic_ns())
-        return problems
 
     def _expire_postures(self) -> None:
         now = self.now()
