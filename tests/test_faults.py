@@ -206,3 +206,36 @@ def test_every_connect_republishes_the_retained_topics(sup):
     sup.republish()
     assert sup.bus.postures == {"camera1": "normal", "plug1": "attack"}
     assert sup.bus.discovery == {"camera1", "plug1"}
+
+
+def test_a_name_an_older_version_let_in_is_renamed_not_fatal(tmp_path):
+    """The faults issue, 6: `kalki device add cam.1 ... --approve` was accepted, and every later
+    start failed on the broker's name rule. The door refuses it now; a store that already has
+    such a name starts, with the device renamed, still approved and in its posture."""
+    import json
+    first = supervisor(tmp_path, camera1=CAMERA)
+    Ops(first).posture_set("camera1", "quarantine")
+    first.store.close()
+    path = tmp_path / "state" / "kalki.json"
+    data = json.loads(path.read_text())
+    for doc in data["devices"].values():
+        doc["name"] = "cam.1"
+    path.write_text(json.dumps(data))
+    from fakes import FakeDataplane
+
+    from appliance import config
+    from appliance.supervisor.core import Supervisor
+    cfg = config.Config()
+    cfg.state.directory = str(tmp_path / "state")
+    cfg.mqtt.password_file = str(tmp_path / "mqtt-supervisor")
+    again = Supervisor(cfg)
+    try:
+        again.attach(FakeDataplane(), loop=None)
+        assert "cam.1" not in again.known and again.posture("cam-1") == "quarantine"
+        assert again.device("cam-1")["approved"] and again.dp.read_back("cam-1") == 4
+        again.store.flush()
+        assert [a["type"] for a in again.store.alerts(device="cam-1")] == ["device-renamed"]
+    finally:
+        again.store.close()
+    with pytest.raises(Exception, match="use 1 to 40 letters"):
+        Ops(supervisor(tmp_path / "b")).device_add("cam.1", "02:4b:00:00:00:09", "198.18.0.19")

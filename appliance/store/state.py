@@ -334,6 +334,17 @@ class Store:
             self._table("devices").update(changes, doc_ids=[current.doc_id])
         return _plain(self._device(name))
 
+    def rename_device(self, name: str, new: str) -> dict:
+        """Gives a device a new name, keeping its record (MAC, posture, approval); its logs
+        keep the old name. For names an older version let in that the name rule now refuses."""
+        check_device_name(new, "device name", StoreError)
+        with self.batch():
+            doc = self._device(name)
+            if self._table("devices").get(where("name") == new) is not None:
+                raise StoreError(f"device {name!r}: cannot rename it to {new!r}, which is taken")
+            self._table("devices").update({"name": new}, doc_ids=[doc.doc_id])
+        return _plain(self._device(new))
+
     def remove_device(self, name: str):
         """Forgets the device; its posture history, alerts and decisions stay."""
         with self.batch():

@@ -30,6 +30,7 @@ from appliance.vocab import (
     MAX_POSTURE_SECONDS,
     POSTURE_CODES,
     POSTURES,
+    check_device_name,
     check_posture,
     device_name_for,
     iso,
@@ -48,6 +49,7 @@ class Supervisor:
         self.store = Store(Path(s.directory), Retention(s.history_per_device, s.alerts, s.decisions,
                                                         s.max_age_days), clock=self.clock.now)
         self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
+        self._renamed = self._rename_bad_names()
         self.engine = policy.Engine(self.rules())
         self._dp: DataplanePort | None = None
         self.bus: Any = None       # telemetry.mqtt.Bus, handed in by appliance.run (None: MQTT off)
@@ -80,6 +82,27 @@ class Supervisor:
             data = {k: v for k, v in r.items() if k not in ("updated",)}
             rules.append(policy.parse_rule(data, f"site rule {r.get('name', i)}", source="site"))
         return rules
+
+    def _rename_bad_names(self) -> list[tuple[str, str]]:
+        """A name an older version let in (a dot, say) that the name rule refuses now would stop
+        every start (the data path and the broker refuse it): the device gets a name that fits,
+        keeps its MAC, posture and approval, and the operator is told (start())."""
+        renamed = []
+        for name, d in list(self.known.items()):
+            try:
+                check_device_name(name)
+            except ConfigError:
+                new = device_name_for(name, d["mac"], self.known)
+                try:
+                    self.known[new] = self.store.rename_device(name, new)
+                except KalkiError as e:
+                    log.error("device %r: %s", name, e)
+                    continue
+                del self.known[name]
+                self.store.audit("device-renamed", "supervisor", {"from": name, "to": new})
+                renamed.append((name, new))
+                log.warning("device %r renamed %r: the name rule refuses the old name", name, new)
+        return renamed
 
     def reload_rules(self) -> None:
         self.engine.replace_rules(self.rules())
@@ -147,6 +170,9 @@ class Supervisor:
         """Takes the opened data path, converges it to the store, and owns it from now on."""
         self._dp, self.loop = dp, loop
         self._keep_stricter_kernel_postures()
+        for old, new in self._renamed:
+            self.raise_alert(new, "device-renamed", "supervisor", {"from": old, "to": new},
+                             time.monotonic_ns())
         self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
