@@ -656,9 +656,11 @@ async def test_the_ticker_goes_on_when_the_sd_card_fails(sup, monkeypatch, caplo
 
 # -- the server itself: what Microdot leaves to us ------------------------------------------
 
-async def raw(port, data: bytes, timeout=5.0) -> bytes:
-    """Sends bytes as they are and returns all the server answers before it closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw(port, data: bytes, timeout=5.0, source=None) -> bytes:
+    """Sends bytes as they are (from the address `source`, if given) and returns all the
+    server answers before it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=(source, 0) if source else None)
     try:
         writer.write(data)
         await writer.drain()

@@ -27,15 +27,7 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 async def raw_from(source, port, data: bytes, timeout=5.0) -> bytes:
     """Sends bytes from `source` and returns what the server answers before it closes."""
-    reader, writer = await asyncio.open_connection(A, port, local_addr=(source, 0))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    except ConnectionResetError:           # closed with our bytes unread
-        return b""
-    finally:
-        writer.close()
+    return await test_web.raw(port, data, timeout, source=source)
 
 
 async def refused_at_once(source, port) -> bool:
