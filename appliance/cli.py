@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from appliance.errors import KalkiError
@@ -128,6 +129,56 @@ def _rules_validate(args) -> int:
     return 0
 
 
+def _profile_import(args) -> int:
+    """Sends the file's text; the supervisor tells a MUD file (JSON) from a TOML profile."""
+    from appliance.client import request
+    from appliance.config import read_text
+    from appliance.policy.mud import MAX_BYTES
+    try:
+        size = os.path.getsize(args.file)
+        if size > MAX_BYTES:
+            raise KalkiError(f"{args.file}: {size} bytes: a profile or MUD file is at most {MAX_BYTES}")
+        text = read_text(args.file)       # UTF-8, or a ConfigError naming the byte
+    except OSError as e:
+        raise KalkiError(f"{args.file}: {e.strerror}") from None
+    fields = {"type": args.type, "device_ip": args.device_ip}
+    result = request(_socket(args), "profile_import", text=text, filename=args.file,
+                     **{k: v for k, v in fields.items() if v is not None})
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(result["type"])
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _profile_list(args) -> int:
+    from appliance.client import request
+    rows = request(_socket(args), "profile_list")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        used = f"{len(r['devices'])} device(s)" if r["devices"] else "unused"
+        print(f"{r['type']:24} {r['source']:9} {used:12} {r['description']}")
+    return 0
+
+
+def _profile_export(args) -> int:
+    from appliance.client import request
+    fields = {"mud_url": args.mud_url} if args.mud_url else {}
+    result = request(_socket(args), "profile_export", type=args.type, format=args.format, **fields)
+    sys.stdout.write(result["text"])
+    return 0
+
+
+def _profile_remove(args) -> int:
+    from appliance.client import request
+    print(f"removed {request(_socket(args), 'profile_remove', type=args.type)['removed']}")
+    return 0
+
+
 def _socket(args) -> str:
     if args.lab:
         from lab import topology
@@ -200,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = rules.add_parser("validate", help="check a TOML file of [[rules]]")
     p.add_argument("file")
     p.set_defaults(func=_rules_validate)
+
+    prof = sub.add_parser("profile", help="device-type profiles: import (TOML or RFC 8520 MUD), list, "
+                          "show, export, remove").add_subparsers(dest="profile_command", required=True)
+    p = prof.add_parser("import", help="install a profile from a TOML profile or a MUD file; "
+                        "prints its type")
+    p.add_argument("file")
+    p.add_argument("--type", help="the device type's name (default: the file's)")
+    p.add_argument("--device-ip", help="MUD files: the device's address in the capture the file was "
+                   "made from; entries to it are artefacts and are dropped")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_profile_import)
+    p = prof.add_parser("list", help="every device type, shipped and installed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_profile_list)
+    p = prof.add_parser("show", help="one device type's profile")
+    p.add_argument("type")
+    p.set_defaults(func=_call("profile_show", type="type"))
+    p = prof.add_parser("export", help="a profile as TOML, or its normal destinations as a MUD file")
+    p.add_argument("type")
+    p.add_argument("--format", choices=("toml", "mud"), default="toml")
+    p.add_argument("--mud-url", help="the MUD URL to export under (default: the profile's mud_url)")
+    p.set_defaults(func=_profile_export)
+    p = prof.add_parser("remove", help="remove an installed profile no device uses")
+    p.add_argument("type")
+    p.set_defaults(func=_profile_remove)
 
     p = sub.add_parser("status", help="the supervisor's state")
     p.set_defaults(func=_call("status"))

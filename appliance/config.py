@@ -104,6 +104,17 @@ class AdaptersSection:
 
 
 @dataclass
+class NamesSection:
+    resolver: bool = _doc("answer the devices' DNS (any resolver they ask) through the gateway, "
+                          "binding each answer's addresses for the device that asked", True)
+    upstream_port: int = _doc("port of dnsmasq on 127.0.0.1, behind the devices' port 53", 5301, PORT)
+    grace_seconds: int = _doc("a resolved address stays allowed this long past the answer's TTL",
+                              300, (0, 86_400))
+    keep_seconds: int = _doc("and at least this long past the last flow the device opened to it",
+                             3600, (0, 7 * 86_400))
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
@@ -113,6 +124,7 @@ class Config:
     web: WebSection = field(default_factory=WebSection)
     panel: PanelSection = field(default_factory=PanelSection)
     adapters: AdaptersSection = field(default_factory=AdaptersSection)
+    names: NamesSection = field(default_factory=NamesSection)
     profiles: str = _doc("directory of device-type profiles", "")
     path: str = ""
 

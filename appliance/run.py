@@ -15,6 +15,7 @@ from pathlib import Path
 
 from appliance.config import Config, load
 from appliance.dataplane.api import Dataplane, GatewaySettings
+from appliance.dataplane.port import DataplanePort
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
@@ -29,8 +30,19 @@ def open_dataplane(cfg: Config) -> Dataplane:
     g = cfg.gateway
     settings = GatewaySettings(devices_if=g.devices_interface, uplink_if=g.uplink_interface,
                                gateway_ip=g.address, lan=g.lan, gate_port=g.gate_port,
-                               mqtt_port=cfg.mqtt.port)
+                               mqtt_port=cfg.mqtt.port, name_grace_s=cfg.names.grace_seconds,
+                               name_keep_s=cfg.names.keep_seconds)
     return Dataplane.open(g.instance, g.namespace or None, settings)
+
+
+def start_resolver(cfg: Config, dp: DataplanePort):
+    """The devices' port 53, in front of dnsmasq (appliance.dataplane.resolver); None if off."""
+    if not cfg.names.resolver:
+        return None
+    from appliance.dataplane.resolver import Resolver
+    # Until it listens, devices resolve nothing and open no name's address: closed, not open.
+    return Resolver(cfg.gateway.address, ("127.0.0.1", cfg.names.upstream_port), dp.answer,
+                    namespace=cfg.gateway.namespace or None).start_when_possible()
 
 
 def connect_mqtt(cfg: Config, sup: Supervisor, loop: asyncio.AbstractEventLoop):
@@ -88,10 +100,11 @@ async def serve(cfg: Config) -> None:
     sup.site_error = read_site_error()
     ops = Ops(sup)
     stop = asyncio.Event()
-    neighbours = web = control_server = None
+    neighbours = web = control_server = resolver = None
     try:
         sup.attach(open_dataplane(cfg), loop)
         dp = sup.dp
+        resolver = start_resolver(cfg, dp)
         loop.add_reader(dp.events_fileno(), lambda: sup.on_kernel_alerts(
             kernel.alerts(dp.events(limit=512), sup.device_ip)))
         sup.attach_bus(connect_mqtt(cfg, sup, loop))
@@ -119,6 +132,8 @@ async def serve(cfg: Config) -> None:
               f"(resident memory {_resident_mb()})", flush=True)
         await stop.wait()
     finally:
+        if resolver:
+            resolver.close()
         if web:
             await web.cleanup()
         if neighbours:

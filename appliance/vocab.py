@@ -45,7 +45,7 @@ ALERT_SEVERITY = {
     "spoofing": "critical", "lateral-movement": "critical", "gateway-probe": "critical",
     "gate-login-failures": "warning", "new-device": "info", "mqtt-denied": "warning",
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
-    "device-renamed": "warning",
+    "device-renamed": "warning", "dataplane-replaced": "warning",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 

@@ -83,6 +83,8 @@ BPF_TABLE("lru_hash", __u32, struct kalki_drop, kalki_drop_set, 65536);
 BPF_TABLE("lru_hash", struct source_key, struct source_window, kalki_source_windows, 65536);
 BPF_TABLE("lru_hash", struct scan_key, __u64, kalki_scan_seen, 65536);
 BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_allow, 16384, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct kalki_name_key, struct kalki_name_value, kalki_name_allow,
+	    KALKI_MAX_NAME_BINDINGS, BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(kalki_events, KALKI_RINGBUF_PAGES);
 
 struct packet {
@@ -302,22 +304,53 @@ static __always_inline int brute_force(__u32 device, struct kalki_device *cfg,
 }
 #endif
 
-static __always_inline int allowed(struct kalki_device *cfg, struct packet *p)
+static __always_inline int rule_matches(struct kalki_allow_rule r, struct packet *p)
 {
-	struct kalki_allow_key k = {.prefixlen = 64, .list = __builtin_bswap32(cfg->allow_id),
-				    .addr = p->dst};
-	struct kalki_allow_value *v = kalki_allow.lookup(&k);
+	return (!r.proto || r.proto == p->proto) && (!r.port || r.port == p->dport);
+}
+
+/* An address the device resolved, through the gateway, for a name its profile allows. */
+static __always_inline int name_allowed(__u32 device, struct packet *p)
+{
+	struct kalki_name_key k = {.device = device, .addr = p->dst};
+	struct kalki_name_value *v = kalki_name_allow.lookup(&k);
+	__u64 now, keep;
+
 	if (!v)
+		return 0;
+	now = kalki_now();
+	if (now > v->expires_ns)
 		return 0;
 #pragma unroll
 	for (int i = 0; i < KALKI_ALLOW_RULES; i++) {
 		if (i >= v->count)
 			break;
-		struct kalki_allow_rule r = v->rules[i];
-		if ((!r.proto || r.proto == p->proto) && (!r.port || r.port == p->dport))
+		if (rule_matches(v->rules[i], p)) {
+			/* Devices reconnect to an address long after they looked it up. */
+			keep = now + (__u64)v->keep_s * NS_PER_S;
+			if (keep > v->expires_ns + NS_PER_S)
+				v->expires_ns = keep;
 			return 1;
+		}
 	}
 	return 0;
+}
+
+static __always_inline int allowed(__u32 device, struct kalki_device *cfg, struct packet *p)
+{
+	struct kalki_allow_key k = {.prefixlen = 64, .list = __builtin_bswap32(cfg->allow_id),
+				    .addr = p->dst};
+	struct kalki_allow_value *v = kalki_allow.lookup(&k);
+	if (v) {
+#pragma unroll
+		for (int i = 0; i < KALKI_ALLOW_RULES; i++) {
+			if (i >= v->count)
+				break;
+			if (rule_matches(v->rules[i], p))
+				return 1;
+		}
+	}
+	return name_allowed(device, p);
 }
 
 /* Parses IPv4 and the L4 ports; returns 0 if the packet is not IPv4 or is truncated. */
@@ -476,6 +509,11 @@ int xdp_from_devices(struct xdp_md *ctx)
 	 * connections so pass, and survive a posture change. */
 	if (!p.opens)
 		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	/* DNS, wherever addressed, is answered by the gateway's resolver (nftables' chain
+	 * "resolver" redirects it), so every answer the device gets is one the gateway saw and
+	 * bound in kalki_name_allow. */
+	if (p.dport == 53 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP))
+		return count(device, KALKI_R_PASS, &p, XDP_PASS);
 	/* LAN broadcast and multicast (mDNS, SSDP, vendor discovery such as Tuya's UDP 6667)
 	 * belong to the LAN: not a destination on the internet, not another device's service.
 	 * The rate limit above still applies. */
@@ -485,7 +523,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 		report(device, KALKI_R_LATERAL, &p, KALKI_A_DROPPED, 1, kalki_now());
 		return count(device, KALKI_R_LATERAL, &p, XDP_DROP);
 	}
-	if ((cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_ANOMALY)) && !allowed(cfg, &p)) {
+	if ((cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_ANOMALY)) && !allowed(device, cfg, &p)) {
 		int block = cfg->flags & (KALKI_F_ALLOWLIST | KALKI_F_EGRESS_BLOCK);
 		if (cfg->flags & KALKI_F_EGRESS_ANOMALY)
 			report(device, KALKI_R_EGRESS_ANOMALY, &p,

@@ -10,6 +10,9 @@
 #ifndef KALKI_RINGBUF_PAGES
 #define KALKI_RINGBUF_PAGES 64
 #endif
+#ifndef KALKI_MAX_NAME_BINDINGS
+#define KALKI_MAX_NAME_BINDINGS 65536   /* (device, address) pairs learnt from DNS answers */
+#endif
 #define KALKI_ALLOW_RULES 8             /* (proto, port) pairs per allow-list prefix */
 #define KALKI_LOGIN_PORTS 4
 
@@ -112,6 +115,21 @@ struct kalki_allow_rule {
 	__u16 port;              /* host order, 0 = any */
 };
 struct kalki_allow_value {
+	__u32 count;
+	struct kalki_allow_rule rules[KALKI_ALLOW_RULES];
+};
+
+/* map: kalki_name_allow, hash kalki_name_key -> kalki_name_value. An address that the
+ * gateway's resolver gave a device for a name its profile allows, with that name's (proto,
+ * port) rules. User space writes it before the answer reaches the device; a flow the device
+ * opens to it keeps it at least keep_s seconds longer; user space deletes what expired. */
+struct kalki_name_key {
+	__u32 device;
+	__u32 addr;              /* network order */
+};
+struct kalki_name_value {
+	__u64 expires_ns;        /* kalki_now() clock (CLOCK_MONOTONIC, coarse) */
+	__u32 keep_s;
 	__u32 count;
 	struct kalki_allow_rule rules[KALKI_ALLOW_RULES];
 };

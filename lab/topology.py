@@ -35,6 +35,7 @@ GATEWAY_UP_IP = "198.19.0.1"
 INET_IP = "198.19.0.2"
 INET_EXTRA = ("198.19.8.1", "198.19.8.2", "198.19.9.1")    # destinations for allow-lists
 INET_ROUTED = "198.19.8.0/21"
+INET_ANY = "198.19.64.0/18"     # the internet host takes traffic for any address in it
 ATTACKER_IP = "198.19.0.66"
 DEFAULT_TYPES = ("camera", "plug", "light", "motion_sensor")
 DEVICE_PASSWORD = "lab-device-pw"
@@ -161,6 +162,10 @@ def _topology_commands(s: LabState) -> list[list[str]]:
         f"-n {atk} link set eth0 up", f"-n {atk} route add {LAN} via {GATEWAY_UP_IP}",
     ]
     cfg += [f"-n {inet} addr add {ip}/32 dev lo" for ip in INET_EXTRA]
+    # Re-enacted captures and resolved cloud names land anywhere in INET_ANY: the internet
+    # host answers for all of it (a local route), so every flow arrives and can be counted.
+    cfg += [f"-n {gw} route add {INET_ANY} via {INET_IP}",
+            f"-n {inet} route add local {INET_ANY} dev lo"]
     for i in range(len(s.devices)):
         # isolated ports talk only to the gateway's port, never to each other
         cfg += [f"-n {sw} link set d{i} master br-dev up",
@@ -224,10 +229,12 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
        services: bool = True, protect: bool = True, supervisor: bool = False,
-       unapproved: int = 0, fake_time: str = "", ui: bool = True) -> LabState:
+       unapproved: int = 0, fake_time: str = "", ui: bool = True,
+       profiles: str = "") -> LabState:
     """Builds the lab. With `supervisor`, the gateway runs the MQTT broker and `kalki run`,
     which takes over the data path; the last `unapproved` devices are left for the operator
-    to approve; without `ui` it runs without the web page and the panel. On any failure,
+    to approve; without `ui` it runs without the web page and the panel; `profiles` is a
+    directory of device-type profiles instead of umboxes/. On any failure,
     removes what it built and raises."""
     name = name or new_name()
     if state_path(name).exists():
@@ -249,7 +256,8 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
         if supervisor:
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
-            _start_supervisor(s, lab_dir, fake_time, ui)
+            _start_name_server(s, lab_dir)
+            _start_supervisor(s, lab_dir, fake_time, ui, profiles)
             for d in s.devices:
                 if not d.dhcp:
                     client.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
@@ -270,7 +278,76 @@ MQTT_PORT = 1883
 SUPERVISOR_USER = "kalki"
 
 
-def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = True) -> None:
+def _name_server_conf(lab_dir: Path, records: dict) -> Path:
+    lines = [f"listen-address={INET_IP}", "bind-interfaces", "no-resolv", "no-hosts",
+             f"pid-file={lab_dir / 'inet-dns.pid'}", "user=root"]
+    for hostname, r in sorted(records.items()):
+        if r.get("cname"):
+            lines.append(f"cname={hostname},{r['cname']},{r['ttl']}")
+        else:
+            lines += [f"host-record={hostname},{a},{r['ttl']}" for a in r["addresses"]]
+    conf = lab_dir / "inet-dns.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def _start_name_server(s: LabState, lab_dir: Path) -> None:
+    """The internet host's name server, which the gateway's resolver forwards to as a real
+    gateway forwards to its ISP's: it answers what `dns_set` gave it."""
+    from appliance.system import dhcp
+    records = s.gateway.setdefault("dns_records", {})
+    conf = _name_server_conf(lab_dir, records)
+    s.pids["inet-dns"] = dhcp.start(conf, s.namespaces["inet"])
+    _save(s)
+    _wait_for_name_server(s)
+
+
+def dns_set(s: LabState, hostname: str, addresses: tuple[str, ...] | list[str] = (), ttl: int = 300,
+            cname: str | None = None) -> None:
+    """Gives the internet's name server a record (A records for `addresses`, or a CNAME),
+    then restarts it. Lab addresses only."""
+    from appliance.dataplane.umbox import check_dns_name
+    hostname = check_dns_name(hostname, f"lab {s.name}: dns")
+    if hostname.startswith("*.") or not 0 <= ttl <= 86_400:
+        raise LabError(f"lab {s.name}: dns: give one host name and a TTL of 0 to 86400 s")
+    for a in addresses:
+        if ipaddress.IPv4Address(a) not in ipaddress.IPv4Network("198.18.0.0/15"):
+            raise LabError(f"lab {s.name}: dns: {a} is outside the lab's 198.18.0.0/15")
+    if bool(cname) == bool(addresses):
+        raise LabError(f"lab {s.name}: dns: give addresses or a cname")
+    records = s.gateway.setdefault("dns_records", {})
+    records[hostname] = {"addresses": list(addresses), "ttl": ttl, "cname": cname}
+    lab_dir = state_path(s.name).parent
+    pid = s.pids.get("inet-dns")
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    _start_name_server(s, lab_dir)
+
+
+def _wait_for_name_server(s: LabState, timeout: float = 5.0) -> None:
+    import dns.exception
+    import dns.message
+    import dns.query
+
+    from appliance import netns
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with netns.entered(s.namespaces["inet"]):
+                dns.query.udp(dns.message.make_query("kalki.invalid", "A"), INET_IP, timeout=0.2)
+            return
+        except (dns.exception.DNSException, OSError):
+            if time.monotonic() > deadline:
+                raise LabError(f"lab {s.name}: the internet's name server does not answer") from None
+            time.sleep(0.05)
+
+
+def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = True,
+                      profiles: str = "") -> None:
     """The appliance in miniature: Mosquitto with a user per device, and `kalki run`."""
     from appliance import config
     from appliance.system.broker import Broker, random_password
@@ -302,6 +379,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     (lab_dir / "adapter-credentials.json").write_text(json.dumps(
         {d.name: {"user": f"hue-{passwords[d.name][:12]}"} for d in s.devices if d.type == "light"}))
     cfg.policy.fake_time = fake_time
+    cfg.profiles = profiles
     cfg.policy.timezone = "Europe/Berlin"
     cfg.panel.enabled = ui          # the LEDs and the button, on gpiozero's mock pins
     cfg.panel.mock_pins = True
@@ -341,7 +419,8 @@ def _start_dhcp(s: LabState, lab_dir: Path) -> None:
     real device does, saying who they are (hostname, vendor class)."""
     from appliance.system import dhcp
     conf = dhcp.write_config(lab_dir / "dhcp", "dev0", GATEWAY_LAN_IP, str(LAN),
-                             s.gateway["socket"], {d.mac: d.ip for d in s.devices})
+                             s.gateway["socket"], {d.mac: d.ip for d in s.devices},
+                             upstream=["no-resolv", "no-hosts", f"server={INET_IP}"])
     s.pids["dnsmasq"] = dhcp.start(conf, s.namespaces["gw"])
     _save(s)
     script = lab_dir / "udhcpc.script"

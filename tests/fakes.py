@@ -3,6 +3,29 @@ from __future__ import annotations
 
 import contextlib
 
+from appliance.dataplane import umbox
+from appliance.dataplane.names import NameBindings
+
+
+class FakeTable:
+    """A BPF hash map's calls, in a dict (the name bindings' kernel table)."""
+
+    def __init__(self):
+        self.entries = {}
+
+    def update(self, key, value):
+        self.entries[bytes(key)] = (key, value)
+
+    def delete(self, key):
+        self.entries.pop(bytes(key), None)
+
+    def lookup(self, key):
+        found = self.entries.get(bytes(key))
+        return found[1] if found else None
+
+    def keys(self):
+        return [k for k, _ in list(self.entries.values())]
+
 
 class FakeDataplane:
     """The data path as the supervisor sees it (appliance.dataplane.port.DataplanePort), in
@@ -12,10 +35,32 @@ class FakeDataplane:
         self.devices = {}
         self.blocked = {}
         self.tampered = []
+        self.names = NameBindings(FakeTable())
 
     def apply(self, spec):
         self.devices[spec.name] = spec
-        return list(self.devices).index(spec.name) + 1
+        device_id = list(self.devices).index(spec.name) + 1
+        self.names.set_device(device_id, spec.name, spec.mac,
+                              umbox.compile_stack(spec.stack).names)
+        return device_id
+
+    def answer(self, device_ip, chain, addresses, ttl):
+        for i, spec in enumerate(self.devices.values()):
+            if spec.ip == device_ip:
+                return self.names.answer(i + 1, chain, addresses, ttl)
+        return False
+
+    def names_of(self, name):
+        return self.names.of_device(list(self.devices).index(name) + 1)
+
+    def name_snapshot(self):
+        return self.names.snapshot()
+
+    def restore_names(self, entries):
+        return {"restored": self.names.restore(entries), "pruned": self.names.prune()}
+
+    def expire_names(self):
+        return self.names.expire()
 
     def batch(self):
         return contextlib.nullcontext()

@@ -210,7 +210,8 @@ def test_maps_py_mirrors_kalki_h_field_by_field():
      "struct kalki_drop field 'device': offset 12 in kalki.h, 8 in maps.py"),
     ("header", "__u32 flags;", "__s32 flags;",
      "struct kalki_device field 'flags': kalki.h says __s32, maps.py says c_uint32"),
-    ("header", "struct kalki_allow_rule rules[", "struct kalki_allow_key rules[",
+    ("header", "kalki_allow_value {\n\t__u32 count;\n\tstruct kalki_allow_rule rules[",
+     "kalki_allow_value {\n\t__u32 count;\n\tstruct kalki_allow_key rules[",
      "struct kalki_allow_value field 'rules': kalki.h says struct kalki_allow_key[8], "
      "maps.py says AllowRule[8]"),
     ("header", "__u32 lan_mask;", "__u32 lan_mask;\n\t__u32 wan_mask;",

@@ -156,7 +156,8 @@ def test_wpa_psk_known_vector():
 def test_dnsmasq_serves_only_the_devices_side(tmp_path):
     conf = site.render(site.load(write(tmp_path, WIRED)))["dnsmasq.conf"]
     assert "interface=eth1" in conf.splitlines()
-    assert "except-interface=lo" in conf.splitlines()
+    # DNS behind the supervisor's front on the devices' port 53 (appliance.dataplane.resolver)
+    assert {"listen-address=127.0.0.1", "port=5301"} <= set(conf.splitlines())
     assert "dhcp-range=198.18.8.0,198.18.15.254,255.255.240.0,12h" in conf   # the upper half
     assert "dhcp-option=option:router,198.18.0.1" in conf
     assert "/var/lib/kalki/" in conf

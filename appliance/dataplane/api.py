@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.dataplane import bpf, loader, maps, nft, umbox
+from appliance.dataplane.names import NameBindings
 from appliance.errors import ConfigError, DataplaneError, UnknownDeviceError
 from appliance.vocab import check_device_name, check_mac
 
@@ -56,6 +57,8 @@ class GatewaySettings:
     mqtt_port: int = 1883
     gate_port: int = 8181
     events_per_sec: int = 20
+    name_grace_s: int = 300     # a name's address outlives the answer's TTL by this much
+    name_keep_s: int = 3600     # and a flow opened to it keeps it at least this long
 
 
 @dataclass
@@ -114,6 +117,9 @@ class Dataplane:
         self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
         self._closed = False
+        self._names: NameBindings | None = None
+        self.older_layout: str | None = None     # why the pins of an older version were replaced
+        self._older_postures: dict[str, int] = {}
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -133,11 +139,19 @@ class Dataplane:
     def _load(self, defines) -> None:
         if not os.path.ismount(BPFFS):
             subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+        if os.path.exists(f"{self.pin_dir}/kalki_devices"):
+            self.older_layout = self._older_layout()
+            if self.older_layout:
+                self._set_aside_older_layout()
         if not os.path.exists(f"{self.pin_dir}/kalki_devices"):
             self.load_report = loader.run_child(self.pin_dir, self._attachments(), self.namespace,
                                                 defines=defines)
+            if self.older_layout:
+                remove_pins_dir(Path(f"{self.pin_dir}.older"))
         for name, (k, v) in maps.MAPS.items():
             self._maps[name] = bpf.Map(f"{self.pin_dir}/{name}", k, v)
+        self._names = NameBindings(self._maps["kalki_name_allow"], self.settings.name_grace_s,
+                                   self.settings.name_keep_s)
         self._ring = bpf.RingBuffer(f"{self.pin_dir}/{maps.RINGBUF}")
         s = self.settings
         lan = ipaddress.IPv4Network(s.lan)
@@ -151,6 +165,40 @@ class Dataplane:
         self._nft = nft.Nft(self.namespace, s.devices_if, s.gateway_ip, s.gate_port)
         self._nft.ensure_table()
         self._nft_state = self._nft.read_back()
+
+    def _older_layout(self) -> str | None:
+        """Why the pinned maps are not this version's (a map missing, or of another size),
+        or None."""
+        for name, (k, v) in maps.MAPS.items():
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                return f"map {name} is missing (pinned by an older version)"
+            try:
+                bpf.Map(path, k, v).close()
+            except DataplaneError as e:
+                return str(e)
+        return None
+
+    def _set_aside_older_layout(self) -> None:
+        """Moves an older version's pins aside, keeping what its devices' postures were, so a
+        new load replaces its programs (attaching replaces them in one step) and the postures
+        it held can still be kept where they are stricter."""
+        older = f"{self.pin_dir}.older"
+        remove_pins_dir(Path(older))
+        os.rename(self.pin_dir, older)
+        try:
+            by_mac = bpf.Map(f"{older}/kalki_dev_by_mac", maps.Mac, maps.U32)
+            devices = bpf.Map(f"{older}/kalki_devices", maps.U32, maps.Device)
+        except (DataplaneError, OSError):
+            return      # too old to read: the store's postures are all there is
+        try:
+            for k in by_mac.keys():
+                entry = devices.lookup(by_mac.lookup(k))
+                if entry is not None and entry.flags & maps.Flag.PRESENT:
+                    self._older_postures[_mac_str(k.addr)] = entry.posture
+        finally:
+            by_mac.close()
+            devices.close()
 
     def close(self) -> None:
         """Releases file descriptors; what is in the kernel stays and keeps protecting."""
@@ -195,6 +243,8 @@ class Dataplane:
         self._devices[name] = applied
         self._name_by_mac[applied.spec.mac] = self._name_by_ip[applied.spec.ip] = name
         self._name_by_id[applied.device_id] = name
+        self._loaded_names().set_device(applied.device_id, name, applied.spec.mac,
+                                        applied.compiled.names)
 
     def _forget(self, name: str) -> None:
         a = self._devices.pop(name, None)
@@ -231,6 +281,38 @@ class Dataplane:
             raise DataplaneError("the data path is not loaded")
         return self._ring
 
+    def _loaded_names(self) -> NameBindings:
+        if self._names is None:
+            raise DataplaneError("the data path is not loaded: no name bindings")
+        return self._names
+
+    # -- names: what the gateway's resolver answered each device ----------------------------
+    def answer(self, device_ip: str, chain: list[str], addresses: list[str], ttl: int) -> bool:
+        """An answer the gateway's resolver is about to give `device_ip`: the addresses of
+        chain[0] (through the CNAMEs chain[1:]) are bound for the device if its posture
+        allows any of those names. Called from the resolver's threads."""
+        name = self._name_by_ip.get(device_ip)
+        applied = self._devices.get(name) if name else None
+        if applied is None:
+            self._loaded_names().counts["not-a-device"] += 1
+            return False
+        return self._loaded_names().answer(applied.device_id, chain, addresses, ttl)
+
+    def names_of(self, name: str) -> dict:
+        """{"bound": [...], "refused": {name: times}}: the device's names now."""
+        return self._loaded_names().of_device(self._applied(name).device_id)
+
+    def name_snapshot(self) -> list[dict]:
+        return self._loaded_names().snapshot()
+
+    def restore_names(self, entries: list[dict]) -> dict:
+        """After reconcile: the bindings of a snapshot put back, the kernel's unknown ones gone."""
+        names = self._loaded_names()
+        return {"restored": names.restore(entries), "pruned": names.prune()}
+
+    def expire_names(self) -> int:
+        return self._loaded_names().expire()
+
     def _loaded_nft(self) -> nft.Nft:
         """The nftables handle, which open() makes."""
         if self._nft is None:
@@ -246,7 +328,7 @@ class Dataplane:
     def kernel_postures(self) -> dict[str, int]:
         """{MAC: posture code} of every device the kernel holds, read from the maps (what an
         earlier process left in force)."""
-        out = {}
+        out = dict(self._older_postures)
         for mac, device_id in self._kernel_ids_by_mac().items():
             entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
             if entry is not None and entry.flags & maps.Flag.PRESENT:
@@ -284,11 +366,11 @@ class Dataplane:
         return d
 
     # -- allow-lists, shared by the devices with the same destinations ----------------------
-    @staticmethod
-    def _allow_content(compiled: umbox.CompiledStack) -> tuple:
+    def _allow_content(self, compiled: umbox.CompiledStack) -> tuple:
         grouped: dict = {}
+        lan = ipaddress.IPv4Network(self.settings.lan)
         for dst in compiled.destinations:
-            grouped.setdefault(dst.network, []).append((dst.proto, dst.port))
+            grouped.setdefault(lan if dst.lan else dst.network, []).append((dst.proto, dst.port))
         return tuple(sorted((net.prefixlen, str(net.network_address), tuple(rules))
                             for net, rules in grouped.items()))
 
@@ -517,6 +599,7 @@ class Dataplane:
             m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
         m["kalki_devices"].delete(ctypes.c_uint32(device_id))
         self._allow_ids().pop(device_id, None)
+        self._loaded_names().forget_device(device_id)
         self._used_ids.discard(device_id)
         self._next_id_hint = min(self._next_id_hint, device_id)
 
@@ -718,12 +801,16 @@ class Dataplane:
         return report
 
 
-def remove_pins(instance: str) -> None:
-    pin_dir = Path(f"{BPFFS}/kalki/{instance}")
+def remove_pins_dir(pin_dir: Path) -> None:
     if pin_dir.is_dir():
         for p in pin_dir.iterdir():
             p.unlink()
         pin_dir.rmdir()
+
+
+def remove_pins(instance: str) -> None:
+    pin_dir = Path(f"{BPFFS}/kalki/{instance}")
+    remove_pins_dir(pin_dir)
     parent = pin_dir.parent
     if parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()

@@ -8,6 +8,7 @@ import enum
 
 MAX_DEVICES = 1024
 ALLOW_RULES = 8
+MAX_NAME_BINDINGS = 65536
 LOGIN_PORTS = 4
 
 
@@ -102,6 +103,15 @@ class AllowValue(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint32), ("rules", AllowRule * ALLOW_RULES)]
 
 
+class NameKey(ctypes.Structure):
+    _fields_ = [("device", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class NameValue(ctypes.Structure):
+    _fields_ = [("expires_ns", ctypes.c_uint64), ("keep_s", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("rules", AllowRule * ALLOW_RULES)]
+
+
 class Drop(ctypes.Structure):
     _fields_ = [("expires_ns", ctypes.c_uint64), ("device", ctypes.c_uint32), ("reason", ctypes.c_uint32)]
 
@@ -144,6 +154,7 @@ MAPS = {
     "kalki_counters": (U32, Counter),
     "kalki_drop_set": (U32, Drop),
     "kalki_allow": (AllowKey, AllowValue),
+    "kalki_name_allow": (NameKey, NameValue),
 }
 RINGBUF = "kalki_events"
 PROGRAMS = ("xdp_from_devices", "xdp_to_devices")

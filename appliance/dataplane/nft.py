@@ -87,6 +87,16 @@ class Nft:
                                "prio": -100, "policy": "accept"}}},
             {"add": {"chain": {**_T, "name": "input", "type": "filter", "hook": "input",
                                "prio": 0, "policy": "accept"}}},
+            {"add": {"chain": {**_T, "name": "resolver", "type": "nat", "hook": "prerouting",
+                               "prio": -110, "policy": "accept"}}},
+            # A device's DNS, wherever it is addressed (8.8.8.8, a resolver it was built
+            # with), is answered by the gateway's resolver, which binds every answer in the
+            # data path (appliance.dataplane.names); XDP lets port 53 through for this.
+            rule("resolver", _match(_meta("iifname"), dev),
+                 _match({"payload": {"protocol": "ip", "field": "daddr"}}, self.gateway_ip, "!="),
+                 _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+                 _match({"payload": {"protocol": "th", "field": "dport"}}, 53),
+                 {"dnat": {"family": "ip", "addr": self.gateway_ip}}),
             rule("forward", _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                  {"accept": None}),
             rule("forward", _match({"ct": {"key": "state"}}, "invalid", "in"), {"drop": None}),
@@ -229,7 +239,7 @@ class Nft:
         return cmds
 
     # -- tampering ------------------------------------------------------------------------
-    BASE_CHAINS = ("from_devices", "to_devices", "forward", "prerouting", "input")
+    BASE_CHAINS = ("from_devices", "to_devices", "forward", "prerouting", "input", "resolver")
     VERDICT_MAPS = ("from_device", "to_device")
 
     def fingerprint(self) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +62,36 @@ CATALOGUE: dict[str, dict[str, Param]] = {
 
 @dataclass(frozen=True)
 class Destination:
-    network: ipaddress.IPv4Network
+    """One destination a device may open: an address or prefix, a DNS name (exact, or
+    "*.suffix" for the names under it), or the site's device LAN ("lan")."""
+    network: ipaddress.IPv4Network | None
     proto: int = 0
     port: int = 0
+    name: str | None = None
+    lan: bool = False
+
+    def matches_name(self, qname: str) -> bool:
+        """Whether a name the device resolved is this destination's (names are lower case,
+        without the final dot)."""
+        if self.name is None:
+            return False
+        if self.name.startswith("*."):
+            return qname.endswith(self.name[1:])
+        return qname == self.name
+
+
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def check_dns_name(text: str, culprit: str) -> str:
+    """A DNS name as a profile gives it: lower case, no final dot, "*." only as its start."""
+    name = text.lower().rstrip(".")
+    if len(name) > 253 or not DNS_NAME.fullmatch(name) or name.isdigit() or (
+            name.startswith("*.") and "." not in name[2:]):
+        raise ConfigError(f"{culprit}: {text!r} is neither an address, a prefix, \"lan\" nor a "
+                          "DNS name (exact, or *.suffix with at least two labels)")
+    return name
 
 
 @dataclass
@@ -72,7 +100,8 @@ class CompiledStack:
     the nftables part."""
     flags: int = 0
     device_fields: dict = field(default_factory=dict)
-    destinations: list[Destination] = field(default_factory=list)
+    destinations: list[Destination] = field(default_factory=list)   # addresses and "lan"
+    names: list[Destination] = field(default_factory=list)   # bound to addresses as resolved
     conn_limit: dict | None = None
     gate_port: int | None = None
     params: dict = field(default_factory=dict)
@@ -101,9 +130,11 @@ def _port(umbox: str, value, where: str) -> int:
 
 
 def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Destination:
-    """'198.19.8.0/24', '198.19.8.1:443/tcp', 'udp/123@198.19.8.1' is not accepted; or a dict
-    {"address": "198.19.8.0/24", "proto": "tcp", "port": 443} (MUD-like)."""
+    """'198.19.8.0/24', 'cloud.example.com:443/tcp', '*.example.com', 'lan:6668/tcp'; or a
+    table {address = "198.19.8.0/24" | name = "pool.ntp.org" | lan = true, proto, port}
+    (MUD-like)."""
     culprit = f"{where}umbox {umbox}, destination {entry!r}"
+    target: dict[str, Any]
     if isinstance(entry, str):
         addr, proto, port = entry, "any", 0
         if "/" in entry and entry.rsplit("/", 1)[1] in PROTOCOLS:
@@ -113,18 +144,26 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
             if not port_text.isdigit():
                 raise ConfigError(f"{culprit}: invalid port {port_text!r}")
             port = int(port_text)
-        entry_dict: dict[str, Any] = {"address": addr, "proto": proto, "port": port}
+        if addr == "lan":
+            target = {"lan": True}
+        elif re.fullmatch(r"[0-9.]+(/.*)?", addr):
+            target = {"address": addr}
+        else:
+            target = {"name": addr}
+        entry_dict: dict[str, Any] = {**target, "proto": proto, "port": port}
     elif isinstance(entry, dict):
-        unknown = set(entry) - {"address", "proto", "port"}
+        unknown = set(entry) - {"address", "name", "lan", "proto", "port"}
         if unknown:
             raise ConfigError(f"{culprit}: unknown key(s) {sorted(unknown)}")
+        given = [k for k in ("address", "name", "lan") if k in entry]
+        if len(given) != 1:
+            raise ConfigError(f"{culprit}: give exactly one of address, name or lan")
+        if "lan" in entry and entry["lan"] is not True:
+            raise ConfigError(f"{culprit}: lan must be true")
         entry_dict = {"proto": "any", "port": 0, **entry}
     else:
-        raise ConfigError(f"{culprit}: expected 'address[/prefix][:port][/proto]' or a table")
-    try:
-        network = ipaddress.IPv4Network(str(entry_dict.get("address")), strict=True)
-    except ValueError as e:
-        raise ConfigError(f"{culprit}: invalid address or CIDR: {e}") from None
+        raise ConfigError(f"{culprit}: expected 'address[/prefix][:port][/proto]', "
+                          "'name[:port][/proto]', 'lan[:port][/proto]' or a table")
     proto = entry_dict["proto"]
     if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise ConfigError(f"{culprit}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
@@ -133,6 +172,16 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
         _port(umbox, port, where)
         if proto not in ("tcp", "udp"):
             raise ConfigError(f"{culprit}: a port needs proto tcp or udp")
+    if "name" in entry_dict:
+        if not isinstance(entry_dict["name"], str):
+            raise ConfigError(f"{culprit}: name must be a string")
+        return Destination(None, PROTOCOLS[proto], port, name=check_dns_name(entry_dict["name"], culprit))
+    if "lan" in entry_dict:
+        return Destination(None, PROTOCOLS[proto], port, lan=True)
+    try:
+        network = ipaddress.IPv4Network(str(entry_dict.get("address")), strict=True)
+    except ValueError as e:
+        raise ConfigError(f"{culprit}: invalid address or CIDR: {e}") from None
     return Destination(network, PROTOCOLS[proto], port)
 
 
@@ -225,14 +274,16 @@ def compile_stack(stack, where: str = "") -> CompiledStack:
             destinations = p["destinations"]
     if destinations is not None:
         umbox = "allowlist" if "allowlist" in params else "egress_anomaly"
-        c.destinations = [parse_destination(x, umbox, where) for x in destinations]
-        per_prefix: dict = {}
-        for dst in c.destinations:
-            per_prefix.setdefault(dst.network, []).append(dst)
-        for net, rules in per_prefix.items():
+        parsed = [parse_destination(x, umbox, where) for x in destinations]
+        c.destinations = [d for d in parsed if d.name is None]
+        c.names = [d for d in parsed if d.name is not None]
+        per_target: dict = {}
+        for dst in parsed:
+            per_target.setdefault(dst.name or ("lan" if dst.lan else dst.network), []).append(dst)
+        for target, rules in per_target.items():
             if len(rules) > maps.ALLOW_RULES:
-                raise ConfigError(f"{where}umbox {umbox}: {net} has {len(rules)} port rules, "
-                                  f"at most {maps.ALLOW_RULES} per prefix")
+                raise ConfigError(f"{where}umbox {umbox}: {target} has {len(rules)} port rules, "
+                                  f"at most {maps.ALLOW_RULES} per destination")
     if "conn_limit" in params:
         p = params["conn_limit"]
         if not p["concurrent"] and not p["new_per_second"]:

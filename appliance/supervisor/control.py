@@ -14,7 +14,9 @@ import logging
 from appliance.errors import ConfigError, KalkiError
 from appliance.supervisor.ops import CONTROL, Ops
 
-MAX_REQUEST = 1 << 20
+# A request is one line of any length up to this (a profile import carries a file of up to
+# 1 MB, JSON-escaped); a longer one is read to its end and refused.
+MAX_REQUEST = 8 << 20
 log = logging.getLogger("kalki.control")
 # Argument names on the wire that are Python keywords.
 _RENAMED = {"for": "for_"}
@@ -39,11 +41,36 @@ def handle(ops: Ops, req: dict):
     return method(**kwargs)
 
 
+async def read_request(reader: asyncio.StreamReader, maximum: int = MAX_REQUEST) -> tuple[bytes, int]:
+    """One line, however long (the reader's own limit, 64 KiB by default, is its buffer's,
+    not ours): the line if it fits in `maximum` (b"" if not) and its length; (b"", 0) at the end."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\n")
+            done = True
+        except asyncio.IncompleteReadError as e:      # the end, with or without a last line
+            chunk, done = e.partial, True
+        except asyncio.LimitOverrunError as e:        # more than the buffer holds: take it
+            chunk, done = await reader.read(max(1, e.consumed)), False
+        size += len(chunk)
+        if size <= maximum:
+            parts.append(chunk)
+        else:
+            parts = []
+        if done:
+            return b"".join(parts), size
+
+
 async def serve_client(ops: Ops, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while line := await reader.readline():
-            if len(line) > MAX_REQUEST:
-                answer = {"ok": False, "error": "request too large"}
+        while True:
+            line, size = await read_request(reader)
+            if not size:
+                break
+            if size > MAX_REQUEST:
+                answer = {"ok": False, "error": f"request too large ({size} bytes; at most {MAX_REQUEST})"}
             else:
                 try:
                     req = json.loads(line)

@@ -11,7 +11,9 @@ import asyncio
 import collections
 import datetime
 import gc
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,7 @@ class Supervisor:
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
+        self._names_saved: list = []
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
@@ -176,6 +179,55 @@ class Supervisor:
         self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+        older = getattr(dp, "older_layout", None)
+        if older:
+            self.store.audit("dataplane-replaced", "supervisor", {"why": older})
+            self.raise_alert(None, "dataplane-replaced", "supervisor", {"why": older},
+                             time.monotonic_ns())
+        self._restore_names()
+
+    # -- names: the addresses devices resolved, outliving restarts -------------------------
+    @property
+    def _names_path(self) -> Path:
+        return self.store.directory / "names.json"
+
+    def _restore_names(self) -> None:
+        """The bindings of the last snapshot, where their time has not run out: devices
+        reconnect to addresses they resolved long before a restart or a reboot."""
+        entries: list = []
+        try:
+            loaded = json.loads(self._names_path.read_text())
+            if isinstance(loaded, list):
+                entries = [e for e in loaded if isinstance(e, dict) and isinstance(e.get("address"), str)
+                           and isinstance(e.get("expires"), (int, float))]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("%s: not read (%s): names are learnt anew from the next lookups",
+                        self._names_path, e)
+        try:
+            report = self.dp.restore_names(entries)
+        except (KalkiError, ValueError) as e:
+            log.error("restoring the name bindings: %s", e)
+            return
+        self._names_saved = entries
+        log.info("name bindings: %s", report)
+
+    async def _save_names(self) -> None:
+        """Expires what ran out, then writes the snapshot if it changed (off the loop: the
+        SD card may stall)."""
+        self.dp.expire_names()
+        snapshot = self.dp.name_snapshot()
+        if snapshot == self._names_saved:
+            return
+        path = self._names_path
+
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot))
+            os.replace(tmp, path)
+        await asyncio.to_thread(write)
+        self._names_saved = snapshot
 
     def _keep_stricter_kernel_postures(self) -> None:
         """Reconcile never lowers protection by itself: where the kernel holds a stricter
@@ -647,6 +699,8 @@ class Supervisor:
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
                     await self.store.flush_behind()
+                if ticks % 40 == 0:
+                    await self._save_names()
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     self.store.prune()

@@ -17,6 +17,8 @@ from pathlib import Path
 from appliance import policy
 from appliance.config import parse_toml
 from appliance.errors import ConfigError, StoreError, UnknownDeviceError
+from appliance.policy import mud as mudfiles
+from appliance.policy import profiles
 from appliance.supervisor import accounts
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
 from appliance.vocab import SETTABLE_POSTURES, check_posture
@@ -24,7 +26,8 @@ from appliance.vocab import SETTABLE_POSTURES, check_posture
 # The control socket's requests, each an Ops method of the same name.
 CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
            "posture_set", "posture_reset", "alerts", "decisions", "maintenance", "memory",
-           "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel")
+           "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel",
+           "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove")
 
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
@@ -102,6 +105,7 @@ class Ops:
 
     def __init__(self, sup):
         self._sup = sup
+        self._add_installed_profiles()
 
     # -- what the faces read ------------------------------------------------------------
     @property
@@ -202,6 +206,8 @@ class Ops:
         view = self._view(d)
         view["history"] = sup.store.posture_history(name, limit=20)
         view["counters"] = sup.dp.counters(name) if name in sup.dp.devices else {}
+        # the names it resolved through the gateway: bound, or refused (not in its profile)
+        view["names"] = sup.dp.names_of(name) if name in sup.dp.devices else {"bound": [], "refused": {}}
         view["alerts"] = sup.store.alerts(device=name, limit=20)
         view["umboxes"] = sup.profiles[d["type"]].stack(d["posture"]) if d.get("type") in sup.profiles else {}
         return view
@@ -301,6 +307,175 @@ class Ops:
             return {"enabled": False, "claim_open": sup.claim_open()}
         return {"enabled": True, **sup.panel.state(), "claim_open": sup.claim_open(),
                 "claim_until": sup.claim_until.isoformat() if sup.claim_open() else None}
+
+    # -- device-type profiles installed at run time --------------------------------------
+    @property
+    def _installed_dir(self) -> Path:
+        return profiles.installed_dir(self._sup.cfg.state.directory)
+
+    def _add_installed_profiles(self) -> None:
+        """The profiles installed in <state directory>/profiles join the shipped ones (a no-op for
+        those the supervisor loaded itself). The dict is updated in place: whoever holds it (the
+        adapters' profile lookup) sees the same profiles."""
+        sup = self._sup
+        installed = profiles.load_installed(self._installed_dir, sup.profiles)
+        if any(t not in sup.profiles for t in installed):
+            sup.profiles.update(installed)
+            sup.reload_rules()
+
+    def _profile(self, type) -> profiles.Profile:
+        p = self._sup.profiles.get(type) if isinstance(type, str) else None
+        if p is None:
+            raise ConfigError(f"profile {type!r}: no such device type (known: "
+                              f"{', '.join(sorted(self._sup.profiles))})")
+        return p
+
+    def _devices_of(self, type: str) -> list[str]:
+        return sorted(n for n, d in self._sup.known.items() if d.get("type") == type)
+
+    def _profile_row(self, p: profiles.Profile) -> dict:
+        return {"type": p.type, "description": p.description,
+                "source": "installed" if p.installed else "shipped", "path": str(p.path),
+                "mud_url": p.mud_url, "devices": self._devices_of(p.type)}
+
+    def profile_list(self) -> list[dict]:
+        return [self._profile_row(p) for _, p in sorted(self._sup.profiles.items())]
+
+    def profile_show(self, type) -> dict:
+        p = self._profile(type)
+        return {**self._profile_row(p), "postures": p.postures, "match": p.match,
+                "telemetry": p.telemetry, "commands": p.commands, "adapter": p.adapter,
+                "rules": [r.name for r in p.rules]}
+
+    def profile_import(self, text, filename, type=None, device_ip=None, actor: str = "operator") -> dict:
+        """Installs a profile from a TOML profile or an RFC 8520 MUD file (JSON), told apart by
+        their content. Everything is checked before anything is written; the file is written
+        atomically and the type is usable at once. Returns the type and notes for the operator."""
+        sup = self._sup
+        if not isinstance(filename, str) or not filename:
+            raise ConfigError("profile import: filename must be the file's name")
+        if not isinstance(text, str):
+            raise ConfigError(f"{filename}: expected the file's text")
+        if len(text.encode("utf-8", "surrogatepass")) > mudfiles.MAX_BYTES:
+            raise ConfigError(f"{filename}: larger than {mudfiles.MAX_BYTES} bytes: refused")
+        if type is not None:
+            profiles.check_type_name(type, "type")
+        if device_ip is not None and not isinstance(device_ip, str):
+            raise ConfigError(f"device_ip: expected an IPv4 address, got {device_ip!r}")
+        notes: list[str] = []
+        if text.lstrip("\ufeff \t\r\n").startswith("{"):       # JSON: a MUD file
+            mud = mudfiles.parse_mud(text, filename)
+            type_name = type or mudfiles.default_type_name(mud)
+            data, notes = mudfiles.to_profile(mud, type_name, device_ip)
+            header = [f"Device type {type_name}, made by `kalki profile import` from the MUD file "
+                      f"{Path(filename).name}", f"MUD URL: {mud.mud_url}"]
+            header += ["What the importer did besides the allow-list:"] + [f"- {n}" for n in notes]
+            content = profiles.dump_profile(data, header)
+            fmt = "mud"
+        else:
+            if device_ip is not None:
+                raise ConfigError(f"{filename}: a device address is for MUD files only (it finds "
+                                  "artefacts of the capture); this is a TOML profile")
+            data = parse_toml(text, filename)
+            content, fmt = text, "toml"
+            given = data.get("type")
+            if type is not None and given != type:
+                data["type"] = type
+                content = profiles.dump_profile(data, [f"Device type {type}, from {Path(filename).name} "
+                                                       f"(type {given!r} there)"])
+                notes.append(f"the profile's type is {type} (the file said {given!r}); the file was "
+                             "rewritten, without its comments")
+        # Check the text that is written, as the supervisor will load it after a restart.
+        profile = profiles.profile_from_text(content, filename)
+        type_name = profile.type
+        existing = sup.profiles.get(type_name)
+        if existing is not None and not existing.installed:
+            raise ConfigError(f"{filename}: device type {type_name} is shipped with the appliance "
+                              f"({existing.path}): choose another type name (--type)")
+        if existing is not None:
+            users = self._devices_of(type_name)
+            if users:
+                raise ConfigError(f"{filename}: device type {type_name} is installed already and used "
+                                  f"by {', '.join(users)}: give another type name, or move those "
+                                  "devices to another type first")
+        rules = [r for r in sup.rules() if r.source != f"profile:{type_name}"] + profile.rules
+        policy.Engine(rules)      # rule names that clash with others in force
+        directory = self._installed_dir
+        path = directory / f"{type_name}.toml"
+        try:
+            previous = path.read_text(encoding="utf-8") if path.exists() else None
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror or e}") from None
+        try:
+            with sup.store.batch():
+                sup.store.audit("profile-import", actor, {"type": type_name, "file": Path(filename).name,
+                                                          "format": fmt, "replaced": previous is not None,
+                                                          "notes": len(notes)})
+                profiles.write_installed(directory, type_name, content)
+            installed = profiles.load_profile(path, installed=True)
+        except BaseException:
+            try:        # put back what was there, and raise what went wrong
+                if previous is None:
+                    profiles.remove_installed(path)
+                else:
+                    profiles.write_installed(directory, type_name, previous)
+            except ConfigError:
+                pass
+            raise
+        sup.profiles[type_name] = installed
+        sup.reload_rules()
+        return {"type": type_name, "format": fmt, "path": str(path), "notes": notes}
+
+    def profile_export(self, type, format="toml", mud_url=None) -> dict:
+        """A profile as its TOML file, or its normal posture's destinations as a MUD file (the
+        profile's mud_url, or `mud_url`)."""
+        p = self._profile(type)
+        if format == "toml":
+            try:
+                text = p.path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"{p.path}: {e.strerror or e}") from None
+        elif format == "mud":
+            url = mud_url or p.mud_url
+            if not url:
+                raise ConfigError(f"profile {p.type} has no mud_url: give the MUD URL to export it under "
+                                  "(--mud-url https://...)")
+            text = json.dumps(mudfiles.profile_to_mud(p, url), indent=2) + "\n"
+        else:
+            raise ConfigError(f"format: expected toml or mud, got {format!r}")
+        return {"type": p.type, "format": format, "text": text}
+
+    def profile_remove(self, type, actor: str = "operator") -> dict:
+        sup = self._sup
+        p = self._profile(type)
+        if not p.installed:
+            raise ConfigError(f"profile {p.type} is shipped with the appliance ({p.path}); only installed "
+                              "profiles can be removed")
+        users = self._devices_of(p.type)
+        if users:
+            raise ConfigError(f"profile {p.type} is used by {', '.join(users)}: give them another type "
+                              "or remove them first")
+        try:
+            text = p.path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{p.path}: {e.strerror or e}") from None
+        try:
+            with sup.store.batch():
+                sup.store.audit("profile-remove", actor, {"type": p.type})
+                profiles.remove_installed(p.path)
+        except BaseException:
+            if not p.path.exists():        # the record was refused after the file went
+                try:
+                    profiles.write_installed(p.path.parent, p.type, text)
+                except ConfigError:
+                    pass
+            raise
+        del sup.profiles[p.type]
+        for name, suggested in list(sup.suggestions.items()):
+            if suggested == p.type:
+                del sup.suggestions[name]
+        sup.reload_rules()
+        return {"removed": p.type}
 
     # -- the page's views ---------------------------------------------------------------
     def telemetry(self, name: str, limit: int = 20) -> list[dict]:

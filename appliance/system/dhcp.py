@@ -36,15 +36,18 @@ def lease_range(lan: str, gateway_ip: str) -> tuple[str, str]:
 
 def dnsmasq_conf(interface: str, gateway_ip: str, lan: str, lease_file: str, *,
                  upstream: list[str], lease_script: str | None = None,
-                 reserved: dict[str, str] | None = None, extra: list[str] | None = None) -> str:
+                 reserved: dict[str, str] | None = None, extra: list[str] | None = None,
+                 dns_port: int = 5301) -> str:
     """dnsmasq.conf for the devices side, the one rule for the lab and the appliance: DHCP and
     DNS on `interface` only, the gateway as router and name server, leases from lease_range(),
     `reserved` = {mac: address} pinned, each lease event to `lease_script` (as root: it talks
     to the root-only control socket). `upstream`: where DNS goes on (resolv-file=... or
-    no-resolv)."""
+    no-resolv). dnsmasq's DNS is on 127.0.0.1:`dns_port`, behind the supervisor's front on
+    the devices' port 53 (appliance.dataplane.resolver, config names.upstream_port), which
+    binds each answer in the data path; the devices' port `dns_port` is closed by XDP."""
     first, last = lease_range(lan, gateway_ip)
     lines = [
-        f"interface={interface}", "except-interface=lo",
+        f"interface={interface}", "listen-address=127.0.0.1", f"port={dns_port}",
         f"dhcp-range={first},{last},{ipaddress.IPv4Network(lan).netmask},12h",
         f"dhcp-option=option:router,{gateway_ip}", f"dhcp-option=option:dns-server,{gateway_ip}",
         "dhcp-authoritative", f"dhcp-leasefile={lease_file}", *upstream,
@@ -56,7 +59,7 @@ def dnsmasq_conf(interface: str, gateway_ip: str, lan: str, lease_file: str, *,
 
 
 def write_config(directory: Path, interface: str, gateway_ip: str, lan: str, socket_path: str,
-                 reserved: dict[str, str] | None = None) -> Path:
+                 reserved: dict[str, str] | None = None, upstream: list[str] | None = None) -> Path:
     """The lab's dnsmasq.conf and lease script in `directory` (dnsmasq runs as root there)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,9 +69,10 @@ def write_config(directory: Path, interface: str, gateway_ip: str, lan: str, soc
     script.chmod(0o700)
     conf = directory / "dnsmasq.conf"
     conf.write_text(dnsmasq_conf(
-        interface, gateway_ip, lan, str(directory / "leases"), upstream=["no-resolv", "no-hosts"],
+        interface, gateway_ip, lan, str(directory / "leases"),
+        upstream=upstream or ["no-resolv", "no-hosts"],
         lease_script=str(script), reserved=reserved,
-        extra=["bind-interfaces", f"listen-address={gateway_ip}", "log-dhcp",
+        extra=["bind-interfaces", "log-dhcp",
                f"log-facility={directory / 'dnsmasq.log'}", f"pid-file={directory / 'dnsmasq.pid'}",
                "user=root"]))
     return conf
