@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
-from appliance.vocab import WORKDAYS, check_business_hours, check_days, check_timezone, parse_hhmm
+from appliance.vocab import (
+    WORKDAYS,
+    check_business_hours,
+    check_controllers,
+    check_days,
+    check_timezone,
+    parse_hhmm,
+)
 
 DEFAULT_PATH = Path("/etc/kalki/kalki.toml")
 
@@ -23,6 +30,8 @@ def _doc(text: str, default, bounds: tuple[int, int] | None = None):
     meta = {"doc": text, "bounds": bounds}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -126,6 +135,10 @@ class Config:
     adapters: AdaptersSection = field(default_factory=AdaptersSection)
     names: NamesSection = field(default_factory=NamesSection)
     profiles: str = _doc("directory of device-type profiles", "")
+    controllers: dict = _doc("the site's controllers, named once: {class = [address, prefix or DNS "
+                             "name, ...]}; profiles open them as {controller = \"class\", proto, "
+                             "port} (RFC 8520's controller), e.g. {camera-cloud = "
+                             "[\"*.vendor-cloud.com\"], phone = [\"198.18.0.50\"]}", {})
     path: str = ""
 
     def check(self) -> Config:
@@ -151,6 +164,7 @@ class Config:
         check_business_hours({"days": p.business_days, "start": p.business_start, "end": p.business_end},
                              f"{where}: policy.business_days/start/end")
         check_timezone(p.timezone, f"{where}: policy.timezone")
+        check_controllers(self.controllers, f"{where}: controllers")
         return self
 
 
@@ -248,6 +262,8 @@ def _toml(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -256,6 +272,8 @@ def dump(cfg: Config) -> str:
     lines = []
     if cfg.profiles:
         lines.append(f"profiles = {_toml(cfg.profiles)}")
+    if cfg.controllers:
+        lines.append(f"controllers = {_toml(cfg.controllers)}")
     for f in dataclasses.fields(Config):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section) and not isinstance(section, type):

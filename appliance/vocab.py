@@ -9,6 +9,7 @@ everywhere while each layer keeps its own exception.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -137,3 +138,43 @@ def check_mac(value, where: str, error: type[Exception] = ConfigError, unicast: 
     if unicast and (mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1):
         raise error(f"{where}: {value!r} is not a device's (unicast) MAC address")
     return mac
+
+
+# -- hosts: where a device may go ---------------------------------------------------------------
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+CONTROLLER = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+
+
+def check_dns_name(text: str, culprit: str, error: type[Exception] = ConfigError) -> str:
+    """A DNS name as a profile gives it: lower case, no final dot, "*." only as its start."""
+    name = text.lower().rstrip(".")
+    if len(name) > 253 or not DNS_NAME.fullmatch(name) or name.isdigit() or (
+            name.startswith("*.") and "." not in name[2:]):
+        raise error(f"{culprit}: {text!r} is neither an address, a prefix, \"lan\" nor a "
+                          "DNS name (exact, or *.suffix with at least two labels)")
+    return name
+
+
+def check_controllers(controllers, where: str, error: type[Exception] = ConfigError) -> dict[str, list[str]]:
+    """The site's controllers, {class: [address, prefix or DNS name, ...]}: shape, class names
+    and hosts checked; the profile gives each its protocol and port."""
+    if not isinstance(controllers, dict):
+        raise error(f"{where}: expected a table of class = [hosts], got {controllers!r}")
+    for name, hosts in controllers.items():
+        if not isinstance(name, str) or not CONTROLLER.fullmatch(name):
+            raise error(f"{where}: class {name!r}: use 1-40 lower-case letters, digits, - and _")
+        if not isinstance(hosts, list):
+            raise error(f"{where}.{name}: expected a list of hosts, got {hosts!r}")
+        for host in hosts:
+            culprit = f"{where}.{name}: host {host!r}"
+            if not isinstance(host, str):
+                raise error(f"{culprit}: expected a string")
+            if re.fullmatch(r"[0-9.]+(/[0-9]+)?", host):
+                try:
+                    ipaddress.IPv4Network(host, strict=True)
+                except ValueError as e:
+                    raise error(f"{culprit}: {e}") from None
+            else:
+                check_dns_name(host, culprit, error)
+    return controllers

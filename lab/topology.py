@@ -36,6 +36,13 @@ INET_IP = "198.19.0.2"
 INET_EXTRA = ("198.19.8.1", "198.19.8.2", "198.19.9.1")    # destinations for allow-lists
 INET_ROUTED = "198.19.8.0/21"
 INET_ANY = "198.19.64.0/18"     # the internet host takes traffic for any address in it
+# The lab's site settings: the clouds the shipped profiles open as controllers (`<type>-cloud`),
+# by name (the internet's name server answers cloud.<type>.example) and, for the tests written
+# before names, the lab's old cloud prefix. The product's profiles name no lab address.
+CLOUD_TYPES = ("camera", "door-sensor", "generic", "light", "motion-sensor", "plug", "thermostat")
+LAB_CONTROLLERS = {f"{t}-cloud": ["198.19.8.0/24", f"cloud.{t}.example"] for t in CLOUD_TYPES}
+LAB_DNS = {f"cloud.{t}.example": {"addresses": [f"198.19.64.{100 + i}"], "ttl": 300, "cname": None}
+           for i, t in enumerate(CLOUD_TYPES)}
 ATTACKER_IP = "198.19.0.66"
 DEFAULT_TYPES = ("camera", "plug", "light", "motion_sensor")
 DEVICE_PASSWORD = "lab-device-pw"
@@ -295,7 +302,7 @@ def _start_name_server(s: LabState, lab_dir: Path) -> None:
     """The internet host's name server, which the gateway's resolver forwards to as a real
     gateway forwards to its ISP's: it answers what `dns_set` gave it."""
     from appliance.system import dhcp
-    records = s.gateway.setdefault("dns_records", {})
+    records = s.gateway.setdefault("dns_records", dict(LAB_DNS))
     conf = _name_server_conf(lab_dir, records)
     s.pids["inet-dns"] = dhcp.start(conf, s.namespaces["inet"])
     _save(s)
@@ -315,7 +322,7 @@ def dns_set(s: LabState, hostname: str, addresses: tuple[str, ...] | list[str] =
             raise LabError(f"lab {s.name}: dns: {a} is outside the lab's 198.18.0.0/15")
     if bool(cname) == bool(addresses):
         raise LabError(f"lab {s.name}: dns: give addresses or a cname")
-    records = s.gateway.setdefault("dns_records", {})
+    records = s.gateway.setdefault("dns_records", dict(LAB_DNS))
     records[hostname] = {"addresses": list(addresses), "ttl": ttl, "cname": cname}
     lab_dir = state_path(s.name).parent
     pid = s.pids.get("inet-dns")
@@ -380,6 +387,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
         {d.name: {"user": f"hue-{passwords[d.name][:12]}"} for d in s.devices if d.type == "light"}))
     cfg.policy.fake_time = fake_time
     cfg.profiles = profiles
+    cfg.controllers = {k: list(v) for k, v in LAB_CONTROLLERS.items()}
     cfg.policy.timezone = "Europe/Berlin"
     cfg.panel.enabled = ui          # the LEDs and the button, on gpiozero's mock pins
     cfg.panel.mock_pins = True
@@ -506,8 +514,10 @@ def _protect(s: LabState) -> None:
 def gateway_settings(s: LabState):
     from appliance.dataplane.api import GatewaySettings
     g = s.gateway
+    from appliance.dataplane.umbox import check_controllers
     return GatewaySettings(devices_if=g["devices_if"], uplink_if=g["uplink_if"],
-                           gateway_ip=g["lan_ip"], lan=g["lan"])
+                           gateway_ip=g["lan_ip"], lan=g["lan"],
+                           controllers=check_controllers(LAB_CONTROLLERS, "lab controllers"))
 
 
 def _save(s: LabState) -> None:

@@ -56,7 +56,7 @@ def test_profile_destinations_by_name_address_and_lan():
     ("bad_name!.example", "neither an address"),
     ("-lead.example", "neither an address"),
     ("a.*.example", "neither an address"),
-    ({"name": "x.example", "address": "198.19.8.1"}, "exactly one of address, name or lan"),
+    ({"name": "x.example", "address": "198.19.8.1"}, "exactly one of address, name, lan or controller"),
     ({"lan": False}, "lan must be true"),
     ({"name": 7}, "name must be a string"),
     ("x.example:80/icmp", "a port needs proto tcp or udp"),
@@ -158,3 +158,33 @@ def test_answers_without_an_address_and_bad_wire():
     assert read_answer(_answer("x.example")) == (["x.example"], [], 0)
     with pytest.raises(dns.exception.DNSException):
         read_answer(b"\x00\x01garbage")
+
+
+def test_controllers_the_site_names_stand_in_for_the_profile_s():
+    site = umbox.check_controllers({"camera-cloud": ["*.vendor.example", "198.19.64.0/24"]},
+                                   "config: controllers")
+    stack = {"allowlist": {"destinations": [{"controller": "camera-cloud", "proto": "tcp", "port": 443},
+                                            "@phone:9999/tcp"]}}
+    c = umbox.compile_stack(stack, "camera.toml: ", site)
+    assert [(d.name, d.proto, d.port) for d in c.names] == [("*.vendor.example", 6, 443)]
+    assert [(str(d.network), d.proto, d.port) for d in c.destinations] == [("198.19.64.0/24", 6, 443)]
+    assert c.missing_controllers == ["phone"]        # not named by the site: opens nothing
+
+
+@pytest.mark.parametrize("controllers, message", [
+    ({"Camera Cloud": []}, "class 'Camera Cloud'"),
+    ({"cloud": "x.example"}, "expected a list of hosts"),
+    ({"cloud": ["x.example:443/tcp"]}, "host 'x.example:443/tcp'"),
+    ({"cloud": ["198.19.64.1/33"]}, "198.19.64.1/33"),
+    ({"cloud": [7]}, "expected a string"),
+])
+def test_bad_controllers_in_the_config_name_the_culprit(tmp_path, controllers, message):
+    from appliance import config
+    path = tmp_path / "kalki.toml"
+    cfg = config.Config()
+    cfg.controllers = controllers
+    with pytest.raises(ConfigError, match=message):
+        cfg.check()
+    cfg.controllers = {"cloud": ["x.example"]}
+    path.write_text(config.dump(cfg))
+    assert config.load(str(path)).controllers == {"cloud": ["x.example"]}

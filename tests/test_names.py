@@ -192,3 +192,16 @@ def test_the_devices_cannot_reach_dnsmasq_behind_the_front(nlab):
     query = dns.message.make_query("api.camera.example", "A")
     with netns.entered(nlab.device("plug1").namespace), pytest.raises(dns.exception.Timeout):
         dns.query.udp(query, topology.GATEWAY_LAN_IP, port=5301, timeout=1)
+
+
+def test_a_shipped_profile_opens_the_cloud_the_site_names(nlab):
+    """The shipped light profile names no address: it opens {controller = "light-cloud"},
+    which the lab's site settings give as cloud.light.example."""
+    light = nlab.device("light1").namespace
+    before = client.request(nlab.gateway["socket"], "alerts", device="light1")
+    cloud, = resolve(nlab, "light1", "cloud.light.example")
+    assert connect(light, cloud, 443, timeout=1)
+    time.sleep(0.5)
+    after = client.request(nlab.gateway["socket"], "alerts", device="light1")
+    assert [a for a in after if a not in before] == []
+    assert names_of(nlab, "light1")["bound"][0]["names"] == ["cloud.light.example"]

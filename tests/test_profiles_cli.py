@@ -190,7 +190,7 @@ def test_export_as_mud_and_back(ops):
     with pytest.raises(ConfigError) as e:
         ops.profile_export("camera", "mud")
     assert "mud_url" in str(e.value)
-    assert json.loads(ops.profile_export("camera", "mud", mud_url="https://example.com/cam")["text"])
+    assert json.loads(ops.profile_export("lamp", "mud", mud_url="https://example.com/lamp")["text"])
     with pytest.raises(ConfigError):
         ops.profile_export("lamp", "yaml")
 

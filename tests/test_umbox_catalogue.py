@@ -99,4 +99,4 @@ def test_a_protocol_that_is_not_a_word_is_refused_by_name():
 def test_a_stack_never_shares_the_catalogue_s_default_list():
     stack = umbox.validate({"brute_force": {}}, "x")
     stack["brute_force"]["ports"].append(2323)
-    assert umbox.validate({"brute_force": {}}, "x")["brute_force"]["ports"] == [22, 23, 80]
+    assert umbox.validate({"brute_force": {}}, "x")["brute_force"]["ports"] == [22, 23]

@@ -359,3 +359,32 @@ def test_lan_broadcast_and_multicast_are_never_an_anomaly(lab, fresh):
     assert not [e for e in fresh.events(timeout=0.3)
                 if e["reason"] in ("egress_anomaly", "lateral", "allowlist", "port_scan")]
     assert not connect(cam.namespace, "198.19.9.1", 80)      # the allow-list still holds for the rest
+
+
+def test_a_busy_web_client_is_not_a_brute_forcer(lab, fresh):
+    """The shipped camera counts connection attempts on telnet only: twelve requests to its web
+    page in about two seconds are a busy client, not guessing (the gate counts failed web
+    logins where there is one). Telnet guessing is still caught."""
+    from appliance.policy.profiles import load_all
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", load_all()["camera"].stack("normal"))
+    before = dropped(fresh, "camera1", "brute_force")
+    answers = []
+    for _ in range(12):
+        answers.append(http(lab.namespaces["atk"], cam.ip, "/", auth=("admin", "admin")))
+        time.sleep(0.15)
+    assert all(a is not None for a in answers)
+    assert events_of(fresh, "brute_force", timeout=0.5) == []
+    assert dropped(fresh, "camera1", "brute_force") == before
+    # (the window may hold attempts from an earlier test: at most 10 pass, then none)
+    results = [connect(lab.namespaces["atk"], cam.ip, 23, timeout=0.3) for _ in range(12)]
+    assert results.count(True) <= 10 and not results[-1]
+    assert dropped(fresh, "camera1", "brute_force") > before
+
+
+def test_no_shipped_profile_counts_web_requests_as_guessing():
+    from appliance.policy.profiles import load_all
+    for p in load_all().values():
+        for posture, stack in p.postures.items():
+            ports = stack.get("brute_force", {}).get("ports", [])
+            assert not set(ports) & {80, 443, 8080, 8443}, (p.type, posture, ports)

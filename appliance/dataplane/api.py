@@ -59,6 +59,8 @@ class GatewaySettings:
     events_per_sec: int = 20
     name_grace_s: int = 300     # a name's address outlives the answer's TTL by this much
     name_keep_s: int = 3600     # and a flow opened to it keeps it at least this long
+    # the site's controllers, {class: [Destination]} (umbox.check_controllers)
+    controllers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -426,10 +428,10 @@ class Dataplane:
         try:
             key = json.dumps(spec.stack, sort_keys=True)
         except (TypeError, ValueError):
-            return umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+            return umbox.compile_stack(spec.stack, f"device {spec.name}: ", self.settings.controllers)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = umbox.compile_stack(spec.stack, where=f"device {spec.name}: ")
+            compiled = umbox.compile_stack(spec.stack, f"device {spec.name}: ", self.settings.controllers)
             if len(self._compiled) >= 256:
                 self._compiled.clear()
             self._compiled[key] = compiled
@@ -749,7 +751,8 @@ class Dataplane:
         what was already right and what had to be fixed."""
         report: dict[str, list] = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
         specs = [w.checked() for w in wanted]
-        compiled = {s.name: umbox.compile_stack(s.stack, where=f"device {s.name}: ") for s in specs}
+        compiled = {s.name: umbox.compile_stack(s.stack, f"device {s.name}: ", self.settings.controllers)
+                    for s in specs}
         pinned = self.pinned_program_ids()
         attached = self.attached_programs()
         missing = {p: i for p, i in self._attachments().items() if attached.get(i) != pinned[i]}

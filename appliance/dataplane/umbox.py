@@ -7,13 +7,16 @@ validates all of it before anything is touched, so a bad stack changes nothing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import vocab
 from appliance.dataplane import maps
 from appliance.errors import ConfigError, UnknownUmboxError
+from appliance.vocab import CONTROLLER, check_dns_name
 
 PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17}
 
@@ -52,7 +55,7 @@ CATALOGUE: dict[str, dict[str, Param]] = {
     "syn_flood": {"syns": Param(int, 200, 1, 10_000_000), "window_ms": _ms(1000),
                   "block_seconds": _BLOCK},
     "brute_force": {"attempts": Param(int, 5, 1, 1_000_000), "window_ms": _ms(10_000),
-                    "ports": Param(list, [22, 23, 80]), "block_seconds": Param(int, 300, 0, 86_400)},
+                    "ports": Param(list, [22, 23]), "block_seconds": Param(int, 300, 0, 86_400)},
     "egress_anomaly": {"block": Param(bool, False), "destinations": Param(list, None)},
     "lateral_block": {},
     "anti_spoof": {},
@@ -69,6 +72,7 @@ class Destination:
     port: int = 0
     name: str | None = None
     lan: bool = False
+    controller: str | None = None     # a class the site names (config `controllers`)
 
     def matches_name(self, qname: str) -> bool:
         """Whether a name the device resolved is this destination's (names are lower case,
@@ -80,18 +84,14 @@ class Destination:
         return qname == self.name
 
 
-_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
-DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+def check_controllers(controllers, where: str) -> dict[str, list[Destination]]:
+    """The site's controllers (config `controllers`), each host as a Destination without a
+    port: what compile_stack puts in place of a profile's controller entries."""
+    vocab.check_controllers(controllers, where)
+    return {name: [parse_destination(h, "controller", f"{where}.{name}: ") for h in hosts]
+            for name, hosts in controllers.items()}
 
 
-def check_dns_name(text: str, culprit: str) -> str:
-    """A DNS name as a profile gives it: lower case, no final dot, "*." only as its start."""
-    name = text.lower().rstrip(".")
-    if len(name) > 253 or not DNS_NAME.fullmatch(name) or name.isdigit() or (
-            name.startswith("*.") and "." not in name[2:]):
-        raise ConfigError(f"{culprit}: {text!r} is neither an address, a prefix, \"lan\" nor a "
-                          "DNS name (exact, or *.suffix with at least two labels)")
-    return name
 
 
 @dataclass
@@ -102,6 +102,7 @@ class CompiledStack:
     device_fields: dict = field(default_factory=dict)
     destinations: list[Destination] = field(default_factory=list)   # addresses and "lan"
     names: list[Destination] = field(default_factory=list)   # bound to addresses as resolved
+    missing_controllers: list[str] = field(default_factory=list)  # named, but not by the site
     conn_limit: dict | None = None
     gate_port: int | None = None
     params: dict = field(default_factory=dict)
@@ -146,24 +147,27 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
             port = int(port_text)
         if addr == "lan":
             target = {"lan": True}
+        elif addr.startswith("@"):
+            target = {"controller": addr[1:]}
         elif re.fullmatch(r"[0-9.]+(/.*)?", addr):
             target = {"address": addr}
         else:
             target = {"name": addr}
         entry_dict: dict[str, Any] = {**target, "proto": proto, "port": port}
     elif isinstance(entry, dict):
-        unknown = set(entry) - {"address", "name", "lan", "proto", "port"}
+        unknown = set(entry) - {"address", "name", "lan", "controller", "proto", "port"}
         if unknown:
             raise ConfigError(f"{culprit}: unknown key(s) {sorted(unknown)}")
-        given = [k for k in ("address", "name", "lan") if k in entry]
+        given = [k for k in ("address", "name", "lan", "controller") if k in entry]
         if len(given) != 1:
-            raise ConfigError(f"{culprit}: give exactly one of address, name or lan")
+            raise ConfigError(f"{culprit}: give exactly one of address, name, lan or controller")
         if "lan" in entry and entry["lan"] is not True:
             raise ConfigError(f"{culprit}: lan must be true")
         entry_dict = {"proto": "any", "port": 0, **entry}
     else:
         raise ConfigError(f"{culprit}: expected 'address[/prefix][:port][/proto]', "
-                          "'name[:port][/proto]', 'lan[:port][/proto]' or a table")
+                          "'name[:port][/proto]', 'lan[:port][/proto]', '@controller[:port][/proto]' "
+                          "or a table")
     proto = entry_dict["proto"]
     if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise ConfigError(f"{culprit}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
@@ -178,6 +182,12 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
         return Destination(None, PROTOCOLS[proto], port, name=check_dns_name(entry_dict["name"], culprit))
     if "lan" in entry_dict:
         return Destination(None, PROTOCOLS[proto], port, lan=True)
+    if "controller" in entry_dict:
+        controller = entry_dict["controller"]
+        if not isinstance(controller, str) or not CONTROLLER.fullmatch(controller):
+            raise ConfigError(f"{culprit}: controller: a class name of 1-40 lower-case letters, "
+                              "digits, - and _")
+        return Destination(None, PROTOCOLS[proto], port, controller=controller)
     try:
         network = ipaddress.IPv4Network(str(entry_dict.get("address")), strict=True)
     except ValueError as e:
@@ -214,7 +224,10 @@ def validate(stack, where: str = "") -> dict[str, dict]:
     return out
 
 
-def compile_stack(stack, where: str = "") -> CompiledStack:
+def compile_stack(stack, where: str = "",
+                  controllers: dict[str, list[Destination]] | None = None) -> CompiledStack:
+    """`controllers` (check_controllers' result) stands in for the profile's controller
+    entries; without it they are checked and left out (a profile on its own)."""
     params = validate(stack, where)
     c = CompiledStack(params=params)
     d = c.device_fields
@@ -274,7 +287,15 @@ def compile_stack(stack, where: str = "") -> CompiledStack:
             destinations = p["destinations"]
     if destinations is not None:
         umbox = "allowlist" if "allowlist" in params else "egress_anomaly"
-        parsed = [parse_destination(x, umbox, where) for x in destinations]
+        parsed = []
+        for entry in (parse_destination(x, umbox, where) for x in destinations):
+            if entry.controller is None:
+                parsed.append(entry)
+                continue
+            hosts = (controllers or {}).get(entry.controller)
+            if hosts is None:
+                c.missing_controllers.append(entry.controller)
+            parsed += [dataclasses.replace(h, proto=entry.proto, port=entry.port) for h in hosts or ()]
         c.destinations = [d for d in parsed if d.name is None]
         c.names = [d for d in parsed if d.name is not None]
         per_target: dict = {}
