@@ -1,15 +1,15 @@
 """Destinations by name without a kernel: the profile syntax, the answer parser and the
 binding bookkeeping over a dict-backed table and a fake clock (tests/test_names.py runs the
 same through real dnsmasq and XDP)."""
-import dns.exception
 import dns.message
 import dns.rrset
 import pytest
+from dnslib import DNSError
 from fakes import FakeTable
 
 from appliance.dataplane import umbox
 from appliance.dataplane.names import NameBindings
-from appliance.dataplane.resolver import read_answer
+from appliance.dataplane.resolver import Resolver, read_answer
 from appliance.errors import ConfigError
 
 
@@ -156,8 +156,25 @@ def test_answers_without_an_address_and_bad_wire():
     aaaa = dns.message.make_response(dns.message.make_query("x.example", "AAAA"))
     assert read_answer(aaaa.to_wire()) is None
     assert read_answer(_answer("x.example")) == (["x.example"], [], 0)
-    with pytest.raises(dns.exception.DNSException):
+    with pytest.raises(DNSError):
         read_answer(b"\x00\x01garbage")
+
+
+def test_whatever_bytes_come_back_the_front_counts_them_and_goes_on():
+    """The answer is passed on unbound: the device's connection meets the closed default."""
+    import random
+    calls = []
+    front = Resolver("127.0.0.1", ("127.0.0.1", 9), lambda *a: calls.append(a) or True)
+    rng = random.Random(8520)
+    good = _answer("cloud.camera.example", ("cloud.camera.example.", "A", 30, "198.19.64.10"))
+    for _ in range(2000):
+        wire = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            wire[rng.randrange(len(wire))] = rng.randrange(256)
+        front._bind("198.18.0.10", bytes(wire[:rng.randint(0, len(wire))]))
+    front._bind("198.18.0.10", good)
+    assert front.counts["unparsable-answer"] > 100
+    assert calls[-1] == ("198.18.0.10", ["cloud.camera.example"], ["198.19.64.10"], 30)
 
 
 def test_controllers_the_site_names_stand_in_for_the_profile_s():

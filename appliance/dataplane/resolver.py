@@ -26,9 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import dns.exception
-import dns.message
-import dns.rdatatype
+from dnslib import QTYPE, DNSRecord
 
 log = logging.getLogger("kalki.resolver")
 
@@ -42,30 +40,32 @@ TCP_IDLE_S = 10.0
 OnAnswer = Callable[[str, list[str], list[str], int], bool]
 
 
+def _name(label) -> str:
+    return str(label).lower().rstrip(".")
+
+
 def read_answer(wire: bytes) -> tuple[list[str], list[str], int] | None:
-    """([question, CNAME targets...], [IPv4 addresses], ttl) of an answer, or None when it
-    holds no IPv4 address for its question. Only the chain from the question counts:
-    records for other names in the same answer are ignored."""
-    msg = dns.message.from_wire(wire, ignore_trailing=True)
-    if not msg.question or msg.question[0].rdtype != dns.rdatatype.A:
+    """([question, CNAME targets...], [IPv4 addresses], ttl) of an answer, or None when its
+    question is not for IPv4 addresses. Only the chain from the question counts: records for
+    other names in the same answer are ignored. Raises DNSError (or another error on
+    garbage) when the wire is not a DNS message."""
+    msg = DNSRecord.parse(wire)
+    if not msg.questions or msg.q.qtype != QTYPE.A:
         return None
-    current = msg.question[0].name
+    current = _name(msg.q.qname)
     chain, ttls = [current], []
     for _ in range(MAX_CHAIN):
-        cname = next((r for r in msg.answer if r.name == current and r.rdtype == dns.rdatatype.CNAME), None)
+        cname = next((r for r in msg.rr if r.rtype == QTYPE.CNAME and _name(r.rname) == current), None)
         if cname is None:
             break
         ttls.append(cname.ttl)
-        current = cname[0].target
+        current = _name(cname.rdata.label)
         chain.append(current)
-    addresses = []
-    for rrset in msg.answer:
-        if rrset.name == current and rrset.rdtype == dns.rdatatype.A:
-            ttls.append(rrset.ttl)
-            addresses += [r.address for r in rrset]
+    addresses = [str(r.rdata) for r in msg.rr if r.rtype == QTYPE.A and _name(r.rname) == current]
     if not addresses:
-        return [str(n).lower().rstrip(".") for n in chain], [], 0
-    return [str(n).lower().rstrip(".") for n in chain], addresses, min(ttls)
+        return chain, [], 0
+    ttls += [r.ttl for r in msg.rr if r.rtype == QTYPE.A and _name(r.rname) == current]
+    return chain, addresses, min(ttls)
 
 
 class Resolver:
@@ -153,7 +153,7 @@ class Resolver:
         """Hands the answer to the data path; whatever goes wrong, the answer still goes on."""
         try:
             read = read_answer(wire)
-        except (dns.exception.DNSException, ValueError, IndexError) as e:
+        except Exception as e:      # noqa: BLE001 - whatever garbage raises, the answer goes on
             self.counts["unparsable-answer"] += 1
             log.debug("answer for %s not understood: %s", client_ip, e)
             return
