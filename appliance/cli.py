@@ -173,10 +173,94 @@ def _profile_export(args) -> int:
     return 0
 
 
+def _profile_from_device(args) -> int:
+    from appliance.client import request
+    fields = {k: v for k, v in (("type", args.type), ("mud_url", args.mud_url)) if v}
+    result = request(_socket(args), "profile_from_device", name=args.device, format=args.format, **fields)
+    sys.stdout.write(result["text"])
+    return 0
+
+
 def _profile_remove(args) -> int:
     from appliance.client import request
     print(f"removed {request(_socket(args), 'profile_remove', type=args.type)['removed']}")
     return 0
+
+
+def _profile_test(args) -> int:
+    """Runs here, as root, not in the supervisor (whose loop must not wait seconds for a
+    compile): the profiles are read as the supervisor reads them, shipped and installed."""
+    from pathlib import Path
+
+    from appliance.config import DEFAULT_PATH, Config, load
+    from appliance.dataplane import capture, trial
+    from appliance.dataplane.api import GatewaySettings
+    from appliance.dataplane.umbox import check_controllers, compile_stack
+    from appliance.policy import profiles
+    from appliance.vocab import check_mac
+    cfg = Config() if args.config is None and not DEFAULT_PATH.exists() else load(args.config or DEFAULT_PATH)
+    state_dir = Path(args.state_dir or cfg.state.directory)
+    known = profiles.load_all(Path(cfg.profiles) if cfg.profiles else profiles.PROFILE_DIR,
+                              profiles.installed_dir(state_dir))
+    if args.type not in known:
+        raise KalkiError(f"profile {args.type!r}: no such device type (known: {', '.join(sorted(known))})")
+    packets = capture.read_packets(args.capture)
+    mac = (check_mac(args.mac, f"{args.capture}: --mac", unicast=True) if args.mac
+           else capture.device_mac(packets, args.capture))
+    controllers = check_controllers(cfg.controllers, f"{cfg.path or 'config'}: controllers")
+    settings = GatewaySettings(mqtt_port=cfg.mqtt.port, name_grace_s=cfg.names.grace_seconds,
+                               name_keep_s=cfg.names.keep_seconds, controllers=controllers)
+    stack = known[args.type].stack("normal")
+    device, gateway, lan = trial.addresses(packets, mac, source=args.capture)
+    if os.geteuid() != 0:
+        raise KalkiError("kalki profile test needs root: it loads the XDP dispatcher in a "
+                         "throwaway network namespace")
+    for name in compile_stack(stack, "", controllers).missing_controllers:
+        print(f"note: the profile names controller {name!r}, which the site does not define "
+              "(config `controllers`): it opens nothing here", file=sys.stderr)
+    rows = trial.try_profile(stack, packets, mac, device, settings=settings, source=args.capture)
+    failed = [r for r in rows if r["direction"] == "from-device"
+              and (r["dropped"] or (r["opening"] or {}).get("verdict", "passed") != "passed")]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 1 if failed else 0
+    print(f"{args.type} (normal) on {args.capture}: device {mac} at {device}, gateway {gateway}, "
+          f"lan {lan}; {len(packets)} packets, nothing sent")
+    width = max(len(_peer(r)) for r in rows)
+    for r in rows:
+        print(f"{r['direction']:11} {r['proto']:5} {_peer(r):{width}}  {r['packets']:5} packets  "
+              f"{_outcome(r)}")
+    print(f"{len(failed)} flow(s) from the device dropped" if failed
+          else "every flow from the device passed")
+    return 1 if failed else 0
+
+
+def _peer(row: dict) -> str:
+    return row["peer"] if row["port"] is None else f"{row['peer']}:{row['port']}"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _outcome(row: dict) -> str:
+    """passed / DROPPED (reason n, ...), what was reported, the verdict on a SYN the capture
+    did not hold, and the names the device resolved for the peer."""
+    drops = {k: v for k, v in row["reasons"].items() if k != "pass"}
+    text = f"DROPPED ({_counts(drops)})" if row["dropped"] else "passed"
+    reported = {k: v for k, v in row["events"].items() if k not in drops}     # not said twice
+    if reported:
+        text += f", reported: {_counts(reported)}"
+    opening = row["opening"]
+    if opening:
+        verdict = "passed" if opening["verdict"] == "passed" else f"DROPPED ({opening['reason']})"
+        text += f"; opened before the capture, its SYN: {verdict}"
+        reported = {k: v for k, v in opening["events"].items() if k != opening["reason"]}
+        if reported:
+            text += f", reported: {_counts(reported)}"
+    if row["names"]:
+        text += f"  [{', '.join(row['names'])}]"
+    return text
 
 
 def _socket(args) -> str:
@@ -253,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_rules_validate)
 
     prof = sub.add_parser("profile", help="device-type profiles: import (TOML or RFC 8520 MUD), list, "
-                          "show, export, remove").add_subparsers(dest="profile_command", required=True)
+                          "show, export, remove, test").add_subparsers(dest="profile_command",
+                                                                       required=True)
     p = prof.add_parser("import", help="install a profile from a TOML profile or a MUD file; "
                         "prints its type")
     p.add_argument("file")
@@ -273,9 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("toml", "mud"), default="toml")
     p.add_argument("--mud-url", help="the MUD URL to export under (default: the profile's mud_url)")
     p.set_defaults(func=_profile_export)
+    p = prof.add_parser("from-device", help="what a device did while learning, as a profile to read, "
+                        "edit and import")
+    p.add_argument("device")
+    p.add_argument("--type", help="the new type's name (default <type>-<device>)")
+    p.add_argument("--format", choices=("toml", "mud"), default="toml")
+    p.add_argument("--mud-url", help="with --format mud: the URL to publish it under")
+    p.set_defaults(func=_profile_from_device)
     p = prof.add_parser("remove", help="remove an installed profile no device uses")
     p.add_argument("type")
     p.set_defaults(func=_profile_remove)
+    p = prof.add_parser("test", help="what a type's normal posture does with a capture (pcap or "
+                        "pcapng) of a device, flow by flow, by the real XDP dispatcher in a "
+                        "throwaway namespace; nothing is sent (root; no supervisor needed)")
+    p.add_argument("type")
+    p.add_argument("capture")
+    p.add_argument("--mac", help="the device's MAC (default: the host in the capture that sends "
+                   "most unicast IPv4 from a private address)")
+    p.add_argument("--config", help="the configuration file, for the state directory (installed "
+                   "profiles), controllers and names (default: /etc/kalki/kalki.toml if it exists)")
+    p.add_argument("--state-dir", help="the state directory (default: the config's state.directory)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_profile_test)
 
     p = sub.add_parser("status", help="the supervisor's state")
     p.set_defaults(func=_call("status"))
@@ -302,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--approve", action="store_true")
     p.set_defaults(func=_call("device_add", name="name", mac="mac", ip="ip", type="type",
                               approve="approve"))
+    p = dev.add_parser("learn", help="posture learning: the device reaches what it asks for and "
+                       "every flow outside its profile is recorded (24 h unless --for)")
+    p.add_argument("name")
+    p.add_argument("--for", dest="duration", help="how long (90s, 15m, 2h, 1d)")
+    p.add_argument("--type", help="for a device not approved yet: its type (default generic)")
+    p.set_defaults(func=_call("device_learn", name="name", type="type", **{"for": "duration"}))
+    for verb, what in (("allow", "a destination the device may open on top of its profile"),
+                       ("disallow", "take back a destination given with allow")):
+        p = dev.add_parser(verb, help=what)
+        p.add_argument("name")
+        p.add_argument("destination",
+                       help="name:port/proto, address[/prefix][:port][/proto] or lan:port/proto")
+        p.set_defaults(func=_call(f"device_{verb}", name="name", destination="destination"))
     posture = sub.add_parser("posture", help="set or reset a posture").add_subparsers(
         dest="posture_command", required=True)
     p = posture.add_parser("set")

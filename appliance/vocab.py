@@ -17,12 +17,15 @@ from appliance.errors import ConfigError
 
 # -- postures -----------------------------------------------------------------------------------
 # The order is the kernel's code (kalki.h's posture field) and must not change.
-POSTURES = ("unknown", "normal", "suspicious", "attack", "quarantine")
+POSTURES = ("unknown", "normal", "suspicious", "attack", "quarantine", "learning")
 POSTURE_CODES = {p: i for i, p in enumerate(POSTURES)}
 SETTABLE_POSTURES = POSTURES[1:]      # an operator or a rule never sets "unknown"
 MAX_POSTURE_SECONDS = 30 * 86400       # a timed posture lasts at most 30 days (--for 30d)
 # How strict each posture is: a rule never lowers a posture that another raised.
-ESCALATION = {"unknown": 0, "normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
+# "learning" (the device reaches what it asks for, and what it asks for is recorded) is below
+# "normal": anything a rule or an operator sets ends it.
+ESCALATION = {"learning": -1, "unknown": 0, "normal": 0, "suspicious": 1, "attack": 2, "quarantine": 3}
+LEARNING_SECONDS = 86400              # learning ends by itself after this, unless told otherwise
 
 
 def stricter(a: str, b: str) -> bool:
@@ -46,7 +49,7 @@ ALERT_SEVERITY = {
     "spoofing": "critical", "lateral-movement": "critical", "gateway-probe": "critical",
     "gate-login-failures": "warning", "new-device": "info", "mqtt-denied": "warning",
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
-    "device-renamed": "warning", "dataplane-replaced": "warning",
+    "device-renamed": "warning", "dataplane-replaced": "warning", "egress-refused": "info",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 

@@ -528,6 +528,8 @@ int xdp_from_devices(struct xdp_md *ctx)
 		if (cfg->flags & KALKI_F_EGRESS_ANOMALY)
 			report(device, KALKI_R_EGRESS_ANOMALY, &p,
 			       block ? KALKI_A_DROPPED : KALKI_A_REPORTED, 1, kalki_now());
+		else    /* a refusal, not an alarm: the operator sees what the device asked for */
+			report(device, KALKI_R_ALLOWLIST, &p, KALKI_A_DROPPED, 1, kalki_now());
 		if (block)
 			return count(device, cfg->flags & KALKI_F_ALLOWLIST ? KALKI_R_ALLOWLIST
 							: KALKI_R_EGRESS_ANOMALY, &p, XDP_DROP);

@@ -53,6 +53,11 @@ class FakeDataplane:
     def names_of(self, name):
         return self.names.of_device(list(self.devices).index(name) + 1)
 
+    def resolved_names(self, name, address):
+        if name not in self.devices:
+            return []
+        return self.names.resolved(list(self.devices).index(name) + 1, address)
+
     def name_snapshot(self):
         return self.names.snapshot()
 

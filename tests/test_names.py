@@ -133,6 +133,14 @@ def test_a_name_outside_the_profile_resolves_but_does_not_open(nlab):
     assert resolve(nlab, "camera1", "other.example") == ["198.19.64.20"]
     assert not connect(cam, "198.19.64.20", 443, timeout=0.5)
     assert names_of(nlab, "camera1")["refused"].get("other.example", 0) >= 1
+    # the refused flow is on the device, with the name it was for: the operator may allow it
+    show = lambda: client.request(nlab.gateway["socket"], "device_show", name="camera1")  # noqa: E731
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not show()["flows"]["refused"]:
+        time.sleep(0.1)
+    refused = show()["flows"]["refused"]
+    assert any(f["names"] == ["other.example"] and f["port"] == 443 for f in refused), refused
+    assert show()["posture"] == "normal"
 
 
 def _name_table(lab):
@@ -185,6 +193,35 @@ def test_bindings_outlive_a_restart_and_a_reboot(nlab):
     # no new lookup: the device reconnects to what it resolved before
     assert connect(cam, "198.19.64.11", 443, timeout=1)
     assert ctypes.sizeof(maps.NameValue) == 48
+
+
+def test_learning_records_what_a_device_opens_and_makes_a_profile_of_it(nlab):
+    """Learning on the light, whose profile does not name api.hue-cloud.example: the flow
+    passes and is recorded with its name; the learnt profile, imported and approved, lets the
+    same flow through in normal with no alert."""
+    sock = nlab.gateway["socket"]
+    light = nlab.device("light1").namespace
+    topology.dns_set(nlab, "api.hue-cloud.example", ["198.19.64.40"], ttl=60)
+    client.request(sock, "device_learn", name="light1", **{"for": "1h"})
+    addr, = resolve(nlab, "light1", "api.hue-cloud.example")
+    assert connect(light, addr, 443, timeout=1)
+    deadline = time.monotonic() + 3
+    learnt = []
+    while time.monotonic() < deadline and not learnt:
+        learnt = client.request(sock, "device_show", name="light1")["flows"]["learnt"]
+        time.sleep(0.1)
+    assert [(f["address"], f["port"], f["names"]) for f in learnt] == [(addr, 443, ["api.hue-cloud.example"])]
+    made = client.request(sock, "profile_from_device", name="light1", type="learnt-light")
+    assert "api.hue-cloud.example:443/tcp" in made["destinations"]
+    assert client.request(sock, "profile_import", text=made["text"], filename="learnt-light.toml")["type"] \
+        == "learnt-light"
+    before = client.request(sock, "alerts", device="light1")
+    client.request(sock, "device_approve", name="light1", type="learnt-light")
+    assert client.request(sock, "device_show", name="light1")["posture"] == "normal"
+    resolve(nlab, "light1", "api.hue-cloud.example")
+    assert connect(light, addr, 443, timeout=1)
+    time.sleep(0.5)
+    assert [a for a in client.request(sock, "alerts", device="light1") if a not in before] == []
 
 
 def test_the_devices_cannot_reach_dnsmasq_behind_the_front(nlab):

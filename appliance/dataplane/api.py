@@ -304,6 +304,11 @@ class Dataplane:
         """{"bound": [...], "refused": {name: times}}: the device's names now."""
         return self._loaded_names().of_device(self._applied(name).device_id)
 
+    def resolved_names(self, name: str, address: str) -> list[str]:
+        """The names the device resolved to `address` through the gateway (question first)."""
+        a = self._devices.get(name)
+        return self._loaded_names().resolved(a.device_id, address) if a else []
+
     def name_snapshot(self) -> list[dict]:
         return self._loaded_names().snapshot()
 

@@ -132,6 +132,22 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id), f"open program id {prog_id}")
 
 
+BPF_MAP_GET_FD_BY_ID = 14
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _GetIdAttr(id=map_id), f"open map id {map_id}")
+
+
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """The ids of the maps a program uses (its own, pinned or not)."""
+    count = prog_info(prog_fd).nr_map_ids
+    ids = (ctypes.c_uint32 * count)()
+    info = ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    _info(prog_fd, info, "program info")
+    return list(ids[:min(count, info.nr_map_ids)])
+
+
 class Map:
     """A pinned map with ctypes keys and values. Per-CPU maps return a list of values.
 

@@ -28,6 +28,7 @@ DEFAULT_GRACE_S = 300       # past the answer's TTL: a device's lookup and its c
 DEFAULT_KEEP_S = 3600       # a flow opened to the address keeps it at least this long
 MAX_TTL_S = 7 * 86400       # an answer's TTL is the upstream's to say, but not forever
 REFUSED_KEPT = 64           # names asked for and refused, remembered per device
+SEEN_KEPT = 512             # addresses answered, with their question, remembered per device
 
 
 @dataclass
@@ -48,6 +49,8 @@ class _Device:
     destinations: list[Destination] = field(default_factory=list)
     bindings: dict[str, Binding] = field(default_factory=dict)      # by address
     refused: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    # every answer's addresses, allowed or not, with the question: what names a flow was for
+    seen: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
 
 def _mono_ns() -> int:
@@ -96,6 +99,11 @@ class NameBindings:
             if d is None:
                 self.counts["not-a-device"] += 1
                 return False
+            for address in addresses:
+                d.seen.pop(address, None)
+                d.seen[address] = chain[0]
+            while len(d.seen) > SEEN_KEPT:
+                d.seen.popitem(last=False)
             if not self._rules(d, chain):
                 self._refuse(d, chain[0])
                 return False
@@ -180,6 +188,16 @@ class NameBindings:
                                "expires_in_s": max(0, round(b.expires - now))}
                               for a, b in sorted(d.bindings.items())],
                     "refused": dict(d.refused)}
+
+    def resolved(self, device_id: int, address: str) -> list[str]:
+        """The names the device asked for that were answered with `address` (bound or not)."""
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is None:
+                return []
+            names = [d.seen[address]] if address in d.seen else []
+            b = d.bindings.get(address)
+            return sorted(set(names) | (b.names if b else set()), key=lambda n: (n not in names, n))
 
     def snapshot(self) -> list[dict]:
         with self._lock:

@@ -195,6 +195,21 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
     return Destination(network, PROTOCOLS[proto], port)
 
 
+def learning_stack(normal: dict) -> dict:
+    """The posture "learning" of a profile, from its normal stack: the detectors, anti-spoofing
+    (and the gateway guard, always on) stay; nothing the device opens is blocked, and every flow
+    outside the profile's destinations is reported (egress_anomaly, report only), so the
+    supervisor can record it. The lateral block goes too: a device's LAN peers are learnt."""
+    stack = copy.deepcopy(normal)
+    stack.pop("lateral_block", None)
+    stack.pop("quarantine", None)
+    allow = stack.pop("allowlist", None)
+    egress = stack.pop("egress_anomaly", None) or {}
+    destinations = (allow or {}).get("destinations") or egress.get("destinations") or []
+    stack["egress_anomaly"] = {"destinations": list(destinations), "block": False}
+    return stack
+
+
 def validate(stack, where: str = "") -> dict[str, dict]:
     """Checks names and parameters and fills defaults; returns the normalised stack."""
     if not isinstance(stack, dict):

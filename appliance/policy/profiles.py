@@ -99,6 +99,7 @@ def parse_profile(data: dict, path: Path, installed: bool = False) -> Profile:
     # A posture without umboxes would leave an unapproved device open: fail closed instead.
     checked.setdefault("unknown", umbox.validate({"quarantine": {"management": False}}))
     checked.setdefault("quarantine", umbox.validate({"quarantine": {}}))
+    checked.setdefault("learning", umbox.validate(umbox.learning_stack(checked["normal"])))
     for key in ("telemetry", "commands", "match"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError(f"{path.name}: key {key!r} must be a table")

@@ -361,7 +361,7 @@ class Store:
         culprit = f"device {name!r}"
         if "name" in fields:
             raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
-        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after"}
+        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow"}
         if unknown:
             raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
         out = {}
@@ -394,6 +394,10 @@ class Store:
                 _text(value, what, optional=True)
             elif key == "posture_after":
                 value = _posture_after(value, what)
+            elif key == "allow":    # the device's own destinations, on top of its profile's
+                texts = isinstance(value, list) and all(isinstance(x, str) and len(x) <= 300 for x in value)
+                if not texts or len(value) > 64:
+                    raise StoreError(f"{what}: expected up to 64 destinations as text, got {value!r}")
             out[key] = value
         if "posture" in out and out["posture"] != current["posture"]:
             out.setdefault("posture_since", now)

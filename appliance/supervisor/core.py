@@ -26,6 +26,7 @@ from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
 from appliance.supervisor.clock import Clock
+from appliance.supervisor.flows import Flows
 from appliance.supervisor.memory import Listeners, Recent
 from appliance.supervisor.watch import Watch
 from appliance.vocab import (
@@ -71,6 +72,7 @@ class Supervisor:
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
         self._names_saved: list = []
+        self.flows = self._load_flows()
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
@@ -186,6 +188,38 @@ class Supervisor:
                              time.monotonic_ns())
         self._restore_names()
 
+    # -- flows devices opened outside their profiles: learnt and refused ------------------
+    @property
+    def _flows_path(self) -> Path:
+        return self.store.directory / "flows.json"
+
+    def _load_flows(self) -> Flows:
+        try:
+            return Flows.from_json(json.loads(self._flows_path.read_text()))
+        except FileNotFoundError:
+            return Flows()
+        except (OSError, ValueError) as e:
+            log.warning("%s: not read (%s): learnt and refused flows start empty", self._flows_path, e)
+            return Flows()
+
+    def _record_flow(self, device: str, kind: str, e: dict) -> bool:
+        """Records a flow outside the device's profile; True if that is all it is (no alert):
+        while learning, or a refusal."""
+        d = self.known.get(device)
+        learning = d is not None and d.get("posture") == "learning"
+        if kind not in ("egress-refused", "egress-report", "egress-anomaly"):
+            return False
+        try:
+            names = self.dp.resolved_names(device, e.get("dst", ""))
+        except KalkiError:
+            names = []
+        if learning:
+            self.flows.record("learnt", device, e, names, iso(self.now()))
+            return True
+        if kind == "egress-refused" or e.get("action") != "reported":
+            self.flows.record("refused", device, e, names, iso(self.now()))
+        return kind == "egress-refused"
+
     # -- names: the addresses devices resolved, outliving restarts -------------------------
     @property
     def _names_path(self) -> Path:
@@ -218,16 +252,22 @@ class Supervisor:
         SD card may stall)."""
         self.dp.expire_names()
         snapshot = self.dp.name_snapshot()
-        if snapshot == self._names_saved:
+        writes: list[tuple[Path, Any]] = []
+        if snapshot != self._names_saved:
+            writes.append((self._names_path, snapshot))
+        if self.flows.changed:
+            writes.append((self._flows_path, self.flows.to_json()))
+        if not writes:
             return
-        path = self._names_path
 
         def write() -> None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(snapshot))
-            os.replace(tmp, path)
+            for path, data in writes:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
         await asyncio.to_thread(write)
         self._names_saved = snapshot
+        self.flows.changed = False
 
     def _keep_stricter_kernel_postures(self) -> None:
         """Reconcile never lowers protection by itself: where the kernel holds a stricter
@@ -292,12 +332,25 @@ class Supervisor:
         self._stop.set()
         self.store.close()
 
+    def stack_of(self, d: dict, posture: str) -> dict:
+        """The device's umbox stack in a posture: its profile's, and where that names
+        destinations, the device's own (`kalki device allow`) on top."""
+        stack = self.profiles[d["type"]].stack(posture)
+        own = d.get("allow") or []
+        if not own:
+            return stack
+        stack = {k: dict(v) for k, v in stack.items()}
+        for umbox_name in ("allowlist", "egress_anomaly"):
+            if stack.get(umbox_name, {}).get("destinations") is not None:
+                stack[umbox_name]["destinations"] = [*stack[umbox_name]["destinations"], *own]
+        return stack
+
     def wanted(self) -> list[DeviceSpec]:
         """What the data path should hold: every approved device with an address, in its posture."""
         out = []
         for d in self.known.values():
             if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
-                stack = self.profiles[d["type"]].stack(d["posture"])
+                stack = self.stack_of(d, d["posture"])
                 out.append(DeviceSpec(d["name"], d["mac"], d["ip"], stack,
                                       POSTURE_CODES.get(d["posture"], 0)))
         return out
@@ -325,6 +378,8 @@ class Supervisor:
         received = time.monotonic_ns()
         for device, kind, e in alerts:
             if kind == "spoofing" and self._leased(device, e["src"]):
+                continue
+            if self._record_flow(device, kind, e):
                 continue
             self.raise_alert(device, kind, "kernel", e, received)
 
@@ -491,7 +546,7 @@ class Supervisor:
                    for name, posture, seconds in changes]
         with self.dp.batch():
             for name, posture, _, d, code in checked:
-                stack = self.profiles[d["type"]].stack(posture)
+                stack = self.stack_of(d, posture)
                 self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
             xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
         for name, posture, _, _, code in checked:
@@ -630,14 +685,14 @@ class Supervisor:
 
     def summary(self) -> str:
         """What the posture LEDs show: "alert" (any attack or quarantine), "warning" (any
-        suspicious, or a new device waiting for approval), "normal"."""
+        suspicious or learning, or a new device waiting for approval), "normal"."""
         postures = {d["posture"] for d in self.known.values() if d.get("approved")}
         waiting = any(not d.get("approved") for d in self.known.values())
         if postures & {"attack", "quarantine"} or self.watch.tampered_recently():
             return "alert"
         if self.watch.disk_error:
             return "warning"
-        if "suspicious" in postures or waiting:
+        if postures & {"suspicious", "learning"} or waiting:
             return "warning"
         return "normal"
 

@@ -16,18 +16,20 @@ from pathlib import Path
 
 from appliance import policy
 from appliance.config import parse_toml
-from appliance.errors import ConfigError, StoreError, UnknownDeviceError
+from appliance.dataplane import umbox
+from appliance.errors import ConfigError, KalkiError, StoreError, UnknownDeviceError
 from appliance.policy import mud as mudfiles
 from appliance.policy import profiles
-from appliance.supervisor import accounts
+from appliance.supervisor import accounts, flows
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
-from appliance.vocab import SETTABLE_POSTURES, check_posture
+from appliance.vocab import LEARNING_SECONDS, SETTABLE_POSTURES, check_posture, iso
 
 # The control socket's requests, each an Ops method of the same name.
 CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
            "posture_set", "posture_reset", "alerts", "decisions", "maintenance", "memory",
            "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel",
-           "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove")
+           "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
+           "device_learn", "device_allow", "device_disallow", "profile_from_device")
 
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
@@ -208,6 +210,8 @@ class Ops:
         view["counters"] = sup.dp.counters(name) if name in sup.dp.devices else {}
         # the names it resolved through the gateway: bound, or refused (not in its profile)
         view["names"] = sup.dp.names_of(name) if name in sup.dp.devices else {"bound": [], "refused": {}}
+        # flows outside its profile: refused (for the operator to allow), learnt (while learning)
+        view["flows"] = {"refused": sup.flows.of("refused", name), "learnt": sup.flows.of("learnt", name)}
         view["alerts"] = sup.store.alerts(device=name, limit=20)
         view["umboxes"] = sup.profiles[d["type"]].stack(d["posture"]) if d.get("type") in sup.profiles else {}
         return view
@@ -231,6 +235,97 @@ class Ops:
         check_posture(posture, "posture", settable=True)
         ns = self._sup.set_posture(name, posture, "set by operator", _duration(for_), actor=actor)
         return {"device": name, "posture": posture, "enforced_ns": ns}
+
+    def device_learn(self, name, for_=None, type=None, actor: str = "operator") -> dict:
+        """Posture "learning" for a while (24 h unless told): the device reaches what it asks
+        for, detectors and anti-spoofing stay on, and every flow outside its profile is
+        recorded with the names it resolved. A device not approved yet is approved first, as
+        `type` (or what it was given, or generic), and returns to that type's normal after."""
+        sup = self._sup
+        d = sup.device(name)
+        seconds = _duration(for_) or LEARNING_SECONDS
+        if not d.get("approved"):
+            type = type or d.get("type") or "generic"
+            if type not in sup.profiles:
+                raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
+            sup.approve(name, type, actor=actor)
+        ns = sup.set_posture(name, "learning", f"learning, started by {actor}", seconds, actor=actor)
+        sup.store.audit("learn", actor, {"device": name, "seconds": seconds})
+        return {"device": name, "posture": "learning", "for_seconds": seconds, "enforced_ns": ns}
+
+    def _own_destinations(self, name, destination, add: bool, actor: str) -> dict:
+        sup = self._sup
+        d = sup.device(name)
+        if not isinstance(destination, str):
+            raise ConfigError(f"device {name}: destination: expected text such as "
+                              f"'n-devs.tplinkcloud.com:443/tcp', got {destination!r}")
+        umbox.parse_destination(destination, "allow", f"device {name}: ")
+        before = list(d.get("allow") or [])
+        own = [x for x in before if x != destination] + ([destination] if add else [])
+        if own == before:
+            return {"device": name, "allow": own}
+        sup._update_device(name, allow=own)
+        if d.get("approved") and d.get("type") in sup.profiles:
+            try:        # in force now, or not at all
+                sup.set_posture(name, d["posture"], f"destination {destination} "
+                                f"{'allowed' if add else 'no longer allowed'} by {actor}", actor=actor)
+            except KalkiError:
+                sup._update_device(name, allow=before)
+                raise
+        sup.store.audit("device-allow" if add else "device-disallow", actor,
+                        {"device": name, "destination": destination})
+        return {"device": name, "allow": own}
+
+    def device_allow(self, name, destination, actor: str = "operator") -> dict:
+        """One destination the device may open on top of its profile (a drifted cloud name)."""
+        return self._own_destinations(name, destination, True, actor)
+
+    def device_disallow(self, name, destination, actor: str = "operator") -> dict:
+        return self._own_destinations(name, destination, False, actor)
+
+    def profile_from_device(self, name, type=None, format="toml", mud_url=None) -> dict:
+        """What a device was seen to do while learning, as a profile for the operator to read,
+        edit and import: its type's postures with the learnt destinations added (the names it
+        resolved rather than addresses, "lan" for its LAN peers), and without the lateral
+        block if it talked to its LAN."""
+        sup = self._sup
+        d = sup.device(name)
+        learnt = sup.flows.of("learnt", name)
+        if not learnt:
+            raise ConfigError(f"device {name}: nothing learnt yet (kalki device learn {name})")
+        base = sup.profiles.get(d.get("type") or "generic") or sup.profiles["generic"]
+        type = type or f"{base.type}-{name}".lower().replace("_", "-")[:40]
+        profiles.check_type_name(type, "type")
+        if format not in ("toml", "mud"):
+            raise ConfigError(f"format: expected toml or mud, got {format!r}")
+        seen = sorted({flows.destination_of(e, sup.cfg.gateway.lan) for e in learnt})
+        postures = {}
+        for posture, stack in base.postures.items():
+            if posture in ("unknown", "learning"):
+                continue
+            # (validated stacks hold every parameter; a default left as None is not written)
+            stack = {k: {pk: pv for pk, pv in v.items() if pv is not None} for k, v in stack.items()}
+            for umbox_name in ("allowlist", "egress_anomaly"):
+                if umbox_name in stack and stack[umbox_name].get("destinations") is not None:
+                    old = list(stack[umbox_name]["destinations"])
+                    stack[umbox_name]["destinations"] = old + [x for x in seen if x not in old]
+            if any(x.startswith("lan") for x in seen):
+                stack.pop("lateral_block", None)
+            postures[posture] = stack
+        if not any(k in postures["normal"] for k in ("allowlist", "egress_anomaly")):
+            postures["normal"]["egress_anomaly"] = {"destinations": seen, "block": False}
+        data = {"type": type, "description": f"learnt from device {name} ({len(learnt)} flows), "
+                                              f"on top of the {base.type} profile", "postures": postures}
+        text = profiles.dump_profile(data, [f"Learnt by kalki from device {name} at {iso(sup.now())}.",
+                                            "Read it, edit it, then: kalki profile import FILE"])
+        profiles.profile_from_text(text, f"{type}.toml")      # it must be importable
+        if format == "mud":     # what the device did, and nothing the base profile adds
+            only = profiles.profile_from_text(profiles.dump_profile(
+                {"type": type, "postures": {"normal": {"egress_anomaly": {"destinations": seen}}}}),
+                f"{type}.toml")
+            text = json.dumps(mudfiles.profile_to_mud(only, mud_url or f"https://{type}.invalid/mud"),
+                              indent=2) + "\n"
+        return {"type": type, "format": format, "text": text, "destinations": seen}
 
     def posture_reset(self, name, actor: str = "operator") -> dict:
         self._sup.set_posture(name, "normal", "reset by operator", actor=actor)

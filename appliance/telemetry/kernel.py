@@ -6,7 +6,9 @@ from typing import Callable, Iterable, Iterator
 
 KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
                  "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
-                 "lateral": "lateral-movement", "gateway": "gateway-probe"}
+                 "lateral": "lateral-movement", "gateway": "gateway-probe",
+                 # a flow the allow-list refused: recorded on the device, never an alarm
+                 "allowlist": "egress-refused"}
 
 
 def alert_kind(event: dict, device_ip: str | None) -> str | None:
