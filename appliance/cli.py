@@ -84,6 +84,18 @@ def _lab_block(args) -> int:
     return 0
 
 
+def _lab_dns(args) -> int:
+    from lab import topology
+    s = topology.load(args.name)
+    if not s.pids.get("inet-dns"):
+        print(f"lab {args.name}: it has no name server (it runs with the supervisor)", file=sys.stderr)
+        return 2
+    topology.dns_set(s, args.hostname, args.addresses, args.ttl, cname=args.cname)
+    what = f"CNAME {args.cname}" if args.cname else " ".join(args.addresses)
+    print(f"lab {args.name}: {args.hostname} -> {what} (TTL {args.ttl} s)")
+    return 0
+
+
 # -- the supervisor -------------------------------------------------------------------------
 def _run(args) -> int:
     from appliance.run import main
@@ -315,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("seconds", type=int)
     p.set_defaults(func=_lab_block)
+    p = lab.add_parser("dns", help="the lab internet's name server, which the gateway's resolver "
+                       "forwards to: `kalki lab dns LAB set HOSTNAME ADDRESS... [--ttl S]`")
+    p.add_argument("name", help="the lab")
+    p.add_argument("action", choices=("set",), help="give a host name addresses (or a CNAME)")
+    p.add_argument("hostname")
+    p.add_argument("addresses", nargs="*", help="lab addresses (198.18.0.0/15)")
+    p.add_argument("--ttl", type=int, default=300)
+    p.add_argument("--cname", help="an alias for this name instead of addresses")
+    p.set_defaults(func=_lab_dns)
 
     p = sub.add_parser("run", help="run the supervisor")
     p.add_argument("--config", default="/etc/kalki/kalki.toml")

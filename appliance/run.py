@@ -57,7 +57,8 @@ def connect_mqtt(cfg: Config, sup: Supervisor, loop: asyncio.AbstractEventLoop):
     from appliance.telemetry.mqtt import Bus
     return Bus(m.host, m.port, m.user, password, m.base, known_device=sup.known.__contains__,
                on_telemetry=sup.on_telemetry, on_availability=sup.on_availability,
-               on_denied=sup.on_denied, loop=loop, max_payload=m.max_payload,
+               on_denied=sup.on_denied, on_client_id_denied=sup.on_client_id_denied, loop=loop,
+               max_payload=m.max_payload,
                on_connected=lambda: _later(loop, sup.republish))
 
 

@@ -105,7 +105,7 @@ class Fleet:
         defaults = {"camera": {"recording": True}, "plug": {"on": True, "power_w": 12.5},
                     "light": {"on": False, "brightness": 100}, "motion_sensor": {"motion": False}}
         for d in state.devices:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{d.name}")
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{d.name}-bench")
             c.username_pw_set(d.name, pw[d.name])
             with netns.entered(d.namespace):      # the socket is made in this thread: here
                 c.connect(lab_only(topology.GATEWAY_LAN_IP), topology.MQTT_PORT, keepalive=60)
@@ -190,7 +190,7 @@ class PostureWatch:
         self.topic = f"kalki/{device}/posture"
         self.posture = None
         self.changed = threading.Condition()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-watch")
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{topology.SUPERVISOR_USER}-bench-watch")
         c.username_pw_set(topology.SUPERVISOR_USER, (lab_dir / "mqtt-supervisor").read_text().strip())
         c.on_message = self._on_message
         c.on_connect = lambda client, *_: client.subscribe(self.topic, qos=1)

@@ -512,8 +512,12 @@ int xdp_from_devices(struct xdp_md *ctx)
 	/* DNS, wherever addressed, is answered by the gateway's resolver (nftables' chain
 	 * "resolver" redirects it), so every answer the device gets is one the gateway saw and
 	 * bound in kalki_name_allow. */
-	if (p.dport == 53 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP))
-		return count(device, KALKI_R_PASS, &p, XDP_PASS);
+	if (p.dport == 53 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP)) {
+		if (!(cfg->flags & KALKI_F_DNS_GATEWAY_ONLY))
+			return count(device, KALKI_R_PASS, &p, XDP_PASS);
+		report(device, KALKI_R_ALLOWLIST, &p, KALKI_A_DROPPED, 1, kalki_now());
+		return count(device, KALKI_R_ALLOWLIST, &p, XDP_DROP);
+	}
 	/* LAN broadcast and multicast (mDNS, SSDP, vendor discovery such as Tuya's UDP 6667)
 	 * belong to the LAN: not a destination on the internet, not another device's service.
 	 * The rate limit above still applies. */

@@ -30,6 +30,7 @@
 #define KALKI_F_QUARANTINE_MGMT (1u << 10)  /* quarantine still lets MQTT reach the gateway */
 #define KALKI_F_PRESENT         (1u << 11)  /* in every entry the appliance writes: a slot of
 					     * kalki_devices without it is free */
+#define KALKI_F_DNS_GATEWAY_ONLY (1u << 12) /* DNS to other resolvers refused, not redirected */
 
 /* Why a packet was passed or dropped: the second index of the counters map, and the
  * "umbox" of an event. */

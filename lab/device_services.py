@@ -308,7 +308,8 @@ class MqttTelemetry:
         self.availability = f"{self.topic}/availability"
         self.set_topic = f"{self.topic}/set"
         self._loop = asyncio.get_running_loop()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"kalki-{device.name}")
+        # the broker takes a client id that is the user name (or starts with it and "-")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device.name)
         if user:
             self.client.username_pw_set(user, password)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)

@@ -41,8 +41,10 @@ INET_ANY = "198.19.64.0/18"     # the internet host takes traffic for any addres
 # before names, the lab's old cloud prefix. The product's profiles name no lab address.
 CLOUD_TYPES = ("camera", "door-sensor", "generic", "light", "motion-sensor", "plug", "thermostat")
 LAB_CONTROLLERS = {f"{t}-cloud": ["198.19.8.0/24", f"cloud.{t}.example"] for t in CLOUD_TYPES}
-LAB_DNS = {f"cloud.{t}.example": {"addresses": [f"198.19.64.{100 + i}"], "ttl": 300, "cname": None}
-           for i, t in enumerate(CLOUD_TYPES)}
+LAB_DNS = {**{f"cloud.{t}.example": {"addresses": [f"198.19.64.{100 + i}"], "ttl": 300, "cname": None}
+              for i, t in enumerate(CLOUD_TYPES)},
+           # the NTP pool the shipped profiles name, answered inside the lab
+           "pool.ntp.org": {"addresses": ["198.19.64.123"], "ttl": 300, "cname": None}}
 ATTACKER_IP = "198.19.0.66"
 DEFAULT_TYPES = ("camera", "plug", "light", "motion_sensor")
 DEVICE_PASSWORD = "lab-device-pw"
@@ -475,8 +477,8 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
                                lab_dir / f"{d.name}.log")
         ready.append(flag)
     flag = lab_dir / "inet.ready"
-    s.pids["inet"] = spawn(s.namespaces["inet"], [py, "-m", "lab.sink", "--ports",
-                                                  "80,443,1883,8080,8883", "--ready-file", str(flag)],
+    s.pids["inet"] = spawn(s.namespaces["inet"], [py, "-m", "lab.sink", "--ports", "80,1883,8080",
+                                                  "--tls-ports", "443,8883", "--ready-file", str(flag)],
                            lab_dir / "inet.log")
     ready.append(flag)
     if s.gateway.get("supervisor"):   # the supervisor blocks, and records the alert

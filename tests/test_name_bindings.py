@@ -205,3 +205,23 @@ def test_bad_controllers_in_the_config_name_the_culprit(tmp_path, controllers, m
     cfg.controllers = {"cloud": ["x.example"]}
     path.write_text(config.dump(cfg))
     assert config.load(str(path)).controllers == {"cloud": ["x.example"]}
+
+
+def test_registrable_domains_follow_the_public_suffix_list():
+    c = umbox.compile_stack({"allowlist": {"registrable_domains": True, "destinations": [
+        "n-devs.tplinkcloud.com:443/tcp", "pool.ntp.org:123/udp", "bucket.s3.amazonaws.com:443/tcp"]}})
+    names = {(d.name, d.port) for d in c.names}
+    assert {("tplinkcloud.com", 443), ("*.tplinkcloud.com", 443), ("*.ntp.org", 123)} <= names
+    # under a private suffix (s3.amazonaws.com) the name is its own registrable domain:
+    # nobody else's bucket opens
+    assert ("*.amazonaws.com", 443) not in names and ("*.s3.amazonaws.com", 443) not in names
+    wild = next(d for d in c.names if d.name == "*.tplinkcloud.com")
+    assert wild.matches_name("use1-api.tplinkcloud.com")
+    plain = umbox.compile_stack({"allowlist": {"destinations": ["n-devs.tplinkcloud.com:443/tcp"]}})
+    assert [d.name for d in plain.names] == ["n-devs.tplinkcloud.com"]
+
+
+def test_dns_gateway_only_is_a_flag():
+    from appliance.dataplane import maps
+    assert umbox.compile_stack({"dns_gateway_only": {}}).flags & maps.Flag.DNS_GATEWAY_ONLY
+    assert not umbox.compile_stack({"anti_spoof": {}}).flags & maps.Flag.DNS_GATEWAY_ONLY

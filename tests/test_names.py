@@ -242,3 +242,16 @@ def test_a_shipped_profile_opens_the_cloud_the_site_names(nlab):
     after = client.request(nlab.gateway["socket"], "alerts", device="light1")
     assert [a for a in after if a not in before] == []
     assert names_of(nlab, "light1")["bound"][0]["names"] == ["cloud.light.example"]
+
+
+def test_kalki_lab_dns_set_gives_the_internet_a_name(nlab):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "dns", nlab.name, "set",
+                          "cli.camera.example", "198.19.64.77", "--ttl", "30"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert resolve(nlab, "camera1", "cli.camera.example") == ["198.19.64.77"]
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "dns", nlab.name, "set",
+                          "x.example", "8.8.8.8"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "outside the lab" in bad.stderr

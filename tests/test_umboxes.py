@@ -388,3 +388,20 @@ def test_no_shipped_profile_counts_web_requests_as_guessing():
         for posture, stack in p.postures.items():
             ports = stack.get("brute_force", {}).get("ports", [])
             assert not set(ports) & {80, 443, 8080, 8443}, (p.type, posture, ports)
+
+
+def test_dns_to_another_resolver_is_refused_with_dns_gateway_only(lab, fresh):
+    """Without the umbox XDP lets DNS to any address through (nftables redirects it to the
+    gateway's resolver); with it, it is refused and reported as a refusal."""
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE})
+    before = dropped(fresh, "camera1", "allowlist")
+    udp_send(cam.namespace, "198.19.64.53", 53, 3)
+    time.sleep(0.2)
+    assert dropped(fresh, "camera1", "allowlist") == before
+    fresh.set_stack("camera1", {**BASE, "dns_gateway_only": {}})
+    udp_send(cam.namespace, "198.19.64.53", 53, 3)
+    events = events_of(fresh, "allowlist")
+    assert dropped(fresh, "camera1", "allowlist") == before + 3
+    assert events and events[0]["dst"] == "198.19.64.53" and events[0]["dst_port"] == 53
+    assert events[0]["action"] == "dropped"

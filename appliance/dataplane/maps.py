@@ -25,6 +25,7 @@ class Flag(enum.IntFlag):
     ANTI_SPOOF = 1 << 9
     QUARANTINE_MGMT = 1 << 10
     PRESENT = 1 << 11
+    DNS_GATEWAY_ONLY = 1 << 12
 
 
 class Reason(enum.IntEnum):

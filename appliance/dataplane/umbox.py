@@ -39,7 +39,7 @@ _BLOCK = Param(int, 0, 0, 86_400)
 
 CATALOGUE: dict[str, dict[str, Param]] = {
     "quarantine": {"management": Param(bool, True)},
-    "allowlist": {"destinations": Param(list, required=True)},
+    "allowlist": {"destinations": Param(list, required=True), "registrable_domains": Param(bool, False)},
     "rate_limit": {
         "packets_per_second": Param(int, 0, 0, 100_000_000),
         "bytes_per_second": Param(int, 0, 0, 1_250_000_000),
@@ -56,7 +56,11 @@ CATALOGUE: dict[str, dict[str, Param]] = {
                   "block_seconds": _BLOCK},
     "brute_force": {"attempts": Param(int, 5, 1, 1_000_000), "window_ms": _ms(10_000),
                     "ports": Param(list, [22, 23]), "block_seconds": Param(int, 300, 0, 86_400)},
-    "egress_anomaly": {"block": Param(bool, False), "destinations": Param(list, None)},
+    "egress_anomaly": {"block": Param(bool, False), "destinations": Param(list, None),
+                       "registrable_domains": Param(bool, False)},
+    # the device's DNS goes to the gateway only: DNS to any other resolver is refused, not
+    # redirected to the gateway's resolver
+    "dns_gateway_only": {},
     "lateral_block": {},
     "anti_spoof": {},
     "auth_gate": {"port": Param(int, 80, 1, 65_535)},
@@ -195,6 +199,32 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
     return Destination(network, PROTOCOLS[proto], port)
 
 
+def registrable_domains(destinations: list[Destination]) -> list[Destination]:
+    """For each name, the registrable domain it is under (by the Public Suffix List, from the
+    publicsuffixlist package) and every name below it, with the same protocol and port:
+    a vendor's cloud moves between names under its own domain. A name that is itself a public
+    suffix (or under a private one such as s3.amazonaws.com's) gives only itself."""
+    from publicsuffixlist import PublicSuffixList
+    psl = _psl(PublicSuffixList)
+    out = []
+    for d in destinations:
+        if d.name is None:
+            continue
+        domain = psl.privatesuffix(d.name.removeprefix("*."))
+        if domain:
+            out += [dataclasses.replace(d, name=domain), dataclasses.replace(d, name=f"*.{domain}")]
+    return out
+
+
+_PSL: list = []
+
+
+def _psl(factory):
+    if not _PSL:
+        _PSL.append(factory())
+    return _PSL[0]
+
+
 def learning_stack(normal: dict) -> dict:
     """The posture "learning" of a profile, from its normal stack: the detectors, anti-spoofing
     (and the gateway guard, always on) stay; nothing the device opens is blocked, and every flow
@@ -283,6 +313,8 @@ def compile_stack(stack, where: str = "",
                  bf_ports=ports)
     if "lateral_block" in params:
         c.flags |= F.LATERAL_BLOCK
+    if "dns_gateway_only" in params:
+        c.flags |= F.DNS_GATEWAY_ONLY
     if "anti_spoof" in params:
         c.flags |= F.ANTI_SPOOF
     destinations = None
@@ -311,8 +343,10 @@ def compile_stack(stack, where: str = "",
             if hosts is None:
                 c.missing_controllers.append(entry.controller)
             parsed += [dataclasses.replace(h, proto=entry.proto, port=entry.port) for h in hosts or ()]
+        if params.get(umbox, {}).get("registrable_domains"):
+            parsed += registrable_domains(parsed)
         c.destinations = [d for d in parsed if d.name is None]
-        c.names = [d for d in parsed if d.name is not None]
+        c.names = list(dict.fromkeys(d for d in parsed if d.name is not None))
         per_target: dict = {}
         for dst in parsed:
             per_target.setdefault(dst.name or ("lan" if dst.lan else dst.network), []).append(dst)

@@ -372,6 +372,12 @@ class Supervisor:
         self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
                          {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
 
+    def on_client_id_denied(self, user: str, client_id: str, count: int) -> None:
+        """The broker refused a connection whose client id is not the user's: an attempt to
+        take over another device's (or the supervisor's) session. An alert naming both."""
+        self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
+                         {"user": user, "client_id": client_id, "count": count}, time.monotonic_ns())
+
     # -- kernel events --------------------------------------------------------------------
     def on_kernel_alerts(self, alerts) -> None:
         """(device, alert kind, kernel event) from appliance.telemetry.kernel."""

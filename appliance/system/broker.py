@@ -1,5 +1,6 @@
 """Mosquitto, configured by the project: no anonymous clients, one password per device,
-and an ACL that lets a device speak only under its own topic.
+an ACL that lets a device speak only under its own topic, and (the denials plugin) client ids
+that a device cannot borrow from another device or from the supervisor.
 
     broker = Broker(Path("/run/kalki/mqtt"), port=1883, users={"kalki": pw, "light1": pw1})
     with broker:
@@ -37,8 +38,9 @@ PASSWORDS = "passwords"
 ACL = "acl"
 LOG = "mosquitto.log"
 OUTPUT = "mosquitto.out"  # stderr: errors from before the log file is opened
-# The plugin that counts the publishes the ACL refuses (mosquitto/kalki_denials.c), built by
-# scripts/setup.sh, and for the SD-card image by image/stages/30-appliance.sh.
+# The plugin that refuses and counts a device's publishes outside its own topics and connections
+# with another user's client id (mosquitto/kalki_denials.c), built by scripts/setup.sh, and for
+# the SD-card image by image/stages/30-appliance.sh.
 DENIALS_PLUGIN = HOME / "build" / "kalki_denials.so"
 
 
@@ -83,7 +85,8 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
     every other user is a device. run_as is the account mosquitto drops to when started as
     root; by default the current one, which can read the files written here. The denials
     plugin is loaded when it is there: without it the broker refuses the same publishes,
-    and nobody counts them.
+    and nobody counts them, but any user may connect with any client id, and so disconnect
+    whoever holds that id (the supervisor included).
     """
     directory = Path(directory)
     users = dict(users or {})
@@ -121,14 +124,20 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
         f"password_file {directory / PASSWORDS}",
         f"acl_file {directory / ACL}",
         f"max_packet_size {MAX_PACKET_SIZE}",
+        # The id the broker gives a client that sends none, and the one the denials plugin lets
+        # anyone use: said here, as Mosquitto 2.0.11 forgets its default at a reload.
+        "auto_id_prefix auto-",
         f"log_dest file {directory / LOG}",
         "log_type error",
         "log_type warning",
         "log_type notice",
         "log_type information",  # includes "Reloading config.", which reload() waits for
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        # The plugin reads the password file for the user names that own client ids, and to
+        # count a refused client id only when its password was right.
         *([f"plugin {denials_plugin}", f"plugin_opt_base {base}",
-           f"plugin_opt_supervisor {supervisor_user}"]
+           f"plugin_opt_supervisor {supervisor_user}",
+           f"plugin_opt_passwords {directory / PASSWORDS}"]
           if denials_plugin and Path(denials_plugin).is_file() else []),
         "",
     ]), 0o644)
@@ -149,7 +158,8 @@ class Broker:
 
     def __init__(self, directory: Path, listen: str = "127.0.0.1", port: int = 1883,
                  users: dict[str, str] | None = None, supervisor_user: str = "kalki",
-                 base: str = "kalki", run_as: str | None = None, binary: str = MOSQUITTO):
+                 base: str = "kalki", run_as: str | None = None, binary: str = MOSQUITTO,
+                 denials_plugin: Path | None = DENIALS_PLUGIN):
         self.directory = Path(directory)
         self.listen = listen
         self.port = port
@@ -158,13 +168,14 @@ class Broker:
         self.base = base
         self.run_as = run_as
         self.binary = binary
+        self.denials_plugin = denials_plugin
         self.namespace: str | None = None
         self._process: subprocess.Popen | None = None
         self.conf = self._write()
 
     def _write(self) -> Path:
         return write_config(self.directory, self.listen, self.port, self.users,
-                            self.supervisor_user, self.base, self.run_as)
+                            self.supervisor_user, self.base, self.run_as, self.denials_plugin)
 
     @property
     def pid(self) -> int | None:

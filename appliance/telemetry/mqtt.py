@@ -6,8 +6,9 @@
     <base>/<device>/posture         {"posture", "since"}, retained         (us -> anyone)
     <base>/bridge/state             {"state": "online"|"offline"}, retained; our last will
     <base>/bridge/alerts, <base>/bridge/decisions
-    <base>/bridge/denied            what the broker refused to devices, once a second at most
-                                    (mosquitto/kalki_denials.c)                (broker -> us)
+    <base>/bridge/denied            what the broker refused to devices (publishes outside their
+                                    topics, connections with another's client id), once a
+                                    second at most (mosquitto/kalki_denials.c) (broker -> us)
     homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery
 
 Everything a device sends is untrusted: it is checked here and counted in `rejected` by
@@ -59,6 +60,7 @@ class Bus:
                  on_telemetry: Callable[[str, dict], None],
                  on_availability: Callable[[str, str], None],
                  on_denied: Callable[[str, str, int], None] = lambda user, topic, count: None,
+                 on_client_id_denied: Callable[[str, str, int], None] | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096,
                  on_connected: Callable[[], None] = lambda: None):
         self.host, self.port, self.user, self.base = host, port, user, base
@@ -66,6 +68,9 @@ class Bus:
         self.on_telemetry = on_telemetry
         self.on_availability = on_availability
         self.on_denied = on_denied
+        # (user, client id, count): connections the broker refused because the client id was
+        # not the user's. Without it they go to on_denied, the client id in the topic's place.
+        self.on_client_id_denied = on_client_id_denied
         self.on_connected = on_connected   # every (re)connect, from paho's thread
         self.loop = loop
         self.max_payload = max_payload
@@ -78,7 +83,8 @@ class Bus:
         self._refusal = "no answer yet"
         self._closed = False
 
-        # A random suffix: a device that guessed our client id could make the broker kick us.
+        # "<user>-...": the broker's plugin lets only this user connect with it. The random suffix:
+        # a second supervisor process (or a test) does not kick the first off.
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"{user}-{secrets.token_hex(6)}")
         self.client.username_pw_set(user, password)
@@ -214,34 +220,51 @@ class Bus:
         return "telemetry", device, data
 
     def _count_denied(self, payload: bytes) -> None:
-        """The broker's report of the publishes it refused to devices: only the broker and the
-        supervisor's own user can write this topic, and it is checked all the same."""
+        """The broker's report of what it refused to devices: publishes ("denied", by topic) and
+        connections with a client id that is not the user's ("connects", by client id; absent
+        from an older plugin's reports). Only the broker and the supervisor's own user can write
+        this topic, and it is checked all the same."""
+        def entries(listed: object, what: str) -> list[tuple[str, str, int]]:
+            if not isinstance(listed, list):
+                raise ValueError("bad shape")
+            checked = []
+            for e in listed:
+                user, name, count = e["user"], e[what], e["count"]
+                if not (isinstance(user, str) and isinstance(name, str)
+                        and isinstance(count, int) and count > 0):
+                    raise ValueError(f"bad entry {e!r}")
+                checked.append((user, name, count))
+            return checked
+
         try:
             try:
                 report = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
             except RecursionError:
                 raise ValueError("nested too deeply") from None
-            entries = report["denied"]
             untracked = report.get("untracked", 0)
-            if not isinstance(entries, list) or not isinstance(untracked, int) or untracked < 0:
+            if not isinstance(untracked, int) or untracked < 0:
                 raise ValueError("bad shape")
-            checked = []
-            for e in entries:
-                user, topic, count = e["user"], e["topic"], e["count"]
-                if not (isinstance(user, str) and isinstance(topic, str)
-                        and isinstance(count, int) and count > 0):
-                    raise ValueError(f"bad entry {e!r}")
-                checked.append((user, topic, count))
+            publishes = entries(report["denied"], "topic")
+            connects = entries(report.get("connects", []), "client_id")
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise Rejected("malformed", f"broker's denied report: {exc}") from None
         if untracked:
             self.rejected["denied"] += untracked
             self.denied["(untracked)"] += untracked
-        for user, topic, count in checked:
+        for user, topic, count in publishes:
             self.rejected["denied"] += count
             self.denied[user] += count
             self._log_rejection("denied", topic, f"{user} may not publish there, {count} time(s)")
             self.on_denied(user, topic, count)
+        for user, client_id, count in connects:
+            self.rejected["denied"] += count
+            self.denied[user] += count
+            self._log_rejection("denied", self.denied_topic,
+                                f"{user} may not connect as client id {client_id!r}, {count} time(s)")
+            if self.on_client_id_denied is not None:
+                self.on_client_id_denied(user, client_id, count)
+            else:
+                self.on_denied(user, f"client id {client_id}", count)
 
     def _log_rejection(self, reason: str, topic: str, detail: str) -> None:
         # A flooding device must not flood the log as well.

@@ -10,8 +10,9 @@ from typing import Any
 from microdot import Response
 
 from appliance.errors import ConfigError, KalkiError
-from appliance.faces.web.http import json_response, mime, route
+from appliance.faces.web.http import json_response, mime, route, upload_name
 from appliance.faces.web.http import state as web_state
+from appliance.faces.web.views import allow_as, profile_words
 from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
 from appliance.vocab import DAYS
 
@@ -53,10 +54,16 @@ def known_keys(data: dict, allowed: tuple, where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(allowed)})")
 
 
+class UnknownProfile(ConfigError):
+    """A 404, not a 400: the path names no profile."""
+
+
 def endpoint(fn):
     async def wrapper(request):
         try:
             return await fn(request)
+        except UnknownProfile as e:
+            return json_response({"error": str(e)}, 404)
         except (KalkiError, ValueError, TypeError) as e:
             return json_response({"error": str(e)}, error_status(e))
     wrapper.__name__ = fn.__name__
@@ -83,7 +90,11 @@ async def devices(request):
 
 @endpoint
 async def device(request):
-    return ok(ops_of(request).device_detail(request.url_args["name"]))
+    out = ops_of(request).device_detail(request.url_args["name"])
+    flows = out.get("flows") or {}
+    # each refused flow with the destination that allows it (POST .../allow), as the page offers
+    flows["refused"] = [{**f, "allow_as": allow_as(f)} for f in flows.get("refused") or []]
+    return ok(out)
 
 
 @endpoint
@@ -110,6 +121,98 @@ async def posture(request):
 @endpoint
 async def reset(request):
     return ok(ops_of(request).posture_reset(name=request.url_args["name"]))
+
+
+def _optional_text(data: dict, key: str, where: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+@endpoint
+async def learn(request):
+    data = await body(request)
+    known_keys(data, ("for", "type"), "learn")
+    duration = data.get("for")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (str, int))):
+        raise ConfigError(f"learn: 'for' must be a duration such as \"24h\" or seconds, got {duration!r}")
+    return ok(ops_of(request).device_learn(request.url_args["name"], for_=duration,
+                                           type=_optional_text(data, "type", "learn"), actor=actor(request)))
+
+
+async def _own_destination(request, add: bool):
+    where = "allow" if add else "disallow"
+    data = await body(request)
+    known_keys(data, ("destination",), where)
+    if "destination" not in data:
+        raise ConfigError(f"{where}: missing 'destination' (e.g. \"cloud.example.com:443/tcp\")")
+    ops = ops_of(request)
+    do = ops.device_allow if add else ops.device_disallow
+    return ok(do(request.url_args["name"], data["destination"], actor=actor(request)))
+
+
+@endpoint
+async def allow(request):
+    return await _own_destination(request, True)
+
+
+@endpoint
+async def disallow(request):
+    return await _own_destination(request, False)
+
+
+@endpoint
+async def device_profile(request):
+    a = request.args
+    return ok(ops_of(request).profile_from_device(request.url_args["name"], type=a.get("type") or None,
+                                                  format=a.get("format") or "toml",
+                                                  mud_url=a.get("mud_url") or None))
+
+
+@endpoint
+async def profiles(request):
+    return ok(ops_of(request).profile_list())
+
+
+def _known_profile(request) -> str:
+    type_ = request.url_args["type"]
+    if type_ not in ops_of(request).profile_types():
+        raise UnknownProfile(f"profile {type_!r}: no such device type")
+    return type_
+
+
+@endpoint
+async def profile(request):
+    shown = ops_of(request).profile_show(_known_profile(request))
+    return ok({**shown, "in_words": profile_words(shown.get("postures") or {})})
+
+
+@endpoint
+async def profile_post(request):
+    data = await body(request)
+    known_keys(data, ("text", "filename", "type", "device_ip"), "profile import")
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("profile import: 'text' must be the file's text (a TOML profile or a MUD file)")
+    filename = _optional_text(data, "filename", "profile import") or \
+        ("upload.json" if text.lstrip("\ufeff \t\r\n").startswith("{") else "upload.toml")
+    type_ = _optional_text(data, "type", "profile import")
+    r = ops_of(request).profile_import(text, upload_name(filename), type=type_,
+                                       device_ip=data.get("device_ip"), actor=actor(request))
+    return ok(r, status=201)
+
+
+@endpoint
+async def profile_export(request):
+    a = request.args
+    return ok(ops_of(request).profile_export(_known_profile(request), format=a.get("format") or "toml",
+                                             mud_url=a.get("mud_url") or None))
+
+
+@endpoint
+async def profile_delete(request):
+    return ok(ops_of(request).profile_remove(_known_profile(request), actor=actor(request)))
 
 
 @endpoint
@@ -260,6 +363,15 @@ def add_routes(app) -> None:
     route(app, "POST", "/api/devices/<name>/approve", approve)
     route(app, "POST", "/api/devices/<name>/posture", posture)
     route(app, "POST", "/api/devices/<name>/reset", reset)
+    route(app, "POST", "/api/devices/<name>/learn", learn)
+    route(app, "POST", "/api/devices/<name>/allow", allow)
+    route(app, "POST", "/api/devices/<name>/disallow", disallow)
+    route(app, "GET", "/api/devices/<name>/profile", device_profile)
+    route(app, "GET", "/api/profiles", profiles)
+    route(app, "POST", "/api/profiles", profile_post)
+    route(app, "GET", "/api/profiles/<type>", profile)
+    route(app, "DELETE", "/api/profiles/<type>", profile_delete)
+    route(app, "GET", "/api/profiles/<type>/export", profile_export)
     route(app, "POST", "/api/maintenance", maintenance)
     route(app, "GET", "/api/alerts", alerts)
     route(app, "GET", "/api/decisions", decisions)
@@ -302,6 +414,13 @@ _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "str
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
 _DEVICE = {"name": "device", "in": "query", "schema": {"type": "string"}}
 _POSTURE = {"type": "string", "enum": list(SETTABLE_POSTURES)}
+_TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
+_FORMAT = {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["toml", "mud"]}}
+_MUD_URL = {"name": "mud_url", "in": "query", "schema": {"type": "string"},
+            "description": "with format mud: the URL it is published under"}
+_DESTINATION = {"type": "object", "required": ["destination"], "properties": {"destination": {
+    "type": "string", "example": "n-devs.tplinkcloud.com:443/tcp",
+    "description": "name:port/proto, address[/prefix][:port][/proto] or lan:port/proto"}}}
 
 OPENAPI = {
     "openapi": "3.0.3",
@@ -334,8 +453,10 @@ OPENAPI = {
         "/api/status": {"get": _op("supervisor status, posture summary (the LEDs), claim window")},
         "/api/devices": {"get": _op("every device with its posture", ok_schema={"type": "array"})},
         "/api/devices/{name}": {
-            "get": _op("a device: identity, posture, history, umboxes, counters, alerts, telemetry, "
-                       "decisions", params=[_NAME], errors=(404,)),
+            "get": _op("a device: identity, posture, history, umboxes, counters, the names it resolved "
+                       "(names: bound, refused), the flows outside its profile (flows: refused, each "
+                       "with allow_as, the destination that allows it; learnt), its own destinations "
+                       "(allow), alerts, telemetry, decisions", params=[_NAME], errors=(404,)),
             "delete": _op("forget a device", params=[_NAME], errors=(404,))},
         "/api/devices/{name}/approve": {"post": _op(
             "approve a new device with a type", params=[_NAME], errors=(400, 404),
@@ -348,6 +469,47 @@ OPENAPI = {
                                             "for": {"type": "string", "example": "15m"}}}))},
         "/api/devices/{name}/reset": {"post": _op("back to normal", params=[_NAME], errors=(400, 404),
                                                   body=_json_body({"type": "object"}, required=False))},
+        "/api/devices/{name}/learn": {"post": _op(
+            "posture learning for a while (24 h unless 'for'): the device reaches what it asks for, "
+            "every flow outside its profile is recorded; a device not approved yet is approved "
+            "first, as 'type' (default: generic)", params=[_NAME], errors=(400, 404),
+            body=_json_body({"type": "object", "properties": {
+                "for": {"type": "string", "example": "24h", "description": "90s, 15m, 2h, 1d"},
+                "type": {"type": "string", "description": "a profile, for a device not approved yet"}}},
+                required=False))},
+        "/api/devices/{name}/allow": {"post": _op(
+            "a destination the device may open on top of its profile (a refused flow's allow_as)",
+            params=[_NAME], errors=(400, 404), body=_json_body(_DESTINATION))},
+        "/api/devices/{name}/disallow": {"post": _op(
+            "take back a destination given with allow", params=[_NAME], errors=(400, 404),
+            body=_json_body(_DESTINATION))},
+        "/api/devices/{name}/profile": {"get": _op(
+            "what the device did while learning, as a profile (TOML) or a MUD file to read, edit "
+            "and import", errors=(400, 404), params=[
+                _NAME, {"name": "type", "in": "query", "schema": {"type": "string"},
+                        "description": "the new type's name (default <type>-<device>)"},
+                _FORMAT, _MUD_URL])},
+        "/api/profiles": {
+            "get": _op("every device type, shipped and installed", ok_schema={"type": "array"}),
+            "post": _op(
+                "install a profile from a TOML profile or an RFC 8520 MUD file (JSON), told apart by "
+                "their content; everything is checked first, an error names the file and the place "
+                "in it; answers the type and the importer's notes (201)",
+                body=_json_body({"type": "object", "required": ["text"], "properties": {
+                    "text": {"type": "string"},
+                    "filename": {"type": "string", "description": "names the file in errors"},
+                    "type": {"type": "string", "description": "the device type's name "
+                                                               "(default: the file's)"},
+                    "device_ip": {"type": "string", "description": "MUD files: the device's "
+                                                                   "address in the capture"}}}))},
+        "/api/profiles/{type}": {
+            "get": _op("a profile: its postures' umbox stacks, and in_words: each umbox in a "
+                       "sentence, by posture", params=[_TYPE], errors=(404,)),
+            "delete": _op("remove an installed profile no device uses", params=[_TYPE],
+                          errors=(400, 404))},
+        "/api/profiles/{type}/export": {"get": _op(
+            "a profile as its TOML file, or its normal posture's destinations as a MUD file: "
+            "{type, format, text}", params=[_TYPE, _FORMAT, _MUD_URL], errors=(400, 404))},
         "/api/maintenance": {"post": _op(
             "pause automation for some minutes (0 ends it)",
             body=_json_body({"type": "object", "required": ["minutes"],

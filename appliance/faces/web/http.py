@@ -2,13 +2,17 @@
 asking (session or token), the CSRF guard, security headers and error pages."""
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hmac
 import json
 import logging
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from microdot import Microdot, Request, Response
+from microdot.microdot import MultiDict
 
 from appliance.errors import ConfigError
 from appliance.faces.web import auth
@@ -131,14 +135,67 @@ def see_other(location: str) -> Response:
 
 
 def form(request: Request):
-    """The request's urlencoded form (a MultiDict: .get(), .getlist()), empty for any other
-    body. A body that is not a form (bad %-escapes, not UTF-8) is a ConfigError."""
+    """The request's form, urlencoded or multipart (a MultiDict: .get(), .getlist(); a
+    multipart form's text fields only, its files are `files()`), empty for any other body. A
+    body that is not a form (bad %-escapes, not UTF-8, a broken multipart) is a ConfigError."""
+    if mime(request) == "multipart/form-data":
+        return _multipart(request)[0]
     if mime(request) != "application/x-www-form-urlencoded":
         return {}
     try:
         return request.form
     except ValueError as e:
         raise ConfigError(f"malformed form body: {e}") from None
+
+
+def files(request: Request) -> dict[str, tuple[str, bytes]]:
+    """A multipart form's files: {field: (the file's name, its bytes)}; a field whose file
+    input was left empty is not there. Bounded by MAX_BODY, as every body."""
+    if mime(request) != "multipart/form-data":
+        return {}
+    return _multipart(request)[1]
+
+
+def _multipart(request: Request) -> tuple[MultiDict, dict[str, tuple[str, bytes]]]:
+    parsed = getattr(request.g, "multipart", None)
+    if parsed is None:
+        parsed = parse_multipart(request.headers.get("Content-Type", ""), request.body or b"")
+        request.g.multipart = parsed
+    return parsed
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[MultiDict, dict[str, tuple[str, bytes]]]:
+    """A multipart/form-data body (RFC 7578), read by the standard library's MIME parser:
+    its text fields, and its files {field: (file name, bytes)}. The body is in memory already
+    (at most MAX_BODY); anything malformed is a ConfigError."""
+    head = f"MIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart() or msg.defects:
+        raise ConfigError("malformed multipart form body")
+    fields, found = MultiDict(), {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_content_disposition() != "form-data" or not isinstance(name, str) or part.defects:
+            raise ConfigError("malformed multipart form body: a part without a form field's name")
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        filename = part.get_filename()
+        if filename is not None:
+            if filename or data:        # an empty file input sends an empty part without a name
+                found[name] = (upload_name(filename), data)
+            continue
+        try:
+            fields[name] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"malformed multipart form body: field {name[:40]!r} is not UTF-8") from None
+    return fields, found
+
+
+def upload_name(filename: str) -> str:
+    """An uploaded file's name as errors may show it: its last path component, in plain
+    characters, at most 100 of them."""
+    base = re.split(r"[\\/]", filename)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base)[:100] or "upload"
 
 
 def route(app: Microdot, method: str, path: str, handler) -> None:

@@ -5,19 +5,30 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import re
+from urllib.parse import urlencode
 
 from microdot import Response
 
-from appliance.errors import KalkiError
+from appliance.errors import ConfigError, KalkiError
 from appliance.faces.web import leds
-from appliance.faces.web.http import client_address, html_response, json_response, route, see_other
+from appliance.faces.web.http import (
+    MAX_BODY,
+    client_address,
+    html_response,
+    json_response,
+    route,
+    see_other,
+    upload_name,
+)
+from appliance.faces.web.http import files as form_files
 from appliance.faces.web.http import form as form_data
 from appliance.faces.web.http import state as web_state
 from appliance.supervisor.ops import MAX_PASSWORD, MIN_PASSWORD, SETTABLE_POSTURES, error_status
 from appliance.vocab import DAYS
 
-NAV = (("/", "Overview"), ("/rules", "Rules"), ("/audit", "Audit"), ("/settings", "Settings"),
-       ("/leds", "LEDs"))
+NAV = (("/", "Overview"), ("/profiles", "Profiles"), ("/rules", "Rules"), ("/audit", "Audit"),
+       ("/settings", "Settings"), ("/leds", "LEDs"))
 
 
 def e(value) -> str:
@@ -331,6 +342,7 @@ async def device_page(request, error=None, status=200):
     body = f"""<section><h2>Posture</h2>{p}</section>
 <section><h2>Identity</h2>{ident_html}</section>
 <section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
+{destinations_html(request, ops, d)}
 <section><h2>Why blocked</h2><h3>Drops and passes counted in the kernel, by reason</h3>
 {table(("reason", "umbox", "packets", "bytes"), counter_rows, "counters")}
 <h3>Detector events</h3>{table(("at", "detector", "source", "destination", "action", "details"), kernel_rows)}</section>
@@ -373,6 +385,425 @@ async def device_approve_post(request):
             return await device_page(request, str(err), 404)
         return await overview(request, str(err), error_status(err))
     return done(request, f"{name} approved as {data.get('type')}.", "/")
+
+
+# -- destinations and profiles in plain words (the page and the API) -----------------------
+
+PROTOCOL_WORDS = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMP"}
+_PROTOCOLS = ("any", "icmp", "tcp", "udp")
+POSTURE_ORDER = ("normal", "suspicious", "attack", "quarantine", "learning", "unknown")
+
+
+def _destination_parts(entry) -> dict:
+    """A profile destination, as the data path reads it (appliance.dataplane.umbox
+    .parse_destination, which the profile passed on load): {kind, target, proto, port}."""
+    if isinstance(entry, dict):
+        kind = next((k for k in ("address", "name", "lan", "controller") if k in entry), "address")
+        return {"kind": kind, "target": entry.get(kind), "proto": entry.get("proto") or "any",
+                "port": entry.get("port") or 0}
+    text, proto = str(entry), "any"
+    port: int | str = 0
+    if "/" in text and text.rsplit("/", 1)[1] in _PROTOCOLS:
+        text, proto = text.rsplit("/", 1)
+    if ":" in text:
+        text, _, port_text = text.partition(":")
+        port = int(port_text) if port_text.isdigit() else port_text
+    if text == "lan":
+        return {"kind": "lan", "target": True, "proto": proto, "port": port}
+    if text.startswith("@"):
+        return {"kind": "controller", "target": text[1:], "proto": proto, "port": port}
+    kind = "address" if re.fullmatch(r"[0-9.]+(/.*)?", text) else "name"
+    return {"kind": kind, "target": text, "proto": proto, "port": port}
+
+
+def destination_words(entry) -> str:
+    """'cloud.example.com:443/tcp' -> 'cloud.example.com on TCP 443'; 'lan:6667/udp' -> 'the
+    LAN on UDP 6667'; {controller = "camera-cloud", ...} -> "the site's controller
+    camera-cloud on TCP 443"."""
+    d = _destination_parts(entry)
+    kind, target = d["kind"], d["target"]
+    if kind == "lan":
+        what = "the LAN"
+    elif kind == "controller":
+        what = f"the site's controller {target}"
+    elif kind == "name" and str(target).startswith("*."):
+        what = f"any name under {str(target)[2:]}"
+    elif kind == "address" and "/" in str(target) and not str(target).endswith("/32"):
+        what = f"the addresses {target}"
+    else:
+        what = str(target).removesuffix("/32")
+    proto = PROTOCOL_WORDS.get(d["proto"])
+    if proto and d["port"]:
+        return f"{what} on {proto} {d['port']}"
+    if proto:
+        return f"{what} on {proto}" + (" (any port)" if d["proto"] != "icmp" else "")
+    return f"{what} (any protocol)"
+
+
+def _destinations(values, params: dict | None = None) -> str:
+    said = "; ".join(destination_words(x) for x in values) if values else "nothing"
+    if values and (params or {}).get("registrable_domains"):
+        said += " (each name with every name under its registrable domain)"
+    return said
+
+
+def _window(ms) -> str:
+    if not isinstance(ms, int):
+        return str(ms)
+    return f"{ms // 1000} s" if ms % 1000 == 0 else f"{ms} ms"
+
+
+def seconds_words(seconds) -> str:
+    """90 -> '90 s', 900 -> '15 min', 7200 -> '2 h', 86400 -> '1 day'."""
+    if not isinstance(seconds, int) or isinstance(seconds, bool):
+        return str(seconds)
+    for size, unit in ((86400, " day"), (3600, " h"), (60, " min")):
+        if seconds >= size and seconds % size == 0:
+            n = seconds // size
+            return f"{n}{unit}{'s' if unit == ' day' and n > 1 else ''}"
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds} s"
+
+
+def _blocked(params) -> str:
+    block = params.get("block_seconds")
+    return f"the source is dropped for {seconds_words(block)}" if block else "the source is reported, not blocked"
+
+
+def umbox_words(name: str, params: dict) -> str:
+    """One umbox of a stack, with its parameters, in a sentence."""
+    params = params or {}
+    if name == "quarantine":
+        extra = ", DNS and MQTT" if params.get("management", True) else " and DNS"
+        return f"quarantine: nothing but DHCP{extra} to the gateway"
+    if name == "allowlist":
+        return f"allow-list: {_destinations(params.get('destinations'), params)}"
+    if name == "egress_anomaly":
+        verdict = "refused" if params.get("block") else "reported, not blocked"
+        if params.get("destinations") is None:
+            return f"egress watch ({verdict}): flows outside the allow-list"
+        return f"egress watch ({verdict}): flows to anything but {_destinations(params['destinations'], params)}"
+    if name == "rate_limit":
+        parts = []
+        if params.get("packets_per_second"):
+            parts.append(f"{params['packets_per_second']} packets/s")
+        if params.get("bytes_per_second"):
+            parts.append(f"{params['bytes_per_second']} bytes/s")
+        if params.get("burst_packets"):
+            parts.append(f"bursts of {params['burst_packets']} packets")
+        if params.get("burst_bytes"):
+            parts.append(f"bursts of {params['burst_bytes']} bytes")
+        return "rate limit: " + (", ".join(parts) if parts else "no limit set")
+    if name == "conn_limit":
+        parts = []
+        if params.get("concurrent"):
+            parts.append(f"at most {params['concurrent']} inbound connections open at once")
+        if params.get("new_per_second"):
+            parts.append(f"at most {params['new_per_second']} new ones a second")
+        return "connection limit: " + (", ".join(parts) if parts else "no limit set")
+    if name == "port_scan":
+        return (f"port-scan detector: {params.get('ports')} distinct destinations from one source "
+                f"within {_window(params.get('window_ms'))}; {_blocked(params)}")
+    if name == "syn_flood":
+        return (f"SYN-flood detector: more than {params.get('syns')} SYNs within "
+                f"{_window(params.get('window_ms'))} are dropped; {_blocked(params)}")
+    if name == "brute_force":
+        ports = list(params.get("ports") or [])
+        where = f"port{'s' if len(ports) != 1 else ''} {', '.join(str(x) for x in ports) or 'none'}"
+        return (f"password-guessing detector: {params.get('attempts')} connection attempts to {where} "
+                f"from one source within {_window(params.get('window_ms'))}; {_blocked(params)}")
+    if name == "dns_gateway_only":
+        return "DNS to the gateway only: DNS to any other resolver is refused"
+    if name == "lateral_block":
+        return "lateral block: no connections to the other devices"
+    if name == "anti_spoof":
+        return "anti-spoofing: its IPv4 and ARP sender address must be its own"
+    if name == "auth_gate":
+        return (f"authentication gate: its web port {params.get('port')} is reached only with the "
+                "appliance's credentials")
+    return f"{name}: {json.dumps(params, sort_keys=True, default=str)}"
+
+
+def profile_words(postures: dict) -> dict[str, list[str]]:
+    """A profile's postures, each a list of its umboxes in sentences (normal first)."""
+    order = [p for p in POSTURE_ORDER if p in postures] + [p for p in postures if p not in POSTURE_ORDER]
+    return {p: [umbox_words(u, params) for u, params in (postures[p] or {}).items()] for p in order}
+
+
+def allow_as(entry: dict) -> str:
+    """The destination that allows a refused flow, as `kalki device allow` takes it: the name
+    the device resolved for it where there is one, else its address; with port and protocol."""
+    names = entry.get("names") or []
+    target = names[0] if names else str(entry.get("address"))
+    proto, port = entry.get("proto"), entry.get("port") or 0
+    if proto in ("tcp", "udp"):
+        return f"{target}:{port}/{proto}" if port else f"{target}/{proto}"
+    return f"{target}/icmp" if proto == "icmp" else target
+
+
+# -- a device's destinations: names, refusals, its own, learning ---------------------------
+
+def destinations_html(request, ops, d: dict) -> str:
+    name = d["name"]
+    names = d.get("names") or {}
+    bound = [(e(b.get("address")), e(", ".join(b.get("names") or [])),
+              "yes" if b.get("in_force") else "no (not in this posture)",
+              e(seconds_words(b.get("expires_in_s")))) for b in names.get("bound") or []]
+    refused_names = [(e(n), e(times)) for n, times in (names.get("refused") or {}).items()]
+    own = list(d.get("allow") or [])
+    flows = d.get("flows") or {}
+    refused = []
+    for f in flows.get("refused") or []:
+        dest = allow_as(f)
+        action = ('<span class="muted">allowed</span>' if dest in own else
+                  form(request, f"/devices/{name}/allow",
+                       f'<input type="hidden" name="destination" value="{e(dest)}">', "Allow", "inline"))
+        refused.append((f'<span data-role="says">{e(f.get("says"))}</span>', f"<code>{e(dest)}</code>",
+                        e((f.get("last") or "")[:19]), action))
+    own_rows = [(f"<code>{e(x)}</code>", e(destination_words(x)),
+                 form(request, f"/devices/{name}/disallow",
+                      f'<input type="hidden" name="destination" value="{e(x)}">', "Remove", "inline"))
+                for x in own]
+    learnt = [(f'<span data-role="says">{e(f.get("says"))}</span>', f"<code>{e(allow_as(f))}</code>",
+               e((f.get("last") or "")[:19])) for f in flows.get("learnt") or []]
+    learning = ""
+    if d.get("posture") == "learning":
+        until = (d.get("posture_expires") or "")[:19].replace("T", " ")
+        learning = (f'<p class="ok" id="learning">Learning until {e(until or "changed")}'
+                    f'{", then " + e(d.get("posture_revert_to")) if d.get("posture_revert_to") else ""}: '
+                    "the device reaches what it asks for; detectors and anti-spoofing stay on.</p>")
+    type_field = "" if d.get("approved") else \
+        f"<label>as type {type_select(ops, d.get('suggested_type') or d.get('type') or 'generic')}</label>"
+    learn_form = form(request, f"/devices/{name}/learn",
+                      '<label>Learn for <input name="for" value="24h" size="6" '
+                      'aria-label="how long (90s, 15m, 2h, 1d)"></label>'
+                      f'<span class="muted">(90s, 15m, 2h, 1d)</span>{type_field}',
+                      "Start learning", "inline")
+    make = ""
+    if learnt:
+        make = (f'<form method="get" action="/devices/{e(name)}/profile" class="inline">'
+                '<label>type name <input name="type" placeholder="default: type-device" size="18">'
+                '</label><button type="submit">Make a profile</button></form>')
+    return f"""<section id="names"><h2>Names</h2>
+<p class="muted">What the device resolved through the gateway: bound where its profile names them, else refused (the answer is delivered, the address stays closed).</p>
+<h3>Bound</h3>{table(("address", "names", "in force", "expires in"), bound, "names-bound")}
+<h3>Refused</h3>{table(("name", "times"), refused_names, "names-refused")}</section>
+<section id="refused"><h2>Refused destinations</h2>
+<p class="muted">Flows the device opened outside its profile. Not an alarm; one action allows one for this device.</p>
+{table(("what it did", "allow as", "last", ""), refused, "flows-refused")}</section>
+<section id="own"><h2>Allowed for this device</h2>
+<p class="muted">On top of its profile, where the posture names destinations.</p>
+{table(("destination", "in words", ""), own_rows, "own-destinations")}
+{form(request, f"/devices/{name}/allow", '<label>Allow <input name="destination" placeholder="cloud.example.com:443/tcp" size="30"></label>', "Allow", "inline")}</section>
+<section id="learn"><h2>Learning</h2>{learning}
+<p class="muted">In posture learning the device reaches what it asks for, and every flow outside its profile is recorded with the name it resolved; then make a profile of it.</p>
+{learn_form}
+<h3>Learnt</h3>{table(("what it did", "as a destination", "last"), learnt, "flows-learnt")}
+{make}</section>"""
+
+
+def _text(value) -> str | None:
+    """A form field's text, stripped; None if empty or not text."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def _lines(text) -> str:
+    """A textarea's text as a file holds it: a browser sends its lines ended by CR LF."""
+    return text.replace("\r\n", "\n") if isinstance(text, str) else ""
+
+
+async def device_learn_post(request):
+    ops = web_state(request).ops
+    name = request.url_args["name"]
+    data = form_data(request)
+    try:
+        r = ops.device_learn(name, for_=_text(data.get("for")), type=_text(data.get("type")),
+                             actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await device_page(request, str(err), error_status(err))
+    return done(request, f"{name}: learning for {seconds_words(r['for_seconds'])}.", f"/devices/{name}")
+
+
+async def _own_destination_post(request, add: bool):
+    ops = web_state(request).ops
+    name = request.url_args["name"]
+    destination = _text(form_data(request).get("destination"))
+    try:
+        if add:
+            ops.device_allow(name, destination, actor=actor(request))
+        else:
+            ops.device_disallow(name, destination, actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await device_page(request, str(err), error_status(err))
+    return done(request, f"{name}: {destination} {'allowed' if add else 'no longer allowed'}.",
+                f"/devices/{name}")
+
+
+async def device_allow_post(request):
+    return await _own_destination_post(request, True)
+
+
+async def device_disallow_post(request):
+    return await _own_destination_post(request, False)
+
+
+def _made(request) -> dict:
+    ops = web_state(request).ops
+    return ops.profile_from_device(request.url_args["name"], type=_text(request.args.get("type")),
+                                   format=request.args.get("format") or "toml")
+
+
+def made_profile_page(request, made: dict, error=None, status=200):
+    name = request.url_args["name"]
+    query = f"?{urlencode({'type': made['type']})}"
+    body = f"""<p>What <a href="/devices/{e(name)}">{e(name)}</a> was seen to do while learning, as device type <strong>{e(made["type"])}</strong>: read it, download it to edit, or install it as it is.</p>
+<pre id="profile-text">{e(made["text"])}</pre>
+<p><a href="/devices/{e(name)}/profile/download{e(query)}" download>Download (TOML)</a> ·
+<a href="/devices/{e(name)}/profile/download{e(query + '&format=mud')}" download>Download as a MUD file</a></p>
+{form(request, f"/devices/{name}/profile/install",
+      f'<input type="hidden" name="type" value="{e(made["type"])}">'
+      f'<textarea name="text" hidden>{e(made["text"])}</textarea>', "Install", "inline")}"""
+    return page(request, f"A profile from {name}", body, error=error, status=status)
+
+
+async def device_profile_page(request):
+    try:
+        made = _made(request)
+    except (KalkiError, ValueError) as err:
+        return await device_page(request, str(err), error_status(err))
+    return made_profile_page(request, made)
+
+
+async def device_profile_download(request):
+    try:
+        made = _made(request)
+    except (KalkiError, ValueError) as err:
+        return await device_page(request, str(err), error_status(err))
+    return download(made["text"], f"{made['type']}.{'toml' if made['format'] == 'toml' else 'mud.json'}")
+
+
+async def device_profile_install(request):
+    ops = web_state(request).ops
+    data = form_data(request)
+    text, type_ = _lines(data.get("text")), _text(data.get("type")) or ""
+    made = {"type": type_, "text": text}
+    try:
+        if not TYPE_NAME.fullmatch(type_):
+            raise ConfigError(f"type: expected 1-40 letters, digits, - and _, got {type_!r}")
+        r = ops.profile_import(text, filename=f"{type_}.toml", actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return made_profile_page(request, made, str(err), error_status(err))
+    for note in r.get("notes") or []:
+        request.g.session.flash.append(note)
+    return done(request, f"Profile {r['type']} installed.", f"/profiles/{r['type']}")
+
+
+def download(text: str, filename: str) -> Response:
+    kind = "application/json" if filename.endswith(".json") else "text/plain"
+    return Response(text, 200, {"Content-Type": f"{kind}; charset=utf-8",
+                                "Content-Disposition": f'attachment; filename="{upload_name(filename)}"'})
+
+
+# -- profiles ------------------------------------------------------------------------------
+
+TYPE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+async def profiles_page(request, error=None, status=200):
+    ops = web_state(request).ops
+    rows = [(f'<a href="/profiles/{e(p["type"])}">{e(p["type"])}</a>', e(p["source"]), e(p["description"]),
+             e(", ".join(p.get("devices") or []) or "—")) for p in ops.profile_list()]
+    body = f"""<p class="muted">A device type's profile gives, for each posture, the umboxes that protect the device. Shipped ones come with the appliance; installed ones are imported here or with <code>kalki profile import</code>.</p>
+{table(("type", "source", "description", "devices"), rows, "profiles")}
+<h2>Install a profile</h2>
+<p class="muted">A Kalki profile (TOML) or a vendor's RFC 8520 MUD file (JSON), at most {MAX_BODY // 1024} KiB. Everything is checked before anything is installed; an error names the file and the place in it.</p>
+<form method="post" action="/profiles" enctype="multipart/form-data" class="card">{csrf_field(request)}
+<label>File <input type="file" name="file" accept=".toml,.json,application/json"></label>
+<label>or its text <textarea name="text" rows="6" spellcheck="false"></textarea></label>
+<label>Type name (optional; default: the file's) <input name="type" placeholder="mood_lamp"></label>
+<label>The device's address in the capture (MUD files, optional) <input name="device_ip" placeholder="10.42.0.174"></label>
+<button type="submit" id="import">Check and install</button></form>"""
+    return page(request, "Profiles", body, error=error, status=status)
+
+
+async def profiles_post(request):
+    ops = web_state(request).ops
+    data = form_data(request)
+    upload = form_files(request).get("file")
+    try:
+        if upload is not None:
+            filename, raw = upload
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{filename}: not UTF-8 text") from None
+        else:
+            text = _lines(data.get("text"))
+            filename = "pasted.json" if text.lstrip("\ufeff \t\r\n").startswith("{") else "pasted.toml"
+        if not text.strip():
+            raise ConfigError("choose a file, or paste its text")
+        r = ops.profile_import(text, filename, type=_text(data.get("type")),
+                               device_ip=_text(data.get("device_ip")), actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await profiles_page(request, str(err), error_status(err))
+    for note in r.get("notes") or []:
+        request.g.session.flash.append(note)
+    return done(request, f"Profile {r['type']} installed (from {r['format'].upper()}).", f"/profiles/{r['type']}")
+
+
+async def profile_page(request, error=None, status=200):
+    ops = web_state(request).ops
+    type_ = request.url_args["type"]
+    try:
+        p = ops.profile_show(type_)
+    except (KalkiError, ValueError) as err:
+        return page(request, "No such profile", f"<p>{e(err)}</p>", status=404)
+    words = profile_words(p.get("postures") or {})
+    postures = "".join(f'<h3>{e(posture)}</h3><ul class="words" data-posture="{e(posture)}">'
+                       + "".join(f"<li>{e(s)}</li>" for s in sentences) + "</ul>"
+                       for posture, sentences in words.items())
+    facts = [("Source", p["source"]), ("Description", p.get("description") or "—"),
+             ("Devices", ", ".join(p.get("devices") or []) or "none"), ("MUD URL", p.get("mud_url") or "—"),
+             ("Rules", ", ".join(p.get("rules") or []) or "none")]
+    facts_html = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts) + "</dl>"
+    t = e(p["type"])
+    mud = (f'<a href="/profiles/{t}/export?format=mud" download>MUD</a>' if p.get("mud_url") else
+           f'<form method="get" action="/profiles/{t}/export" class="inline">'
+           '<input type="hidden" name="format" value="mud"><label>as MUD, published at '
+           '<input name="mud_url" placeholder="https://example.com/device.json" size="30"></label>'
+           '<button type="submit">Export MUD</button></form>')
+    remove = ""
+    if p["source"] == "installed":
+        remove = form(request, f"/profiles/{p['type']}/remove", "", "Remove this profile", "inline")
+    body = f"""{facts_html}
+<section><h2>What each posture does</h2>{postures}</section>
+<section><h2>Export</h2><p><a href="/profiles/{t}/export?format=toml" download>TOML</a></p>{mud}</section>
+{f'<section><h2>Remove</h2>{remove}</section>' if remove else ''}"""
+    return page(request, f"Profile {p['type']}", body, error=error, status=status)
+
+
+async def profile_export(request):
+    ops = web_state(request).ops
+    type_ = request.url_args["type"]
+    try:
+        r = ops.profile_export(type_, format=request.args.get("format") or "toml",
+                               mud_url=_text(request.args.get("mud_url")))
+    except (KalkiError, ValueError) as err:
+        return await profile_page(request, str(err), error_status(err))
+    return download(r["text"], f"{r['type']}.{'toml' if r['format'] == 'toml' else 'mud.json'}")
+
+
+async def profile_remove_post(request):
+    ops = web_state(request).ops
+    type_ = request.url_args["type"]
+    try:
+        ops.profile_remove(type_, actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await profile_page(request, str(err), error_status(err))
+    return done(request, f"Profile {type_} removed.", "/profiles")
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -553,6 +984,17 @@ def add_routes(app) -> None:
     route(app, "POST", "/devices/<name>/posture", device_posture_post)
     route(app, "POST", "/devices/<name>/reset", device_reset_post)
     route(app, "POST", "/devices/<name>/approve", device_approve_post)
+    route(app, "POST", "/devices/<name>/learn", device_learn_post)
+    route(app, "POST", "/devices/<name>/allow", device_allow_post)
+    route(app, "POST", "/devices/<name>/disallow", device_disallow_post)
+    route(app, "GET", "/devices/<name>/profile", device_profile_page)
+    route(app, "GET", "/devices/<name>/profile/download", device_profile_download)
+    route(app, "POST", "/devices/<name>/profile/install", device_profile_install)
+    route(app, "GET", "/profiles", profiles_page)
+    route(app, "POST", "/profiles", profiles_post)
+    route(app, "GET", "/profiles/<type>", profile_page)
+    route(app, "GET", "/profiles/<type>/export", profile_export)
+    route(app, "POST", "/profiles/<type>/remove", profile_remove_post)
     route(app, "GET", "/rules", rules_page)
     route(app, "POST", "/rules", rules_post)
     route(app, "POST", "/rules/<name>/enabled", rule_enabled_post)
