@@ -37,6 +37,16 @@ def open_dataplane(cfg: Config) -> Dataplane:
     return Dataplane.open(g.instance, g.namespace or None, settings)
 
 
+def read_kernel_events(sup: Supervisor, dp: DataplanePort) -> None:
+    """Kernel events are given back to the ring only once acted on (enforced, recorded): a
+    supervisor killed between reading an attack and acting on it reads it again after its
+    restart."""
+    try:
+        sup.on_kernel_alerts(kernel.alerts(dp.events(limit=512, consume=False), sup.device_ip))
+    finally:
+        dp.consume_events()
+
+
 def start_resolver(cfg: Config, dp: DataplanePort):
     """The devices' port 53, in front of dnsmasq (appliance.dataplane.resolver); None if off."""
     if not cfg.names.resolver:
@@ -105,22 +115,24 @@ async def serve(cfg: Config) -> None:
     stop = asyncio.Event()
     neighbours = web = control_server = resolver = None
     try:
+        if await asyncio.to_thread(missing_interfaces, cfg):
+            # Nothing to attach XDP to yet: the boot firewall keeps the devices side closed,
+            # and the command, the page and the LEDs say why while we wait for it.
+            control_server = await start_control(cfg, ops)
+            web = await start_faces(cfg, sup, ops)
+            await wait_for_interfaces(cfg, sup)
         sup.attach(open_dataplane(cfg), loop)
         dp = sup.dp
         resolver = start_resolver(cfg, dp)
-        loop.add_reader(dp.events_fileno(), lambda: sup.on_kernel_alerts(
-            kernel.alerts(dp.events(limit=512), sup.device_ip)))
+        loop.add_reader(dp.events_fileno(), lambda: read_kernel_events(sup, dp))
         sup.attach_bus(connect_mqtt(cfg, sup, loop))
-        control_server = await start_control(cfg, ops)
+        if control_server is None:
+            control_server = await start_control(cfg, ops)
         neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop)
         neighbours.start()
         sup.adapter = start_adapter(cfg, sup, loop)
-        if cfg.web.enabled:
-            from appliance.faces.web import start_web
-            web = await start_web(ops)
-        if cfg.panel.enabled:
-            from appliance.faces.panel import Panel
-            sup.panel = Panel(ops)
+        if web is None and sup.panel is None:
+            web = await start_faces(cfg, sup, ops)
         sup.start_ticker()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -146,6 +158,64 @@ async def serve(cfg: Config) -> None:
         if sup.attached:
             loop.remove_reader(sup.dp.events_fileno())
         sup.close()
+
+
+async def start_faces(cfg: Config, sup: Supervisor, ops: Ops):
+    """The web page (returned, for its clean-up) and the LED panel, as configured."""
+    web = None
+    if cfg.web.enabled:
+        from appliance.faces.web import start_web
+        web = await start_web(ops)
+    if cfg.panel.enabled:
+        from appliance.faces.panel import Panel
+        sup.panel = Panel(ops)
+    return web
+
+
+def missing_interfaces(cfg: Config) -> list[str]:
+    """The configured interfaces the gateway's namespace does not have (yet)."""
+    from pyroute2 import IPRoute
+
+    from appliance import netns
+    names = [cfg.gateway.devices_interface, cfg.gateway.uplink_interface]
+    with netns.entered(cfg.gateway.namespace or None), IPRoute() as ipr:
+        return [n for n in names if not ipr.link_lookup(ifname=n)]
+
+
+def interface_fault(missing: list[str], cfg: Config) -> str:
+    key = {cfg.gateway.devices_interface: "gateway.devices_interface",
+           cfg.gateway.uplink_interface: "gateway.uplink_interface"}
+    return "; ".join(f"{'devices' if key[n].endswith('devices_interface') else 'uplink'} interface "
+                     f"{n} missing: plug in the adapter or fix kalki.toml ({key[n]})" for n in missing)
+
+
+async def wait_for_interfaces(cfg: Config, sup: Supervisor) -> None:
+    """Waits, on netlink's link events, until every configured interface exists; meanwhile
+    the fault is the supervisor's site error (the page's banner, the LEDs' site-error).
+    pyroute2's IPRoute runs its own event loop, so this waits in a thread."""
+    before = sup.site_error
+
+    def wait() -> None:
+        import select
+
+        from pyroute2 import IPRoute
+
+        from appliance import netns
+        with netns.entered(cfg.gateway.namespace or None):
+            ipr = IPRoute()
+        try:
+            ipr.bind()      # link events: an interface added or renamed wakes us at once
+            while missing := missing_interfaces(cfg):
+                sup.site_error = interface_fault(missing, cfg)
+                if select.select([ipr.fileno()], [], [], 1.0)[0]:
+                    ipr.get()
+        finally:
+            ipr.close()
+    sup.site_error = interface_fault(await asyncio.to_thread(missing_interfaces, cfg), cfg)
+    log.error("%s; waiting for it", sup.site_error)
+    await asyncio.to_thread(wait)
+    sup.site_error = before
+    log.warning("the configured interfaces are there now: loading the data path")
 
 
 def read_site_error() -> str | None:

@@ -89,8 +89,11 @@ class FakeDataplane:
     def device_by_ip(self, ip):
         return next((n for n, s in self.devices.items() if s.ip == ip), None)
 
-    def events(self, timeout=0.0, limit=4096):
+    def events(self, timeout=0.0, limit=4096, consume=True):
         return []
+
+    def consume_events(self):
+        pass
 
     def events_fileno(self):
         raise OSError("the fake data path has no ring buffer")

@@ -474,3 +474,23 @@ def test_neighbour_messages_are_decoded_as_pyroute2_would():
     assert parse_neighbour(raw[16:]) == (7, "02:4b:00:00:00:01", "198.18.0.10")
     assert parse_neighbour(b"\x0a" + raw[17:]) is None       # not IPv4
     assert parse_neighbour(raw[16:24]) is None                 # truncated
+
+
+def test_an_attack_while_the_supervisor_is_down_is_acted_on_after_its_restart(slab):
+    """The ring buffer outlives the process: events the kernel produced while the supervisor
+    was stopped (or read by one killed before it acted) are read after the restart."""
+    cam = slab.device("camera1")
+    ask(slab, "posture_reset", name="camera1")
+    for source in (topology.ATTACKER_IP, topology.INET_IP):      # earlier tests' attackers
+        ask(slab, "unblock_source", ip=source)
+    before = len([a for a in ask(slab, "alerts", device="camera1") if a["type"] == "brute-force"])
+    pid = slab.pids["supervisor"]
+    os.killpg(pid, signal.SIGSTOP)      # alive but not reading: then killed without a word
+    try:
+        for _ in range(15):
+            connect(slab.namespaces["atk"], cam.ip, 23, timeout=0.3)
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+    restart_supervisor(slab)
+    assert wait_until(lambda: posture_of(slab, "camera1") == "attack", 5)
+    assert len([a for a in ask(slab, "alerts", device="camera1") if a["type"] == "brute-force"]) > before

@@ -405,3 +405,22 @@ def test_dns_to_another_resolver_is_refused_with_dns_gateway_only(lab, fresh):
     assert dropped(fresh, "camera1", "allowlist") == before + 3
     assert events and events[0]["dst"] == "198.19.64.53" and events[0]["dst_port"] == 53
     assert events[0]["action"] == "dropped"
+
+
+def test_events_read_but_not_given_back_are_read_again_by_the_next_process(lab, fresh):
+    """What a supervisor killed between reading an attack and acting on it leaves behind."""
+    from appliance.dataplane import api as dataplane
+    from lab import topology
+    cam = dev(lab, "camera1")
+    fresh.set_stack("camera1", {**BASE, "brute_force": {"attempts": 2, "window_ms": 10000,
+                                                        "ports": [23], "block_seconds": 0}})
+    for _ in range(4):
+        connect(lab.namespaces["atk"], cam.ip, 23, timeout=0.3)
+    time.sleep(0.2)
+    read = [e for e in fresh.events(consume=False) if e["reason"] == "brute_force"]
+    assert read
+    with dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab)) as again:
+        again_read = [e for e in again.events() if e["reason"] == "brute_force"]
+        assert [e["ts_ns"] for e in again_read] == [e["ts_ns"] for e in read]
+        assert again.events() == []          # given back now
+    fresh.consume_events()

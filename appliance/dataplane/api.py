@@ -624,12 +624,14 @@ class Dataplane:
                                             "bytes": sum(c.bytes for c in per_cpu)}
         return out
 
-    def events(self, timeout: float = 0.0, limit: int = 4096) -> list[dict]:
-        """Detector events from the kernel ring buffer, oldest first."""
+    def events(self, timeout: float = 0.0, limit: int = 4096, consume: bool = True) -> list[dict]:
+        """Detector events from the kernel ring buffer, oldest first. With consume=False they
+        stay in the ring until consume_events(): read, acted on, then given back, so that a
+        supervisor killed in between reads them again after its restart."""
         ring = self._loaded_ring()
-        records = ring.drain(limit)
+        records = ring.drain(limit, consume)
         if not records and timeout > 0 and ring.wait(timeout):
-            records = ring.drain(limit)
+            records = ring.drain(limit, consume)
         names = self._name_by_id
         out = []
         for raw in records:
@@ -641,6 +643,9 @@ class Dataplane:
                         "proto": e.proto, "action": maps.Action(e.action).name.lower(),
                         "count": e.count, "suppressed": e.suppressed, "ts_ns": e.ts_ns})
         return out
+
+    def consume_events(self) -> None:
+        self._loaded_ring().consume_read()
 
     def block_source(self, ip: str, seconds: int, device: str | None = None) -> None:
         """Puts a source into the kernel drop set (0 seconds: until unblocked)."""
@@ -671,12 +676,20 @@ class Dataplane:
         return out
 
     # -- reconcile ------------------------------------------------------------------------
-    def attached_programs(self) -> dict[str, int | None]:
-        """{ifname: attached XDP program id or None}, read from the kernel."""
+    def _links(self) -> dict[str, int | None]:
+        """{interface: the id of its XDP program or None}, for every interface there is."""
         cmd = ["ip", "-j", *(["-n", self.namespace] if self.namespace else []), "link", "show"]
         links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        by_name = {link["ifname"]: link.get("xdp", {}).get("prog", {}).get("id") for link in links}
+        return {link["ifname"]: link.get("xdp", {}).get("prog", {}).get("id") for link in links}
+
+    def attached_programs(self) -> dict[str, int | None]:
+        by_name = self._links()
         return {ifname: by_name.get(ifname) for ifname in self._attachments().values()}
+
+    def missing_interfaces(self) -> list[str]:
+        """The interfaces XDP belongs on that are not there (an adapter unplugged)."""
+        by_name = self._links()
+        return [i for i in self._attachments().values() if i not in by_name]
 
     def drift(self) -> list[str]:
         """What differs between the kernel and what this data path put there, each named:
@@ -688,11 +701,14 @@ class Dataplane:
                 if not os.path.exists(f"{self.pin_dir}/{n}")]
         if gone:
             problems.append(f"pinned objects missing under {self.pin_dir}: {', '.join(gone)}")
-        attached = self.attached_programs()
+        links = self._links()
         for prog, ifname in self._attachments().items():
-            if attached.get(ifname) != self._prog_ids.get(prog):
+            if ifname not in links:
+                problems.append(f"interface {ifname} is missing: its XDP program is attached "
+                                "again as soon as it is back")
+            elif links[ifname] != self._prog_ids.get(prog):
                 problems.append(f"XDP program {prog} is not attached to {ifname} "
-                                f"(attached: {attached.get(ifname)})")
+                                f"(attached: {links[ifname]})")
         nft_ = self._loaded_nft()
         outline = nft_.fingerprint()
         if outline is None:
@@ -759,8 +775,10 @@ class Dataplane:
         compiled = {s.name: umbox.compile_stack(s.stack, f"device {s.name}: ", self.settings.controllers)
                     for s in specs}
         pinned = self.pinned_program_ids()
-        attached = self.attached_programs()
-        missing = {p: i for p, i in self._attachments().items() if attached.get(i) != pinned[i]}
+        links = self._links()
+        # (an interface that is not there cannot take XDP: it is attached when it is back)
+        missing = {p: i for p, i in self._attachments().items() if i in links and links[i] != pinned[i]}
+        report["absent"] = [i for i in self._attachments().values() if i not in links]
         if missing:
             loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
             report["reattached"] = sorted(missing.values())

@@ -271,14 +271,17 @@ class RingBuffer:
         self._data_offset = page
         self._poll = select.epoll()
         self._poll.register(self.fd, select.EPOLLIN)
+        self._read_to: int | None = None     # read by drain(consume=False), not yet given back
 
     def fileno(self) -> int:
         return self.fd
 
-    def drain(self, limit: int = 1 << 30) -> list[bytes]:
-        """Every committed record not yet consumed, oldest first (at most `limit`)."""
+    def drain(self, limit: int = 1 << 30, consume: bool = True) -> list[bytes]:
+        """Every committed record not yet consumed, oldest first (at most `limit`). With
+        consume=False the records stay the kernel's until consume_read(): a reader that dies
+        before acting on them finds them again (the ring buffer outlives the process)."""
         out: list[bytes] = []
-        cons = struct.unpack_from("<Q", self._consumer, 0)[0]
+        cons = self._read_to if self._read_to is not None else struct.unpack_from("<Q", self._consumer, 0)[0]
         prod = struct.unpack_from("<Q", self._producer, 0)[0]
         mask = self.size - 1
         while cons < prod and len(out) < limit:
@@ -289,8 +292,20 @@ class RingBuffer:
             if not length & self._DISCARD:
                 out.append(bytes(self._producer[off + 8: off + 8 + length]))
             cons += ((length & ~(self._BUSY | self._DISCARD)) + 8 + 7) & ~7
-            struct.pack_into("<Q", self._consumer, 0, cons)
+            if consume:
+                struct.pack_into("<Q", self._consumer, 0, cons)
+        if not consume:
+            self._read_to = cons
+        else:
+            self._read_to = None
         return out
+
+    def consume_read(self) -> None:
+        """Gives back to the kernel what drain(consume=False) read."""
+        if self._read_to is not None:
+            if self._read_to > struct.unpack_from("<Q", self._consumer, 0)[0]:   # never backwards
+                struct.pack_into("<Q", self._consumer, 0, self._read_to)
+            self._read_to = None
 
     def wait(self, timeout: float) -> bool:
         return bool(self._poll.poll(timeout))

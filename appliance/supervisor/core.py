@@ -164,6 +164,10 @@ class Supervisor:
             raise KalkiError("the supervisor has no data path yet (attach() comes first)")
         return self._dp
 
+    def enforced_devices(self) -> dict:
+        """The devices the data path holds ({} before it is attached)."""
+        return self._dp.devices if self._dp is not None else {}
+
     @property
     def attached(self) -> bool:
         return self._dp is not None

@@ -179,7 +179,7 @@ class Ops:
     # -- the control socket's operations ------------------------------------------------
     def status(self) -> dict:
         sup = self._sup
-        return {"devices": len(sup.known), "enforced": len(sup.dp.devices),
+        return {"devices": len(sup.known), "enforced": len(sup.enforced_devices()),
                 "uptime_s": round((time.monotonic_ns() - sup.started_ns) / 1e9, 1),
                 "mqtt": bool(sup.bus and sup.bus.connected),
                 "mqtt_rejected": dict(sup.bus.rejected) if sup.bus else {},
@@ -193,7 +193,7 @@ class Ops:
     def _view(self, d: dict) -> dict:
         sup, name = self._sup, d["name"]
         out = dict(d)
-        out["enforced"] = name in sup.dp.devices
+        out["enforced"] = name in sup.enforced_devices()
         out["availability"] = sup.availability.get(name)
         if name in sup.suggestions:
             out["suggested_type"] = sup.suggestions[name]
@@ -207,9 +207,10 @@ class Ops:
         d = sup.device(name)
         view = self._view(d)
         view["history"] = sup.store.posture_history(name, limit=20)
-        view["counters"] = sup.dp.counters(name) if name in sup.dp.devices else {}
+        held = name in sup.enforced_devices()
+        view["counters"] = sup.dp.counters(name) if held else {}
         # the names it resolved through the gateway: bound, or refused (not in its profile)
-        view["names"] = sup.dp.names_of(name) if name in sup.dp.devices else {"bound": [], "refused": {}}
+        view["names"] = sup.dp.names_of(name) if held else {"bound": [], "refused": {}}
         # flows outside its profile: refused (for the operator to allow), learnt (while learning)
         view["flows"] = {"refused": sup.flows.of("refused", name), "learnt": sup.flows.of("learnt", name)}
         view["alerts"] = sup.store.alerts(device=name, limit=20)
