@@ -453,7 +453,12 @@ int xdp_from_devices(struct xdp_md *ctx)
 		struct arp_ipv4 *arp = (void *)(eth + 1);
 		if ((void *)(arp + 1) > end)
 			return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
-		if ((cfg->flags & KALKI_F_ANTI_SPOOF) && arp->spa && arp->spa != cfg->ipv4) {
+		/* An ARP that says another device's address is at this MAC would poison the
+		 * gateway's neighbour table, whatever this device's posture (quarantine and
+		 * unknown devices included): it never gets past here. */
+		__u32 *owner = arp->spa ? kalki_dev_by_ip.lookup(&arp->spa) : 0;
+		if ((owner && *owner != device) ||
+		    ((cfg->flags & KALKI_F_ANTI_SPOOF) && arp->spa && arp->spa != cfg->ipv4)) {
 			p.src = arp->spa;
 			report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, kalki_now());
 			return count(device, KALKI_R_SPOOF, &p, XDP_DROP);

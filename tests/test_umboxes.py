@@ -424,3 +424,48 @@ def test_events_read_but_not_given_back_are_read_again_by_the_next_process(lab, 
         assert [e["ts_ns"] for e in again_read] == [e["ts_ns"] for e in read]
         assert again.events() == []          # given back now
     fresh.consume_events()
+
+
+def _arp(op: int, sender_mac: str, sender_ip: str, target_mac: str, target_ip: str,
+         to_mac: str) -> bytes:
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))  # noqa: E731
+    return (mac(to_mac) + mac(sender_mac) + b"\x08\x06"
+            + b"\x00\x01\x08\x00\x06\x04\x00" + bytes([op]) + mac(sender_mac) + socket.inet_aton(sender_ip)
+            + mac(target_mac) + socket.inet_aton(target_ip))
+
+
+def _gateway_neighbour(lab, ip):
+    out = subprocess.run(["ip", "-j", "-n", lab.namespaces["gw"], "neigh", "show", ip, "dev", "dev0"],
+                         capture_output=True, text=True, check=True).stdout
+    entries = json.loads(out)
+    return entries[0].get("lladdr") if entries else None
+
+
+@pytest.mark.parametrize("posture_stack", [{"quarantine": {"management": True}}, {}],
+                         ids=["quarantined", "no-anti-spoof"])
+def test_a_forged_arp_never_reaches_the_gateway_s_neighbour_table(lab, fresh, posture_stack):
+    """plug1 says camera1's address is at its MAC: whatever plug1's posture, the gateway keeps
+    camera1's own MAC, and the forgery is counted as spoofing on plug1."""
+    cam, plug = dev(lab, "camera1"), dev(lab, "plug1")
+    fresh.set_stack("plug1", posture_stack)
+    assert ping(cam.namespace, lab.gateway["lan_ip"]) == 1          # the gateway learns camera1
+    assert _gateway_neighbour(lab, cam.ip) == cam.mac
+    before = dropped(fresh, "plug1", "spoof")
+    gw_mac = json.loads(subprocess.run(["ip", "-j", "-n", lab.namespaces["gw"], "link", "show", "dev0"],
+                                       capture_output=True, text=True, check=True).stdout)[0]["address"]
+    gw_ip = lab.gateway["lan_ip"]
+    frames = [_arp(2, plug.mac, cam.ip, gw_mac, gw_ip, gw_mac),                   # a reply to the gateway
+              _arp(1, plug.mac, cam.ip, "00:00:00:00:00:00", gw_ip, gw_mac),      # a request to it
+              _arp(1, plug.mac, cam.ip, "00:00:00:00:00:00", cam.ip, "ff:ff:ff:ff:ff:ff")]   # gratuitous
+    with netns.entered(plug.namespace):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        s.bind(("eth0", 0))
+        for frame in frames:
+            s.send(frame)
+    finally:
+        s.close()
+    time.sleep(0.3)
+    assert _gateway_neighbour(lab, cam.ip) == cam.mac
+    assert dropped(fresh, "plug1", "spoof") == before + len(frames)
+    assert ping(cam.namespace, lab.gateway["lan_ip"]) == 1
