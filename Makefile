@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 LAB ?= demo
 
-.PHONY: setup demo demo-down test test-unit lint bench clean
+.PHONY: setup demo demo-down test test-unit faults lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,11 @@ demo-down: setup
 
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Fault injection in the lab (tests/test_fault_injection.py, also part of `make test`): each case
+# has a fixed seed; the counts go to test-artifacts/faults.json and the last line printed.
+faults: setup
+	$(PY) -m pytest -q -ra -s -m faults $(PYTEST_ARGS)
 
 # The tests that need no root, no namespaces and no kernel: policy, store, profiles, vocab, the
 # web page and the panel over fakes. Sets up only when there is no .venv yet.

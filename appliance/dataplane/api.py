@@ -476,19 +476,17 @@ class Dataplane:
                 self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
                 self._forget(spec.name)
 
-        # In quarantine XDP drops everything nftables would act on: leave it as it is.
         plan = None
-        if not compiled.flags & maps.Flag.QUARANTINE:
-            if self._batch is None:
-                try:
-                    self._sync_nft(device_id, spec, compiled)
-                except DataplaneError:
-                    undo()
-                    raise
-            else:
-                plan = self._nft_plan(device_id, spec, compiled)
-                if plan:
-                    self._nft_state[device_id] = plan[1]   # the next plan builds on it
+        if self._batch is None:
+            try:
+                self._sync_nft(device_id, spec, compiled)
+            except DataplaneError:
+                undo()
+                raise
+        else:
+            plan = self._nft_plan(device_id, spec, compiled)
+            if plan:
+                self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
         if before is not None and before.allow_id != allow_id:
@@ -499,7 +497,8 @@ class Dataplane:
 
     def _nft_plan(self, device_id: int, spec: DeviceSpec, compiled: umbox.CompiledStack):
         return self._loaded_nft().plan(device_id, spec.mac, spec.ip, compiled.conn_limit,
-                                       compiled.gate_port, self._nft_state.get(device_id))
+                                       compiled.gate_port, self._nft_state.get(device_id),
+                                       **_nft_flags(compiled))
 
     def _sync_nft(self, device_id: int, spec: DeviceSpec, compiled: umbox.CompiledStack) -> None:
         """One nftables transaction if the device's part differs from what nftables has."""
@@ -802,9 +801,8 @@ class Dataplane:
             ip_id = self._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(_ip_be(s.ip)))
             allow_id = self._list_id(self._allow_content(c), create=False)
             nft_cur = nft_state.get(device_id)
-            nft_ok = bool(c.flags & maps.Flag.QUARANTINE) or (
-                nft_cur is not None and self._loaded_nft().plan(
-                    device_id, s.mac, s.ip, c.conn_limit, c.gate_port, nft_cur) is None)
+            nft_ok = self._loaded_nft().plan(device_id, s.mac, s.ip, c.conn_limit, c.gate_port,
+                                             nft_cur, **_nft_flags(c)) is None
             kernel_ok = (allow_id is not None and entry is not None
                          and bytes(entry) == bytes(self._device_entry(s, c, allow_id))
                          and ip_id is not None and ip_id.value == device_id)
@@ -825,6 +823,11 @@ class Dataplane:
             self._forget(name)
         self._collect_lists()
         return report
+
+
+def _nft_flags(compiled: umbox.CompiledStack) -> dict:
+    return {"lateral_block": bool(compiled.flags & maps.Flag.LATERAL_BLOCK),
+            "quarantine": bool(compiled.flags & maps.Flag.QUARANTINE)}
 
 
 def remove_pins_dir(pin_dir: Path) -> None:

@@ -174,18 +174,26 @@ class Nft:
                               {"counter": None}, {"drop": None}])
         return rules
 
-    def device_commands(self, device_id: int, mac: str, ip: str, rules: list[list],
+    def out_rules(self, lateral_block: bool) -> list[list]:
+        """Rule expressions of the device's outbound chain: the lateral block again, behind
+        XDP's, so that a detached program (the watch puts it back within a second) is no
+        window for lateral movement."""
+        if not lateral_block:
+            return []
+        return [[_match(_meta("oifname"), self.devices_if), {"counter": None}, {"drop": None}]]
+
+    def device_commands(self, device_id: int, mac: str, ip: str, rules: list,
                         gate_port: int | None, current: dict | None) -> list[dict]:
         """One transaction that makes the device's nftables state exactly what is wanted,
         touching only what differs from current (a posture change of 25 cameras is one
-        transaction, and the smaller the faster)."""
+        transaction, and the smaller the faster). `rules`: ("in" | "out", expression)."""
         cin, cout = chain_in(device_id), chain_out(device_id)
         current = current or {}
         have_chains = set(current.get("chains", ()))
         cmds = [{"add": {"chain": {**_T, "name": c}}} for c in (cin, cout) if c not in have_chains]
-        if cin in have_chains:
-            cmds.append({"flush": {"chain": {**_T, "name": cin}}})
-        cmds += [{"add": {"rule": {**_T, "chain": cin, "expr": r}}} for r in rules]
+        cmds += [{"flush": {"chain": {**_T, "name": c}}} for c in (cin, cout) if c in have_chains]
+        cmds += [{"add": {"rule": {**_T, "chain": cin if kind == "in" else cout, "expr": r}}}
+                 for kind, r in rules]
         gates = [(ip, gate_port)] if gate_port else []
         cmds += self._element_removals({
             "macs": [m for m in current.get("macs", ()) if m != mac],
@@ -202,11 +210,21 @@ class Nft:
         return cmds
 
     def plan(self, device_id: int, mac: str, ip: str, conn_limit: dict | None, gate_port: int | None,
-             current: dict | None) -> tuple[list[dict], dict] | None:
+             current: dict | None, lateral_block: bool = False,
+             quarantine: bool = False) -> tuple[list[dict], dict] | None:
         """What makes the device's part of the table what it should be, given what the table
         holds for it now: (the transaction's commands, the device's state after them), or None
-        when nothing needs to change. The data path asks once and runs the commands once."""
-        rules = self.device_rules(device_id, conn_limit)
+        when nothing needs to change. The data path asks once and runs the commands once.
+        In quarantine the device has no part at all: its MAC and address miss the verdict
+        maps, whose default is drop, so nothing is forwarded to or from it even with XDP
+        detached."""
+        if quarantine:
+            if not current or not (current.get("macs") or current.get("ips") or current.get("chains")):
+                return None
+            return self.removal_commands(device_id, current), {"macs": [], "ips": [], "gates": [],
+                                                                "rules": [], "normalised": [], "chains": []}
+        rules = [("in", r) for r in self.device_rules(device_id, conn_limit)]
+        rules += [("out", r) for r in self.out_rules(lateral_block)]
         wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
                   "rules": normalise_rules(rules)}
         if current and not differs(current, wanted):
@@ -310,7 +328,8 @@ class Nft:
                 entry(id_of(item["chain"]["name"]))["chains"].append(item["chain"]["name"])
             elif "rule" in item and item["rule"]["chain"].startswith("dev"):
                 expr = [e for e in item["rule"]["expr"]]
-                entry(id_of(item["rule"]["chain"]))["rules"].append(expr)
+                kind = "out" if item["rule"]["chain"].endswith("_out") else "in"
+                entry(id_of(item["rule"]["chain"]))["rules"].append((kind, expr))
         for item in items:
             if "set" in item and item["set"]["name"] == "gate":
                 for key in item["set"].get("elem", []):
@@ -327,15 +346,11 @@ def differs(current: dict, wanted: dict) -> bool:
             or (current.get("normalised") or normalise_rules(current["rules"])) != wanted["rules"])
 
 
-def normalise_rules(rules: list[list]) -> list[str]:
-    """Rules as comparable text: counters' values and burst defaults differ from what was sent."""
+def normalise_rules(rules: list) -> list[str]:
+    """("in" | "out", expression) rules as comparable text: counters' values and burst
+    defaults differ from what was sent."""
     out = []
-    for r in rules:
-        clean = []
-        for e in r:
-            if "counter" in e:
-                clean.append({"counter": None})
-            else:
-                clean.append(e)
-        out.append(json.dumps(clean, sort_keys=True))
+    for kind, r in rules:
+        clean = [{"counter": None} if "counter" in e else e for e in r]
+        out.append(json.dumps([kind, clean], sort_keys=True))
     return out
