@@ -20,7 +20,7 @@ from appliance.dataplane.umbox import check_controllers
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
-from appliance.system.site import ERROR_FILE
+from appliance.system.site import ERROR_FILE, isolation_warning_now
 from appliance.telemetry import kernel
 from appliance.telemetry.neighbours import NeighbourMonitor
 
@@ -111,6 +111,7 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     sup = Supervisor(cfg)
     sup.site_error = read_site_error()
+    sup.isolation_warning = read_isolation_warning()
     ops = Ops(sup)
     stop = asyncio.Event()
     neighbours = web = control_server = resolver = None
@@ -121,6 +122,7 @@ async def serve(cfg: Config) -> None:
             control_server = await start_control(cfg, ops)
             web = await start_faces(cfg, sup, ops)
             await wait_for_interfaces(cfg, sup)
+            sup.isolation_warning = read_isolation_warning()    # its driver is known now
         sup.attach(open_dataplane(cfg), loop)
         dp = sup.dp
         resolver = start_resolver(cfg, dp)
@@ -224,6 +226,15 @@ def read_site_error() -> str | None:
         return ERROR_FILE.read_text().strip() or None
     except OSError:
         return None
+
+
+def read_isolation_warning() -> str | None:
+    """Whether devices on the devices side may reach each other without crossing the data path
+    (the site file's network.isolation and the devices interface's driver)."""
+    warning = isolation_warning_now()
+    if warning:
+        log.warning("%s", warning)
+    return warning
 
 
 def _resident_mb() -> str:

@@ -89,6 +89,10 @@ def test_wired_devices_side_needs_no_wifi(tmp_path):
     (WIRED + '\n[wifi]\nssid = "x"\npassphrase = "12345678"\n', "wifi: a Wi-Fi access point"),
     (WIRED.replace('"eth0"', '"eth0"\naddress = "10.0.0.1"'), "network.address"),
     (WIRED.replace('"eth0"', '"eth0"\nlan = "10.0.0.0/33"'), "network.lan"),
+    (WIRED.replace('"eth0"', '"eth0"\nisolation = "port-isolation"'), "network.isolation: expected one of"),
+    (WIRED.replace('"eth0"', '"eth0"\nisolation = "ap_isolate"'), "network.isolation: \"ap_isolate\""),
+    (GOOD.replace('uplink_interface = "eth0"', 'uplink_interface = "eth0"\nisolation = "switch"'),
+     "network.isolation: \"switch\""),
     ("this is = = not toml", "not valid TOML"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key):
@@ -240,6 +244,9 @@ def test_example_file_in_the_image_is_valid():
     text = example.read_text().replace(site.PLACEHOLDER_PASSPHRASE, "a passphrase of our own")
     s = site.parse(tomllib.loads(text), "kalki.toml")
     assert s.wifi is not None and not s.ssh_enabled and s.devices_interface == "wlan0"
+    assert s.isolation == "auto"
+    for value in site.ISOLATION:
+        assert f'"{value}"' in text           # each setting is explained in the example
 
 
 def test_the_lab_and_the_appliance_lease_by_one_rule(tmp_path):

@@ -43,8 +43,11 @@ PATTERNS: dict[str, dict[str, str]] = {
     "warning": {
         "leds": "amber steady",
         "meaning": "A device is suspicious (for example motion after hours with the lights "
-                   "off), or a new device is waiting for approval and is kept closed until then.",
-        "action": "Open the web page: approve or remove the new device, or read the alert.",
+                   "off), or a new device is waiting for approval and is kept closed until then, "
+                   "or the devices may reach each other directly because nothing isolates them "
+                   "on the devices side (the web page's isolation warning says why).",
+        "action": "Open the web page: approve or remove the new device, read the alert, or fix "
+                  "the isolation as its warning says.",
     },
     "alert": {
         "leds": "red steady",

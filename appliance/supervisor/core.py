@@ -67,6 +67,7 @@ class Supervisor:
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
         self.listeners = Listeners()
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
+        self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
@@ -695,12 +696,13 @@ class Supervisor:
 
     def summary(self) -> str:
         """What the posture LEDs show: "alert" (any attack or quarantine), "warning" (any
-        suspicious or learning, or a new device waiting for approval), "normal"."""
+        suspicious or learning, a new device waiting for approval, or devices that may reach each
+        other without crossing the data path: isolation_warning), "normal"."""
         postures = {d["posture"] for d in self.known.values() if d.get("approved")}
         waiting = any(not d.get("approved") for d in self.known.values())
         if postures & {"attack", "quarantine"} or self.watch.tampered_recently():
             return "alert"
-        if self.watch.disk_error:
+        if self.watch.disk_error or self.isolation_warning:
             return "warning"
         if postures & {"suspicious", "learning"} or waiting:
             return "warning"

@@ -186,7 +186,8 @@ class Ops:
                 "mqtt_denied": dict(sup.bus.denied) if sup.bus else {},
                 "maintenance_until": sup.store.maintenance_until(),
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
-                "site_error": sup.site_error, "counters": dict(sup.counters), "tamper": sup.watch.tamper,
+                "site_error": sup.site_error, "isolation_warning": sup.isolation_warning,
+                "counters": dict(sup.counters), "tamper": sup.watch.tamper,
                 "disk_error": sup.store.disk_error,
                 "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms]}
 

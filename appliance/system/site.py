@@ -4,6 +4,7 @@ the first boot, the way Raspberry Pi users already drop files there.
     [network]
     devices_interface = "wlan0"      # faces the IoT devices (a wlan* interface: an access point)
     uplink_interface = "eth0"        # faces the network (DHCP client)
+    isolation = "auto"               # what keeps devices apart: auto, ap_isolate, switch, none
     [wifi]                           # only, and then required, when the devices side is wlan*
     ssid = "kalki-devices"
     passphrase = "at least 8 characters"   # WPA2-PSK, 8 to 63 printable ASCII characters
@@ -19,6 +20,9 @@ the first boot, the way Raspberry Pi users already drop files there.
     authorized_key = "ssh-ed25519 AAAA... technician@laptop"
 
 `load` validates it (unknown keys are errors; every message names the file and the key).
+`isolation_warning` says, in plain words, when devices on the devices side may reach each other
+without crossing the gateway (docs/image.md, "Device isolation on Wi-Fi"); the supervisor shows
+it in its status, on the page and on the LEDs.
 `render` turns it into what the image's services run from: the supervisor's kalki.toml (via
 appliance.config, so the supervisor's own validation applies too), hostapd.conf, dnsmasq.conf,
 the systemd-networkd files, the uplink NAT table and SSH's authorized_keys.
@@ -68,6 +72,19 @@ KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp3
              "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
              "sk-ecdsa-sha2-nistp256@openssh.com")
 
+# network.isolation: what keeps the devices apart below the gateway, so that traffic between two
+# of them crosses the data path (lateral_block) at all. "auto" judges from the devices interface's
+# driver; "ap_isolate" (the access point's driver honours hostapd's ap_isolate) and "switch" (wired
+# ports on a switch with port isolation) are the operator's word; "none": the site knows there is
+# nothing, and the warning stays.
+ISOLATION = ("auto", "ap_isolate", "switch", "none")
+# The Pi's built-in Wi-Fi. In Debian 12's kernel (6.1) its driver has no change_bss operation, so
+# hostapd's ap_isolate (NL80211_CMD_SET_BSS) is refused with EOPNOTSUPP, which hostapd ignores, and
+# the chip's firmware goes on forwarding frames between stations itself. Support came with
+# commit d358795df908 (wireless-next, September 2025), years after this kernel.
+BUILTIN_WIFI_DRIVERS = frozenset({"brcmfmac"})
+SYS_CLASS_NET = Path("/sys/class/net")
+
 # Every file render() can produce; apply() removes the ones a new rendering leaves out, so a
 # setting turned off (SSH, Wi-Fi) does not survive in a stale file.
 FILES = ("kalki.toml", "hostapd.conf", "dnsmasq.conf", "nat.nft", "authorized_keys",
@@ -90,6 +107,7 @@ class Wifi:
 class Site:
     devices_interface: str = "wlan0"
     uplink_interface: str = "eth0"
+    isolation: str = "auto"
     address: str = "198.18.0.1"
     lan: str = "198.18.0.0/20"
     wifi: Wifi | None = None
@@ -179,13 +197,14 @@ def parse(data: dict, path: str = "kalki.toml") -> Site:
 
 def _parse_network(site: Site, section: dict, path: str) -> None:
     net = _table(section, f"{path}: network",
-                 ("devices_interface", "uplink_interface", "address", "lan"))
+                 ("devices_interface", "uplink_interface", "isolation", "address", "lan"))
     w = f"{path}: network"
     site.devices_interface = _interface(net, "devices_interface", w, site.devices_interface)
     site.uplink_interface = _interface(net, "uplink_interface", w, site.uplink_interface)
     if site.devices_interface == site.uplink_interface:
         raise SiteError(f"{w}.devices_interface: the same interface as uplink_interface "
                         f"({site.uplink_interface!r}); the devices must be on their own side")
+    site.isolation = _isolation(net, w, site)
     site.lan = _str(net, "lan", w, site.lan)
     site.address = _str(net, "address", w, site.address)
     try:
@@ -200,6 +219,21 @@ def _parse_network(site: Site, section: dict, path: str) -> None:
         raise SiteError(f"{w}.address: {address} is not a host address of lan {lan}")
     if lan.prefixlen > 28:
         raise SiteError(f"{w}.lan: {lan} leaves too few addresses for devices (at most /28)")
+
+
+def _isolation(net: dict, where: str, site: Site) -> str:
+    value = net.get("isolation", site.isolation)
+    if value not in ISOLATION:
+        raise SiteError(f"{where}.isolation: expected one of {', '.join(ISOLATION)}, got {value!r}")
+    if value == "ap_isolate" and not site.wireless:
+        raise SiteError(f"{where}.isolation: \"ap_isolate\" is an access point's setting and "
+                        f"devices_interface {site.devices_interface!r} is wired; say \"switch\" for "
+                        f"ports on an isolating switch, or \"none\"")
+    if value == "switch" and site.wireless:
+        raise SiteError(f"{where}.isolation: \"switch\" is for a wired devices_interface, not "
+                        f"{site.devices_interface!r}; say \"ap_isolate\" for a Wi-Fi adapter whose "
+                        f"driver honours it, or \"none\"")
+    return value
 
 
 def _parse_wifi(site: Site, top: dict, path: str) -> None:
@@ -272,6 +306,59 @@ def load(path: Path | str = SOURCE) -> Site:
     return parse(data, str(path))
 
 
+# -- isolation between devices ---------------------------------------------------------------
+def interface_driver(interface: str, sys_class_net: Path = SYS_CLASS_NET) -> str | None:
+    """The kernel driver of a network interface: the name its device/driver link points to
+    (brcmfmac for the Pi's own Wi-Fi, rt2800usb for a USB adapter, r8152 for a USB Ethernet
+    adapter). None for a virtual interface or one that is not there (yet)."""
+    if not IFNAME.fullmatch(interface) or interface.startswith("."):
+        return None
+    try:
+        return os.path.basename(os.readlink(sys_class_net / interface / "device" / "driver")) or None
+    except OSError:
+        return None
+
+
+def isolation_warning(site: Site, driver: str | None) -> str | None:
+    """In plain words, why devices on the devices side may reach each other without crossing the
+    gateway (where lateral_block would see it); None where the site has isolation. `driver`: the
+    devices interface's (interface_driver)."""
+    if site.isolation == "none":
+        return (f"Devices on {site.devices_interface} may reach each other directly (the site file "
+                f"says isolation = \"none\"), so lateral_block does not see that traffic.")
+    if site.wireless and driver in BUILTIN_WIFI_DRIVERS:
+        # Even if the site file says ap_isolate: this kernel's driver cannot pass it on.
+        return (f"Devices on the built-in Wi-Fi ({driver}) may reach each other directly: its "
+                f"driver in this kernel ignores ap_isolate, so lateral_block does not see that "
+                f"traffic. Use a USB Wi-Fi adapter whose driver honours ap_isolate, or wired ports "
+                f"on an isolating switch, and say so in the site file (isolation = ...).")
+    if site.isolation in ("ap_isolate", "switch"):
+        return None
+    if site.wireless:
+        return (f"Devices on the Wi-Fi adapter ({driver or 'driver unknown'}) may reach each other "
+                f"directly: whether its driver honours ap_isolate is not known, so lateral_block "
+                f"may not see that traffic. If it does, say so in the site file "
+                f"(isolation = \"ap_isolate\").")
+    return (f"Devices on the wired devices side ({site.devices_interface}"
+            f"{', ' + driver if driver else ''}) may reach each other directly through a switch, "
+            f"so lateral_block does not see that traffic. Use ports on a switch with port "
+            f"isolation and say so in the site file (isolation = \"switch\").")
+
+
+def isolation_warning_now(source: Path = SOURCE, sys_class_net: Path = SYS_CLASS_NET) -> str | None:
+    """For the supervisor (appliance.run): the warning for the card's site file and the devices
+    interface's driver as they are now. None without a site file (not the image: the lab, a
+    development machine) and for a wrong one (its error is shown instead, and the devices side
+    stays closed)."""
+    if not Path(source).exists():
+        return None
+    try:
+        site = load(source)
+    except SiteError:
+        return None
+    return isolation_warning(site, interface_driver(site.devices_interface, sys_class_net))
+
+
 # -- rendering -------------------------------------------------------------------------------
 def is_raspberry_pi(model_file: Path = Path("/sys/firmware/devicetree/base/model")) -> bool:
     """The posture LEDs and the button are on a Pi's GPIO header; elsewhere (qemu's boot test)
@@ -325,7 +412,8 @@ def hostapd_conf(site: Site) -> str:
         "wmm_enabled=1",
         "auth_algs=1",
         "ignore_broadcast_ssid=0",
-        # Device to device traffic must cross the gateway (lateral-movement protection).
+        # Device to device traffic must cross the gateway (lateral-movement protection), if the
+        # driver honours it: the built-in Wi-Fi's does not (isolation_warning).
         "ap_isolate=1",
         "wpa=2",
         "wpa_key_mgmt=WPA-PSK",

@@ -77,6 +77,12 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
     if site_error:   # the site settings on the card are wrong: the devices side stays closed
         flash += (f'<p class="error" id="site-error" role="alert">The site settings (kalki.toml '
                   f'on the SD card) are wrong, so the devices side stays closed: {e(site_error)}</p>')
+    if hasattr(st, "ops") and getattr(request.g, "user", None):
+        # Devices may reach each other without crossing the data path: a warning (amber), not an error.
+        isolation = st.ops.status().get("isolation_warning")
+        if isolation:
+            flash += (f'<p class="summary summary-warning" id="isolation-warning" role="status">'
+                      f'{e(isolation)}</p>')
     menu = ""
     if nav and request.g.user:
         links = "".join(f'<a href="{href}"{" class=current" if request.path == href else ""}>{e(t)}</a>'
@@ -226,7 +232,9 @@ async def leds_page(request):
 
 # -- overview ------------------------------------------------------------------------------
 
-SUMMARY_WORDS = {"normal": "All devices normal", "warning": "Attention: a device is suspicious or waits for approval",
+SUMMARY_WORDS = {"normal": "All devices normal",
+                 "warning": "Attention: a device is suspicious, learning or waits for approval, "
+                            "or something needs the operator (see above)",
                  "alert": "Alert: a device is under attack or in quarantine"}
 
 
