@@ -117,3 +117,29 @@ def test_flows_outlive_a_restart(sup, tmp_path):
         assert [f["address"] for f in Ops(again).device_show("light1")["flows"]["learnt"]] == ["198.19.64.9"]
     finally:
         again.store.close()
+
+
+def test_the_mud_url_a_device_sends_is_recorded_and_suggests_its_profile(sup, tmp_path):
+    ops = Ops(sup)
+    mud = (__import__("pathlib").Path(__file__).parent / "data" / "mud" / "mood_lamp-3204432Mud.json").read_text()
+    ops.profile_import(mud, "lamp.json", type="mood-lamp")
+    url = "https://mood_lamp-3204432.com/mood_lamp-3204432"
+    ops.dhcp_lease("add", mac="02:4b:00:00:00:31", ip="198.18.0.31",
+                   identity={"hostname": "lamp", "mud_url": url})
+    lamp = next(d for d in sup.known.values() if d["mac"] == "02:4b:00:00:00:31")
+    assert lamp["identity"]["mud_url"] == url
+    assert sup.suggestions[lamp["name"]] == "mood-lamp"
+    # a device's bad MUD URL is dropped, not stored, and the lease still counts
+    ops.dhcp_lease("add", mac="02:4b:00:00:00:32", ip="198.18.0.32",
+                   identity={"hostname": "odd", "mud_url": "http://plain.example/x\n"})
+    odd = next(d for d in sup.known.values() if d["mac"] == "02:4b:00:00:00:32")
+    assert not odd["identity"].get("mud_url") and odd["ip"] == "198.18.0.32"
+
+
+def test_dnsmasq_s_mud_url_reaches_the_supervisor(monkeypatch):
+    from appliance.system import dhcp
+    sent = {}
+    monkeypatch.setattr("appliance.client.request", lambda sock, op, **kw: sent.update(op=op, **kw))
+    dhcp.lease_event("/run/x.sock", ["add", "02:4b:00:00:00:31", "198.18.0.31", "lamp"],
+                     {"DNSMASQ_MUD_URL": "https://example.com/lamp.json"})
+    assert sent["identity"] == {"hostname": "lamp", "mud_url": "https://example.com/lamp.json"}

@@ -50,7 +50,7 @@ FILENAME = "kalki.json"
 STATE_TABLES = ("devices", "rules", "settings")
 LOG_TABLES = ("history", "alerts", "decisions")
 TABLES = STATE_TABLES + LOG_TABLES
-IDENTITY_KEYS = ("hostname", "client_id", "vendor_class")
+IDENTITY_KEYS = ("hostname", "client_id", "vendor_class", "mud_url")
 DEFAULT_SETTINGS = {
     "business_hours": {"days": list(WORKDAYS),
                        "start": "08:00", "end": "18:00"},

@@ -655,7 +655,11 @@ class Supervisor:
         """A device seen on the device side (neighbour table or DHCP lease)."""
         mac = mac.lower()
         identity = {k: v for k, v in (identity or {}).items()
-                    if k in ("hostname", "client_id", "vendor_class") and isinstance(v, str) and v}
+                    if k in ("hostname", "client_id", "vendor_class", "mud_url") and isinstance(v, str) and v}
+        if "mud_url" in identity and not _mud_url_ok(identity["mud_url"]):
+            log.warning("%s: ignoring the MUD URL it sent (not an https URL of up to 255 printable "
+                        "characters): %r", mac, identity["mud_url"][:80])
+            del identity["mud_url"]
         known = next((d for d in self.known.values() if d["mac"] == mac), None)
         if known:   # identity is the MAC: the same device, perhaps at a new address
             if identity and any(known["identity"].get(k) != v for k, v in identity.items()):
@@ -676,10 +680,14 @@ class Supervisor:
                          time.monotonic_ns())
 
     def _suggest(self, name: str) -> str | None:
-        """The profile a new device seems to fit; shown to the operator, who decides."""
+        """The profile a new device seems to fit; shown to the operator, who decides. A profile
+        imported from the MUD file the device names (DHCP option 161) fits first."""
         d = self.known[name]
+        mud_url = (d.get("identity") or {}).get("mud_url")
         suggestion = next((t for t, p in self.profiles.items()
-                           if p.matches(d["mac"], d.get("identity") or {})), None)
+                           if mud_url and getattr(p, "mud_url", None) == mud_url), None)
+        suggestion = suggestion or next((t for t, p in self.profiles.items()
+                                         if p.matches(d["mac"], d.get("identity") or {})), None)
         if suggestion:
             self.suggestions[name] = suggestion
         return suggestion
@@ -795,6 +803,11 @@ class Supervisor:
                 except KalkiError as e:
                     log.error("reverting %s: %s", name, e)
                     self._update_device(name, posture_expires=None)
+
+
+def _mud_url_ok(url: str) -> bool:
+    """What a device may say its MUD URL is (RFC 8520: https; DHCP option 161 holds 255 bytes)."""
+    return url.startswith("https://") and len(url) <= 255 and url.isprintable() and " " not in url
 
 
 def _returns_after(d: dict, for_seconds: int | None) -> list[dict]:

@@ -98,7 +98,9 @@ def lease_event(socket_path: str, argv: list[str], env: dict) -> None:
     action, mac, ip = argv[:3]
     identity = {"hostname": (argv[3] if len(argv) > 3 else None) or env.get("DNSMASQ_SUPPLIED_HOSTNAME"),
                 "client_id": env.get("DNSMASQ_CLIENT_ID"),
-                "vendor_class": env.get("DNSMASQ_VENDOR_CLASS")}
+                "vendor_class": env.get("DNSMASQ_VENDOR_CLASS"),
+                # RFC 8520's DHCP option 161, which dnsmasq (2.81+) hands its script
+                "mud_url": env.get("DNSMASQ_MUD_URL")}
     client.request(socket_path, "dhcp_lease", action=action, mac=mac, ip=ip,
                     identity={k: v for k, v in identity.items() if v})
 
