@@ -3,6 +3,7 @@ profiles with a fake data path (tests/test_names.py::test_learning... runs it wi
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import pytest
 from fakes import supervisor
@@ -121,7 +122,7 @@ def test_flows_outlive_a_restart(sup, tmp_path):
 
 def test_the_mud_url_a_device_sends_is_recorded_and_suggests_its_profile(sup, tmp_path):
     ops = Ops(sup)
-    mud = (__import__("pathlib").Path(__file__).parent / "data" / "mud" / "mood_lamp-3204432Mud.json").read_text()
+    mud = (Path(__file__).parent / "data" / "mud" / "mood_lamp-3204432Mud.json").read_text()
     ops.profile_import(mud, "lamp.json", type="mood-lamp")
     url = "https://mood_lamp-3204432.com/mood_lamp-3204432"
     ops.dhcp_lease("add", mac="02:4b:00:00:00:31", ip="198.18.0.31",
