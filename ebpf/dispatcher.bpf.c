@@ -93,7 +93,10 @@ struct packet {
 	__u8 proto;
 	__u8 syn;                  /* TCP SYN without ACK: a connection attempt */
 	__u8 opens;                /* may open a flow: TCP SYN, UDP, ICMP echo request, others */
-	__u8 pad[3];
+	__u8 probe;                /* TCP flags no connection sends: a stealth-scan signature */
+	__u8 fin_ack;              /* TCP FIN+ACK to a port below its source port (Maimon's probe
+				    * or a client's close; a server's close goes to a higher port) */
+	__u8 pad;
 	__u32 len;
 };
 
@@ -228,9 +231,10 @@ static __always_inline __u32 rate_limit(__u32 device, struct kalki_device *cfg,
 }
 
 #ifndef KALKI_NO_DETECTORS
-/* Distinct (destination, port) per source within the window. */
-static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, struct packet *p,
-				     __u64 now, __u32 offender)
+/* Distinct (destination, port) per source within the window: the window's count, or 0 if
+ * this (destination, port) was counted already. */
+static __always_inline __u32 scan_count(__u32 device, struct kalki_device *cfg, struct packet *p,
+					__u64 now)
 {
 	struct scan_key k = {.device = device, .src = p->src, .dst = p->dst,
 			     .port = p->dport, .proto = p->proto};
@@ -238,27 +242,51 @@ static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, str
 	__u64 window = cfg->scan_window_ms * NS_PER_MS;
 	__u32 port = p->dport | (__u32)p->proto << 16;
 	if (!st)
-		return XDP_PASS;
+		return 0;
 	if (st->scan_src == p->src && st->scan_dst == p->dst && st->scan_port == port &&
 	    now - st->scan_seen_ns <= window)
-		return XDP_PASS;
+		return 0;
 	__u64 *seen = kalki_scan_seen.lookup(&k);
 	if (seen && now - *seen <= window) {
 		st->scan_src = p->src;
 		st->scan_dst = p->dst;
 		st->scan_port = port;
 		st->scan_seen_ns = *seen;
-		return XDP_PASS;
+		return 0;
 	}
 	kalki_scan_seen.update(&k, &now);
 	st->scan_src = p->src;
 	st->scan_dst = p->dst;
 	st->scan_port = port;
 	st->scan_seen_ns = now;
-	__u32 n = window_add(device, p->src, KALKI_R_PORT_SCAN, cfg->scan_window_ms, now);
+	return window_add(device, p->src, KALKI_R_PORT_SCAN, cfg->scan_window_ms, now);
+}
+
+static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, struct packet *p,
+				     __u64 now, __u32 offender)
+{
+	__u32 n = scan_count(device, cfg, p, now);
 	if (n <= cfg->scan_ports)
 		return XDP_PASS;
 	return fire(device, KALKI_R_PORT_SCAN, p, n, cfg->scan_block_s, now, offender);
+}
+
+/* A stealth scan's packet (p->probe, or p->fin_ack): counted in the port-scan window like a
+ * SYN, so a scan of many ports is blocked as a SYN scan is. A probe is a signature by itself:
+ * dropped and reported. A FIN+ACK is also how connections close, so it is one only as part of
+ * a scan: dropped and reported once the window holds more than scan_ports. Returns the reason
+ * it was dropped for, or KALKI_R_PASS. */
+static __always_inline __u32 stealth_scan(__u32 device, struct kalki_device *cfg,
+					  struct packet *p, __u64 now, __u32 offender)
+{
+	__u32 n = scan_count(device, cfg, p, now);
+	int over = n > cfg->scan_ports;
+	if (over)
+		fire(device, KALKI_R_PORT_SCAN, p, n, cfg->scan_block_s, now, offender);
+	if (!p->probe && !over)
+		return KALKI_R_PASS;
+	report(device, KALKI_R_STEALTH_SCAN, p, KALKI_A_DROPPED, 1, now);
+	return KALKI_R_STEALTH_SCAN;
 }
 
 static __always_inline int syn_flood(__u32 device, struct kalki_device *cfg, struct packet *p,
@@ -364,6 +392,8 @@ static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
 	p->proto = ip->protocol;
 	p->dport = 0;
 	p->syn = 0;
+	p->probe = 0;
+	p->fin_ack = 0;
 	p->opens = 1;
 	void *l4 = (void *)ip + ip->ihl * 4;
 	if (ip->protocol == IPPROTO_TCP) {
@@ -374,6 +404,12 @@ static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
 		p->dport = __builtin_bswap16(t->dest);
 		p->syn = t->syn && !t->ack;
 		p->opens = p->syn;
+		/* Past the handshake every segment carries ACK; without it only a SYN or a RST is
+		 * TCP. So NULL, FIN, XMAS (FIN+PSH+URG) and any FIN+URG without ACK are probes,
+		 * and so is SYN+FIN or SYN+RST, whatever else is set. */
+		p->probe = (!t->ack && !t->syn && !t->rst) || (t->syn && (t->fin || t->rst));
+		p->fin_ack = t->fin && t->ack && !t->syn && !t->rst &&
+			     p->dport < __builtin_bswap16(t->source);
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		__u8 *type = l4;
 		if ((void *)(type + 1) > end)
@@ -498,6 +534,12 @@ int xdp_from_devices(struct xdp_md *ctx)
 	    p.dst != s->gateway_ip && !lan_chatter(s, p.dst) &&
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+	if ((cfg->flags & KALKI_F_PORT_SCAN) && (p.probe || p.fin_ack) &&
+	    p.dst != s->gateway_ip && !lan_chatter(s, p.dst)) {
+		__u32 r = stealth_scan(device, cfg, &p, now, p.src);
+		if (r != KALKI_R_PASS)
+			return count(device, r, &p, XDP_DROP);
+	}
 #endif
 	if (p.dst == s->gateway_ip) {
 		/* The gateway offers devices DHCP, DNS, NTP, MQTT and ping; its web page, SSH and
@@ -582,6 +624,11 @@ int xdp_to_devices(struct xdp_md *ctx)
 	if ((p.syn || p.proto == IPPROTO_UDP) && (cfg->flags & KALKI_F_PORT_SCAN) &&
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+	if ((p.probe || p.fin_ack) && (cfg->flags & KALKI_F_PORT_SCAN)) {
+		__u32 r = stealth_scan(device, cfg, &p, now, p.src);
+		if (r != KALKI_R_PASS)
+			return count(device, r, &p, XDP_DROP);
+	}
 #endif
 	if (cfg->flags & KALKI_F_RATE_LIMIT) {
 		__u32 r = rate_limit(device, cfg, &p, now);

@@ -50,7 +50,8 @@ enum kalki_reason {
 	KALKI_R_BRUTE_FORCE,
 	KALKI_R_NOT_IPV4,
 	KALKI_R_GATEWAY,         /* a device opened something on the gateway it has no use for */
-	KALKI_R_MAX = 16,
+	KALKI_R_STEALTH_SCAN,    /* TCP flags no connection sends (NULL, FIN, XMAS, SYN+FIN, ...) */
+	KALKI_R_MAX = 16,        /* slots per device: room for no more reasons */
 };
 
 /* Event actions */

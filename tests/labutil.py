@@ -124,6 +124,19 @@ def tcp_syn(src: str, dst: str, sport: int, dport: int) -> bytes:
     return ipv4_packet(src, dst, 6, tcp)
 
 
+TCP_FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20}
+
+
+def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: str, seq: int = 1000,
+               ack: int = 0) -> bytes:
+    """A TCP segment with any flags, as letters: "" (none), "F", "FPU", "SF", "FA", ..."""
+    bits = sum(TCP_FLAGS[f] for f in flags)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, bits, 8192, 0, 0)
+    pseudo = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(dst), 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    return ipv4_packet(src, dst, 6, tcp)
+
+
 def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes = b"kalki") -> bytes:
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     return ipv4_packet(src, dst, 17, udp)

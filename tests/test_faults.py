@@ -239,3 +239,8 @@ def test_a_name_an_older_version_let_in_is_renamed_not_fatal(tmp_path):
         again.store.close()
     with pytest.raises(Exception, match="use 1 to 40 letters"):
         Ops(supervisor(tmp_path / "b")).device_add("cam.1", "02:4b:00:00:00:09", "198.18.0.19")
+
+
+def test_a_stealth_scan_moves_the_device_to_attack_as_a_syn_scan_does(sup):
+    alert(sup, "camera1", "stealth-scan")
+    assert sup.posture("camera1") == "attack"

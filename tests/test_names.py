@@ -255,3 +255,4 @@ def test_kalki_lab_dns_set_gives_the_internet_a_name(nlab):
     bad = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "dns", nlab.name, "set",
                           "x.example", "8.8.8.8"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "outside the lab" in bad.stderr
+

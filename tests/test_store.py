@@ -71,7 +71,7 @@ def test_new_device_gets_defaults_and_timestamps(store):
     d = store.upsert_device("cam1", "AA:BB:CC:00:00:01", ip="10.0.0.5", type="camera",
                             identity={"hostname": "cam"})
     assert d == {"name": "cam1", "mac": "aa:bb:cc:00:00:01", "ip": "10.0.0.5", "type": "camera",
-                 "identity": {"hostname": "cam", "client_id": None, "vendor_class": None},
+                 "identity": {"hostname": "cam", "client_id": None, "vendor_class": None, "mud_url": None},
                  "approved": False, "posture": "unknown", "posture_since": iso(T0),
                  "posture_expires": None, "posture_revert_to": None, "posture_after": [], "group": None,
                  "first_seen": iso(T0), "last_seen": iso(T0)}
@@ -88,7 +88,8 @@ def test_upsert_of_known_device_keeps_what_is_not_given(store, clock):
                             identity={"vendor_class": "udhcp 1.30"})
     assert (d["approved"], d["posture"], d["group"]) == (True, "normal", "cams")
     assert d["ip"] == "10.0.0.6"
-    assert d["identity"] == {"hostname": "cam", "client_id": None, "vendor_class": "udhcp 1.30"}
+    assert d["identity"] == {"hostname": "cam", "client_id": None, "vendor_class": "udhcp 1.30",
+                             "mud_url": None}
     assert d["first_seen"] == d["posture_since"] == iso(T0)
     assert d["last_seen"] == iso(clock.now)
     assert [x["name"] for x in store.devices()] == ["cam1"]

@@ -149,6 +149,21 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def test_the_mud_url_a_device_sends_over_dhcp_is_recorded(slab):
+    """Real dnsmasq and a real DHCP client: RFC 8520's option 161 reaches the device record.
+    (Before the renumbering test, which takes the server's lease script away.)"""
+    new = slab.devices[-1]            # the unapproved one, which asks for its lease
+    url = "https://mud.example.com/lamp.json"
+    script = topology.state_path(slab.name).parent / "udhcpc.script"
+    subprocess.run(["ip", "netns", "exec", new.namespace, "busybox", "udhcpc", "-i", "eth0", "-n", "-q",
+                    "-t", "5", "-T", "1", "-x", f"0xa1:{url.encode().hex()}", "-s", str(script)],
+                   check=True, capture_output=True, timeout=30)
+
+    def identity():
+        return next(d for d in ask(slab, "devices") if d["mac"] == new.mac).get("identity") or {}
+    assert wait_until(lambda: identity().get("mud_url") == url, 5), identity()
+
+
 def test_a_device_renumbered_by_dhcp_stays_the_same_device(slab):
     """Identity is the MAC: the approved device that gets another address from the gateway's
     DHCP server (its reservation gone, a reboot) keeps its posture and is enforced at the new
@@ -495,16 +510,3 @@ def test_an_attack_while_the_supervisor_is_down_is_acted_on_after_its_restart(sl
     assert wait_until(lambda: posture_of(slab, "camera1") == "attack", 5)
     assert len([a for a in ask(slab, "alerts", device="camera1") if a["type"] == "brute-force"]) > before
 
-
-def test_the_mud_url_a_device_sends_over_dhcp_is_recorded(slab):
-    """Real dnsmasq and a real DHCP client: RFC 8520's option 161 reaches the device record."""
-    new = slab.devices[-1]            # the unapproved one, which asks for its lease
-    url = "https://mud.example.com/lamp.json"
-    script = topology.state_path(slab.name).parent / "udhcpc.script"
-    subprocess.run(["ip", "netns", "exec", new.namespace, "busybox", "udhcpc", "-i", "eth0", "-n", "-q",
-                    "-t", "5", "-T", "1", "-x", f"0xa1:{url.encode().hex()}", "-s", str(script)],
-                   check=True, capture_output=True, timeout=30)
-
-    def identity():
-        return next(d for d in ask(slab, "devices") if d["mac"] == new.mac).get("identity") or {}
-    assert wait_until(lambda: identity().get("mud_url") == url, 5), identity()

@@ -44,6 +44,7 @@ class Reason(enum.IntEnum):
     BRUTE_FORCE = 12
     NOT_IPV4 = 13
     GATEWAY = 14
+    STEALTH_SCAN = 15
 
 
 REASON_SLOTS = 16
@@ -64,6 +65,7 @@ REASON_UMBOX = {
     Reason.RATE_BYTES: "rate_limit", Reason.PORT_SCAN: "port_scan",
     Reason.SYN_FLOOD: "syn_flood", Reason.BRUTE_FORCE: "brute_force",
     Reason.NOT_IPV4: "dispatcher", Reason.GATEWAY: "gateway_guard",
+    Reason.STEALTH_SCAN: "port_scan",
 }
 
 

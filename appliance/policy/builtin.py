@@ -27,7 +27,8 @@ ATTACK_RULES = [
         "name": "device-under-attack",
         "priority": 90,
         "when": {"all": [
-            {"alert": {"type": ["brute-force", "port-scan", "syn-flood"], "count": 1, "within": "5m"}},
+            {"alert": {"type": ["brute-force", "port-scan", "stealth-scan", "syn-flood"], "count": 1,
+                       "within": "5m"}},
             # Never downgrade a quarantined device to "attack".
             {"not": {"posture": {"is": "quarantine"}}},
         ]},

@@ -7,15 +7,16 @@ from typing import Callable, Iterable, Iterator
 KERNEL_ALERTS = {"port_scan": "port-scan", "syn_flood": "syn-flood", "brute_force": "brute-force",
                  "egress_anomaly": "egress-anomaly", "spoof": "spoofing",
                  "lateral": "lateral-movement", "gateway": "gateway-probe",
+                 "stealth_scan": "stealth-scan",
                  # a flow the allow-list refused: recorded on the device, never an alarm
                  "allowlist": "egress-refused"}
 
 
 def alert_kind(event: dict, device_ip: str | None) -> str | None:
-    """The alert a kernel event raises, or None if it raises none. A port scan whose source is
-    the device itself is the device scanning others."""
+    """The alert a kernel event raises, or None if it raises none. A port scan (stealth or not)
+    whose source is the device itself is the device scanning others."""
     kind = KERNEL_ALERTS.get(event.get("reason", ""))
-    if kind == "port-scan" and device_ip is not None and event.get("src") == device_ip:
+    if kind in ("port-scan", "stealth-scan") and device_ip is not None and event.get("src") == device_ip:
         return "port-scan-outbound"
     if kind == "egress-anomaly" and event.get("action") == "reported":
         # The profile said "report only": a report, which no built-in rule escalates. An
