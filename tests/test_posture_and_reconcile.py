@@ -297,3 +297,37 @@ def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
             third.close()
     finally:
         again.close()
+
+
+def test_pins_of_an_older_layout_are_replaced_and_their_postures_still_count(run_suffix):
+    """An older version's pins (here: without kalki_name_allow) cannot be used as they are: the
+    program is loaded anew (attaching replaces the old one in one step), the postures the old
+    maps held still count as the kernel's at start, and reconcile converges."""
+    from appliance.vocab import POSTURE_CODES
+    name = f"o{run_suffix}old"
+    state = topology.up(name, devices=2, services=False, protect=True)
+    try:
+        settings = topology.gateway_settings(state)
+        cam = state.device("camera1")
+        with dataplane.Dataplane.open(name, state.namespaces["gw"], settings) as old:
+            held = {d.name: "quarantine" if d.name == "camera1" else "normal" for d in state.devices}
+            old.reconcile([dataplane.DeviceSpec(d.name, d.mac, d.ip,
+                                                {"quarantine": {}} if held[d.name] == "quarantine"
+                                                else {"anti_spoof": {}}, POSTURE_CODES[held[d.name]])
+                           for d in state.devices])
+            old_ids = old.pinned_program_ids()
+        os.unlink(f"/sys/fs/bpf/kalki/{name}/kalki_name_allow")
+        with dataplane.Dataplane.open(name, state.namespaces["gw"], settings) as new:
+            assert new.older_layout and "kalki_name_allow" in new.older_layout
+            assert new.kernel_postures()[cam.mac] == POSTURE_CODES["quarantine"]
+            assert new.pinned_program_ids() != old_ids
+            assert new.attached_programs() == new.pinned_program_ids()
+            specs = [dataplane.DeviceSpec(d.name, d.mac, d.ip, {"anti_spoof": {}}) for d in state.devices]
+            new.reconcile(specs)
+            assert new.drift() == []
+        assert os.path.exists(f"/sys/fs/bpf/kalki/{name}/kalki_name_allow")
+        assert not os.path.exists(f"/sys/fs/bpf/kalki/{name}-older")
+        assert ping(state.namespaces["inet"], state.device("plug1").ip) == 1
+    finally:
+        topology.down(name)
+        dataplane.remove_pins(name)

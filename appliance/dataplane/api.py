@@ -149,7 +149,7 @@ class Dataplane:
             self.load_report = loader.run_child(self.pin_dir, self._attachments(), self.namespace,
                                                 defines=defines)
             if self.older_layout:
-                remove_pins_dir(Path(f"{self.pin_dir}.older"))
+                remove_pins_dir(Path(f"{self.pin_dir}-older"))
         for name, (k, v) in maps.MAPS.items():
             self._maps[name] = bpf.Map(f"{self.pin_dir}/{name}", k, v)
         self._names = NameBindings(self._maps["kalki_name_allow"], self.settings.name_grace_s,
@@ -185,7 +185,7 @@ class Dataplane:
         """Moves an older version's pins aside, keeping what its devices' postures were, so a
         new load replaces its programs (attaching replaces them in one step) and the postures
         it held can still be kept where they are stricter."""
-        older = f"{self.pin_dir}.older"
+        older = f"{self.pin_dir}-older"        # (bpffs refuses names with a dot)
         remove_pins_dir(Path(older))
         os.rename(self.pin_dir, older)
         try:

@@ -25,7 +25,8 @@ supervisor keeps them as the stimulus data when it feeds the alert back).
 
 Rules are evaluated by priority, higher first, ties by name. Every rule that fires gives a decision,
 but when several set the posture of the same device in one evaluation, only the first (highest
-priority) keeps that device in its set_posture targets; the others keep their other actions.
+priority) keeps that device in its set_posture targets; the others keep their other actions. The
+same holds for a device's polling interval (poll).
 """
 from __future__ import annotations
 
@@ -205,22 +206,28 @@ class _Context:
                 continue
             if kind == "set_posture":
                 params = {"posture": a["posture"], "for_seconds": a["for"]}
+            elif kind == "poll":
+                params = {"every_seconds": a["every"], "for_seconds": a["for"]}
             else:
                 params = {"payload": dict(a["payload"])}
             out.append(Action(kind, targets, params))
         return tuple(out)
 
 
-def _one_posture_per_device(decisions: list[Decision]) -> list[Decision]:
-    """Decisions come highest priority first: the first to set a device's posture keeps it."""
-    claimed: set[str] = set()
+ONE_PER_DEVICE = ("set_posture", "poll")   # actions of which a device takes one per evaluation
+
+
+def _one_per_device(decisions: list[Decision]) -> list[Decision]:
+    """Decisions come highest priority first: the first to set a device's posture (or its
+    polling interval) keeps it."""
+    claimed: dict[str, set[str]] = {kind: set() for kind in ONE_PER_DEVICE}
     out = []
     for d in decisions:
         actions = []
         for a in d.actions:
-            if a.kind == "set_posture":
-                targets = tuple(t for t in a.targets if t not in claimed)
-                claimed.update(targets)
+            if a.kind in claimed:
+                targets = tuple(t for t in a.targets if t not in claimed[a.kind])
+                claimed[a.kind].update(targets)
                 if not targets:
                     continue
                 a = Action(a.kind, targets, a.params)
@@ -282,4 +289,4 @@ class Engine:
                     self._latched.add(key)
                     decisions.append(Decision(rule.name, me, stimulus, ctx.actions(rule, me),
                                               time.monotonic_ns()))
-        return _one_posture_per_device(decisions)
+        return _one_per_device(decisions)

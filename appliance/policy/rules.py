@@ -10,13 +10,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.errors import ConfigError
-from appliance.vocab import SEVERITIES, WORKDAYS, check_days, check_posture, check_timezone, parse_hhmm
+from appliance.vocab import (
+    MAX_POSTURE_SECONDS,
+    SEVERITIES,
+    WORKDAYS,
+    check_days,
+    check_posture,
+    check_timezone,
+    parse_hhmm,
+)
 
 AGGREGATES = ("last", "avg", "min", "max", "count", "sum")
 CONDITIONS = ("alert", "telemetry", "changed", "posture", "time", "all", "any", "not")
-ACTIONS = ("set_posture", "command", "alert")
+ACTIONS = ("set_posture", "command", "alert", "poll")
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=", "in")
 MAX_NESTING = 16      # levels of all/any/not in one condition
+POLL_MIN_SECONDS, POLL_MAX_SECONDS = 1, 3600    # the poll action's `every`
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NO_DATA = object()
 
@@ -56,7 +65,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str                     # "set_posture" | "command" | "alert"
+    kind: str                     # "set_posture" | "command" | "alert" | "poll"
     targets: tuple[str, ...]      # resolved device names
     params: dict
 
@@ -262,34 +271,62 @@ _CONDITION_PARSERS = {     # all, any and not: _condition, which counts their ne
 }
 
 
+def _set_posture_action(body, where: str) -> dict:
+    a = _keys(body, where, required=("posture",), optional=("device", "for"))
+    check_posture(a["posture"], f"{where}.posture", settable=True)
+    return {"device": _selector(a.get("device", "self"), f"{where}.device"),
+            "posture": a["posture"],
+            "for": parse_duration(a["for"], f"{where}.for") if "for" in a else None}
+
+
+def _command_action(body, where: str) -> dict:
+    a = _keys(body, where, required=("payload",), optional=("device",))
+    if not isinstance(a["payload"], dict) or not a["payload"]:
+        raise ConfigError(f"{where}.payload: expected a non-empty table, got {a['payload']!r}")
+    return {"device": _selector(a.get("device", "self"), f"{where}.device"), "payload": a["payload"]}
+
+
+def _alert_action(body, where: str) -> dict:
+    a = _keys(body, where, required=("type",), optional=("severity", "message"))
+    if a.get("severity", "warning") not in SEVERITIES:
+        raise ConfigError(f"{where}.severity: unknown severity {a['severity']!r} "
+                          f"(known: {', '.join(SEVERITIES)})")
+    message = a.get("message", "")
+    if not isinstance(message, str):
+        raise ConfigError(f"{where}.message: expected a string, got {message!r}")
+    return {"type": _text(a["type"], f"{where}.type"), "severity": a.get("severity", "warning"),
+            "message": message}
+
+
+def _poll_action(body, where: str) -> dict:
+    """A polling adapter's interval for the selected devices: `every` from 1 s to 1 h, for a
+    while (`for`, as long as a timed posture at most) or until another poll action."""
+    a = _keys(body, where, required=("every",), optional=("device", "for"))
+    every = parse_duration(a["every"], f"{where}.every")
+    if not POLL_MIN_SECONDS <= every <= POLL_MAX_SECONDS:
+        raise ConfigError(f"{where}.every: expected {POLL_MIN_SECONDS} s to {POLL_MAX_SECONDS} s "
+                          f"(1s to 1h), got {a['every']!r}")
+    for_seconds = parse_duration(a["for"], f"{where}.for") if "for" in a else None
+    if for_seconds is not None and for_seconds > MAX_POSTURE_SECONDS:
+        raise ConfigError(f"{where}.for: at most 30 days ({MAX_POSTURE_SECONDS} s), got {a['for']!r}; "
+                          "leave it out for an interval without an end")
+    return {"device": _selector(a.get("device", "self"), f"{where}.device"), "every": every,
+            "for": for_seconds}
+
+
+_ACTION_PARSERS = {
+    "set_posture": _set_posture_action, "command": _command_action, "alert": _alert_action,
+    "poll": _poll_action,
+}
+
+
 def _action(data, where: str) -> dict:
     if not isinstance(data, dict) or len(data) != 1:
         raise ConfigError(f"{where}: an action is a table with exactly one of: {', '.join(ACTIONS)}")
     kind, body = next(iter(data.items()))
-    where = f"{where}.{kind}"
-    if kind == "set_posture":
-        a = _keys(body, where, required=("posture",), optional=("device", "for"))
-        check_posture(a["posture"], f"{where}.posture", settable=True)
-        return {kind: {"device": _selector(a.get("device", "self"), f"{where}.device"),
-                       "posture": a["posture"],
-                       "for": parse_duration(a["for"], f"{where}.for") if "for" in a else None}}
-    if kind == "command":
-        a = _keys(body, where, required=("payload",), optional=("device",))
-        if not isinstance(a["payload"], dict) or not a["payload"]:
-            raise ConfigError(f"{where}.payload: expected a non-empty table, got {a['payload']!r}")
-        return {kind: {"device": _selector(a.get("device", "self"), f"{where}.device"),
-                       "payload": a["payload"]}}
-    if kind == "alert":
-        a = _keys(body, where, required=("type",), optional=("severity", "message"))
-        if a.get("severity", "warning") not in SEVERITIES:
-            raise ConfigError(f"{where}.severity: unknown severity {a['severity']!r} "
-                              f"(known: {', '.join(SEVERITIES)})")
-        message = a.get("message", "")
-        if not isinstance(message, str):
-            raise ConfigError(f"{where}.message: expected a string, got {message!r}")
-        return {kind: {"type": _text(a["type"], f"{where}.type"),
-                       "severity": a.get("severity", "warning"), "message": message}}
-    raise ConfigError(f"{where}: unknown action {kind!r} (known: {', '.join(ACTIONS)})")
+    if kind not in _ACTION_PARSERS:
+        raise ConfigError(f"{where}.{kind}: unknown action {kind!r} (known: {', '.join(ACTIONS)})")
+    return {kind: _ACTION_PARSERS[kind](body, f"{where}.{kind}")}
 
 
 def parse_rule(data: dict, where: str, default_applies_to: tuple = (), *,

@@ -69,6 +69,7 @@ class Supervisor:
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
+        self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
@@ -503,7 +504,39 @@ class Supervisor:
                     log.error("rule %s: command to %s failed: %s", d.rule, target, e)
                     step["error"] = str(e)
                 done.append(step)
+        for a in d.actions:
+            if a.kind == "poll":
+                done.extend(self._set_poll(d.rule, target, a.params["every_seconds"],
+                                           a.params["for_seconds"]) for target in a.targets)
         return enforced
+
+    def _set_poll(self, rule: str, target: str, every: int, for_seconds: int | None) -> dict:
+        """The rule action poll on one device: its adapter polls it every `every` seconds at
+        once, until `for_seconds` have passed (_expire_polls) or a later poll replaces it. A
+        device no adapter polls is refused: logged and audited, the decision says why."""
+        step = {"action": "poll", "target": target, "every_seconds": every, "for_seconds": for_seconds}
+        actor = f"rule {rule}"
+        if not (self.adapter and self.adapter.handles(target)):
+            why = (f"device {target}: no polling adapter (its profile has no [adapter], or the "
+                   "adapter has no credentials for it)")
+            log.warning("rule %s: poll refused: %s", rule, why)
+            self.store.audit("poll-refused", actor, {"device": target, "why": why})
+            return {**step, "error": why}
+        until = iso(self.now() + datetime.timedelta(seconds=for_seconds)) if for_seconds else None
+        self.adapter.set_interval(target, every)
+        self.polls[target] = {"every_seconds": every, "until": until, "rule": rule}
+        self.store.audit("poll", actor, {"device": target, "every_seconds": every, "until": until})
+        return {**step, "until": until}
+
+    def poll_of(self, name: str) -> dict | None:
+        """What the device view shows of polling: {"every_seconds", "until", "rule"}: a poll
+        action's (until None: no end), or the profile's interval (rule None); None if no adapter
+        polls the device. Held in memory: a restart goes back to the profiles' intervals."""
+        if not (self.adapter and self.adapter.handles(name)):
+            return None
+        if name in self.polls:
+            return dict(self.polls[name])
+        return {"every_seconds": self.adapter.interval(name), "until": None, "rule": None}
 
     def _record_decision(self, d: policy.Decision, done: list, enforced: tuple[int, int] | None) -> None:
         s = d.stimulus
@@ -771,6 +804,7 @@ class Supervisor:
                 if ticks % 4 == 0:
                     self.watch.check_disk()
                 self._expire_postures()
+                self._expire_polls()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
                     await self.store.flush_behind()
@@ -803,6 +837,22 @@ class Supervisor:
                 except KalkiError as e:
                     log.error("reverting %s: %s", name, e)
                     self._update_device(name, posture_expires=None)
+
+    def _expire_polls(self) -> None:
+        """Poll actions whose time is up (on the policy's clock), or whose device is gone: the
+        profile's interval again."""
+        now = self.now()
+        for name, p in list(self.polls.items()):
+            gone = name not in self.known
+            if not gone and (p["until"] is None or datetime.datetime.fromisoformat(p["until"]) > now):
+                continue
+            del self.polls[name]
+            if self.adapter:
+                self.adapter.set_interval(name, None)
+            if not gone:
+                self.store.audit("poll", "timer", {
+                    "device": name, "reason": "expired", "until": None,
+                    "every_seconds": self.adapter.interval(name) if self.adapter else None})
 
 
 def _mud_url_ok(url: str) -> bool:

@@ -196,6 +196,7 @@ class Ops:
         out = dict(d)
         out["enforced"] = name in sup.enforced_devices()
         out["availability"] = sup.availability.get(name)
+        out["poll"] = sup.poll_of(name)      # the adapter's interval now, and until when
         if name in sup.suggestions:
             out["suggested_type"] = sup.suggestions[name]
         return out

@@ -5,18 +5,23 @@ Assistant and the web page see no difference), and carries out the commands rule
 One kind today: "hue", a Hue-bridge-style light API (GET /api/<user>/lights,
 PUT /api/<user>/lights/1/state). A profile selects it with `[adapter] kind = "hue"`; the
 per-device username comes from the credentials file (config adapters.credentials_file).
+
+Each device is polled every `poll_seconds` of its profile, unless the supervisor has set its own
+interval (`set_interval`, the rule action `poll`) until it puts it back.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
 from appliance.errors import ConfigError, KalkiError
 
 log = logging.getLogger("kalki.adapters")
 TIMEOUT = 2.0
+IDLE_SECONDS = 2.0      # the longest the loop sleeps: a new device is polled within it
 
 
 async def http(method: str, ip: str, path: str, body: dict | None = None, port: int = 80):
@@ -51,12 +56,34 @@ class HueAdapter:
         self._loop = loop
         self._available: dict[str, str] = {}
         self._task: asyncio.Task | None = None
+        self._intervals: dict[str, float] = {}   # set_interval's, over the profile's poll_seconds
+        self._due: dict[str, float] = {}         # time.monotonic() when each device is next polled
+        self._wake = asyncio.Event()             # an interval changed: the loop looks again
 
     def handles(self, device: str) -> bool:
         d = self._devices().get(device)
         profile = self._profile(d.get("type")) if d else None
         return bool(profile and profile.adapter and profile.adapter["kind"] == "hue"
                     and device in self.credentials)
+
+    def interval(self, device: str) -> float:
+        """Seconds between two polls of the device: set_interval's, or its profile's."""
+        if device in self._intervals:
+            return self._intervals[device]
+        d = self._devices().get(device)
+        profile = self._profile(d.get("type")) if d else None
+        return float(profile.adapter["poll_seconds"]) if profile and profile.adapter else IDLE_SECONDS
+
+    def set_interval(self, device: str, seconds: float | None) -> None:
+        """Polls the device every `seconds` from now on (None: its profile's interval again).
+        At once: the next poll comes within the new interval, or when it was due if sooner."""
+        if seconds is None:
+            self._intervals.pop(device, None)
+        else:
+            self._intervals[device] = float(seconds)
+        if device in self._due:
+            self._due[device] = min(self._due[device], time.monotonic() + self.interval(device))
+        self._wake.set()
 
     def start(self) -> None:
         self._task = self._loop.create_task(self._poll_forever())
@@ -72,19 +99,28 @@ class HueAdapter:
 
     async def _poll_forever(self) -> None:
         while True:
-            period = 2.0
+            self._wake.clear()
+            active = []
             for name in [n for n in list(self._devices()) if self.handles(n)]:
                 d = self._devices().get(name)
                 if not d or not d.get("approved") or d["posture"] == "quarantine":
                     continue
-                period = min(period, self._profile(d["type"]).adapter["poll_seconds"])
+                active.append(name)
+                if self._due.get(name, 0.0) > time.monotonic():
+                    continue
+                self._due[name] = time.monotonic() + self.interval(name)
                 try:
                     await self.poll(name)
                 except (TimeoutError, OSError, ValueError, KalkiError) as e:
                     if self._available.get(name) != "offline":
                         log.warning("polling %s: %s", name, e)
                     self._availability(name, "offline")
-            await asyncio.sleep(period)
+            self._due = {name: self._due[name] for name in active if name in self._due}
+            wait = min([IDLE_SECONDS, *(due - time.monotonic() for due in self._due.values())])
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+            except TimeoutError:
+                pass
 
     async def poll(self, name: str) -> dict:
         d = self._devices()[name]

@@ -1,0 +1,217 @@
+"""The rule action `poll`: a polling adapter's interval for a device or a group, for a while,
+over the real supervisor, store, profiles and HueAdapter (no HTTP: nothing is started, or its
+poll is replaced) with a fake data path."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+
+import pytest
+from fakes import supervisor
+
+from appliance.errors import ConfigError
+from appliance.policy import parse_rule
+from appliance.policy.profiles import profile_from_text
+from appliance.telemetry.adapters import HueAdapter
+
+CAMERA = ("02:4b:00:00:00:01", "198.18.0.10", "camera")
+LIGHT1 = ("02:4b:00:00:00:03", "198.18.0.12", "light")
+LIGHT2 = ("02:4b:00:00:00:04", "198.18.0.13", "light")
+PLUG = ("02:4b:00:00:00:02", "198.18.0.11", "plug")
+
+
+def adapter_for(sup, *names):
+    return HueAdapter({n: {"user": "kalki"} for n in names}, devices=lambda: sup.known,
+                      profile=sup.profiles.get, on_report=sup.on_telemetry,
+                      on_availability=sup.on_availability, loop=None)
+
+
+@pytest.fixture
+def sup(tmp_path):
+    s = supervisor(tmp_path, camera1=CAMERA, light1=LIGHT1, light2=LIGHT2, plug1=PLUG)
+    s.adapter = adapter_for(s, "light1", "light2")
+    yield s
+    s.store.close()
+
+
+def site_rule(sup, name, poke, poll):
+    """A site rule: an alert of type `poke` on a device polls as `poll` says."""
+    sup.store.put_rule(name, {"name": name, "when": {"alert": {"type": poke}}, "then": [{"poll": poll}]})
+    sup.reload_rules()
+
+
+def poke(sup, kind, device="camera1"):
+    sup.raise_alert(device, kind, "operator", {}, time.monotonic_ns())
+
+
+def later(sup, **delta):
+    sup.clock.set((sup.now() + datetime.timedelta(**delta)).isoformat())
+    sup._expire_polls()
+
+
+def audit(sup, event):
+    return [a for a in sup.store.decisions(kind="audit", limit=1000) if a["event"] == event]
+
+
+def poll_steps(sup, rule):
+    return [a for d in sup.store.decisions(kind="decision", limit=1000) if d["rule"] == rule
+            for a in d["actions"] if a["action"] == "poll"]
+
+
+# -- the language ---------------------------------------------------------------------------
+
+def rule(poll):
+    return {"name": "fast", "when": {"posture": {"is": "suspicious"}}, "then": [{"poll": poll}]}
+
+
+def test_a_poll_action_is_parsed_and_normalised():
+    r = parse_rule(rule({"device": {"group": "hall"}, "every": "1s", "for": "30m"}), "site rule fast")
+    assert r.then == ({"poll": {"device": {"group": "hall"}, "every": 1, "for": 1800}},)
+    r = parse_rule(rule({"every": 3600}), "site rule fast")
+    assert r.then == ({"poll": {"device": "self", "every": 3600, "for": None}},)
+
+
+@pytest.mark.parametrize("poll, error", [
+    ({"device": "light1", "every": "1s", "evry": "2s"}, r"poll: unknown key\(s\) \['evry'\]"),
+    ({"device": "light1", "group": "hall", "every": "1s"}, r"poll: unknown key\(s\) \['group'\]"),
+    ({"device": "light1"}, r"poll: key 'every' is required"),
+    ({"every": "0s"}, r"poll.every: duration must be more than 0"),
+    ({"every": "2h"}, r"poll.every: expected 1 s to 3600 s"),
+    ({"every": "fast"}, r"poll.every: invalid duration 'fast'"),
+    ({"every": "1s", "for": "31d"}, r"poll.for: at most 30 days"),
+    ({"every": "1s", "device": {"room": "hall"}}, r"poll.device: unknown selector"),
+    ("1s", r"poll: expected a table"),
+])
+def test_parse_errors_name_the_rule_and_the_key(poll, error):
+    with pytest.raises(ConfigError, match=r"^site rule fast\.then\[0\]\." + error):
+        parse_rule(rule(poll), "site rule fast")
+
+
+def test_a_profile_s_bad_poll_rule_names_the_file_and_the_rule_s_place():
+    text = ('type = "lamp"\n[postures.normal]\nanti_spoof = {}\n[[rules]]\nname = "x"\n'
+            'when = {posture = {is = "suspicious"}}\n'
+            'then = [{poll = {every = "1s", for = "1h", evry = 1}}]\n')
+    with pytest.raises(ConfigError, match=r"^lamp.toml: rules\[0\]\.then\[0\]\.poll: unknown key"):
+        profile_from_text(text, "lamp.toml")
+
+
+# -- carrying it out ------------------------------------------------------------------------
+
+def test_the_camera_profile_s_rule_polls_the_lights_every_second_for_30_minutes(sup):
+    sup.adapter.set_interval("light1", 60)       # slower than the profile's, to see the change
+    sup.set_posture("camera1", "suspicious", "test")
+    assert sup.adapter.interval("light1") == sup.adapter.interval("light2") == 1.0
+    until = sup.polls["light1"]["until"]
+    assert datetime.datetime.fromisoformat(until) - sup.now() > datetime.timedelta(minutes=29)
+    assert sup.poll_of("light1") == {"every_seconds": 1, "until": until,
+                                     "rule": "camera-suspicious-poll-lights"}
+    steps = poll_steps(sup, "camera-suspicious-poll-lights")
+    assert {(s["target"], s["every_seconds"], s["for_seconds"]) for s in steps} == {
+        ("light1", 1, 1800), ("light2", 1, 1800)}
+    assert {a["device"] for a in audit(sup, "poll")} == {"light1", "light2"}
+    assert sup.poll_of("plug1") is None and sup.poll_of("camera1") is None     # no adapter polls them
+
+
+def test_the_interval_changes_at_once_and_reverts_after_for(sup):
+    site_rule(sup, "slow-light", "poke", {"device": "light1", "every": "10s", "for": "5m"})
+    poke(sup, "poke")
+    assert sup.adapter.interval("light1") == 10.0
+    assert sup.adapter.interval("light2") == 1.0          # the profile's
+    later(sup, minutes=4)
+    assert sup.adapter.interval("light1") == 10.0
+    later(sup, minutes=1, seconds=1)
+    assert sup.adapter.interval("light1") == 1.0          # the light profile's poll_seconds
+    assert "light1" not in sup.polls
+    assert sup.poll_of("light1") == {"every_seconds": 1.0, "until": None, "rule": None}
+    expired = [a for a in audit(sup, "poll") if a["actor"] == "timer"]
+    assert [(a["device"], a["details"]["reason"], a["details"]["every_seconds"]) for a in expired] == [
+        ("light1", "expired", 1.0)]
+
+
+def test_a_later_poll_replaces_an_earlier_one(sup):
+    site_rule(sup, "a-slow", "poke", {"device": "light1", "every": "10s", "for": "5m"})
+    site_rule(sup, "b-slower", "prod", {"device": "light1", "every": "30s"})
+    poke(sup, "poke")
+    poke(sup, "prod")
+    assert sup.adapter.interval("light1") == 30.0 and sup.polls["light1"]["until"] is None
+    later(sup, minutes=6)
+    assert sup.adapter.interval("light1") == 30.0          # no end: the first one's end is gone
+
+
+def test_in_one_evaluation_the_higher_priority_keeps_the_device(sup):
+    for name, every, priority in (("a-fast", "5s", 10), ("b-slow", "50s", 0)):
+        sup.store.put_rule(name, {"name": name, "priority": priority,
+                                  "when": {"alert": {"type": "poke"}},
+                                  "then": [{"poll": {"device": "light1", "every": every}}]})
+    sup.reload_rules()
+    poke(sup, "poke")
+    assert sup.adapter.interval("light1") == 5.0
+    assert poll_steps(sup, "b-slow") == []
+
+
+def test_a_poll_on_a_device_without_an_adapter_is_refused_and_audited(sup):
+    site_rule(sup, "poll-plug", "poke", {"device": "plug1", "every": "5s"})
+    poke(sup, "poke")                                       # no crash
+    step, = poll_steps(sup, "poll-plug")
+    assert step["target"] == "plug1" and "no polling adapter" in step["error"]
+    refused, = audit(sup, "poll-refused")
+    assert (refused["device"], refused["actor"]) == ("plug1", "rule poll-plug")
+    assert "plug1" not in sup.polls and not audit(sup, "poll")
+
+
+def test_without_any_adapter_every_poll_is_refused(sup):
+    sup.adapter = None
+    site_rule(sup, "poll-light", "poke", {"device": "light1", "every": "5s"})
+    poke(sup, "poke")
+    step, = poll_steps(sup, "poll-light")
+    assert "no polling adapter" in step["error"] and audit(sup, "poll-refused")
+    assert sup.polls == {} and sup.poll_of("light1") is None
+
+
+def test_a_group_target_changes_each_member_with_an_adapter(sup):
+    sup.add_device("light3", "02:4b:00:00:00:05", "198.18.0.14", "light", approve=True, group="hall")
+    sup.add_device("plug2", "02:4b:00:00:00:06", "198.18.0.15", "plug", approve=True, group="hall")
+    sup.adapter = adapter_for(sup, "light1", "light2", "light3")
+    site_rule(sup, "hall-fast", "poke", {"device": {"group": "hall"}, "every": "2s", "for": "1h"})
+    poke(sup, "poke")
+    assert sup.adapter.interval("light3") == 2.0
+    assert sup.adapter.interval("light1") == 1.0            # not in the hall
+    steps = {s["target"]: s for s in poll_steps(sup, "hall-fast")}
+    assert set(steps) == {"light3", "plug2"}
+    assert "error" not in steps["light3"] and "no polling adapter" in steps["plug2"]["error"]
+    assert [a["device"] for a in audit(sup, "poll-refused")] == ["plug2"]
+
+
+def test_a_removed_device_s_interval_is_forgotten(sup):
+    site_rule(sup, "slow-light", "poke", {"device": "light1", "every": "10s"})
+    poke(sup, "poke")
+    sup.remove("light1")
+    sup._expire_polls()
+    assert "light1" not in sup.polls and "light1" not in sup.adapter._intervals
+
+
+# -- the adapter's loop ---------------------------------------------------------------------
+
+def test_the_adapter_polls_each_device_at_its_own_interval_and_a_change_counts_at_once(sup):
+    polled: dict[str, int] = {"light1": 0, "light2": 0}
+
+    async def fake_poll(name):
+        polled[name] += 1
+        return {}
+
+    async def run():
+        adapter = adapter_for(sup, "light1", "light2")
+        adapter.poll = fake_poll
+        adapter.set_interval("light2", 3600)
+        task = asyncio.get_running_loop().create_task(adapter._poll_forever())
+        await asyncio.sleep(0.3)
+        assert polled == {"light1": 1, "light2": 1}
+        adapter.set_interval("light2", 1)       # due within 1 s from now, not in an hour
+        await asyncio.sleep(1.7)
+        task.cancel()
+        return adapter
+
+    adapter = asyncio.run(run())
+    assert polled["light1"] >= 2 and polled["light2"] == 2
+    assert adapter.interval("light2") == 1.0
