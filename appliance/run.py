@@ -174,14 +174,23 @@ async def start_faces(cfg: Config, sup: Supervisor, ops: Ops):
     return web
 
 
+RTMGRP_LINK = 1
+
+
 def missing_interfaces(cfg: Config) -> list[str]:
-    """The configured interfaces the gateway's namespace does not have (yet)."""
-    from pyroute2 import IPRoute
+    """The configured interfaces the gateway's namespace does not have (yet). (By name, with
+    the socket module: importing pyroute2 would cost the supervisor 7-20 MB.)"""
+    import socket
 
     from appliance import netns
-    names = [cfg.gateway.devices_interface, cfg.gateway.uplink_interface]
-    with netns.entered(cfg.gateway.namespace or None), IPRoute() as ipr:
-        return [n for n in names if not ipr.link_lookup(ifname=n)]
+    missing = []
+    with netns.entered(cfg.gateway.namespace or None):
+        for name in (cfg.gateway.devices_interface, cfg.gateway.uplink_interface):
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                missing.append(name)
+    return missing
 
 
 def interface_fault(missing: list[str], cfg: Config) -> str:
@@ -194,25 +203,25 @@ def interface_fault(missing: list[str], cfg: Config) -> str:
 async def wait_for_interfaces(cfg: Config, sup: Supervisor) -> None:
     """Waits, on netlink's link events, until every configured interface exists; meanwhile
     the fault is the supervisor's site error (the page's banner, the LEDs' site-error).
-    pyroute2's IPRoute runs its own event loop, so this waits in a thread."""
+    The wait is a thread's, so the loop stays free."""
     before = sup.site_error
 
     def wait() -> None:
         import select
-
-        from pyroute2 import IPRoute
+        import socket
 
         from appliance import netns
         with netns.entered(cfg.gateway.namespace or None):
-            ipr = IPRoute()
+            # rtnetlink's link group: an interface added or renamed wakes us at once
+            events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
-            ipr.bind()      # link events: an interface added or renamed wakes us at once
+            events.bind((0, RTMGRP_LINK))
             while missing := missing_interfaces(cfg):
                 sup.site_error = interface_fault(missing, cfg)
-                if select.select([ipr.fileno()], [], [], 1.0)[0]:
-                    ipr.get()
+                if select.select([events], [], [], 1.0)[0]:
+                    events.recv(65536)
         finally:
-            ipr.close()
+            events.close()
     sup.site_error = interface_fault(await asyncio.to_thread(missing_interfaces, cfg), cfg)
     log.error("%s; waiting for it", sup.site_error)
     await asyncio.to_thread(wait)
