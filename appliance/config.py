@@ -124,6 +124,22 @@ class NamesSection:
 
 
 @dataclass
+class StationsSection:
+    bridge: str = _doc("a bridge whose forwarding table shows which port each device is on (the "
+                       "Pi's own wired ports, or a switch the site hands over): a device's MAC on "
+                       "two ports is a clone; empty: none", "")
+    bridge_namespace: str = _doc("network namespace of that bridge, as a path (/run/netns/NAME); "
+                                 "empty: the gateway's own", "")
+    hostapd_control: str = _doc("hostapd's control socket for the devices' access point "
+                                "(/run/hostapd/wlan0): one MAC associating again and again is a "
+                                "clone; empty: none", "")
+    window_seconds: int = _doc("moves or associations of one MAC counted within this window",
+                               60, (5, 3600))
+    cut_clone_port: bool = _doc("switch off the bridge port a clone appeared on (the victim keeps "
+                                "its own port)", True)
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
@@ -134,6 +150,7 @@ class Config:
     panel: PanelSection = field(default_factory=PanelSection)
     adapters: AdaptersSection = field(default_factory=AdaptersSection)
     names: NamesSection = field(default_factory=NamesSection)
+    stations: StationsSection = field(default_factory=StationsSection)
     profiles: str = _doc("directory of device-type profiles", "")
     controllers: dict = _doc("the site's controllers, named once: {class = [address, prefix or DNS "
                              "name, ...]}; profiles open them as {controller = \"class\", proto, "

@@ -23,6 +23,7 @@ from appliance.supervisor.ops import Ops
 from appliance.system.site import ERROR_FILE, isolation_warning_now
 from appliance.telemetry import kernel
 from appliance.telemetry.neighbours import NeighbourMonitor
+from appliance.telemetry.stations import BridgeWatch, CloneDetector, HostapdWatch
 
 log = logging.getLogger("kalki.run")
 
@@ -115,6 +116,7 @@ async def serve(cfg: Config) -> None:
     ops = Ops(sup)
     stop = asyncio.Event()
     neighbours = web = control_server = resolver = None
+    stations: list = []
     try:
         if await asyncio.to_thread(missing_interfaces, cfg):
             # Nothing to attach XDP to yet: the boot firewall keeps the devices side closed,
@@ -132,6 +134,7 @@ async def serve(cfg: Config) -> None:
             control_server = await start_control(cfg, ops)
         neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop)
         neighbours.start()
+        stations = start_stations(cfg, sup)
         sup.adapter = start_adapter(cfg, sup, loop)
         if web is None and sup.panel is None:
             web = await start_faces(cfg, sup, ops)
@@ -155,11 +158,33 @@ async def serve(cfg: Config) -> None:
             await web.cleanup()
         if neighbours:
             neighbours.close()
+        for watch in stations:
+            watch.close()
         if control_server:
             control_server.close()
         if sup.attached:
             loop.remove_reader(sup.dp.events_fileno())
         sup.close()
+
+
+def start_stations(cfg: Config, sup: Supervisor) -> list:
+    """What the hardware below the gateway says about where devices are (clones)."""
+    st = cfg.stations
+    detector = CloneDetector(st.window_seconds)
+    watches: list = []
+    if st.bridge:
+        bridge = BridgeWatch(st.bridge, st.bridge_namespace, detector, sup.on_clone, st.cut_clone_port)
+        bridge.start()
+        watches.append(bridge)
+    if st.hostapd_control:
+        hostapd = HostapdWatch(st.hostapd_control, detector, sup.on_clone,
+                               os.path.dirname(cfg.control.socket))
+        try:
+            hostapd.start()
+            watches.append(hostapd)
+        except OSError as e:
+            log.warning("no station events from hostapd: %s", e)
+    return watches
 
 
 async def start_faces(cfg: Config, sup: Supervisor, ops: Ops):

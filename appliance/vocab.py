@@ -50,7 +50,7 @@ ALERT_SEVERITY = {
     "gate-login-failures": "warning", "new-device": "info", "mqtt-denied": "warning",
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
     "device-renamed": "warning", "dataplane-replaced": "warning", "egress-refused": "info",
-    "stealth-scan": "critical",
+    "stealth-scan": "critical", "identity-clone": "critical",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 

@@ -388,6 +388,8 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.policy.fake_time = fake_time
     cfg.profiles = profiles
     cfg.controllers = {k: list(v) for k, v in LAB_CONTROLLERS.items()}
+    # The lab's switch is the hardware that sees where each device is plugged in.
+    cfg.stations.bridge, cfg.stations.bridge_namespace = "br-dev", f"/run/netns/{s.namespaces['sw']}"
     cfg.policy.timezone = "Europe/Berlin"
     cfg.panel.enabled = ui          # the LEDs and the button, on gpiozero's mock pins
     cfg.panel.mock_pins = True

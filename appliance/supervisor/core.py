@@ -70,6 +70,7 @@ class Supervisor:
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
+        self.clones: dict[str, dict] = {}  # MAC -> the clone seen below the gateway: see on_clone
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
@@ -393,7 +394,32 @@ class Supervisor:
                 continue
             if self._record_flow(device, kind, e):
                 continue
+            clone = self._clone_of(device)
+            if clone:   # the victim's protection stays; the record says who else it may be
+                e = {**e, "clone": f"another station uses this device's identity "
+                                   f"(port {clone['port'] or '?'})"}
             self.raise_alert(device, kind, "kernel", e, received)
+
+    # -- stations below the gateway (appliance.telemetry.stations) ----------------------------
+    def on_clone(self, clone, cut: str | None) -> None:
+        """Two stations use one MAC. The alert names the device as the victim and the port the
+        other one is on; `cut` says whether that port was switched off. Nothing here lowers the
+        device's posture, and nothing raises it either: the clone's own packets, counted
+        against the device by the kernel, do that, and their alerts say so (_clone_of)."""
+        device = next((n for n, d in self.known.items() if d.get("mac") == clone.mac), None)
+        details = {"mac": clone.mac, "home_port": clone.home_port, "port": clone.other_port,
+                   "why": clone.why, "victim": device,
+                   "action": cut or "none: the hardware has no port to switch off"}
+        self.clones[clone.mac] = {**details, "at": iso(self.now()),
+                                  "until_ns": time.monotonic_ns()
+                                  + self.cfg.stations.window_seconds * 1_000_000_000}
+        log.warning("identity clone: %s; %s", clone.why, details["action"])
+        self.raise_alert(device, "identity-clone", "discovery", details, time.monotonic_ns())
+
+    def _clone_of(self, device: str | None) -> dict | None:
+        mac = self.known.get(device or "", {}).get("mac")
+        clone = self.clones.get(mac) if mac else None
+        return clone if clone and clone["until_ns"] > time.monotonic_ns() else None
 
     def _leased(self, device: str, src: str) -> bool:
         """A device's first packets from the address the DHCP server has just leased it can

@@ -380,6 +380,8 @@ def supervisor_config(site: Site, panel: bool = False) -> config.Config:
     cfg.gateway.address = site.address
     cfg.gateway.lan = site.lan
     cfg.gateway.dhcp_leases = LEASE_FILE
+    if site.wifi:   # hostapd's station events: a MAC two radios fight over is a clone
+        cfg.stations.hostapd_control = f"{HOSTAPD_CONTROL_DIR}/{site.devices_interface}"
     cfg.state.directory = STATE_DIR
     cfg.mqtt.password_file = PASSWORD_FILE
     cfg.policy.timezone = site.timezone
@@ -395,6 +397,9 @@ def wpa_psk(ssid: str, passphrase: str) -> str:
     return hashlib.pbkdf2_hmac("sha1", passphrase.encode(), ssid.encode(), 4096, 32).hex()
 
 
+HOSTAPD_CONTROL_DIR = "/run/hostapd"
+
+
 def hostapd_conf(site: Site) -> str:
     wifi = site.wifi
     if wifi is None:
@@ -404,6 +409,7 @@ def hostapd_conf(site: Site) -> str:
         "# Rendered at boot from the site settings by appliance/system/site.py; do not edit.",
         f"interface={site.devices_interface}",
         "driver=nl80211",
+        f"ctrl_interface={HOSTAPD_CONTROL_DIR}",
         f"ssid2={wifi.ssid.encode().hex()}",
         "utf8_ssid=1",
         "hw_mode=g",
