@@ -1,7 +1,6 @@
 """Posture changes, isolation between devices, refusal of bad parameters, and a supervisor
 killed with SIGKILL: all on real packets in the lab."""
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -246,6 +245,8 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
 
 
 def test_a_posture_change_sends_nftables_only_what_differs(lab, fresh, monkeypatch):
+    """A device is elements in sets, never a chain or rule of its own: a posture change adds
+    and deletes only the elements that differ (issue 13: a cost flat in the table's size)."""
     sent = []
     real_run = fresh._nft.run
     monkeypatch.setattr(fresh._nft, "run", lambda cmds, what: sent.append(cmds) or real_run(cmds, what))
@@ -254,16 +255,33 @@ def test_a_posture_change_sends_nftables_only_what_differs(lab, fresh, monkeypat
     sent.clear()
     fresh.set_stack("light1", {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 3}})
     ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
-    assert ("flush", "chain") in ops and ("add", "rule") in ops
-    assert not [op for op in ops if op[1] in ("element", "chain") and op[0] in ("add", "delete")], ops
+    # the class cl_3 is new to the table: its sets and its one rule come first, once
+    assert ops[:3] == [("add", "set"), ("add", "set"), ("add", "rule")], ops
+    assert ops[3:] == [("delete", "element"), ("add", "element")], ops
     state = fresh._nft.read_back()[fresh.device_id("light1")]
     assert state["gates"] == [(light.ip, 80)] and state["macs"] == [light.mac]
-    assert '"val": 3' in json.dumps(state["rules"]) and '"val": 7' not in json.dumps(state["rules"])
-    sent.clear()      # and back to no gate: the gate entry goes, nothing else
+    assert state["classes"] == [("cl_3", light.ip)]
+    sent.clear()      # back to 7: the class is there already, so two elements and nothing else
+    fresh.set_stack("light1", {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 7}})
+    ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
+    assert ops == [("delete", "element"), ("add", "element")], ops
+    sent.clear()      # and to no gate and no limit: those elements go, nothing else
     fresh.set_stack("light1", {"anti_spoof": {}})
     ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in sent[0]]
-    assert ops.count(("delete", "element")) == 1 and ("add", "element") not in ops
-    assert fresh._nft.read_back()[fresh.device_id("light1")]["gates"] == []
+    assert ops == [("delete", "element")] * 2, ops
+    state = fresh._nft.read_back()[fresh.device_id("light1")]
+    assert state["gates"] == [] and state["classes"] == [] and state["ips"] == [light.ip]
+
+
+def test_an_element_someone_else_put_in_a_device_set_goes_at_reconcile(lab, fresh):
+    gw = lab.namespaces["gw"]
+    subprocess.run(["ip", "netns", "exec", gw, "nft", "add", "element", "inet", "kalki", "macs",
+                    "{ 02:de:ad:be:ef:01 }"], check=True)
+    assert fresh._nft.read_back()[-1]["macs"] == ["02:de:ad:be:ef:01"]
+    assert any("changed" in p for p in fresh.drift())
+    report = fresh.restore(normal_specs(lab))
+    assert report["stale_nft"] == [-1]
+    assert -1 not in fresh._nft.read_back() and fresh.drift() == []
 
 
 def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
@@ -331,3 +349,38 @@ def test_pins_of_an_older_layout_are_replaced_and_their_postures_still_count(run
     finally:
         topology.down(name)
         dataplane.remove_pins(name)
+
+
+def test_a_table_of_the_older_layout_is_replaced_in_one_step(run_suffix):
+    """Up to stop 17 each device had a chain pair and entries in verdict maps. A supervisor of
+    this version meets such a table after an upgrade: it replaces it in one transaction (no
+    moment without a table) and applies its devices as elements."""
+    name = f"o{run_suffix}nft"
+    state = topology.up(name, devices=2, services=False, protect=False)
+    gw = state.namespaces["gw"]
+    try:
+        cam = state.device("camera1")
+        old = textwrap.dedent(f"""
+            table inet kalki {{
+              map from_device {{ type ether_addr : verdict; }}
+              map to_device {{ type ipv4_addr : verdict; }}
+              chain dev0_in {{ }}
+              chain dev0_out {{ }}
+              chain forward {{ type filter hook forward priority 0; policy drop; }}
+            }}
+            add element inet kalki to_device {{ {cam.ip} : goto dev0_in }}
+        """)
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input=old, text=True, check=True)
+        dp = dataplane.Dataplane.open(name, gw, topology.gateway_settings(state))
+        try:
+            dp.reconcile(normal_specs(state))
+            listing = subprocess.run(["ip", "netns", "exec", gw, "nft", "list", "table", "inet", "kalki"],
+                                     capture_output=True, text=True, check=True).stdout
+            assert "map from_device" not in listing and "dev0_in" not in listing
+            assert f"{cam.ip} comment" in listing and "set macs" in listing
+            assert not dp.drift()
+            assert dp.read_back("camera1") is not None
+        finally:
+            dp.close()
+    finally:
+        topology.down(name)

@@ -1,8 +1,16 @@
-"""nftables half of the data path: table `inet kalki`, one chain pair per device, dispatch by
-verdict maps, every change one transaction through libnftables' JSON API (python3-nftables).
+"""nftables half of the data path: table `inet kalki`, every change one transaction through
+libnftables' JSON API (python3-nftables).
 
 nftables carries what it does best here: connection tracking (connection limits) and the
 redirect of a device's web port to the authentication gate. XDP carries the rest.
+
+A device has no chain and no rule of its own: it is an element in sets (its MAC in `macs`, its
+address in `ips`, and in the sets of the umboxes its posture turns on), each element carrying
+the device id as its comment. The rules are fixed, one per umbox class (a connection limit of
+10 is the class `cl_10`), and are added the first time a class is used. This is what keeps a
+posture change's cost flat: libnftables reads the table's chains, rules and sets, but not the
+sets' elements, before each transaction, so a table of elements costs the same at 10 devices
+as at 4,000 (bench_apply: nft_posture_change_ms), where a chain per device made it grow.
 """
 from __future__ import annotations
 
@@ -16,14 +24,6 @@ FAMILY = "inet"
 _T: dict[str, object] = {"family": FAMILY, "table": TABLE}
 
 
-def chain_in(device_id: int) -> str:
-    return f"dev{device_id}_in"
-
-
-def chain_out(device_id: int) -> str:
-    return f"dev{device_id}_out"
-
-
 def _match(left, right, op="=="):
     return {"match": {"op": op, "left": left, "right": right}}
 
@@ -33,6 +33,41 @@ def _meta(key):
 
 
 _CT_NEW = _match({"ct": {"key": "state"}}, "new", "in")
+_ETHER_SADDR = {"payload": {"protocol": "ether", "field": "saddr"}}
+_IP_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
+DEVICE_SETS = ("macs", "ips", "lateral", "gate")     # the fixed sets that hold devices
+METER_SIZE = 65535
+STRAY = -1      # read_back's device id for elements someone else put in our sets
+
+
+def class_sets(conn_limit: dict | None) -> list[str]:
+    """The class sets a device's address is in for its connection limits: cl_<concurrent>
+    and rl_<new per second>."""
+    if not conn_limit:
+        return []
+    out = []
+    if conn_limit.get("concurrent"):
+        out.append(f"cl_{conn_limit['concurrent']}")
+    if conn_limit.get("new_per_second"):
+        out.append(f"rl_{conn_limit['new_per_second']}")
+    return out
+
+
+def _class_rule(name: str) -> list[dict]:
+    """The rule of a class: per device (its address is the meter's key), over the limit is
+    dropped. cl_N: more than N connections open at once; rl_N: more than N new a second."""
+    kind, value = name.split("_")
+    n = int(value)
+    stmt: dict[str, dict]
+    if kind == "cl":
+        stmt = {"ct count": {"val": n, "inv": True}}
+        op = "add"
+    else:
+        stmt = {"limit": {"rate": n, "burst": max(1, n // 2), "per": "second", "inv": True}}
+        op = "update"
+    return [_match(_IP_DADDR, f"@{name}"), _CT_NEW,
+            {"set": {"op": op, "elem": _IP_DADDR, "set": f"@{name}_meter", "stmt": [stmt]}},
+            {"counter": None}, {"drop": None}]
 
 
 class Nft:
@@ -43,6 +78,7 @@ class Nft:
         self.devices_if = devices_if
         self.gateway_ip = gateway_ip
         self.gate_port = gate_port
+        self._classes: set[str] | None = None
         import nftables
         with netns.entered(namespace):
             self._nft = nftables.Nftables()
@@ -76,8 +112,9 @@ class Nft:
     def _base(self, dev, rule) -> list[dict]:
         return [
             {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-            {"add": {"map": {**_T, "name": "from_device", "type": "ether_addr", "map": "verdict"}}},
-            {"add": {"map": {**_T, "name": "to_device", "type": "ipv4_addr", "map": "verdict"}}},
+            {"add": {"set": {**_T, "name": "macs", "type": "ether_addr"}}},
+            {"add": {"set": {**_T, "name": "ips", "type": "ipv4_addr"}}},
+            {"add": {"set": {**_T, "name": "lateral", "type": "ether_addr"}}},
             {"add": {"set": {**_T, "name": "gate", "type": ["ipv4_addr", "inet_service"]}}},
             {"add": {"chain": {**_T, "name": "from_devices"}}},
             {"add": {"chain": {**_T, "name": "to_devices"}}},
@@ -106,17 +143,18 @@ class Nft:
             rule("forward", _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
                                           ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
                  _CT_NEW, {"counter": None}, {"drop": None}),
-            # A device's own chain is entered by goto and returns here, so traffic between
-            # two devices passes the sender's chain and then the receiver's.
+            # Traffic between two devices passes the sender's checks, then the receiver's.
             rule("forward", _match(_meta("iifname"), dev), {"jump": {"target": "from_devices"}}),
             rule("forward", _match(_meta("oifname"), dev), {"jump": {"target": "to_devices"}}),
             rule("forward", {"accept": None}),
-            rule("from_devices", {"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}},
-                                           "data": "@from_device"}}),
-            rule("from_devices", {"counter": None}, {"drop": None}),
-            rule("to_devices", {"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                         "data": "@to_device"}}),
-            rule("to_devices", {"counter": None}, {"drop": None}),
+            # A device not in `macs` / `ips` (unknown, or in quarantine) is forwarded nowhere,
+            # even with XDP detached.
+            rule("from_devices", _match(_ETHER_SADDR, "@macs", "!="), {"counter": None}, {"drop": None}),
+            # lateral_block again, behind XDP's, so that a detached program (the watch puts it
+            # back within a second) is no window for lateral movement.
+            rule("from_devices", _match(_ETHER_SADDR, "@lateral"), _match(_meta("oifname"), dev),
+                 {"counter": None}, {"drop": None}),
+            rule("to_devices", _match(_IP_DADDR, "@ips", "!="), {"counter": None}, {"drop": None}),
             # Devices reach the gateway at its device-side address only, where XDP lets
             # through DHCP, DNS, NTP, MQTT and ping and reports the rest. Its other addresses
             # (the uplink's, where SSH and the web page listen) are not theirs to open.
@@ -141,16 +179,25 @@ class Nft:
         return rc == 0
 
     def create_table(self) -> None:
+        self._classes = set()
         self.run(self.base_commands(), "creating table inet kalki")
 
     def ensure_table(self) -> None:
-        """Creates the table, or adds the base chains a table made by an older version lacks."""
+        """Creates the table, or adds the base chains a table made by an older version lacks.
+        A table of the older layout (a chain per device, verdict maps) is replaced in one
+        transaction: there is no moment without a table, and its devices are applied again."""
+        self._classes = None
         if not self.table_exists():
             self.create_table()
             return
         out = self.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "reading inet kalki")
         items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         chains = {i["chain"]["name"] for i in items if "chain" in i}
+        if any("map" in i for i in items) or any(c.startswith("dev") for c in chains):
+            self.run([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *self.base_commands()],
+                     "replacing inet kalki of an older layout")
+            self._classes = set()
+            return
         missing = [c for c in self.base_commands(chains) if "chain" in c["add"] or "rule" in c["add"]]
         if missing:
             self.run(self.base_commands(chains), "adding base chains to inet kalki")
@@ -160,53 +207,22 @@ class Nft:
             self.run([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}], "deleting inet kalki")
 
     # -- devices --------------------------------------------------------------------------
-    def device_rules(self, device_id: int, conn_limit: dict | None) -> list[list]:
-        """Rule expressions of the device's inbound chain."""
-        rules = []
-        if conn_limit:
-            if conn_limit["concurrent"]:
-                rules.append([_CT_NEW, {"ct count": {"val": conn_limit["concurrent"], "inv": True}},
-                              {"counter": None}, {"drop": None}])
-            if conn_limit["new_per_second"]:
-                rules.append([_CT_NEW, {"limit": {"rate": conn_limit["new_per_second"],
-                                                  "burst": max(1, conn_limit["new_per_second"] // 2),
-                                                  "per": "second", "inv": True}},
-                              {"counter": None}, {"drop": None}])
-        return rules
+    def known_classes(self) -> set[str]:
+        """The class sets the table has (and so their rules), read once; kept in step after."""
+        if self._classes is None:
+            out = self.run([{"list": {"sets": {"family": FAMILY}}}], "reading the sets of inet kalki")
+            items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
+            self._classes = {i["set"]["name"] for i in items if "set" in i
+                             and i["set"].get("table") == TABLE and _is_class(i["set"]["name"])}
+        return self._classes
 
-    def out_rules(self, lateral_block: bool) -> list[list]:
-        """Rule expressions of the device's outbound chain: the lateral block again, behind
-        XDP's, so that a detached program (the watch puts it back within a second) is no
-        window for lateral movement."""
-        if not lateral_block:
-            return []
-        return [[_match(_meta("oifname"), self.devices_if), {"counter": None}, {"drop": None}]]
-
-    def device_commands(self, device_id: int, mac: str, ip: str, rules: list,
-                        gate_port: int | None, current: dict | None) -> list[dict]:
-        """One transaction that makes the device's nftables state exactly what is wanted,
-        touching only what differs from current (a posture change of 25 cameras is one
-        transaction, and the smaller the faster). `rules`: ("in" | "out", expression)."""
-        cin, cout = chain_in(device_id), chain_out(device_id)
-        current = current or {}
-        have_chains = set(current.get("chains", ()))
-        cmds = [{"add": {"chain": {**_T, "name": c}}} for c in (cin, cout) if c not in have_chains]
-        cmds += [{"flush": {"chain": {**_T, "name": c}}} for c in (cin, cout) if c in have_chains]
-        cmds += [{"add": {"rule": {**_T, "chain": cin if kind == "in" else cout, "expr": r}}}
-                 for kind, r in rules]
-        gates = [(ip, gate_port)] if gate_port else []
-        cmds += self._element_removals({
-            "macs": [m for m in current.get("macs", ()) if m != mac],
-            "ips": [i for i in current.get("ips", ()) if i != ip],
-            "gates": [tuple(g) for g in current.get("gates", ()) if tuple(g) not in gates]})
-        if mac not in current.get("macs", ()):
-            cmds.append(self._element("from_device", mac, {"goto": {"target": cout}}, "add"))
-        if ip not in current.get("ips", ()):
-            cmds.append(self._element("to_device", ip, {"goto": {"target": cin}}, "add"))
-        for gate_ip, port in gates:
-            if (gate_ip, port) not in map(tuple, current.get("gates", ())):
-                cmds.append({"add": {"element": {**_T, "name": "gate",
-                                                 "elem": [{"concat": [gate_ip, port]}]}}})
+    def _class_commands(self, names) -> list[dict]:
+        cmds: list[dict] = []
+        for name in sorted(set(names) - self.known_classes()):
+            cmds += [{"add": {"set": {**_T, "name": name, "type": "ipv4_addr"}}},
+                     {"add": {"set": {**_T, "name": f"{name}_meter", "type": "ipv4_addr",
+                                      "size": METER_SIZE}}},
+                     {"add": {"rule": {**_T, "chain": "to_devices", "expr": _class_rule(name)}}}]
         return cmds
 
     def plan(self, device_id: int, mac: str, ip: str, conn_limit: dict | None, gate_port: int | None,
@@ -214,51 +230,41 @@ class Nft:
              quarantine: bool = False) -> tuple[list[dict], dict] | None:
         """What makes the device's part of the table what it should be, given what the table
         holds for it now: (the transaction's commands, the device's state after them), or None
-        when nothing needs to change. The data path asks once and runs the commands once.
-        In quarantine the device has no part at all: its MAC and address miss the verdict
-        maps, whose default is drop, so nothing is forwarded to or from it even with XDP
-        detached."""
+        when nothing needs to change. Only elements are added and deleted, and only those that
+        differ. In quarantine the device has no element at all: it misses `macs` and `ips`,
+        so nothing is forwarded to or from it even with XDP detached."""
         if quarantine:
-            if not current or not (current.get("macs") or current.get("ips") or current.get("chains")):
-                return None
-            return self.removal_commands(device_id, current), {"macs": [], "ips": [], "gates": [],
-                                                                "rules": [], "normalised": [], "chains": []}
-        rules = [("in", r) for r in self.device_rules(device_id, conn_limit)]
-        rules += [("out", r) for r in self.out_rules(lateral_block)]
-        wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
-                  "rules": normalise_rules(rules)}
-        if current and not differs(current, wanted):
+            wanted = empty_state()
+        else:
+            wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
+                      "lateral": [mac] if lateral_block else [],
+                      "classes": [(name, ip) for name in class_sets(conn_limit)]}
+        current = current or empty_state()
+        if not differs(current, wanted):
             return None
-        commands = self.device_commands(device_id, mac, ip, rules, gate_port, current)
-        return commands, {**wanted, "rules": rules, "normalised": wanted["rules"],
-                          "chains": [chain_in(device_id), chain_out(device_id)]}
+        tag = str(device_id)
+        cmds = self._class_commands(name for name, _ in wanted["classes"])
+        for key, set_name, value in _elements(current):
+            if (key, set_name, value) not in _elements(wanted):
+                cmds.append({"delete": {"element": {**_T, "name": set_name, "elem": [_elem_key(value)]}}})
+        for key, set_name, value in _elements(wanted):
+            if (key, set_name, value) not in _elements(current):
+                cmds.append({"add": {"element": {**_T, "name": set_name, "elem": [
+                    {"elem": {"val": _elem_key(value), "comment": tag}}]}}})
+        if cmds and self._classes is not None:
+            self._classes |= {name for name, _ in wanted["classes"]}
+        return cmds, wanted
 
     def removal_commands(self, device_id: int, current: dict | None) -> list[dict]:
-        cmds = self._element_removals(current)
-        for chain in (chain_in(device_id), chain_out(device_id)):
-            if current and chain in current.get("chains", ()):
-                cmds.append({"delete": {"chain": {**_T, "name": chain}}})
-        return cmds
+        plan = self.plan(device_id, "", "", None, None, current, quarantine=True)
+        return plan[0] if plan else []
 
-    def _element(self, map_name, key, value, op):
-        return {op: {"element": {**_T, "name": map_name, "elem": [[key, value]]}}}
-
-    def _element_removals(self, current: dict | None) -> list[dict]:
-        if not current:
-            return []
-        cmds = []
-        for mac in current.get("macs", ()):
-            cmds.append({"delete": {"element": {**_T, "name": "from_device", "elem": [mac]}}})
-        for ip in current.get("ips", ()):
-            cmds.append({"delete": {"element": {**_T, "name": "to_device", "elem": [ip]}}})
-        for ip, port in current.get("gates", ()):
-            cmds.append({"delete": {"element": {**_T, "name": "gate",
-                                                "elem": [{"concat": [ip, port]}]}}})
-        return cmds
+    def forget_classes(self) -> None:
+        """The table was made anew (or behind our back): read its classes again."""
+        self._classes = None
 
     # -- tampering ------------------------------------------------------------------------
     BASE_CHAINS = ("from_devices", "to_devices", "forward", "prerouting", "input", "resolver")
-    VERDICT_MAPS = ("from_device", "to_device")
 
     def fingerprint(self) -> dict | None:
         """What a look at the table's outline shows, cheaply (no device rules are listed):
@@ -266,8 +272,8 @@ class Nft:
         set. None if the table is gone."""
         lists: list[dict] = [{"list": {"chains": None}}]
         lists += [{"list": {"chain": {**_T, "name": c}}} for c in self.BASE_CHAINS]
-        lists += [{"list": {"map": {**_T, "name": m}}} for m in self.VERDICT_MAPS]
-        lists += [{"list": {"set": {**_T, "name": "gate"}}}]
+        lists += [{"list": {"set": {**_T, "name": m}}} for m in DEVICE_SETS]
+        lists += [{"list": {"set": {**_T, "name": c}}} for c in sorted(self.known_classes())]
         items: list[dict] = []
         with netns.entered(self.namespace):
             for command in lists:     # libnftables 1.0.6 refuses several list commands at once
@@ -293,64 +299,77 @@ class Nft:
             body = cmd["add"].get("rule")
             if body:
                 base_rules[body["chain"]] += 1
-        chains = set(self.BASE_CHAINS) | {c for d in state.values() for c in d.get("chains", ())}
-        elements = {"from_device": sum(len(d.get("macs", ())) for d in state.values()),
-                    "to_device": sum(len(d.get("ips", ())) for d in state.values()),
-                    "gate": sum(len(d.get("gates", ())) for d in state.values())}
-        return {"chains": chains, "base_rules": base_rules, "elements": elements}
+        classes = sorted(self.known_classes())
+        base_rules["to_devices"] += len(classes)
+        elements = {name: 0 for name in (*DEVICE_SETS, *classes)}
+        for d in state.values():
+            for _key, set_name, _value in _elements(d):
+                elements[set_name] = elements.get(set_name, 0) + 1
+        return {"chains": set(self.BASE_CHAINS), "base_rules": base_rules, "elements": elements}
 
     # -- read back ------------------------------------------------------------------------
     def read_back(self) -> dict[int, dict]:
-        """What the kernel has, per device id: macs, ips, gate entries, chains, inbound rules."""
+        """What the kernel has, per device id (the elements' comments): its state as plan()
+        builds it. Classes the table has are learnt on the way."""
         out = self.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "reading inet kalki")
         items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         devices: dict[int, dict] = {}
-        ip_to_id: dict[str, int] = {}
-
-        def entry(device_id):
-            return devices.setdefault(device_id, {"macs": [], "ips": [], "gates": [],
-                                                  "chains": [], "rules": []})
-
-        def id_of(chain):
-            return int(chain[3:].split("_")[0])
-
+        classes = set()
         for item in items:
-            if "map" in item:
-                m = item["map"]
-                for key, value in m.get("elem", []):
-                    if m["name"] == "from_device":
-                        entry(id_of(value["goto"]["target"]))["macs"].append(key)
-                    elif m["name"] == "to_device":
-                        device_id = id_of(value["goto"]["target"])
-                        entry(device_id)["ips"].append(key)
-                        ip_to_id[key] = device_id
-            elif "chain" in item and item["chain"]["name"].startswith("dev"):
-                entry(id_of(item["chain"]["name"]))["chains"].append(item["chain"]["name"])
-            elif "rule" in item and item["rule"]["chain"].startswith("dev"):
-                expr = [e for e in item["rule"]["expr"]]
-                kind = "out" if item["rule"]["chain"].endswith("_out") else "in"
-                entry(id_of(item["rule"]["chain"]))["rules"].append((kind, expr))
-        for item in items:
-            if "set" in item and item["set"]["name"] == "gate":
-                for key in item["set"].get("elem", []):
-                    ip, port = key["concat"]
-                    if ip in ip_to_id:
-                        entry(ip_to_id[ip])["gates"].append((ip, port))
+            body = item.get("set")
+            if not body or body.get("table") != TABLE:
+                continue
+            name = body["name"]
+            if _is_class(name):
+                classes.add(name)
+            elif name not in DEVICE_SETS:
+                continue
+            for element in body.get("elem", []):
+                inner = element.get("elem") if isinstance(element, dict) else None
+                value, tag = (inner["val"], inner.get("comment", "")) if inner else (element, "")
+                # An element without a device id is not ours: it goes as stale (STRAY).
+                d = devices.setdefault(int(tag) if str(tag).isdigit() else STRAY, empty_state())
+                if name == "gate":
+                    d["gates"].append(tuple(value["concat"]))
+                elif name in ("macs", "ips", "lateral"):
+                    d[name].append(value)
+                else:
+                    d["classes"].append((name, value))
+        self._classes = classes
+        for d in devices.values():
+            d["classes"].sort()
         return devices
+
+
+def empty_state() -> dict:
+    return {"macs": [], "ips": [], "gates": [], "lateral": [], "classes": []}
+
+
+def _is_class(name: str) -> bool:
+    kind, _, value = name.partition("_")
+    return kind in ("cl", "rl") and value.isdigit()
+
+
+def _elem_key(value):
+    return {"concat": list(value)} if isinstance(value, tuple) else value
+
+
+def _elements(state: dict) -> set[tuple[str, str, object]]:
+    """(key, set, value) of every element a device state stands for."""
+    out: set[tuple[str, str, object]] = set()
+    for mac in state.get("macs", ()):
+        out.add(("mac", "macs", mac))
+    for ip in state.get("ips", ()):
+        out.add(("ip", "ips", ip))
+    for gate in state.get("gates", ()):
+        out.add(("gate", "gate", tuple(gate)))
+    for mac in state.get("lateral", ()):
+        out.add(("mac", "lateral", mac))
+    for name, ip in state.get("classes", ()):
+        out.add(("ip", name, ip))
+    return out
 
 
 def differs(current: dict, wanted: dict) -> bool:
     """Whether a device's state in the table (as read_back gives it) is not `wanted`."""
-    return (sorted(current["macs"]) != wanted["macs"] or sorted(current["ips"]) != wanted["ips"]
-            or sorted(map(tuple, current["gates"])) != sorted(wanted["gates"])
-            or (current.get("normalised") or normalise_rules(current["rules"])) != wanted["rules"])
-
-
-def normalise_rules(rules: list) -> list[str]:
-    """("in" | "out", expression) rules as comparable text: counters' values and burst
-    defaults differ from what was sent."""
-    out = []
-    for kind, r in rules:
-        clean = [{"counter": None} if "counter" in e else e for e in r]
-        out.append(json.dumps([kind, clean], sort_keys=True))
-    return out
+    return _elements(current) != _elements(wanted)
