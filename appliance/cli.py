@@ -207,7 +207,7 @@ def _profile_test(args) -> int:
     from appliance.config import DEFAULT_PATH, Config, load
     from appliance.dataplane import capture, trial
     from appliance.dataplane.api import GatewaySettings
-    from appliance.dataplane.umbox import check_controllers, compile_stack
+    from appliance.dataplane.umbox import check_controllers, check_my_controllers, compile_stack
     from appliance.policy import profiles
     from appliance.vocab import check_mac
     cfg = Config() if args.config is None and not DEFAULT_PATH.exists() else load(args.config or DEFAULT_PATH)
@@ -220,17 +220,26 @@ def _profile_test(args) -> int:
     mac = (check_mac(args.mac, f"{args.capture}: --mac", unicast=True) if args.mac
            else capture.device_mac(packets, args.capture))
     controllers = check_controllers(cfg.controllers, f"{cfg.path or 'config'}: controllers")
+    my_controllers = check_my_controllers(cfg.my_controllers, f"{cfg.path or 'config'}: my_controllers")
     settings = GatewaySettings(mqtt_port=cfg.mqtt.port, name_grace_s=cfg.names.grace_seconds,
-                               name_keep_s=cfg.names.keep_seconds, controllers=controllers)
+                               name_keep_s=cfg.names.keep_seconds, controllers=controllers,
+                               my_controllers=my_controllers)
     stack = known[args.type].stack("normal")
     device, gateway, lan = trial.addresses(packets, mac, source=args.capture)
     if os.geteuid() != 0:
         raise KalkiError("kalki profile test needs root: it loads the XDP dispatcher in a "
                          "throwaway network namespace")
-    for name in compile_stack(stack, "", controllers).missing_controllers:
+    mud_url = known[args.type].mud_url
+    compiled = compile_stack(stack, "", controllers, my_controllers, mud_url)
+    for name in compiled.missing_controllers:
         print(f"note: the profile names controller {name!r}, which the site does not define "
               "(config `controllers`): it opens nothing here", file=sys.stderr)
-    rows = trial.try_profile(stack, packets, mac, device, settings=settings, source=args.capture)
+    for name in compiled.missing_mud:
+        print(f"note: the profile names {name}, which stands for no host in this test (other "
+              "devices are not in it; my-controller is config `my_controllers` for the profile's "
+              "mud_url): it opens nothing here", file=sys.stderr)
+    rows = trial.try_profile(stack, packets, mac, device, settings=settings, source=args.capture,
+                             mud_url=mud_url)
     failed = [r for r in rows if r["direction"] == "from-device"
               and (r["dropped"] or (r["opening"] or {}).get("verdict", "passed") != "passed")]
     if args.json:
@@ -273,6 +282,61 @@ def _outcome(row: dict) -> str:
     if row["names"]:
         text += f"  [{', '.join(row['names'])}]"
     return text
+
+
+def _backup(args) -> int:
+    """Writes the backup to -o FILE (made readable by its owner only) or to stdout."""
+    from appliance.client import request
+    result = request(_socket(args), "backup", with_secrets=args.with_secrets)
+    if args.output in (None, "-"):
+        sys.stdout.write(result["text"])
+    else:
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(result["text"])
+        except OSError as e:
+            raise KalkiError(f"{args.output}: {e.strerror or e}") from None
+    where = "stdout" if args.output in (None, "-") else args.output
+    secrets = ("with the admin password hash and the API tokens: keep it safe" if result["secrets"]
+               else "without the admin password or API tokens (--with-secrets to include them)")
+    print(f"backup to {where}: {result['devices']} device(s), {result['profiles']} installed "
+          f"profile(s), {result['rules']} site rule(s); {secrets}", file=sys.stderr)
+    return 0
+
+
+def _restore(args) -> int:
+    """Sends the file's text; the supervisor checks all of it before it changes anything."""
+    from appliance.client import request
+    from appliance.config import read_text
+    from appliance.supervisor.backup import MAX_BYTES
+    try:
+        size = os.path.getsize(args.file)
+        if size > MAX_BYTES:
+            raise KalkiError(f"{args.file}: {size} bytes: a backup is at most {MAX_BYTES}")
+        text = read_text(args.file)       # UTF-8, or a ConfigError naming the byte
+    except OSError as e:
+        raise KalkiError(f"{args.file}: {e.strerror}") from None
+    try:
+        result = request(_socket(args), "restore", text=text, dry_run=args.dry_run)
+    except KalkiError as e:
+        raise KalkiError(f"{args.file}: {e}; nothing was changed") from None
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    verb = "would restore" if result["dry_run"] else "restored"
+    p, r, d = result["profiles"], result["rules"], result["devices"]
+    print(f"{args.file}: {verb} {len(result['settings'])} setting(s), "
+          f"{len(p['installed']) + len(p['replaced'])} profile(s) ({len(p['unchanged'])} unchanged), "
+          f"{len(r['added']) + len(r['replaced'])} rule(s), {len(d['added']) + len(d['updated'])} "
+          f"device(s) ({len(d['added'])} new, {len(d['renamed'])} renamed)")
+    if result["enforced"]:
+        print(f"{'would enforce' if result['dry_run'] else 'enforced'}: {', '.join(result['enforced'])}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if result["dry_run"]:
+        print("dry run: nothing was changed")
+    return 0
 
 
 def _socket(args) -> str:
@@ -402,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_profile_test)
 
+    p = sub.add_parser("backup", help="settings, installed profiles, site rules and the device list "
+                       "as one JSON file (no password hash or API tokens unless --with-secrets)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write it here (default: stdout)")
+    p.add_argument("--with-secrets", action="store_true",
+                   help="include the admin password's hash and the API tokens")
+    p.set_defaults(func=_backup)
+    p = sub.add_parser("restore", help="put a backup in force: all of it is checked first, and an "
+                       "error changes nothing; a stricter posture held here is kept")
+    p.add_argument("file", help="a file made by `kalki backup` or the settings page")
+    p.add_argument("--dry-run", action="store_true", help="only check it, and say what would change")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_restore)
     p = sub.add_parser("status", help="the supervisor's state")
     p.set_defaults(func=_call("status"))
     p = sub.add_parser("devices", help="every device with its posture")
@@ -469,6 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unblock", help="take a source out of the kernel drop set")
     p.add_argument("source")
     p.set_defaults(func=_call("unblock_source", ip="source"))
+    p = sub.add_parser("raise-alert", help="record an alert (the gate's api-denied, ...); rules "
+                       "see it like any other")
+    p.add_argument("kind")
+    p.add_argument("--source", help="the address the alert is about")
+    p.add_argument("--target", help="the device's address")
+    p.add_argument("--by", default="operator")
+    p.add_argument("--details", help="a JSON object")
+    p.set_defaults(func=_call("raise_alert", kind="kind", source="source", target="target", by="by",
+                              details="details"))
     # the panel (appliance/faces/panel.py): the button (mock pins in the lab) and the LEDs
     button = sub.add_parser("button", help="press the appliance's button (the lab's mock "
                             "pins)").add_subparsers(dest="button_command", required=True)

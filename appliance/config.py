@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from appliance.vocab import (
     check_business_hours,
     check_controllers,
     check_days,
+    check_my_controllers,
     check_timezone,
     parse_hhmm,
 )
@@ -48,6 +50,10 @@ class GatewaySection:
     namespace: str = _doc("network namespace of the gateway (the lab only; empty on a Pi)", "")
     instance: str = _doc("name of the pin directory under /sys/fs/bpf/kalki/", "appliance")
     gate_port: int = _doc("port of the authentication gate on the gateway", 8181, PORT)
+    gate_policy_dir: str = _doc("where the supervisor writes what the gate does for each gated "
+                                "device (auth_gate, api_filter, token_guard), one file per device "
+                                "address, for the gate's --policy-dir; empty: none",
+                                "/run/kalki/gate")
     dhcp_leases: str = _doc("the DHCP server's lease file (dnsmasq): a device's first packets "
                             "from a new address are not taken for spoofing", "/var/lib/kalki/dnsmasq/leases")
 
@@ -140,6 +146,17 @@ class StationsSection:
 
 
 @dataclass
+class MudSection:
+    fetch: bool = _doc("fetch the MUD file a new device names in DHCP (option 161) over HTTPS, "
+                       "check it and its signature where one is published, and offer it as the "
+                       "device's type at approval (docs/mud.md)", False)
+    ca_file: str = _doc("PEM file of the CAs trusted for MUD file servers and MUD file signatures, "
+                        "instead of the system's; empty: the system's trust store", "")
+    timeout_seconds: int = _doc("a MUD file, its signature and the signature's check take at most "
+                                "this long", 10, (1, 120))
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
@@ -150,12 +167,19 @@ class Config:
     panel: PanelSection = field(default_factory=PanelSection)
     adapters: AdaptersSection = field(default_factory=AdaptersSection)
     names: NamesSection = field(default_factory=NamesSection)
+    mud: MudSection = field(default_factory=MudSection)
     stations: StationsSection = field(default_factory=StationsSection)
     profiles: str = _doc("directory of device-type profiles", "")
     controllers: dict = _doc("the site's controllers, named once: {class = [address, prefix or DNS "
                              "name, ...]}; profiles open them as {controller = \"class\", proto, "
                              "port} (RFC 8520's controller), e.g. {camera-cloud = "
                              "[\"*.vendor-cloud.com\"], phone = [\"198.18.0.50\"]}", {})
+    my_controllers: dict = _doc("the site's controllers per device MUD URL (RFC 8520's "
+                                "my-controller): {\"MUD URL\" = [address, prefix or DNS name, "
+                                "...]}; a device whose MUD URL (its profile's mud_url, else the one "
+                                "it sends in DHCP) is a key may open those hosts where its profile "
+                                "says \"my-controller\", e.g. {\"https://lamps.example.com/"
+                                "lamp.json\" = [\"198.18.0.60\"]}", {})
     path: str = ""
 
     def check(self) -> Config:
@@ -182,6 +206,14 @@ class Config:
                              f"{where}: policy.business_days/start/end")
         check_timezone(p.timezone, f"{where}: policy.timezone")
         check_controllers(self.controllers, f"{where}: controllers")
+        if self.mud.ca_file:
+            try:
+                ssl.create_default_context(cafile=self.mud.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"{where}: mud.ca_file: {self.mud.ca_file}: "
+                                  f"{getattr(e, 'strerror', None) or e} (a PEM file of CA "
+                                  "certificates)") from None
+        check_my_controllers(self.my_controllers, f"{where}: my_controllers")
         return self
 
 
@@ -291,6 +323,8 @@ def dump(cfg: Config) -> str:
         lines.append(f"profiles = {_toml(cfg.profiles)}")
     if cfg.controllers:
         lines.append(f"controllers = {_toml(cfg.controllers)}")
+    if cfg.my_controllers:
+        lines.append(f"my_controllers = {_toml(cfg.my_controllers)}")
     for f in dataclasses.fields(Config):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section) and not isinstance(section, type):

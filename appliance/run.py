@@ -16,7 +16,7 @@ from pathlib import Path
 from appliance.config import Config, load
 from appliance.dataplane.api import Dataplane, GatewaySettings
 from appliance.dataplane.port import DataplanePort
-from appliance.dataplane.umbox import check_controllers
+from appliance.dataplane.umbox import check_controllers, check_my_controllers
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
@@ -32,9 +32,12 @@ def open_dataplane(cfg: Config) -> Dataplane:
     g = cfg.gateway
     settings = GatewaySettings(devices_if=g.devices_interface, uplink_if=g.uplink_interface,
                                gateway_ip=g.address, lan=g.lan, gate_port=g.gate_port,
+                               gate_policy_dir=g.gate_policy_dir,
                                mqtt_port=cfg.mqtt.port, name_grace_s=cfg.names.grace_seconds,
                                name_keep_s=cfg.names.keep_seconds,
-                               controllers=check_controllers(cfg.controllers, "config: controllers"))
+                               controllers=check_controllers(cfg.controllers, "config: controllers"),
+                               my_controllers=check_my_controllers(cfg.my_controllers,
+                                                                   "config: my_controllers"))
     return Dataplane.open(g.instance, g.namespace or None, settings)
 
 

@@ -9,8 +9,10 @@ everywhere while each layer keeps its own exception.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import re
+import urllib.parse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from appliance.errors import ConfigError
@@ -48,6 +50,7 @@ ALERT_SEVERITY = {
     "brute-force": "critical", "egress-anomaly": "warning", "egress-report": "info",
     "spoofing": "critical", "lateral-movement": "critical", "gateway-probe": "critical",
     "gate-login-failures": "warning", "new-device": "info", "mqtt-denied": "warning",
+    "api-denied": "warning", "token-brute-force": "critical",
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
     "device-renamed": "warning", "dataplane-replaced": "warning", "egress-refused": "info",
     "stealth-scan": "critical", "identity-clone": "critical",
@@ -168,17 +171,80 @@ def check_controllers(controllers, where: str, error: type[Exception] = ConfigEr
     for name, hosts in controllers.items():
         if not isinstance(name, str) or not CONTROLLER.fullmatch(name):
             raise error(f"{where}: class {name!r}: use 1-40 lower-case letters, digits, - and _")
-        if not isinstance(hosts, list):
-            raise error(f"{where}.{name}: expected a list of hosts, got {hosts!r}")
-        for host in hosts:
-            culprit = f"{where}.{name}: host {host!r}"
-            if not isinstance(host, str):
-                raise error(f"{culprit}: expected a string")
-            if re.fullmatch(r"[0-9.]+(/[0-9]+)?", host):
-                try:
-                    ipaddress.IPv4Network(host, strict=True)
-                except ValueError as e:
-                    raise error(f"{culprit}: {e}") from None
-            else:
-                check_dns_name(host, culprit, error)
+        _check_hosts(hosts, f"{where}.{name}", error)
     return controllers
+
+
+def _check_hosts(hosts, where: str, error: type[Exception]) -> None:
+    """A controller's hosts: [address, prefix or DNS name, ...]."""
+    if not isinstance(hosts, list):
+        raise error(f"{where}: expected a list of hosts, got {hosts!r}")
+    for host in hosts:
+        culprit = f"{where}: host {host!r}"
+        if not isinstance(host, str):
+            raise error(f"{culprit}: expected a string")
+        if host in (SAME_MANUFACTURER, MY_CONTROLLER):
+            raise error(f"{culprit}: expected an address, a prefix or a DNS name")
+        if re.fullmatch(r"[0-9.]+(/[0-9]+)?", host):
+            try:
+                ipaddress.IPv4Network(host, strict=True)
+            except ValueError as e:
+                raise error(f"{culprit}: {e}") from None
+        else:
+            check_dns_name(host, culprit, error)
+
+
+# -- RFC 8520: MUD URLs and what they make a device ---------------------------------------------
+# A profile's destinations may name RFC 8520's device abstractions: "same-manufacturer" (the
+# approved devices whose MUD authority is the device's own), {manufacturer = "example.com"}
+# (those whose MUD authority is that host) and "my-controller" (the hosts the site names for
+# the device's MUD URL, config `my_controllers`). A MUD authority is the host part of a MUD URL,
+# lower case, without port.
+SAME_MANUFACTURER = "same-manufacturer"
+MY_CONTROLLER = "my-controller"
+
+
+def check_mud_url(url, where: str, error: type[Exception] = ConfigError) -> str:
+    """An RFC 8520 MUD URL: https (RFC 8520 allows no other scheme), with a host, no spaces."""
+    if not isinstance(url, str) or not 0 < len(url) <= 2048:
+        raise error(f"{where}: expected an https URL (up to 2048 characters), got {url!r}")
+    if mud_authority(url) is None or any(c.isspace() or ord(c) < 32 for c in url):
+        raise error(f"{where}: expected an https URL (a MUD URL is https), got {url!r}")
+    return url
+
+
+@functools.lru_cache(maxsize=1024)
+def mud_authority(url: str | None) -> str | None:
+    """The MUD authority of an https MUD URL: its host, lower case, without port (None: none,
+    or not an https URL with a host)."""
+    if not url:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme != "https" or not host:
+        return None
+    return host.rstrip(".") or None
+
+
+def check_mud_authority(value, where: str, error: type[Exception] = ConfigError) -> str:
+    """A manufacturer as RFC 8520 names one: a MUD authority, the host of MUD URLs (a DNS name,
+    no wildcard), lower case."""
+    if not isinstance(value, str) or value.startswith("*"):
+        raise error(f"{where}: expected the host of the manufacturer's MUD URLs (e.g. "
+                    f"\"example.com\"), got {value!r}")
+    return check_dns_name(value, where, error)
+
+
+def check_my_controllers(my_controllers, where: str,
+                         error: type[Exception] = ConfigError) -> dict[str, list[str]]:
+    """The site's controllers per device MUD URL, {MUD URL: [address, prefix or DNS name, ...]}
+    (RFC 8520's my-controller): shape, URLs and hosts checked."""
+    if not isinstance(my_controllers, dict):
+        raise error(f"{where}: expected a table of \"MUD URL\" = [hosts], got {my_controllers!r}")
+    for url, hosts in my_controllers.items():
+        check_mud_url(url, f"{where}: key {url!r}", error)
+        _check_hosts(hosts, f'{where}."{url}"', error)
+    return my_controllers

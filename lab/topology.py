@@ -239,12 +239,13 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
        services: bool = True, protect: bool = True, supervisor: bool = False,
        unapproved: int = 0, fake_time: str = "", ui: bool = True,
-       profiles: str = "") -> LabState:
+       profiles: str = "", mud: bool = False) -> LabState:
     """Builds the lab. With `supervisor`, the gateway runs the MQTT broker and `kalki run`,
     which takes over the data path; the last `unapproved` devices are left for the operator
     to approve; without `ui` it runs without the web page and the panel; `profiles` is a
-    directory of device-type profiles instead of umboxes/. On any failure,
-    removes what it built and raises."""
+    directory of device-type profiles instead of umboxes/; with `mud`, the internet host runs
+    a MUD file server (lab.mudserver) and the supervisor fetches MUD files ([mud] fetch),
+    trusting the lab's CA. On any failure, removes what it built and raises."""
     name = name or new_name()
     if state_path(name).exists():
         raise LabError(f"lab {name} already exists: `kalki lab down {name}` first")
@@ -266,7 +267,7 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
             _start_name_server(s, lab_dir)
-            _start_supervisor(s, lab_dir, fake_time, ui, profiles)
+            _start_supervisor(s, lab_dir, fake_time, ui, profiles, mud)
             for d in s.devices:
                 if not d.dhcp:
                     client.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
@@ -354,7 +355,7 @@ def _wait_for_name_server(s: LabState, timeout: float = 5.0) -> None:
 
 
 def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = True,
-                      profiles: str = "") -> None:
+                      profiles: str = "", mud: bool = False) -> None:
     """The appliance in miniature: Mosquitto with a user per device, and `kalki run`."""
     from appliance import config
     from appliance.system.broker import Broker, random_password
@@ -379,6 +380,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.gateway.address, cfg.gateway.lan, cfg.gateway.instance = GATEWAY_LAN_IP, str(LAN), s.name
     cfg.state.directory = str(lab_dir / "state")
     cfg.gateway.dhcp_leases = str(lab_dir / "dhcp" / "leases")
+    cfg.gateway.gate_policy_dir = str(gate_policy_dir(s))
     cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
     cfg.mqtt.password_file = str(pw_file)
     cfg.control.socket = s.gateway["socket"]
@@ -388,6 +390,10 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.policy.fake_time = fake_time
     cfg.profiles = profiles
     cfg.controllers = {k: list(v) for k, v in LAB_CONTROLLERS.items()}
+    if mud:     # a manufacturer's MUD file server on the internet host, and its CA trusted
+        from lab import mudserver
+        cfg.mud.fetch, cfg.mud.ca_file = True, str(mudserver.start_in_lab(s, lab_dir).cert_path)
+        _save(s)
     # The lab's switch is the hardware that sees where each device is plugged in.
     cfg.stations.bridge, cfg.stations.bridge_namespace = "br-dev", f"/run/netns/{s.namespaces['sw']}"
     cfg.policy.timezone = "Europe/Berlin"
@@ -483,9 +489,12 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
                                                   "--tls-ports", "443,8883", "--ready-file", str(flag)],
                            lab_dir / "inet.log")
     ready.append(flag)
+    reporting = []
     if s.gateway.get("supervisor"):   # the supervisor blocks, and records the alert
-        block_command = (f"{py} -m appliance.cli --socket {s.gateway['socket']} block {{ip}} "
-                         f"{{seconds}} --reason gate-login-failures --by gate")
+        cli = f"{py} -m appliance.cli --socket {s.gateway['socket']}"
+        block_command = f"{cli} block {{ip}} {{seconds}} --reason {{reason}} --target {{target}} --by gate"
+        reporting = ["--alert-command", f"{cli} raise-alert {{kind}} --source {{ip}} --target {{target}} "
+                     "--details {details} --by gate"]
     else:
         block_command = f"{py} -m appliance.cli lab block {s.name} {{ip}} {{seconds}}"
     creds = lab_dir / "gate.json"
@@ -493,8 +502,9 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
     creds.write_text(json.dumps({"user": GATE_USER, "password_sha256": hash_password(GATE_PASSWORD)}))
     s.pids["gate"] = spawn(s.namespaces["gw"], [
         py, "-m", "appliance.dataplane.gate", "--listen", "0.0.0.0:8181", "--credentials-file", str(creds),
+        "--policy-dir", str(gate_policy_dir(s)), "--stats-file", str(lab_dir / "gate-stats.json"),
         "--max-failures", "5", "--failure-window", "60", "--block-seconds", "300",
-        "--block-command", block_command],
+        "--block-command", block_command, *reporting],
         lab_dir / "gate.log")
     _save(s)
     wait_for_files(ready, 90, f"lab {s.name}: services")
@@ -519,7 +529,13 @@ def gateway_settings(s: LabState):
     from appliance.dataplane.umbox import check_controllers
     return GatewaySettings(devices_if=g["devices_if"], uplink_if=g["uplink_if"],
                            gateway_ip=g["lan_ip"], lan=g["lan"],
-                           controllers=check_controllers(LAB_CONTROLLERS, "lab controllers"))
+                           controllers=check_controllers(LAB_CONTROLLERS, "lab controllers"),
+                           gate_policy_dir=str(gate_policy_dir(s)))
+
+
+def gate_policy_dir(s: LabState) -> Path:
+    """The policy files the data path writes for the lab's gate (--policy-dir)."""
+    return state_path(s.name).parent / "gate-policy"
 
 
 def _save(s: LabState) -> None:

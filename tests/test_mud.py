@@ -21,6 +21,7 @@ DATA = Path(__file__).resolve().parent / "data" / "mud"
 LAMP_FILE = DATA / "mood_lamp-3204432Mud.json"
 LAMP = json.loads(LAMP_FILE.read_text())
 ACLS = "ietf-access-control-list:access-lists"     # what mudgee writes
+ACL_CONTAINER = "ietf-access-control-list:acls"    # what the export writes (RFC 8519's)
 FROM_ACES = f"$.{ACLS}.acl[0].aces.ace"
 TO_ACES = f"$.{ACLS}.acl[1].aces.ace"
 
@@ -281,15 +282,93 @@ def test_a_port_range_is_refused_unless_it_is_one_port():
     refused(doc, f"{FROM_ACES}[1].matches.tcp.destination-port.operator: unsupported: operator gte")
 
 
-def test_manufacturer_matches_and_other_controllers_are_refused():
-    for key, value, words in (("same-manufacturer", [None], "same manufacturer"),
-                              ("manufacturer", "lsc.example.com", "manufacturer"),
-                              ("model", "https://lsc.example.com/lamp", "model"),
-                              ("my-controller", [None], "my-controller"),
+def test_model_matches_and_other_controllers_are_refused():
+    for key, value, words in (("model", "https://lsc.example.com/lamp", "model"),
                               ("controller", "https://lsc.example.com/hub", "controller")):
         doc = lamp()
         from_aces(doc)[3]["matches"]["ietf-mud:mud"] = {key: value}
         refused(doc, f"{FROM_ACES}[3].matches.ietf-mud:mud.{key}: unsupported", words)
+
+
+def test_bad_manufacturer_matches_are_refused():
+    at = f"$.{ACLS}.acl[0].aces.ace[0].matches"
+    for matches, words in (
+            ({"ietf-mud:mud": {"same-manufacturer": True}},
+             (f"{at}.ietf-mud:mud.same-manufacturer: ", "[null]")),
+            ({"ietf-mud:mud": {"my-controller": "hub"}}, (f"{at}.ietf-mud:mud.my-controller: ", "[null]")),
+            ({"ietf-mud:mud": {"manufacturer": "*.example.com"}},
+             (f"{at}.ietf-mud:mud.manufacturer: ", "not the host of a MUD URL")),
+            ({"ietf-mud:mud": {"manufacturer": 7}}, (f"{at}.ietf-mud:mud.manufacturer: ", "a string")),
+            ({"ietf-mud:mud": {"manufacturer": "a.example", "same-manufacturer": [None]}},
+             (f"{at}: unsupported", "same-manufacturer and a manufacturer", "one peer")),
+            ({"ietf-mud:mud": {"my-controller": [None], "local-networks": [None]}},
+             (f"{at}: unsupported", "local-networks and my-controller")),
+            ({"ietf-mud:mud": {"manufacturer": "a.example"},
+              "ipv4": {"destination-ipv4-network": "198.18.0.9/32"}},
+             (f"{at}: unsupported", "an address and a manufacturer"))):
+        refused(mud_file([ace("x", matches)]), *words)
+
+
+# -- RFC 8520's device abstractions: same-manufacturer, manufacturer, my-controller -------------
+
+SAME = ace("same", {"ietf-mud:mud": {"same-manufacturer": [None]}, "ipv4": {"protocol": 6},
+                    "tcp": {"destination-port": {"operator": "eq", "port": 6668},
+                            "ietf-mud:direction-initiated": "from-device"}})
+SAME_REPLIES = ace("same-back", {"ietf-mud:mud": {"same-manufacturer": [None]}, "ipv4": {"protocol": 6},
+                                 "tcp": {"source-port": {"operator": "eq", "port": 6668},
+                                         "ietf-mud:direction-initiated": "from-device"}})
+FROM_SAME = ace("from-same", {"ietf-mud:mud": {"same-manufacturer": [None]}, "ipv4": {"protocol": 6},
+                              "tcp": {"destination-port": {"operator": "eq", "port": 6668},
+                                      "ietf-mud:direction-initiated": "to-device"}})
+MAKER = ace("maker", {"ietf-mud:mud": {"manufacturer": "Hubs.Example.NET"}, "ipv4": {"protocol": 17},
+                      "udp": {"destination-port": {"operator": "eq", "port": 5683}}})
+MINE = ace("mine", {"ietf-mud:mud": {"my-controller": [None]}, "ipv4": {"protocol": 6},
+                    "tcp": {"destination-port": {"operator": "eq", "port": 8443}}})
+
+
+def test_manufacturer_abstractions_become_profile_entries():
+    profile, notes = imported(mud_file([CLOUD, SAME, MAKER, MINE], [CLOUD_REPLIES, SAME_REPLIES, FROM_SAME]))
+    assert destinations(profile) == [
+        "api.plugcloud.example.com:443/tcp", "same-manufacturer:6668/tcp",
+        {"manufacturer": "hubs.example.net", "proto": "udp", "port": 5683}, "my-controller:8443/tcp"]
+    assert destinations(profile, "suspicious") == destinations(profile)
+    # the devices and controllers they name may be on the LAN, which lateral_block would close
+    assert "lateral_block" not in profile["postures"]["normal"]
+    assert "lateral_block" not in profile["postures"]["suspicious"]
+    lateral = note_about(notes, "no lateral_block")
+    assert all(f"'{x}'" in lateral for x in ("same", "maker", "mine")), lateral
+    # each says what it will stand for: this file's MUD authority, the manufacturer, the site's
+    assert "things.example.com" in note_about(notes, "'same'", "becomes")
+    assert "hubs.example.net" in note_about(notes, "'maker'", "becomes")
+    mine = note_about(notes, "'mine'", "becomes")
+    assert "my_controllers" in mine and "https://things.example.com/plug2000" in mine
+    assert "replies to flows the device opens (ACE 'same')" in note_about(notes, "'same-back'")
+    assert "its own profile's to decide" in note_about(notes, "'from-same'")
+    parsed = [umbox.parse_destination(d) for d in destinations(profile)]
+    assert (parsed[1].same_manufacturer, parsed[1].proto, parsed[1].port) == (True, 6, 6668)
+    assert (parsed[2].manufacturer, parsed[2].proto, parsed[2].port) == ("hubs.example.net", 17, 5683)
+    assert (parsed[3].my_controller, parsed[3].proto, parsed[3].port) == (True, 6, 8443)
+    loaded = loads_as_a_profile(profile)          # what import writes, read back as TOML
+    assert loaded.mud_url == "https://things.example.com/plug2000"
+    assert loaded.stack("normal")["allowlist"]["destinations"] == destinations(profile)
+
+
+def test_manufacturer_abstractions_round_trip_through_export():
+    given = ["same-manufacturer:6668/tcp", {"manufacturer": "hubs.example.net", "proto": "udp", "port": 5683},
+             "my-controller:8443/tcp", "my-controller", {"same_manufacturer": True, "proto": "udp"},
+             "api.plugcloud.example.com:443/tcp"]
+    profile = profiles.profile_from_text(profiles.dump_profile(profile_with(given)), "rt.toml")
+    exported = mud.profile_to_mud(profile, "https://things.example.com/plug2000")
+    out = [a["matches"].get("ietf-mud:mud") for a in exported[ACL_CONTAINER]["acl"][0]["aces"]["ace"]]
+    assert out == [{"same-manufacturer": [None]}, {"manufacturer": "hubs.example.net"},
+                   {"my-controller": [None]}, {"my-controller": [None]}, {"same-manufacturer": [None]}, None]
+    again, _ = imported(json.dumps(exported), type_name="roundtrip")
+    assert destinations(again) == ["same-manufacturer:6668/tcp",
+                                   {"manufacturer": "hubs.example.net", "proto": "udp", "port": 5683},
+                                   "my-controller:8443/tcp", "my-controller", "same-manufacturer/udp",
+                                   "api.plugcloud.example.com:443/tcp"]
+    assert ({umbox.parse_destination(d) for d in destinations(again)}
+            == {umbox.parse_destination(d) for d in given})
 
 
 def test_other_unsupported_matches_are_refused():

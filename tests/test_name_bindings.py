@@ -56,7 +56,7 @@ def test_profile_destinations_by_name_address_and_lan():
     ("bad_name!.example", "neither an address"),
     ("-lead.example", "neither an address"),
     ("a.*.example", "neither an address"),
-    ({"name": "x.example", "address": "198.19.8.1"}, "exactly one of address, name, lan or controller"),
+    ({"name": "x.example", "address": "198.19.8.1"}, "exactly one of address, name, lan, controller"),
     ({"lan": False}, "lan must be true"),
     ({"name": 7}, "name must be a string"),
     ("x.example:80/icmp", "a port needs proto tcp or udp"),

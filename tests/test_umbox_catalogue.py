@@ -100,3 +100,54 @@ def test_a_stack_never_shares_the_catalogue_s_default_list():
     stack = umbox.validate({"brute_force": {}}, "x")
     stack["brute_force"]["ports"].append(2323)
     assert umbox.validate({"brute_force": {}}, "x")["brute_force"]["ports"] == [22, 23]
+
+
+# -- the gate's umboxes: auth_gate, api_filter, token_guard (appliance/dataplane/gate.py) ----------
+
+def test_gate_umboxes_compile_to_one_port_and_one_policy():
+    c = umbox.compile_stack({"api_filter": {"allow": ["GET *", "PUT /api/*/lights/*/state"]},
+                             "token_guard": {"max_failures": 3}})
+    assert c.gate_port == 80
+    assert c.gate_policy == {"port": 80, "auth": False, "allow": ["GET *", "PUT /api/*/lights/*/state"],
+                             "token_guard": {"max_failures": 3, "window_ms": 60000, "block_seconds": 300,
+                                             "statuses": [401, 403]}}
+    c = umbox.compile_stack({"auth_gate": {"port": 8080}, "api_filter": {"allow": []}, "token_guard": {}})
+    assert c.gate_port == 8080 and c.gate_policy["auth"] and c.gate_policy["allow"] == []
+    assert c.gate_policy["port"] == 8080
+    assert umbox.compile_stack({"token_guard": {"port": 8443}}).gate_port == 8443
+    c = umbox.compile_stack({"anti_spoof": {}})
+    assert c.gate_port is None and c.gate_policy is None
+    # what the data path writes is what the gate reads
+    from appliance.dataplane import gatepolicy
+    policy = gatepolicy.Policy.from_json({**umbox.compile_stack(
+        {"auth_gate": {}, "api_filter": {"allow": ["GET *"]}}).gate_policy, "device": "light1"})
+    assert policy.auth and policy.allows("GET", "/x") and not policy.allows("PUT", "/x")
+
+
+@pytest.mark.parametrize("stack, message", [
+    ({"api_filter": {}}, "umbox api_filter: parameter allow is required"),
+    ({"api_filter": {"allow": "GET *"}}, "umbox api_filter, parameter allow: expected a list"),
+    ({"api_filter": {"allow": ["GET"]}}, "parameter allow: 'GET': expected \"METHOD PATH\""),
+    ({"api_filter": {"allow": ["get /"]}}, "parameter allow: 'get /': 'get' is not an upper-case"),
+    ({"api_filter": {"allow": ["GET api/x"]}}, "parameter allow: 'GET api/x': the path must be"),
+    ({"api_filter": {"allow": ["GET /a/../b"]}}, "parameter allow: 'GET /a/../b'"),
+    ({"api_filter": {"allow": ["GET /a?b=1"]}}, "parameter allow: 'GET /a?b=1'"),
+    ({"api_filter": {"allow": [7]}}, "parameter allow: expected a string"),
+    ({"api_filter": {"allow": ["GET *"] * 101}}, "parameter allow: 101 rules, at most 100"),
+    ({"api_filter": {"allow": [], "port": 0}}, "umbox api_filter, parameter port: 0 is below the minimum 1"),
+    ({"api_filter": {"allow": [], "methods": ["GET"]}}, "umbox api_filter: unknown parameter"),
+    ({"auth_gate": {}, "api_filter": {"allow": [], "port": 8080}},
+     "umbox api_filter, parameter port: 8080 is not auth_gate's port 80"),
+    ({"api_filter": {"allow": [], "port": 81}, "token_guard": {"port": 82}},
+     "umbox token_guard, parameter port: 82 is not api_filter's port 81"),
+    ({"token_guard": {"max_failures": 0}}, "token_guard, parameter max_failures: 0 is below the minimum 1"),
+    ({"token_guard": {"max_failures": True}}, "token_guard, parameter max_failures: expected an integer"),
+    ({"token_guard": {"window_ms": 3_600_001}}, "umbox token_guard, parameter window_ms: 3600001 is above"),
+    ({"token_guard": {"block_seconds": -1}}, "umbox token_guard, parameter block_seconds: -1 is below"),
+    ({"token_guard": {"statuses": [200]}}, "token_guard, parameter statuses: expected a list of HTTP error"),
+    ({"token_guard": {"statuses": []}}, "umbox token_guard, parameter statuses"),
+    ({"token_guard": {"statuses": "401"}}, "umbox token_guard, parameter statuses: expected a list"),
+])
+def test_bad_gate_parameters_name_the_umbox_and_the_key(stack, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        umbox.compile_stack(stack, where="device light1: ")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.dataplane import bpf, loader, maps, nft, umbox
+from appliance.dataplane import bpf, gatepolicy, loader, maps, nft, umbox
 from appliance.dataplane.names import NameBindings
 from appliance.errors import ConfigError, DataplaneError, UnknownDeviceError
 from appliance.vocab import check_device_name, check_mac
@@ -61,6 +62,10 @@ class GatewaySettings:
     name_keep_s: int = 3600     # and a flow opened to it keeps it at least this long
     # the site's controllers, {class: [Destination]} (umbox.check_controllers)
     controllers: dict = field(default_factory=dict)
+    # and per device MUD URL, {MUD URL: [Destination]} (umbox.check_my_controllers)
+    my_controllers: dict = field(default_factory=dict)
+    # where the gate's policy files go, one per gated device (gatepolicy.py); "": none
+    gate_policy_dir: str = ""
 
 
 @dataclass
@@ -70,6 +75,11 @@ class DeviceSpec:
     ip: str
     stack: dict = field(default_factory=dict)
     posture: int = 0
+    # RFC 8520: the device's MUD URL (my-controller, and the authority same-manufacturer means)
+    # and {MUD authority: [LAN address]} of the approved devices, for the authorities its stack
+    # names (umbox.compile_stack)
+    mud_url: str | None = None
+    peers: dict = field(default_factory=dict)
 
     def checked(self) -> DeviceSpec:
         check_device_name(self.name)
@@ -78,7 +88,7 @@ class DeviceSpec:
             ipaddress.IPv4Address(self.ip)
         except ValueError:
             raise ConfigError(f"device {self.name}: invalid IPv4 address {self.ip!r}") from None
-        return DeviceSpec(self.name, mac, self.ip, self.stack, self.posture)
+        return dataclasses.replace(self, mac=mac)
 
 
 @dataclass
@@ -122,6 +132,8 @@ class Dataplane:
         self._names: NameBindings | None = None
         self.older_layout: str | None = None     # why the pins of an older version were replaced
         self._older_postures: dict[str, int] = {}
+        self._gate_files = (gatepolicy.PolicyFiles(self.settings.gate_policy_dir)
+                            if self.settings.gate_policy_dir else None)
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -427,16 +439,21 @@ class Dataplane:
                     self._maps["kalki_allow"].delete(self._allow_key(list_id, prefixlen, addr))
                 del index[content]
 
+    def _compile_now(self, spec: DeviceSpec) -> umbox.CompiledStack:
+        s = self.settings
+        return umbox.compile_stack(spec.stack, f"device {spec.name}: ", s.controllers,
+                                   s.my_controllers, spec.mud_url, spec.peers)
+
     def _compile(self, spec: DeviceSpec) -> umbox.CompiledStack:
         """A stack checked and compiled once: 25 cameras moving to the same posture share
         it. (An invalid stack is never kept, so its error always names the device.)"""
         try:
-            key = json.dumps(spec.stack, sort_keys=True)
+            key = json.dumps([spec.stack, spec.mud_url, spec.peers], sort_keys=True)
         except (TypeError, ValueError):
-            return umbox.compile_stack(spec.stack, f"device {spec.name}: ", self.settings.controllers)
+            return self._compile_now(spec)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = umbox.compile_stack(spec.stack, f"device {spec.name}: ", self.settings.controllers)
+            compiled = self._compile_now(spec)
             if len(self._compiled) >= 256:
                 self._compiled.clear()
             self._compiled[key] = compiled
@@ -472,10 +489,19 @@ class Dataplane:
                 self._allow_ids()[device_id] = before.allow_id
                 self._write_indexes(device_id, previous.spec, spec)
                 self._put(previous)
+                with contextlib.suppress(DataplaneError):
+                    self._write_gate_policy(previous.spec, previous.compiled, spec.ip)
             else:
                 self._drop_kernel_entry(device_id, [spec.mac], [spec.ip])
                 self._forget(spec.name)
+                with contextlib.suppress(DataplaneError):
+                    self._write_gate_policy(spec, None)
 
+        try:    # before nftables steers the device's web port to the gate
+            self._write_gate_policy(spec, compiled, previous.spec.ip if previous else None)
+        except DataplaneError:
+            undo()
+            raise
         plan = None
         if self._batch is None:
             try:
@@ -494,6 +520,24 @@ class Dataplane:
         self._put(_Applied(spec, device_id, compiled))
         self._used_ids.add(device_id)
         return device_id
+
+    def _write_gate_policy(self, spec: DeviceSpec, compiled: umbox.CompiledStack | None,
+                           old_ip: str | None = None) -> None:
+        """The gate's policy file for the device as its stack says (none without a gate umbox);
+        one file per address, so a fresh Dataplane touches no other device's."""
+        files = self._gate_files
+        if files is None:
+            return
+        try:
+            if old_ip and old_ip != spec.ip:
+                files.remove(old_ip)
+            if compiled is not None and compiled.gate_policy is not None:
+                files.write(spec.ip, {**compiled.gate_policy, "device": spec.name})
+            else:
+                files.remove(spec.ip)
+        except OSError as e:
+            raise DataplaneError(f"device {spec.name}: the gate's policy file in "
+                                 f"{files.directory}: {e}") from None
 
     def _nft_plan(self, device_id: int, spec: DeviceSpec, compiled: umbox.CompiledStack):
         return self._loaded_nft().plan(device_id, spec.mac, spec.ip, compiled.conn_limit,
@@ -581,8 +625,8 @@ class Dataplane:
     def set_stack(self, name: str, stack: dict, posture: int | None = None) -> int:
         """A posture change: the same device with another umbox stack."""
         a = self._applied(name)
-        return self.apply(DeviceSpec(a.spec.name, a.spec.mac, a.spec.ip, stack,
-                                     a.spec.posture if posture is None else posture))
+        return self.apply(dataclasses.replace(a.spec, stack=stack,
+                                              posture=a.spec.posture if posture is None else posture))
 
     def remove(self, name: str) -> None:
         a = self._applied(name)
@@ -594,6 +638,10 @@ class Dataplane:
         if current:
             nf = self._loaded_nft()
             nf.run(nf.removal_commands(device_id, current), f"removing device {device_id}")
+        if self._gate_files is not None:
+            for ip in ips:
+                with contextlib.suppress(OSError):
+                    self._gate_files.remove(ip)
         self._drop_kernel_entry(device_id, macs, ips)
         self._collect_lists()
 
@@ -771,8 +819,7 @@ class Dataplane:
         what was already right and what had to be fixed."""
         report: dict[str, list] = {"reattached": [], "added": [], "fixed": [], "removed": [], "unchanged": []}
         specs = [w.checked() for w in wanted]
-        compiled = {s.name: umbox.compile_stack(s.stack, f"device {s.name}: ", self.settings.controllers)
-                    for s in specs}
+        compiled = {s.name: self._compile_now(s) for s in specs}
         pinned = self.pinned_program_ids()
         links = self._links()
         # (an interface that is not there cannot take XDP: it is attached when it is back)
@@ -807,6 +854,7 @@ class Dataplane:
                          and bytes(entry) == bytes(self._device_entry(s, c, allow_id))
                          and ip_id is not None and ip_id.value == device_id)
             if kernel_ok and nft_ok:
+                self._write_gate_policy(s, c)       # (the files may be gone, /run is a tmpfs)
                 report["unchanged"].append(s.name)
             else:
                 self._put(_Applied(s, device_id, c))

@@ -73,14 +73,15 @@ def addresses(packets: list[capture.Packet], mac: str, device_ip: str | None = N
 
 def try_profile(stack: dict, packets: list[capture.Packet], mac: str, device_ip: str | None = None,
                 instance_suffix: str | None = None, settings: GatewaySettings | None = None,
-                source: str = "capture") -> list[dict]:
+                source: str = "capture", mud_url: str | None = None) -> list[dict]:
     """Runs the capture's packets of `mac` through the dispatcher with `stack` as the device's
     "normal" posture; one dict per flow (capture.flows), in the order of their first packets:
     direction, proto, peer, port, packets, passed, dropped, reasons {reason: packets},
     first_verdict, names (the device resolved the peer's address for), events {reason:
     reported}, opening (None, or the verdict on a SYN for a TCP flow joined after its SYN).
     `settings` gives the site's settings (controllers, names); its addresses are replaced by
-    the capture's (addresses()). `source` names the capture in errors."""
+    the capture's (addresses()). `source` names the capture in errors; `mud_url` is the
+    device's MUD URL (its my-controller entries; no other device is there for same-manufacturer)."""
     mac = check_mac(mac, f"{source}: --mac", unicast=True)
     device, gateway, lan = addresses(packets, mac, device_ip, source)
     groups = capture.flows(packets, mac, device, source)
@@ -98,7 +99,7 @@ def try_profile(stack: dict, packets: list[capture.Packet], mac: str, device_ip:
         for ifname in (gw.devices_if, gw.uplink_if):
             _link(namespace, ifname)
         dp = Dataplane.open(instance, namespace, gw)
-        dp.apply(DeviceSpec(DEVICE, mac, device, stack, POSTURE_CODES["normal"]))
+        dp.apply(DeviceSpec(DEVICE, mac, device, stack, POSTURE_CODES["normal"], mud_url=mud_url))
         return _Replay(dp, device).run(groups)
     finally:
         if dp is not None:

@@ -64,19 +64,32 @@ CATALOGUE: dict[str, dict[str, Param]] = {
     "lateral_block": {},
     "anti_spoof": {},
     "auth_gate": {"port": Param(int, 80, 1, 65_535)},
+    # the gate's other two (appliance/dataplane/gate.py); their port is auth_gate's when they
+    # give none, else 80
+    "api_filter": {"port": Param(int, None, 1, 65_535), "allow": Param(list, required=True)},
+    "token_guard": {"port": Param(int, None, 1, 65_535), "max_failures": Param(int, 10, 1, 1_000_000),
+                    "window_ms": _ms(60_000), "block_seconds": Param(int, 300, 0, 86_400),
+                    "statuses": Param(list, [401, 403])},
 }
+GATE_UMBOXES = ("auth_gate", "api_filter", "token_guard")
 
 
 @dataclass(frozen=True)
 class Destination:
     """One destination a device may open: an address or prefix, a DNS name (exact, or
-    "*.suffix" for the names under it), or the site's device LAN ("lan")."""
+    "*.suffix" for the names under it), the site's device LAN ("lan"), or one of RFC 8520's
+    abstractions, which compile_stack replaces by addresses: a site's controller class, the
+    approved devices of a MUD authority (same_manufacturer: the device's own), or the hosts the
+    site names for the device's MUD URL (my_controller)."""
     network: ipaddress.IPv4Network | None
     proto: int = 0
     port: int = 0
     name: str | None = None
     lan: bool = False
     controller: str | None = None     # a class the site names (config `controllers`)
+    same_manufacturer: bool = False   # devices whose MUD authority is this device's
+    manufacturer: str | None = None   # devices whose MUD authority is this host
+    my_controller: bool = False       # the hosts the site names for the device's MUD URL
 
     def matches_name(self, qname: str) -> bool:
         """Whether a name the device resolved is this destination's (names are lower case,
@@ -96,6 +109,36 @@ def check_controllers(controllers, where: str) -> dict[str, list[Destination]]:
             for name, hosts in controllers.items()}
 
 
+def check_my_controllers(my_controllers, where: str) -> dict[str, list[Destination]]:
+    """The site's controllers per MUD URL (config `my_controllers`), each host as a Destination
+    without a port: what compile_stack puts in place of a profile's my-controller entries."""
+    vocab.check_my_controllers(my_controllers, where)
+    return {url: [parse_destination(h, "my_controller", f'{where}."{url}": ') for h in hosts]
+            for url, hosts in my_controllers.items()}
+
+
+def named_authorities(stack, authority: str | None) -> set[str]:
+    """The MUD authorities whose devices a stack's destinations name: `authority` (the
+    device's own) for same-manufacturer, and each manufacturer. A quick look, not a check
+    (compile_stack checks): the supervisor gathers the peers' addresses only for these."""
+    out: set[str] = set()
+    for umbox in ("allowlist", "egress_anomaly"):
+        params = stack.get(umbox) if isinstance(stack, dict) else None
+        listed = params.get("destinations") if isinstance(params, dict) else None
+        for entry in listed if isinstance(listed, list) else ():
+            if isinstance(entry, str):
+                same = re.split(r"[:/]", entry, maxsplit=1)[0] == vocab.SAME_MANUFACTURER
+            elif isinstance(entry, dict):
+                same = entry.get("same_manufacturer") is True
+                if isinstance(entry.get("manufacturer"), str):
+                    out.add(entry["manufacturer"].lower().rstrip("."))
+            else:
+                continue
+            if same and authority:
+                out.add(authority)
+    return out
+
+
 
 
 @dataclass
@@ -107,8 +150,14 @@ class CompiledStack:
     destinations: list[Destination] = field(default_factory=list)   # addresses and "lan"
     names: list[Destination] = field(default_factory=list)   # bound to addresses as resolved
     missing_controllers: list[str] = field(default_factory=list)  # named, but not by the site
+    # RFC 8520 abstractions that stand for nothing yet ("same-manufacturer", "manufacturer
+    # example.com", "my-controller"): no approved device of that authority, no MUD URL, or no
+    # my_controllers for the device's MUD URL. They open nothing until they do.
+    missing_mud: list[str] = field(default_factory=list)
     conn_limit: dict | None = None
     gate_port: int | None = None
+    # what the gate does for the device (the policy file, appliance/dataplane/gatepolicy.py)
+    gate_policy: dict | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -134,9 +183,15 @@ def _port(umbox: str, value, where: str) -> int:
     return value
 
 
+_TARGETS = ("address", "name", "lan", "controller", "same_manufacturer", "manufacturer",
+            "my_controller")     # a destination table's keys naming where it goes: one of them
+
+
 def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Destination:
-    """'198.19.8.0/24', 'cloud.example.com:443/tcp', '*.example.com', 'lan:6668/tcp'; or a
-    table {address = "198.19.8.0/24" | name = "pool.ntp.org" | lan = true, proto, port}
+    """'198.19.8.0/24', 'cloud.example.com:443/tcp', '*.example.com', 'lan:6668/tcp',
+    '@phone:8080/tcp', 'same-manufacturer:6668/tcp', 'my-controller:443/tcp'; or a table
+    {address = "198.19.8.0/24" | name = "pool.ntp.org" | lan = true | controller = "phone" |
+    same_manufacturer = true | manufacturer = "example.com" | my_controller = true, proto, port}
     (MUD-like)."""
     culprit = f"{where}umbox {umbox}, destination {entry!r}"
     target: dict[str, Any]
@@ -151,6 +206,10 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
             port = int(port_text)
         if addr == "lan":
             target = {"lan": True}
+        elif addr == vocab.SAME_MANUFACTURER:
+            target = {"same_manufacturer": True}
+        elif addr == vocab.MY_CONTROLLER:
+            target = {"my_controller": True}
         elif addr.startswith("@"):
             target = {"controller": addr[1:]}
         elif re.fullmatch(r"[0-9.]+(/.*)?", addr):
@@ -159,19 +218,22 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
             target = {"name": addr}
         entry_dict: dict[str, Any] = {**target, "proto": proto, "port": port}
     elif isinstance(entry, dict):
-        unknown = set(entry) - {"address", "name", "lan", "controller", "proto", "port"}
+        unknown = set(entry) - {*_TARGETS, "proto", "port"}
         if unknown:
             raise ConfigError(f"{culprit}: unknown key(s) {sorted(unknown)}")
-        given = [k for k in ("address", "name", "lan", "controller") if k in entry]
+        given = [k for k in _TARGETS if k in entry]
         if len(given) != 1:
-            raise ConfigError(f"{culprit}: give exactly one of address, name, lan or controller")
-        if "lan" in entry and entry["lan"] is not True:
-            raise ConfigError(f"{culprit}: lan must be true")
+            raise ConfigError(f"{culprit}: give exactly one of {', '.join(_TARGETS[:-1])} or "
+                              f"{_TARGETS[-1]}")
+        for key in ("lan", "same_manufacturer", "my_controller"):
+            if key in entry and entry[key] is not True:
+                raise ConfigError(f"{culprit}: {key} must be true")
         entry_dict = {"proto": "any", "port": 0, **entry}
     else:
         raise ConfigError(f"{culprit}: expected 'address[/prefix][:port][/proto]', "
-                          "'name[:port][/proto]', 'lan[:port][/proto]', '@controller[:port][/proto]' "
-                          "or a table")
+                          "'name[:port][/proto]', 'lan[:port][/proto]', '@controller[:port][/proto]', "
+                          f"'{vocab.SAME_MANUFACTURER}[:port][/proto]', "
+                          f"'{vocab.MY_CONTROLLER}[:port][/proto]' or a table")
     proto = entry_dict["proto"]
     if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise ConfigError(f"{culprit}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
@@ -186,6 +248,13 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
         return Destination(None, PROTOCOLS[proto], port, name=check_dns_name(entry_dict["name"], culprit))
     if "lan" in entry_dict:
         return Destination(None, PROTOCOLS[proto], port, lan=True)
+    if "same_manufacturer" in entry_dict:
+        return Destination(None, PROTOCOLS[proto], port, same_manufacturer=True)
+    if "my_controller" in entry_dict:
+        return Destination(None, PROTOCOLS[proto], port, my_controller=True)
+    if "manufacturer" in entry_dict:
+        return Destination(None, PROTOCOLS[proto], port, manufacturer=vocab.check_mud_authority(
+            entry_dict["manufacturer"], f"{culprit}: manufacturer"))
     if "controller" in entry_dict:
         controller = entry_dict["controller"]
         if not isinstance(controller, str) or not CONTROLLER.fullmatch(controller):
@@ -197,6 +266,32 @@ def parse_destination(entry, umbox: str = "allowlist", where: str = "") -> Desti
     except ValueError as e:
         raise ConfigError(f"{culprit}: invalid address or CIDR: {e}") from None
     return Destination(network, PROTOCOLS[proto], port)
+
+
+def _mud_hosts(entry: Destination, c: CompiledStack, my_controllers, mud_url, peers,
+               where: str) -> list[Destination]:
+    """What a same-manufacturer, manufacturer or my-controller entry stands for, with the
+    entry's protocol and port; nothing (and a line in c.missing_mud) while it stands for none."""
+    if entry.my_controller:
+        hosts = (my_controllers or {}).get(mud_url) if mud_url else None
+        if hosts is None:
+            c.missing_mud.append(vocab.MY_CONTROLLER)
+        return [dataclasses.replace(h, proto=entry.proto, port=entry.port) for h in hosts or ()]
+    authority = entry.manufacturer or vocab.mud_authority(mud_url)
+    addresses = (peers or {}).get(authority) if authority else None
+    if not addresses:
+        c.missing_mud.append(f"manufacturer {entry.manufacturer}" if entry.manufacturer
+                             else vocab.SAME_MANUFACTURER)
+        return []
+    out = []
+    for address in addresses:
+        try:
+            network = ipaddress.IPv4Network(f"{address}/32")
+        except ValueError:
+            raise ConfigError(f"{where}the device of MUD authority {authority} at {address!r}: "
+                              "not an IPv4 address") from None
+        out.append(Destination(network, entry.proto, entry.port))
+    return out
 
 
 def registrable_domains(destinations: list[Destination]) -> list[Destination]:
@@ -270,9 +365,17 @@ def validate(stack, where: str = "") -> dict[str, dict]:
 
 
 def compile_stack(stack, where: str = "",
-                  controllers: dict[str, list[Destination]] | None = None) -> CompiledStack:
+                  controllers: dict[str, list[Destination]] | None = None,
+                  my_controllers: dict[str, list[Destination]] | None = None,
+                  mud_url: str | None = None,
+                  peers: dict[str, list[str]] | None = None) -> CompiledStack:
     """`controllers` (check_controllers' result) stands in for the profile's controller
-    entries; without it they are checked and left out (a profile on its own)."""
+    entries; without it they are checked and left out (a profile on its own). The same for
+    RFC 8520's device abstractions: `mud_url` is the device's MUD URL, `my_controllers`
+    (check_my_controllers' result) the site's hosts per MUD URL, and `peers` {MUD authority:
+    [LAN address, ...]} the approved devices by authority; same-manufacturer and manufacturer
+    entries become /32s of those addresses (the device's own among them does no harm: its
+    packets to itself never reach the gateway, and devices of one maker share one list)."""
     params = validate(stack, where)
     c = CompiledStack(params=params)
     d = c.device_fields
@@ -336,6 +439,9 @@ def compile_stack(stack, where: str = "",
         umbox = "allowlist" if "allowlist" in params else "egress_anomaly"
         parsed = []
         for entry in (parse_destination(x, umbox, where) for x in destinations):
+            if entry.same_manufacturer or entry.manufacturer or entry.my_controller:
+                parsed += _mud_hosts(entry, c, my_controllers, mud_url, peers, where)
+                continue
             if entry.controller is None:
                 parsed.append(entry)
                 continue
@@ -359,6 +465,40 @@ def compile_stack(stack, where: str = "",
         if not p["concurrent"] and not p["new_per_second"]:
             raise ConfigError(f"{where}umbox conn_limit: set concurrent or new_per_second")
         c.conn_limit = p
-    if "auth_gate" in params:
-        c.gate_port = params["auth_gate"]["port"]
+    c.gate_port, c.gate_policy = _gate(params, where)
     return c
+
+
+def _gate(params: dict, where: str) -> tuple[int | None, dict | None]:
+    """The web port nftables steers to the gate and the gate's policy for it, from auth_gate,
+    api_filter and token_guard: one port per device, so the ones given must agree."""
+    from appliance.dataplane import gatepolicy
+    present = [u for u in GATE_UMBOXES if u in params]
+    if not present:
+        return None, None
+    ports = [(u, params[u]["port"]) for u in present if params[u]["port"] is not None]
+    for umbox, port in ports[1:]:
+        if port != ports[0][1]:
+            raise ConfigError(f"{where}umbox {umbox}, parameter port: {port} is not {ports[0][0]}'s "
+                              f"port {ports[0][1]} (the gate stands in front of one web port per "
+                              "device; leave it out to take the other's)")
+    port = ports[0][1] if ports else 80
+    allow = None
+    if "api_filter" in params:
+        allow = params["api_filter"]["allow"]
+        if len(allow) > gatepolicy.MAX_RULES:
+            raise ConfigError(f"{where}umbox api_filter, parameter allow: {len(allow)} rules, at most "
+                              f"{gatepolicy.MAX_RULES}")
+        for rule in allow:
+            try:
+                gatepolicy.compile_rule(rule)
+            except ValueError as e:
+                raise ConfigError(f"{where}umbox api_filter, parameter allow: {e}") from None
+    guard = None
+    if "token_guard" in params:
+        guard = {k: v for k, v in params["token_guard"].items() if k != "port"}
+        try:
+            gatepolicy.check_token_guard(guard)
+        except ValueError as e:
+            raise ConfigError(f"{where}umbox token_guard, parameter {e}") from None
+    return port, {"port": port, "auth": "auth_gate" in params, "allow": allow, "token_guard": guard}

@@ -12,6 +12,10 @@ The mapping (docs/mud.md says the same for operators):
 - from-device ACEs that accept: destinations the device may open. `ietf-acldns:dst-dnsname` is
   a name, `destination-ipv4-network` an address or prefix, `ietf-mud:mud` `local-networks` the
   site's device LAN ("lan"); no destination at all is any address (0.0.0.0/0).
+  `same-manufacturer`, `manufacturer` and `my-controller` are the profile's own
+  "same-manufacturer", {manufacturer = HOST} and "my-controller" entries, which the supervisor
+  gives addresses (the approved devices of that MUD authority; the site's my_controllers for the
+  device's MUD URL); the profile then has no lateral_block. `model` is refused.
 - Controllers urn:ietf:params:mud:gateway, :dns and :ntp are the gateway itself, whose guard lets
   every device reach its DHCP, DNS, NTP, MQTT and ping: no entry, a note.
 - Broadcast (255.255.255.255) and multicast (224.0.0.0/4) destinations are LAN chatter, which
@@ -40,6 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import vocab
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError
 from appliance.policy import profiles
@@ -99,6 +104,9 @@ class Ace:
     dst_dnsname: str | None = None
     local_networks: bool = False
     controller: str | None = None
+    same_manufacturer: bool = False     # the devices whose MUD authority is this device's
+    manufacturer: str | None = None     # the devices whose MUD authority is this host
+    my_controller: bool = False         # the hosts the site names for this MUD URL
     src_port: int | None = None
     dst_port: int | None = None
     initiated: str | None = None   # ietf-mud:direction-initiated
@@ -180,8 +188,10 @@ def _identity(value: str, module: str = "ietf-access-control-list") -> str:
 
 
 # -- reading a MUD file ------------------------------------------------------------------------
-def parse_mud(text: str | bytes, source: str) -> MudFile:
-    """Reads a MUD file strictly; a ConfigError names `source` and the JSON path at fault."""
+def parse_mud(text: str | bytes, source: str, signature: str | None = None) -> MudFile:
+    """Reads a MUD file strictly; a ConfigError names `source` and the JSON path at fault.
+    `signature` is what was checked of a file fetched from its MUD URL (appliance.policy.mudfetch:
+    "verified by ..." or "no signature published"), for the notes."""
     if isinstance(text, bytes):
         raw = text
         if len(raw) > MAX_BYTES:
@@ -210,7 +220,14 @@ def parse_mud(text: str | bytes, source: str) -> MudFile:
     if depth > MAX_DEPTH:
         raise ConfigError(f"{source}: JSON nested {depth} levels deep; a MUD file needs far fewer "
                           f"(at most {MAX_DEPTH} are read)")
-    return _MudParser(_Reader(source)).parse(data)
+    mud = _MudParser(_Reader(source)).parse(data)
+    if signature is not None:      # fetched and checked: say what, not that nothing was
+        mud.notes = [n for n in mud.notes if not n.startswith(_UNCHECKED_SIGNATURE)]
+        mud.notes.insert(0, f"fetched from its MUD URL over HTTPS; signature: {signature}")
+    return mud
+
+
+_UNCHECKED_SIGNATURE = "the file names a signature"
 
 
 class _Duplicate(ValueError):
@@ -277,7 +294,7 @@ class _MudParser:
             out.is_supported = mud["is-supported"]
         if "mud-signature" in mud:
             out.signed = True
-            out.notes.append(f"the file names a signature ({mud['mud-signature']}); it is not "
+            out.notes.append(f"{_UNCHECKED_SIGNATURE} ({mud['mud-signature']}); it is not "
                              "checked here: import only a file you trust")
         if "extensions" in mud:
             ext = mud["extensions"]
@@ -554,19 +571,23 @@ class _MudParser:
     def mud_match(self, value, path: str, fields: dict) -> None:
         r = self.r
         m = r.obj(value, path, _MUD_MATCH_KEYS, what="ietf-mud:mud matches")
-        for key, why in (("manufacturer", "other devices by manufacturer: the gateway does not "
-                          "know other devices' MUD URLs"),
-                         ("same-manufacturer", "devices of the same manufacturer: the gateway does not "
-                          "know other devices' MUD URLs"),
-                         ("model", "devices of a model: the gateway does not know other devices' MUD "
-                          "URLs"),
-                         ("my-controller", "my-controller: no controller is configured for MUD URLs "
-                          "on this gateway")):
-            if key in m:
-                raise r.unsupported(f"{path}.{key}", why)
+        if "model" in m:
+            raise r.unsupported(f"{path}.model", "devices of a model: the gateway groups devices by "
+                                "MUD authority (same-manufacturer, manufacturer), not by model")
         if "local-networks" in m:
             r.empty(m["local-networks"], f"{path}.local-networks")
             fields["local_networks"] = True
+        for key, attr in (("same-manufacturer", "same_manufacturer"), ("my-controller", "my_controller")):
+            if key in m:
+                r.empty(m[key], f"{path}.{key}")
+                fields[attr] = True
+        if "manufacturer" in m:
+            text = r.text(m["manufacturer"], f"{path}.manufacturer")
+            try:
+                fields["manufacturer"] = vocab.check_mud_authority(text, "manufacturer")
+            except ConfigError as e:
+                raise r.error(f"{path}.manufacturer", f"{text!r} is not the host of a MUD URL "
+                              f"({e})") from None
         if "controller" in m:
             c = r.text(m["controller"], f"{path}.controller")
             if c not in GATEWAY_CONTROLLERS:
@@ -588,7 +609,10 @@ class _MudParser:
                                 "is the device itself")
         given = [k for k, v in (("an address", net), ("a DNS name", dns),
                                 ("local-networks", fields.get("local_networks")),
-                                ("a controller", fields.get("controller"))) if v]
+                                ("a controller", fields.get("controller")),
+                                ("same-manufacturer", fields.get("same_manufacturer")),
+                                ("a manufacturer", fields.get("manufacturer")),
+                                ("my-controller", fields.get("my_controller"))) if v]
         chatter = net is not None and _is_chatter(net)
         if len(given) > 1 and not (given == ["an address", "local-networks"] and chatter):
             raise r.unsupported(path, f"{' and '.join(given)} in one ACE: give one peer per entry")
@@ -636,6 +660,12 @@ def _describe(ace: Ace, peer_of: str = "dst") -> str:
     net = ace.dst_network if peer_of == "dst" else ace.src_network
     if ace.controller:
         peer = GATEWAY_CONTROLLERS[ace.controller]
+    elif ace.same_manufacturer:
+        peer = "devices of the same manufacturer"
+    elif ace.manufacturer:
+        peer = f"devices of manufacturer {ace.manufacturer}"
+    elif ace.my_controller:
+        peer = "the site's controllers for this MUD URL (my-controller)"
     elif ace.local_networks:
         peer = f"{net} on the local networks" if net is not None else "the local networks"
     else:
@@ -690,21 +720,31 @@ def to_profile(mud: MudFile, type_name: str, device_ip: str | None = None) -> tu
         notes.append("the MUD file says the manufacturer no longer supports this device "
                      "(is-supported: false)")
     own = device_addresses(mud, device_ip)
-    destinations: list[str] = []
+    destinations: list[str | dict] = []
     lan_aces: list[str] = []
+    peer_aces: list[str] = []       # same-manufacturer, manufacturer, my-controller
     for ace in mud.from_device:
-        entry = _from_device(ace, own, notes)
+        entry = _from_device(ace, own, notes, mud.mud_url)
         if entry is not None:
-            if _target(ace) == "lan":
+            if _abstract(ace):
+                peer_aces.append(ace.label)
+            elif _target(ace) == "lan":
                 lan_aces.append(ace.label)
             if entry not in destinations:
                 destinations.append(entry)
     for ace in mud.to_device:
         notes.append(_to_device(ace, mud.from_device))
     normal: dict[str, dict] = {"anti_spoof": {}}
-    if lan_aces:
+    if lan_aces and not peer_aces:
         notes.append(f"no lateral_block: the MUD file lets the device open flows to the local "
                      f"networks ({', '.join(lan_aces)}); the allow-list's lan entries say which")
+    elif peer_aces:
+        # lateral_block drops every flow to the LAN, the devices and controllers named included;
+        # the allow-list still refuses the LAN addresses it does not list
+        lan = f"to the local networks ({', '.join(lan_aces)}) and " if lan_aces else ""
+        notes.append(f"no lateral_block: the MUD file lets the device open flows {lan}to other "
+                     f"devices or the site's controllers ({', '.join(peer_aces)}), which may be on "
+                     "the LAN; the allow-list's entries say which")
     else:
         normal["lateral_block"] = {}
     normal["port_scan"] = {}
@@ -722,7 +762,7 @@ def to_profile(mud: MudFile, type_name: str, device_ip: str | None = None) -> tu
     return profile, notes
 
 
-def _from_device(ace: Ace, own: dict, notes: list[str]) -> str | None:
+def _from_device(ace: Ace, own: dict, notes: list[str], mud_url: str = "") -> str | dict | None:
     """The allow-list entry for one from-device ACE, or None and a note saying why none."""
     if not ace.accept:
         notes.append(f"{ace.label} drops ({_describe(ace)}): nothing to add, the allow-list "
@@ -745,6 +785,8 @@ def _from_device(ace: Ace, own: dict, notes: list[str]) -> str | None:
         notes.append(f"{ace.label} ({_describe(ace)}) describes the device's replies to flows "
                      "opened towards it: replies pass, nothing to add")
         return None
+    if _abstract(ace):
+        return _abstract_entry(ace, notes, mud_url)
     net = ace.dst_network
     if net is not None and _is_chatter(net):
         notes.append(f"{ace.label} ({_describe(ace)}) is LAN broadcast or multicast, which the data "
@@ -770,6 +812,38 @@ def _from_device(ace: Ace, own: dict, notes: list[str]) -> str | None:
     return entry
 
 
+def _abstract(ace: Ace) -> tuple:
+    """An ACE's RFC 8520 device abstraction, if any: (same-manufacturer, manufacturer,
+    my-controller)."""
+    return (ace.same_manufacturer, ace.manufacturer, ace.my_controller) if (
+        ace.same_manufacturer or ace.manufacturer or ace.my_controller) else ()
+
+
+def _abstract_entry(ace: Ace, notes: list[str], mud_url: str) -> str | dict:
+    """The profile's same-manufacturer, manufacturer or my-controller entry for a from-device ACE
+    (umbox.parse_destination reads it; the supervisor gives it addresses), and a note saying what
+    it will stand for."""
+    proto = PROTOCOL_NAMES[ace.protocol] if ace.protocol else None
+    if ace.manufacturer:
+        entry: str | dict = {"manufacturer": ace.manufacturer, **({"proto": proto} if proto else {}),
+                             **({"port": ace.dst_port} if ace.dst_port else {})}
+        what = (f"the LAN addresses of the approved devices whose MUD URL's host is "
+                f"{ace.manufacturer}; none until one is approved")
+    elif ace.same_manufacturer:
+        entry = format_destination(vocab.SAME_MANUFACTURER, ace.protocol, ace.dst_port)
+        what = (f"the LAN addresses of the other approved devices whose MUD URL's host is this "
+                f"device's ({vocab.mud_authority(mud_url) or 'its MUD URL'}); none until one is approved")
+    else:
+        entry = format_destination(vocab.MY_CONTROLLER, ace.protocol, ace.dst_port)
+        what = (f"the hosts the site names for this MUD URL (config my_controllers, key "
+                f"{mud_url or 'the MUD URL'}); none until it does")
+    notes.append(f"{ace.label} ({_describe(ace)}) becomes {entry}: {what}")
+    if ace.src_port and ace.dst_port:
+        notes.append(f"{ace.label}: source port {ace.src_port} is not checked (the allow-list "
+                     f"matches destinations): {entry}")
+    return entry
+
+
 def _to_device(ace: Ace, from_device: list[Ace]) -> str:
     """What a to-device ACE becomes: always a note, never an allow-list entry."""
     what = f"to-device {ace.label} ({_describe(ace, 'src')})"
@@ -792,6 +866,10 @@ def _to_device(ace: Ace, from_device: list[Ace]) -> str:
             return (f"{what}: flows opened towards the device from the LAN. Whether another device "
                     "may open them is its own profile's lateral rule (lateral_block) to decide; "
                     "this profile adds nothing")
+        if _abstract(ace):
+            return (f"{what}: flows opened towards the device by them. Whether another device may "
+                    "open them is its own profile's to decide (its allow-list and lateral_block); "
+                    "this profile adds nothing")
         return (f"{what}: flows opened towards the device from outside. The allow-list governs "
                 "what the device opens, not what reaches it; its inbound umboxes (conn_limit, "
                 "brute_force, syn_flood) can be added to the profile by hand: nothing to add")
@@ -806,6 +884,8 @@ def _same_peer(reply: Ace, opened: Ace) -> bool:
         return False
     if reply.src_port and opened.dst_port and reply.src_port != opened.dst_port:
         return False
+    if _abstract(reply) or _abstract(opened):
+        return _abstract(reply) == _abstract(opened)
     if reply.local_networks or opened.local_networks:
         return reply.local_networks and opened.local_networks
     if reply.src_dnsname or opened.dst_dnsname:
@@ -818,8 +898,9 @@ def _same_peer(reply: Ace, opened: Ace) -> bool:
 # -- a profile as a MUD file -------------------------------------------------------------------
 def profile_to_mud(profile: profiles.Profile | dict, mud_url: str) -> dict:
     """The `normal` posture's destinations as an RFC 8520 MUD file (a dict, for json.dumps):
-    one from-device ACE per destination, one to-device ACE for its replies. A wildcard name
-    cannot be said in MUD (a dst-dnsname is one host) and is refused."""
+    one from-device ACE per destination, one to-device ACE for its replies; same-manufacturer,
+    manufacturer and my-controller entries as RFC 8520's own matches. A wildcard name cannot be
+    said in MUD (a dst-dnsname is one host) and is refused."""
     if isinstance(profile, profiles.Profile):
         type_name, description, stack = profile.type, profile.description, profile.stack("normal")
     else:
@@ -856,6 +937,12 @@ def profile_to_mud(profile: profiles.Profile | dict, mud_url: str) -> dict:
             in_ipv4["ietf-acldns:src-dnsname"] = name
         elif getattr(dst, "lan", False):
             mud_match = {"ietf-mud:mud": {"local-networks": [None]}}
+        elif dst.same_manufacturer:
+            mud_match = {"ietf-mud:mud": {"same-manufacturer": [None]}}
+        elif dst.manufacturer:
+            mud_match = {"ietf-mud:mud": {"manufacturer": dst.manufacturer}}
+        elif dst.my_controller:
+            mud_match = {"ietf-mud:mud": {"my-controller": [None]}}
         elif dst.network is not None and dst.network.prefixlen:
             out_ipv4["destination-ipv4-network"] = str(dst.network)
             in_ipv4["source-ipv4-network"] = str(dst.network)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from appliance.config import parse_toml, read_text
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError
 from appliance.policy.rules import parse_rule
+from appliance.vocab import check_mud_url as vocab_check_mud_url
 from appliance.vocab import check_posture
 
 PROFILE_DIR = HOME / "umboxes"
@@ -172,16 +172,7 @@ def check_type_name(name, where: str) -> str:
 
 def check_mud_url(url, where: str) -> str:
     """An RFC 8520 MUD URL: https (RFC 8520 allows no other scheme), with a host, no spaces."""
-    if not isinstance(url, str) or not 0 < len(url) <= 2048:
-        raise ConfigError(f"{where}: expected an https URL (up to 2048 characters), got {url!r}")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname
-    except ValueError:
-        scheme, host = "", None
-    if scheme != "https" or not host or any(c.isspace() or ord(c) < 32 for c in url):
-        raise ConfigError(f"{where}: expected an https URL (a MUD URL is https), got {url!r}")
-    return url
+    return vocab_check_mud_url(url, where)
 
 
 # -- writing profiles --------------------------------------------------------------------------

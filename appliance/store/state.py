@@ -361,7 +361,7 @@ class Store:
         culprit = f"device {name!r}"
         if "name" in fields:
             raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
-        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow"}
+        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow", "mud_offer"}
         if unknown:
             raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
         out = {}
@@ -398,6 +398,12 @@ class Store:
                 texts = isinstance(value, list) and all(isinstance(x, str) and len(x) <= 300 for x in value)
                 if not texts or len(value) > 64:
                     raise StoreError(f"{what}: expected up to 64 destinations as text, got {value!r}")
+            elif key == "mud_offer" and value is not None:   # the MUD file fetched from its MUD URL
+                texts = isinstance(value, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                                        and len(x) <= 2048 for k, x in value.items())
+                if not texts or len(value) > 16:
+                    raise StoreError(f"{what}: expected a table of texts, got {value!r}")
+                value = dict(value)
             out[key] = value
         if "posture" in out and out["posture"] != current["posture"]:
             out.setdefault("posture_since", now)

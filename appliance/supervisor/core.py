@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -20,10 +22,11 @@ from typing import Any
 
 from appliance import policy
 from appliance.config import Config
+from appliance.dataplane import umbox
 from appliance.dataplane.api import DeviceSpec
 from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
-from appliance.policy import profiles
+from appliance.policy import mudfetch, profiles
 from appliance.store.state import Retention, Store
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
@@ -37,11 +40,14 @@ from appliance.vocab import (
     check_posture,
     device_name_for,
     iso,
+    mud_authority,
     severity_of,
     stricter,
 )
 
 log = logging.getLogger("kalki.supervisor")
+MUD_RETRY_SECONDS = 300      # a MUD file that could not be fetched is tried again after this
+MUD_FETCHES = 2              # MUD files fetched at once (the others wait their turn)
 
 class Supervisor:
     def __init__(self, cfg: Config):
@@ -79,6 +85,16 @@ class Supervisor:
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
+        # MUD files fetched for new devices ([mud] fetch): the URLs being fetched, and when a
+        # fetch last failed (and why); see _offer. The offer itself is on the device (mud_offer).
+        self._mud_fetching: set[str] = set()
+        self._mud_failed: dict[str, tuple[float, str]] = {}
+        self._mud_tasks: set[asyncio.Future] = set()
+        self._mud_executor: concurrent.futures.ThreadPoolExecutor | None = None   # its own threads
+        for name, d in self.known.items():
+            offer = d.get("mud_offer") or {}
+            if not d.get("approved") and offer.get("state") == "offered" and offer.get("type"):
+                self.suggestions[name] = offer["type"]
 
     # -- the rules ------------------------------------------------------------------------
     def rules(self) -> list[policy.Rule]:
@@ -336,6 +352,8 @@ class Supervisor:
             self.bus = None
         if self._dp:
             self._dp.close()
+        if self._mud_executor:
+            self._mud_executor.shutdown(wait=False, cancel_futures=True)
         self._stop.set()
         self.store.close()
 
@@ -355,12 +373,73 @@ class Supervisor:
     def wanted(self) -> list[DeviceSpec]:
         """What the data path should hold: every approved device with an address, in its posture."""
         out = []
+        peers: list = []
         for d in self.known.values():
             if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
                 stack = self.stack_of(d, d["posture"])
-                out.append(DeviceSpec(d["name"], d["mac"], d["ip"], stack,
-                                      POSTURE_CODES.get(d["posture"], 0)))
+                out.append(self._spec(d, stack, POSTURE_CODES.get(d["posture"], 0), peers))
         return out
+
+    # -- RFC 8520: a device's MUD URL, and the devices of a manufacturer -------------------
+    def mud_url_of(self, d: dict) -> str | None:
+        """The device's MUD URL, whose host is its MUD authority (what same-manufacturer and
+        manufacturer compare) and which the site's my_controllers are keyed by: its profile's
+        mud_url (the MUD file the operator imported and approved the device under), else the URL
+        the device sends in DHCP (option 161). The profile's comes first: what a device sends is
+        its own claim, and a device that changed it would otherwise join another maker's devices."""
+        p = self.profiles.get(d.get("type") or "")
+        return (p.mud_url if p else None) or (d.get("identity") or {}).get("mud_url") or None
+
+    def _peers(self) -> dict[str, list[str]]:
+        """{MUD authority: the addresses of the approved devices with it} (the devices wanted()
+        gives the data path)."""
+        out: dict[str, list[str]] = {}
+        for d in self.known.values():
+            if d.get("approved") and d.get("type") in self.profiles and d.get("ip"):
+                authority = mud_authority(self.mud_url_of(d))
+                if authority:
+                    out.setdefault(authority, []).append(d["ip"])
+        return {a: sorted(ips) for a, ips in out.items()}
+
+    def _spec(self, d: dict, stack: dict, code: int, peers: list) -> DeviceSpec:
+        """The device as the data path takes it, with its MUD URL and the addresses of the
+        manufacturers its stack names. `peers` is a batch's cache: _peers() is gathered once, and
+        only if a stack names a manufacturer."""
+        mud_url = self.mud_url_of(d)
+        named = umbox.named_authorities(stack, mud_authority(mud_url))
+        if named and not peers:
+            peers.append(self._peers())
+        mine = {a: peers[0][a] for a in sorted(named) if a in peers[0]} if named else {}
+        return DeviceSpec(d["name"], d["mac"], d["ip"], stack, code, mud_url=mud_url, peers=mine)
+
+    def _reapply_manufacturers(self, authorities, skip: str | None = None) -> None:
+        """Re-applies, in their postures, the approved devices whose stacks name one of these MUD
+        authorities (same-manufacturer, manufacturer): a device of it was approved, moved, changed
+        its MUD URL or went. Only the data path changes; a failure is logged, and what caused it
+        stands."""
+        authorities = {a for a in authorities if a}
+        if not authorities or self._dp is None:
+            return
+        peers: list = []
+        specs = []
+        for d in self.known.values():
+            if (d["name"] != skip and d.get("approved") and d.get("type") in self.profiles
+                    and d.get("ip") and d["name"] in self.dp.devices):
+                stack = self.stack_of(d, d["posture"])
+                if umbox.named_authorities(stack, mud_authority(self.mud_url_of(d))) & authorities:
+                    specs.append(self._spec(d, stack, POSTURE_CODES.get(d["posture"], 0), peers))
+        if not specs:
+            return
+        try:
+            with self.dp.batch():
+                for spec in specs:
+                    self.dp.apply(spec)
+        except KalkiError as e:
+            log.error("re-applying %s for a device of %s: %s", ", ".join(s.name for s in specs),
+                      ", ".join(sorted(authorities)), e)
+            return
+        log.info("re-applied %s: a device of %s came, went or moved", ", ".join(s.name for s in specs),
+                 ", ".join(sorted(authorities)))
 
     # -- telemetry (wired by appliance.run) ----------------------------------------------
     def on_telemetry(self, device: str, payload: dict) -> None:
@@ -614,10 +693,11 @@ class Supervisor:
         monotonic ns when every XDP entry was written and when all was read back."""
         checked = [(name, posture, seconds, *self._check_posture(name, posture, seconds))
                    for name, posture, seconds in changes]
+        peers: list = []
         with self.dp.batch():
             for name, posture, _, d, code in checked:
                 stack = self.stack_of(d, posture)
-                self.dp.apply(DeviceSpec(name, d["mac"], d["ip"], stack, code))
+                self.dp.apply(self._spec(d, stack, code, peers))
             xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
         for name, posture, _, _, code in checked:
             if self.dp.read_back(name) != code:
@@ -692,19 +772,23 @@ class Supervisor:
             raise ConfigError(f"device {name}: give a type to approve it (known: {', '.join(self.profiles)})")
         if not d.get("ip"):
             raise ConfigError(f"device {name}: no address known yet")
+        maker = mud_authority(self.mud_url_of(d)) if d.get("approved") else None
         self._update_device(name, type=type, approved=True)
         self.store.audit("approve", actor, {"device": name, "type": type})
         self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
+        self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
         if self.bus:
             self.bus.publish_discovery(name, type)
         return self.known[name]
 
     def remove(self, name: str, actor: str = "operator") -> None:
-        self.device(name)
+        d = self.device(name)
+        maker = mud_authority(self.mud_url_of(d)) if d.get("approved") else None
         if name in self.dp.devices:
             self.dp.remove(name)
         self.store.remove_device(name)
         del self.known[name]
+        self._reapply_manufacturers({maker})
         self.store.audit("remove", actor, {"device": name})
         self.notify({"kind": "device", "device": name, "event": "removed"})
         if self.bus:
@@ -721,14 +805,26 @@ class Supervisor:
             del identity["mud_url"]
         known = next((d for d in self.known.values() if d["mac"] == mac), None)
         if known:   # identity is the MAC: the same device, perhaps at a new address
+            mud_url = self.mud_url_of(known)
             if identity and any(known["identity"].get(k) != v for k, v in identity.items()):
                 self._update_device(known["name"], identity=identity)
                 if not known.get("approved"):
                     self._suggest(known["name"])
-            if known.get("ip") != ip:
+            elif not known.get("approved") and self._mud_missing(known):
+                self._suggest(known["name"])     # its MUD file: not fetched yet, or failed a while ago
+            moved = known.get("ip") != ip
+            if moved:
                 self._update_device(known["name"], ip=ip)
                 if known.get("approved"):
                     self.set_posture(known["name"], known["posture"], "address changed", actor="discovery")
+            d = self.known[known["name"]]
+            if known.get("approved") and (moved or self.mud_url_of(d) != mud_url):
+                if not moved and self._dp is not None and d["name"] in self._dp.devices:
+                    # its own my-controller and same-manufacturer entries follow its MUD URL
+                    self.dp.apply(self._spec(d, self.stack_of(d, d["posture"]),
+                                             POSTURE_CODES.get(d["posture"], 0), []))
+                self._reapply_manufacturers({mud_authority(mud_url), mud_authority(self.mud_url_of(d))},
+                                            d["name"])
             return
         name = device_name_for(identity.get("hostname", ""), mac, self.known)
         self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity,
@@ -743,13 +839,120 @@ class Supervisor:
         imported from the MUD file the device names (DHCP option 161) fits first."""
         d = self.known[name]
         mud_url = (d.get("identity") or {}).get("mud_url")
-        suggestion = next((t for t, p in self.profiles.items()
-                           if mud_url and getattr(p, "mud_url", None) == mud_url), None)
-        suggestion = suggestion or next((t for t, p in self.profiles.items()
-                                         if p.matches(d["mac"], d.get("identity") or {})), None)
+        by_url = next((t for t, p in self.profiles.items()
+                       if mud_url and getattr(p, "mud_url", None) == mud_url), None)
+        suggestion = by_url or next((t for t, p in self.profiles.items()
+                                     if p.matches(d["mac"], d.get("identity") or {})), None)
+        if mud_url and by_url is None and self.cfg.mud.fetch:
+            # the device's own MUD file, fetched and checked, once it is there
+            suggestion = self._offer(name, mud_url) or suggestion
         if suggestion:
             self.suggestions[name] = suggestion
         return suggestion
+
+    # -- MUD files fetched from the URL a device sends (appliance.policy.mudfetch) ---------------
+    @property
+    def mud_cache(self) -> Path:
+        return self.store.directory / "mud-cache"
+
+    def _mud_missing(self, d: dict) -> bool:
+        """Whether a device's MUD file is still to be fetched: fetching is on, it names a MUD URL
+        no profile has, and nothing is offered or on its way for it."""
+        url = (d.get("identity") or {}).get("mud_url")
+        offer = d.get("mud_offer") or {}
+        # "fetching" from before a restart is not on its way any more
+        pending = offer.get("url") == url and (offer.get("state") == "offered" or url in self._mud_fetching)
+        return bool(self.cfg.mud.fetch and url and not pending)
+
+    def _offer(self, name: str, url: str) -> str | None:
+        """The type offered from the MUD file at `url` once it was fetched and checked (kept on
+        the device as mud_offer, the file in the cache); until then None, and a fetch behind the
+        loop, one per URL. A failed fetch is tried again after MUD_RETRY_SECONDS."""
+        offer = self.known[name].get("mud_offer") or {}
+        if offer.get("url") == url and offer.get("state") == "offered" and offer.get("type"):
+            return offer["type"]
+        if url in self._mud_fetching:
+            if offer.get("url") != url or offer.get("state") != "fetching":
+                self._record_offer(name, {"url": url, "state": "fetching", "at": iso(self.now())})
+            return None
+        failed = self._mud_failed.get(url)
+        if failed and time.monotonic() - failed[0] < MUD_RETRY_SECONDS:
+            if offer.get("url") != url or offer.get("error") != failed[1]:
+                self._record_offer(name, {"url": url, "state": "failed", "error": failed[1],
+                                          "at": iso(self.now())})
+            return None
+        loop = self.loop
+        if loop is None or not loop.is_running():
+            return None      # no loop to fetch behind (a test without one)
+        self._mud_fetching.add(url)
+        self._record_offer(name, {"url": url, "state": "fetching", "at": iso(self.now())})
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        task: asyncio.Future
+        if on_loop:
+            task = loop.create_task(self._fetch_mud(url))
+        else:
+            task = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._fetch_mud(url), loop),
+                                       loop=loop)
+        self._mud_tasks.add(task)
+        task.add_done_callback(self._mud_tasks.discard)
+        return None
+
+    async def _fetch_mud(self, url: str) -> None:
+        """Fetches and checks the MUD file in a thread (the loop never waits on the network or
+        on openssl), then records the offer, or the error, on every new device that names it.
+        Never raises: a MUD file is a suggestion, and nothing else depends on it."""
+        m = self.cfg.mud
+        record: dict[str, str]
+        if self._mud_executor is None:     # not the default executor: slow servers must not hold
+            self._mud_executor = concurrent.futures.ThreadPoolExecutor(   # up the others' work
+                MUD_FETCHES, thread_name_prefix="kalki-mud")
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(
+                self._mud_executor, functools.partial(mudfetch.fetch_cached, url, self.mud_cache, m.ca_file,
+                                        m.timeout_seconds))
+        except Exception as e:     # noqa: BLE001
+            if isinstance(e, KalkiError):
+                error = str(e)
+                log.warning("MUD file: %s", e)
+            else:
+                error = f"{url}: {type(e).__name__}: {e}"
+                log.exception("MUD file %s", url)
+            self._mud_failed[url] = (time.monotonic(), error[:2000])
+            record = {"url": url, "state": "failed", "error": error[:2000], "at": iso(self.now())}
+        else:
+            self._mud_failed.pop(url, None)
+            record = {"url": url, "state": "offered", "type": self._offer_type(got.type_name),
+                      "signature": got.signature, "fetched": got.fetched, "at": iso(self.now())}
+        finally:
+            self._mud_fetching.discard(url)
+        try:
+            self.store.audit("mud-fetch", "supervisor", {k: v for k, v in record.items() if k != "at"})
+            for name, d in list(self.known.items()):
+                if not d.get("approved") and (d.get("identity") or {}).get("mud_url") == url:
+                    self._record_offer(name, record)
+                    if record.get("type"):
+                        self.suggestions[name] = record["type"]
+        except Exception:     # noqa: BLE001
+            log.exception("MUD file %s: recording what was fetched", url)
+
+    def _offer_type(self, base: str) -> str:
+        """The type name for an offered MUD file: the importer's, unless a profile has it."""
+        for suffix in ("", "-mud", *(f"-mud{i}" for i in range(2, 100))):
+            name = base[:40 - len(suffix)] + suffix
+            if name not in self.profiles:
+                return name
+        return base
+
+    def _record_offer(self, name: str, record: dict) -> None:
+        try:
+            self._update_device(name, mud_offer=record)
+        except KalkiError as e:
+            log.error("device %s: the MUD file's offer not recorded: %s", name, e)
+            return
+        self.notify({"kind": "device", "device": name, "event": "mud-offer"})
 
     # -- listeners (the web page's live view, the LEDs) -----------------------------------
     def subscribe(self) -> asyncio.Queue:

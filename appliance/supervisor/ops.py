@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import json
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -19,17 +21,19 @@ from appliance.config import parse_toml
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError, KalkiError, StoreError, UnknownDeviceError
 from appliance.policy import mud as mudfiles
-from appliance.policy import profiles
+from appliance.policy import mudfetch, profiles
 from appliance.supervisor import accounts, flows
+from appliance.supervisor import backup as backups
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
-from appliance.vocab import LEARNING_SECONDS, SETTABLE_POSTURES, check_posture, iso
+from appliance.vocab import ALERT_SOURCES, LEARNING_SECONDS, SETTABLE_POSTURES, check_posture, iso
 
 # The control socket's requests, each an Ops method of the same name.
 CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
            "posture_set", "posture_reset", "alerts", "decisions", "maintenance", "memory",
            "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel",
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
-           "device_learn", "device_allow", "device_disallow", "profile_from_device")
+           "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
+           "backup", "restore")
 
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
@@ -226,9 +230,25 @@ class Ops:
         sup = self._sup
         d = sup.device(name)
         type = type or d.get("type")
+        self._install_offer(d, type, actor)
         if not isinstance(type, str) or type not in sup.profiles:
             raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
         return sup.approve(name, type, actor=actor)
+
+    def _install_offer(self, d: dict, type, actor: str) -> None:
+        """When `type` is the one offered from the device's MUD file (mud.fetch) and not installed
+        yet: installs it from the cached file, as it was checked (appliance.policy.mudfetch)."""
+        offer = d.get("mud_offer") or {}
+        if (not isinstance(type, str) or type in self._sup.profiles or offer.get("state") != "offered"
+                or offer.get("type") != type):
+            return
+        url = offer["url"]
+        got = mudfetch.cached(self._sup.mud_cache, url)
+        if got is None:
+            raise ConfigError(f"device {d['name']}: the MUD file offered from {url} is no longer in "
+                              f"{self._sup.mud_cache}: it is fetched again when the device renews "
+                              "its lease; or import it (kalki profile import)")
+        self._profile_import(got.text, url, type=type, actor=actor, signature=got.signature)
 
     def device_remove(self, name, actor: str = "operator") -> dict:
         self._sup.remove(name, actor=actor)
@@ -249,6 +269,7 @@ class Ops:
         seconds = _duration(for_) or LEARNING_SECONDS
         if not d.get("approved"):
             type = type or d.get("type") or "generic"
+            self._install_offer(d, type, actor)
             if type not in sup.profiles:
                 raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
             sup.approve(name, type, actor=actor)
@@ -371,6 +392,33 @@ class Ops:
         sup.raise_alert(device, reason, by, {"source": ip, "seconds": seconds}, time.monotonic_ns())
         return {"blocked": ip, "seconds": seconds}
 
+    def raise_alert(self, kind, source=None, target=None, by="operator", details=None) -> dict:
+        """An alert reported from outside the supervisor, e.g. the gate's api-denied: `kind`
+        lower-case words joined by -, `source` and `target` (the device's address) IPv4,
+        `details` a table (or its JSON) of at most 2 KB. Rules see it as any other alert."""
+        if not isinstance(kind, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,39}", kind):
+            raise ConfigError(f"raise_alert: kind {kind!r}: lower-case letters, digits and -")
+        if by not in ALERT_SOURCES:
+            raise ConfigError(f"raise_alert: by {by!r} (known: {', '.join(ALERT_SOURCES)})")
+        for what, ip in (("source", source), ("target", target)):
+            if ip not in (None, ""):
+                try:
+                    ipaddress.IPv4Address(ip)
+                except ValueError:
+                    raise ConfigError(f"raise_alert: {what} {ip!r} is not an IPv4 address") from None
+        if isinstance(details, str):
+            try:
+                details = json.loads(details) if details else {}
+            except ValueError as e:
+                raise ConfigError(f"raise_alert: details: {e}") from None
+        details = details or {}
+        if not isinstance(details, dict) or len(json.dumps(details)) > 2048:
+            raise ConfigError("raise_alert: details must be a table of at most 2 KB")
+        sup = self._sup
+        device = sup.dp.device_by_ip(target) if target else None
+        return sup.raise_alert(device, kind, by, {**details, **({"source": source} if source else {})},
+                               time.monotonic_ns())
+
     def unblock_source(self, ip, by="operator") -> dict:
         sup = self._sup
         removed = sup.dp.unblock_source(ip)
@@ -449,6 +497,11 @@ class Ops:
         """Installs a profile from a TOML profile or an RFC 8520 MUD file (JSON), told apart by
         their content. Everything is checked before anything is written; the file is written
         atomically and the type is usable at once. Returns the type and notes for the operator."""
+        return self._profile_import(text, filename, type, device_ip, actor)
+
+    def _profile_import(self, text, filename, type=None, device_ip=None, actor: str = "operator",
+                        signature: str | None = None) -> dict:
+        """profile_import; `signature` is what was checked of a MUD file fetched from its URL."""
         sup = self._sup
         if not isinstance(filename, str) or not filename:
             raise ConfigError("profile import: filename must be the file's name")
@@ -462,7 +515,7 @@ class Ops:
             raise ConfigError(f"device_ip: expected an IPv4 address, got {device_ip!r}")
         notes: list[str] = []
         if text.lstrip("\ufeff \t\r\n").startswith("{"):       # JSON: a MUD file
-            mud = mudfiles.parse_mud(text, filename)
+            mud = mudfiles.parse_mud(text, filename, signature)
             type_name = type or mudfiles.default_type_name(mud)
             data, notes = mudfiles.to_profile(mud, type_name, device_ip)
             header = [f"Device type {type_name}, made by `kalki profile import` from the MUD file "
@@ -703,6 +756,31 @@ class Ops:
                 store.set_setting(k, v)
             store.audit("settings", actor, {"changed": sorted(changes)})
         return self._sup.settings()
+
+    # -- backup and restore (appliance.supervisor.backup) -------------------------------
+    def backup(self, with_secrets=False, actor: str = "operator") -> dict:
+        """The settings, the installed profiles, the site rules and the device list as one
+        JSON file: {filename, text, secrets, devices, profiles, rules}. The admin password's
+        hash and the API tokens are in it only with with_secrets."""
+        if not isinstance(with_secrets, bool):
+            raise ConfigError(f"with_secrets: expected true or false, got {with_secrets!r}")
+        sup = self._sup
+        doc = backups.make(sup, with_secrets)
+        content = doc["content"]
+        sup.store.audit("backup", actor, {"secrets": with_secrets, "devices": len(content["devices"])})
+        stamp = doc["created"][:16].replace(":", "")
+        return {"filename": f"kalki-backup-{stamp}.json", "text": backups.dumps(doc),
+                "secrets": with_secrets, "devices": len(content["devices"]),
+                "profiles": len(content["profiles"]), "rules": len(content["rules"])}
+
+    def restore(self, text, dry_run=False, actor: str = "operator") -> dict:
+        """Puts a backup in force: everything checked first (an error names the culprit and
+        changes nothing), then profiles, rules and devices written, the devices' postures
+        enforced; a posture stricter here than in the backup is kept. dry_run: only checked;
+        the answer says what would be done."""
+        if not isinstance(dry_run, bool):
+            raise ConfigError(f"dry_run: expected true or false, got {dry_run!r}")
+        return backups.restore(self._sup, text, self._installed_dir, dry_run, actor)
 
     # -- accounts -----------------------------------------------------------------------
     def admin_user(self) -> str | None:

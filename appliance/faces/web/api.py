@@ -12,7 +12,7 @@ from microdot import Response
 from appliance.errors import ConfigError, KalkiError
 from appliance.faces.web.http import json_response, mime, route, upload_name
 from appliance.faces.web.http import state as web_state
-from appliance.faces.web.views import allow_as, profile_words
+from appliance.faces.web.views import allow_as, download, profile_words
 from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
 from appliance.vocab import DAYS
 
@@ -301,6 +301,28 @@ async def settings_put(request):
 
 
 @endpoint
+async def backup(request):
+    """The backup file itself (as the settings page's download)."""
+    r = ops_of(request).backup(with_secrets=request.args.get("secrets") == "1", actor=actor(request))
+    return download(r["text"], r["filename"])
+
+
+@endpoint
+async def restore(request):
+    data = await body(request)
+    known_keys(data, ("text", "backup", "dry_run"), "restore")
+    text = data.get("text")
+    if "backup" in data:       # the file's JSON as it is, instead of its text
+        if text is not None:
+            raise ConfigError("restore: send 'text' or 'backup', not both")
+        text = json.dumps(data["backup"])
+    if not isinstance(text, str):
+        raise ConfigError("restore: 'text' must be the backup file's text (or 'backup' its JSON)")
+    dry_run = data.get("dry_run", False)
+    return ok(ops_of(request).restore(text, dry_run=dry_run, actor=actor(request)))
+
+
+@endpoint
 async def tokens(request):
     return ok(ops_of(request).tokens())
 
@@ -384,6 +406,8 @@ def add_routes(app) -> None:
     route(app, "DELETE", "/api/rules/<name>", rule_delete)
     route(app, "GET", "/api/settings", settings)
     route(app, "PUT", "/api/settings", settings_put)
+    route(app, "GET", "/api/backup", backup)
+    route(app, "POST", "/api/restore", restore)
     route(app, "GET", "/api/tokens", tokens)
     route(app, "POST", "/api/tokens", token_post)
     route(app, "DELETE", "/api/tokens/<id>", token_delete)
@@ -548,6 +572,19 @@ OPENAPI = {
                                            "type": "string", "enum": list(DAYS)}},
                                            "start": {"type": "string", "example": "08:00"},
                                            "end": {"type": "string", "example": "18:00"}}}}}))},
+        "/api/backup": {"get": _op(
+            "a backup: settings, installed profiles, site rules and the device list as one JSON "
+            "file (format kalki-backup, with a sha256 of its content); the admin password hash and "
+            "the API tokens only with secrets=1", params=[
+                {"name": "secrets", "in": "query", "schema": {"type": "string", "enum": ["1"]}}])},
+        "/api/restore": {"post": _op(
+            "restore a backup: all of it is checked first and an error, naming the culprit, "
+            "changes nothing; a device held in a stricter posture than the backup's keeps it; "
+            "dry_run only checks. Answers what was (or would be) done",
+            body=_json_body({"type": "object", "properties": {
+                "text": {"type": "string", "description": "the backup file's text"},
+                "backup": {"type": "object", "description": "or the file's JSON as it is"},
+                "dry_run": {"type": "boolean"}}}))},
         "/api/tokens": {
             "get": _op("API tokens (names and ids; the tokens are stored hashed)"),
             "post": _op("create a token; the answer shows it once",

@@ -244,9 +244,21 @@ def summary_html(ops) -> str:
 
 
 def type_select(ops, selected=None, name="type") -> str:
+    types = ops.profile_types()
     opts = "".join(f'<option value="{e(t)}"{" selected" if t == selected else ""}>{e(t)}</option>'
-                   for t in ops.profile_types())
+                   for t in types)
+    if selected and selected not in types:   # offered from the device's MUD file; installed at approval
+        opts += f'<option value="{e(selected)}" selected>{e(selected)} (from its MUD file)</option>'
     return f'<select name="{e(name)}" aria-label="type">{opts}</select>'
+
+
+def mud_offer_text(offer: dict) -> str:
+    """What became of the MUD file the device names (mud.fetch), in words."""
+    if offer.get("state") == "offered":
+        return f"offered as type {offer.get('type')}: {offer.get('signature')} ({offer.get('url')})"
+    if offer.get("state") == "fetching":
+        return f"being fetched from {offer.get('url')}"
+    return f"not offered: {offer.get('error')}"
 
 
 async def overview(request, error=None, status=200):
@@ -311,6 +323,8 @@ async def device_page(request, error=None, status=200):
              ("MQTT", d.get("availability") or "—"), ("First seen", d.get("first_seen")),
              ("Last seen", d.get("last_seen"))]
     ident += [(k, v) for k, v in (d.get("identity") or {}).items() if v]
+    if d.get("mud_offer"):
+        ident.append(("MUD file", mud_offer_text(d["mud_offer"])))
     ident_html = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in ident) + "</dl>"
     p = f'<p class="big" data-device="{e(name)}">{badge(d)} <span class="muted">since {e(d.get("posture_since", "")[:19])}'
     if d.get("posture_expires"):
@@ -406,7 +420,8 @@ def _destination_parts(entry) -> dict:
     """A profile destination, as the data path reads it (appliance.dataplane.umbox
     .parse_destination, which the profile passed on load): {kind, target, proto, port}."""
     if isinstance(entry, dict):
-        kind = next((k for k in ("address", "name", "lan", "controller") if k in entry), "address")
+        kind = next((k for k in ("address", "name", "lan", "controller", "same_manufacturer",
+                                 "manufacturer", "my_controller") if k in entry), "address")
         return {"kind": kind, "target": entry.get(kind), "proto": entry.get("proto") or "any",
                 "port": entry.get("port") or 0}
     text, proto = str(entry), "any"
@@ -416,8 +431,8 @@ def _destination_parts(entry) -> dict:
     if ":" in text:
         text, _, port_text = text.partition(":")
         port = int(port_text) if port_text.isdigit() else port_text
-    if text == "lan":
-        return {"kind": "lan", "target": True, "proto": proto, "port": port}
+    if text in ("lan", "same-manufacturer", "my-controller"):
+        return {"kind": text.replace("-", "_"), "target": True, "proto": proto, "port": port}
     if text.startswith("@"):
         return {"kind": "controller", "target": text[1:], "proto": proto, "port": port}
     kind = "address" if re.fullmatch(r"[0-9.]+(/.*)?", text) else "name"
@@ -434,6 +449,12 @@ def destination_words(entry) -> str:
         what = "the LAN"
     elif kind == "controller":
         what = f"the site's controller {target}"
+    elif kind == "same_manufacturer":
+        what = "the devices of the same manufacturer (MUD URL host)"
+    elif kind == "manufacturer":
+        what = f"the devices of manufacturer {target} (MUD URL host)"
+    elif kind == "my_controller":
+        what = "the site's controllers for the device's MUD URL"
     elif kind == "name" and str(target).startswith("*."):
         what = f"any name under {str(target)[2:]}"
     elif kind == "address" and "/" in str(target) and not str(target).endswith("/32"):
@@ -532,6 +553,14 @@ def umbox_words(name: str, params: dict) -> str:
     if name == "auth_gate":
         return (f"authentication gate: its web port {params.get('port')} is reached only with the "
                 "appliance's credentials")
+    if name == "api_filter":
+        allow = ", ".join(str(r) for r in params.get("allow") or []) or "nothing"
+        return (f"API filter: on its web port {params.get('port') or 80} only {allow} pass; the "
+                "rest is refused (403) and reported")
+    if name == "token_guard":
+        return (f"token-guessing detector: more than {params.get('max_failures')} "
+                f"{'/'.join(str(s) for s in params.get('statuses') or [])} answers of its web API to "
+                f"one source within {_window(params.get('window_ms'))}; {_blocked(params)}")
     return f"{name}: {json.dumps(params, sort_keys=True, default=str)}"
 
 
@@ -908,8 +937,64 @@ async def settings_page(request, error=None, status=200, new_token=None):
 {form(request, "/settings/tokens", '<label>Name <input name="name" placeholder="home-assistant"></label>', "Create token", "inline")}
 <p class="muted">The API is described at <a href="/api/openapi.json">/api/openapi.json</a>.</p>
 </section><section><h2>MQTT: devices with a broker user</h2>
-{table(("device", "broker user", "availability"), mqtt_rows)}</section>"""
+{table(("device", "broker user", "availability"), mqtt_rows)}</section>
+{backup_html(request)}"""
     return page(request, "Settings", body, error=error, status=status)
+
+
+def backup_html(request) -> str:
+    return f"""<section id="backup"><h2>Backup and restore</h2>
+<p class="muted">One JSON file with the settings, the installed profiles, the site rules and the device list (types, names, groups, own destinations, postures). The admin password and the API tokens are left out unless you ask for them.</p>
+<p><a href="/settings/backup" download id="backup-download">Download a backup</a> · <a href="/settings/backup?secrets=1" download id="backup-download-secrets">with the admin password hash and API tokens</a></p>
+<form method="post" action="/settings/restore" enctype="multipart/form-data" class="card">{csrf_field(request)}
+<label>Backup file (at most {MAX_BODY // 1024} KiB here; larger: <code>kalki restore FILE</code>) <input type="file" name="file" accept=".json,application/json"></label>
+<label><input type="checkbox" name="dry_run" value="1"> only check it, and say what would change</label>
+<button type="submit" id="restore">Check and restore</button></form>
+<p class="muted">All of it is checked before anything changes. A restore adds and replaces, and removes nothing; a device held in a stricter posture here than in the backup keeps it.</p></section>"""
+
+
+async def backup_download(request):
+    ops = web_state(request).ops
+    try:
+        r = ops.backup(with_secrets=request.args.get("secrets") == "1", actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, str(err), error_status(err))
+    return download(r["text"], r["filename"])
+
+
+def restore_words(r: dict) -> list[str]:
+    """What a restore did (or would do), for the flash."""
+    p, rules, d = r["profiles"], r["rules"], r["devices"]
+    verb = "Would restore" if r["dry_run"] else "Restored"
+    lines = [f"{verb} {len(r['settings'])} setting(s), {len(p['installed']) + len(p['replaced'])} "
+             f"profile(s), {len(rules['added']) + len(rules['replaced'])} rule(s) and "
+             f"{len(d['added']) + len(d['updated'])} device(s)"
+             + (f"; {'would enforce' if r['dry_run'] else 'enforced'}: {', '.join(r['enforced'])}"
+                if r["enforced"] else "") + "."]
+    lines += [f"{n[0].upper()}{n[1:]}." for n in r["notes"]]
+    if r["dry_run"]:
+        lines.append("Dry run: nothing was changed.")
+    return lines
+
+
+async def restore_post(request):
+    ops = web_state(request).ops
+    data = form_data(request)
+    upload = form_files(request).get("file")
+    try:
+        if upload is None:
+            raise ConfigError("choose a backup file")
+        filename, raw = upload
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{filename}: not UTF-8 text") from None
+        r = ops.restore(text, dry_run=data.get("dry_run") in ("1", "on", "true"), actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, f"{err}; nothing was changed", error_status(err))
+    words = restore_words(r)
+    request.g.session.flash.extend(words[:-1])
+    return done(request, words[-1], "/settings")
 
 
 async def business_hours_post(request):
@@ -1014,6 +1099,8 @@ def add_routes(app) -> None:
     route(app, "POST", "/settings/password", password_post)
     route(app, "POST", "/settings/tokens", token_post)
     route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)
+    route(app, "GET", "/settings/backup", backup_download)
+    route(app, "POST", "/settings/restore", restore_post)
     route(app, "GET", "/leds", leds_page)
 
 
