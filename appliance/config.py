@@ -54,6 +54,9 @@ class GatewaySection:
                                 "device (auth_gate, api_filter, token_guard), one file per device "
                                 "address, for the gate's --policy-dir; empty: none",
                                 "/run/kalki/gate")
+    gate_credentials: str = _doc("where the supervisor writes the admin account (user, scrypt hash) "
+                                 "for the gate's auth_gate (its --credentials-file), whenever it "
+                                 "changes; empty: not written", "/run/kalki/gate-credentials.json")
     dhcp_leases: str = _doc("the DHCP server's lease file (dnsmasq): a device's first packets "
                             "from a new address are not taken for spoofing", "/var/lib/kalki/dnsmasq/leases")
 

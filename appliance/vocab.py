@@ -8,10 +8,14 @@ everywhere while each layer keeps its own exception.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import functools
+import hashlib
+import hmac
 import ipaddress
 import re
+import secrets
 import urllib.parse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -248,3 +252,34 @@ def check_my_controllers(my_controllers, where: str,
         check_mud_url(url, f"{where}: key {url!r}", error)
         _check_hosts(hosts, f'{where}."{url}"', error)
     return my_controllers
+
+
+# -- passwords ----------------------------------------------------------------------------------
+# The admin's password is kept as scrypt, with its parameters beside the hash (so they can be
+# raised later); the supervisor sets it, the web page and the gate (auth_gate) check it.
+SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def hash_password(password: str, **params) -> dict:
+    """{"salt", "hash", "n", "r", "p", "dklen"}: scrypt with a fresh salt, parameters kept
+    with the hash so they can be raised later without breaking old hashes."""
+    p = {**SCRYPT, **params}
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=p["n"], r=p["r"], p=p["p"],
+                            dklen=p["dklen"], maxmem=128 * 1024 * 1024)
+    return {"salt": _b64(salt), "hash": _b64(digest), **p}
+
+
+def verify_password(password: str, stored: dict) -> bool:
+    try:
+        salt, expected = base64.b64decode(stored["salt"]), base64.b64decode(stored["hash"])
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=int(stored["n"]),
+                                r=int(stored["r"]), p=int(stored["p"]), dklen=len(expected),
+                                maxmem=128 * 1024 * 1024)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return hmac.compare_digest(digest, expected)

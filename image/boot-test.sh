@@ -105,6 +105,7 @@ milestones=("Run /init as init process|initramfs started"
             "kalki-site: |site settings read"
             "kalki-firstboot: partition|data partition grown"
             "Started kalki.service|supervisor started"
+            "Started kalki-gate.service|gate started"
             "login: |login prompt"
             "kalki: protection enforced for|protection enforced"
             "kalki: boot firewall removed|boot firewall removed")

@@ -194,14 +194,14 @@ class HttpApi:
 
     def hue(self, method: str, path: str, body: bytes) -> bytes:
         """A Hue-bridge-style API, the way such lights are polled: /api/<username>/lights.
-        A wrong username (the API's token) is answered with Hue's error object, with status
-        401 (a real bridge says 200) so that token guessing shows in the status line, where
-        the gate's token_guard counts it."""
+        A wrong username (the API's token) is answered as a real bridge answers it: status 200
+        and Hue's error object "unauthorized user" (the gate's token_guard finds it by its
+        failure_text, not by a status)."""
         device = self.device
         parts = path.strip("/").split("/")
         if len(parts) < 2 or not hmac.compare_digest(parts[1].encode(), (device.hue_user or "").encode()):
             device.stats["logins_failed"] += 1      # a wrong token is a failed login
-            return http_response(401, [{"error": {"type": 1, "address": path,
+            return http_response(200, [{"error": {"type": 1, "address": path,
                                                   "description": "unauthorized user"}}])
         if len(parts) < 3 or parts[2] != "lights":
             return http_response(200, [{"error": {"type": 3, "address": path,

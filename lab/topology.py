@@ -384,6 +384,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
     cfg.mqtt.password_file = str(pw_file)
     cfg.control.socket = s.gateway["socket"]
+    cfg.gateway.gate_credentials = ""     # the lab's gate has the lab's own (gate.json)
     cfg.adapters.credentials_file = str(lab_dir / "adapter-credentials.json")
     (lab_dir / "adapter-credentials.json").write_text(json.dumps(
         {d.name: {"user": f"hue-{passwords[d.name][:12]}"} for d in s.devices if d.type == "light"}))

@@ -126,6 +126,7 @@ def supervisor(tmp_path, **devices):
     cfg = config.Config()
     cfg.state.directory = str(tmp_path / "state")
     cfg.mqtt.password_file = str(tmp_path / "mqtt-supervisor")
+    cfg.gateway.gate_credentials = str(tmp_path / "gate-credentials.json")
     sup = Supervisor(cfg)
     sup.attach(FakeDataplane(), loop=None)
     for name, (mac, ip, type_) in devices.items():

@@ -537,10 +537,13 @@ def test_token_guessing_on_one_kept_open_connection_is_blocked(tmp_path):
         for i in range(3):
             writer.write(http_request("GET", f"/api/guess{i}/lights"))
             status, _, body = await read_response(reader)
-            assert status == 401 and json.loads(body)[0]["error"]["description"] == "unauthorized user"
+            # as a real Hue bridge answers a wrong token: 200 and an error in the body
+            assert status == 200 and json.loads(body)[0]["error"]["description"] == "unauthorized user"
             assert seen["token_blocks"] == []
+        writer.write(http_request("GET", "/api/hue-right/lights"))  # a right one is no failure
+        assert (await read_response(reader))[0] == 200 and seen["token_blocks"] == []
         writer.write(http_request("GET", "/api/guess3/lights"))     # past the threshold
-        assert (await read_response(reader))[0] == 401
+        assert (await read_response(reader))[0] == 200
         assert seen["token_blocks"] == [("127.0.0.1", 300, f"127.0.0.1:{target[1]}")]
         writer.write(http_request("GET", "/api/hue-right/lights"))  # even the right token, now
         assert (await read_response(reader))[0] == 403
@@ -548,9 +551,30 @@ def test_token_guessing_on_one_kept_open_connection_is_blocked(tmp_path):
         assert device.stats["logins_failed"] == 4 and gate.stats["token-failures"] == 4
         # another connection: still refused, without asking the device
         status, _, _ = await request(port, http_request("GET", "/api/hue-right/lights", keep_alive=False))
-        assert status == 403 and device.stats["http_requests"] == 4
+        assert status == 403 and device.stats["http_requests"] == 5
+    run_policy_gate(tmp_path, scenario, {"token_guard": {
+        "max_failures": 3, "window_ms": 60000, "block_seconds": 300, "statuses": [401, 403],
+        "failure_text": "unauthorized user"}})
+
+
+def test_token_guard_counts_failed_statuses_and_only_them(tmp_path):
+    """An API that says no with its status (401/403): counted by the status line; a 200
+    without the failure text is not a failure."""
+    async def scenario(port, device, gate, seen, files, target):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(5):
+            writer.write(http_request("GET", "/ok"))
+            assert (await read_response(reader))[0] == 200
+        for i in range(4):
+            writer.write(http_request("GET", f"/token{i}?status=401"))
+            assert (await read_response(reader))[0] == 401
+        writer.close()
+        assert gate.stats["token-failures"] == 4
+        assert seen["token_blocks"] == [("127.0.0.1", 60, f"127.0.0.1:{target[1]}")]
     run_policy_gate(tmp_path, scenario, {"token_guard": {"max_failures": 3, "window_ms": 60000,
-                                                         "block_seconds": 300, "statuses": [401, 403]}})
+                                                         "block_seconds": 60, "statuses": [401],
+                                                         "failure_text": "unauthorized user"}},
+                    device=EchoDevice())
 
 
 def test_auth_gate_and_api_filter_combined(tmp_path):
@@ -667,3 +691,43 @@ def test_the_data_path_writes_one_policy_file_per_gated_device(tmp_path):
     assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == ["198.18.0.32.json"]
     dp._write_gate_policy(moved, umbox.compile_stack({"anti_spoof": {}}))   # no gate umbox any more
     assert list((tmp_path / "gate").iterdir()) == []
+
+
+# ---------------------------------------------------------------- the admin account for auth_gate
+
+def test_the_gate_checks_the_admin_account_the_supervisor_writes(tmp_path):
+    """On the appliance the gate's credentials are the admin account (scrypt), written by the
+    supervisor whenever it changes; before the box is claimed there are none."""
+    from fakes import supervisor
+
+    from appliance.vocab import hash_password as scrypt_hash
+    sup = supervisor(tmp_path)
+    path = tmp_path / "gate-credentials.json"
+    creds = gate_mod.CredentialsFile(str(path))
+    try:
+        sup.sync_gate_credentials()
+        assert not path.exists() and not creds.check("admin", "correct horse 1")   # not claimed
+        sup.store.set_setting("admin", {"user": "admin", "scrypt": scrypt_hash("correct horse 1")})
+        sup.sync_gate_credentials()
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert creds.check("admin", "correct horse 1")
+        assert creds.check("admin", "correct horse 1")          # remembered: no second scrypt
+        assert not creds.check("admin", "wrong horse 1") and not creds.check("root", "correct horse 1")
+        sup.store.set_setting("admin", {"user": "admin", "scrypt": scrypt_hash("another pass 2")})
+        sup.sync_gate_credentials()
+        assert not creds.check("admin", "correct horse 1")      # the file changed: forgotten
+        assert creds.check("admin", "another pass 2")
+        sup.store.set_setting("admin", None)                      # a reset: no admin, no entry
+        sup.sync_gate_credentials()
+        assert not path.exists() and not creds.check("admin", "another pass 2")
+    finally:
+        sup.store.close()
+
+
+def test_the_lab_s_sha256_credentials_still_load_and_garbage_refuses(tmp_path):
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps({"user": GATE_USER, "password_sha256": hash_password(GATE_PASSWORD)}))
+    creds = gate_mod.CredentialsFile(str(path))
+    assert creds.check(GATE_USER, GATE_PASSWORD) and not creds.check(GATE_USER, "nope")
+    path.write_text("{not json")
+    assert not creds.check(GATE_USER, GATE_PASSWORD)

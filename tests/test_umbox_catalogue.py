@@ -110,7 +110,7 @@ def test_gate_umboxes_compile_to_one_port_and_one_policy():
     assert c.gate_port == 80
     assert c.gate_policy == {"port": 80, "auth": False, "allow": ["GET *", "PUT /api/*/lights/*/state"],
                              "token_guard": {"max_failures": 3, "window_ms": 60000, "block_seconds": 300,
-                                             "statuses": [401, 403]}}
+                                             "statuses": [401, 403], "failure_text": ""}}
     c = umbox.compile_stack({"auth_gate": {"port": 8080}, "api_filter": {"allow": []}, "token_guard": {}})
     assert c.gate_port == 8080 and c.gate_policy["auth"] and c.gate_policy["allow"] == []
     assert c.gate_policy["port"] == 8080
@@ -147,6 +147,9 @@ def test_gate_umboxes_compile_to_one_port_and_one_policy():
     ({"token_guard": {"statuses": [200]}}, "token_guard, parameter statuses: expected a list of HTTP error"),
     ({"token_guard": {"statuses": []}}, "umbox token_guard, parameter statuses"),
     ({"token_guard": {"statuses": "401"}}, "umbox token_guard, parameter statuses: expected a list"),
+    ({"token_guard": {"failure_text": 1}}, "umbox token_guard, parameter failure_text: expected text"),
+    ({"token_guard": {"failure_text": "x" * 201}}, "token_guard, parameter failure_text: expected printable"),
+    ({"token_guard": {"failure_text": "a\nb"}}, "token_guard, parameter failure_text: expected printable"),
 ])
 def test_bad_gate_parameters_name_the_umbox_and_the_key(stack, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):

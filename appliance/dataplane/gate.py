@@ -61,6 +61,7 @@ import h11
 
 from appliance.dataplane import gatepolicy
 from appliance.dataplane.gatepolicy import Policy, PolicyFiles, TokenGuard
+from appliance.vocab import verify_password
 
 log = logging.getLogger("kalki.gate")
 
@@ -105,6 +106,63 @@ class Credentials:
         # Both comparisons always run so timing does not reveal which part was wrong.
         user_ok = hmac.compare_digest(user.encode(), self.user.encode())
         pw_ok = hmac.compare_digest(hash_password(password), self.password_sha256)
+        return user_ok and pw_ok
+
+
+VERIFIED_SECONDS = 300
+
+
+class CredentialsFile:
+    """The appliance's own credentials for auth_gate, read again whenever the file changes:
+    the lab's {"user", "password_sha256"}, or the admin account the supervisor writes,
+    {"user", "scrypt": {...}} (appliance.vocab.verify_password). A missing or unreadable file
+    is no credentials, and every request is refused (a box not claimed yet has no admin).
+    scrypt costs tens of milliseconds, so a pair that passed is remembered (its SHA-256, with
+    the file's version) for VERIFIED_SECONDS; a wrong one is not, and the FailureTracker
+    blocks a source after a few."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._data: dict | None = None
+        self._verified: dict[bytes, float] = {}
+
+    def _load(self) -> dict | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._stamp, self._data = None, None
+            return None
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp:
+            self._stamp, self._verified = stamp, {}
+            try:
+                with open(self.path) as f:
+                    data = json.load(f)
+                self._data = data if isinstance(data, dict) and isinstance(data.get("user"), str) else None
+            except (OSError, ValueError):
+                self._data = None
+            if self._data is None:
+                log.error("credentials %s: not {user, password_sha256 | scrypt}", self.path)
+        return self._data
+
+    def check(self, user: str, password: str) -> bool:
+        data = self._load()
+        if data is None:
+            return False
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        now = time.monotonic()
+        if self._verified.get(key, 0) > now:
+            return True
+        user_ok = hmac.compare_digest(user.encode(), data["user"].encode())
+        if isinstance(data.get("scrypt"), dict):
+            pw_ok = verify_password(password, data["scrypt"])
+        else:
+            pw_ok = hmac.compare_digest(hash_password(password), str(data.get("password_sha256", "")).lower())
+        if user_ok and pw_ok:
+            if len(self._verified) > 64:
+                self._verified = {k: t for k, t in self._verified.items() if t > now}
+            self._verified[key] = now + VERIFIED_SECONDS
         return user_ok and pw_ok
 
 
@@ -351,7 +409,7 @@ class Gate:
     target, details)` reports api-denied (and a report-only token_guard's token-brute-force);
     `on_token_block(source, seconds, target)` puts a token guesser in the drop set."""
 
-    def __init__(self, credentials: Credentials | None, tracker: FailureTracker,
+    def __init__(self, credentials: Credentials | CredentialsFile | None, tracker: FailureTracker,
                  target_override: tuple[str, int] | None = None,
                  head_timeout: float = HEAD_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
                  *, policies: PolicyFiles | None = None, on_alert: AlertCallback | None = None,
@@ -574,6 +632,8 @@ class Gate:
                            client: _Side, device: _Side) -> bool:
         t = self.idle_timeout
         started = False
+        guard = policy.token_guard
+        scan = bytearray() if guard is not None and guard.failure_text else None
         while True:
             try:
                 event = await device.next_event(t)
@@ -596,10 +656,18 @@ class Gate:
                                                             reason=event.reason), t)
             elif isinstance(event, h11.Response):
                 started = True
-                self._count_answer(ip, target, policy, event.status_code)
+                if self._count_answer(ip, target, policy, event.status_code):
+                    scan = None     # counted once
                 await client.send(h11.Response(status_code=event.status_code,
                                                headers=event.headers.raw_items(), reason=event.reason), t)
             elif isinstance(event, h11.Data):
+                if scan is not None and guard is not None:
+                    scan += bytes(event.data)[:gatepolicy.FAILURE_SCAN_BYTES - len(scan)]
+                    if guard.failure_text in scan:
+                        scan = None
+                        self._count_failure(ip, target, guard)
+                    elif len(scan) >= gatepolicy.FAILURE_SCAN_BYTES:
+                        scan = None
                 await client.send(event, t)
             elif isinstance(event, h11.EndOfMessage):
                 if event.headers and client.h11.their_http_version != b"1.1":
@@ -621,10 +689,15 @@ class Gate:
         await relay(client.reader, client.writer, device.reader, device.writer)
         return False
 
-    def _count_answer(self, ip: str, target: tuple[str, int], policy: Policy, status: int) -> None:
+    def _count_answer(self, ip: str, target: tuple[str, int], policy: Policy, status: int) -> bool:
+        """Counts a failed answer by its status; whether it did."""
         guard = policy.token_guard
         if guard is None or status not in guard.statuses:
-            return
+            return False
+        self._count_failure(ip, target, guard)
+        return True
+
+    def _count_failure(self, ip: str, target: tuple[str, int], guard: TokenGuard) -> None:
         self.stats["token-failures"] += 1
         self.token_tracker(target, guard).record_failure(ip)
 
@@ -720,7 +793,7 @@ async def run(args: argparse.Namespace) -> None:
     on_block = command_blocker(args.block_command) if args.block_command else None
     on_alert, on_token_block = reporters(args.block_command, args.alert_command)
     tracker = FailureTracker(args.max_failures, args.failure_window, args.block_seconds, on_block)
-    credentials = Credentials.load(args.credentials_file) if args.credentials_file else None
+    credentials = CredentialsFile(args.credentials_file) if args.credentials_file else None
     gate = Gate(credentials, tracker, args.target_override,
                 policies=PolicyFiles(args.policy_dir) if args.policy_dir else None,
                 on_alert=on_alert, on_token_block=on_token_block)

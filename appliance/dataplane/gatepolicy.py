@@ -18,9 +18,11 @@ over it), removed when the device's posture has no gate umbox any more:
   segment (never a `/`) and `**` matches anything, `/` included. "GET *" lets every GET through;
   "PUT /api/*/lights/*/state" the Hue-style state change and nothing below or above it.
   `GET` does not imply `HEAD`. The query string is not matched.
-- `token_guard`: null for none; otherwise more than `max_failures` answers of the device with one
-  of `statuses` to one source within `window_ms` raise `token-brute-force` and, with
-  `block_seconds` > 0, put the source in the drop set for that long.
+- `token_guard`: null for none; otherwise more than `max_failures` failed answers of the device
+  to one source within `window_ms` raise `token-brute-force` and, with `block_seconds` > 0, put
+  the source in the drop set for that long. An answer failed when its status is one of
+  `statuses`, or when `failure_text` (if not empty) is in the first 8 KiB of its body: a real
+  Hue bridge answers a wrong token with status 200 and the error "unauthorized user".
 
 A file that is missing, unreadable, malformed, of another port or with keys this version does
 not know is no policy, and the gate then refuses the request (fails closed). The gate reads
@@ -38,7 +40,9 @@ from pathlib import Path
 
 MAX_RULES = 100
 TOKEN_GUARD_DEFAULTS = {"max_failures": 10, "window_ms": 60_000, "block_seconds": 300,
-                        "statuses": [401, 403]}
+                        "statuses": [401, 403], "failure_text": ""}
+FAILURE_TEXT_MAX = 200          # characters of a failure_text
+FAILURE_SCAN_BYTES = 8192       # of an answer's body, searched for failure_text
 # (minimum, maximum) of the token_guard's integers
 TOKEN_GUARD_BOUNDS = {"max_failures": (1, 1_000_000), "window_ms": (1, 3_600_000),
                       "block_seconds": (0, 86_400)}
@@ -117,6 +121,7 @@ class TokenGuard:
     window_ms: int
     block_seconds: int
     statuses: frozenset[int]
+    failure_text: bytes = b""
 
 
 def check_token_guard(value) -> TokenGuard:
@@ -136,7 +141,12 @@ def check_token_guard(value) -> TokenGuard:
             or not all(isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 599
                        for s in statuses)):
         raise ValueError(f"statuses: expected a list of HTTP error statuses (400-599), got {statuses!r}")
-    return TokenGuard(v["max_failures"], v["window_ms"], v["block_seconds"], frozenset(statuses))
+    text = v["failure_text"]
+    if not isinstance(text, str) or len(text) > FAILURE_TEXT_MAX or not text.isprintable():
+        raise ValueError(f"failure_text: expected printable text of at most {FAILURE_TEXT_MAX} "
+                         f"characters, got {text!r}")
+    return TokenGuard(v["max_failures"], v["window_ms"], v["block_seconds"], frozenset(statuses),
+                      text.encode())
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ CATALOGUE: dict[str, dict[str, Param]] = {
     "api_filter": {"port": Param(int, None, 1, 65_535), "allow": Param(list, required=True)},
     "token_guard": {"port": Param(int, None, 1, 65_535), "max_failures": Param(int, 10, 1, 1_000_000),
                     "window_ms": _ms(60_000), "block_seconds": Param(int, 300, 0, 86_400),
-                    "statuses": Param(list, [401, 403])},
+                    "statuses": Param(list, [401, 403]), "failure_text": Param(str, "")},
 }
 GATE_UMBOXES = ("auth_gate", "api_filter", "token_guard")
 
@@ -174,6 +174,8 @@ def _check(umbox: str, name: str, spec: Param, value, where: str):
         raise ConfigError(f"{culprit}: expected true or false, got {value!r}")
     elif spec.kind is list and not isinstance(value, list):
         raise ConfigError(f"{culprit}: expected a list, got {value!r}")
+    elif spec.kind is str and not isinstance(value, str):
+        raise ConfigError(f"{culprit}: expected text, got {value!r}")
     return value
 
 

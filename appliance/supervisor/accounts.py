@@ -2,43 +2,19 @@
 box while the claim window is open) and the API tokens, kept hashed in the store's settings."""
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import hmac
 import secrets
 
 from appliance.errors import ConfigError
+from appliance.vocab import SCRYPT, hash_password, verify_password
 
-SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+__all__ = ["SCRYPT", "hash_password", "verify_password"]
+
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
 TOKENS_SETTING = "api_tokens"
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def hash_password(password: str, **params) -> dict:
-    """{"salt", "hash", "n", "r", "p", "dklen"}: scrypt with a fresh salt, parameters kept
-    with the hash so they can be raised later without breaking old hashes."""
-    p = {**SCRYPT, **params}
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=p["n"], r=p["r"], p=p["p"],
-                            dklen=p["dklen"], maxmem=128 * 1024 * 1024)
-    return {"salt": _b64(salt), "hash": _b64(digest), **p}
-
-
-def verify_password(password: str, stored: dict) -> bool:
-    try:
-        salt, expected = base64.b64decode(stored["salt"]), base64.b64decode(stored["hash"])
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=int(stored["n"]),
-                                r=int(stored["r"]), p=int(stored["p"]), dklen=len(expected),
-                                maxmem=128 * 1024 * 1024)
-    except (KeyError, TypeError, ValueError):
-        return False
-    return hmac.compare_digest(digest, expected)
 
 
 def check_new_credentials(user, password, confirm) -> str:

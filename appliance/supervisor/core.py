@@ -77,6 +77,7 @@ class Supervisor:
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
         self.clones: dict[str, dict] = {}  # MAC -> the clone seen below the gateway: see on_clone
+        self._gate_credentials: str | None = None   # what sync_gate_credentials last wrote
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
         self.claim_until: datetime.datetime | None = None
         self.auth_epoch = 0                        # bumped when the admin password is reset
@@ -1013,6 +1014,27 @@ class Supervisor:
         self.notify({"kind": "panel", "event": "factory-reset"})
 
     # -- timers ---------------------------------------------------------------------------
+    def sync_gate_credentials(self) -> None:
+        """The gate's auth_gate checks the admin account: its file follows the store's setting
+        (claimed, changed, reset), written whole and readable by root only; none without one."""
+        path = self.cfg.gateway.gate_credentials
+        admin = self.store.get_setting("admin")
+        wanted = json.dumps({"user": admin["user"], "scrypt": admin["scrypt"]}, sort_keys=True) \
+            if admin and admin.get("scrypt") else None
+        if not path or wanted == self._gate_credentials:
+            return
+        target = Path(path)
+        if wanted is None:
+            target.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temp = target.with_name(target.name + ".new")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(wanted)
+            os.replace(temp, target)
+        self._gate_credentials = wanted
+
     async def _ticker(self) -> None:
         last_prune = last_flush = time.monotonic()
         ticks = 0
@@ -1030,6 +1052,7 @@ class Supervisor:
             try:
                 if ticks % 2 == 0:
                     await self.watch.kernel_behind()
+                    self.sync_gate_credentials()
                 if ticks % 4 == 0:
                     self.watch.check_disk()
                 self._expire_postures()

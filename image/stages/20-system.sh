@@ -66,7 +66,7 @@ rm -f "$ROOTFS/var/lib/dbus/machine-id"
 # Units: the appliance's on; the Debian services they replace masked (kalki-* run them from
 # the rendered configuration, or not at all when the site settings are in error).
 units_on="kalki-firewall.service kalki-site.service kalki-firstboot.service kalki.service
-  kalki-mosquitto.service kalki-dnsmasq.service kalki-hostapd.service kalki-watchdog.timer
+  kalki-gate.service kalki-mosquitto.service kalki-dnsmasq.service kalki-hostapd.service kalki-watchdog.timer
   systemd-networkd.service systemd-resolved.service systemd-timesyncd.service ssh.service"
 units_masked="mosquitto.service dnsmasq.service hostapd.service nftables.service
   networking.service wpa_supplicant.service"

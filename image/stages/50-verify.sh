@@ -47,7 +47,7 @@ print(f"  kernel headers for {version}: {build.resolve()}")
 PY
 in_chroot /opt/kalki/.venv/bin/kalki config defaults >/dev/null
 for u in kalki-firewall.service kalki-site.service kalki-firstboot.service kalki.service \
-         kalki-mosquitto.service kalki-dnsmasq.service kalki-hostapd.service kalki-watchdog.timer \
+         kalki-gate.service kalki-mosquitto.service kalki-dnsmasq.service kalki-hostapd.service kalki-watchdog.timer \
          systemd-networkd.service ssh.service; do
   state=$(in_chroot systemctl is-enabled "$u" 2>/dev/null || true)
   [ "$state" = enabled ] || die "unit $u is $state, not enabled"
