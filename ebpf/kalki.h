@@ -5,7 +5,7 @@
 #define KALKI_H
 
 #ifndef KALKI_MAX_DEVICES
-#define KALKI_MAX_DEVICES 1024          /* device slots; slot 0 is "unknown device" */
+#define KALKI_MAX_DEVICES 4096          /* device slots; slot 0 is "unknown device" */
 #endif
 #ifndef KALKI_RINGBUF_PAGES
 #define KALKI_RINGBUF_PAGES 64

@@ -130,6 +130,7 @@ class Dataplane:
         self._batch: list | None = None      # nftables work waiting for the end of batch()
         self._closed = False
         self._names: NameBindings | None = None
+        self.max_devices = maps.MAX_DEVICES       # device slots the pins are made with
         self.older_layout: str | None = None     # why the pins of an older version were replaced
         self._older_postures: dict[str, int] = {}
         self._gate_files = (gatepolicy.PolicyFiles(self.settings.gate_policy_dir)
@@ -153,6 +154,7 @@ class Dataplane:
     def _load(self, defines) -> None:
         if not os.path.ismount(BPFFS):
             subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+        self.max_devices = int((defines or {}).get("KALKI_MAX_DEVICES", maps.MAX_DEVICES))
         if os.path.exists(f"{self.pin_dir}/kalki_devices"):
             self.older_layout = self._older_layout()
             if self.older_layout:
@@ -188,9 +190,13 @@ class Dataplane:
             if not os.path.exists(path):
                 return f"map {name} is missing (pinned by an older version)"
             try:
-                bpf.Map(path, k, v).close()
+                pinned = bpf.Map(path, k, v)
             except DataplaneError as e:
                 return str(e)
+            slots = pinned.max_entries
+            pinned.close()
+            if name == "kalki_devices" and slots != self.max_devices:
+                return f"map kalki_devices has {slots} device slots, this version {self.max_devices}"
         return None
 
     def _set_aside_older_layout(self) -> None:
@@ -364,14 +370,16 @@ class Dataplane:
         self._stale_ids = False
         used |= self._used_ids
         self._used_ids = used
-        for i in range(max(1, self._next_id_hint), maps.MAX_DEVICES):
+        slots = self._maps["kalki_devices"].max_entries
+        for i in range(max(1, self._next_id_hint), slots):
             if i not in used:
                 self._next_id_hint = i + 1
                 return i
-        for i in range(1, maps.MAX_DEVICES):
+        for i in range(1, slots):
             if i not in used:
                 return i
-        raise DataplaneError(f"no free device slot: the data path holds {maps.MAX_DEVICES - 1} devices")
+        raise DataplaneError(f"no free device slot: the data path holds {slots - 1} devices "
+                             f"(KALKI_MAX_DEVICES {slots}, slot 0 is the unknown device)")
 
     def _device_entry(self, spec: DeviceSpec, compiled: umbox.CompiledStack, allow_id: int) -> maps.Device:
         d = maps.Device(flags=int(compiled.flags | maps.Flag.PRESENT), ipv4=_ip_be(spec.ip),

@@ -23,8 +23,9 @@ SOURCE = EBPF_DIR / "dispatcher.bpf.c"
 
 
 def cflags(defines: dict[str, object] | None = None) -> list[str]:
-    flags = [f"-I{EBPF_DIR}", f"-DKALKI_MAX_DEVICES={maps.MAX_DEVICES}"]
-    for k, v in (defines or {}).items():
+    defines = dict(defines or {})
+    flags = [f"-I{EBPF_DIR}", f"-DKALKI_MAX_DEVICES={defines.pop('KALKI_MAX_DEVICES', maps.MAX_DEVICES)}"]
+    for k, v in defines.items():
         flags.append(f"-D{k}" if v is None else f"-D{k}={v}")
     return flags
 

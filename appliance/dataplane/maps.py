@@ -6,7 +6,7 @@ two files is an error at start, not corrupted entries.
 import ctypes
 import enum
 
-MAX_DEVICES = 1024
+MAX_DEVICES = 4096     # device slots (slot 0 is "unknown"): ebpf/kalki.h, -DKALKI_MAX_DEVICES
 ALLOW_RULES = 8
 MAX_NAME_BINDINGS = 65536
 LOGIN_PORTS = 4

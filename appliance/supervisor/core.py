@@ -26,7 +26,7 @@ from appliance.dataplane import umbox
 from appliance.dataplane.api import DeviceSpec
 from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
-from appliance.policy import mudfetch, profiles
+from appliance.policy import profiles
 from appliance.store.state import Retention, Store
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
@@ -912,8 +912,8 @@ class Supervisor:
                 MUD_FETCHES, thread_name_prefix="kalki-mud")
         try:
             got = await asyncio.get_running_loop().run_in_executor(
-                self._mud_executor, functools.partial(mudfetch.fetch_cached, url, self.mud_cache, m.ca_file,
-                                        m.timeout_seconds))
+                self._mud_executor, functools.partial(_mudfetch().fetch_cached, url, self.mud_cache,
+                                                      m.ca_file, m.timeout_seconds))
         except Exception as e:     # noqa: BLE001
             if isinstance(e, KalkiError):
                 error = str(e)
@@ -1140,3 +1140,10 @@ def _next_return(d: dict, now: datetime.datetime) -> tuple[str, int | None, list
         if left >= 1:
             return entry["posture"], int(left), after[i + 1:]
     return "normal", None, []
+
+
+def _mudfetch():
+    """appliance.policy.mudfetch, imported when a MUD file is fetched: urllib.request and
+    http.client cost the supervisor 2.4 MB resident, and [mud] fetch is off by default."""
+    from appliance.policy import mudfetch
+    return mudfetch

@@ -21,7 +21,7 @@ from appliance.config import parse_toml
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError, KalkiError, StoreError, UnknownDeviceError
 from appliance.policy import mud as mudfiles
-from appliance.policy import mudfetch, profiles
+from appliance.policy import profiles
 from appliance.supervisor import accounts, flows
 from appliance.supervisor import backup as backups
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
@@ -243,6 +243,9 @@ class Ops:
                 or offer.get("type") != type):
             return
         url = offer["url"]
+        # imported only when a fetched file is approved (urllib.request: 2.4 MB)
+        from appliance.policy import mudfetch
+
         got = mudfetch.cached(self._sup.mud_cache, url)
         if got is None:
             raise ConfigError(f"device {d['name']}: the MUD file offered from {url} is no longer in "
