@@ -1,30 +1,40 @@
-"""Dispatcher cost per packet, through BPF_PROG_TEST_RUN (no traffic, no attachment).
+"""Dispatcher cost per packet on each of its named paths, through BPF_PROG_TEST_RUN (no
+traffic, no attachment).
 
-Cases, measured interleaved round by round so the noisy shared machine hits all alike:
-  bare       a trivial XDP_PASS program (the test-run loop's own cost)
-  from_1     xdp_from_devices, 1 device, every umbox on but quarantine, UDP to an allowed place
-  from_1000  the same packet and device with 1,000 devices in the maps (separate pin dir)
-  to_1       xdp_to_devices, a UDP packet from the uplink to the device
-  part_*     breakdown: the from_1 packet from devices with fewer umboxes (no umbox; all but
-             allowlist+egress_anomaly; all but rate_limit)
-Targets: from_1 <= 100 ns/packet; from_1000 / from_1 <= 1.10.
+The paths (packets, devices, expected verdict and reason) are bench/dispatcher_paths.py's
+table, which tests/test_dispatcher_paths.py also runs to prove each takes the branch it names:
+  syn_login             TCP SYN from the uplink to a login port: syn_flood, brute_force, port_scan
+  syn_login_no_stealth  the same, dispatcher compiled with -DKALKI_NO_STEALTH_SCAN
+  established           TCP ACK from the device
+  udp                   UDP from the device to an allowed destination (was from_1)
+  allowlist_miss        UDP from the device to a destination outside its list: DROP, allowlist
+  spoofed               UDP from the device's MAC with another source address: DROP, spoof
+  drop_set              TCP SYN from a source in kalki_drop_set: DROP, drop_set
+  varied_dst            UDP to 16 destinations in turn, one test run each (every packet misses
+                        port_scan's last-flow cache; dispatcher_paths says why it cannot be done
+                        with repeats), against udp_run1 and bare_run1 measured the same way
+  udp_1000_distinct     udp, device 1 among 1,000 devices each with its own allow-list
+  to_1                  UDP from the uplink to the device
+  bare, bare_run1       a trivial XDP_PASS program: the test run's own cost
+Cases run interleaved round by round, so the noisy shared machine hits all alike; each figure
+is the median over rounds, each ratio the median of per-round ratios. After every run the
+verdict is checked and device 1's per-reason counters must have grown by exactly the packets
+run, under the case's reason and no other. The load average is beside each figure.
+Targets: udp and established <= 3x bare; udp_1000_distinct <= 1.1x udp.
 """
 from __future__ import annotations
 
 import os
 
 import common
-from common import bpf, dataplane, emit, maps, median
+import dispatcher_paths as paths
+from common import bpf, emit, median
 
 BENCH = "dispatcher"
 REPEAT = int(os.environ.get("KALKI_BENCH_REPEAT", 1_000_000))
 ROUNDS = int(os.environ.get("KALKI_BENCH_ROUNDS", 9))
-DEVICES = 1000
-
-DEV_MAC, DEV_IP = "02:42:aa:00:00:01", "198.18.0.10"
-GW_DEV_MAC, GW_UP_MAC = "02:42:aa:ff:00:01", "02:42:aa:ff:00:02"
-DST, DST_PORT = "198.19.8.1", 443           # in the allow-list (198.19.8.0/24, any)
-REMOTE = "198.19.8.2"                       # a source on the uplink
+RUNS = int(os.environ.get("KALKI_BENCH_RUNS", 20_000))    # test runs of repeat 1, per round
+WARM = 1000
 
 
 def bare_xdp_pass():
@@ -35,86 +45,83 @@ def bare_xdp_pass():
     return b, fn.fd
 
 
-def fill(path: common.PinnedPath, n: int, distinct_lists: bool = False) -> int:
-    """n devices; the measured one gets id 1 and is placed among them. Devices of one type
-    share one allow-list; with distinct_lists each device has its own (the worst case)."""
-    stack = common.all_on_stack()
-    path.add_device(1, dataplane.DeviceSpec("dev1", DEV_MAC, DEV_IP, stack))
-    for i in range(1, n):
-        mac, ip = common.fake_device(i)
-        own = common.all_on_stack(list(common.ALLOWED) + [f"198.19.{16 + i // 256}.{i % 256}/32"]) \
-            if distinct_lists else stack
-        path.add_device(i + 1, dataplane.DeviceSpec(f"f{i}", mac, ip, own))
-    return 1
-
-
 def main() -> int:
-    from_pkt = common.udp_frame(DEV_MAC, GW_DEV_MAC, DEV_IP, DST, 40000, DST_PORT)
-    to_pkt = common.udp_frame(GW_UP_MAC, "02:42:aa:ff:00:03", REMOTE, DEV_IP, 443, 40000)
-    with common.pinned_path("d1") as one, common.pinned_path("dk") as many, \
-            common.pinned_path("dd") as distinct, common.pinned_path("db") as parts:
-        fill(one, 1)
-        fill(many, DEVICES)
-        fill(distinct, DEVICES, distinct_lists=True)
-        # Breakdown (not the headline): the same packet from devices with fewer umboxes on.
-        no_lists = {k: v for k, v in common.all_on_stack().items()
-                    if k not in ("allowlist", "egress_anomaly")}
-        no_rate = {k: v for k, v in common.all_on_stack().items() if k != "rate_limit"}
-        part_stacks = {"part_no_umbox": {}, "part_no_allow_egress": no_lists,
-                       "part_no_rate_limit": no_rate}
-        part_pkts = {}
-        for i, (pname, stack) in enumerate(part_stacks.items()):
-            mac = f"02:42:aa:00:01:{i + 1:02x}"
-            ip = f"198.18.0.{20 + i}"
-            parts.add_device(i + 1, dataplane.DeviceSpec(pname.replace("_", "-"), mac, ip, stack))
-            part_pkts[pname] = common.udp_frame(mac, GW_DEV_MAC, ip, DST, 40000, DST_PORT)
-        emit(BENCH, "entries_devices", len(list(many.maps["kalki_devices"].keys())), "count",
-             case="from_1000")
-        emit(BENCH, "entries_allow_prefixes", len(list(many.maps["kalki_allow"].keys())), "count",
-             case="from_1000")
+    table = {c.name: c for c in paths.cases()}
+    with common.pinned_path("d1") as one, common.pinned_path("dd") as distinct, \
+            common.pinned_path("dn", defines=paths.PIN_DIRS["no_stealth"]) as no_stealth:
+        pins = {"one": one, "distinct": distinct, "no_stealth": no_stealth}
+        assert set(pins) == set(paths.PIN_DIRS)
+        for name, path in pins.items():
+            paths.prepare(name, path)
+        emit(BENCH, "entries_devices", len(list(distinct.maps["kalki_devices"].keys())), "count",
+             case="udp_1000_distinct")
         emit(BENCH, "entries_allow_prefixes", len(list(distinct.maps["kalki_allow"].keys())),
-             "count", case="from_1000_distinct_lists")
+             "count", case="udp_1000_distinct")
         bcc_obj, bare_fd = bare_xdp_pass()
-        cases = {
-            "bare": (bare_fd, from_pkt),
-            "from_1": (one.prog_fds["xdp_from_devices"], from_pkt),
-            "from_1000": (many.prog_fds["xdp_from_devices"], from_pkt),
-            "from_1000_distinct_lists": (distinct.prog_fds["xdp_from_devices"], from_pkt),
-            "to_1": (one.prog_fds["xdp_to_devices"], to_pkt),
-            **{p: (parts.prog_fds["xdp_from_devices"], pkt) for p, pkt in part_pkts.items()},
-        }
-        # warm-up: creates the scan windows, fills caches; checks the verdicts
-        verdicts = {}
-        for name, (fd, pkt) in cases.items():
-            verdicts[name] = bpf.prog_test_run(fd, pkt, 1000)[0]
-        ns = {name: [] for name in cases}
+        bare_pkt = table["udp"].packets[0]
+        counted = {n: 0 for n in table}
+
+        def measure(name: str, n: int) -> float:
+            if name == "bare":
+                return float(bpf.prog_test_run(bare_fd, bare_pkt, n)[1])
+            if name == "bare_run1":
+                return sum(bpf.prog_test_run(bare_fd, bare_pkt, 1)[1] for _ in range(n)) / n
+            case = table[name]
+            path = pins[case.pin_dir]
+            before = paths.counts(path)
+            verdicts, ns = paths.run(path, case, n)
+            paths.check(case, verdicts, before, paths.counts(path), n)
+            counted[name] += n
+            return ns
+
+        names = ["bare", "bare_run1", *table]
+        per_run = {n: n == "bare_run1" or (n in table and table[n].per_run) for n in names}
+        size = {n: RUNS if per_run[n] else REPEAT for n in names}
+        for name in names:      # warm-up: scan windows made, caches filled, paths checked
+            measure(name, min(WARM, size[name]))
+        ns: dict[str, list[float]] = {n: [] for n in names}
+        loads = []
         for _ in range(ROUNDS):
-            for name, (fd, pkt) in cases.items():
-                v, t = bpf.prog_test_run(fd, pkt, REPEAT)
-                verdicts[name] = v
-                ns[name].append(t)
-        for name in cases:
-            assert verdicts[name] == common.XDP_PASS, f"{name}: verdict {common.VERDICTS[verdicts[name]]}"
-        # Counters prove the path ran to the PASS at its end, not a shortcut.
-        passed_1 = one.counter(1, maps.Reason.PASS)
-        passed_k = many.counter(1, maps.Reason.PASS)
-        dropped_1 = sum(one.counter(1, r) for r in maps.Reason if r != maps.Reason.PASS)
-        for name in cases:
-            emit(BENCH, f"ns_per_packet_{name}", median(ns[name]), "ns", n=ROUNDS, repeat=REPEAT,
-                 verdict=common.VERDICTS[verdicts[name]], min=min(ns[name]), max=max(ns[name]))
-        for name in [n for n in cases if n != "bare"]:
-            emit(BENCH, f"ns_per_packet_{name}_minus_bare",
-                 median([a - b for a, b in zip(ns[name], ns["bare"])]), "ns", n=ROUNDS)
-        ratios = [k / o for k, o in zip(ns["from_1000"], ns["from_1"])]
-        emit(BENCH, "ratio_from_1000_over_1", round(median(ratios), 3), "ratio", n=ROUNDS,
-             target="<= 1.10")
-        ratios = [k / o for k, o in zip(ns["from_1000_distinct_lists"], ns["from_1"])]
-        emit(BENCH, "ratio_from_1000_distinct_lists_over_1", round(median(ratios), 3), "ratio",
-             n=ROUNDS)
-        emit(BENCH, "target_all_umboxes_le_100ns", median(ns["from_1"]) <= 100, "bool",
-             value_ns=median(ns["from_1"]))
-        emit(BENCH, "pass_counter_device1", passed_1 + passed_k, "packets",
-             non_pass_reasons_1=dropped_1)
+            for name in names:
+                ns[name].append(measure(name, size[name]))
+            loads.append(os.getloadavg()[0])
+        load = {"load1": round(median(loads), 2), "load1_max": round(max(loads), 2)}
+
+        for name in names:
+            case = table.get(name)
+            extra = {"verdict": common.VERDICTS[case.verdict], "reason": case.reason.name.lower(),
+                     "counted": counted[name], "method": case.method} if case else {}
+            per = "runs" if per_run[name] else "repeat"
+            emit(BENCH, f"ns_per_packet_{name}", round(median(ns[name]), 1), "ns", n=ROUNDS,
+                 **{per: size[name]}, min=round(min(ns[name]), 1), max=round(max(ns[name]), 1),
+                 **extra, **load)
+        for name in names:
+            if name in ("bare", "bare_run1"):
+                continue
+            base = "bare_run1" if per_run[name] else "bare"
+            emit(BENCH, f"ns_per_packet_{name}_minus_{base}",
+                 round(median([a - b for a, b in zip(ns[name], ns[base])]), 1), "ns", n=ROUNDS,
+                 **load)
+
+        def ratio(metric: str, top: str, bottom: str, target: float | None = None) -> None:
+            r = round(median([a / b for a, b in zip(ns[top], ns[bottom])]), 3)
+            kw = {"target": f"<= {target}", "met": r <= target} if target is not None else {}
+            emit(BENCH, metric, r, "ratio", n=ROUNDS, of=f"{top}/{bottom}", **kw, **load)
+
+        ratio("ratio_syn_login_over_bare", "syn_login", "bare")
+        ratio("ratio_udp_over_bare", "udp", "bare", 3.0)
+        ratio("ratio_established_over_bare", "established", "bare", 3.0)
+        ratio("ratio_stealth_on_over_off", "syn_login", "syn_login_no_stealth")
+        ratio("ratio_distinct_1000_over_1", "udp_1000_distinct", "udp", 1.1)
+        ratio("ratio_varied_dst_over_udp_run1", "varied_dst", "udp_run1")
+        emit(BENCH, "varied_dst_cache_miss_ns",
+             round(median([a - b for a, b in zip(ns["varied_dst"], ns["udp_run1"])]), 1), "ns",
+             n=ROUNDS, of="varied_dst - udp_run1", **load)
+        emit(BENCH, "stealth_check_ns",
+             round(median([a - b for a, b in zip(ns["syn_login"], ns["syn_login_no_stealth"])]), 1),
+             "ns", n=ROUNDS, of="syn_login - syn_login_no_stealth", **load)
+        emit(BENCH, "counters_checked_packets", sum(counted.values()), "packets",
+             cases=len(table), **load)
         emit(BENCH, "compile_seconds_child", one.load_report.get("compile_seconds"), "s",
              peak_rss_mb=one.load_report.get("peak_rss_mb"))
         del bcc_obj

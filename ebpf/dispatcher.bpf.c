@@ -4,7 +4,9 @@
  * xdp_from_devices: attached to the device-facing interface, looks devices up by source MAC.
  * xdp_to_devices:   attached to the uplink, looks devices up by destination address.
  *
- * Compile-time features (-D): KALKI_MAX_DEVICES, KALKI_RINGBUF_PAGES, KALKI_NO_DETECTORS. */
+ * Compile-time features (-D): KALKI_MAX_DEVICES, KALKI_RINGBUF_PAGES, KALKI_NO_DETECTORS, and
+ * KALKI_NO_STEALTH_SCAN (the stealth-scan check compiled out: TCP probes are not classified,
+ * port_scan counts SYNs and UDP only; for bench/bench_dispatcher.py's on/off comparison). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -271,6 +273,7 @@ static __always_inline int port_scan(__u32 device, struct kalki_device *cfg, str
 	return fire(device, KALKI_R_PORT_SCAN, p, n, cfg->scan_block_s, now, offender);
 }
 
+#ifndef KALKI_NO_STEALTH_SCAN
 /* A stealth scan's packet (p->probe, or p->fin_ack): counted in the port-scan window like a
  * SYN, so a scan of many ports is blocked as a SYN scan is. A probe is a signature by itself:
  * dropped and reported. A FIN+ACK is also how connections close, so it is one only as part of
@@ -288,6 +291,7 @@ static __always_inline __u32 stealth_scan(__u32 device, struct kalki_device *cfg
 	report(device, KALKI_R_STEALTH_SCAN, p, KALKI_A_DROPPED, 1, now);
 	return KALKI_R_STEALTH_SCAN;
 }
+#endif
 
 static __always_inline int syn_flood(__u32 device, struct kalki_device *cfg, struct packet *p,
 				     __u64 now)
@@ -404,12 +408,14 @@ static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
 		p->dport = __builtin_bswap16(t->dest);
 		p->syn = t->syn && !t->ack;
 		p->opens = p->syn;
+#ifndef KALKI_NO_STEALTH_SCAN
 		/* Past the handshake every segment carries ACK; without it only a SYN or a RST is
 		 * TCP. So NULL, FIN, XMAS (FIN+PSH+URG) and any FIN+URG without ACK are probes,
 		 * and so is SYN+FIN or SYN+RST, whatever else is set. */
 		p->probe = (!t->ack && !t->syn && !t->rst) || (t->syn && (t->fin || t->rst));
 		p->fin_ack = t->fin && t->ack && !t->syn && !t->rst &&
 			     p->dport < __builtin_bswap16(t->source);
+#endif
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		__u8 *type = l4;
 		if ((void *)(type + 1) > end)
@@ -534,12 +540,14 @@ int xdp_from_devices(struct xdp_md *ctx)
 	    p.dst != s->gateway_ip && !lan_chatter(s, p.dst) &&
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+#ifndef KALKI_NO_STEALTH_SCAN
 	if ((cfg->flags & KALKI_F_PORT_SCAN) && (p.probe || p.fin_ack) &&
 	    p.dst != s->gateway_ip && !lan_chatter(s, p.dst)) {
 		__u32 r = stealth_scan(device, cfg, &p, now, p.src);
 		if (r != KALKI_R_PASS)
 			return count(device, r, &p, XDP_DROP);
 	}
+#endif
 #endif
 	if (p.dst == s->gateway_ip) {
 		/* The gateway offers devices DHCP, DNS, NTP, MQTT and ping; its web page, SSH and
@@ -624,11 +632,13 @@ int xdp_to_devices(struct xdp_md *ctx)
 	if ((p.syn || p.proto == IPPROTO_UDP) && (cfg->flags & KALKI_F_PORT_SCAN) &&
 	    port_scan(device, cfg, &p, now, p.src) == XDP_DROP)
 		return count(device, KALKI_R_PORT_SCAN, &p, XDP_DROP);
+#ifndef KALKI_NO_STEALTH_SCAN
 	if ((p.probe || p.fin_ack) && (cfg->flags & KALKI_F_PORT_SCAN)) {
 		__u32 r = stealth_scan(device, cfg, &p, now, p.src);
 		if (r != KALKI_R_PASS)
 			return count(device, r, &p, XDP_DROP);
 	}
+#endif
 #endif
 	if (cfg->flags & KALKI_F_RATE_LIMIT) {
 		__u32 r = rate_limit(device, cfg, &p, now);

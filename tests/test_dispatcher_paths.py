@@ -1,0 +1,102 @@
+"""bench_dispatcher's named paths take the branches they claim: each of bench/dispatcher_paths.py's
+cases, run through the pinned dispatcher with BPF_PROG_TEST_RUN (no namespaces, no traffic),
+gets its verdict and grows device 1's counter for its reason, by exactly the packets run, and
+no other; the SYN-path detectors it names ran on each packet (syn_flood's count, port_scan's
+last-flow cache in kalki_dev_state) and those it does not name did not; varied_dst misses the
+last-flow cache on every packet; and -DKALKI_NO_STEALTH_SCAN takes the stealth-scan check out."""
+from __future__ import annotations
+
+import ctypes
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import dispatcher_paths as paths  # noqa: E402
+from common import PinnedPath, dataplane, maps  # noqa: E402
+from labutil import tcp_packet  # noqa: E402
+
+pytestmark = pytest.mark.lab
+
+REPEAT = 100
+HOUR_MS = 3_600_000     # detector windows that do not restart during the test: exact counts
+CASES = {c.name: c for c in paths.cases()}
+
+
+@pytest.fixture(scope="module")
+def pins():
+    made: dict[str, PinnedPath] = {}
+    instances = {name: f"tdp{secrets.token_hex(2)}{name[:4]}" for name in paths.PIN_DIRS}
+    try:
+        for name, defines in paths.PIN_DIRS.items():
+            made[name] = PinnedPath(instances[name], defines=defines)
+            paths.prepare(name, made[name], count_window_ms=HOUR_MS)
+        yield made
+    finally:
+        for path in made.values():
+            path.close()
+        for instance in instances.values():     # also one whose loading failed half-way
+            dataplane.remove_pins(instance)
+
+
+def cache(path) -> tuple[int, int, int]:
+    st = paths.dev_state(path)
+    return st.scan_src, st.scan_dst, st.scan_port
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_path_ends_in_its_verdict_and_counts_only_its_reason(pins, name):
+    case = CASES[name]
+    path = pins[case.pin_dir]
+    before, syns, flow_before = paths.counts(path), paths.dev_state(path).syn_count, cache(path)
+    verdicts, ns = paths.run(path, case, REPEAT)
+    paths.check(case, verdicts, before, paths.counts(path), REPEAT)
+    assert ns > 0
+    # syn_flood counted every packet, or none
+    grew = paths.dev_state(path).syn_count - syns
+    assert grew == (REPEAT if "syn_flood" in case.detectors else 0), (name, grew)
+    # port_scan saw the (last) packet: its flow is the cache's; else the cache is untouched
+    want = paths.flow(case.packets[(REPEAT - 1) % len(case.packets)]) \
+        if "port_scan" in case.detectors else flow_before
+    assert cache(path) == want, name
+    if "brute_force" in case.detectors:     # on, and the packet's port is one of its ports
+        entry = path.maps["kalki_devices"].lookup(ctypes.c_uint32(1))
+        assert entry.flags & maps.Flag.BRUTE_FORCE and entry.flags & maps.Flag.SYN_FLOOD
+        assert paths.LOGIN_PORT in list(entry.bf_ports)
+        assert paths.flow(case.packets[0])[2] == paths.LOGIN_PORT | 6 << 16
+
+
+def test_varied_destinations_miss_the_last_flow_cache_on_every_packet(pins):
+    case = CASES["varied_dst"]
+    path = pins["one"]
+    fd = path.prog_fds[case.program]
+    held = cache(path)
+    for i in range(3 * len(case.packets)):
+        flow = paths.flow(case.packets[i % len(case.packets)])
+        assert flow != held, i        # the cache holds another flow: this packet misses it
+        verdict, _ = paths.bpf.prog_test_run(fd, case.packets[i % len(case.packets)], 1)
+        assert verdict == paths.XDP_PASS
+        held = cache(path)
+        assert held == flow, i        # ... and port_scan went on and recorded it
+    assert len(set(map(paths.flow, case.packets))) == len(case.packets) >= 2
+
+
+def test_the_1000_device_path_has_1000_devices_with_their_own_lists(pins):
+    devices = [v for _, v in pins["distinct"].maps["kalki_devices"].items()]
+    assert len(devices) == paths.DISTINCT_DEVICES
+    assert len({d.allow_id for d in devices}) == paths.DISTINCT_DEVICES
+
+
+def test_without_the_stealth_scan_check_a_probe_passes(pins):
+    """A FIN probe to the device: dropped as stealth_scan by the usual build, passed by the one
+    compiled with -DKALKI_NO_STEALTH_SCAN (the check, not the SYN path, is what it takes out)."""
+    probe = paths.from_uplink(tcp_packet(paths.REMOTE, paths.DEV_IP, 40001, 2222, "F"))
+    for name, verdict, reason in (("one", paths.XDP_DROP, "stealth_scan"),
+                                  ("no_stealth", paths.XDP_PASS, "pass")):
+        path = pins[name]
+        before = paths.counts(path)
+        got, _ = paths.bpf.prog_test_run(path.prog_fds["xdp_to_devices"], probe, 1)
+        assert (got, paths.grown(before, paths.counts(path))) == (verdict, {reason: 1}), name
+
