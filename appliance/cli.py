@@ -193,6 +193,30 @@ def _profile_from_device(args) -> int:
     return 0
 
 
+def _device_check_logins(args) -> int:
+    """Waits for the check (a try per entry, a second or more apart); exits 1 if a login worked."""
+    from appliance.client import request
+    from appliance.policy.profiles import MAX_DEFAULT_LOGINS
+    from appliance.supervisor import logins
+    longest = MAX_DEFAULT_LOGINS * (logins.TRY_SECONDS + 2 * logins.PAUSE_SECONDS) + 30
+    r = request(_socket(args), "device_check_logins", timeout=longest, name=args.name)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 1 if r.get("found") else 0
+    if r["state"] == "skipped":
+        print(f"{args.name}: not checked: {r.get('reason')}")
+        return 0
+    for x in r["results"]:
+        where = f"{x['service']} port {x['port']}" + (f" {x['path']}" if x.get("path") else "")
+        print(f"{x['outcome']:12} {where:28} user {x['user']}: {x['detail']}")
+    if r.get("found"):
+        print(f"{args.name}: {r['found']} default login(s) work: change the password on the device "
+              "(a default-credentials alert was raised)")
+        return 1
+    print(f"{args.name}: no default login worked")
+    return 0
+
+
 def _profile_remove(args) -> int:
     from appliance.client import request
     print(f"removed {request(_socket(args), 'profile_remove', type=args.type)['removed']}")
@@ -509,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for", dest="duration", help="how long (90s, 15m, 2h, 1d)")
     p.add_argument("--type", help="for a device not approved yet: its type (default generic)")
     p.set_defaults(func=_call("device_learn", name="name", type="type", **{"for": "duration"}))
+    p = dev.add_parser("check-logins", help="try the device type's well-known default logins "
+                       "(its profile's [[default_logins]]) on an approved device, from the gateway; "
+                       "exits 1 if one works")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_device_check_logins)
     for verb, what in (("allow", "a destination the device may open on top of its profile"),
                        ("disallow", "take back a destination given with allow")):
         p = dev.add_parser(verb, help=what)
@@ -545,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unblock", help="take a source out of the kernel drop set")
     p.add_argument("source")
     p.set_defaults(func=_call("unblock_source", ip="source"))
+    p = sub.add_parser("blocked", help="the sources in the kernel drop set, why and until when")
+    p.set_defaults(func=_call("blocked_sources"))
     p = sub.add_parser("raise-alert", help="record an alert (the gate's api-denied, ...); rules "
                        "see it like any other")
     p.add_argument("kind")

@@ -58,6 +58,12 @@ ALERT_SEVERITY = {
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
     "device-renamed": "warning", "dataplane-replaced": "warning", "egress-refused": "info",
     "stealth-scan": "critical", "identity-clone": "critical",
+    # a device accepts its type's factory login (appliance.supervisor.logins): anyone who can
+    # reach it can log in; no built-in rule moves a posture on it
+    "default-credentials": "critical",
+    # what a blocked attacker tried on the decoy (appliance/dataplane/decoy.py): evidence, not a
+    # new attack (the source is in the drop set already)
+    "deception": "warning",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 

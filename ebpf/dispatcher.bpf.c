@@ -192,7 +192,7 @@ static __always_inline int fire(__u32 device, __u32 reason, struct packet *p, __
 	return XDP_DROP;
 }
 
-static __always_inline int in_drop_set(__u32 src)
+static __always_inline struct kalki_drop *drop_entry(__u32 src)
 {
 	struct kalki_drop *d = kalki_drop_set.lookup(&src);
 	if (!d)
@@ -201,7 +201,12 @@ static __always_inline int in_drop_set(__u32 src)
 		kalki_drop_set.delete(&src);
 		return 0;
 	}
-	return 1;
+	return d;
+}
+
+static __always_inline int in_drop_set(__u32 src)
+{
+	return drop_entry(src) != 0;
 }
 
 /* Rate limit per device, both directions drawing from it: a token bucket kept as GCRA's one
@@ -617,8 +622,14 @@ int xdp_to_devices(struct xdp_md *ctx)
 	cfg = kalki_devices.lookup(&device);
 	if (!cfg || !(cfg->flags & KALKI_F_PRESENT))
 		return XDP_PASS;
-	if (in_drop_set(p.src))
+	struct kalki_drop *dropped = drop_entry(p.src);
+	if (dropped) {
+		/* deception: nftables sends what a known attacker sends this device to the
+		 * gateway's decoy (or drops it); the device itself never sees it */
+		if ((cfg->flags & KALKI_F_DECEPTION) && (dropped->reason & KALKI_DROP_DECOY))
+			return count(device, KALKI_R_PASS, &p, XDP_PASS);
 		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
+	}
 	if (cfg->flags & KALKI_F_QUARANTINE)
 		return count(device, KALKI_R_QUARANTINE, &p, XDP_DROP);
 	now = kalki_now();

@@ -31,6 +31,7 @@
 #define KALKI_F_PRESENT         (1u << 11)  /* in every entry the appliance writes: a slot of
 					     * kalki_devices without it is free */
 #define KALKI_F_DNS_GATEWAY_ONLY (1u << 12) /* DNS to other resolvers refused, not redirected */
+#define KALKI_F_DECEPTION       (1u << 13)  /* a drop-set source's packets to it go to the decoy */
 
 /* Why a packet was passed or dropped: the second index of the counters map, and the
  * "umbox" of an event. */
@@ -137,11 +138,15 @@ struct kalki_name_value {
 };
 
 /* map: kalki_drop_set, LRU hash __u32 source (network order) -> kalki_drop */
+/* reason: a KALKI_R_*, | KALKI_DROP_DECOY once nftables knows the source */
 struct kalki_drop {
 	__u64 expires_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = never */
 	__u32 device;
 	__u32 reason;
 };
+/* The supervisor has put the source in nftables' set `attackers`, which redirects its packets
+ * to a deception device's decoy: only then may XDP pass them to such a device. */
+#define KALKI_DROP_DECOY (1u << 31)
 
 /* map: kalki_counters, per-CPU array [device * KALKI_R_MAX + reason] */
 struct kalki_counter {

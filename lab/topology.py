@@ -504,6 +504,7 @@ def _start_services(s: LabState, lab_dir: Path) -> None:
     s.pids["gate"] = spawn(s.namespaces["gw"], [
         py, "-m", "appliance.dataplane.gate", "--listen", "0.0.0.0:8181", "--credentials-file", str(creds),
         "--policy-dir", str(gate_policy_dir(s)), "--stats-file", str(lab_dir / "gate-stats.json"),
+        "--decoy-telnet-port", "2323", "--decoy-http-port", "8082",
         "--max-failures", "5", "--failure-window", "60", "--block-seconds", "300",
         "--block-command", block_command, *reporting],
         lab_dir / "gate.log")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from appliance.dataplane import umbox
 from appliance.dataplane.names import NameBindings
@@ -34,6 +35,8 @@ class FakeDataplane:
     def __init__(self):
         self.devices = {}
         self.blocked = {}
+        self.blocked_until = {}     # source -> (time.monotonic() it ends or None, device)
+        self.decoyed: set[str] = set()     # sources decoy_source was asked for
         self.tampered = []
         self.names = NameBindings(FakeTable())
 
@@ -82,9 +85,22 @@ class FakeDataplane:
 
     def block_source(self, ip, seconds, device=None):
         self.blocked[ip] = seconds
+        self.blocked_until[ip] = (time.monotonic() + seconds if seconds else None, device)
+
+    def decoy_source(self, ip):
+        self.decoyed.add(ip)
+        return ip in self.blocked
 
     def unblock_source(self, ip):
+        self.decoyed.discard(ip)
+        self.blocked_until.pop(ip, None)
         return self.blocked.pop(ip, None) is not None
+
+    def drop_set(self):
+        now = time.monotonic()
+        return [{"source": ip, "device": device, "reason": "drop_set",
+                 "seconds_left": None if until is None else round(until - now, 1)}
+                for ip, (until, device) in self.blocked_until.items() if until is None or until > now]
 
     def device_by_ip(self, ip):
         return next((n for n, s in self.devices.items() if s.ip == ip), None)

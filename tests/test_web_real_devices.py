@@ -15,7 +15,7 @@ from test_web import aiotest, client, login, new_name, set_admin
 from appliance.faces.web import views
 from appliance.faces.web.http import parse_multipart
 from appliance.policy import profiles
-from appliance.supervisor import accounts
+from appliance.supervisor import accounts, explain
 from appliance.vocab import iso
 
 sup = test_web.sup      # camera1 (198.18.0.10), plug1, and a new device waiting for approval
@@ -175,7 +175,10 @@ async def test_learning_from_the_page(sup):
         expires = sup.device("camera1")["posture_expires"]
         page = await (await c.get(r.headers["Location"])).text()
         assert "learning for 2 h" in page and 'id="learning"' in page
-        assert f"Learning until {expires[:19].replace('T', ' ')}, then normal" in page
+        until = explain.when(expires, sup.now(), "UTC")      # in the site's zone, never ISO
+        assert re.search(rf'Learning until <time title="[^"]+">{until["local"]}</time> '
+                         r'<span class="ago muted" data-at="[0-9.]+">in 2 h</span>, then normal',
+                         page)
         # what it does now is let through and recorded, with the name it resolved
         assert not sup.dp.answer(CAMERA_IP, [CLOUD], ["198.19.64.9"], 300)
         sup.on_kernel_alerts([("camera1", "egress-report", {**REFUSED, "reason": "egress_anomaly",

@@ -714,9 +714,30 @@ class Dataplane:
         entry = maps.Drop(expires_ns=expires, device=self.device_id(device) if device else 0,
                           reason=maps.Reason.DROP_SET)
         self._maps["kalki_drop_set"].update(ctypes.c_uint32(_ip_be(ip)), entry)
+        self.decoy_source(ip)
+
+    def decoy_source(self, ip: str) -> bool:
+        """Lets the decoys of deception devices answer a source in the drop set: nftables'
+        `attackers` gets it first (for a minute past the drop set's expiry, so nftables always
+        outlasts XDP), then the drop-set entry says so (KALKI_DROP_DECOY). Until then XDP drops
+        its packets to every device. False if the source is not in the drop set."""
+        key = ctypes.c_uint32(_ip_be(ip))
+        entry = self._maps["kalki_drop_set"].lookup(key)
+        if entry is None or self._nft is None:     # (no nftables: a bench's or a trial's pins)
+            return False
+        if entry.reason & maps.DROP_DECOY:
+            return True
+        left = (entry.expires_ns - time.monotonic_ns()) // 10**9 if entry.expires_ns else None
+        self._loaded_nft().add_attacker(ip, None if left is None else max(1, left) + 60)
+        entry.reason |= maps.DROP_DECOY
+        self._maps["kalki_drop_set"].update(key, entry)
+        return True
 
     def unblock_source(self, ip: str) -> bool:
-        return self._maps["kalki_drop_set"].delete(ctypes.c_uint32(_ip_be(ip)))
+        removed = self._maps["kalki_drop_set"].delete(ctypes.c_uint32(_ip_be(ip)))
+        if self._nft is not None:
+            self._nft.remove_attacker(ip)
+        return removed
 
     def drop_set(self) -> list[dict]:
         now = time.monotonic_ns()
@@ -726,7 +747,8 @@ class Dataplane:
             if v.expires_ns and v.expires_ns < now:
                 continue
             out.append({"source": _ip_str(k.value), "device": names.get(v.device),
-                        "reason": maps.Reason(v.reason).name.lower(),
+                        "reason": maps.Reason(v.reason & ~maps.DROP_DECOY).name.lower(),
+                        "decoy": bool(v.reason & maps.DROP_DECOY),
                         "seconds_left": round((v.expires_ns - now) / 1e9, 1) if v.expires_ns else None})
         return out
 
@@ -883,7 +905,8 @@ class Dataplane:
 
 def _nft_flags(compiled: umbox.CompiledStack) -> dict:
     return {"lateral_block": bool(compiled.flags & maps.Flag.LATERAL_BLOCK),
-            "quarantine": bool(compiled.flags & maps.Flag.QUARANTINE)}
+            "quarantine": bool(compiled.flags & maps.Flag.QUARANTINE),
+            "deception": bool(compiled.flags & maps.Flag.DECEPTION)}
 
 
 def remove_pins_dir(pin_dir: Path) -> None:

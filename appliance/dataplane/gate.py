@@ -28,6 +28,9 @@ gate relays bytes and sees no more requests.
 
 Counters per reason are logged on SIGUSR1 and at exit, and written to --stats-file.
 
+With --decoy-telnet-port and/or --decoy-http-port the same process and event loop also run the
+`deception` umbox's decoy (appliance/dataplane/decoy.py), which reports through --alert-command.
+
     python -m appliance.dataplane.gate --listen 0.0.0.0:8181 --policy-dir /run/kalki/gate \
         --credentials-file creds.json --block-command "kalki block {ip} {seconds} --reason \
         {reason} --target {target} --by gate" --alert-command "kalki raise-alert {kind} \
@@ -561,6 +564,8 @@ class Gate:
         if self.tracker.is_blocked(ip):
             raise _Refused(FORBIDDEN, "blocked", "still blocked")
         policy, why = self.policy_for(target)
+        if policy is not None and not policy.gated:     # (PolicyFiles.load says so too)
+            policy, why = None, f"the policy for {where} has no gate umbox"
         if policy is None:
             raise _Refused(simple_response(502, "Bad Gateway"), "no-policy", why, logging.ERROR)
         if policy.token_guard and self.token_tracker(target, policy.token_guard).is_blocked(ip):
@@ -727,6 +732,12 @@ def host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def tcp_port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value!r}")
+    return int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--listen", type=host_port, default=("0.0.0.0", 8181))
@@ -744,6 +755,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    '"kalki raise-alert {kind} --source {ip} --target {target} --details {details} '
                    '--by gate"')
     p.add_argument("--stats-file", help="counters per outcome, JSON, rewritten every few seconds")
+    p.add_argument("--decoy-telnet-port", type=tcp_port, help="the deception umbox's telnet decoy "
+                   "(appliance/dataplane/decoy.py) on this port of --listen's address; off without it")
+    p.add_argument("--decoy-http-port", type=tcp_port, help="the deception umbox's HTTP decoy on this "
+                   "port of --listen's address; off without it. The decoy reports through "
+                   "--alert-command ({kind} deception)")
     p.add_argument("--target-override", type=host_port)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -789,24 +805,40 @@ async def write_stats(gate: Gate, path: str) -> None:
         await asyncio.sleep(STATS_INTERVAL)
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
+    """The gate (and the decoy, when asked) until SIGTERM or SIGINT, or until `stop` is set
+    (then no signal handlers)."""
     on_block = command_blocker(args.block_command) if args.block_command else None
     on_alert, on_token_block = reporters(args.block_command, args.alert_command)
     tracker = FailureTracker(args.max_failures, args.failure_window, args.block_seconds, on_block)
     credentials = CredentialsFile(args.credentials_file) if args.credentials_file else None
-    gate = Gate(credentials, tracker, args.target_override,
-                policies=PolicyFiles(args.policy_dir) if args.policy_dir else None,
+    policies = PolicyFiles(args.policy_dir) if args.policy_dir else None
+    gate = Gate(credentials, tracker, args.target_override, policies=policies,
                 on_alert=on_alert, on_token_block=on_token_block)
     server = await serve(gate, *args.listen)
     log.info("gate listening on %s:%d", *args.listen)
+    decoy = None
+    decoy_servers: dict[str, asyncio.Server] = {}
+    if args.decoy_telnet_port or args.decoy_http_port:
+        from appliance.dataplane import decoy as decoy_mod  # (here: it imports this module)
+        decoy = decoy_mod.Decoy(policies, on_alert, gate.stats, target_override=args.target_override)
+        decoy_servers = await decoy_mod.serve(decoy, args.listen[0], args.decoy_telnet_port,
+                                              args.decoy_http_port)
+        for name, decoy_server in decoy_servers.items():
+            log.info("decoy (%s) listening on %s:%d", name, *decoy_server.sockets[0].getsockname()[:2])
     stats_task = asyncio.create_task(write_stats(gate, args.stats_file)) if args.stats_file else None
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats %s", dict(gate.stats)))
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats %s", dict(gate.stats)))
     await stop.wait()
+    for decoy_server in decoy_servers.values():
+        decoy_server.close()
+    if decoy is not None:
+        await decoy.aclose()        # each open session reports what it has
     log.info("stats %s", dict(gate.stats))
     if stats_task:
         stats_task.cancel()

@@ -2,8 +2,9 @@
 the data path writes and the gate reads, and the api_filter's rules. Standard library only: the
 supervisor writes these files, the gate (a process of its own) reads them.
 
-One file per gated device, `<dir>/<device IPv4>.json`, written whole (a temporary file renamed
-over it), removed when the device's posture has no gate umbox any more:
+One file per gated (or deceived) device, `<dir>/<device IPv4>.json`, written whole (a
+temporary file renamed over it), removed when the device's posture has no gate umbox (nor
+`deception`) any more:
 
     {"device": "light1", "port": 80, "auth": false,
      "allow": ["GET *", "PUT /api/*/lights/*/state"],
@@ -24,9 +25,18 @@ over it), removed when the device's posture has no gate umbox any more:
   `statuses`, or when `failure_text` (if not empty) is in the first 8 KiB of its body: a real
   Hue bridge answers a wrong token with status 200 and the error "unauthorized user".
 
-A file that is missing, unreadable, malformed, of another port or with keys this version does
-not know is no policy, and the gate then refuses the request (fails closed). The gate reads
-the file again for every request, so a posture change applies to open connections too.
+- `decoy`: null for none; otherwise the `deception` umbox's table, {"type": "camera"}: the
+  device's type (letters, digits, _ and -, at most 40), which the decoy
+  (appliance/dataplane/decoy.py) imitates for a source in the drop set. A file may have a
+  decoy and no gate umbox at all, `{"device": "cam1", "decoy": {"type": "camera"}}`: its
+  `port` may then be left out (or null), and the gate proxies nothing for it.
+
+A gate umbox is `auth` true, an `allow` list or a `token_guard`; `port` is required with one.
+A file that is missing, unreadable, malformed, of another port, with keys this version does
+not know, or without a gate umbox (a decoy alone) is no policy for the gate, which then
+refuses the request (fails closed). The gate reads the file again for every request, so a
+posture change applies to open connections too. The decoy reads the same file for the
+device's name and type whatever its port, and answers as `generic` without a usable one.
 """
 from __future__ import annotations
 
@@ -46,7 +56,9 @@ FAILURE_SCAN_BYTES = 8192       # of an answer's body, searched for failure_text
 # (minimum, maximum) of the token_guard's integers
 TOKEN_GUARD_BOUNDS = {"max_failures": (1, 1_000_000), "window_ms": (1, 3_600_000),
                       "block_seconds": (0, 86_400)}
-KEYS = {"device", "port", "auth", "allow", "token_guard"}
+KEYS = {"device", "port", "auth", "allow", "token_guard", "decoy"}
+DECOY_KEYS = {"type"}
+DECOY_TYPE = re.compile(r"[A-Za-z0-9_-]{1,40}")     # a device type's name (as profiles name one)
 
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}|\*")
 _BAD_PATH_CHARS = re.compile(r"[\x00-\x20\x7f\\?#]")
@@ -150,12 +162,37 @@ def check_token_guard(value) -> TokenGuard:
 
 
 @dataclass(frozen=True)
+class DecoyPolicy:
+    type: str = "generic"        # the device's type, which the decoy imitates
+
+
+def check_decoy(value) -> DecoyPolicy:
+    """The decoy table -> DecoyPolicy; ValueError naming the key."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table like {{\"type\": \"camera\"}}, got {value!r}")
+    unknown = set(value) - DECOY_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}")
+    kind = value.get("type")
+    if not isinstance(kind, str) or not DECOY_TYPE.fullmatch(kind):
+        raise ValueError(f"type: expected a device type's name (letters, digits, _ and -), got {kind!r}")
+    return DecoyPolicy(kind)
+
+
+@dataclass(frozen=True)
 class Policy:
-    port: int
+    port: int                    # 0: none (a decoy alone)
     auth: bool = False
     allow: tuple[Rule, ...] | None = None        # None: no api_filter
     token_guard: TokenGuard | None = None
     device: str = ""
+    decoy: DecoyPolicy | None = None             # None: no deception
+
+    @property
+    def gated(self) -> bool:
+        """Whether a gate umbox stands in front of the device: without one the gate passes
+        nothing (a file for the decoy alone must not open the device's web port)."""
+        return self.auth or self.allow is not None or self.token_guard is not None
 
     def allows(self, method: str, path: str | None) -> bool:
         if self.allow is None:
@@ -170,8 +207,18 @@ class Policy:
         unknown = set(data) - KEYS
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)}")
+        decoy = None
+        if data.get("decoy") is not None:
+            try:
+                decoy = check_decoy(data["decoy"])
+            except ValueError as e:
+                raise ValueError(f"decoy: {e}") from None
+        gated = (data.get("auth", False) is not False or data.get("allow") is not None
+                 or data.get("token_guard") is not None)
         port = data.get("port")
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        if port is None and decoy is not None and not gated:
+            port = 0            # a decoy alone: no web port for the gate
+        elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise ValueError(f"port: {port!r}")
         auth = data.get("auth", False)
         if not isinstance(auth, bool):
@@ -186,12 +233,13 @@ class Policy:
         device = data.get("device", "")
         if not isinstance(device, str):
             raise ValueError(f"device: {device!r}")
-        return cls(port, auth, rules, check_token_guard(guard) if guard is not None else None, device)
+        return cls(port, auth, rules, check_token_guard(guard) if guard is not None else None, device,
+                   decoy)
 
 
 class PolicyFiles:
     """The directory of policy files. The data path writes and removes them (`write`,
-    `remove`); the gate reads them (`load`)."""
+    `remove`); the gate reads them (`load`), and so does the decoy (`read`)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -227,9 +275,22 @@ class PolicyFiles:
             pass
 
     def load(self, ip: str, port: int) -> tuple[Policy | None, str]:
-        """(the device's policy for connections to `port`, "") or (None, why there is none).
-        The file is read every time (a few hundred bytes) and parsed again only when its
-        content changed: no clock or inode number can make a change go unseen."""
+        """(the device's policy for the gate's connections to `port`, "") or (None, why there
+        is none): a file without a gate umbox (a decoy alone) is none."""
+        policy, why = self.read(ip)
+        if policy is None:
+            return None, why
+        path = self.path(ip)
+        if not policy.gated:
+            return None, f"policy file {path} has no gate umbox (auth, allow, token_guard)"
+        if policy.port != port:
+            return None, f"policy file {path} is for port {policy.port}, not {port}"
+        return policy, ""
+
+    def read(self, ip: str) -> tuple[Policy | None, str]:
+        """(the device's policy file, whatever its port and umboxes, "") or (None, why there
+        is none). The file is read every time (a few hundred bytes) and parsed again only when
+        its content changed: no clock or inode number can make a change go unseen."""
         path = self.path(ip)
         try:
             raw = path.read_bytes()
@@ -245,9 +306,4 @@ class PolicyFiles:
             if len(self._loaded) > 65_536:
                 self._loaded.clear()
             self._loaded[ip] = cached
-        policy = cached[1]
-        if policy is None:
-            return None, cached[2]
-        if policy.port != port:
-            return None, f"policy file {path} is for port {policy.port}, not {port}"
-        return policy, ""
+        return cached[1], cached[2]

@@ -26,6 +26,7 @@ class Flag(enum.IntFlag):
     QUARANTINE_MGMT = 1 << 10
     PRESENT = 1 << 11
     DNS_GATEWAY_ONLY = 1 << 12
+    DECEPTION = 1 << 13
 
 
 class Reason(enum.IntEnum):
@@ -48,6 +49,9 @@ class Reason(enum.IntEnum):
 
 
 REASON_SLOTS = 16
+
+
+DROP_DECOY = 1 << 31     # kalki_drop.reason: nftables' `attackers` has the source (deception)
 
 
 class Action(enum.IntEnum):

@@ -15,6 +15,7 @@ as at 4,000 (bench_apply: nft_posture_change_ms), where a chain per device made 
 from __future__ import annotations
 
 import json
+import threading
 
 from appliance import netns
 from appliance.errors import DataplaneError
@@ -35,7 +36,10 @@ def _meta(key):
 _CT_NEW = _match({"ct": {"key": "state"}}, "new", "in")
 _ETHER_SADDR = {"payload": {"protocol": "ether", "field": "saddr"}}
 _IP_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
-DEVICE_SETS = ("macs", "ips", "lateral", "gate")     # the fixed sets that hold devices
+_IP_SADDR = {"payload": {"protocol": "ip", "field": "saddr"}}
+DEVICE_SETS = ("macs", "ips", "lateral", "gate", "deceive")     # the fixed sets that hold devices
+DECOY_PORTS = (2323, 8082)      # the gateway's decoy: telnet, web (appliance/dataplane/decoy.py)
+DECOYED_TELNET, DECOYED_WEB = 23, (80, 8080)     # a deception device's ports the decoy answers
 METER_SIZE = 65535
 STRAY = -1      # read_back's device id for elements someone else put in our sets
 
@@ -73,21 +77,30 @@ def _class_rule(name: str) -> list[dict]:
 class Nft:
     """Transactions against `inet kalki` inside one network namespace."""
 
-    def __init__(self, namespace: str | None, devices_if: str, gateway_ip: str, gate_port: int):
+    def __init__(self, namespace: str | None, devices_if: str, gateway_ip: str, gate_port: int,
+                 decoy_ports: tuple[int, int] = DECOY_PORTS):
         self.namespace = namespace
         self.devices_if = devices_if
         self.gateway_ip = gateway_ip
         self.gate_port = gate_port
+        self.decoy_telnet, self.decoy_http = decoy_ports
         self._classes: set[str] | None = None
         import nftables
         with netns.entered(namespace):
             self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        # One libnftables context is not safe in two threads at once (the tamper watch reads in
+        # a worker thread while the loop changes postures): a crossing aborted the supervisor
+        # inside libnftnl ("nf_tables kernel ABI is broken").
+        self._lock = threading.Lock()
+
+    def _cmd(self, commands: list[dict]):
+        with self._lock, netns.entered(self.namespace):
+            return self._nft.json_cmd({"nftables": commands})
 
     def run(self, commands: list[dict], what: str) -> dict:
-        with netns.entered(self.namespace):
-            rc, out, err = self._nft.json_cmd({"nftables": commands})
+        rc, out, err = self._cmd(commands)
         if rc != 0:
             raise DataplaneError(f"nftables refused {what}: {str(err).strip()}")
         return out or {}
@@ -116,6 +129,10 @@ class Nft:
             {"add": {"set": {**_T, "name": "ips", "type": "ipv4_addr"}}},
             {"add": {"set": {**_T, "name": "lateral", "type": "ether_addr"}}},
             {"add": {"set": {**_T, "name": "gate", "type": ["ipv4_addr", "inet_service"]}}},
+            # deception: the devices it is on, and the sources the drop set holds (mirrored by
+            # the data path, with a timeout past the drop set's own)
+            {"add": {"set": {**_T, "name": "deceive", "type": "ipv4_addr"}}},
+            {"add": {"set": {**_T, "name": "attackers", "type": "ipv4_addr", "flags": ["timeout"]}}},
             {"add": {"chain": {**_T, "name": "from_devices"}}},
             {"add": {"chain": {**_T, "name": "to_devices"}}},
             {"add": {"chain": {**_T, "name": "forward", "type": "filter", "hook": "forward",
@@ -134,6 +151,10 @@ class Nft:
                  _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
                  _match({"payload": {"protocol": "th", "field": "dport"}}, 53),
                  {"dnat": {"family": "ip", "addr": self.gateway_ip}}),
+            # What a known attacker sends a deception device and the decoy does not take (see
+            # prerouting) goes nowhere, even on a connection opened before it was known.
+            rule("forward", _match(_IP_SADDR, "@attackers"), _match(_IP_DADDR, "@deceive"),
+                 {"counter": None}, {"drop": None}),
             rule("forward", _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                  {"accept": None}),
             rule("forward", _match({"ct": {"key": "state"}}, "invalid", "in"), {"drop": None}),
@@ -167,15 +188,21 @@ class Nft:
                  {"counter": None}, {"drop": None}),
             # The gate learns the device it stands for from SO_ORIGINAL_DST. (A dnat through a
             # concatenated map would do too, but libnftables 1.0.6 crashes parsing it as JSON.)
+            # deception: XDP lets a drop-set source's packets to a deception device through once
+            # the source is in `attackers`; its telnet and web connections go to the decoy.
+            rule("prerouting", _match(_IP_SADDR, "@attackers"), _match(_IP_DADDR, "@deceive"),
+                 _match({"payload": {"protocol": "tcp", "field": "dport"}}, DECOYED_TELNET),
+                 {"counter": None}, {"redirect": {"port": self.decoy_telnet}}),
+            rule("prerouting", _match(_IP_SADDR, "@attackers"), _match(_IP_DADDR, "@deceive"),
+                 _match({"payload": {"protocol": "tcp", "field": "dport"}}, {"set": list(DECOYED_WEB)}),
+                 {"counter": None}, {"redirect": {"port": self.decoy_http}}),
             rule("prerouting", _match({"concat": [{"payload": {"protocol": "ip", "field": "daddr"}},
                                                   {"payload": {"protocol": "tcp", "field": "dport"}}]},
                                       "@gate"), {"redirect": {"port": self.gate_port}}),
         ]
 
     def table_exists(self) -> bool:
-        with netns.entered(self.namespace):
-            rc, _, _ = self._nft.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                            "name": TABLE}}}]})
+        rc, _, _ = self._cmd([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
         return rc == 0
 
     def create_table(self) -> None:
@@ -193,7 +220,8 @@ class Nft:
         out = self.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "reading inet kalki")
         items = json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         chains = {i["chain"]["name"] for i in items if "chain" in i}
-        if any("map" in i for i in items) or any(c.startswith("dev") for c in chains):
+        if (any("map" in i for i in items) or any(c.startswith("dev") for c in chains)
+                or self._base_rules_differ(items, chains)):
             self.run([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *self.base_commands()],
                      "replacing inet kalki of an older layout")
             self._classes = set()
@@ -201,6 +229,26 @@ class Nft:
         missing = [c for c in self.base_commands(chains) if "chain" in c["add"] or "rule" in c["add"]]
         if missing:
             self.run(self.base_commands(chains), "adding base chains to inet kalki")
+
+    def _base_rules_differ(self, items: list[dict], chains: set[str]) -> bool:
+        """Whether a base chain the table has holds other rules than this version's (an older
+        version's table; to_devices also holds one rule per connection-limit class)."""
+        have: dict[str, int] = {}
+        for i in items:
+            if "rule" in i and i["rule"]["chain"] in self.BASE_CHAINS:
+                have[i["rule"]["chain"]] = have.get(i["rule"]["chain"], 0) + 1
+        classes = sum(1 for i in items if "set" in i and _is_class(i["set"]["name"]))
+        want = self.expected_base_rules()
+        return any(have.get(c, 0) != want[c] + (classes if c == "to_devices" else 0)
+                   for c in self.BASE_CHAINS if c in chains)
+
+    def expected_base_rules(self) -> dict[str, int]:
+        base_rules = {c: 0 for c in self.BASE_CHAINS}
+        for cmd in self._base(self.devices_if, lambda chain, *expr: {"add": {"rule": {"chain": chain}}}):
+            body = cmd["add"].get("rule")
+            if body:
+                base_rules[body["chain"]] += 1
+        return base_rules
 
     def delete_table(self) -> None:
         if self.table_exists():
@@ -227,17 +275,20 @@ class Nft:
 
     def plan(self, device_id: int, mac: str, ip: str, conn_limit: dict | None, gate_port: int | None,
              current: dict | None, lateral_block: bool = False,
-             quarantine: bool = False) -> tuple[list[dict], dict] | None:
+             quarantine: bool = False, deception: bool = False) -> tuple[list[dict], dict] | None:
         """What makes the device's part of the table what it should be, given what the table
         holds for it now: (the transaction's commands, the device's state after them), or None
         when nothing needs to change. Only elements are added and deleted, and only those that
         differ. In quarantine the device has no element at all: it misses `macs` and `ips`,
         so nothing is forwarded to or from it even with XDP detached."""
         if quarantine:
-            wanted = empty_state()
+            # nothing forwarded to or from it; with deception a known attacker still meets the
+            # decoy (prerouting redirects to the gateway itself, forward drops the rest)
+            wanted = {**empty_state(), "deceive": [ip] if deception else []}
         else:
             wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
                       "lateral": [mac] if lateral_block else [],
+                      "deceive": [ip] if deception else [],
                       "classes": [(name, ip) for name in class_sets(conn_limit)]}
         current = current or empty_state()
         if not differs(current, wanted):
@@ -254,6 +305,19 @@ class Nft:
         if cmds and self._classes is not None:
             self._classes |= {name for name, _ in wanted["classes"]}
         return cmds, wanted
+
+    # -- deception: the drop set's sources, mirrored ------------------------------------
+    def add_attacker(self, ip: str, seconds: int | None) -> None:
+        """`ip` in `attackers` for `seconds` (None: until removed), replacing what was there."""
+        self.remove_attacker(ip)
+        elem: dict = {"val": ip}
+        if seconds:
+            elem["timeout"] = seconds
+        self.run([{"add": {"element": {**_T, "name": "attackers", "elem": [{"elem": elem}]}}}],
+                 f"marking {ip} an attacker for deception")
+
+    def remove_attacker(self, ip: str) -> None:
+        self._cmd([{"delete": {"element": {**_T, "name": "attackers", "elem": [ip]}}}])  # absent: fine
 
     def removal_commands(self, device_id: int, current: dict | None) -> list[dict]:
         plan = self.plan(device_id, "", "", None, None, current, quarantine=True)
@@ -275,12 +339,11 @@ class Nft:
         lists += [{"list": {"set": {**_T, "name": m}}} for m in DEVICE_SETS]
         lists += [{"list": {"set": {**_T, "name": c}}} for c in sorted(self.known_classes())]
         items: list[dict] = []
-        with netns.entered(self.namespace):
-            for command in lists:     # libnftables 1.0.6 refuses several list commands at once
-                rc, out, _ = self._nft.json_cmd({"nftables": [command]})
-                if rc != 0:
-                    break
-                items += json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
+        for command in lists:     # libnftables 1.0.6 refuses several list commands at once
+            rc, out, _ = self._cmd([command])
+            if rc != 0:
+                break
+            items += json.loads(out)["nftables"] if isinstance(out, str) else out["nftables"]
         if rc != 0:
             return None if not self.table_exists() else {"unreadable": True}
         chains = {i["chain"]["name"] for i in items
@@ -294,11 +357,7 @@ class Nft:
 
     def expected_fingerprint(self, state: dict[int, dict]) -> dict:
         """The outline the table has when it holds `state` (per device, as read_back gives)."""
-        base_rules = {c: 0 for c in self.BASE_CHAINS}
-        for cmd in self._base(self.devices_if, lambda chain, *expr: {"add": {"rule": {"chain": chain}}}):
-            body = cmd["add"].get("rule")
-            if body:
-                base_rules[body["chain"]] += 1
+        base_rules = self.expected_base_rules()
         classes = sorted(self.known_classes())
         base_rules["to_devices"] += len(classes)
         elements = {name: 0 for name in (*DEVICE_SETS, *classes)}
@@ -331,7 +390,7 @@ class Nft:
                 d = devices.setdefault(int(tag) if str(tag).isdigit() else STRAY, empty_state())
                 if name == "gate":
                     d["gates"].append(tuple(value["concat"]))
-                elif name in ("macs", "ips", "lateral"):
+                elif name in ("macs", "ips", "lateral", "deceive"):
                     d[name].append(value)
                 else:
                     d["classes"].append((name, value))
@@ -342,7 +401,7 @@ class Nft:
 
 
 def empty_state() -> dict:
-    return {"macs": [], "ips": [], "gates": [], "lateral": [], "classes": []}
+    return {"macs": [], "ips": [], "gates": [], "lateral": [], "deceive": [], "classes": []}
 
 
 def _is_class(name: str) -> bool:
@@ -365,6 +424,8 @@ def _elements(state: dict) -> set[tuple[str, str, object]]:
         out.add(("gate", "gate", tuple(gate)))
     for mac in state.get("lateral", ()):
         out.add(("mac", "lateral", mac))
+    for ip in state.get("deceive", ()):
+        out.add(("ip", "deceive", ip))
     for name, ip in state.get("classes", ()):
         out.add(("ip", name, ip))
     return out

@@ -61,6 +61,9 @@ CATALOGUE: dict[str, dict[str, Param]] = {
     # the device's DNS goes to the gateway only: DNS to any other resolver is refused, not
     # redirected to the gateway's resolver
     "dns_gateway_only": {},
+    # what a source in the drop set sends the device goes to the gateway's decoy (telnet 23,
+    # web 80 and 8080; the rest is dropped), which imitates the device and records the attempt
+    "deception": {"imitate": Param(str, "generic")},
     "lateral_block": {},
     "anti_spoof": {},
     "auth_gate": {"port": Param(int, 80, 1, 65_535)},
@@ -420,6 +423,8 @@ def compile_stack(stack, where: str = "",
         c.flags |= F.LATERAL_BLOCK
     if "dns_gateway_only" in params:
         c.flags |= F.DNS_GATEWAY_ONLY
+    if "deception" in params:
+        c.flags |= F.DECEPTION
     if "anti_spoof" in params:
         c.flags |= F.ANTI_SPOOF
     destinations = None
@@ -468,6 +473,16 @@ def compile_stack(stack, where: str = "",
             raise ConfigError(f"{where}umbox conn_limit: set concurrent or new_per_second")
         c.conn_limit = p
     c.gate_port, c.gate_policy = _gate(params, where)
+    if "deception" in params:
+        imitate = params["deception"]["imitate"]
+        if not isinstance(imitate, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,39}", imitate):
+            raise ConfigError(f"{where}umbox deception, parameter imitate: a device type's name "
+                              f"(lower-case letters, digits, - and _), got {imitate!r}")
+        # the decoy learns from the gate's policy file what to imitate; nftables never steers
+        # a decoy-only device's own web port to the gate (no gate_port)
+        c.gate_policy = {**(c.gate_policy or {"port": None, "auth": False, "allow": None,
+                                              "token_guard": None}),
+                         "decoy": {"type": imitate}}
     return c
 
 

@@ -24,7 +24,15 @@ INSTALLED_SUBDIR = "profiles"     # under the state directory: the profiles inst
 ADAPTER_KINDS = ("hue",)      # appliance.telemetry.adapters
 TYPE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")    # a type names a file: <type>.toml
 PROFILE_KEYS = ("type", "description", "mud_url", "postures", "telemetry", "commands", "rules",
-                "match", "adapter")
+                "match", "adapter", "default_logins")
+# [[default_logins]]: a device type's well-known factory logins, which the supervisor tries against
+# an approved device's own login services (appliance.supervisor.logins).
+LOGIN_SERVICES = ("telnet", "http_basic", "http_form")
+LOGIN_KEYS = ("service", "port", "user", "password", "path")
+LOGIN_PATHS = {"http_basic": "/", "http_form": "/login"}     # the default path per HTTP service
+MAX_DEFAULT_LOGINS = 10          # each is one login try, a second or more apart
+MAX_LOGIN_TEXT = 64              # user and password
+MAX_LOGIN_PATH = 200
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Profile:
     adapter: dict | None = None                     # a polling adapter (appliance.telemetry.adapters)
     mud_url: str | None = None                      # the RFC 8520 MUD URL it was imported from
     installed: bool = False                         # installed at run time, not shipped
+    # [[default_logins]]: {service, port, user, password, path (http only)}, checked
+    default_logins: list = field(default_factory=list)
 
     def matches(self, mac: str, identity: dict) -> bool:
         """Whether a newly seen device looks like this type (a suggestion for the operator)."""
@@ -120,9 +130,10 @@ def parse_profile(data: dict, path: Path, installed: bool = False) -> Profile:
     adapter = None
     if "adapter" in data:
         adapter = check_profile_adapter(data["adapter"], path.name)
+    logins = check_default_logins(data.get("default_logins", []), path.name)
     return Profile(data["type"], data.get("description", ""), checked, path,
                    data.get("telemetry", {}), data.get("commands", {}), parsed, match, adapter,
-                   mud_url, installed)
+                   mud_url, installed, logins)
 
 
 def installed_dir(state_directory: Path | str) -> Path:
@@ -206,6 +217,8 @@ def dump_profile(data: dict, comments: list[str] | tuple[str, ...] = ()) -> str:
             lines += ["", f"[{table}]"] + [f"{_key(k)} = {toml_value(v)}" for k, v in data[table].items()]
     for rule in data.get("rules", []):
         lines += ["", "[[rules]]"] + [f"{_key(k)} = {toml_value(v)}" for k, v in rule.items()]
+    for login in data.get("default_logins", []):
+        lines += ["", "[[default_logins]]"] + [f"{_key(k)} = {toml_value(v)}" for k, v in login.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -281,3 +294,50 @@ def check_profile_adapter(data, where: str) -> dict:
     if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.2 <= poll <= 3600:
         raise ConfigError(f"{where}: adapter.poll_seconds must be 0.2 to 3600, got {poll!r}")
     return {"kind": data["kind"], "poll_seconds": float(poll)}
+
+
+def check_default_logins(data, where: str) -> list[dict]:
+    """[[default_logins]]: each {service, port, user, password, path}; `path` for the HTTP
+    services only (default "/" for http_basic, "/login" for http_form). Returns them checked,
+    with the path filled in."""
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise ConfigError(f"{where}: key 'default_logins' must be a list of tables ([[default_logins]])")
+    if len(data) > MAX_DEFAULT_LOGINS:
+        raise ConfigError(f"{where}: default_logins: {len(data)} entries; at most {MAX_DEFAULT_LOGINS} "
+                          "(each is a login try on the device)")
+    out: list[dict] = []
+    for i, entry in enumerate(data):
+        at = f"{where}: default_logins[{i}]"
+        unknown = set(entry) - set(LOGIN_KEYS)
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)} (known: {', '.join(LOGIN_KEYS)})")
+        service = entry.get("service")
+        if service not in LOGIN_SERVICES:
+            raise ConfigError(f"{at}.service: expected one of {', '.join(LOGIN_SERVICES)}, got {service!r}")
+        port = entry.get("port")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"{at}.port: expected a port 1 to 65535, got {port!r}")
+        user = entry.get("user")
+        if not isinstance(user, str) or not user:
+            raise ConfigError(f"{at}.user: expected a user name (text, not empty), got {user!r}")
+        password = entry.get("password")
+        if not isinstance(password, str):
+            raise ConfigError(f"{at}.password: expected text (\"\" for none), got {type(password).__name__}")
+        for key, value in (("user", user), ("password", password)):
+            if len(value) > MAX_LOGIN_TEXT or any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+                raise ConfigError(f"{at}.{key}: at most {MAX_LOGIN_TEXT} characters, no control "
+                                  "characters")
+        login = {"service": service, "port": port, "user": user, "password": password}
+        if service in LOGIN_PATHS:
+            path = entry.get("path", LOGIN_PATHS[service])
+            if (not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_LOGIN_PATH
+                    or any(ord(c) <= 0x20 or ord(c) >= 0x7f for c in path)):
+                raise ConfigError(f"{at}.path: expected a path starting with / of at most "
+                                  f"{MAX_LOGIN_PATH} printable ASCII characters, no spaces, got {path!r}")
+            login["path"] = path
+        elif "path" in entry:
+            raise ConfigError(f"{at}.path: only the HTTP services (http_basic, http_form) have a path")
+        if login in out:
+            raise ConfigError(f"{at}: the same login as default_logins[{out.index(login)}]")
+        out.append(login)
+    return out

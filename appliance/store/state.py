@@ -127,6 +127,27 @@ def _posture_after(value, what: str) -> list[dict]:
     return out
 
 
+def _logins_checked(value, what: str) -> dict:
+    """The last default-login check of a device (appliance.supervisor.logins): a small table
+    of texts and numbers, with a list of results. Never a password: a record that holds one
+    anywhere is refused."""
+    value = _json(value, what)
+    if not isinstance(value, dict) or len(json.dumps(value)) > 8192:
+        raise StoreError(f"{what}: expected a table of at most 8 KB")
+
+    def no_password(x, where: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if "password" in str(k).lower():
+                    raise StoreError(f"{where}: holds a password ({k!r}); the check records none")
+                no_password(v, f"{where}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                no_password(v, f"{where}[{i}]")
+    no_password(value, what)
+    return value
+
+
 def _plain(doc) -> dict:
     """The document as the caller's own dict."""
     return copy.deepcopy(dict(doc))
@@ -361,7 +382,8 @@ class Store:
         culprit = f"device {name!r}"
         if "name" in fields:
             raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
-        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow", "mud_offer"}
+        unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow", "mud_offer",
+                                                "logins_checked"}
         if unknown:
             raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
         out = {}
@@ -404,6 +426,8 @@ class Store:
                 if not texts or len(value) > 16:
                     raise StoreError(f"{what}: expected a table of texts, got {value!r}")
                 value = dict(value)
+            elif key == "logins_checked" and value is not None:   # the default-login check's last run
+                value = _logins_checked(value, what)
             out[key] = value
         if "posture" in out and out["posture"] != current["posture"]:
             out.setdefault("posture_since", now)

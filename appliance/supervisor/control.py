@@ -76,7 +76,10 @@ async def serve_client(ops: Ops, reader: asyncio.StreamReader, writer: asyncio.S
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ConfigError("a request is a JSON object")
-                    answer = {"ok": True, "result": handle(ops, req)}
+                    result = handle(ops, req)
+                    if inspect.isawaitable(result):     # an operation that talks to a device
+                        result = await result
+                    answer = {"ok": True, "result": result}
                 except json.JSONDecodeError as e:
                     answer = {"ok": False, "error": f"malformed request: {e}"}
                 except RecursionError:

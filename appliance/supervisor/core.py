@@ -28,6 +28,7 @@ from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
+from appliance.supervisor import logins
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
 from appliance.supervisor.memory import Listeners, Recent
@@ -92,6 +93,10 @@ class Supervisor:
         self._mud_failed: dict[str, tuple[float, str]] = {}
         self._mud_tasks: set[asyncio.Future] = set()
         self._mud_executor: concurrent.futures.ThreadPoolExecutor | None = None   # its own threads
+        # The default-login checks running, one per device at most (see check_logins), and the
+        # address they go to instead of the device's (tests only: None is the device's own).
+        self._login_checks: dict[str, asyncio.Future] = {}
+        self.login_address: str | None = None
         for name, d in self.known.items():
             offer = d.get("mud_offer") or {}
             if not d.get("approved") and offer.get("state") == "offered" and offer.get("type"):
@@ -355,6 +360,8 @@ class Supervisor:
             self._dp.close()
         if self._mud_executor:
             self._mud_executor.shutdown(wait=False, cancel_futures=True)
+        for task in list(self._login_checks.values()):
+            task.cancel()
         self._stop.set()
         self.store.close()
 
@@ -479,6 +486,15 @@ class Supervisor:
                 e = {**e, "clone": f"another station uses this device's identity "
                                    f"(port {clone['port'] or '?'})"}
             self.raise_alert(device, kind, "kernel", e, received)
+            if e.get("action") == "blocked" and e.get("src"):
+                self._decoy(e["src"])
+
+    def _decoy(self, src: str) -> None:
+        """A source a detector put in the drop set: deception devices' decoys may answer it."""
+        try:
+            self.dp.decoy_source(src)
+        except KalkiError as e:      # it stays dropped everywhere: closed, not open
+            log.error("deception: %s stays dropped for every device: %s", src, e)
 
     # -- stations below the gateway (appliance.telemetry.stations) ----------------------------
     def on_clone(self, clone, cut: str | None) -> None:
@@ -780,6 +796,7 @@ class Supervisor:
         self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
         if self.bus:
             self.bus.publish_discovery(name, type)
+        self._check_logins_soon(name, f"approval by {actor}")
         return self.known[name]
 
     def remove(self, name: str, actor: str = "operator") -> None:
@@ -954,6 +971,95 @@ class Supervisor:
             log.error("device %s: the MUD file's offer not recorded: %s", name, e)
             return
         self.notify({"kind": "device", "device": name, "event": "mud-offer"})
+
+    # -- the default-login check (appliance.supervisor.logins) ----------------------------------
+    def _check_logins_soon(self, name: str, actor: str) -> None:
+        """After an approval: the check behind the loop, if the device's type lists default
+        logins and there is a running loop (a test without one checks nothing)."""
+        loop = self.loop
+        d = self.known.get(name) or {}
+        p = self.profiles.get(d.get("type") or "")
+        if loop is None or not loop.is_running() or p is None or not p.default_logins:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._start_login_check(name, actor)
+        else:
+            loop.call_soon_threadsafe(self._start_login_check, name, actor)
+
+    def _start_login_check(self, name: str, actor: str) -> asyncio.Future:
+        """The device's check: the one running, or a new one (on the loop)."""
+        task = self._login_checks.get(name)
+        if task is not None and not task.done():
+            return task
+        task = asyncio.ensure_future(self._check_logins(name, actor))
+        self._login_checks[name] = task
+
+        def finished(t: asyncio.Future) -> None:
+            if self._login_checks.get(name) is t:
+                del self._login_checks[name]
+            if not t.cancelled() and t.exception() is not None:
+                e = t.exception()
+                if isinstance(e, KalkiError):
+                    log.warning("device %s: default-login check: %s", name, e)
+                else:
+                    log.error("device %s: default-login check failed", name, exc_info=e)
+        task.add_done_callback(finished)
+        return task
+
+    async def check_logins(self, name: str, actor: str = "operator") -> dict:
+        """Tries the device's type's default logins now (or waits for the check already
+        running) and returns what came of it. Refused for an unknown or unapproved device."""
+        d = self.device(name)
+        if not d.get("approved"):
+            raise ConfigError(f"device {name}: not approved: the gateway tries no login on a device "
+                              "the operator has not approved (approve it first)")
+        return await asyncio.shield(self._start_login_check(name, actor))
+
+    async def _check_logins(self, name: str, actor: str) -> dict:
+        """Runs the check, records it on the device (logins_checked: the entries without their
+        passwords and each outcome), audits it, and raises one default-credentials alert
+        listing every login that worked."""
+        d = self.device(name)
+        if not d.get("approved"):
+            raise ConfigError(f"device {name}: not approved: no login is tried")
+        type_, posture = d.get("type") or "", d.get("posture") or "unknown"
+        p = self.profiles.get(type_)
+        entries = p.default_logins if p is not None else []
+        record: dict[str, Any] = {"at": iso(self.now()), "by": actor, "type": type_, "posture": posture,
+                                  "state": "done", "results": []}
+        address = self.login_address or d.get("ip")
+        if not entries:
+            record.update(state="skipped", reason=f"its type {type_} lists no default logins")
+        elif not address:
+            record.update(state="skipped", reason="no address known yet")
+        elif "quarantine" in self.stack_of(d, posture):
+            # XDP drops the device's replies to the gateway too: nothing could answer.
+            record.update(state="skipped", reason=f"posture {posture} quarantines it: check again "
+                                                  "once it is out of quarantine")
+        else:
+            record["results"] = await logins.check(entries, address)
+        worked = [r for r in record["results"] if r["outcome"] == "success"]
+        record["found"] = len(worked)
+        if name not in self.known:      # removed while it ran
+            return record
+        self._update_device(name, logins_checked=record)
+        outcomes = collections.Counter(r["outcome"] for r in record["results"])
+        self.store.audit("check-logins", actor, {"device": name, "state": record["state"],
+                                                 "outcomes": dict(outcomes)})
+        if worked:
+            which = ", ".join(f"{r['user']} on {r['service']} port {r['port']}" for r in worked)
+            self.raise_alert(name, "default-credentials", "supervisor",
+                             {"logins": [{k: r[k] for k in ("service", "port", "user", "path", "outcome")
+                                          if k in r} for r in worked],
+                              "message": f"{name} accepts its type's default login ({which}): change "
+                                         "the password on the device itself"},
+                             time.monotonic_ns())
+        self.notify({"kind": "device", "device": name, "event": "logins-checked"})
+        return record
 
     # -- listeners (the web page's live view, the LEDs) -----------------------------------
     def subscribe(self) -> asyncio.Queue:

@@ -22,10 +22,11 @@ from appliance.dataplane import umbox
 from appliance.errors import ConfigError, KalkiError, StoreError, UnknownDeviceError
 from appliance.policy import mud as mudfiles
 from appliance.policy import profiles
-from appliance.supervisor import accounts, flows
+from appliance.supervisor import accounts, explain, flows
 from appliance.supervisor import backup as backups
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
-from appliance.vocab import ALERT_SOURCES, LEARNING_SECONDS, SETTABLE_POSTURES, check_posture, iso
+from appliance.supervisor.explain import destination_words, seconds_words  # noqa: F401  (the faces' words)
+from appliance.vocab import ALERT_SOURCES, LEARNING_SECONDS, SETTABLE_POSTURES, check_posture, iso, stricter
 
 # The control socket's requests, each an Ops method of the same name.
 CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "device_remove",
@@ -33,7 +34,9 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
            "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel",
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
            "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
-           "backup", "restore")
+           "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release")
+
+MAX_BLOCK_SECONDS = 30 * 86400       # a source blocked from the page: at most 30 days (0: until unblocked)
 
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
@@ -219,7 +222,7 @@ class Ops:
         view["names"] = sup.dp.names_of(name) if held else {"bound": [], "refused": {}}
         # flows outside its profile: refused (for the operator to allow), learnt (while learning)
         view["flows"] = {"refused": sup.flows.of("refused", name), "learnt": sup.flows.of("learnt", name)}
-        view["alerts"] = sup.store.alerts(device=name, limit=20)
+        view["alerts"] = self._explained(sup.store.alerts(device=name, limit=20))
         view["umboxes"] = sup.profiles[d["type"]].stack(d["posture"]) if d.get("type") in sup.profiles else {}
         return view
 
@@ -252,6 +255,15 @@ class Ops:
                               f"{self._sup.mud_cache}: it is fetched again when the device renews "
                               "its lease; or import it (kalki profile import)")
         self._profile_import(got.text, url, type=type, actor=actor, signature=got.signature)
+
+    async def device_check_logins(self, name, actor: str = "operator") -> dict:
+        """Tries the device type's default logins (its profile's [[default_logins]]) against the
+        device now, from the gateway, and returns the outcomes (never a password); a login that
+        works raises a default-credentials alert. Only for an approved device; while a check
+        runs (one starts at approval), this waits for it."""
+        if not isinstance(name, str):
+            raise ConfigError(f"device: expected a device's name, got {name!r}")
+        return await self._sup.check_logins(name, actor=actor)
 
     def device_remove(self, name, actor: str = "operator") -> dict:
         self._sup.remove(name, actor=actor)
@@ -359,11 +371,14 @@ class Ops:
         return {"device": name, "posture": "normal"}
 
     def alerts(self, device=None, limit=50) -> list[dict]:
-        return self._sup.store.alerts(device=device, limit=int(limit))
+        """Newest first, each with its "explanation" in words (explain.alert_words)."""
+        return self._explained(self._sup.store.alerts(device=device, limit=int(limit)))
 
     def decisions(self, device=None, limit=50, kind=None) -> list[dict]:
-        """Decisions (kind "decision"), the audit trail ("audit"), or both (None)."""
-        return self._sup.store.decisions(device=device, limit=int(limit), kind=kind)
+        """Decisions (kind "decision"), the audit trail ("audit"), or both (None); each decision
+        with its "explanation" in words."""
+        return self._explained_decisions(self._sup.store.decisions(device=device, limit=int(limit),
+                                                                   kind=kind))
 
     def maintenance(self, minutes, actor: str = "operator") -> dict:
         minutes = _minutes(minutes)
@@ -398,7 +413,8 @@ class Ops:
     def raise_alert(self, kind, source=None, target=None, by="operator", details=None) -> dict:
         """An alert reported from outside the supervisor, e.g. the gate's api-denied: `kind`
         lower-case words joined by -, `source` and `target` (the device's address) IPv4,
-        `details` a table (or its JSON) of at most 2 KB. Rules see it as any other alert."""
+        `details` a table (or its JSON) of at most 2 KB (8 KB for the decoy's `deception`
+        evidence, appliance/dataplane/decoy.py). Rules see it as any other alert."""
         if not isinstance(kind, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,39}", kind):
             raise ConfigError(f"raise_alert: kind {kind!r}: lower-case letters, digits and -")
         if by not in ALERT_SOURCES:
@@ -415,18 +431,193 @@ class Ops:
             except ValueError as e:
                 raise ConfigError(f"raise_alert: details: {e}") from None
         details = details or {}
-        if not isinstance(details, dict) or len(json.dumps(details)) > 2048:
-            raise ConfigError("raise_alert: details must be a table of at most 2 KB")
+        limit = 8192 if kind == "deception" else 2048
+        if not isinstance(details, dict) or len(json.dumps(details)) > limit:
+            raise ConfigError(f"raise_alert: details must be a table of at most {limit // 1024} KB")
         sup = self._sup
         device = sup.dp.device_by_ip(target) if target else None
         return sup.raise_alert(device, kind, by, {**details, **({"source": source} if source else {})},
                                time.monotonic_ns())
 
     def unblock_source(self, ip, by="operator") -> dict:
+        try:
+            ipaddress.IPv4Address(ip if isinstance(ip, str) else "")
+        except ValueError:
+            raise ConfigError(f"unblock: {ip!r} is not an IPv4 address") from None
         sup = self._sup
         removed = sup.dp.unblock_source(ip)
         sup.store.audit("unblock", by, {"source": ip, "was_blocked": removed})
         return {"unblocked": ip, "was_blocked": removed}
+
+    def blocked_sources(self) -> list[dict]:
+        """The sources in the kernel's drop set, by address: source, device, reason (the
+        detector's, or drop_set for a block by hand), why (in words), seconds_left and until
+        (ISO; None: until unblocked)."""
+        sup = self._sup
+        if not sup.attached:
+            return []
+        now = sup.now()
+        out = []
+        for entry in sup.dp.drop_set():
+            left = entry.get("seconds_left")
+            out.append({**entry, "why": explain.drop_words(entry),
+                        "until": None if left is None else iso(now + datetime.timedelta(seconds=left))})
+        return sorted(out, key=lambda b: ipaddress.IPv4Address(b["source"]))
+
+    # -- alerts in plain words, times in the site's time zone (appliance.supervisor.explain) --
+    def _timezone(self) -> str:
+        return self._sup.settings().get("timezone") or "UTC"
+
+    def when(self, at) -> dict | None:
+        """A stored time as people read it, in the site's time zone: {"local": "23:00:08",
+        "ago": "3 min ago", "title", "epoch"}; None if `at` is no time."""
+        return explain.when(at, self._sup.now(), self._timezone())
+
+    def _stack(self, device: str | None, posture: str) -> dict | None:
+        """The umbox stack the device's profile gives it in `posture`."""
+        d = self._sup.known.get(device or "")
+        p = self._sup.profiles.get(d.get("type") or "") if d else None
+        return p.postures.get(posture) if p else None
+
+    def _explained(self, alerts: list[dict], recent: int = 500) -> list[dict]:
+        """Each alert with "explanation": what happened, why it matters, and the posture that
+        followed with what it lets the device reach (the decision a rule took on the alert, else
+        the posture the device was in). The same words for the same alert on every call (its
+        time aside, which says "Sat 23:00" rather than "23:00:08" once the day is over). The
+        decisions looked at are the `recent` last ones."""
+        if not alerts:
+            return alerts
+        sup = self._sup
+        now, tz = sup.now(), self._timezone()
+        decided = explain.match_decisions(alerts, sup.store.decisions(kind="decision", limit=recent))
+        by_ip = {d["ip"]: n for n, d in sup.known.items() if d.get("ip")}
+        histories: dict[str, list[dict]] = {}
+        for i, a in enumerate(alerts):
+            device = a.get("device") if isinstance(a.get("device"), str) else None
+            d = sup.known.get(device or "")
+            step = explain.decided_step(decided.get(i), device)
+            before = None
+            if device is not None and d is not None and step is None:
+                if device not in histories:
+                    histories[device] = sup.store.posture_history(device, limit=50)
+                before = explain.posture_at(histories[device], a.get("at"))
+
+            def stack(posture: str, device: str | None = device) -> dict | None:
+                return self._stack(device, posture)
+            sentence = explain.posture_sentence(device if d else None, bool(d and d.get("approved")),
+                                                str(a.get("type")), step, before, stack)
+            w = explain.when(a.get("at"), now, tz)
+            a["explanation"] = explain.alert_words(
+                a, explain.Context(device, d.get("ip") if d else None, by_ip.get, str(a.get("at") or "")),
+                w["local"] if w else "", sentence)
+        return alerts
+
+    def _explained_decisions(self, recs: list[dict]) -> list[dict]:
+        now, tz = self._sup.now(), self._timezone()
+        for r in recs:
+            if r.get("kind", "decision") == "decision" and r.get("rule"):
+                w = explain.when(r.get("at"), now, tz)
+                r["explanation"] = explain.decision_words(r, w["local"] if w else "", self._stack)
+        return recs
+
+    def alert_event(self, event: dict) -> dict:
+        """A live alert (subscribe()) as the page shows it: with its explanation and "when"."""
+        a = self._explained([dict(event)], recent=20)[0]     # its decision was the last, if any
+        a["when"] = self.when(a.get("at"))
+        return a
+
+    def alert_rows(self, device=None, limit=50) -> list[dict]:
+        """alerts() as the page shows them, each also with "when" (its time in the site's time
+        zone), "handled" (kept or released: how, by whom, when; or None) and "actions": what may
+        be done about it, {"release": bool, "keep": bool, "block": the source's address or None}."""
+        sup = self._sup
+        alerts = self.alerts(device, limit)
+        handled = self._handled_alerts()
+        blocked = {b["source"] for b in self.blocked_sources()}
+        for a in alerts:
+            a["when"] = self.when(a.get("at"))
+            h = a["handled"] = handled.get(a["id"]) if isinstance(a.get("id"), int) else None
+            d = sup.known.get(a.get("device") or "")
+            source = self._alert_source(a)
+            a["actions"] = {
+                "release": bool(not h and d and d.get("approved") and stricter(d.get("posture"), "normal")),
+                "keep": not h,
+                "block": source if not h and source and source not in blocked else None}
+        return alerts
+
+    def _handled_alerts(self) -> dict[int, dict]:
+        """{alert id: {"how": "kept" or "released", "by", "at", "when"}} from the audit log."""
+        out = {}
+        for rec in reversed(self._sup.store.decisions(kind="audit", limit=500)):
+            how = {"alert-keep": "kept", "alert-release": "released"}.get(rec.get("event"))
+            alert_id = (rec.get("details") or {}).get("alert")
+            if how and isinstance(alert_id, int):
+                out[alert_id] = {"how": how, "by": rec.get("actor"), "at": rec.get("at"),
+                                 "when": self.when(rec.get("at"))}
+        return out
+
+    def _alert_source(self, a: dict) -> str | None:
+        """The address an alert is about that the drop set could hold: the kernel event's
+        source, or the source the gate or a rule reported; never the device's own address or
+        the gateway's."""
+        found = a.get("details")
+        details: dict = found if isinstance(found, dict) else {}
+        raw = details.get("src") if a.get("source") == "kernel" else (details.get("source")
+                                                                       or details.get("src"))
+        try:
+            ip = str(ipaddress.IPv4Address(raw)) if isinstance(raw, str) else None
+        except ValueError:
+            return None
+        d = self._sup.known.get(a.get("device") or "")
+        if ip is None or (d and d.get("ip") == ip) or ip == self._sup.cfg.gateway.address:
+            return None
+        return ip
+
+    def _alert(self, alert) -> dict:
+        if isinstance(alert, str) and alert.isdigit():
+            alert = int(alert)
+        if isinstance(alert, bool) or not isinstance(alert, int):
+            raise ConfigError(f"alert: expected an alert's id (a number), got {alert!r}")
+        found = next((a for a in self._sup.store.alerts(limit=1000) if a["id"] == alert), None)
+        if found is None:
+            raise ConfigError(f"alert {alert} does not exist (or is among the oldest, beyond 1000)")
+        return found
+
+    def alert_keep(self, alert, actor: str = "operator") -> dict:
+        """The operator saw the alert and keeps the posture that followed: an audit record, and
+        the page offers nothing more for it."""
+        a = self._alert(alert)
+        self._sup.store.audit("alert-keep", actor, {"alert": a["id"], "type": a["type"],
+                                                    **({"device": a["device"]} if a.get("device") else {})})
+        return {"alert": a["id"], "kept": True}
+
+    def alert_release(self, alert, actor: str = "operator") -> dict:
+        """The alert's device back to normal (posture_reset), and an audit record of why."""
+        a = self._alert(alert)
+        if not a.get("device") or a["device"] not in self._sup.known:
+            raise ConfigError(f"alert {a['id']} ({a['type']}) is about no device here: nothing to release")
+        done = self.posture_reset(a["device"], actor=actor)
+        self._sup.store.audit("alert-release", actor, {"alert": a["id"], "type": a["type"],
+                                                       "device": a["device"]})
+        return {"alert": a["id"], **done}
+
+    def alert_block(self, alert, seconds, actor: str = "operator") -> dict:
+        """The alert's source into the drop set (block_source) for `seconds` (or "15m", "1d";
+        0: until unblocked), with an audit record."""
+        a = self._alert(alert)
+        source = self._alert_source(a)
+        if source is None:
+            raise ConfigError(f"alert {a['id']} ({a['type']}) names no source address to block")
+        if isinstance(seconds, str) and seconds.strip().isdigit():
+            seconds = int(seconds)
+        seconds = 0 if seconds in (0, "0") else policy.parse_duration(seconds, "block for")
+        if seconds > MAX_BLOCK_SECONDS:
+            raise ConfigError(f"block for: at most 30 days ({MAX_BLOCK_SECONDS} s), got {seconds} s")
+        d = self._sup.known.get(a.get("device") or "")
+        done = self.block_source(source, seconds, target=d.get("ip") if d else None)
+        self._sup.store.audit("block", actor, {"source": source, "seconds": seconds, "alert": a["id"],
+                                               **({"device": a["device"]} if d else {})})
+        return done
 
     def dhcp_lease(self, action, mac=None, ip=None, identity=None) -> dict:
         if action in ("add", "old"):
@@ -494,7 +685,10 @@ class Ops:
         p = self._profile(type)
         return {**self._profile_row(p), "postures": p.postures, "match": p.match,
                 "telemetry": p.telemetry, "commands": p.commands, "adapter": p.adapter,
-                "rules": [r.name for r in p.rules]}
+                "rules": [r.name for r in p.rules],
+                # what the check tries, without the passwords (the profile's file has them)
+                "default_logins": [{k: v for k, v in x.items() if k != "password"}
+                                   for x in p.default_logins]}
 
     def profile_import(self, text, filename, type=None, device_ip=None, actor: str = "operator") -> dict:
         """Installs a profile from a TOML profile or an RFC 8520 MUD file (JSON), told apart by
@@ -639,7 +833,7 @@ class Ops:
     def device_detail(self, name: str) -> dict:
         view = self.device_show(name)
         view["telemetry"] = self.telemetry(name)
-        view["decisions"] = self._sup.store.decisions(device=name, limit=30)
+        view["decisions"] = self._explained_decisions(self._sup.store.decisions(device=name, limit=30))
         view["kernel_alerts"] = [a for a in view.get("alerts", []) if a.get("source") == "kernel"]
         return view
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from microdot import Response
@@ -17,6 +18,7 @@ from appliance.supervisor.ops import SETTABLE_POSTURES, error_status
 from appliance.vocab import DAYS
 
 MAX_LIMIT = 1000
+log = logging.getLogger("kalki.web")
 
 
 def actor(request) -> str:
@@ -230,6 +232,35 @@ async def alerts(request):
 
 
 @endpoint
+async def alert_keep(request):
+    return ok(ops_of(request).alert_keep(request.url_args["id"], actor=actor(request)))
+
+
+@endpoint
+async def alert_release(request):
+    return ok(ops_of(request).alert_release(request.url_args["id"], actor=actor(request)))
+
+
+@endpoint
+async def alert_block(request):
+    data = await body(request)
+    known_keys(data, ("seconds",), "block")
+    if "seconds" not in data:
+        raise ConfigError("block: missing 'seconds' (0: until unblocked; or \"15m\", \"1d\")")
+    return ok(ops_of(request).alert_block(request.url_args["id"], data["seconds"], actor=actor(request)))
+
+
+@endpoint
+async def blocked(request):
+    return ok(ops_of(request).blocked_sources())
+
+
+@endpoint
+async def unblock(request):
+    return ok(ops_of(request).unblock_source(request.url_args["source"], by=actor(request)))
+
+
+@endpoint
 async def decisions(request):
     kind = request.args.get("kind")
     if kind not in (None, "decision", "audit"):
@@ -365,6 +396,11 @@ async def events(request):
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
+                if event.get("kind") == "alert":     # with its words and local time, for the page
+                    try:
+                        event = ops.alert_event(event)
+                    except Exception:      # noqa: BLE001 - the event goes out as it came
+                        log.exception("web: explaining alert %s", event.get("type"))
                 yield f"data: {json.dumps(event, default=str)}\n\n".encode()
         finally:
             ops.unsubscribe(q)
@@ -396,6 +432,11 @@ def add_routes(app) -> None:
     route(app, "GET", "/api/profiles/<type>/export", profile_export)
     route(app, "POST", "/api/maintenance", maintenance)
     route(app, "GET", "/api/alerts", alerts)
+    route(app, "POST", "/api/alerts/<id>/keep", alert_keep)
+    route(app, "POST", "/api/alerts/<id>/release", alert_release)
+    route(app, "POST", "/api/alerts/<id>/block", alert_block)
+    route(app, "GET", "/api/blocked", blocked)
+    route(app, "DELETE", "/api/blocked/<source>", unblock)
     route(app, "GET", "/api/decisions", decisions)
     route(app, "GET", "/api/audit", audit)
     route(app, "GET", "/api/rules", rules)
@@ -437,6 +478,7 @@ def _op(summary: str, body: dict | None = None, params=(), ok_schema=None, error
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
 _DEVICE = {"name": "device", "in": "query", "schema": {"type": "string"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
 _POSTURE = {"type": "string", "enum": list(SETTABLE_POSTURES)}
 _TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
 _FORMAT = {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["toml", "mud"]}}
@@ -539,7 +581,24 @@ OPENAPI = {
             body=_json_body({"type": "object", "required": ["minutes"],
                              "properties": {"minutes": {"type": "integer", "minimum": 0,
                                                         "maximum": 1440}}}))},
-        "/api/alerts": {"get": _op("alerts, newest first", params=[_DEVICE, _LIMIT])},
+        "/api/alerts": {"get": _op("alerts, newest first, each with its explanation in words "
+                                   "(what happened, why it matters, the posture that followed)",
+                                   params=[_DEVICE, _LIMIT])},
+        "/api/alerts/{id}/keep": {"post": _op(
+            "keep the posture that followed an alert: an audit record; the page offers nothing more "
+            "for it", params=[_ID], errors=(400,), body=_json_body({"type": "object"}, required=False))},
+        "/api/alerts/{id}/release": {"post": _op(
+            "the alert's device back to normal (as reset), with an audit record", params=[_ID],
+            errors=(400,), body=_json_body({"type": "object"}, required=False))},
+        "/api/alerts/{id}/block": {"post": _op(
+            "the alert's source into the kernel drop set", params=[_ID],
+            body=_json_body({"type": "object", "required": ["seconds"], "properties": {"seconds": {
+                "oneOf": [{"type": "integer", "minimum": 0}, {"type": "string"}], "example": "1h",
+                "description": "seconds, or 90s, 15m, 2h, 1d; 0: until unblocked"}}}))},
+        "/api/blocked": {"get": _op("the sources in the kernel drop set: source, device, reason, why, "
+                                    "seconds_left, until (null: until unblocked)")},
+        "/api/blocked/{source}": {"delete": _op("take a source out of the drop set", params=[
+            {"name": "source", "in": "path", "required": True, "schema": {"type": "string"}}])},
         "/api/decisions": {"get": _op("decisions and audit entries, newest first", params=[
             _DEVICE, _LIMIT, {"name": "kind", "in": "query",
                               "schema": {"type": "string", "enum": ["decision", "audit"]}}])},

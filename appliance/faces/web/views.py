@@ -24,11 +24,18 @@ from appliance.faces.web.http import (
 from appliance.faces.web.http import files as form_files
 from appliance.faces.web.http import form as form_data
 from appliance.faces.web.http import state as web_state
-from appliance.supervisor.ops import MAX_PASSWORD, MIN_PASSWORD, SETTABLE_POSTURES, error_status
+from appliance.supervisor.ops import (
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    SETTABLE_POSTURES,
+    destination_words,
+    error_status,
+    seconds_words,
+)
 from appliance.vocab import DAYS
 
-NAV = (("/", "Overview"), ("/profiles", "Profiles"), ("/rules", "Rules"), ("/audit", "Audit"),
-       ("/settings", "Settings"), ("/leds", "LEDs"))
+NAV = (("/", "Overview"), ("/alerts", "Alerts"), ("/profiles", "Profiles"), ("/rules", "Rules"),
+       ("/audit", "Audit"), ("/settings", "Settings"), ("/leds", "LEDs"))
 
 
 def e(value) -> str:
@@ -37,6 +44,30 @@ def e(value) -> str:
 
 def j(value) -> str:
     return e(json.dumps(value, sort_keys=True, default=str))
+
+
+def when_html(ops, at, empty: str = "—") -> str:
+    """A stored time as the page shows every time: in the site's time zone ("23:00:08" today,
+    "Sat 23:00" within a week, a date beyond; the full date and zone in its title) and how long
+    ago, which the page's script keeps current (data-at, seconds since 1970). Never the ISO
+    text itself."""
+    w = ops.when(at)
+    if w is None:
+        return e(at) if at else empty
+    return when_of(w)
+
+
+def when_of(w: dict | None, empty: str = "—") -> str:
+    """when_html() of a time ops.when() gave already."""
+    if not w:
+        return empty
+    return (f'<time title="{e(w["title"])}">{e(w["local"])}</time> '
+            f'<span class="ago muted" data-at="{e(w["epoch"])}">{e(w["ago"])}</span>')
+
+
+def raw_details(value, summary: str = "details") -> str:
+    """The raw JSON, behind a toggle."""
+    return f'<details class="raw"><summary>{e(summary)}</summary><code>{j(value)}</code></details>'
 
 
 def badge(device: dict) -> str:
@@ -90,13 +121,16 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
         menu = (f'<nav>{links}<form method="post" action="/logout" class="inline">'
                 f'{csrf_field(request)}<button type="submit" class="link">Log out</button></form></nav>')
     csrf = f'<meta name="csrf-token" content="{e(session.csrf)}">' if session else ""
+    # the server's time, so that the script's "3 min ago" agrees with the page's (a lab's clock)
+    w = st.ops.when(st.ops.now()) if hasattr(st, "ops") else None
+    now = f' data-now="{e(w["epoch"])}"' if w else ""
     text = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 {csrf}<title>{e(title)} · Kalki</title>
 <link rel="stylesheet" href="/static/style.css">
 <script src="/static/app.js" defer></script>
-</head><body{' data-live="1"' if live else ''}>
+</head><body{' data-live="1"' if live else ''}{now}>
 <header><a class="brand" href="/">Kalki</a>{menu}</header>
 <main><h1>{e(title)}</h1>{flash}{body}</main>
 </body></html>"""
@@ -278,24 +312,140 @@ async def overview(request, error=None, status=200):
     if not rows:
         rows = ['<tr><td colspan="5" class="muted">no devices yet</td></tr>']
     maint = ops.maintenance_until()
-    m_text = (f"Maintenance (automation paused) until {e(maint)}." if maint and ops.maintenance_active()
+    m_text = (f"Maintenance (automation paused) until {when_html(ops, maint)}." if maint and ops.maintenance_active()
               else "Automation is on.")
-    alerts = ops.alerts(limit=10)
-    alert_items = "".join(f"<li>{alert_line(a)}</li>" for a in alerts) or '<li class="muted">none</li>'
+    alert_items = alert_list(request, ops.alert_rows(limit=10), "/")
     body = f"""{summary_html(ops)}
 <div class="scroll"><table id="devices"><thead><tr><th>Device</th><th>Posture</th><th>Type</th><th>Address</th><th></th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table></div>
 <h2>Recent alerts</h2><ul id="alerts" class="alerts">{alert_items}</ul>
+<p><a href="/alerts">All alerts</a></p>
+{blocked_html(request, ops, "/")}
 <h2>Maintenance</h2><p id="maintenance">{m_text}</p>
 {form(request, "/maintenance", '<label>Pause automation for <input name="minutes" inputmode="numeric" size="4" value="30"> minutes (0 ends it)</label>', "Set", "inline")}"""
     return page(request, "Devices", body, error=error, status=status, live=True)
 
 
-def alert_line(a: dict) -> str:
-    dev = a.get("device")
+# -- alerts: why, in words; what to do about them; the sources blocked -----------------------
+
+BLOCK_FOR = (("3600", "1 h"), ("900", "15 min"), ("86400", "1 day"), ("604800", "7 days"),
+             ("0", "until unblocked"))
+RAW_ALERT = ("id", "type", "device", "source", "severity", "details")
+BACK = re.compile(r"/(alerts|devices/[A-Za-z0-9_-]{1,40})?")
+
+
+def back_to(request, default: str = "/alerts") -> str:
+    """Where a button on an alert returns to: the page it was on (a form's "next"), if it is one
+    of the pages that show alerts."""
+    to = form_data(request).get("next")
+    return to if isinstance(to, str) and BACK.fullmatch(to) else default
+
+
+def alert_list(request, alerts: list[dict], back: str) -> str:
+    return "".join(alert_item(request, a, back) for a in alerts) or '<li class="muted">none</li>'
+
+
+def alert_item(request, a: dict, back: str) -> str:
+    """One alert (ops.alert_rows): severity, kind, device and when; what happened and what
+    followed, in words; release, keep and block the source, until it is handled; the raw JSON
+    behind a toggle."""
+    dev, aid = a.get("device"), a.get("id")
     where = f' <a href="/devices/{e(dev)}">{e(dev)}</a>' if dev else ""
-    return (f'<span class="sev sev-{e(a.get("severity"))}">{e(a.get("severity"))}</span> '
-            f'{e(a.get("type"))}{where} <span class="muted">{e(a.get("at", "")[:19])} · {e(a.get("source"))}</span>')
+    head = (f'<span class="sev sev-{e(a.get("severity"))}">{e(a.get("severity"))}</span> '
+            f'<span class="kind">{e(a.get("type"))}</span>{where} {when_of(a.get("when"))}')
+    said = f'<p class="explain" data-role="explanation">{e(a.get("explanation"))}</p>'
+    handled, acts = a.get("handled"), a.get("actions") or {}
+    if handled:
+        w = handled.get("when")
+        doing = (f'<p class="muted" data-role="handled">{e(handled["how"].capitalize())} by {e(handled.get("by"))}'
+                 f'{", " + w["local"] + " (" + w["ago"] + ")" if w else ""}.</p>')
+    else:
+        nxt = f'<input type="hidden" name="next" value="{e(back)}">'
+        buttons = []
+        if acts.get("release"):
+            buttons.append(form(request, f"/alerts/{aid}/release", nxt, f"Release {dev} (back to normal)",
+                                "inline"))
+        if acts.get("keep"):
+            buttons.append(form(request, f"/alerts/{aid}/keep", nxt, "Keep", "inline"))
+        if acts.get("block"):
+            opts = "".join(f'<option value="{v}">{t}</option>' for v, t in BLOCK_FOR)
+            buttons.append(form(request, f"/alerts/{aid}/block",
+                                f'{nxt}<label>for <select name="seconds" aria-label="how long">{opts}</select></label>',
+                                f"Block {acts['block']}", "inline"))
+        doing = f'<div class="actions" data-role="actions">{"".join(buttons)}</div>' if buttons else ""
+    raw = raw_details({k: a.get(k) for k in RAW_ALERT if k in a})
+    return f'<li class="alert" data-alert="{e(aid)}">{head}{said}{doing}{raw}</li>'
+
+
+def blocked_html(request, ops, back: str) -> str:
+    """The sources in the kernel's drop set, until when, each with an unblock button."""
+    rows = []
+    for b in ops.blocked_sources():
+        dev = b.get("device")
+        until = "until unblocked" if b.get("until") is None else f"until {when_html(ops, b['until'])}"
+        rows.append((f"<code>{e(b['source'])}</code>", e(b.get("why")),
+                     f'<a href="/devices/{e(dev)}">{e(dev)}</a>' if dev else "—", until,
+                     form(request, "/unblock", f'<input type="hidden" name="source" value="{e(b["source"])}">'
+                          f'<input type="hidden" name="next" value="{e(back)}">', f"Unblock {b['source']}",
+                          "inline")))
+    return (f'<section id="blocked"><h2>Blocked sources</h2><p class="muted">Addresses the gateway drops '
+            f'(its drop set): put there by a detector or by hand, each until it expires or is unblocked.</p>'
+            f'{table(("source", "why", "device", "expires", ""), rows, "blocked")}</section>')
+
+
+async def alerts_page(request, error=None, status=200):
+    ops = web_state(request).ops
+    device = request.args.get("device") or None
+    try:
+        rows = ops.alert_rows(device=device, limit=100)
+    except (KalkiError, ValueError) as err:
+        return page(request, "Alerts", f"<p>{e(err)}</p>", status=error_status(err))
+    shown = f' for <a href="/devices/{e(device)}">{e(device)}</a>' if device else ""
+    body = f"""<p class="muted">The last 100 alerts{shown}, newest first: what happened and what followed, in words. <strong>Release</strong> puts the device back to normal; <strong>Keep</strong> leaves it as it is and says you saw it; <strong>Block</strong> puts the source into the drop set.</p>
+<ul id="alerts" class="alerts" data-max="100">{alert_list(request, rows, "/alerts")}</ul>
+{blocked_html(request, ops, "/alerts")}"""
+    return page(request, "Alerts", body, error=error, status=status, live=True)
+
+
+async def _alert_action(request, what: str):
+    ops = web_state(request).ops
+    alert_id, to = request.url_args["id"], back_to(request)
+    try:
+        if what == "release":
+            r = ops.alert_release(alert_id, actor=actor(request))
+            said = f"{r['device']}: back to normal."
+        elif what == "keep":
+            ops.alert_keep(alert_id, actor=actor(request))
+            said = f"Alert {alert_id} kept."
+        else:
+            r = ops.alert_block(alert_id, form_data(request).get("seconds"), actor=actor(request))
+            said = (f"{r['blocked']} blocked " + (f"for {seconds_words(r['seconds'])}." if r["seconds"]
+                                                  else "until unblocked."))
+    except (KalkiError, ValueError) as err:
+        return await alerts_page(request, str(err), error_status(err))
+    return done(request, said, to)
+
+
+async def alert_release_post(request):
+    return await _alert_action(request, "release")
+
+
+async def alert_keep_post(request):
+    return await _alert_action(request, "keep")
+
+
+async def alert_block_post(request):
+    return await _alert_action(request, "block")
+
+
+async def unblock_post(request):
+    ops = web_state(request).ops
+    source, to = form_data(request).get("source"), back_to(request)
+    try:
+        r = ops.unblock_source(source, by=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await alerts_page(request, str(err), error_status(err))
+    return done(request, f"{source} unblocked." if r["was_blocked"] else f"{source} was not blocked.", to)
 
 
 async def maintenance_post(request):
@@ -305,7 +455,8 @@ async def maintenance_post(request):
         r = ops.maintenance(_form_minutes(data.get("minutes")))
     except (KalkiError, ValueError) as err:
         return await overview(request, str(err), 400)
-    return done(request, f"Maintenance until {r['maintenance_until']}." if r["maintenance_until"]
+    until = ops.when(r["maintenance_until"])
+    return done(request, f"Maintenance until {until['local']}." if until
          else "Maintenance ended.", "/")
 
 
@@ -318,17 +469,17 @@ async def device_page(request, error=None, status=200):
         d = ops.device_detail(name)
     except KalkiError as err:
         return page(request, "No such device", f"<p>{e(err)}</p>", status=error_status(err))
-    ident = [("MAC", d.get("mac")), ("Address", d.get("ip")), ("Type", d.get("type") or "—"),
-             ("Approved", "yes" if d.get("approved") else "no"), ("Group", d.get("group") or "—"),
-             ("MQTT", d.get("availability") or "—"), ("First seen", d.get("first_seen")),
-             ("Last seen", d.get("last_seen"))]
-    ident += [(k, v) for k, v in (d.get("identity") or {}).items() if v]
+    ident = [("MAC", e(d.get("mac"))), ("Address", e(d.get("ip"))), ("Type", e(d.get("type") or "—")),
+             ("Approved", "yes" if d.get("approved") else "no"), ("Group", e(d.get("group") or "—")),
+             ("MQTT", e(d.get("availability") or "—")), ("First seen", when_html(ops, d.get("first_seen"))),
+             ("Last seen", when_html(ops, d.get("last_seen")))]
+    ident += [(k, e(v)) for k, v in (d.get("identity") or {}).items() if v]
     if d.get("mud_offer"):
-        ident.append(("MUD file", mud_offer_text(d["mud_offer"])))
-    ident_html = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in ident) + "</dl>"
-    p = f'<p class="big" data-device="{e(name)}">{badge(d)} <span class="muted">since {e(d.get("posture_since", "")[:19])}'
+        ident.append(("MUD file", e(mud_offer_text(d["mud_offer"]))))
+    ident_html = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in ident) + "</dl>"
+    p = f'<p class="big" data-device="{e(name)}">{badge(d)} <span class="muted">since {when_html(ops, d.get("posture_since"))}'
     if d.get("posture_expires"):
-        p += f' · until {e(d["posture_expires"][:19])}, then {e(d.get("posture_revert_to"))}'
+        p += f' · until {when_html(ops, d["posture_expires"])}, then {e(d.get("posture_revert_to"))}'
     p += "</span></p>"
     if d.get("approved"):
         posture_opts = "".join(f'<option value="{x}"{" selected" if x == d.get("posture") else ""}>{x}</option>'
@@ -346,33 +497,72 @@ async def device_page(request, error=None, status=200):
     counters = d.get("counters") or {}
     counter_rows = [(e(reason), e(c.get("umbox")), e(c.get("packets")), e(c.get("bytes")))
                     for reason, c in sorted(counters.items(), key=lambda kv: -kv[1].get("packets", 0))]
-    kernel_rows = [(e(a["at"][:19]), e(a["type"]), e((a.get("details") or {}).get("src")),
-                    e(f'{(a.get("details") or {}).get("dst")}:{(a.get("details") or {}).get("dst_port")}'),
-                    e((a.get("details") or {}).get("action")), f"<code>{j(a.get('details'))}</code>")
+    kernel_rows = [(when_html(ops, a.get("at")), e(a["type"]), e(a.get("explanation")),
+                    e((a.get("details") or {}).get("action")), raw_details(a.get("details")))
                    for a in d.get("kernel_alerts", [])]
-    hist_rows = [(e(h["at"][:19]), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
-    alert_rows = [(e(a["at"][:19]), e(a["severity"]), e(a["type"]), e(a["source"]),
-                   f"<code>{j(a.get('details'))}</code>") for a in d.get("alerts", [])]
-    tele_rows = [(e(t["at"]), f"<code>{j(t['values'])}</code>") for t in d.get("telemetry", [])]
+    hist_rows = [(when_html(ops, h.get("at")), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
+    alert_items = alert_list(request, ops.alert_rows(device=name, limit=20), f"/devices/{name}")
+    tele_rows = [(when_html(ops, t.get("at")), f"<code>{j(t['values'])}</code>") for t in d.get("telemetry", [])]
     dec_rows = []
     for x in d.get("decisions", []):
         t = x.get("timing_ms") or {}
-        what = x.get("rule") if x.get("kind") == "decision" else f'{x.get("event")} by {x.get("actor")}'
-        dec_rows.append((e(x["at"][:19]), e(x.get("kind")), e(what),
-                         f"<code>{j(x.get('actions') or x.get('details'))}</code>",
+        what = x.get("explanation") or (x.get("rule") if x.get("kind") == "decision"
+                                        else f'{x.get("event")} by {x.get("actor")}')
+        dec_rows.append((when_html(ops, x.get("at")), e(x.get("kind")), e(what),
+                         raw_details(x.get("actions") or x.get("details")),
                          e(t.get("decide")), e(t.get("xdp")), e(t.get("enforce"))))
     body = f"""<section><h2>Posture</h2>{p}</section>
 <section><h2>Identity</h2>{ident_html}</section>
+{logins_html(request, d)}
 <section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
 {destinations_html(request, ops, d)}
 <section><h2>Why blocked</h2><h3>Drops and passes counted in the kernel, by reason</h3>
 {table(("reason", "umbox", "packets", "bytes"), counter_rows, "counters")}
-<h3>Detector events</h3>{table(("at", "detector", "source", "destination", "action", "details"), kernel_rows)}</section>
+<h3>Detector events</h3>{table(("at", "detector", "what happened", "action", "details"), kernel_rows)}</section>
 <section><h2>Posture history</h2>{table(("at", "posture", "reason"), hist_rows)}</section>
-<section><h2>Alerts</h2>{table(("at", "severity", "type", "source", "details"), alert_rows)}</section>
+<section><h2>Alerts</h2><ul id="device-alerts" class="alerts">{alert_items}</ul>
+<p><a href="/alerts?device={e(name)}">All alerts of {e(name)}</a></p></section>
 <section><h2>Telemetry</h2>{table(("at", "values"), tele_rows)}</section>
-<section><h2>Decisions and audit</h2>{table(("at", "kind", "rule / event", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
+<section><h2>Decisions and audit</h2>{table(("at", "kind", "what", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
     return page(request, f"Device {name}", body, error=error, status=status, live=True)
+
+
+def logins_html(request, d: dict) -> str:
+    """The last default-login check (its type's [[default_logins]] tried on the device), and
+    the button that runs it again."""
+    name, r = d["name"], d.get("logins_checked")
+    if not r:
+        text = "<p class='muted'>Not checked yet.</p>"
+    elif r.get("state") == "skipped":
+        text = f"<p>Not checked ({when_html(web_state(request).ops, r.get('at'))}): {e(r.get('reason'))}.</p>"
+    else:
+        found = r.get("found") or 0
+        verdict = (f'<p class="error" data-role="default-logins">{found} default login(s) work: change '
+                   "the password on the device itself.</p>" if found else
+                   '<p data-role="default-logins">No default login worked.</p>')
+        rows = [(e(x.get("outcome")), e(x.get("service")), e(x.get("port")), e(x.get("path") or "—"),
+                 e(x.get("user")), e(x.get("detail"))) for x in r.get("results", [])]
+        text = (f"<p class='muted'>Checked {when_html(web_state(request).ops, r.get('at'))} ({e(r.get('by'))}).</p>{verdict}"
+                + table(("outcome", "service", "port", "path", "user", "detail"), rows, "logins"))
+    button = (form(request, f"/devices/{name}/check-logins", "", "Check default logins", "inline")
+              if d.get("approved") else "")
+    return f"""<section><h2>Default logins</h2>
+<p class="muted">The gateway tries the well-known factory logins of the device's type on the device's own login services (never on a device not approved; never a password shown).</p>
+{text}{button}</section>"""
+
+
+async def device_check_logins_post(request):
+    ops = web_state(request).ops
+    name = request.url_args["name"]
+    try:
+        r = await ops.device_check_logins(name, actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await device_page(request, str(err), error_status(err))
+    if r["state"] == "skipped":
+        return done(request, f"{name}: not checked: {r.get('reason')}.", f"/devices/{name}")
+    found = r.get("found") or 0
+    return done(request, f"{name}: {found} default login(s) work: change the password on the device."
+                if found else f"{name}: no default login worked.", f"/devices/{name}")
 
 
 async def device_posture_post(request):
@@ -411,62 +601,7 @@ async def device_approve_post(request):
 
 # -- destinations and profiles in plain words (the page and the API) -----------------------
 
-PROTOCOL_WORDS = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMP"}
-_PROTOCOLS = ("any", "icmp", "tcp", "udp")
 POSTURE_ORDER = ("normal", "suspicious", "attack", "quarantine", "learning", "unknown")
-
-
-def _destination_parts(entry) -> dict:
-    """A profile destination, as the data path reads it (appliance.dataplane.umbox
-    .parse_destination, which the profile passed on load): {kind, target, proto, port}."""
-    if isinstance(entry, dict):
-        kind = next((k for k in ("address", "name", "lan", "controller", "same_manufacturer",
-                                 "manufacturer", "my_controller") if k in entry), "address")
-        return {"kind": kind, "target": entry.get(kind), "proto": entry.get("proto") or "any",
-                "port": entry.get("port") or 0}
-    text, proto = str(entry), "any"
-    port: int | str = 0
-    if "/" in text and text.rsplit("/", 1)[1] in _PROTOCOLS:
-        text, proto = text.rsplit("/", 1)
-    if ":" in text:
-        text, _, port_text = text.partition(":")
-        port = int(port_text) if port_text.isdigit() else port_text
-    if text in ("lan", "same-manufacturer", "my-controller"):
-        return {"kind": text.replace("-", "_"), "target": True, "proto": proto, "port": port}
-    if text.startswith("@"):
-        return {"kind": "controller", "target": text[1:], "proto": proto, "port": port}
-    kind = "address" if re.fullmatch(r"[0-9.]+(/.*)?", text) else "name"
-    return {"kind": kind, "target": text, "proto": proto, "port": port}
-
-
-def destination_words(entry) -> str:
-    """'cloud.example.com:443/tcp' -> 'cloud.example.com on TCP 443'; 'lan:6667/udp' -> 'the
-    LAN on UDP 6667'; {controller = "camera-cloud", ...} -> "the site's controller
-    camera-cloud on TCP 443"."""
-    d = _destination_parts(entry)
-    kind, target = d["kind"], d["target"]
-    if kind == "lan":
-        what = "the LAN"
-    elif kind == "controller":
-        what = f"the site's controller {target}"
-    elif kind == "same_manufacturer":
-        what = "the devices of the same manufacturer (MUD URL host)"
-    elif kind == "manufacturer":
-        what = f"the devices of manufacturer {target} (MUD URL host)"
-    elif kind == "my_controller":
-        what = "the site's controllers for the device's MUD URL"
-    elif kind == "name" and str(target).startswith("*."):
-        what = f"any name under {str(target)[2:]}"
-    elif kind == "address" and "/" in str(target) and not str(target).endswith("/32"):
-        what = f"the addresses {target}"
-    else:
-        what = str(target).removesuffix("/32")
-    proto = PROTOCOL_WORDS.get(d["proto"])
-    if proto and d["port"]:
-        return f"{what} on {proto} {d['port']}"
-    if proto:
-        return f"{what} on {proto}" + (" (any port)" if d["proto"] != "icmp" else "")
-    return f"{what} (any protocol)"
 
 
 def _destinations(values, params: dict | None = None) -> str:
@@ -480,21 +615,6 @@ def _window(ms) -> str:
     if not isinstance(ms, int):
         return str(ms)
     return f"{ms // 1000} s" if ms % 1000 == 0 else f"{ms} ms"
-
-
-def seconds_words(seconds) -> str:
-    """90 -> '90 s', 900 -> '15 min', 7200 -> '2 h', 86400 -> '1 day'."""
-    if not isinstance(seconds, int) or isinstance(seconds, bool):
-        return str(seconds)
-    for size, unit in ((86400, " day"), (3600, " h"), (60, " min")):
-        if seconds >= size and seconds % size == 0:
-            n = seconds // size
-            return f"{n}{unit}{'s' if unit == ' day' and n > 1 else ''}"
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds} s"
 
 
 def _blocked(params) -> str:
@@ -599,17 +719,17 @@ def destinations_html(request, ops, d: dict) -> str:
                   form(request, f"/devices/{name}/allow",
                        f'<input type="hidden" name="destination" value="{e(dest)}">', "Allow", "inline"))
         refused.append((f'<span data-role="says">{e(f.get("says"))}</span>', f"<code>{e(dest)}</code>",
-                        e((f.get("last") or "")[:19]), action))
+                        when_html(ops, f.get("last")), action))
     own_rows = [(f"<code>{e(x)}</code>", e(destination_words(x)),
                  form(request, f"/devices/{name}/disallow",
                       f'<input type="hidden" name="destination" value="{e(x)}">', "Remove", "inline"))
                 for x in own]
     learnt = [(f'<span data-role="says">{e(f.get("says"))}</span>', f"<code>{e(allow_as(f))}</code>",
-               e((f.get("last") or "")[:19])) for f in flows.get("learnt") or []]
+               when_html(ops, f.get("last"))) for f in flows.get("learnt") or []]
     learning = ""
     if d.get("posture") == "learning":
-        until = (d.get("posture_expires") or "")[:19].replace("T", " ")
-        learning = (f'<p class="ok" id="learning">Learning until {e(until or "changed")}'
+        until = when_html(ops, d.get("posture_expires"), "changed")
+        learning = (f'<p class="ok" id="learning">Learning until {until}'
                     f'{", then " + e(d.get("posture_revert_to")) if d.get("posture_revert_to") else ""}: '
                     "the device reaches what it asks for; detectors and anti-spoofing stay on.</p>")
     type_field = "" if d.get("approved") else \
@@ -905,7 +1025,7 @@ async def rule_delete_post(request):
 
 async def audit_page(request):
     ops = web_state(request).ops
-    rows = [(e(a["at"][:19]), e(a.get("event")), e(a.get("actor")),
+    rows = [(when_html(ops, a.get("at")), e(a.get("event")), e(a.get("actor")),
              f'<a href="/devices/{e(a["device"])}">{e(a["device"])}</a>' if a.get("device") else "",
              f"<code>{j(a.get('details'))}</code>") for a in ops.audit_log(300)]
     return page(request, "Audit log", table(("at", "event", "actor", "device", "details"), rows, "audit"))
@@ -919,7 +1039,7 @@ async def settings_page(request, error=None, status=200, new_token=None):
     bh = s["business_hours"]
     days = "".join(f'<label class="day"><input type="checkbox" name="days" value="{d}"'
                    f'{" checked" if d in bh["days"] else ""}> {d}</label>' for d in DAYS)
-    tokens = [(e(t["name"]), e(t["id"]), e(t["created"]),
+    tokens = [(e(t["name"]), e(t["id"]), when_html(ops, t.get("created")),
                form(request, f"/settings/tokens/{t['id']}/delete", "", "Delete", "inline"))
               for t in ops.tokens()]
     shown = (f'<p class="ok">New token (shown once; send it as <code>Authorization: Bearer …</code>): '
@@ -1072,11 +1192,17 @@ def add_routes(app) -> None:
     route(app, "GET", "/claim", claim_page)
     route(app, "POST", "/claim", claim_post)
     route(app, "GET", "/", overview)
+    route(app, "GET", "/alerts", alerts_page)
+    route(app, "POST", "/alerts/<id>/release", alert_release_post)
+    route(app, "POST", "/alerts/<id>/keep", alert_keep_post)
+    route(app, "POST", "/alerts/<id>/block", alert_block_post)
+    route(app, "POST", "/unblock", unblock_post)
     route(app, "POST", "/maintenance", maintenance_post)
     route(app, "GET", "/devices/<name>", device_page)
     route(app, "POST", "/devices/<name>/posture", device_posture_post)
     route(app, "POST", "/devices/<name>/reset", device_reset_post)
     route(app, "POST", "/devices/<name>/approve", device_approve_post)
+    route(app, "POST", "/devices/<name>/check-logins", device_check_logins_post)
     route(app, "POST", "/devices/<name>/learn", device_learn_post)
     route(app, "POST", "/devices/<name>/allow", device_allow_post)
     route(app, "POST", "/devices/<name>/disallow", device_disallow_post)

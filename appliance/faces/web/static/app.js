@@ -58,23 +58,76 @@
       }).catch(function () {});
   }
 
+  // Times: the server sends them in the site's time zone (when.local, when.title) with how
+  // long ago; ago() is the server's rule (appliance/supervisor/explain.py), counted from the
+  // server's clock (body data-now), so a lab's clock reads the same here.
+  var skew = 0;
+
+  function ago(seconds) {
+    var s = Math.round(Math.abs(seconds)), n;
+    if (s < 10) return "just now";
+    if (s < 60) n = s + " s";
+    else if (s < 3600) n = Math.floor(s / 60) + " min";
+    else if (s < 86400 - 1800) n = Math.round(s / 3600) + " h";
+    else { var days = Math.max(1, Math.round(s / 86400)); n = days + " day" + (days > 1 ? "s" : ""); }
+    return seconds < 0 ? "in " + n : n + " ago";
+  }
+
+  function serverNow() { return Date.now() / 1000 + skew; }
+
+  function refreshAgo() {
+    var now = serverNow();
+    document.querySelectorAll("[data-at]").forEach(function (el) {
+      text(el, ago(now - Number(el.dataset.at)));
+    });
+  }
+
+  function whenNodes(w) {
+    var t = document.createElement("time");
+    t.title = w.title || "";
+    text(t, w.local || "");
+    var rel = document.createElement("span");
+    rel.className = "ago muted";
+    rel.dataset.at = String(w.epoch);
+    text(rel, w.ago || "");
+    return [t, document.createTextNode(" "), rel];
+  }
+
   function addAlert(a) {
     var list = document.getElementById("alerts");
     if (!list) return;
     var li = document.createElement("li");
+    li.className = "alert";
     var sev = document.createElement("span");
     sev.className = "sev sev-" + (a.severity || "info");
     text(sev, a.severity || "");
     li.appendChild(sev);
-    li.appendChild(document.createTextNode(" " + a.type + (a.device ? " " + a.device : "") + " "));
-    var when = document.createElement("span");
-    when.className = "muted";
-    text(when, (a.at || "").slice(0, 19) + " · " + (a.source || ""));
-    li.appendChild(when);
+    var kind = document.createElement("span");
+    kind.className = "kind";
+    text(kind, a.type || "");
+    li.appendChild(document.createTextNode(" "));
+    li.appendChild(kind);
+    li.appendChild(document.createTextNode((a.device ? " " + a.device : "") + " "));
+    if (a.when) whenNodes(a.when).forEach(function (n) { li.appendChild(n); });
+    if (a.explanation) {
+      var said = document.createElement("p");
+      said.className = "explain";
+      said.dataset.role = "explanation";
+      text(said, a.explanation);
+      li.appendChild(said);
+    }
+    var more = document.createElement("p");
+    more.className = "muted";
+    var link = document.createElement("a");
+    link.href = "/alerts";
+    text(link, "what to do about it: the alerts page");
+    more.appendChild(link);
+    li.appendChild(more);
     var none = list.querySelector(".muted:only-child");
     if (none && none.parentNode === list) list.removeChild(none);
     list.insertBefore(li, list.firstChild);
-    while (list.children.length > 10) list.removeChild(list.lastChild);
+    var max = Number(list.dataset.max || 10);
+    while (list.children.length > max) list.removeChild(list.lastChild);
   }
 
   function live() {
@@ -96,5 +149,9 @@
     if (el) setTimeout(function () { window.location.reload(); }, 1000 * Number(el.dataset.reload || 3));
   }
 
-  document.addEventListener("DOMContentLoaded", function () { live(); reloadLater(); });
+  document.addEventListener("DOMContentLoaded", function () {
+    if (document.body.dataset.now) skew = Number(document.body.dataset.now) - Date.now() / 1000;
+    setInterval(refreshAgo, 15000);
+    live(); reloadLater();
+  });
 })();
