@@ -8,11 +8,12 @@ device) with the policies the profiles use:
   auth_gate     HTTP Basic on every request (the admin's check remembered after the first)
   api_filter    "GET *" and "PUT /api/*/lights/*/state"
   filter_guard  api_filter + token_guard (status and failure_text counting)
+  decoy         the deception umbox's HTTP decoy imitating a light (it answers itself: what a
+                known attacker waits for instead of the device)
 
 The client keeps one connection per case open and sends GETs; cases are interleaved round by
 round. Reported: p50 and p99 per request (ms) and the added latency, the median of per-round
-differences to `direct`, with the load average beside each. The decoy (deception) is not built
-yet, so it has no row.
+differences to `direct`, with the load average beside each.
 """
 from __future__ import annotations
 
@@ -95,6 +96,14 @@ def main() -> int:
                     [sys.executable, "-m", "appliance.dataplane.gate", "--listen", f"127.0.0.1:{ports[name]}",
                      "--target-override", f"127.0.0.1:{device_port}", "--policy-dir", str(directory),
                      "--credentials-file", str(creds), "--log-level", "WARNING"], cwd=ROOT))
+            directory = Path(tmp) / "decoy"
+            directory.mkdir()
+            (directory / "127.0.0.1.json").write_text(json.dumps({"decoy": {"type": "light"}}))
+            ports["decoy"] = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "appliance.dataplane.gate", "--listen", f"127.0.0.1:{free_port()}",
+                 "--target-override", f"127.0.0.1:{device_port}", "--policy-dir", str(directory),
+                 "--decoy-http-port", str(ports["decoy"]), "--log-level", "WARNING"], cwd=ROOT))
             for port in ports.values():
                 wait_port(port)
             auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
