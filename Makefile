@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/kalki lab up --name $(LAB) $(if $(SCENARIO),--scenario $(SCENARIO))
+	.venv/bin/kalki lab up --name $(LAB) --chatter $(if $(SCENARIO),--scenario $(SCENARIO))
 
 demo-down: setup
 	.venv/bin/kalki lab down $(LAB)

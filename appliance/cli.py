@@ -31,6 +31,9 @@ def _lab_up(args) -> int:
     s = topology.up(args.name, args.devices, args.compromised, services=not args.no_services,
                     supervisor=not args.no_supervisor, unapproved=args.unapproved,
                     fake_time=fake_time, ui=not args.no_ui)
+    if args.chatter:
+        from lab import chatter
+        chatter.start(s)
     if args.json:
         print(json.dumps(s.to_json(), indent=1))
         return 0
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true",
                    help="the supervisor runs without the web page and the LED panel")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--chatter", action="store_true",
+                   help="the devices then behave like real ones, in real time, until the lab goes "
+                        "down: cloud by name over TLS, NTP, mDNS, SSDP, vendor broadcasts")
     p.add_argument("--scenario", choices=("intrusion", "attack", "scan", "probe", "all"),
                    help="then play a demo scenario (lab/scenarios.py); the lab stays up")
     p.set_defaults(func=_lab_up)

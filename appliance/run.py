@@ -139,6 +139,8 @@ async def serve(cfg: Config) -> None:
         neighbours.start()
         stations = start_stations(cfg, sup)
         sup.adapter = start_adapter(cfg, sup, loop)
+        if sup.adapter:
+            sup.restore_polls()
         if web is None and sup.panel is None:
             web = await start_faces(cfg, sup, ops)
         sup.start_ticker()

@@ -146,3 +146,45 @@ def run(lab: LabState, devices: dict[str, str], minutes: int = 60,
     for t in threads:
         t.join()
     return {d.name: d.day for d in chatty}
+
+
+FOREVER = 10 ** 9       # minutes: until `kalki lab down` stops the process
+
+
+def start(lab: LabState, seconds_per_minute: float = 60.0) -> int:
+    """Every device of the lab chatters in the background, in real time by default, until the
+    lab goes down (its process group is the lab's, see topology.down). Returns the pid."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lab import topology
+    log = topology.state_path(lab.name).parent / "chatter.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lab.chatter", "--lab", lab.name,
+                                 "--seconds-per-minute", str(seconds_per_minute)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+    lab.pids["chatter"] = proc.pid
+    topology._save(lab)
+    return proc.pid
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from lab import topology
+    ap = argparse.ArgumentParser(prog="python -m lab.chatter", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lab", required=True)
+    ap.add_argument("--seconds-per-minute", type=float, default=60.0)
+    ap.add_argument("--minutes", type=int, default=FOREVER)
+    args = ap.parse_args(argv)
+    lab = topology.load(args.lab)
+    devices = {d.name: d.type for d in lab.devices[:64] if not d.compromised}
+    days = run(lab, devices, minutes=args.minutes, seconds_per_minute=args.seconds_per_minute)
+    for name, day in days.items():
+        print(name, day.done, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -57,3 +57,42 @@ def drops(lab, device):
     counters = ask(lab, "device_show", name=device)["counters"]
     return {reason: c["packets"] for reason, c in counters.items()
             if reason not in ("pass", "not_ipv4") and c["packets"]}
+
+
+def test_lab_up_with_chatter_keeps_the_devices_talking_until_down(run_suffix):
+    """`kalki lab up --chatter`: a background process of the lab's, in real time, stopped
+    with the lab."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    name = f"t{run_suffix}cht"
+    up = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "up", "--name", name,
+                         "--devices", "2", "--no-ui", "--chatter", "--json"],
+                        capture_output=True, text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        pid = topology.load(name).pids["chatter"]
+        os.kill(pid, 0)                   # running
+        lab = topology.load(name)
+        assert json.loads(up.stdout)["name"] == name
+        first = lab.devices[0]
+
+        def bound():     # the device resolved its cloud through the gateway: the name is bound
+            shown = client.request(lab.gateway["socket"], "device_show", name=first.name)
+            return [b for b in (shown.get("names") or {}).get("bound") or []
+                    if chatter.cloud_name(first.type) in (b.get("names") or [])]
+        deadline = time.monotonic() + 20
+        while not bound() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert bound(), (topology.state_path(name).parent / "chatter.log").read_text()
+    finally:
+        topology.down(name)
+    time.sleep(0.5)
+    try:      # gone, or a zombie its reaper has not collected yet
+        with open(f"/proc/{pid}/stat") as f:
+            gone = f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        gone = True
+    assert gone, "the chatter process outlived its lab"

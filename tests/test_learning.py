@@ -144,3 +144,12 @@ def test_dnsmasq_s_mud_url_reaches_the_supervisor(monkeypatch):
     dhcp.lease_event("/run/x.sock", ["add", "02:4b:00:00:00:31", "198.18.0.31", "lamp"],
                      {"DNSMASQ_MUD_URL": "https://example.com/lamp.json"})
     assert sent["identity"] == {"hostname": "lamp", "mud_url": "https://example.com/lamp.json"}
+
+
+def test_a_refused_lan_peer_is_offered_as_lan_and_a_cloud_name_as_its_name(sup):
+    ops = Ops(sup)
+    sup.dp.answer("198.18.0.12", ["n-devs.hue-cloud.example"], ["198.19.64.9"], 300)
+    kernel(sup, "egress-refused", reason="allowlist", action="dropped")
+    kernel(sup, "egress-refused", reason="allowlist", action="dropped", dst="198.18.0.40", dst_port=6668)
+    offered = {f["address"]: f["allow_as"] for f in ops.device_show("light1")["flows"]["refused"]}
+    assert offered == {"198.19.64.9": "n-devs.hue-cloud.example:443/tcp", "198.18.0.40": "lan:6668/tcp"}

@@ -215,3 +215,24 @@ def test_the_adapter_polls_each_device_at_its_own_interval_and_a_change_counts_a
     adapter = asyncio.run(run())
     assert polled["light1"] >= 2 and polled["light2"] == 2
     assert adapter.interval("light2") == 1.0
+
+
+def test_polls_in_force_outlive_a_restart_and_expired_ones_do_not(sup, tmp_path):
+    site_rule(sup, "slow-light", "poke", {"device": "light1", "every": "10s", "for": "5m"})
+    site_rule(sup, "slow-light2", "prod", {"device": "light2", "every": "20s", "for": "1m"})
+    poke(sup, "poke")
+    poke(sup, "prod")
+    until = sup.polls["light1"]["until"]
+    sup.store.close()
+    again = supervisor(tmp_path)        # the same store: a restarted supervisor
+    try:
+        again.clock.set((sup.now() + datetime.timedelta(minutes=2)).isoformat())
+        again.adapter = adapter_for(again, "light1", "light2")
+        assert again.restore_polls() == ["light1"]                  # light2's minute is up
+        assert again.adapter.interval("light1") == 10.0 and again.adapter.interval("light2") == 1.0
+        assert again.poll_of("light1") == {"every_seconds": 10, "until": until, "rule": "slow-light"}
+        again.clock.set((again.now() + datetime.timedelta(minutes=4)).isoformat())
+        again._expire_polls()
+        assert again.adapter.interval("light1") == 1.0 and again.store.get_setting("polls") == {}
+    finally:
+        again.store.close()

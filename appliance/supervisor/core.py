@@ -47,6 +47,7 @@ from appliance.vocab import (
 )
 
 log = logging.getLogger("kalki.supervisor")
+POLLS_SETTING = "polls"      # the poll actions in force (restore_polls)
 MUD_RETRY_SECONDS = 300      # a MUD file that could not be fetched is tried again after this
 MUD_FETCHES = 2              # MUD files fetched at once (the others wait their turn)
 
@@ -647,13 +648,33 @@ class Supervisor:
         until = iso(self.now() + datetime.timedelta(seconds=for_seconds)) if for_seconds else None
         self.adapter.set_interval(target, every)
         self.polls[target] = {"every_seconds": every, "until": until, "rule": rule}
+        self.store.set_setting(POLLS_SETTING, self.polls)
         self.store.audit("poll", actor, {"device": target, "every_seconds": every, "until": until})
         return {**step, "until": until}
+
+    def restore_polls(self) -> list[str]:
+        """The poll actions in force when the supervisor stopped, again (appliance.run, once the
+        adapter is there): those whose time is not up, for devices it still polls. Returns the
+        devices restored."""
+        kept = {}
+        now = self.now()
+        for name, p in (self.store.get_setting(POLLS_SETTING) or {}).items():
+            try:
+                until = datetime.datetime.fromisoformat(p["until"]) if p.get("until") else None
+                every = p["every_seconds"]
+            except (KeyError, TypeError, ValueError):
+                continue
+            if (until is None or until > now) and self.adapter and self.adapter.handles(name):
+                self.adapter.set_interval(name, every)
+                kept[name] = {"every_seconds": every, "until": p.get("until"), "rule": p.get("rule")}
+        self.polls = kept
+        self.store.set_setting(POLLS_SETTING, kept)
+        return sorted(kept)
 
     def poll_of(self, name: str) -> dict | None:
         """What the device view shows of polling: {"every_seconds", "until", "rule"}: a poll
         action's (until None: no end), or the profile's interval (rule None); None if no adapter
-        polls the device. Held in memory: a restart goes back to the profiles' intervals."""
+        polls the device. Kept in the store: a restart restores those whose time is not up."""
         if not (self.adapter and self.adapter.handles(name)):
             return None
         if name in self.polls:
@@ -1205,6 +1226,7 @@ class Supervisor:
             if not gone and (p["until"] is None or datetime.datetime.fromisoformat(p["until"]) > now):
                 continue
             del self.polls[name]
+            self.store.set_setting(POLLS_SETTING, self.polls)
             if self.adapter:
                 self.adapter.set_interval(name, None)
             if not gone:

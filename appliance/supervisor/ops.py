@@ -221,7 +221,9 @@ class Ops:
         # the names it resolved through the gateway: bound, or refused (not in its profile)
         view["names"] = sup.dp.names_of(name) if held else {"bound": [], "refused": {}}
         # flows outside its profile: refused (for the operator to allow), learnt (while learning)
-        view["flows"] = {"refused": sup.flows.of("refused", name), "learnt": sup.flows.of("learnt", name)}
+        lan = sup.cfg.gateway.lan      # each flow with the destination that allows it ("lan" for a peer)
+        view["flows"] = {kind: [{**f, "allow_as": _allow_as(f, lan)} for f in sup.flows.of(kind, name)]
+                         for kind in ("refused", "learnt")}
         view["alerts"] = self._explained(sup.store.alerts(device=name, limit=20))
         view["umboxes"] = sup.profiles[d["type"]].stack(d["posture"]) if d.get("type") in sup.profiles else {}
         return view
@@ -1044,3 +1046,12 @@ class Ops:
 
     def factory_reset(self, actor: str = "button") -> None:
         self._sup.factory_reset(actor)
+
+
+def _allow_as(flow: dict, lan: str) -> str | None:
+    """The destination that allows a recorded flow (flows.destination_of); None for a record
+    that is not a flow (the page then shows what it has)."""
+    try:
+        return flows.destination_of(flow, lan)
+    except (KeyError, TypeError, ValueError):
+        return None

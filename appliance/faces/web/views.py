@@ -691,8 +691,11 @@ def profile_words(postures: dict) -> dict[str, list[str]]:
 
 
 def allow_as(entry: dict) -> str:
-    """The destination that allows a refused flow, as `kalki device allow` takes it: the name
-    the device resolved for it where there is one, else its address; with port and protocol."""
+    """The destination that allows a flow, as `kalki device allow` takes it: what ops gives
+    (the name the device resolved, "lan" for a LAN peer, else the address; port, protocol),
+    else the name or the address with port and protocol."""
+    if entry.get("allow_as"):
+        return str(entry["allow_as"])
     names = entry.get("names") or []
     target = names[0] if names else str(entry.get("address"))
     proto, port = entry.get("proto"), entry.get("port") or 0
