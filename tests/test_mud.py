@@ -471,8 +471,9 @@ def test_export_refuses_what_mud_cannot_say():
 def test_a_shipped_profile_with_a_wildcard_name_is_refused_naming_it():
     """MUD's dst-dnsname is one host: *.pool.ntp.org cannot be said, and is not dropped."""
     camera = profiles.load_all()["camera"]
+    site = umbox.check_controllers({"camera-cloud": ["cloud.camera.example"]}, "site")
     with pytest.raises(ConfigError, match=r"\*\.pool\.ntp\.org.*wildcard"):
-        mud.profile_to_mud(camera, "https://example.com/camera")
+        mud.profile_to_mud(camera, "https://example.com/camera", site)
 
 
 # -- the profile format: mud_url, installed profiles ------------------------------------------
@@ -503,3 +504,23 @@ def test_an_installed_profile_may_not_reuse_a_shipped_type(tmp_path):
     (installed / "lamp.toml").write_text('type = "lamp"\n[postures.normal]\nanti_spoof = {}\n')
     loaded = profiles.load_all(profiles.PROFILE_DIR, installed)
     assert loaded["lamp"].installed and not loaded["camera"].installed
+
+
+def test_a_site_controller_exports_as_its_hosts_and_never_as_any_address():
+    """An ACE without a destination matches every address: a site's controller class
+    ("@phone") was written so, which would have opened everything to whoever imports the file."""
+    given = ["@phone:8080/tcp", "cloud.example.com:443/tcp"]
+    controllers = umbox.check_controllers({"phone": ["198.18.0.50", "hub.example.com"]}, "site")
+    exported = mud.profile_to_mud(profile_with(given), "https://example.com/x", controllers)
+    aces = [a for acl in exported["ietf-access-control-list:acls"]["acl"] if acl["name"].startswith("from")
+            for a in acl["aces"]["ace"]]
+    for ace in aces:      # every ACE names a peer
+        ipv4 = ace["matches"].get("ipv4", {})
+        assert "destination-ipv4-network" in ipv4 or "ietf-acldns:dst-dnsname" in ipv4, ace
+    peers = {(a["matches"]["ipv4"].get("destination-ipv4-network")
+              or a["matches"]["ipv4"].get("ietf-acldns:dst-dnsname"),
+              a["matches"].get("tcp", {}).get("destination-port", {}).get("port")) for a in aces}
+    assert peers == {("198.18.0.50/32", 8080), ("hub.example.com", 8080), ("cloud.example.com", 443)}
+    with pytest.raises(ConfigError) as e:      # a class the site does not name: refused
+        mud.profile_to_mud(profile_with(given), "https://example.com/x", {})
+    assert "'@phone:8080/tcp'" in str(e.value) and "'phone'" in str(e.value)

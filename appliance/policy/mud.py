@@ -37,6 +37,7 @@ The mapping (docs/mud.md says the same for operators):
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -896,11 +897,16 @@ def _same_peer(reply: Ace, opened: Ace) -> bool:
 
 
 # -- a profile as a MUD file -------------------------------------------------------------------
-def profile_to_mud(profile: profiles.Profile | dict, mud_url: str) -> dict:
+def profile_to_mud(profile: profiles.Profile | dict, mud_url: str,
+                   controllers: dict[str, list] | None = None) -> dict:
     """The `normal` posture's destinations as an RFC 8520 MUD file (a dict, for json.dumps):
     one from-device ACE per destination, one to-device ACE for its replies; same-manufacturer,
-    manufacturer and my-controller entries as RFC 8520's own matches. A wildcard name cannot be
-    said in MUD (a dst-dnsname is one host) and is refused."""
+    manufacturer and my-controller entries as RFC 8520's own matches. A site's controller class
+    ("@phone") has no RFC 8520 form (a MUD controller is a URI the manufacturer names), so its
+    hosts from the site's `controllers` (umbox.check_controllers' result) are written instead,
+    each with the entry's protocol and port; a class the site does not name is refused, never
+    written as a match of any address. A wildcard name cannot be said in MUD (a dst-dnsname is
+    one host) and is refused."""
     if isinstance(profile, profiles.Profile):
         type_name, description, stack = profile.type, profile.description, profile.stack("normal")
     else:
@@ -919,9 +925,21 @@ def profile_to_mud(profile: profiles.Profile | dict, mud_url: str) -> dict:
                           "a device may open: nothing to export")
     from_aces: list[dict] = []
     to_aces: list[dict] = []
-    for i, entry in enumerate(listed):
-        where = f"profile {type_name}: postures.normal: "
+    where = f"profile {type_name}: postures.normal: "
+    expanded = []
+    for entry in listed:
         dst = umbox.parse_destination(entry, "allowlist", where)
+        if dst.controller is None:
+            expanded.append((entry, dst))
+            continue
+        hosts = (controllers or {}).get(dst.controller)
+        if not hosts:
+            raise ConfigError(f"{where}destination {entry!r}: the site names no controller class "
+                              f"{dst.controller!r} (config controllers), and a MUD file cannot say "
+                              "a site's class: name it in the site's settings to export its hosts")
+        for host in hosts:
+            expanded.append((entry, dataclasses.replace(host, proto=dst.proto, port=dst.port)))
+    for i, (entry, dst) in enumerate(expanded):
         name = getattr(dst, "name", None)
         if name and name.startswith("*."):
             raise ConfigError(f"{where}destination {entry!r}: a wildcard name cannot be said in a MUD "

@@ -364,8 +364,8 @@ class Ops:
             only = profiles.profile_from_text(profiles.dump_profile(
                 {"type": type, "postures": {"normal": {"egress_anomaly": {"destinations": seen}}}}),
                 f"{type}.toml")
-            text = json.dumps(mudfiles.profile_to_mud(only, mud_url or f"https://{type}.invalid/mud"),
-                              indent=2) + "\n"
+            text = json.dumps(mudfiles.profile_to_mud(only, mud_url or f"https://{type}.invalid/mud",
+                                                      self._site_controllers()), indent=2) + "\n"
         return {"type": type, "format": format, "text": text, "destinations": seen}
 
     def posture_reset(self, name, actor: str = "operator") -> dict:
@@ -680,6 +680,10 @@ class Ops:
                 "source": "installed" if p.installed else "shipped", "path": str(p.path),
                 "mud_url": p.mud_url, "devices": self._devices_of(p.type)}
 
+    def _site_controllers(self) -> dict:
+        """The site's controller classes as destinations (what a MUD export writes for "@class")."""
+        return umbox.check_controllers(self._sup.cfg.controllers, "config: controllers")
+
     def profile_list(self) -> list[dict]:
         return [self._profile_row(p) for _, p in sorted(self._sup.profiles.items())]
 
@@ -790,7 +794,7 @@ class Ops:
             if not url:
                 raise ConfigError(f"profile {p.type} has no mud_url: give the MUD URL to export it under "
                                   "(--mud-url https://...)")
-            text = json.dumps(mudfiles.profile_to_mud(p, url), indent=2) + "\n"
+            text = json.dumps(mudfiles.profile_to_mud(p, url, self._site_controllers()), indent=2) + "\n"
         else:
             raise ConfigError(f"format: expected toml or mud, got {format!r}")
         return {"type": p.type, "format": format, "text": text}
