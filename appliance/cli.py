@@ -8,6 +8,7 @@ import os
 import sys
 
 from appliance.errors import KalkiError
+from appliance.vocab import SETTABLE_POSTURES
 
 DEFAULT_SOCKET = "/run/kalki/kalki.sock"
 
@@ -18,6 +19,105 @@ def _print(result, as_json: bool) -> None:
         return
     for row in result:
         print(json.dumps(row, default=str))
+
+
+# -- tables for people, JSON for scripts --------------------------------------------------------
+LISTING = ("On a terminal: an aligned table. Otherwise (a pipe, a file) one JSON object per line, "
+           "as scripts have always read it; --table gives the table anyway, --json one JSON array.")
+
+
+def _listing_flags(p: argparse.ArgumentParser) -> None:
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="JSON: one array of objects")
+    how.add_argument("--table", action="store_true",
+                     help="an aligned table even when the output is not a terminal")
+
+
+def _as_table(args) -> bool:
+    return bool(getattr(args, "table", False)) or (not getattr(args, "json", False) and sys.stdout.isatty())
+
+
+def table(headers: tuple[str, ...], rows: list[tuple], width: int | None = None) -> str:
+    """Aligned columns under upper-case headers, two spaces apart; the last column is not padded
+    and, given a width (the terminal's), cut to it with an ellipsis."""
+    cells = [[("—" if c is None or c == "" else str(c)).replace("\n", " ") for c in row] for row in rows]
+    head = [h.upper() for h in headers]
+    widths = [max(len(r[i]) for r in [head, *cells]) for i in range(len(headers) - 1)]
+    lines = []
+    for r in [head, *cells]:
+        line = "  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip()
+        if width and len(line) > width:
+            line = line[:max(width - 1, 0)] + "…"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _width() -> int | None:
+    import shutil
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _utc(at) -> str:
+    """A stored time as the command shows it: ISO 8601 in UTC, to the second."""
+    import datetime
+    try:
+        t = datetime.datetime.fromisoformat(str(at))
+    except ValueError:
+        return str(at or "")
+    if t.tzinfo is None:
+        return t.isoformat(timespec="seconds")
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _device_rows(devices: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
+    rows = []
+    for d in devices:
+        until = (f"{_utc(d['posture_expires'])}, then {d.get('posture_revert_to')}"
+                 if d.get("posture_expires") else "")
+        note = f"suggested type {d['suggested_type']}" if d.get("suggested_type") else ""
+        if d.get("mqtt_user"):
+            note = ", ".join(x for x in (note, f"MQTT as {d['mqtt_user']}") if x)
+        rows.append((d.get("name"), d.get("posture") if d.get("approved") else "waiting for approval",
+                     d.get("type"), d.get("group"), d.get("ip"), d.get("mac"),
+                     "yes" if d.get("enforced") else "no", until, note))
+    return ("device", "posture", "type", "group", "address", "mac", "enforced", "until", "note"), rows
+
+
+def _alert_rows(alerts: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
+    return (("id", "at (UTC)", "device", "kind", "severity", "what happened"),
+            [(a.get("id"), _utc(a.get("at")), a.get("device"), a.get("type"), a.get("severity"),
+              a.get("explanation") or json.dumps(a.get("details"), default=str)) for a in alerts])
+
+
+def _decision_rows(recs: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
+    rows = []
+    for r in recs:
+        if r.get("kind") == "audit":
+            details = {k: v for k, v in (r.get("details") or {}).items() if k != "device"}
+            what = f"{r.get('event')} by {r.get('actor')}" + (f": {json.dumps(details, default=str)}"
+                                                              if details else "")
+            ms = None
+        else:
+            what = r.get("explanation") or f"rule {r.get('rule')}"
+            ms = (r.get("timing_ms") or {}).get("enforce")
+        rows.append((r.get("id"), _utc(r.get("at")), r.get("kind"), r.get("device"), ms, what))
+    return ("id", "at (UTC)", "kind", "device", "enforce ms", "what"), rows
+
+
+def _listing(op, render, cut: bool = True, **fields):
+    """A request whose answer is a list: a table on a terminal (or --table), else JSON. `cut`:
+    the table's lines are cut to the terminal's width (its last column is words)."""
+    def run(args) -> int:
+        from appliance.client import request
+        values = {k: getattr(args, v) for k, v in fields.items() if getattr(args, v) is not None}
+        result = request(_socket(args), op, **values)
+        if _as_table(args):
+            headers, rows = render(result)
+            print(table(headers, rows, _width() if cut else None) if rows else f"no {op}")
+        else:
+            _print(result, args.json)
+        return 0
+    return run
 
 
 # -- the lab --------------------------------------------------------------------------------
@@ -174,9 +274,9 @@ def _profile_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    for r in rows:
-        used = f"{len(r['devices'])} device(s)" if r["devices"] else "unused"
-        print(f"{r['type']:24} {r['source']:9} {used:12} {r['description']}")
+    print(table(("type", "source", "used by", "description"),
+                [(r["type"], r["source"], ", ".join(r["devices"]) if r["devices"] else "unused",
+                  r["description"]) for r in rows], _width()))
     return 0
 
 
@@ -193,6 +293,40 @@ def _profile_from_device(args) -> int:
     fields = {k: v for k, v in (("type", args.type), ("mud_url", args.mud_url)) if v}
     result = request(_socket(args), "profile_from_device", name=args.device, format=args.format, **fields)
     sys.stdout.write(result["text"])
+    return 0
+
+
+def _notify_test(args) -> int:
+    """One test message per channel; waits for the slowest (one try, [notify] timeout_seconds)."""
+    from appliance.client import request
+    fields = {"channel": args.channel} if args.channel else {}
+    r = request(_socket(args), "notify_test", timeout=300, **fields)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        for channel, x in r.items():
+            to = f" to {x['to']}" if x.get("to") else ""
+            print(f"{channel:8} {'sent' if x['ok'] else 'FAILED'}{to}"
+                  + (f" ({x['seconds']} s)" if x["ok"] else f": {x['error']}"))
+    return 0 if all(x["ok"] for x in r.values()) else 1
+
+
+def _device_rename(args) -> int:
+    from appliance.client import request
+    r = request(_socket(args), "device_rename", name=args.name, new=args.new)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{r['from']} is now {r['device']['name']}")
+    for note in r["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _device_group(args) -> int:
+    from appliance.client import request
+    r = request(_socket(args), "device_group", name=args.name, group=None if args.none else args.group)
+    print(f"{r['name']}: group {r['group']}" if r.get("group") else f"{r['name']}: in no group")
     return 0
 
 
@@ -369,8 +503,43 @@ def _restore(args) -> int:
 def _socket(args) -> str:
     if args.lab:
         from lab import topology
+        labs = topology.labs()
+        if args.lab not in labs:
+            raise KalkiError(f"--lab {args.lab}: no such lab; " + (
+                f"the labs here: {', '.join(labs)}" if labs else "there is none (kalki lab up)"))
         return topology.control_socket(args.lab)
     return args.socket
+
+
+# Where the supervisor is, for the help of the commands that list what it knows (main() sets it).
+_WHERE = argparse.Namespace(lab=None, socket=DEFAULT_SOCKET)
+
+
+def known_types() -> tuple[list[str], str]:
+    """The device types, and where from: the running supervisor's (installed ones too), else
+    the profiles shipped with this version."""
+    from appliance.client import request
+    try:
+        return (sorted(r["type"] for r in request(_socket(_WHERE), "profile_list", timeout=2)),
+                "from the running supervisor")
+    except (KalkiError, OSError, ValueError):
+        from appliance.policy import profiles
+        return (sorted(profiles.load_all(profiles.PROFILE_DIR)),
+                "shipped with this version (no supervisor answered)")
+
+
+class _TypesHelp(argparse.Action):
+    """-h/--help of the commands that take a device type: the help ends with the types."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default,
+                         help=help or "show this help, with the device types there are, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        types, where = known_types()
+        parser.epilog = f"device types, {where}: {', '.join(types)}"
+        parser.print_help()
+        parser.exit()
 
 
 def _call(op, **fields):
@@ -462,8 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "made from; entries to it are artefacts and are dropped")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_profile_import)
-    p = prof.add_parser("list", help="every device type, shipped and installed")
-    p.add_argument("--json", action="store_true")
+    p = prof.add_parser("list", help="every device type, shipped and installed",
+                        description="every device type, shipped and installed: an aligned table "
+                        "(--json: one JSON array)")
+    p.add_argument("--json", action="store_true", help="JSON: one array of objects")
     p.set_defaults(func=_profile_list)
     p = prof.add_parser("show", help="one device type's profile")
     p.add_argument("type")
@@ -510,21 +681,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_restore)
     p = sub.add_parser("status", help="the supervisor's state")
     p.set_defaults(func=_call("status"))
-    p = sub.add_parser("devices", help="every device with its posture")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_call("devices"))
+    p = sub.add_parser("devices", help="every device with its posture",
+                       description=f"Every device with its posture. {LISTING}")
+    _listing_flags(p)
+    p.set_defaults(func=_listing("devices", _device_rows, cut=False))
     dev = sub.add_parser("device", help="one device").add_subparsers(dest="device_command",
                                                                      required=True)
-    p = dev.add_parser("show")
-    p.add_argument("name")
+    p = dev.add_parser("show", help="a device: identity, posture, history, alerts, names, flows (JSON)")
+    p.add_argument("name", help="the device's name")
     p.set_defaults(func=_call("device_show", name="name"))
-    p = dev.add_parser("approve")
-    p.add_argument("name")
-    p.add_argument("--type")
+    p = dev.add_parser("approve", add_help=False, help="let a new device out, as a type: its "
+                       "profile's umboxes protect it (-h lists the types)")
+    p.add_argument("-h", "--help", action=_TypesHelp)
+    p.add_argument("name", help="the device's name (kalki devices)")
+    p.add_argument("--type", help="its device type (default: the type it has); -h lists them")
     p.set_defaults(func=_call("device_approve", name="name", type="type"))
-    p = dev.add_parser("remove")
-    p.add_argument("name")
+    p = dev.add_parser("remove", help="forget a device: the data path closes it again; its "
+                       "history stays")
+    p.add_argument("name", help="the device's name")
     p.set_defaults(func=_call("device_remove", name="name"))
+    p = dev.add_parser("rename", help="give a device another name; its identity, posture, history "
+                       "and MQTT topics stay (its firmware's broker user and topic do not change)")
+    p.add_argument("name", help="the device's name now")
+    p.add_argument("new", help="its new name: 1 to 40 letters, digits, '_' or '-', not taken")
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=_device_rename)
+    p = dev.add_parser("group", help="put a device in a group (rules select {group = \"...\"}), "
+                       "or in none")
+    p.add_argument("name", help="the device's name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("group", nargs="?", help="the group: 1 to 40 letters, digits, '_' or '-'")
+    which.add_argument("--none", action="store_true", help="take it out of its group")
+    p.set_defaults(func=_device_group)
     p = dev.add_parser("add", help="pre-provision a device by MAC and address")
     p.add_argument("name")
     p.add_argument("mac")
@@ -554,19 +742,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_call(f"device_{verb}", name="name", destination="destination"))
     posture = sub.add_parser("posture", help="set or reset a posture").add_subparsers(
         dest="posture_command", required=True)
-    p = posture.add_parser("set")
-    p.add_argument("name")
-    p.add_argument("posture")
+    p = posture.add_parser("set", help="put a device in a posture, for a while or until changed")
+    p.add_argument("name", help="the device's name")
+    p.add_argument("posture", choices=SETTABLE_POSTURES, metavar="posture",
+                   help=f"one of: {', '.join(SETTABLE_POSTURES)}")
     p.add_argument("--for", dest="duration", help="revert after this long (90s, 15m, 2h)")
     p.set_defaults(func=_call("posture_set", name="name", posture="posture", **{"for": "duration"}))
-    p = posture.add_parser("reset")
-    p.add_argument("name")
+    p = posture.add_parser("reset", help="back to normal (rules judge it from now on)")
+    p.add_argument("name", help="the device's name")
     p.set_defaults(func=_call("posture_reset", name="name"))
-    for op in ("alerts", "decisions"):
-        p = sub.add_parser(op)
-        p.add_argument("--device")
-        p.add_argument("--limit", type=int, default=20)
-        p.set_defaults(func=_call(op, device="device", limit="limit"))
+    for op, render, what in (("alerts", _alert_rows, "the alerts, newest first, each in words"),
+                             ("decisions", _decision_rows, "the rules' decisions (with their timings) "
+                                                           "and the audit trail, newest first")):
+        p = sub.add_parser(op, help=what, description=f"{what[0].upper()}{what[1:]}. {LISTING}")
+        p.add_argument("--device", help="only this device's")
+        p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+        _listing_flags(p)
+        p.set_defaults(func=_listing(op, render, device="device", limit="limit"))
     p = sub.add_parser("maintenance", help="pause automation for N minutes (0 ends it)")
     p.add_argument("minutes", type=int)
     p.set_defaults(func=_call("maintenance", minutes="minutes"))
@@ -583,6 +775,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_call("unblock_source", ip="source"))
     p = sub.add_parser("blocked", help="the sources in the kernel drop set, why and until when")
     p.set_defaults(func=_call("blocked_sources"))
+    notify = sub.add_parser("notify", help="notifications of alerts ([notify] in the config "
+                            "file)").add_subparsers(dest="notify_command", required=True)
+    p = notify.add_parser("test", help="send a test message on each configured channel (one try "
+                          "each); exits 1 if one fails")
+    p.add_argument("--channel", choices=("ntfy", "webhook", "email"), help="only this channel")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_notify_test)
     p = sub.add_parser("raise-alert", help="record an alert (the gate's api-denied, ...); rules "
                        "see it like any other")
     p.add_argument("kind")
@@ -609,19 +808,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_call("panel"))
     clock = sub.add_parser("clock", help="the lab's policy clock").add_subparsers(
         dest="clock_command", required=True)
-    p = clock.add_parser("set")
+    p = clock.add_parser("set", help="set the lab's policy clock (with policy.fake_time only)")
     p.add_argument("time")
     p.set_defaults(func=_call("clock_set", time="time"))
+    _fill_help(ap, [])
     return ap
 
 
+# The help of the arguments (and commands) build_parser() gives none: by command and argument,
+# else by argument. tests/test_cli.py checks that every argument has some.
+HELP = {
+    "json": "JSON output", "config": "the configuration file (default /etc/kalki/kalki.toml)",
+    "type": "the device type's name", "name": "the device's name", "format": "toml or mud",
+    "source": "an IPv4 address", "seconds": "how long, in seconds (0: until unblocked)",
+    "lab up devices": "how many emulated devices (default 4)",
+    "lab up name": "the lab's name (default: one made up)",
+    "lab up no_services": "the devices run no services (web, telnet, MQTT telemetry)",
+    "lab up json": "the lab's state as JSON", "lab status json": "the labs' state as JSON",
+    "lab down name": "the lab's name (kalki lab status)", "lab block name": "the lab's name",
+    "lab dns hostname": "the host name to answer for", "lab dns ttl": "the answers' TTL in seconds",
+    "rules validate file": "a TOML file of [[rules]] tables",
+    "profile import file": "a TOML profile, or a vendor's MUD file (JSON)",
+    "profile import json": "the type, the format and the importer's notes as JSON",
+    "profile from-device device": "the device that was learning",
+    "profile test capture": "a pcap or pcapng capture of the device",
+    "profile test json": "each flow's outcome as JSON", "restore json": "what was done, as JSON",
+    "device add mac": "its MAC address", "device add ip": "its IPv4 address",
+    "device add approve": "approve it at once (needs --type)",
+    "device check-logins json": "the outcomes as JSON",
+    "maintenance minutes": "0 to 1440; 0 ends maintenance",
+    "block reason": "why, for the alert (default: blocked)",
+    "block by": "who blocks it, for the alert (default: operator)",
+    "notify test json": "the outcomes as JSON",
+    "raise-alert kind": "the alert's kind: lower-case words joined by - (api-denied)",
+    "raise-alert by": "who raises it (gate, operator, ...)",
+    "button hold seconds": "how long the button is held",
+    "memory top": "how many of the biggest allocations (with PYTHONTRACEMALLOC)",
+    "memory json": "JSON output (it is JSON anyway)",
+    "clock set time": "an ISO 8601 time with its zone",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser, path: list[str]) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = choice.help or HELP.get(" ".join([*path, choice.dest]))
+            for name, sub in action.choices.items():
+                _fill_help(sub, [*path, name])
+        elif not action.help:
+            action.help = HELP.get(" ".join([*path, action.dest])) or HELP.get(action.dest)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    global _WHERE
+    where = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    where.add_argument("--lab")
+    where.add_argument("--socket", default=DEFAULT_SOCKET)
     try:
-        return args.func(args)
+        _WHERE = where.parse_known_args(argv)[0]
+    except argparse.ArgumentError:
+        pass      # the real parser says what is wrong
+    try:
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()      # a closed pipe shows here, not at exit
+        return code
     except KalkiError as e:
         print(f"kalki: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went (`kalki devices | head`): it has what it wanted. Quietly, and with
+        # nothing left for Python to flush into the closed pipe at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import ssl
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
 from appliance.vocab import (
+    SEVERITIES,
     WORKDAYS,
     check_business_hours,
     check_controllers,
@@ -160,6 +163,35 @@ class MudSection:
 
 
 @dataclass
+class NotifySection:
+    min_severity: str = _doc("alerts of this severity and above are sent on every channel below "
+                             "and as Home Assistant alert events (info, warning, critical)", "warning")
+    ntfy_url: str = _doc("ntfy server, e.g. https://ntfy.sh (http only to a loopback or LAN host: "
+                         "see docs/operators-manual.md#notifications); empty: no ntfy", "")
+    ntfy_topic: str = _doc("the ntfy topic (letters, digits, - and _, at most 64)", "")
+    ntfy_token_file: str = _doc("file holding an ntfy access token (sent as a bearer token); "
+                                "empty: none", "")
+    webhook_url: str = _doc("URL the alert is POSTed to as JSON, signed (X-Kalki-Signature: "
+                            "sha256=HMAC of \"<X-Kalki-Timestamp>.<body>\"); same rule as ntfy_url; "
+                            "empty: no webhook", "")
+    webhook_secret_file: str = _doc("file holding the webhook's HMAC secret (needed with "
+                                    "webhook_url)", "")
+    smtp_host: str = _doc("SMTP relay for e-mail; empty: no e-mail", "")
+    smtp_port: int = _doc("the relay's port (submission)", 587, PORT)
+    smtp_starttls: bool = _doc("STARTTLS before anything else, the certificate checked; false "
+                               "only to a loopback or LAN relay", True)
+    smtp_ca_file: str = _doc("PEM file of the CAs trusted for the relay, instead of the system's; "
+                             "empty: the system's trust store", "")
+    smtp_user: str = _doc("login at the relay (with smtp_password_file); empty: no login", "")
+    smtp_password_file: str = _doc("file holding the relay password", "")
+    smtp_from: str = _doc("sender address", "")
+    smtp_to: list = _doc("recipient addresses", [])
+    timeout_seconds: int = _doc("one try on one channel takes at most this long", 10, (1, 120))
+    max_per_minute: int = _doc("messages per channel per minute; the rest are summed up in one "
+                               "\"N more alerts\" message at the end of the minute", 10, (1, 600))
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     state: StateSection = field(default_factory=StateSection)
@@ -172,6 +204,7 @@ class Config:
     names: NamesSection = field(default_factory=NamesSection)
     mud: MudSection = field(default_factory=MudSection)
     stations: StationsSection = field(default_factory=StationsSection)
+    notify: NotifySection = field(default_factory=NotifySection)
     profiles: str = _doc("directory of device-type profiles", "")
     controllers: dict = _doc("the site's controllers, named once: {class = [address, prefix or DNS "
                              "name, ...]}; profiles open them as {controller = \"class\", proto, "
@@ -217,7 +250,121 @@ class Config:
                                   f"{getattr(e, 'strerror', None) or e} (a PEM file of CA "
                                   "certificates)") from None
         check_my_controllers(self.my_controllers, f"{where}: my_controllers")
+        check_notify(self.notify, f"{where}: notify")
         return self
+
+
+# -- [notify] -----------------------------------------------------------------------------------
+# http (no TLS) is allowed only to a host on the loopback or the LAN: an IP address Python's
+# ipaddress calls loopback, private or link-local (127/8, 10/8, 172.16/12, 192.168/16,
+# 169.254/16, ::1, fc00::/7, fe80::/10, ...), "localhost", or a name under one of these suffixes.
+LAN_SUFFIXES = (".local", ".lan", ".home.arpa", ".internal")
+NTFY_TOPIC = re.compile(r"[-_A-Za-z0-9]{1,64}")
+EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+                   r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+")
+HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[?[0-9A-Fa-f:.]+\]?")
+
+
+def lan_host(host: str) -> bool:
+    """True for a loopback or LAN host (the rule above), which may be spoken to without TLS."""
+    host = host.lower().strip("[]").rstrip(".")
+    if host == "localhost" or host.endswith(LAN_SUFFIXES):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
+
+def check_notify_url(url, key: str, query: bool = True) -> str:
+    """An https URL, or http to a loopback or LAN host; no user or password in it (a secret
+    comes from a file), no fragment. `key` names it in the error."""
+    if not isinstance(url, str) or any(c.isspace() for c in url):
+        raise ConfigError(f"{key}: {url!r} is not a URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _port = parts.hostname, parts.port
+    except ValueError as e:
+        raise ConfigError(f"{key}: {url!r}: {e}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise ConfigError(f"{key}: {url!r}: expected https://host/...")
+    if parts.scheme == "http" and not lan_host(host):
+        raise ConfigError(f"{key}: {url!r}: http (no TLS) only to a loopback or LAN host "
+                          f"(a private address, localhost, or *{', *'.join(LAN_SUFFIXES)}); use https")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key}: {url!r}: no user or password in the URL (secrets come from files)")
+    if parts.fragment or (parts.query and not query):
+        raise ConfigError(f"{key}: {url!r}: no {'fragment' if parts.fragment else 'query'} here")
+    return url
+
+
+def check_email(value, key: str) -> str:
+    if not isinstance(value, str) or not EMAIL.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not an e-mail address (name@example.com)")
+    return value
+
+
+def _secret_file(path: str, key: str) -> None:
+    """Readable and not empty; the secret itself is read by the notifier, never shown."""
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(4096).strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path}: {e.strerror}") from None
+    if empty:
+        raise ConfigError(f"{key}: {path} is empty")
+
+
+def check_notify(n: NotifySection, where: str) -> None:
+    """Each channel whole (its URL or relay, and what it needs), or not at all: a key set for
+    a channel that is off is an error, not ignored. `where` names the section."""
+    if n.min_severity not in SEVERITIES:
+        raise ConfigError(f"{where}.min_severity: {n.min_severity!r} (known: {', '.join(SEVERITIES)})")
+
+    def only_with(main: str, *keys: str) -> None:
+        for k in keys:
+            if getattr(n, k) and not getattr(n, main):
+                raise ConfigError(f"{where}.{k}: set, but {main} is empty (that channel is off)")
+    only_with("ntfy_url", "ntfy_topic", "ntfy_token_file")
+    only_with("webhook_url", "webhook_secret_file")
+    only_with("smtp_host", "smtp_ca_file", "smtp_user", "smtp_password_file", "smtp_from", "smtp_to")
+    if n.ntfy_url:
+        check_notify_url(n.ntfy_url, f"{where}.ntfy_url", query=False)
+        if not NTFY_TOPIC.fullmatch(n.ntfy_topic):
+            raise ConfigError(f"{where}.ntfy_topic: {n.ntfy_topic!r}: expected 1 to 64 letters, "
+                              "digits, - and _")
+        if n.ntfy_token_file:
+            _secret_file(n.ntfy_token_file, f"{where}.ntfy_token_file")
+    if n.webhook_url:
+        check_notify_url(n.webhook_url, f"{where}.webhook_url")
+        if not n.webhook_secret_file:
+            raise ConfigError(f"{where}.webhook_secret_file: needed with webhook_url (every "
+                              "message is signed)")
+        _secret_file(n.webhook_secret_file, f"{where}.webhook_secret_file")
+    if n.smtp_host:
+        if not HOST.fullmatch(n.smtp_host):
+            raise ConfigError(f"{where}.smtp_host: {n.smtp_host!r}: expected a host name or address")
+        if not n.smtp_starttls and not lan_host(n.smtp_host):
+            raise ConfigError(f"{where}.smtp_starttls: false only to a loopback or LAN relay, "
+                              f"not {n.smtp_host!r}")
+        if bool(n.smtp_user) != bool(n.smtp_password_file):
+            raise ConfigError(f"{where}.{'smtp_password_file' if n.smtp_user else 'smtp_user'}: "
+                              "smtp_user and smtp_password_file go together")
+        if n.smtp_password_file:
+            _secret_file(n.smtp_password_file, f"{where}.smtp_password_file")
+        if n.smtp_ca_file:
+            try:
+                ssl.create_default_context(cafile=n.smtp_ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"{where}.smtp_ca_file: {n.smtp_ca_file}: "
+                                  f"{getattr(e, 'strerror', None) or e} (a PEM file of CA "
+                                  "certificates)") from None
+        check_email(n.smtp_from, f"{where}.smtp_from")
+        if not n.smtp_to:
+            raise ConfigError(f"{where}.smtp_to: at least one recipient")
+        for i, to in enumerate(n.smtp_to):
+            check_email(to, f"{where}.smtp_to[{i}]")
 
 
 def _build(cls, data: dict, where: str):

@@ -69,7 +69,8 @@ def connect_mqtt(cfg: Config, sup: Supervisor, loop: asyncio.AbstractEventLoop):
         log.warning("MQTT off: cannot read %s: %s", m.password_file, e)
         return None
     from appliance.telemetry.mqtt import Bus
-    return Bus(m.host, m.port, m.user, password, m.base, known_device=sup.known.__contains__,
+    return Bus(m.host, m.port, m.user, password, m.base,
+               known_device=lambda level: sup.device_for_topic(level) is not None,
                on_telemetry=sup.on_telemetry, on_availability=sup.on_availability,
                on_denied=sup.on_denied, on_client_id_denied=sup.on_client_id_denied, loop=loop,
                max_payload=m.max_payload,
@@ -117,6 +118,9 @@ async def serve(cfg: Config) -> None:
     sup.site_error = read_site_error()
     sup.isolation_warning = read_isolation_warning()
     ops = Ops(sup)
+    # Notifications say an alert in the page's words; a channel's failure comes back to the loop.
+    sup.notifier.explain = lambda alert: ops.alert_event(alert)["explanation"]
+    sup.notifier.loop = loop
     stop = asyncio.Event()
     neighbours = web = control_server = resolver = None
     stations: list = []

@@ -64,6 +64,9 @@ ALERT_SEVERITY = {
     # what a blocked attacker tried on the decoy (appliance/dataplane/decoy.py): evidence, not a
     # new attack (the source is in the drop set already)
     "deception": "warning",
+    # a notification channel (appliance.supervisor.notify) failed after its retries; at most
+    # one an hour per channel, and never sent on the channel it is about
+    "notify-failed": "warning",
 }
 ALERT_SOURCES = ("kernel", "mqtt", "rule", "gate", "operator", "discovery", "supervisor")
 

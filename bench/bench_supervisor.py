@@ -4,14 +4,21 @@
 1. MQTT: a 100-device lab (Mosquitto + `kalki run`, fake clock after hours), every device
    publishing telemetry once a second with its own credentials from its own namespace; the
    intrusion rule (motion with the lights off, after hours -> every camera suspicious) is
-   triggered over and over. Reported: the decision's timing_ms.decide / .enforce (measured by
-   the supervisor from the message's arrival to the posture read back from the kernel), and an
-   end-to-end figure from here: publish call -> posture visible through the control socket.
+   triggered over and over. The sensor's trigger carries its publish time (`sent_ns`, this
+   process's time.monotonic_ns(), the clock the supervisor records its decision's moments on:
+   one host); mqtt_enforce is the decision's monotonic_ns.enforce - sent_ns, so the broker hop
+   is in it. The supervisor's own timing_ms (from the message's arrival on its loop) is kept
+   as *_from_arrival. And an end-to-end figure from here: publish call -> the first camera's
+   retained posture message at an MQTT client.
 2. Kernel detector: brute force on each camera's telnet port from the attacker namespace
    (a fresh source address per camera, because the first one lands in the drop set), the
-   decision of rule device-under-attack: timing_ms.enforce from the ring-buffer read.
+   decision of rule device-under-attack: timing_ms.enforce, which the supervisor times from the
+   kernel event's own bpf_ktime_get_ns().
 3. Memory: VmRSS / VmHWM of the supervisor at 100 devices (after 1 and 2) and in a second lab
    with 1,000 devices (and how long `topology.up` takes to build it).
+4. Start to enforced, in the 1,000-device lab: the supervisor stopped and started again, from
+   its start to its control socket answering with all 1,000 enforced: with its pins kept (a
+   restart) and with them removed (the dispatcher compiled again, every device added).
 
 Everything runs inside lab namespaces (198.18.0.0/15) and is removed in finally: blocks.
 """
@@ -29,12 +36,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paho.mqtt.client as mqtt
-from common import emit, install_signal_handlers, lab_only, median, percentile, remove_lab, suffix, vm_status
+from common import (
+    Loads,
+    emit,
+    install_signal_handlers,
+    lab_only,
+    median,
+    percentile,
+    remove_lab,
+    suffix,
+    vm_status,
+)
 
 from appliance import (
     client,
     netns,
 )
+from appliance.dataplane import api as dataplane_api
 from lab import topology
 
 BENCH = "supervisor"
@@ -44,6 +62,7 @@ TRIGGER_BUDGET = float(os.environ.get("KALKI_BENCH_TRIGGER_SECONDS", "80"))   # 
 SMALL = int(os.environ.get("KALKI_BENCH_SUP_SMALL", "100"))
 BIG = int(os.environ.get("KALKI_BENCH_SUP_DEVICES", "1000"))
 UI = os.environ.get("KALKI_BENCH_SUP_UI", "1") != "0"     # the web page and the panel in the supervisor
+STARTS = int(os.environ.get("KALKI_BENCH_SUP_STARTS", "1"))   # supervisor starts of each kind, big lab
 ATTACK_SRC_BASE = 100          # extra attacker addresses 198.19.0.100.. (one per camera)
 
 
@@ -121,11 +140,17 @@ class Fleet:
             bad = [n for n, c in self.clients.items() if not c.is_connected()][:5]
             raise RuntimeError(f"MQTT clients not connected: {bad}")
 
-    def publish(self, name: str, payload: dict) -> None:
+    def publish(self, name: str, payload: dict, stamp: bool = False) -> int:
+        """Publishes; returns the time.monotonic_ns() of the publish call, which `stamp` also
+        puts in the payload as `sent_ns` (an extra scalar: the supervisor keeps it in the
+        decision's stimulus)."""
         with self.locks[name]:
-            info = self.clients[name].publish(f"kalki/{name}", json.dumps(payload), qos=0)
+            sent = time.monotonic_ns()
+            body = json.dumps({**payload, "sent_ns": sent} if stamp else payload)
+            info = self.clients[name].publish(f"kalki/{name}", body, qos=0)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"publish as {name}: {mqtt.error_string(info.rc)}")
+        return sent
 
     def _io(self):
         while not self._stop.is_set():
@@ -234,14 +259,15 @@ def bench_intrusion(state) -> dict:
         before = newest_decision(state, "physical-intrusion")
         last_id = before["id"] if before else -1
         decide, enforce, xdp, e2e, targets = [], [], [], [], []
-        misses = 0
+        pub_enforce, pub_xdp, pub_decide, hop = [], [], [], []
+        misses = unstamped = 0
         size_before = state_file_size(state)
         deadline = time.monotonic() + TRIGGER_BUDGET
         for _ in range(TRIGGERS):
             if time.monotonic() > deadline:
                 break
             t0 = time.perf_counter_ns()
-            fleet.publish(sensor.name, {"motion": True})
+            fleet.publish(sensor.name, {"motion": True}, stamp=True)
             seen = watch.wait("suspicious", 5)
             t1 = time.perf_counter_ns()
             if not seen:
@@ -258,6 +284,15 @@ def bench_intrusion(state) -> dict:
                         xdp.append(dec["timing_ms"]["xdp"])
                     targets.append(sum(1 for a in dec["actions"] if a.get("action") == "set_posture"
                                        and "skipped" not in a and "error" not in a))
+                    sent = (dec["stimulus"].get("data") or {}).get("sent_ns")
+                    clock = dec.get("monotonic_ns") or {}
+                    if isinstance(sent, int) and clock.get("enforce"):
+                        pub_enforce.append((clock["enforce"] - sent) / 1e6)
+                        pub_xdp.append((clock["xdp"] - sent) / 1e6)
+                        pub_decide.append((clock["stimulus"] - sent) / 1e6 + dec["timing_ms"]["decide"])
+                        hop.append((clock["stimulus"] - sent) / 1e6)
+                    else:    # another device's report made the rule true: not from our publish
+                        unstamped += 1
             # re-arm the edge-triggered rule and put the cameras back
             fleet.publish(sensor.name, {"motion": False})
             for cam in cameras:
@@ -269,6 +304,8 @@ def bench_intrusion(state) -> dict:
         watch.close()
         fleet.close()
     return {"decide": decide, "enforce": enforce, "xdp": xdp, "e2e": e2e, "misses": misses,
+            "pub_enforce": pub_enforce, "pub_xdp": pub_xdp, "pub_decide": pub_decide, "hop": hop,
+            "unstamped": unstamped,
             "cameras": len(cameras), "targets": targets, "status": status,
             "state_kb": (round(size_before / 1024), round(state_file_size(state) / 1024))}
 
@@ -346,71 +383,150 @@ def stats(name: str, xs: list[float], unit: str = "ms", target=None, **extra) ->
     emit(BENCH, f"{name}_max", round(max(xs), 3), unit, n=len(xs), **extra)
 
 
+# -- 4. supervisor start to all enforced ---------------------------------------------------------
+def start_to_enforced(state, keep_pins: bool) -> dict:
+    """Stops the lab's supervisor (SIGTERM, its process group: we started it), optionally
+    removes its pins (as if bpffs had been emptied: the dispatcher is compiled again and every
+    device added), starts it again as topology.up did, and times its start to the first answer
+    of its control socket, which it opens once the data path is reconciled: `enforced` then
+    says how many devices are in the kernel."""
+    pid = state.pids["supervisor"]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+        except ChildProcessError:      # not our child (an older lab's): wait for it to go
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+        time.sleep(0.02)
+    else:
+        raise RuntimeError(f"the supervisor ({pid}) did not stop within 20 s")
+    if not keep_pins:
+        dataplane_api.remove_pins(state.name)
+    lab_dir = topology.state_path(state.name).parent
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.gateway["socket"])
+    t0 = time.monotonic()
+    state.pids["supervisor"] = topology.spawn(
+        state.namespaces["gw"], [sys.executable, "-m", "appliance.cli", "run",
+                                 "--config", str(lab_dir / "kalki.toml")], lab_dir / "supervisor.log")
+    topology._save(state)      # so that the lab's teardown stops this one
+    status = None
+    while time.monotonic() - t0 < 180:
+        try:
+            status = client.request(state.gateway["socket"], "status", timeout=5)
+            break
+        except Exception:      # not listening yet
+            time.sleep(0.01)
+    t1 = time.monotonic()
+    if status is None:
+        raise RuntimeError("the supervisor did not answer within 180 s of its start")
+    return {"seconds": t1 - t0, "enforced": status["enforced"], "devices": status["devices"],
+            "reconcile": {k: len(v) for k, v in (status.get("reconcile") or {}).items()
+                          if isinstance(v, list) and v}}
+
+
 def main() -> int:
     install_signal_handlers()
     t_start = time.monotonic()
+    loads = Loads()
     with supervised_lab("sup", SMALL) as (state, up_s):
-        emit(BENCH, f"lab_up_{SMALL}_devices", round(up_s, 2), "s")
+        emit(BENCH, f"lab_up_{SMALL}_devices", round(up_s, 2), "s", **loads.kw())
         r = bench_intrusion(state)
+        loads.sample()
+        load = loads.kw()
         extra = {"rule": "physical-intrusion",
                  "cameras_per_decision": round(median(r["targets"])) if r["targets"] else r["cameras"],
-                 "devices": SMALL, "publishing_hz_per_device": 1}
-        stats("mqtt_enforce", r["enforce"], target=10, **extra)
-        stats("mqtt_decide", r["decide"], **extra)
-        stats("mqtt_xdp", r["xdp"], **extra,
-              how="stimulus -> every camera's XDP entry written (nftables' part follows)")
+                 "devices": SMALL, "publishing_hz_per_device": 1, **load}
+        stats("mqtt_enforce", r["pub_enforce"], target=10, **extra, unstamped=r["unstamped"],
+              how="the sensor's publish (sent_ns in its payload) -> every camera enforced and read back, "
+                  "nftables' part included (the decision's monotonic_ns.enforce)")
+        stats("mqtt_xdp", r["pub_xdp"], **extra,
+              how="the sensor's publish -> every camera's XDP entry written (nftables' part follows)")
+        stats("mqtt_decide", r["pub_decide"], **extra, how="the sensor's publish -> the rule decided")
+        stats("mqtt_broker_hop", r["hop"], **extra,
+              how="the sensor's publish -> the message on the supervisor's loop (broker and paho's thread)")
+        stats("mqtt_enforce_from_arrival", r["enforce"], **extra,
+              how="the supervisor's timing_ms.enforce: from the message's arrival on its loop")
+        stats("mqtt_xdp_from_arrival", r["xdp"], **extra)
+        stats("mqtt_decide_from_arrival", r["decide"], **extra)
         stats("mqtt_end_to_end", r["e2e"], **extra,
               how="publish call -> the first camera's retained posture message received by an MQTT client")
-        per_camera = (round(median(r["enforce"]) / max(1, extra["cameras_per_decision"]), 3)
-                      if r["enforce"] else None)
-        emit(BENCH, "mqtt_enforce_per_camera_median", per_camera, "ms", n=len(r["enforce"]),
-             how="median enforce / cameras in the decision (cameras are enforced one after another)")
-        if len(r["enforce"]) >= 20:
-            emit(BENCH, "mqtt_enforce_first10_median", round(median(r["enforce"][:10]), 3), "ms",
-                 n=10, state_file_kb=r["state_kb"][0])
-            emit(BENCH, "mqtt_enforce_last10_median", round(median(r["enforce"][-10:]), 3), "ms",
-                 n=10, state_file_kb=r["state_kb"][1])
+        per_camera = (round(median(r["pub_enforce"]) / max(1, extra["cameras_per_decision"]), 3)
+                      if r["pub_enforce"] else None)
+        emit(BENCH, "mqtt_enforce_per_camera_median", per_camera, "ms", n=len(r["pub_enforce"]),
+             how="median enforce / cameras in the decision (cameras are enforced one after another)",
+             **load)
+        if len(r["pub_enforce"]) >= 20:
+            emit(BENCH, "mqtt_enforce_first10_median", round(median(r["pub_enforce"][:10]), 3), "ms",
+                 n=10, state_file_kb=r["state_kb"][0], **load)
+            emit(BENCH, "mqtt_enforce_last10_median", round(median(r["pub_enforce"][-10:]), 3), "ms",
+                 n=10, state_file_kb=r["state_kb"][1], **load)
         emit(BENCH, "mqtt_triggers", len(r["e2e"]) + r["misses"], "count", misses=r["misses"],
-             asked=TRIGGERS, budget_s=TRIGGER_BUDGET)
+             asked=TRIGGERS, budget_s=TRIGGER_BUDGET, **load)
         emit(BENCH, "supervisor_counters_after_mqtt", r["status"]["counters"], "count",
-             mqtt_rejected=r["status"]["mqtt_rejected"])
+             mqtt_rejected=r["status"]["mqtt_rejected"], **load)
         emit(BENCH, "gc_pause_max_ms", r["status"].get("gc_pause_max_ms"), "ms",
              how="longest collection of generations 0-1 and 0-2 by the supervisor's ticker "
-                 "between events ([0] unused)")
+                 "between events ([0] unused)", **load)
 
         b = bench_brute_force(state)
-        extra = {"rule": "device-under-attack", "samples": "one per camera, fresh attacker source each"}
-        stats("kernel_enforce", b["enforce"], target=1, **extra)
-        stats("kernel_decide", b["decide"], **extra)
+        loads.sample()
+        load = loads.kw()
+        extra = {"rule": "device-under-attack", "samples": "one per camera, fresh attacker source each",
+                 **load}
+        stats("kernel_enforce", b["enforce"], target=1, **extra,
+              how="the kernel event's bpf_ktime_get_ns() -> the camera enforced and read back")
+        stats("kernel_decide", b["decide"], **extra, how="the kernel event -> the rule decided")
         stats("kernel_end_to_end", b["e2e"], **extra,
               how="first SYN -> decision seen via control (includes the 11 connects)")
-        emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"])
+        emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"],
+             **load)
 
         # A full collection runs every 15 s (from the ticker, between events): wait for one.
         pauses = wait_for(lambda: (lambda p: p if p and p[2] > 0 else None)(
             ask(state, "status").get("gc_pause_max_ms")), 30, 1)
         emit(BENCH, "gc_full_pause_ms", pauses[2] if pauses else None, "ms",
-             how="the longest full collection after the runs above: the loop waits that long every 15 s")
+             how="the longest full collection after the runs above: the loop waits that long every 15 s",
+             **loads.kw())
 
         m = supervisor_memory(state)
         emit(BENCH, f"rss_{SMALL}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=48,
              met=m["VmRSS"] / 1024 <= 48, hwm_mb=round(m["VmHWM"] / 1024, 1),
-             state_file_kb=round(state_file_size(state) / 1024), web_and_panel=UI)
-        emit(BENCH, f"hwm_{SMALL}_devices", round(m["VmHWM"] / 1024, 1), "MB")
+             state_file_kb=round(state_file_size(state) / 1024), web_and_panel=UI, **loads.kw())
+        emit(BENCH, f"hwm_{SMALL}_devices", round(m["VmHWM"] / 1024, 1), "MB", **loads.kw())
 
     if BIG:       # KALKI_BENCH_SUP_DEVICES=0 skips the big lab
         with supervised_lab("supbig", BIG) as (state, up_s):
-            emit(BENCH, f"lab_up_{BIG}_devices", round(up_s, 2), "s",
-                 how="topology.up with supervisor: devices added+approved one by one over the control socket")
+            loads.sample()
+            emit(BENCH, f"lab_up_{BIG}_devices", round(up_s, 2), "s", **loads.kw(),
+                 how="topology.up with supervisor: namespaces, then devices added+approved one by one "
+                     "over the control socket (supervisor_start_* is the supervisor's part)")
             status = ask(state, "status")
             m = supervisor_memory(state)
             emit(BENCH, f"rss_{BIG}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=64,
                  met=m["VmRSS"] / 1024 <= 64, hwm_mb=round(m["VmHWM"] / 1024, 1),
                  enforced=status["enforced"], state_file_kb=round(state_file_size(state) / 1024),
-                 web_and_panel=UI,
-                 note="no telemetry in this lab")
-            emit(BENCH, f"hwm_{BIG}_devices", round(m["VmHWM"] / 1024, 1), "MB")
-    emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s")
+                 web_and_panel=UI, note="no telemetry in this lab", **loads.kw())
+            emit(BENCH, f"hwm_{BIG}_devices", round(m["VmHWM"] / 1024, 1), "MB", **loads.kw())
+            starts: dict[str, list[dict]] = {"restart": [], "cold": []}
+            for _ in range(STARTS):          # interleaved
+                for kind in starts:
+                    starts[kind].append(start_to_enforced(state, keep_pins=kind == "restart"))
+                    loads.sample()
+            for kind, rs in starts.items():
+                secs = [x["seconds"] for x in rs]
+                emit(BENCH, f"supervisor_start_to_enforced_{kind}_{BIG}", round(median(secs), 2), "s",
+                     n=len(rs), runs=[round(x, 2) for x in secs],
+                     enforced=[x["enforced"] for x in rs], devices=rs[-1]["devices"],
+                     reconcile=rs[-1]["reconcile"], **loads.kw(),
+                     how=("pins kept: start, store, data path reconciled unchanged" if kind == "restart"
+                          else "pins removed: start, dispatcher compiled and attached, every device added")
+                     + "; to the control socket's first answer")
+    emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s", **loads.kw())
     return 0
 
 

@@ -169,7 +169,10 @@ def all_on_stack(destinations=None) -> dict:
 
 
 def fake_device(i: int) -> tuple[str, str]:
-    """(MAC, IPv4) of made-up device i (0..3839), addresses in 198.18.1.0-198.18.15.255."""
+    """(MAC, IPv4) of made-up device i (0..8191): addresses from 198.18.1.0, in the lab's LAN
+    (198.18.0.0/20) up to i = 3839, then on into 198.18.16.0/20 (the lab's range, outside its
+    LAN: nothing routes to them, which entries only do not need)."""
+    assert 0 <= i < 8192, i
     mac = f"02:42:bb:00:{i >> 8:02x}:{i & 0xff:02x}"
     ip = str(ipaddress.IPv4Address("198.18.1.0") + i)
     return mac, lab_only(ip)
@@ -254,18 +257,104 @@ def pinned_path(tag: str, **kw):
                 signal.signal(s, h)
 
 
+# -- the load average beside every figure -------------------------------------------------------
+class Loads:
+    """The 1-minute load average, sampled during a run (after each round or block), for the
+    `load1` (median) and `load1_max` keys every figure carries."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.sample()
+
+    def sample(self) -> None:
+        self.samples.append(os.getloadavg()[0])
+
+    def kw(self) -> dict:
+        return {"load1": round(median(self.samples), 2), "load1_max": round(max(self.samples), 2)}
+
+
 # -- CPU accounting -----------------------------------------------------------------------------
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_times() -> dict[str, int]:
-    """System-wide CPU time in ns from /proc/stat's first line, by column."""
+def cpu_times(cpu: int | None = None) -> dict[str, int]:
+    """CPU time in ns from /proc/stat, by column: system-wide (the first line), or one CPU's
+    line. Tick-sampled (this kernel: CONFIG_TICK_CPU_ACCOUNTING, HZ=250)."""
+    label = "cpu" if cpu is None else f"cpu{cpu}"
     with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
+        for line in f:
+            if line.split(maxsplit=1)[0] == label:
+                fields = line.split()[1:]
+                break
+        else:
+            raise RuntimeError(f"/proc/stat has no line {label}")
     names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     vals = {n: int(v) * 1_000_000_000 // CLK_TCK for n, v in zip(names, fields)}
     vals["busy"] = sum(vals[n] for n in ("user", "nice", "system", "irq", "softirq"))
     return vals
+
+
+def task_runtime_ns(pid: int) -> int:
+    """The CPU time of a process, its threads and its descendants, in ns, exactly (the
+    scheduler's sum_exec_runtime, /proc/<pid>/task/<tid>/schedstat), not tick-sampled. Without
+    IRQ_TIME_ACCOUNTING (this kernel), the softirqs a task runs in its own context (a veth
+    transmit runs the receiver's NET_RX there) are in its runtime."""
+    return sum(ns for _, ns in tasks(pid))
+
+
+def tasks(pid: int) -> list[tuple[int, int]]:
+    """(tid, runtime ns) of every thread of a process and of its descendants."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    out.append((int(tid), int(f.read().split()[0])))
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    for c in f.read().split():
+                        out += tasks(int(c))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def ksoftirqd_pid(cpu: int) -> int:
+    """The pid of ksoftirqd/<cpu>: the softirqs of that CPU that do not run where they were raised."""
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/comm") as f:
+                    if f.read().strip() == f"ksoftirqd/{cpu}":
+                        return int(p)
+            except OSError:
+                pass
+    raise RuntimeError(f"no ksoftirqd/{cpu}")
+
+
+# BPF_ENABLE_STATS: while the returned fd is open, the kernel times every BPF program run
+# (bpf_prog_info.run_time_ns / run_cnt; two clock reads per run). Closed: off again. This
+# leaves the sysctl kernel.bpf_stats_enabled alone.
+_BPF_ENABLE_STATS, _BPF_STATS_RUN_TIME = 32, 0
+_RUN_TIME_OFFSET = 192      # offsetof(struct bpf_prog_info, run_time_ns); run_cnt follows
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def enable_bpf_stats() -> int:
+    return bpf._bpf(_BPF_ENABLE_STATS, _EnableStatsAttr(type=_BPF_STATS_RUN_TIME), "BPF_ENABLE_STATS")
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a BPF program: counted only while stats are enabled."""
+    info = bpf.prog_info(prog_fd)
+    raw = bytes(info)
+    assert ctypes.sizeof(info) >= _RUN_TIME_OFFSET + 16
+    return (int.from_bytes(raw[_RUN_TIME_OFFSET:_RUN_TIME_OFFSET + 8], "little"),
+            int.from_bytes(raw[_RUN_TIME_OFFSET + 8:_RUN_TIME_OFFSET + 16], "little"))
 
 
 def net_rx_softirqs() -> int:

@@ -142,7 +142,10 @@ static __always_inline void report(__u32 device, __u32 reason, struct packet *p,
 	}
 	suppressed = lim->suppressed;
 	lim->suppressed = 0;
-	e->ts_ns = now;
+	/* The fine clock, not `now` (the coarse one, a tick behind): the supervisor times its
+	 * decision from this moment (CLOCK_MONOTONIC, as its time.monotonic_ns()). One clock
+	 * read per event sent, after the event limit. */
+	e->ts_ns = bpf_ktime_get_ns();
 	e->device = device;
 	e->reason = reason;
 	e->src = p->src;

@@ -156,7 +156,7 @@ struct kalki_counter {
 
 /* map: kalki_events, ring buffer of kalki_event */
 struct kalki_event {
-	__u64 ts_ns;
+	__u64 ts_ns;             /* bpf_ktime_get_ns() when it was sent: CLOCK_MONOTONIC */
 	__u32 device;
 	__u32 reason;
 	__u32 src;               /* network order */

@@ -239,13 +239,14 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 def up(name: str | None = None, devices: int = 4, compromised: bool = False,
        services: bool = True, protect: bool = True, supervisor: bool = False,
        unapproved: int = 0, fake_time: str = "", ui: bool = True,
-       profiles: str = "", mud: bool = False) -> LabState:
+       profiles: str = "", mud: bool = False, notify: dict | None = None) -> LabState:
     """Builds the lab. With `supervisor`, the gateway runs the MQTT broker and `kalki run`,
     which takes over the data path; the last `unapproved` devices are left for the operator
     to approve; without `ui` it runs without the web page and the panel; `profiles` is a
     directory of device-type profiles instead of umboxes/; with `mud`, the internet host runs
     a MUD file server (lab.mudserver) and the supervisor fetches MUD files ([mud] fetch),
-    trusting the lab's CA. On any failure, removes what it built and raises."""
+    trusting the lab's CA; `notify` sets the supervisor's [notify] keys (servers a test runs on
+    the internet host). On any failure, removes what it built and raises."""
     name = name or new_name()
     if state_path(name).exists():
         raise LabError(f"lab {name} already exists: `kalki lab down {name}` first")
@@ -267,7 +268,7 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
             _start_name_server(s, lab_dir)
-            _start_supervisor(s, lab_dir, fake_time, ui, profiles, mud)
+            _start_supervisor(s, lab_dir, fake_time, ui, profiles, mud, notify)
             for d in s.devices:
                 if not d.dhcp:
                     client.request(s.gateway["socket"], "device_add", name=d.name, mac=d.mac,
@@ -355,7 +356,7 @@ def _wait_for_name_server(s: LabState, timeout: float = 5.0) -> None:
 
 
 def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = True,
-                      profiles: str = "", mud: bool = False) -> None:
+                      profiles: str = "", mud: bool = False, notify: dict | None = None) -> None:
     """The appliance in miniature: Mosquitto with a user per device, and `kalki run`."""
     from appliance import config
     from appliance.system.broker import Broker, random_password
@@ -391,6 +392,8 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.policy.fake_time = fake_time
     cfg.profiles = profiles
     cfg.controllers = {k: list(v) for k, v in LAB_CONTROLLERS.items()}
+    for key, value in (notify or {}).items():
+        setattr(cfg.notify, key, value)
     if mud:     # a manufacturer's MUD file server on the internet host, and its CA trusted
         from lab import mudserver
         cfg.mud.fetch, cfg.mud.ca_file = True, str(mudserver.start_in_lab(s, lab_dir).cert_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 from appliance.dataplane import umbox
@@ -39,6 +40,7 @@ class FakeDataplane:
         self.decoyed: set[str] = set()     # sources decoy_source was asked for
         self.tampered = []
         self.names = NameBindings(FakeTable())
+        self.removed: list[str] = []       # every remove(), in order
 
     def apply(self, spec):
         self.devices[spec.name] = spec
@@ -74,7 +76,18 @@ class FakeDataplane:
         return contextlib.nullcontext()
 
     def remove(self, name):
+        self.removed.append(name)
         self.devices.pop(name, None)
+
+    def rename(self, name, new):
+        """The same device id (its place in the dict) under the new name; nothing removed."""
+        if new in self.devices:
+            raise ValueError(f"the fake data path holds a device {new}")
+        spec = dataclasses.replace(self.devices[name], name=new)
+        self.devices = {new if n == name else n: spec if n == name else s
+                        for n, s in self.devices.items()}
+        self.names.set_device(list(self.devices).index(new) + 1, new, spec.mac,
+                              umbox.compile_stack(spec.stack).names)
 
     def read_back(self, name):
         return self.devices[name].posture

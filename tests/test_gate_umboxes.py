@@ -80,6 +80,21 @@ def test_the_api_filter_checks_every_request_of_a_kept_open_connection(glab):
     assert {d["name"]: d["posture"] for d in ask(glab, "devices")}["light1"] == "suspicious"
 
 
+def test_curl_on_one_reused_connection_gets_its_get_and_a_403_for_its_put(glab):
+    """The same with a real tool: curl sends a GET, then a PUT on the same connection
+    (--next reuses it: num_connects 0; the lab light keeps a connection open when asked to),
+    and only the GET reaches the light."""
+    light = glab.device("light1")
+    ask(glab, "posture_set", name="light1", posture="suspicious")
+    out = subprocess.run(
+        ["ip", "netns", "exec", glab.namespaces["atk"], "curl", "-s", "-o", "/dev/null", "--max-time", "5",
+         "-w", "%{http_code} %{num_connects}\n", "-H", "Connection: keep-alive", f"http://{light.ip}/",
+         "--next", "-s", "-o", "/dev/null", "--max-time", "5", "-w", "%{http_code} %{num_connects}\n",
+         "-X", "PUT", "-d", '{"on": false}', f"http://{light.ip}/api/x/lights/1/state"],
+        capture_output=True, text=True, timeout=30).stdout.split("\n")
+    assert out[0] == "200 1" and out[1] == "403 0", out
+
+
 def test_token_guessing_on_one_connection_is_counted_alerted_and_dropped(glab):
     light = glab.device("light1")
     ask(glab, "posture_set", name="light1", posture="suspicious")
@@ -95,3 +110,4 @@ def test_token_guessing_on_one_connection_is_counted_alerted_and_dropped(glab):
     assert not connect(glab.namespaces["atk"], light.ip, 80, timeout=1.0)
     ask(glab, "unblock_source", ip=topology.ATTACKER_IP)
     assert wait_until(lambda: connect(glab.namespaces["atk"], light.ip, 80, timeout=1.0), 5)
+

@@ -259,3 +259,18 @@ def test_the_lab_and_the_appliance_lease_by_one_rule(tmp_path):
     ranges = {line for text in (lab, appliance) for line in text.splitlines()
               if line.startswith("dhcp-range=")}
     assert ranges == {"dhcp-range=198.18.8.0,198.18.15.254,255.255.240.0,12h"}
+
+
+def test_the_site_file_sets_notifications_checked_as_the_supervisor_checks_them(tmp_path):
+    from appliance.system import site as site_mod
+    base = {"network": {"devices_interface": "eth1", "uplink_interface": "eth0", "isolation": "switch"}}
+    good = site_mod.parse({**base, "notify": {"min_severity": "critical", "ntfy_url": "https://ntfy.sh",
+                                              "ntfy_topic": "site-kalki"}}, "kalki.toml")
+    cfg = site_mod.supervisor_config(good)
+    assert (cfg.notify.min_severity, cfg.notify.ntfy_url, cfg.notify.ntfy_topic) == (
+        "critical", "https://ntfy.sh", "site-kalki")
+    for bad, words in [({"nfty_url": "https://x"}, "nfty_url"), ("yes", "notify: expected a table"),
+                       ({"ntfy_url": "http://ntfy.sh", "ntfy_topic": "t"}, "ntfy_url")]:
+        with pytest.raises(site_mod.SiteError) as e:
+            site_mod.parse({**base, "notify": bad}, "kalki.toml")
+        assert "kalki.toml" in str(e.value) and words in str(e.value), str(e.value)

@@ -641,6 +641,21 @@ class Dataplane:
         self._remove_id(a.device_id, [a.spec.mac], [a.spec.ip])
         self._forget(name)
 
+    def rename(self, name: str, new: str) -> None:
+        """The device under another name. Only the name moves: the kernel knows a device by
+        its id, MAC and address (its XDP entry, its nftables elements tagged with the id, its
+        counters and name bindings stay as they are), so its protection never lapses. The
+        gate's policy file, which names the device, is written again."""
+        a = self._applied(name)
+        check_device_name(new, f"device {name}: new name")
+        if new in self._devices:
+            raise ConfigError(f"device {name}: cannot rename it {new}: the data path holds a "
+                              f"device {new}")
+        renamed = _Applied(dataclasses.replace(a.spec, name=new), a.device_id, a.compiled)
+        self._write_gate_policy(renamed.spec, a.compiled)    # a DataplaneError: nothing moved
+        self._forget(name)
+        self._put(renamed)
+
     def _remove_id(self, device_id: int, macs, ips) -> None:
         current = self._nft_state.pop(device_id, None)
         if current:

@@ -25,6 +25,10 @@ class DataplanePort(Protocol):
 
     def remove(self, name: str) -> None: ...
 
+    def rename(self, name: str, new: str) -> None:
+        """The device under another name; what the kernel holds for it stays in force."""
+        ...
+
     def read_back(self, name: str) -> int | None:
         """The posture code the kernel holds for the device, or None."""
         ...

@@ -266,6 +266,10 @@ class Engine:
         """Re-arms every rule for `device`: the next time a condition holds it fires."""
         self._latched = {key for key in self._latched if key[1] != device}
 
+    def rename(self, device: str, new: str) -> None:
+        """A device renamed keeps its rules' firing state."""
+        self._latched = {(rule, new if me == device else me) for rule, me in self._latched}
+
     def _selves(self, rule: Rule, per_device: bool, ctx: _Context) -> list[str | None]:
         if not per_device:
             return [None]

@@ -37,7 +37,7 @@ class Stimulus:
     kind: str            # "alert" | "telemetry" | "posture" | "tick"
     device: str | None   # the device it is about ("self" in rules)
     data: dict
-    received_ns: int     # time.monotonic_ns() when it came in
+    received_ns: int     # time.monotonic_ns() when it came in (a kernel alert: the event's time)
 
 
 class Facts(Protocol):

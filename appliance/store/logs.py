@@ -172,6 +172,9 @@ class LogTable:
             if rec.pop("_id", None) != doc_id:
                 raise StoreError(f"the log {self.path} changed under the supervisor (record "
                                  f"{doc_id} is not where it was written); restart it")
+            device = self._names[self._device[i]]
+            if rec.get("device", device) != device:      # filed under a device's new name (relabel)
+                rec["device"] = device
             doc = _Record(rec)
             doc.doc_id = doc_id
             out.append(doc)
@@ -219,6 +222,58 @@ class LogTable:
         doomed = [i for i in rows if before is not None and self._at[i] < before] + young[keep:]
         self.remove(doomed)
         return len(doomed)
+
+    def relabel(self, old: str, new: str, below: int | None = None) -> list[int]:
+        """Files the records of device `old` (those with ids below `below`, if given) under
+        `new`: a device renamed keeps its history. Only memory changes: the lines keep the name
+        they were written with, and the store applies the rename again at each start (the
+        device's former_names). Returns the ids moved, for unlabel()."""
+        old_id = self._name_ids.get(old)
+        if old_id is None or old == new:
+            return []
+        new_id = self._name_id(new)
+        moved = []
+        for i, d in enumerate(self._device):
+            if d == old_id and (below is None or self._id[i] < below):
+                self._device[i] = new_id
+                moved.append(self._id[i])
+        self._per_device[old_id] -= len(moved)
+        self._per_device[new_id] += len(moved)
+        return moved
+
+    def relabel_all(self, renames: list[tuple[str, str, int]]) -> None:
+        """relabel() for many (old, new, below) at once, in one pass (the store's start: every
+        renamed device's former names). A name given up and taken again is told apart by id:
+        a record goes to the rename whose `below` is the first above its id."""
+        by_old: dict[int, list[tuple[int, int]]] = {}
+        for old, new, below in renames:
+            old_id = self._name_ids.get(old)
+            if old_id is not None and old != new:
+                by_old.setdefault(old_id, []).append((below, self._name_id(new)))
+        if not by_old:
+            return
+        for entries in by_old.values():
+            entries.sort()
+        for i, d in enumerate(self._device):
+            found = by_old.get(d)
+            if found is None:
+                continue
+            k = bisect.bisect_right(found, (self._id[i], len(self._names)))
+            if k < len(found):
+                new_id = found[k][1]
+                self._device[i] = new_id
+                self._per_device[d] -= 1
+                self._per_device[new_id] += 1
+
+    def unlabel(self, doc_ids: list[int], old: str) -> None:
+        """Undoes relabel(): these records (where still kept) are filed under `old` again."""
+        old_id = self._name_id(old)
+        for doc_id in doc_ids:
+            row = self._row_of(doc_id)
+            if row is not None and self._device[row] != old_id:
+                self._per_device[self._device[row]] -= 1
+                self._per_device[old_id] += 1
+                self._device[row] = old_id
 
     def devices_over(self, keep: int) -> list:
         return [self._names[d] for d, n in self._per_device.items() if n > keep]

@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import functools
 import ipaddress
 import json
+import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -57,6 +60,8 @@ DEFAULT_SETTINGS = {
     "timezone": "UTC",
 }
 MAINTENANCE_KEY = "maintenance_until"
+MAX_FORMER_NAMES = 16     # a device's renames whose logs follow it (older ones: the old name again)
+HA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")     # a device's Home Assistant node id
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,12 @@ class Store:
         self._t.update(self._logs)
         self._closed = False
         self._batch_depth = 0
+        self._undo: list[Callable[[], None]] = []   # run if the batch they were made in fails
+        renamed = [(former, doc["name"]) for doc in self._table("devices").all()
+                   for former in doc.get("former_names") or []]
+        for name, log in self._logs.items():        # renamed devices: their logs follow them
+            log.relabel_all([(former["name"], new, former["below"][name]) for former, new in renamed
+                             if isinstance(former["below"].get(name), int)])
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         # (future, [(log, job)]) of the flush running behind
         self._behind: tuple[concurrent.futures.Future[list[None]],
@@ -285,16 +296,21 @@ class Store:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
         marks = {name: log.mark() for name, log in self._logs.items()}
+        undo_mark = len(self._undo)
         self._batch_depth += 1
         try:
             with self._storage.batch():
                 yield
         except BaseException:
+            while len(self._undo) > undo_mark:     # what a rename moved in the logs
+                self._undo.pop()()
             for name, log in self._logs.items():
                 log.rollback(marks[name])
             raise
         finally:
             self._batch_depth -= 1
+            if not self._batch_depth:
+                self._undo.clear()
 
     def _now(self) -> str:
         return _stamp(self._clock(), "clock")
@@ -355,15 +371,30 @@ class Store:
             self._table("devices").update(changes, doc_ids=[current.doc_id])
         return _plain(self._device(name))
 
-    def rename_device(self, name: str, new: str) -> dict:
-        """Gives a device a new name, keeping its record (MAC, posture, approval); its logs
-        keep the old name. For names an older version let in that the name rule now refuses."""
+    def rename_device(self, name: str, new: str, *, logs: bool = False, **fields) -> dict:
+        """Gives a device a new name, keeping its record (MAC, posture, approval) and changing
+        `fields` with it, in one write. With `logs`, its posture history, alerts, decisions and
+        audit records are found under the new name from now on: the lines on disk keep the name
+        they were written with, and the device's `former_names` (each with the first record id
+        of every log after the rename) file them under the new name again at every start.
+        Without, they keep the old name (for names an older version let in that the name rule
+        refuses now)."""
         check_device_name(new, "device name", StoreError)
         with self.batch():
             doc = self._device(name)
             if self._table("devices").get(where("name") == new) is not None:
                 raise StoreError(f"device {name!r}: cannot rename it to {new!r}, which is taken")
-            self._table("devices").update({"name": new}, doc_ids=[doc.doc_id])
+            changes = self._device_fields(name, doc, fields, self._now()) if fields else {}
+            below = {table: log.mark() for table, log in self._logs.items()}
+            if logs:
+                changes["former_names"] = [*(doc.get("former_names") or []),
+                                           {"name": name, "below": below, "at": self._now()}
+                                           ][-MAX_FORMER_NAMES:]
+            self._table("devices").update({**changes, "name": new}, doc_ids=[doc.doc_id])
+            if logs:
+                for table, log in self._logs.items():
+                    moved = log.relabel(name, new, below[table])
+                    self._undo.append(functools.partial(log.unlabel, moved, name))
         return _plain(self._device(new))
 
     def remove_device(self, name: str):
@@ -383,7 +414,7 @@ class Store:
         if "name" in fields:
             raise StoreError(f"{culprit}: the name cannot be changed; remove the device and add it")
         unknown = set(fields) - set(current) - {"mac", "last_seen", "posture_after", "allow", "mud_offer",
-                                                "logins_checked"}
+                                                "logins_checked", "mqtt_user", "ha_id"}
         if unknown:
             raise StoreError(f"{culprit}: unknown field(s) {sorted(unknown)}")
         out = {}
@@ -428,6 +459,10 @@ class Store:
                 value = dict(value)
             elif key == "logins_checked" and value is not None:   # the default-login check's last run
                 value = _logins_checked(value, what)
+            elif key == "mqtt_user" and value is not None:    # its broker user and topic, if not its name
+                check_device_name(value, what, StoreError)
+            elif key == "ha_id" and (not isinstance(value, str) or not HA_ID.fullmatch(value)):
+                raise StoreError(f"{what}: expected 1 to 64 letters, digits, '_' or '-', got {value!r}")
             out[key] = value
         if "posture" in out and out["posture"] != current["posture"]:
             out.setdefault("posture_since", now)

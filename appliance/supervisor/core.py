@@ -28,7 +28,7 @@ from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
 from appliance.store.state import Retention, Store
-from appliance.supervisor import logins
+from appliance.supervisor import logins, notify
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
 from appliance.supervisor.memory import Listeners, Recent
@@ -48,6 +48,7 @@ from appliance.vocab import (
 
 log = logging.getLogger("kalki.supervisor")
 POLLS_SETTING = "polls"      # the poll actions in force (restore_polls)
+RESERVED_NAMES = ("bridge",)  # kalki/bridge/... is the supervisor's (appliance.system.broker)
 MUD_RETRY_SECONDS = 300      # a MUD file that could not be fetched is tried again after this
 MUD_FETCHES = 2              # MUD files fetched at once (the others wait their turn)
 
@@ -88,6 +89,12 @@ class Supervisor:
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
+        # A renamed device keeps the broker user and topic it was set up with (its mqtt_user):
+        # {mqtt_user: device}, see device_for_topic. And each device's Home Assistant node id,
+        # kept after it is removed (its discovery is cleared by it): see ha_node.
+        self._mqtt_owner: dict[str, str] = {d["mqtt_user"]: n for n, d in self.known.items()
+                                            if d.get("mqtt_user")}
+        self._nodes: dict[str, str] = {}
         # MUD files fetched for new devices ([mud] fetch): the URLs being fetched, and when a
         # fetch last failed (and why); see _offer. The offer itself is on the device (mud_offer).
         self._mud_fetching: set[str] = set()
@@ -98,6 +105,11 @@ class Supervisor:
         # address they go to instead of the device's (tests only: None is the device's own).
         self._login_checks: dict[str, asyncio.Future] = {}
         self.login_address: str | None = None
+        # Notifications ([notify]): alerts at min_severity and above, sent off the loop
+        # (appliance.supervisor.notify); appliance.run wires its words (ops' explanation).
+        self.notifier = notify.Notifier(cfg.notify, now=self.now,
+                                        timezone=lambda: self.settings()["timezone"],
+                                        on_failure=self._notify_failed)
         for name, d in self.known.items():
             offer = d.get("mud_offer") or {}
             if not d.get("approved") and offer.get("state") == "offered" and offer.get("type"):
@@ -204,6 +216,8 @@ class Supervisor:
     def attach(self, dp: DataplanePort, loop: asyncio.AbstractEventLoop) -> None:
         """Takes the opened data path, converges it to the store, and owns it from now on."""
         self._dp, self.loop = dp, loop
+        if loop is not None:
+            self.notifier.loop = loop
         self._keep_stricter_kernel_postures()
         for old, new in self._renamed:
             self.raise_alert(new, "device-renamed", "supervisor", {"from": old, "to": new},
@@ -327,6 +341,8 @@ class Supervisor:
     def attach_bus(self, bus) -> None:
         """Takes the MQTT side (None: MQTT off). It calls republish() on every connect."""
         self.bus = bus
+        if bus is not None:
+            bus.node_of = self.ha_node       # Home Assistant's node id per device: kept on a rename
 
     def republish(self) -> None:
         """Every approved device's retained posture and Home Assistant discovery, again: after
@@ -361,6 +377,7 @@ class Supervisor:
             self._dp.close()
         if self._mud_executor:
             self._mud_executor.shutdown(wait=False, cancel_futures=True)
+        self.notifier.close()
         for task in list(self._login_checks.values()):
             task.cancel()
         self._stop.set()
@@ -452,25 +469,27 @@ class Supervisor:
 
     # -- telemetry (wired by appliance.run) ----------------------------------------------
     def on_telemetry(self, device: str, payload: dict) -> None:
+        """`device`: the topic's device level, the device's name or its broker user."""
         received = time.monotonic_ns()
+        device = self.device_for_topic(device) or device
         self.counters["telemetry"] += 1
         payload = self.recent.add_telemetry(device, payload, self.now())
         self._evaluate(policy.Stimulus("telemetry", device, payload, received))
 
     def on_availability(self, device: str, state: str) -> None:
-        self.availability[device] = state
+        self.availability[self.device_for_topic(device) or device] = state
 
     def on_denied(self, user: str, topic: str, count: int) -> None:
         """The broker refused a device's publishes outside its own topic (speaking for another
         device, or sending commands): an alert, and no posture change by itself, as a
         misconfigured device does the same."""
-        self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
+        self.raise_alert(self.device_for_topic(user), "mqtt-denied", "mqtt",
                          {"user": user, "topic": topic, "count": count}, time.monotonic_ns())
 
     def on_client_id_denied(self, user: str, client_id: str, count: int) -> None:
         """The broker refused a connection whose client id is not the user's: an attempt to
         take over another device's (or the supervisor's) session. An alert naming both."""
-        self.raise_alert(user if user in self.known else None, "mqtt-denied", "mqtt",
+        self.raise_alert(self.device_for_topic(user), "mqtt-denied", "mqtt",
                          {"user": user, "client_id": client_id, "count": count}, time.monotonic_ns())
 
     # -- kernel events --------------------------------------------------------------------
@@ -486,7 +505,7 @@ class Supervisor:
             if clone:   # the victim's protection stays; the record says who else it may be
                 e = {**e, "clone": f"another station uses this device's identity "
                                    f"(port {clone['port'] or '?'})"}
-            self.raise_alert(device, kind, "kernel", e, received)
+            self.raise_alert(device, kind, "kernel", e, event_ns(e, received))
             if e.get("action") == "blocked" and e.get("src"):
                 self._decoy(e["src"])
 
@@ -551,7 +570,26 @@ class Supervisor:
         if self.bus:
             self.bus.publish_alert(alert)
         self.notify({"kind": "alert", **alert})
+        self._send_alert(alert)
         return alert
+
+    def _send_alert(self, alert: dict) -> None:
+        """An alert at [notify] min_severity or above: queued for the notification channels
+        (sent off the loop), and a Home Assistant alert event on MQTT. Never raises."""
+        if not self.notifier.wants(alert) or not (self.notifier.channels or self.bus):
+            return
+        m = self.notifier.alert(alert)
+        if self.bus:
+            try:
+                self.bus.publish_alert_event(alert, m.payload["text"] if m else self.notifier.words(alert))
+            except Exception:     # noqa: BLE001 - a broker's trouble is not the alert's
+                log.exception("MQTT: alert event for %s", alert.get("type"))
+
+    def _notify_failed(self, channel: str, error: str, failed: int) -> None:
+        """A channel gave up on a message (at most once an hour per channel): an alert, which
+        the notifier sends on the other channels only."""
+        self.raise_alert(None, "notify-failed", "supervisor",
+                         {"channel": channel, "error": error, "failed": failed}, time.monotonic_ns())
 
     # -- decisions ------------------------------------------------------------------------
     def maintenance_active(self) -> bool:
@@ -621,8 +659,8 @@ class Supervisor:
                 try:
                     if self.adapter and self.adapter.handles(target) and self.loop:
                         self.loop.create_task(self._adapter_command(target, a.params["payload"]))
-                    elif self.bus:
-                        self.bus.send_command(target, a.params["payload"])
+                    elif self.bus:     # on the topic the device reads: its broker user's
+                        self.bus.send_command(self.mqtt_name(target), a.params["payload"])
                 except KalkiError as e:
                     log.error("rule %s: command to %s failed: %s", d.rule, target, e)
                     step["error"] = str(e)
@@ -689,7 +727,11 @@ class Supervisor:
                "timing_ms": {"decide": round((d.decided_ns - s.received_ns) / 1e6, 3),
                              "xdp": round((enforced[0] - s.received_ns) / 1e6, 3) if enforced else None,
                              "enforce": round((enforced[1] - s.received_ns) / 1e6, 3)
-                             if enforced else None}}
+                             if enforced else None},
+               # the same moments on CLOCK_MONOTONIC, for a measurement that starts elsewhere
+               # (bench/bench_supervisor.py: at the device's publish)
+               "monotonic_ns": {"stimulus": s.received_ns, "xdp": enforced[0] if enforced else None,
+                                "enforce": enforced[1] if enforced else None}}
         self.store.add_decision(rec)
         self.notify(rec)
         self.counters["decisions"] += 1
@@ -796,6 +838,7 @@ class Supervisor:
         for other in self.known.values():
             if other["name"] != name and other["mac"] == mac.lower():
                 raise ConfigError(f"device {name}: MAC {mac} already belongs to {other['name']}")
+        self._not_an_mqtt_user(name, name, f"device {name}")
         self.known[name] = self.store.upsert_device(name, mac.lower(), ip=ip, type=type, group=group)
         self.store.audit("device-add", actor, {"device": name, "mac": mac, "ip": ip, "type": type})
         self.notify({"kind": "device", "device": name, "event": "added"})
@@ -811,7 +854,10 @@ class Supervisor:
         if not d.get("ip"):
             raise ConfigError(f"device {name}: no address known yet")
         maker = mud_authority(self.mud_url_of(d)) if d.get("approved") else None
-        self._update_device(name, type=type, approved=True)
+        # Home Assistant knows a device approved from now on by its MAC, which no rename changes
+        # (one approved before keeps kalki_<its name then>: see ha_node)
+        node = {} if d.get("approved") or d.get("ha_id") else {"ha_id": "kalki_" + d["mac"].replace(":", "")}
+        self._update_device(name, type=type, approved=True, **node)
         self.store.audit("approve", actor, {"device": name, "type": type})
         self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
         self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
@@ -826,12 +872,130 @@ class Supervisor:
         if name in self.dp.devices:
             self.dp.remove(name)
         self.store.remove_device(name)
+        self.ha_node(name)          # remembered: its discovery is cleared below
         del self.known[name]
+        if self._mqtt_owner.get(d.get("mqtt_user") or "") == name:
+            del self._mqtt_owner[d["mqtt_user"]]
         self._reapply_manufacturers({maker})
         self.store.audit("remove", actor, {"device": name})
         self.notify({"kind": "device", "device": name, "event": "removed"})
         if self.bus:
             self.bus.remove_discovery(name)
+
+    # -- names: a device renamed keeps its identity, history and MQTT topics --------------
+    def mqtt_name(self, name: str) -> str:
+        """The device's broker user, and so its topic level (kalki/<it>, its availability and
+        the commands it reads): the name it was set up with (mqtt_user) if it was renamed."""
+        d = self.known.get(name)
+        return (d.get("mqtt_user") if d else None) or name
+
+    def device_for_topic(self, level: str) -> str | None:
+        """The device a topic's device level (a broker user) belongs to: the device whose
+        mqtt_user it is, else the device of that name; None if neither."""
+        owner = self._mqtt_owner.get(level)
+        if owner is not None and (self.known.get(owner) or {}).get("mqtt_user") == level:
+            return owner
+        return level if level in self.known else None
+
+    def ha_node(self, name: str) -> str | None:
+        """The device's Home Assistant node id (discovery topics, unique_ids, the HA device's
+        identifier), which a rename keeps: kalki_<MAC> for a device approved by this version
+        (ha_id), else kalki_<the name it was set up with>, as discovery has always said; None
+        for what is no device (the bridge)."""
+        d = self.known.get(name)
+        if d is None:
+            return self._nodes.get(name)
+        node = d.get("ha_id") or f"kalki_{d.get('mqtt_user') or name}"
+        self._nodes[name] = node
+        return node
+
+    def _not_an_mqtt_user(self, new: str, name: str, culprit: str) -> None:
+        """Refuses a name that is another device's broker user: its topics are that device's."""
+        owner = self._mqtt_owner.get(new)
+        if owner is not None and owner != name and (self.known.get(owner) or {}).get("mqtt_user") == new:
+            raise ConfigError(f"{culprit}: {new} is taken: device {owner}, renamed, still uses it as "
+                              f"its MQTT user and topic (kalki/{new})")
+
+    def rename_device(self, name: str, new: str, actor: str = "operator") -> dict:
+        """Gives a device another name, keeping its identity (MAC, slot in the data path, posture
+        and approval), its history (posture history, alerts, decisions and audit records are found
+        under the new name) and its MQTT identity: the broker user and topic its firmware uses stay
+        (recorded as its mqtt_user) while the supervisor's own retained topics move: the posture
+        under kalki/<old> is cleared and published under kalki/<new>, and Home Assistant's
+        discovery is published again under the same node id, so Home Assistant keeps the entity
+        and shows the new name. The data path's name mapping moves and nothing is re-applied: its
+        protection never lapses. Refused, with the culprit named, if the new name breaks the name
+        rule or is taken (by a device, or as a renamed device's MQTT user). Audited."""
+        d = self.device(name)
+        check_device_name(new, f"device {name}: new name")
+        if new == name:
+            return d
+        if new in self.known:
+            raise ConfigError(f"device {name}: cannot rename it {new}: device {new} has that name")
+        if new in RESERVED_NAMES:
+            raise ConfigError(f"device {name}: cannot rename it {new}: kalki/{new} is the supervisor's")
+        self._not_an_mqtt_user(new, name, f"device {name}: cannot rename it {new}")
+        mqtt_user = self.mqtt_name(name)
+        fields = {"mqtt_user": None if mqtt_user == new else mqtt_user}
+        held = self._dp is not None and name in self._dp.devices
+        if held:
+            self.dp.rename(name, new)       # first: a refusal there changes nothing
+        try:
+            with self.store.batch():        # the record, its logs and the audit: one write
+                record = self.store.rename_device(name, new, logs=True, **fields)
+                if name in self.polls:
+                    polls = {new if n == name else n: p for n, p in self.polls.items()}
+                    self.store.set_setting(POLLS_SETTING, polls)
+                self.store.audit("device-rename", actor, {"device": new, "from": name, "to": new,
+                                                          "mqtt_user": fields["mqtt_user"]})
+        except BaseException:
+            if held:
+                self.dp.rename(new, name)
+            raise
+        del self.known[name]
+        self.known[new] = record
+        if fields["mqtt_user"]:
+            self._mqtt_owner[fields["mqtt_user"]] = new
+        else:
+            self._mqtt_owner.pop(mqtt_user, None)
+        self._nodes.pop(name, None)
+        # what is kept in memory by name
+        by_names: tuple[dict, ...] = (self.availability, self.suggestions, self._judged_since,
+                                      self._login_checks)
+        for by_name in by_names:
+            if name in by_name:
+                by_name[new] = by_name.pop(name)
+        if name in self.polls:
+            self.polls = {new if n == name else n: p for n, p in self.polls.items()}
+            if self.adapter:
+                self.adapter.set_interval(name, None)
+                self.adapter.set_interval(new, self.polls[new]["every_seconds"])
+        self.recent.rename(name, new)
+        self.engine.rename(name, new)
+        self.flows.rename(name, new)
+        if self.bus and record.get("approved"):
+            try:
+                self.bus.clear_posture(name)
+                self.bus.publish_posture(new, record["posture"], record.get("posture_since") or "")
+                self.bus.publish_discovery(new, record.get("type") or "generic")
+            except (KalkiError, ValueError, OSError) as e:     # again at the next connect
+                log.error("MQTT: moving %s's retained topics to %s: %s", name, new, e)
+        self.notify({"kind": "device", "device": new, "event": "renamed", "from": name})
+        return record
+
+    def set_group(self, name: str, group: str | None, actor: str = "operator") -> dict:
+        """Puts a device in a group (rules select {group = "..."}), or in none; audited."""
+        d = self.device(name)
+        if group is not None:
+            check_device_name(group, f"device {name}: group")
+        if d.get("group") == group:
+            return d
+        with self.store.batch():
+            self._update_device(name, group=group)
+            self.store.audit("device-group", actor, {"device": name, "group": group,
+                                                     "was": d.get("group")})
+        self.notify({"kind": "device", "device": name, "event": "group", "group": group})
+        return self.known[name]
 
     def discovered(self, mac: str, ip: str, identity: dict | None = None) -> None:
         """A device seen on the device side (neighbour table or DHCP lease)."""
@@ -865,7 +1029,7 @@ class Supervisor:
                 self._reapply_manufacturers({mud_authority(mud_url), mud_authority(self.mud_url_of(d))},
                                             d["name"])
             return
-        name = device_name_for(identity.get("hostname", ""), mac, self.known)
+        name = device_name_for(identity.get("hostname", ""), mac, self.known.keys() | self._mqtt_owner)
         self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity,
                                                       approved=False, posture="unknown")
         suggestion = self._suggest(name)
@@ -1233,6 +1397,14 @@ class Supervisor:
                 self.store.audit("poll", "timer", {
                     "device": name, "reason": "expired", "until": None,
                     "every_seconds": self.adapter.interval(name) if self.adapter else None})
+
+
+def event_ns(event: dict, read_ns: int) -> int:
+    """When a kernel event happened: its own bpf_ktime_get_ns() (CLOCK_MONOTONIC, the clock of
+    time.monotonic_ns()), so a decision is timed from the packet, not from when the ring buffer
+    was read; `read_ns` if the event carries no time, or one later than its reading."""
+    ts = event.get("ts_ns")
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) and 0 < ts <= read_ns else read_ns
 
 
 def _mud_url_ok(url: str) -> bool:

@@ -388,6 +388,11 @@ def _what_other(kind: str, d: dict, c: Context, source: str | None) -> Said:
                 "rule for names", None)
     if kind == "dataplane-replaced":
         return "The data path of an older version was replaced", f" ({d.get('why') or '?'})", None
+    if kind == "notify-failed":
+        return (f"Notifications by {d.get('channel') or 'a channel'} failed",
+                f" ({d.get('error') or 'no reason given'}; {d.get('failed') or 1} so far)",
+                "Alerts are still recorded and shown here; check the channel's settings "
+                "(kalki notify test)")
     if kind == "blocked":
         return (f"{src or 'A source'} was put in the drop set"
                 + (f" by the {source}" if source and source != "rule" else ""),

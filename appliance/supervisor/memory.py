@@ -29,6 +29,14 @@ class Recent:
     def add_alert(self, at: datetime.datetime, device: str | None, kind: str) -> None:
         self._alerts.append((at, device, kind))
 
+    def rename(self, device: str, new: str) -> None:
+        """A device renamed: its reports and alerts are the new name's."""
+        if device in self._telemetry:
+            self._telemetry[new] = self._telemetry.pop(device)
+        if any(dev == device for _, dev, _ in self._alerts):
+            self._alerts = collections.deque(((at, new if dev == device else dev, kind)
+                                              for at, dev, kind in self._alerts), maxlen=ALERTS_KEPT)
+
     def alerts(self, device, types, since) -> int:
         # newest first, stopping at the window's start
         count = 0

@@ -34,7 +34,8 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
            "rules_validate", "block_source", "unblock_source", "dhcp_lease", "clock_set", "button", "panel",
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
            "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
-           "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release")
+           "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release",
+           "notify_test", "device_rename", "device_group")
 
 MAX_BLOCK_SECONDS = 30 * 86400       # a source blocked from the page: at most 30 days (0: until unblocked)
 
@@ -196,7 +197,8 @@ class Ops:
                 "site_error": sup.site_error, "isolation_warning": sup.isolation_warning,
                 "counters": dict(sup.counters), "tamper": sup.watch.tamper,
                 "disk_error": sup.store.disk_error,
-                "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms]}
+                "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms],
+                "notify": sup.notifier.status()}
 
     def _view(self, d: dict) -> dict:
         sup, name = self._sup, d["name"]
@@ -221,7 +223,7 @@ class Ops:
         # the names it resolved through the gateway: bound, or refused (not in its profile)
         view["names"] = sup.dp.names_of(name) if held else {"bound": [], "refused": {}}
         # flows outside its profile: refused (for the operator to allow), learnt (while learning)
-        lan = sup.cfg.gateway.lan      # each flow with the destination that allows it ("lan" for a peer)
+        lan = sup.cfg.gateway.lan      # each refusal with the destination that allows it ("lan" for a peer)
         view["flows"] = {kind: [{**f, "allow_as": _allow_as(f, lan)} for f in sup.flows.of(kind, name)]
                          for kind in ("refused", "learnt")}
         view["alerts"] = self._explained(sup.store.alerts(device=name, limit=20))
@@ -236,8 +238,7 @@ class Ops:
         d = sup.device(name)
         type = type or d.get("type")
         self._install_offer(d, type, actor)
-        if not isinstance(type, str) or type not in sup.profiles:
-            raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
+        self._known_type(type, f"device {name}")
         return sup.approve(name, type, actor=actor)
 
     def _install_offer(self, d: dict, type, actor: str) -> None:
@@ -258,6 +259,27 @@ class Ops:
                               "its lease; or import it (kalki profile import)")
         self._profile_import(got.text, url, type=type, actor=actor, signature=got.signature)
 
+    # -- notifications (appliance.supervisor.notify) --------------------------------------
+    def notify_settings(self) -> dict:
+        """What the settings page shows of [notify]: the threshold, each channel's destination
+        (scheme and host of a URL, the relay and recipients; never a secret, a topic or a
+        path), the channels that are off and why, and each one's counts and last error."""
+        sup = self._sup
+        return {**sup.notifier.describe(), "status": sup.notifier.status()}
+
+    async def notify_test(self, channel=None, actor: str = "operator") -> dict:
+        """A test message on each configured channel (or `channel`: ntfy, webhook, email), one
+        try each, off the loop: {channel: {"ok", "error", "to", "seconds"}}. Audited."""
+        sup = self._sup
+        if channel in ("", None):
+            channel = None
+        elif not isinstance(channel, str):
+            raise ConfigError(f"notify test: channel {channel!r} is not a name")
+        results = await asyncio.to_thread(sup.notifier.test, channel)
+        sup.store.audit("notify-test", actor, {c: {"ok": r["ok"], "error": r["error"]}
+                                               for c, r in results.items()})
+        return results
+
     async def device_check_logins(self, name, actor: str = "operator") -> dict:
         """Tries the device type's default logins (its profile's [[default_logins]]) against the
         device now, from the gateway, and returns the outcomes (never a password); a login that
@@ -267,9 +289,60 @@ class Ops:
             raise ConfigError(f"device: expected a device's name, got {name!r}")
         return await self._sup.check_logins(name, actor=actor)
 
+    def _known_type(self, type, culprit: str) -> None:
+        """Refuses a type no profile has, listing the ones there are."""
+        known = ", ".join(sorted(self._sup.profiles))
+        if type in (None, ""):
+            raise ConfigError(f"{culprit}: give it a type (--type): one of {known}")
+        if not isinstance(type, str) or type not in self._sup.profiles:
+            raise ConfigError(f"{culprit}: {type!r} is not a known device type: expected one of {known}")
+
     def device_remove(self, name, actor: str = "operator") -> dict:
         self._sup.remove(name, actor=actor)
         return {"removed": name}
+
+    def device_rename(self, name, new, actor: str = "operator") -> dict:
+        """Another name for a device; its identity, history, posture and MQTT topics stay
+        (Supervisor.rename_device). Refused if the name breaks the name rule, or is taken: by a
+        device, or by a user of the MQTT broker that is not the device's own. Answers the device
+        and notes: the rules that name it by its old name (they do not follow it)."""
+        sup = self._sup
+        d = sup.device(name)
+        if not isinstance(new, str):
+            raise ConfigError(f"device {name}: new name: expected text, got {new!r}")
+        users = self._broker_users()
+        if users and new in users and new != sup.mqtt_name(name) and sup.device_for_topic(new) is None:
+            raise ConfigError(f"device {name}: cannot rename it {new}: {new} is a user of the MQTT "
+                              "broker, whose topics (kalki/" + new + ") are that user's")
+        renamed = sup.rename_device(d["name"], new, actor=actor)
+        notes = [f"rule {r} names the device as {name}: it no longer applies to it; edit the rule"
+                 for r in self._rules_naming(name) if new != name]
+        mqtt_user = renamed.get("mqtt_user")
+        if mqtt_user:
+            notes.append(f"its MQTT user and topic stay {mqtt_user} (kalki/{mqtt_user}): the device "
+                         "needs no change")
+        return {"device": self._view(renamed), "from": name, "notes": notes}
+
+    def _rules_naming(self, name: str) -> list[str]:
+        """The rules in force whose conditions or actions name this device."""
+        def names(x) -> bool:
+            if isinstance(x, dict):
+                return any((k in ("device", "targets") and (v == name or (isinstance(v, (list, tuple))
+                                                                          and name in v)))
+                           or names(v) for k, v in x.items())
+            if isinstance(x, (list, tuple)):
+                return any(names(v) for v in x)
+            return False
+        return sorted(r.name for r in self._sup.rules() if names(r.when) or names(r.then))
+
+    def device_group(self, name, group=None, actor: str = "operator") -> dict:
+        """Puts a device in a group, which rules select with {group = "..."}; None or "" takes
+        it out of its group. A group's name follows the device name rule."""
+        if group == "":
+            group = None
+        if group is not None and not isinstance(group, str):
+            raise ConfigError(f"device {name}: group: expected text, got {group!r}")
+        return self._view(self._sup.set_group(name, group, actor=actor))
 
     def posture_set(self, name, posture, for_=None, actor: str = "operator") -> dict:
         check_posture(posture, "posture", settable=True)
@@ -287,8 +360,7 @@ class Ops:
         if not d.get("approved"):
             type = type or d.get("type") or "generic"
             self._install_offer(d, type, actor)
-            if type not in sup.profiles:
-                raise ConfigError(f"type: expected one of {', '.join(sup.profiles)}, got {type!r}")
+            self._known_type(type, f"device {name}")
             sup.approve(name, type, actor=actor)
         ns = sup.set_posture(name, "learning", f"learning, started by {actor}", seconds, actor=actor)
         sup.store.audit("learn", actor, {"device": name, "seconds": seconds})
@@ -374,13 +446,32 @@ class Ops:
 
     def alerts(self, device=None, limit=50) -> list[dict]:
         """Newest first, each with its "explanation" in words (explain.alert_words)."""
+        self._device_filter(device)
         return self._explained(self._sup.store.alerts(device=device, limit=int(limit)))
 
     def decisions(self, device=None, limit=50, kind=None) -> list[dict]:
         """Decisions (kind "decision"), the audit trail ("audit"), or both (None); each decision
         with its "explanation" in words."""
+        self._device_filter(device)
         return self._explained_decisions(self._sup.store.decisions(device=device, limit=int(limit),
                                                                    kind=kind))
+
+    def _device_filter(self, device) -> None:
+        """A device asked for by name (alerts, decisions): one here, or one removed whose records
+        are kept; else an UnknownDeviceError saying so (and what it is called now, if renamed)."""
+        sup = self._sup
+        if device is None or device in sup.known:
+            return
+        store = sup.store
+        if isinstance(device, str) and (store.count_alerts(device)
+                                        or store.decisions(device=device, limit=1)):
+            return
+        now = next((n for n, d in sup.known.items()
+                    if any(f.get("name") == device for f in d.get("former_names") or [])), None)
+        if now is not None:
+            raise UnknownDeviceError(f"device {device!r}: no such device: it was renamed {now}")
+        raise UnknownDeviceError(f"device {device!r}: no such device (none here, and no alerts "
+                                 "or decisions under that name)")
 
     def maintenance(self, minutes, actor: str = "operator") -> dict:
         minutes = _minutes(minutes)
@@ -846,7 +937,8 @@ class Ops:
     def mqtt_view(self) -> list[dict]:
         users = self._broker_users()
         sup = self._sup
-        return [{"device": name, "broker_user": None if users is None else name in users,
+        return [{"device": name, "mqtt_user": sup.mqtt_name(name),     # its own, if renamed
+                 "broker_user": None if users is None else sup.mqtt_name(name) in users,
                  "availability": sup.availability.get(name)}
                 for name in sorted(sup.known)]
 

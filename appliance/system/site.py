@@ -117,6 +117,7 @@ class Site:
     business_end: str = "18:00"
     ssh_enabled: bool = False
     ssh_authorized_key: str = ""
+    notify: dict = field(default_factory=dict)    # the supervisor's [notify] keys, as given
     path: str = ""
 
     @property
@@ -183,12 +184,15 @@ def check_authorized_key(value: str, where: str) -> str:
 
 def parse(data: dict, path: str = "kalki.toml") -> Site:
     """The site file as a Site; SiteError names the file and the key at fault."""
-    top = _table(data, path, ("network", "wifi", "time", "business_hours", "ssh"))
+    top = _table(data, path, ("network", "wifi", "time", "business_hours", "ssh", "notify"))
     site = Site(path=path)
     _parse_network(site, top.get("network", {}), path)
     _parse_wifi(site, top, path)
     _parse_time(site, top.get("time", {}), top.get("business_hours", {}), path)
     _parse_ssh(site, top.get("ssh", {}), path)
+    site.notify = top.get("notify", {})
+    if not isinstance(site.notify, dict):
+        raise SiteError(f"{path}: notify: expected a table (the supervisor's [notify] keys)")
     try:
         supervisor_config(site).check()
     except ConfigError as e:
@@ -380,6 +384,8 @@ def supervisor_config(site: Site, panel: bool = False) -> config.Config:
     cfg.gateway.address = site.address
     cfg.gateway.lan = site.lan
     cfg.gateway.dhcp_leases = LEASE_FILE
+    if site.notify:     # alerts to ntfy, a webhook, e-mail: checked as the supervisor checks them
+        cfg.notify = config._build(type(cfg.notify), site.notify, "notify")
     if site.wifi:   # hostapd's station events: a MAC two radios fight over is a clone
         cfg.stations.hostapd_control = f"{HOSTAPD_CONTROL_DIR}/{site.devices_interface}"
     cfg.state.directory = STATE_DIR

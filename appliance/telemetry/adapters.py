@@ -64,7 +64,14 @@ class HueAdapter:
         d = self._devices().get(device)
         profile = self._profile(d.get("type")) if d else None
         return bool(profile and profile.adapter and profile.adapter["kind"] == "hue"
-                    and device in self.credentials)
+                    and self._user(device) is not None)
+
+    def _user(self, device: str) -> str | None:
+        """The device's user on its API: the credentials file names a device as it was set up,
+        which a renamed device keeps as its mqtt_user."""
+        d = self._devices().get(device) or {}
+        found = self.credentials.get(d.get("mqtt_user") or device)
+        return found["user"] if found else None
 
     def interval(self, device: str) -> float:
         """Seconds between two polls of the device: set_interval's, or its profile's."""
@@ -124,7 +131,7 @@ class HueAdapter:
 
     async def poll(self, name: str) -> dict:
         d = self._devices()[name]
-        user = self.credentials[name]["user"]
+        user = self._user(name)
         lights = await http("GET", d["ip"], f"/api/{user}/lights")
         if isinstance(lights, list):     # Hue answers errors as a list with status 200
             raise KalkiError(f"{name}: {lights[0].get('error', {}).get('description', lights)}")
@@ -136,7 +143,7 @@ class HueAdapter:
 
     async def command(self, name: str, payload: dict) -> None:
         d = self._devices()[name]
-        user = self.credentials[name]["user"]
+        user = self._user(name)
         body: dict[str, bool | int] = {}
         if "on" in payload:
             body["on"] = bool(payload["on"])

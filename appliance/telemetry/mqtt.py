@@ -6,10 +6,17 @@
     <base>/<device>/posture         {"posture", "since"}, retained         (us -> anyone)
     <base>/bridge/state             {"state": "online"|"offline"}, retained; our last will
     <base>/bridge/alerts, <base>/bridge/decisions
+    <base>/<device>/alert           an alert at [notify] min_severity or above, for Home
+                                    Assistant's event entity: {"event_type": severity, ...}
+    <base>/bridge/event             the same for an alert about no one device
     <base>/bridge/denied            what the broker refused to devices (publishes outside their
                                     topics, connections with another's client id), once a
                                     second at most (mosquitto/kalki_denials.c) (broker -> us)
-    homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery
+    homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery: posture
+    homeassistant/event/kalki_<device>/alert/config       and alerts (an event entity), per
+    homeassistant/event/kalki_bridge/alert/config         device and for the gateway itself
+                                    (kalki_<device>: the device's node id, which a rename keeps;
+                                    kalki_<MAC> for the devices approved now: Bus.node_id)
 
 Everything a device sends is untrusted: it is checked here and counted in `rejected` by
 reason, never raised into paho's network thread.
@@ -30,7 +37,7 @@ from typing import Literal
 import paho.mqtt.client as mqtt
 
 from appliance.errors import KalkiError
-from appliance.vocab import check_device_name
+from appliance.vocab import SEVERITIES, check_device_name
 
 log = logging.getLogger("kalki.mqtt")
 
@@ -39,7 +46,8 @@ MAX_KEYS = 64
 LOG_EVERY = 10.0  # seconds between log lines for one rejection reason
 AVAILABILITY = ("online", "offline")
 SCALARS = (str, int, float, bool, type(None))
-QUIET_SUFFIXES = {"posture", "set"}  # our own publications, if a wildcard ever echoes them
+BRIDGE_EVENT_DISCOVERY = f"{DISCOVERY_PREFIX}/event/kalki_bridge/alert/config"
+QUIET_SUFFIXES = {"posture", "set", "alert"}  # our own publications, if a wildcard ever echoes them
 # A message that passed the checks: (kind, device, the availability state or the telemetry).
 Checked = tuple[Literal["availability"], str, str] | tuple[Literal["telemetry"], str, dict]
 
@@ -72,6 +80,8 @@ class Bus:
         # not the user's. Without it they go to on_denied, the client id in the topic's place.
         self.on_client_id_denied = on_client_id_denied
         self.on_connected = on_connected   # every (re)connect, from paho's thread
+        # device -> its Home Assistant node id, or None for kalki_<device> (see node_id)
+        self.node_of: Callable[[str], str | None] | None = None
         self.loop = loop
         self.max_payload = max_payload
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -113,6 +123,8 @@ class Bus:
             log.warning("MQTT broker %s:%s refused %r: %s", self.host, self.port, self.user, reason_code)
             return
         client.publish(self.state_topic, json.dumps({"state": "online"}), qos=1, retain=True)
+        client.publish(BRIDGE_EVENT_DISCOVERY, json.dumps(self.bridge_event_config()),
+                       qos=1, retain=True)
         client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1),
                           (self.denied_topic, 1)])
         self._connected.set()
@@ -284,8 +296,19 @@ class Bus:
     def posture_topic(self, device: str) -> str:
         return f"{self.base}/{check_device_name(device)}/posture"
 
+    def node_id(self, device: str) -> str:
+        """The device's Home Assistant node id: the discovery topics' node, the unique_ids' stem
+        and the HA device's identifier. node_of's (the supervisor's, which a rename keeps: so
+        Home Assistant keeps the entity), else kalki_<device>."""
+        node = self.node_of(device) if self.node_of else None
+        return node or f"kalki_{check_device_name(device)}"
+
     def discovery_topic(self, device: str) -> str:
-        return f"{DISCOVERY_PREFIX}/sensor/kalki_{check_device_name(device)}/posture/config"
+        return f"{DISCOVERY_PREFIX}/sensor/{self.node_id(device)}/posture/config"
+
+    def clear_posture(self, device: str) -> mqtt.MQTTMessageInfo:
+        """An empty retained payload: the broker forgets the posture under this name (renamed)."""
+        return self._publish(self.posture_topic(device), "", retain=True)
 
     def publish_posture(self, device: str, posture: str, since_iso: str) -> mqtt.MQTTMessageInfo:
         return self._publish(self.posture_topic(device), {"posture": posture, "since": since_iso},
@@ -307,22 +330,65 @@ class Bus:
     def discovery_config(self, device: str, device_type: str) -> dict:
         return {
             "name": "Posture",
-            "unique_id": f"kalki_{device}_posture",
+            "unique_id": f"{self.node_id(device)}_posture",
             "state_topic": self.posture_topic(device),
             "value_template": "{{ value_json.posture }}",
             "availability_topic": self.state_topic,
             "availability_template": "{{ value_json.state }}",
-            "device": {"identifiers": [f"kalki_{device}"], "name": device,
+            "device": {"identifiers": [self.node_id(device)], "name": device,
                        "model": device_type, "manufacturer": "Kalki"},
         }
 
     def publish_discovery(self, device: str, device_type: str) -> mqtt.MQTTMessageInfo:
-        return self._publish(self.discovery_topic(device),
-                             self.discovery_config(device, device_type), retain=True)
+        """The device's posture sensor and its alert event entity."""
+        self._publish(self.discovery_topic(device), self.discovery_config(device, device_type),
+                      retain=True)
+        return self._publish(self.event_discovery_topic(device),
+                             self.event_config(device, device_type), retain=True)
 
     def remove_discovery(self, device: str) -> mqtt.MQTTMessageInfo:
         # An empty retained payload clears the retained config; Home Assistant drops the entity.
-        return self._publish(self.discovery_topic(device), "", retain=True)
+        self._publish(self.discovery_topic(device), "", retain=True)
+        return self._publish(self.event_discovery_topic(device), "", retain=True)
+
+    # Alerts as Home Assistant events: an `event` entity per device (and one for the gateway),
+    # whose event_type is the alert's severity; kind, message, time and source are attributes.
+    def event_topic(self, device: str | None) -> str:
+        if device is None:
+            return f"{self.base}/bridge/event"
+        return f"{self.base}/{check_device_name(device)}/alert"
+
+    def event_discovery_topic(self, device: str) -> str:
+        return f"{DISCOVERY_PREFIX}/event/{self.node_id(device)}/alert/config"
+
+    def event_config(self, device: str, device_type: str) -> dict:
+        return {
+            "name": "Alert",
+            "unique_id": f"{self.node_id(device)}_alert",
+            "state_topic": self.event_topic(device),
+            "event_types": list(SEVERITIES),
+            "availability_topic": self.state_topic,
+            "availability_template": "{{ value_json.state }}",
+            "device": {"identifiers": [self.node_id(device)], "name": device,
+                       "model": device_type, "manufacturer": "Kalki"},
+        }
+
+    def bridge_event_config(self) -> dict:
+        """The gateway's own event entity (alerts about no one device), at BRIDGE_EVENT_DISCOVERY."""
+        return {"name": "Alert", "unique_id": "kalki_bridge_alert", "state_topic": self.event_topic(None),
+                "event_types": list(SEVERITIES), "availability_topic": self.state_topic,
+                "availability_template": "{{ value_json.state }}",
+                "device": {"identifiers": ["kalki_bridge"], "name": "Kalki gateway",
+                           "model": "gateway", "manufacturer": "Kalki"}}
+
+    def publish_alert_event(self, alert: dict, message: str = "") -> mqtt.MQTTMessageInfo:
+        """An alert (at [notify] min_severity or above) to its device's event entity, or the
+        gateway's; not retained (an event happens once)."""
+        device = alert.get("device") if isinstance(alert.get("device"), str) else None
+        return self._publish(self.event_topic(device), {
+            "event_type": alert.get("severity") or "warning", "kind": alert.get("type"),
+            "device": device, "message": message, "at": alert.get("at"),
+            "source": alert.get("source")})
 
     def __enter__(self) -> Bus:
         return self

@@ -105,6 +105,24 @@ async def device_delete(request):
 
 
 @endpoint
+async def rename(request):
+    data = await body(request)
+    known_keys(data, ("name",), "rename")
+    if "name" not in data:
+        raise ConfigError("rename: missing 'name' (the device's new name)")
+    return ok(ops_of(request).device_rename(request.url_args["name"], data["name"], actor=actor(request)))
+
+
+@endpoint
+async def group(request):
+    data = await body(request)
+    known_keys(data, ("group",), "group")
+    if "group" not in data:
+        raise ConfigError("group: missing 'group' (a name, or null for none)")
+    return ok(ops_of(request).device_group(request.url_args["name"], data["group"], actor=actor(request)))
+
+
+@endpoint
 async def approve(request):
     data = await body(request)
     known_keys(data, ("type",), "approve")
@@ -419,6 +437,8 @@ def add_routes(app) -> None:
     route(app, "GET", "/api/devices/<name>", device)
     route(app, "DELETE", "/api/devices/<name>", device_delete)
     route(app, "POST", "/api/devices/<name>/approve", approve)
+    route(app, "POST", "/api/devices/<name>/rename", rename)
+    route(app, "POST", "/api/devices/<name>/group", group)
     route(app, "POST", "/api/devices/<name>/posture", posture)
     route(app, "POST", "/api/devices/<name>/reset", reset)
     route(app, "POST", "/api/devices/<name>/learn", learn)
@@ -528,6 +548,19 @@ OPENAPI = {
             "approve a new device with a type", params=[_NAME], errors=(400, 404),
             body=_json_body({"type": "object", "required": ["type"],
                              "properties": {"type": {"type": "string", "description": "a profile"}}}))},
+        "/api/devices/{name}/rename": {"post": _op(
+            "rename a device: its identity, posture, history (found under the new name) and MQTT "
+            "identity stay (its broker user and topic, as mqtt_user); its retained posture topic "
+            "moves and Home Assistant's entity is kept (same unique_id). Answers {device, from, "
+            "notes}; 400 if the name breaks the name rule or is taken", params=[_NAME],
+            errors=(400, 404), body=_json_body({"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"}}}))},
+        "/api/devices/{name}/group": {"post": _op(
+            "put a device in a group (rules select it with {group = ...}); null: in none",
+            params=[_NAME], errors=(400, 404), body=_json_body({"type": "object", "required": ["group"],
+                                                                "properties": {"group": {
+                                                                    "type": "string", "nullable": True,
+                                                                    "pattern": "^[A-Za-z0-9_-]{1,40}$"}}}))},
         "/api/devices/{name}/posture": {"post": _op(
             "set a posture, optionally for a while", params=[_NAME], errors=(400, 404),
             body=_json_body({"type": "object", "required": ["posture"],

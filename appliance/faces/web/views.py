@@ -24,6 +24,7 @@ from appliance.faces.web.http import (
 from appliance.faces.web.http import files as form_files
 from appliance.faces.web.http import form as form_data
 from appliance.faces.web.http import state as web_state
+from appliance.faces.web.icons import icon
 from appliance.supervisor.ops import (
     MAX_PASSWORD,
     MIN_PASSWORD,
@@ -306,8 +307,10 @@ async def overview(request, error=None, status=200):
             action = form(request, f"/devices/{name}/approve",
                           type_select(ops, d.get("suggested_type") or d.get("type")), "Approve",
                           "inline approve")
-        rows.append(f'<tr data-device="{e(name)}"><td><a href="/devices/{e(name)}">{e(name)}</a></td>'
-                    f'<td>{badge(d)}</td><td>{e(d.get("type") or "—")}</td><td>{e(d.get("ip"))}</td>'
+        group = f' <span class="muted group">· {e(d["group"])}</span>' if d.get("group") else ""
+        rows.append(f'<tr data-device="{e(name)}"><td>{icon(d.get("type"))} '
+                    f'<a href="/devices/{e(name)}">{e(name)}</a></td>'
+                    f'<td>{badge(d)}</td><td>{e(d.get("type") or "—")}{group}</td><td>{e(d.get("ip"))}</td>'
                     f'<td>{action}</td></tr>')
     if not rows:
         rows = ['<tr><td colspan="5" class="muted">no devices yet</td></tr>']
@@ -469,10 +472,16 @@ async def device_page(request, error=None, status=200):
         d = ops.device_detail(name)
     except KalkiError as err:
         return page(request, "No such device", f"<p>{e(err)}</p>", status=error_status(err))
-    ident = [("MAC", e(d.get("mac"))), ("Address", e(d.get("ip"))), ("Type", e(d.get("type") or "—")),
+    ident = [("MAC", e(d.get("mac"))), ("Address", e(d.get("ip"))),
+             ("Type", f'{icon(d.get("type"))} {e(d.get("type") or "—")}'),
              ("Approved", "yes" if d.get("approved") else "no"), ("Group", e(d.get("group") or "—")),
              ("MQTT", e(d.get("availability") or "—")), ("First seen", when_html(ops, d.get("first_seen"))),
              ("Last seen", when_html(ops, d.get("last_seen")))]
+    if d.get("mqtt_user"):      # renamed: its firmware still speaks as the name it was set up with
+        ident.append(("MQTT user and topic", f"{e(d['mqtt_user'])} (kalki/{e(d['mqtt_user'])})"))
+    former = [f.get("name") for f in d.get("former_names") or []]
+    if former:
+        ident.append(("Formerly", e(", ".join(reversed(former)))))
     ident += [(k, e(v)) for k, v in (d.get("identity") or {}).items() if v]
     if d.get("mud_offer"):
         ident.append(("MUD file", e(mud_offer_text(d["mud_offer"]))))
@@ -512,7 +521,7 @@ async def device_page(request, error=None, status=200):
                          raw_details(x.get("actions") or x.get("details")),
                          e(t.get("decide")), e(t.get("xdp")), e(t.get("enforce"))))
     body = f"""<section><h2>Posture</h2>{p}</section>
-<section><h2>Identity</h2>{ident_html}</section>
+<section><h2>Identity</h2>{ident_html}{names_html(request, d)}</section>
 {logins_html(request, d)}
 <section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
 {destinations_html(request, ops, d)}
@@ -525,6 +534,45 @@ async def device_page(request, error=None, status=200):
 <section><h2>Telemetry</h2>{table(("at", "values"), tele_rows)}</section>
 <section><h2>Decisions and audit</h2>{table(("at", "kind", "what", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
     return page(request, f"Device {name}", body, error=error, status=status, live=True)
+
+
+def names_html(request, d: dict) -> str:
+    """Rename the device (its history and MQTT topics follow), and put it in a group."""
+    name = d["name"]
+    rename = form(request, f"/devices/{name}/rename",
+                  f'<label>Name <input name="new" value="{e(name)}" size="16" maxlength="40" required '
+                  'pattern="[A-Za-z0-9_\\-]{1,40}" title="1 to 40 letters, digits, _ or -"></label>',
+                  "Rename", "inline rename")
+    group = form(request, f"/devices/{name}/group",
+                 f'<label>Group <input name="group" value="{e(d.get("group") or "")}" size="12" '
+                 'maxlength="40" pattern="[A-Za-z0-9_\\-]{1,40}" placeholder="none" '
+                 'title="1 to 40 letters, digits, _ or -; empty: no group"></label>',
+                 "Set group", "inline group")
+    return f'<div class="names">{rename}{group}</div>'
+
+
+async def device_rename_post(request):
+    ops = web_state(request).ops
+    name = request.url_args["name"]
+    new = (form_data(request).get("new") or "").strip()
+    try:
+        r = ops.device_rename(name, new, actor=actor(request))
+    except KalkiError as err:
+        return await device_page(request, str(err), error_status(err))
+    for note in r["notes"]:
+        request.g.session.flash.append(f"{r['device']['name']}: {note}.")
+    return done(request, f"{name} is now {r['device']['name']}.", f"/devices/{r['device']['name']}")
+
+
+async def device_group_post(request):
+    ops = web_state(request).ops
+    name = request.url_args["name"]
+    group = (form_data(request).get("group") or "").strip() or None
+    try:
+        ops.device_group(name, group, actor=actor(request))
+    except KalkiError as err:
+        return await device_page(request, str(err), error_status(err))
+    return done(request, f"{name}: group {group}." if group else f"{name}: in no group.", f"/devices/{name}")
 
 
 def logins_html(request, d: dict) -> str:
@@ -1061,8 +1109,61 @@ async def settings_page(request, error=None, status=200, new_token=None):
 <p class="muted">The API is described at <a href="/api/openapi.json">/api/openapi.json</a>.</p>
 </section><section><h2>MQTT: devices with a broker user</h2>
 {table(("device", "broker user", "availability"), mqtt_rows)}</section>
+{notify_html(request, ops)}
 {backup_html(request)}"""
     return page(request, "Settings", body, error=error, status=status)
+
+
+CHANNEL_NAMES = {"ntfy": "ntfy", "webhook": "Webhook", "email": "E-mail"}
+
+
+def notify_html(request, ops) -> str:
+    """[notify]: the channels configured (where they go, never a secret), their counts and
+    last error, and a button that sends a test on each (or one)."""
+    n = ops.notify_settings()
+    rows = []
+    for channel, to in n["channels"].items():
+        st = n["status"].get(channel) or {}
+        if to is None and channel not in n["off"]:
+            rows.append((e(CHANNEL_NAMES[channel]), '<span class="muted">not configured</span>', "", ""))
+            continue
+        if channel in n["off"]:
+            rows.append((e(CHANNEL_NAMES[channel]), '<span class="muted">off</span>', "",
+                         f'<span class="error">{e(n["off"][channel])}</span>'))
+            continue
+        last = (f'{e(st.get("last_error"))} ({when_html(ops, st.get("last_error_at"))})'
+                if st.get("last_error") else "—")
+        rows.append((e(CHANNEL_NAMES[channel]), e(to),
+                     e(f'{st.get("sent", 0)} sent, {st.get("failed", 0)} failed, '
+                       f'{st.get("summed_up", 0)} summed up'), last))
+    configured = [c for c, to in n["channels"].items() if to is not None or c in n["off"]]
+    choose = "".join(f'<option value="{e(c)}">{e(CHANNEL_NAMES[c])} only</option>' for c in configured)
+    button = (form(request, "/settings/notify-test",
+                   f'<label>Channel <select name="channel"><option value="">every channel</option>'
+                   f'{choose}</select></label>', "Send a test", "inline")
+              if configured else
+              '<p class="muted">No channel is configured: <code>[notify]</code> in the config file '
+              '(<code>kalki config defaults</code> lists its keys).</p>')
+    return f"""<section id="notifications"><h2>Notifications</h2>
+<p class="muted">Alerts of severity <strong>{e(n["min_severity"])}</strong> and above are sent on each channel below (at most {e(n["max_per_minute"])} a minute each; the rest in one summary), and to Home Assistant as alert events. Set in the config file's <code>[notify]</code>.</p>
+{table(("channel", "to", "so far", "last error"), rows, "notify")}
+{button}</section>"""
+
+
+async def notify_test_post(request):
+    ops = web_state(request).ops
+    channel = (form_data(request).get("channel") or "").strip() or None
+    try:
+        results = await ops.notify_test(channel, actor=actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, str(err), error_status(err))
+    failed = [f"{CHANNEL_NAMES.get(c, c)}: {r['error']}" for c, r in results.items() if not r["ok"]]
+    sent = [CHANNEL_NAMES.get(c, c) for c, r in results.items() if r["ok"]]
+    if sent:
+        request.g.session.flash.append(f"Test sent by {', '.join(sent)}.")
+    if failed:
+        return await settings_page(request, "Test failed: " + "; ".join(failed), 502)
+    return see_other("/settings#notifications")
 
 
 def backup_html(request) -> str:
@@ -1206,6 +1307,8 @@ def add_routes(app) -> None:
     route(app, "POST", "/devices/<name>/reset", device_reset_post)
     route(app, "POST", "/devices/<name>/approve", device_approve_post)
     route(app, "POST", "/devices/<name>/check-logins", device_check_logins_post)
+    route(app, "POST", "/devices/<name>/rename", device_rename_post)
+    route(app, "POST", "/devices/<name>/group", device_group_post)
     route(app, "POST", "/devices/<name>/learn", device_learn_post)
     route(app, "POST", "/devices/<name>/allow", device_allow_post)
     route(app, "POST", "/devices/<name>/disallow", device_disallow_post)
@@ -1225,6 +1328,7 @@ def add_routes(app) -> None:
     route(app, "GET", "/settings", settings_page)
     route(app, "POST", "/settings/business-hours", business_hours_post)
     route(app, "POST", "/settings/timezone", timezone_post)
+    route(app, "POST", "/settings/notify-test", notify_test_post)
     route(app, "POST", "/settings/password", password_post)
     route(app, "POST", "/settings/tokens", token_post)
     route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)

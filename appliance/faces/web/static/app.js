@@ -28,6 +28,20 @@
       }).catch(function () {});
   }
 
+  // A device renamed: its row keeps its place, icon and buttons under the new name.
+  function renameRow(from, to) {
+    var row = document.querySelector('#devices tr[data-device="' + CSS.escape(from) + '"]');
+    if (!row) return;
+    row.dataset.device = to;
+    row.querySelectorAll('a[href="/devices/' + encodeURIComponent(from) + '"]').forEach(function (a) {
+      a.href = "/devices/" + encodeURIComponent(to);
+      if (a.textContent === from) text(a, to);
+    });
+    row.querySelectorAll("form[action]").forEach(function (f) {
+      f.action = f.getAttribute("action").replace("/devices/" + from + "/", "/devices/" + to + "/");
+    });
+  }
+
   function addDeviceRows() {
     var tbody = document.querySelector("#devices tbody");
     if (!tbody) return;
@@ -138,7 +152,10 @@
       try { ev = JSON.parse(m.data); } catch (e) { return; }
       if (ev.kind === "posture") { setPosture(ev.device, ev.posture, true); refreshSummary(); }
       else if (ev.kind === "alert") { addAlert(ev); if (ev.type === "new-device") { addDeviceRows(); refreshSummary(); } }
-      else if (ev.kind === "device") { addDeviceRows(); refreshSummary(); }
+      else if (ev.kind === "device") {
+        if (ev.event === "renamed") renameRow(ev.from, ev.device);
+        addDeviceRows(); refreshSummary();
+      }
     };
     es.addEventListener("logout", function () { es.close(); window.location.href = "/login"; });
     es.onopen = function () { document.body.dataset.connected = "1"; };
