@@ -34,13 +34,13 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/kalki-apt.log 2>&1; then
+  apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+  if ! apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/tmp/kalki-apt.log 2>&1; then
     # linux-headers-$kernel may be listed but not installable: retry with the generic headers
     log "apt-get failed (see /tmp/kalki-apt.log); retrying with $ARCH_HEADERS"
     filtered=()
     for p in "${missing[@]}"; do [[ $p == linux-headers-* ]] || filtered+=("$p"); done
-    apt-get install -y -q --no-install-recommends "${filtered[@]}" "$ARCH_HEADERS"
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${filtered[@]}" "$ARCH_HEADERS"
   fi
 fi
 
