@@ -156,6 +156,16 @@ def _lab_up(args) -> int:
     return 0
 
 
+def _lab_play(args) -> int:
+    """A demo scenario on a running lab (watch it on the page after claiming it)."""
+    from lab import scenarios, topology
+    lab = topology.load(args.name)
+    if not lab.gateway.get("supervisor"):
+        raise KalkiError(f"lab {args.name} runs no supervisor: build it without --no-supervisor")
+    ok = scenarios.succeeded(scenarios.play(lab, args.scenario))
+    return 0 if ok else 1
+
+
 def _lab_down(args) -> int:
     from lab import topology
     removed = topology.down(args.name)
@@ -582,6 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = lab.add_parser("down", help="remove a lab and everything it created")
     p.add_argument("name")
     p.set_defaults(func=_lab_down)
+    p = lab.add_parser("play", help="play a demo scenario on a running lab (the intrusion needs "
+                                    "a lab built with an after-hours --fake-time)")
+    p.add_argument("name", help="the lab (kalki lab status lists them)")
+    p.add_argument("scenario", choices=("intrusion", "attack", "scan", "probe", "all"),
+                   help="the story to play (lab/scenarios.py)")
+    p.set_defaults(func=_lab_play)
     p = lab.add_parser("status", help="list the labs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lab_status)

@@ -84,3 +84,14 @@ def test_lab_up_with_a_scenario_leaves_the_lab_up(run_suffix):
         assert postures["camera1"] == "attack" and postures["plug1"] == "normal"
     finally:
         topology.down(name)
+
+
+@pytest.mark.lab
+def test_lab_play_plays_a_scenario_on_a_running_lab(demo_lab):
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "play", demo_lab.name, "probe"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "probe      plug1 -> quarantine              ok" in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "play", demo_lab.name, "dance"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'dance'" in bad.stderr
