@@ -254,18 +254,24 @@ def _rules_validate(args) -> int:
     return 0
 
 
+def _read_file(path: str, max_bytes: int, what: str) -> str:
+    """A file sent to the supervisor: at most `max_bytes`, UTF-8 (a ConfigError naming the
+    byte otherwise); errors name the file."""
+    from appliance.config import read_text
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise KalkiError(f"{path}: {size} bytes: {what} is at most {max_bytes}")
+        return read_text(path)
+    except OSError as e:
+        raise KalkiError(f"{path}: {e.strerror}") from None
+
+
 def _profile_import(args) -> int:
     """Sends the file's text; the supervisor tells a MUD file (JSON) from a TOML profile."""
     from appliance.client import request
-    from appliance.config import read_text
     from appliance.policy.mud import MAX_BYTES
-    try:
-        size = os.path.getsize(args.file)
-        if size > MAX_BYTES:
-            raise KalkiError(f"{args.file}: {size} bytes: a profile or MUD file is at most {MAX_BYTES}")
-        text = read_text(args.file)       # UTF-8, or a ConfigError naming the byte
-    except OSError as e:
-        raise KalkiError(f"{args.file}: {e.strerror}") from None
+    text = _read_file(args.file, MAX_BYTES, "a profile or MUD file")
     fields = {"type": args.type, "device_ip": args.device_ip}
     result = request(_socket(args), "profile_import", text=text, filename=args.file,
                      **{k: v for k, v in fields.items() if v is not None})
@@ -479,15 +485,8 @@ def _backup(args) -> int:
 def _restore(args) -> int:
     """Sends the file's text; the supervisor checks all of it before it changes anything."""
     from appliance.client import request
-    from appliance.config import read_text
     from appliance.supervisor.backup import MAX_BYTES
-    try:
-        size = os.path.getsize(args.file)
-        if size > MAX_BYTES:
-            raise KalkiError(f"{args.file}: {size} bytes: a backup is at most {MAX_BYTES}")
-        text = read_text(args.file)       # UTF-8, or a ConfigError naming the byte
-    except OSError as e:
-        raise KalkiError(f"{args.file}: {e.strerror}") from None
+    text = _read_file(args.file, MAX_BYTES, "a backup")
     try:
         result = request(_socket(args), "restore", text=text, dry_run=args.dry_run)
     except KalkiError as e:

@@ -52,8 +52,8 @@ from appliance.dataplane.gate import (
     HEAD_LIMIT,
     AlertCallback,
     _Side,
-    original_destination,
     parse_basic,
+    redirected_target,
     simple_response,
 )
 from appliance.dataplane.gatepolicy import PolicyFiles
@@ -496,15 +496,7 @@ class Decoy:
 
     # -- who and what
     def target_for(self, writer: asyncio.StreamWriter) -> tuple[str, int] | None:
-        if self.target_override:
-            return self.target_override
-        try:
-            target = original_destination(writer.get_extra_info("socket"))
-        except OSError:
-            return None     # not redirected: no device to name
-        if target == writer.get_extra_info("sockname")[:2]:
-            return None
-        return target
+        return redirected_target(writer, self.target_override)
 
     def identify(self, ev: Evidence, target: tuple[str, int] | None) -> Imitation:
         if target is None or self.policies is None:

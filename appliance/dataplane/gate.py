@@ -302,6 +302,22 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(addr), port
 
 
+def redirected_target(writer: asyncio.StreamWriter,
+                      override: tuple[str, int] | None = None) -> tuple[str, int] | None:
+    """The device a connection nftables redirected here was aimed at (SO_ORIGINAL_DST), or
+    `override` (tests); None for a connection not redirected, or aimed at this port itself
+    (forwarding it would loop)."""
+    if override:
+        return override
+    try:
+        target = original_destination(writer.get_extra_info("socket"))
+    except OSError:
+        return None
+    if target == writer.get_extra_info("sockname")[:2]:
+        return None
+    return target
+
+
 def simple_response(status: int, reason: str, extra_headers: tuple[str, ...] = ()) -> bytes:
     body = f"{status} {reason}\n".encode()
     head = [f"HTTP/1.1 {status} {reason}", "Content-Type: text/plain",
@@ -433,15 +449,7 @@ class Gate:
         self._alerted: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def target_for(self, writer: asyncio.StreamWriter) -> tuple[str, int] | None:
-        if self.target_override:
-            return self.target_override
-        try:
-            target = original_destination(writer.get_extra_info("socket"))
-        except OSError:
-            return None  # not a DNATed connection
-        if target == writer.get_extra_info("sockname")[:2]:
-            return None  # aimed at the gate itself: forwarding would loop
-        return target
+        return redirected_target(writer, self.target_override)
 
     def policy_for(self, target: tuple[str, int]) -> tuple[Policy | None, str]:
         if self.policies is None:
