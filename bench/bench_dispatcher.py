@@ -16,11 +16,15 @@ table, which tests/test_dispatcher_paths.py also runs to prove each takes the br
   udp_1000_distinct     udp, device 1 among 1,000 devices each with its own allow-list
   to_1                  UDP from the uplink to the device
   bare, bare_run1       a trivial XDP_PASS program: the test run's own cost
+  xdp_filter_syn, xdp_filter_udp
+                        the peer: xdp-tools' xdp-filter, every feature on, on syn_login's and
+                        udp's packets (both pass its deny lists, so every lookup is made)
 Cases run interleaved round by round, so the noisy shared machine hits all alike; each figure
 is the median over rounds, each ratio the median of per-round ratios. After every run the
 verdict is checked and device 1's per-reason counters must have grown by exactly the packets
 run, under the case's reason and no other. The load average is beside each figure.
-Targets: udp and established <= 3x bare; udp_1000_distinct <= 1.1x udp.
+Targets: udp and established <= 3x bare; udp_1000_distinct <= 1.1x udp; syn_login <= 1x
+xdp_filter_syn.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def bare_xdp_pass():
 def main() -> int:
     table = {c.name: c for c in paths.cases()}
     with common.pinned_path("d1") as one, common.pinned_path("dd") as distinct, \
-            common.pinned_path("dn", defines=paths.PIN_DIRS["no_stealth"]) as no_stealth:
+            common.pinned_path("dn", defines=paths.PIN_DIRS["no_stealth"]) as no_stealth, \
+            common.xdp_filter_peer() as (peer_fd, peer_name):
         pins = {"one": one, "distinct": distinct, "no_stealth": no_stealth}
         assert set(pins) == set(paths.PIN_DIRS)
         for name, path in pins.items():
@@ -60,12 +65,21 @@ def main() -> int:
         bcc_obj, bare_fd = bare_xdp_pass()
         bare_pkt = table["udp"].packets[0]
         counted = {n: 0 for n in table}
+        peer_packets = {"xdp_filter_syn": table["syn_login"].packets[0],
+                        "xdp_filter_udp": table["udp"].packets[0]}
+        if peer_fd is None:
+            emit(BENCH, "peer_xdp_filter", None, "skipped", why=peer_name)
+            peer_packets = {}
 
         def measure(name: str, n: int) -> float:
             if name == "bare":
                 return float(bpf.prog_test_run(bare_fd, bare_pkt, n)[1])
             if name == "bare_run1":
                 return sum(bpf.prog_test_run(bare_fd, bare_pkt, 1)[1] for _ in range(n)) / n
+            if name in peer_packets:
+                verdict, took = bpf.prog_test_run(peer_fd, peer_packets[name], n)
+                assert verdict == common.XDP_PASS, f"{peer_name} gave {verdict} on {name}"
+                return float(took)
             case = table[name]
             path = pins[case.pin_dir]
             before = paths.counts(path)
@@ -74,7 +88,7 @@ def main() -> int:
             counted[name] += n
             return ns
 
-        names = ["bare", "bare_run1", *table]
+        names = ["bare", "bare_run1", *table, *peer_packets]
         per_run = {n: n == "bare_run1" or (n in table and table[n].per_run) for n in names}
         size = {n: RUNS if per_run[n] else REPEAT for n in names}
         for name in names:      # warm-up: scan windows made, caches filled, paths checked
@@ -90,13 +104,14 @@ def main() -> int:
         for name in names:
             case = table.get(name)
             extra = {"verdict": common.VERDICTS[case.verdict], "reason": case.reason.name.lower(),
-                     "counted": counted[name], "method": case.method} if case else {}
+                     "counted": counted[name], "method": case.method} if case else \
+                {"peer": peer_name} if name in peer_packets else {}
             per = "runs" if per_run[name] else "repeat"
             emit(BENCH, f"ns_per_packet_{name}", round(median(ns[name]), 1), "ns", n=ROUNDS,
                  **{per: size[name]}, min=round(min(ns[name]), 1), max=round(max(ns[name]), 1),
                  **extra, **load)
         for name in names:
-            if name in ("bare", "bare_run1"):
+            if name in ("bare", "bare_run1", *peer_packets):
                 continue
             base = "bare_run1" if per_run[name] else "bare"
             emit(BENCH, f"ns_per_packet_{name}_minus_{base}",
@@ -114,6 +129,9 @@ def main() -> int:
         ratio("ratio_stealth_on_over_off", "syn_login", "syn_login_no_stealth")
         ratio("ratio_distinct_1000_over_1", "udp_1000_distinct", "udp", 1.1)
         ratio("ratio_varied_dst_over_udp_run1", "varied_dst", "udp_run1")
+        if peer_packets:
+            ratio("ratio_syn_login_over_xdp_filter", "syn_login", "xdp_filter_syn", 1.0)
+            ratio("ratio_udp_over_xdp_filter", "udp", "xdp_filter_udp")
         emit(BENCH, "varied_dst_cache_miss_ns",
              round(median([a - b for a, b in zip(ns["varied_dst"], ns["udp_run1"])]), 1), "ns",
              n=ROUNDS, of="varied_dst - udp_run1", **load)

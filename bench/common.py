@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -120,6 +121,49 @@ def ns_run(ns: str, args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def ns_popen(ns: str, args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *args], **kw)
+
+
+@contextlib.contextmanager
+def xdp_filter_peer(ports=(23, 2323, 7547), ips=("198.18.250.1", "198.18.250.2"),
+                    macs=("02:00:00:00:fa:01",)):
+    """xdp-tools' xdp-filter with every feature on (tcp, udp, ipv4, ipv6, ethernet; policy
+    allow) on a veth in a namespace of its own, with some deny entries so each lookup has a
+    populated map. Yields the program's fd for BPF_PROG_TEST_RUN, or None (and why) without
+    xdp-filter. Always unloaded and removed."""
+    install_signal_handlers()
+    if not shutil.which("xdp-filter"):
+        yield None, "no xdp-filter (Debian package xdp-tools)"
+        return
+    ns = f"kalki-xf{suffix()}"
+    libxdp_dir = Path("/sys/fs/bpf/xdp")        # libxdp's working directory, made on first use
+    made_libxdp_dir = not libxdp_dir.exists()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "xf0", "type", "veth", "peer", "name", "xf1"],
+                       check=True)
+        for link in ("xf0", "xf1"):
+            subprocess.run(["ip", "-n", ns, "link", "set", link, "up"], check=True)
+        steps = [["load", "-m", "native", "-f", "all", "-p", "allow", "xf0"],
+                 *(["port", str(p)] for p in ports), *(["ip", lab_only(a)] for a in ips),
+                 *(["ether", m] for m in macs)]
+        for step in steps:
+            r = ns_run(ns, ["xdp-filter", *step])
+            if r.returncode:
+                raise RuntimeError(f"xdp-filter {' '.join(step)}: {r.stderr.strip() or r.stdout.strip()}")
+        link = json.loads(subprocess.run(["ip", "-j", "-n", ns, "link", "show", "dev", "xf0"],
+                                         capture_output=True, text=True, check=True).stdout)[0]
+        prog = link["xdp"]["prog"]
+        fd = bpf.prog_fd_by_id(prog["id"])
+        try:
+            yield fd, prog["name"]
+        finally:
+            os.close(fd)
+    finally:
+        ns_run(ns, ["xdp-filter", "unload", "--all"])
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if made_libxdp_dir:
+            with contextlib.suppress(OSError):
+                libxdp_dir.rmdir()
 
 
 def link_mac(ns: str, ifname: str) -> str:

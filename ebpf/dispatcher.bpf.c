@@ -32,7 +32,7 @@ struct arp_ipv4 {
 } __attribute__((packed));
 
 struct dev_state {
-	struct bpf_spin_lock lock;
+	__u64 unused;              /* was a spin lock; the layout stays for maps.DevState */
 	__u64 packet_tat;          /* rate limit: theoretical arrival times (GCRA) */
 	__u64 byte_tat;
 	__u64 syn_window_ns;
@@ -308,14 +308,14 @@ static __always_inline int syn_flood(__u32 device, struct kalki_device *cfg, str
 	__u32 n;
 	if (!st)
 		return XDP_PASS;
-	bpf_spin_lock(&st->lock);
+	/* No lock, as in window_add: two CPUs racing at a window's start may each reset it, and
+	 * a flood then fires a few SYNs later. The lock cost more than the rest of the path. */
 	if (now - st->syn_window_ns > cfg->syn_window_ms * NS_PER_MS) {
 		st->syn_window_ns = now;
 		st->syn_count = 0;
 	}
-	st->syn_count += 1;
+	__sync_fetch_and_add(&st->syn_count, 1);
 	n = st->syn_count;
-	bpf_spin_unlock(&st->lock);
 	if (n <= cfg->syn_limit)
 		return XDP_PASS;
 	/* A flood from many sources: blocking the current source is all the kernel can do;

@@ -274,35 +274,57 @@ class HttpApi:
 
 # ---------------------------------------------------------------- telnet
 
+LOGIN_TRIES = 3
+
+
 class TelnetLogin:
     def __init__(self, device: Device):
         self.device = device
 
-    async def _prompt(self, reader, writer, prompt: str) -> str | None:
+    async def _prompt(self, reader, writer, prompt: str, after_cr: list[bool]) -> str | None:
+        """The line typed after the prompt. A line ends at CR or LF: telnet clients end theirs
+        with CR NUL or CR LF (RFC 854), and the byte after a CR belongs to the same end."""
         writer.write(prompt.encode())
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-        if not line:
-            return None
+        line = bytearray()
+        while True:
+            b = await asyncio.wait_for(reader.read(1), READ_TIMEOUT)
+            if not b:
+                return None
+            if after_cr[0] and b in (b"\0", b"\n"):
+                after_cr[0] = False
+                continue
+            after_cr[0] = b == b"\r"
+            if b in (b"\r", b"\n"):
+                break
+            line += b
+            if len(line) > LINE_LIMIT:
+                raise ValueError("overlong line")
         # Real telnet clients send IAC negotiation bytes (>= 0xF0); keep printable ASCII.
-        return "".join(chr(b) for b in line if 0x20 <= b < 0x7F).strip()
+        return "".join(chr(c) for c in line if 0x20 <= c < 0x7F).strip()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.device.stats["telnet_sessions"] += 1
+        after_cr = [False]
         try:
-            user = await self._prompt(reader, writer, "login: ")
-            if user is None:
-                return
-            password = await self._prompt(reader, writer, "password: ")
-            if password is None:
-                return
-            if not self.device.check_login(user, password):
+            # Like busybox's login: three tries on one connection, then it hangs up. Tools such
+            # as hydra expect the prompt again after a failure.
+            for _ in range(LOGIN_TRIES):
+                user = await self._prompt(reader, writer, "login: ", after_cr)
+                if user is None:
+                    return
+                password = await self._prompt(reader, writer, "password: ", after_cr)
+                if password is None:
+                    return
+                if self.device.check_login(user, password):
+                    break
                 writer.write(b"Login incorrect\n")
                 await writer.drain()
+            else:
                 return
-            command = await self._prompt(reader, writer, "welcome\n$ ")
+            command = await self._prompt(reader, writer, "welcome\n$ ", after_cr)
             while command is not None and command != "exit":
-                command = await self._prompt(reader, writer, f"{command}\n$ ")
+                command = await self._prompt(reader, writer, f"{command}\n$ ", after_cr)
             if command == "exit":
                 writer.write(b"bye\n")
                 await writer.drain()

@@ -4,6 +4,9 @@ drop set, the camera goes to `attack` (quarantine + deception), and from then on
 attacker tries, the right password included, meets the decoy on the gateway: the real camera
 never sees another packet of it, and what it typed is evidence on the camera's alerts."""
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.lab
 @pytest.fixture(scope="module")
 def dlab(run_suffix):
     name = f"d{run_suffix}dcy"
-    state = topology.up(name, devices=4, supervisor=True)
+    state = topology.up(name, devices=5, supervisor=True)      # camera1 .. camera2
     try:
         yield state
     finally:
@@ -96,3 +99,49 @@ def test_an_attacker_that_brute_forces_then_logs_in_meets_only_the_decoy(dlab):
     assert stats(cam)["telnet_sessions"] == sessions
     # nobody else was disturbed
     assert {d.name: posture(dlab, d.name) for d in dlab.devices if d.name != "camera1"} == others
+
+
+@pytest.mark.skipif(not shutil.which("hydra"), reason="no hydra (scripts/setup.sh installs it)")
+def test_hydra_guessing_telnet_passwords_finds_none_and_is_recorded(dlab, tmp_path):
+    """The real tool: hydra guesses camera2's telnet password from the internet side, the right
+    one last. The detector stops it early; every guess after that meets the decoy, so hydra
+    finds nothing, the real camera never accepts a login, and the guesses are evidence."""
+    cam = dlab.device("camera2")
+    atk = dlab.namespaces["atk"]
+    ask(dlab, "unblock_source", ip=topology.ATTACKER_IP)     # the test above blocked it
+    others = {d.name: posture(dlab, d.name) for d in dlab.devices if d.name != "camera2"}
+    guesses = [f"guess{i:02d}" for i in range(60)] + [topology.DEVICE_PASSWORD]
+    (tmp_path / "passwords").write_text("\n".join(guesses) + "\n")
+    log = tmp_path / "hydra.log"
+
+    def decoy_saw() -> set[str]:
+        """The passwords the decoy recorded for camera2 (reports merge for up to 30 s)."""
+        return {pair[1] for a in ask(dlab, "alerts", limit=200)
+                if a["type"] == "deception" and a["device"] == "camera2"
+                for pair in a["details"]["logins"]}
+    with log.open("w") as out:
+        hydra = subprocess.Popen(["ip", "netns", "exec", atk, "hydra", "-I", "-t", "4", "-w", "5",
+                                  "-l", "admin", "-P", str(tmp_path / "passwords"),
+                                  f"telnet://{cam.ip}"],
+                                 cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            # hydra's children that were on connections to the real camera when the gateway cut
+            # them off may wait there for good, holding a guess to redo: hydra need not end by
+            # itself. Enough that it has sent every guess.
+            wait_until(lambda: hydra.poll() is not None
+                       or f"{len(guesses)} tries" in log.read_text(), 150)
+        finally:
+            os.killpg(hydra.pid, signal.SIGTERM)       # hydra and its children
+            hydra.wait()
+    said = log.read_text()
+    recorded = wait_until(lambda: len(decoy_saw() & set(guesses)) >= 10 and decoy_saw(), 75)
+    assert recorded, (decoy_saw(), said[-3000:])
+    # hydra never believed a login worked ("[23][telnet] host: ... password: ...")
+    assert "[telnet] host:" not in said and "1 valid password" not in said, said[-3000:]
+    assert stats(cam)["logins_ok"] == 0             # the real camera accepted no login
+    assert stats(cam)["logins_failed"] < len(guesses)
+    assert posture(dlab, "camera2") == "attack"
+    assert [e for e in ask(dlab, "blocked_sources")
+            if e["source"] == topology.ATTACKER_IP and e.get("decoy")], ask(dlab, "blocked_sources")
+    assert {d.name: posture(dlab, d.name) for d in dlab.devices if d.name != "camera2"} == others

@@ -150,8 +150,8 @@ def test_a_telnet_brute_forcer_never_logs_in_and_every_pair_is_reported(tmp_path
     async def scenario(ports, decoy, reports, files):
         first, answers, rest, raw = await telnet_session(ports["telnet"], attempts[:3], extra=b"sh\r\n")
         assert b"Linux 3.10.14 (IPCAM)" in first and first.endswith(b"IPCAM login: ")
-        # our TTYPE offer refused, the NAWS and DO SGA taken silently
-        assert bytes([IAC, DONT, TTYPE]) in raw and bytes([IAC, WONT, 3]) not in raw
+        # like busybox's telnetd: no option answered, the TTYPE offer included
+        assert bytes([IAC, DONT, TTYPE]) not in raw and bytes([IAC, WONT, 3]) not in raw
         for said, seconds in answers:
             assert b"Login incorrect" in said and seconds >= 0.05
         assert rest == b""                                          # then closed, after three
@@ -172,12 +172,13 @@ def test_a_telnet_brute_forcer_never_logs_in_and_every_pair_is_reported(tmp_path
     assert details["duration_s"] >= 0 and "truncated" not in details
 
 
-def test_the_telnet_decoy_refuses_options_skips_subnegotiation_and_edits_lines():
+def test_the_telnet_decoy_answers_no_option_skips_subnegotiation_and_edits_lines():
     typed = TelnetInput(None, None, 1.0)        # (feed only: no stream)
-    assert typed.feed(bytes([IAC, DO, TTYPE])) == bytes([IAC, WONT, TTYPE])
-    assert typed.feed(bytes([IAC, DO, TTYPE])) == b""                # refused once, no loop
-    assert typed.feed(bytes([IAC, WILL, 5, IAC, DO, ECHO, IAC, DO, 3, IAC, WILL, NAWS])) == \
-        bytes([IAC, DONT, 5])
+    linemode = 34
+    # busybox's telnetd answers nothing; a refused LINEMODE sends hydra into a character mode
+    # that loses bytes
+    assert typed.feed(bytes([IAC, DO, TTYPE, IAC, WILL, linemode, IAC, DONT, 5])) == b""
+    assert typed.feed(bytes([IAC, WILL, 5, IAC, DO, ECHO, IAC, DO, 3, IAC, WILL, NAWS])) == b""
     assert typed.feed(bytes([IAC, SB, NAWS, 0, IAC, IAC, 80, 0, 24, IAC, SE])) == b""
     typed.echo = True
     assert typed.feed(b"ab\x7fc\x03\r\x00") == b"ab\b \bc\r\n"        # echoed, DEL edits

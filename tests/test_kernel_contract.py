@@ -34,7 +34,7 @@ KERNEL_ONLY = {
 }
 # Structs maps.py mirrors from dispatcher.bpf.c, not kalki.h: state private to the kernel program that
 # user space only zeroes for a new device. Compared too, but maps.py may name the padding the C
-# compiler inserts implicitly (DevState.pad0), so only C's fields, their offsets and sizeof must agree.
+# compiler inserts implicitly, so only C's fields, their offsets and sizeof must agree.
 FROM_DISPATCHER = ("dev_state", "event_limit")
 
 

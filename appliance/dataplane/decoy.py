@@ -335,10 +335,10 @@ class _End(Exception):
 
 
 class TelnetInput:
-    """Lines from a telnet client. Options: ECHO and SGA, which the decoy offers, and NAWS,
-    which it asks for, are taken; every other one is refused once; subnegotiations are
-    skipped. Lines end with CR LF, CR NUL, CR or LF; backspace and DEL edit; other control
-    characters are dropped; a line keeps its first LINE_BYTES bytes."""
+    """Lines from a telnet client. Options are never answered, as busybox's telnetd does not
+    answer them; a DONT ECHO says the client echoes itself; subnegotiations are skipped. Lines
+    end with CR LF, CR NUL, CR or LF; backspace and DEL edit; other control characters are
+    dropped; a line keeps its first LINE_BYTES bytes."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
         self.reader, self.writer, self.timeout = reader, writer, timeout
@@ -346,7 +346,6 @@ class TelnetInput:
         self.line = bytearray()
         self.state = "data"         # data, cr, iac, option, sb, sb-iac
         self.verb = 0
-        self.answered: set[tuple[int, int]] = set()
         self.echo = False           # echo what is typed (the user name, not the password)
         self.client_echoes = False  # the client refused our ECHO: it echoes itself
         self.received = 0
@@ -389,12 +388,6 @@ class TelnetInput:
         lines, self.lines = self.lines, []
         return lines
 
-    def _refuse(self, verb: int, option: int) -> bytes:
-        if (verb, option) in self.answered:
-            return b""
-        self.answered.add((verb, option))
-        return bytes([IAC, verb, option])
-
     def feed(self, data: bytes) -> bytes:
         """Takes bytes in; returns what to send back (option answers, echo)."""
         out = bytearray()
@@ -410,16 +403,12 @@ class TelnetInput:
                 else:       # NOP, GA, AYT, IP, ...: nothing to answer
                     self.state = "data"
             elif self.state == "option":
+                # busybox's telnetd answers no option, whatever is offered or asked: it only
+                # learns that the client echoes. Refusing (as RFC 854 would) is a tell, and
+                # makes clients such as hydra fall back to a character mode they get wrong.
                 self.state = "data"
-                if self.verb == DO and b not in (ECHO, SGA):
-                    out += self._refuse(WONT, b)
-                elif self.verb == DONT:
-                    if b == ECHO:
-                        self.client_echoes = True
-                    if b in (ECHO, SGA):
-                        out += self._refuse(WONT, b)
-                elif self.verb == WILL and b not in (NAWS, ECHO):
-                    out += self._refuse(DONT, b)
+                if self.verb == DONT and b == ECHO:
+                    self.client_echoes = True
             elif self.state == "sb":
                 if b == IAC:
                     self.state = "sb-iac"

@@ -136,7 +136,7 @@ class Event(ctypes.Structure):
 
 class DevState(ctypes.Structure):
     """Private to the kernel program; user space only zeroes it for a new device."""
-    _fields_ = [("lock", ctypes.c_uint32), ("pad0", ctypes.c_uint32),
+    _fields_ = [("unused", ctypes.c_uint64),
                 ("packet_tat", ctypes.c_uint64), ("byte_tat", ctypes.c_uint64),
                 ("syn_window_ns", ctypes.c_uint64), ("syn_count", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32), ("scan_seen_ns", ctypes.c_uint64),
