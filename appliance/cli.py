@@ -254,6 +254,22 @@ def _rules_validate(args) -> int:
     return 0
 
 
+def _rule_rows(rules: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
+    return (("rule", "source", "on", "what it does"),
+            [(r.get("name"), r.get("source"),
+              "yes" if r.get("enabled") else "switched off" if r.get("switched_off") or r.get("editable")
+              else "off in its profile", r.get("words")) for r in rules])
+
+
+def _rules_switch(args) -> int:
+    """Built-in and profile rules too: switching one off is audited and shown on the web page."""
+    from appliance.client import request
+    r = request(_socket(args), "set_rule_enabled", name=args.name, enabled=args.enabled)
+    what = "built-in" if r.get("source") == "builtin" else r.get("source") or "site"
+    print(f"{r.get('name', args.name)} ({what} rule): {'on' if args.enabled else 'switched off'}")
+    return 0
+
+
 def _read_file(path: str, max_bytes: int, what: str) -> str:
     """A file sent to the supervisor: at most `max_bytes`, UTF-8 (a ConfigError naming the
     byte otherwise); errors name the file."""
@@ -629,11 +645,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_command", required=True)
     cfg.add_parser("defaults", help="every key with its default and meaning").set_defaults(
         func=_config_defaults)
-    rules = sub.add_parser("rules", help="site rules").add_subparsers(dest="rules_command",
-                                                                     required=True)
+    rules = sub.add_parser("rules", help="the rules: list them, switch one off or on, check a "
+                           "file of site rules").add_subparsers(dest="rules_command", required=True)
     p = rules.add_parser("validate", help="check a TOML file of [[rules]]")
     p.add_argument("file")
     p.set_defaults(func=_rules_validate)
+    p = rules.add_parser("list", help="every rule (built-in, profile, site), on or off, in words",
+                         description=f"Every rule with what it does. {LISTING}")
+    _listing_flags(p)
+    p.set_defaults(func=_listing("rules_view", _rule_rows))
+    for verb, enabled, says in (("disable", False, "switch a rule off (a built-in one too: audited, "
+                                 "and the web page says so until it is on again)"),
+                                ("enable", True, "switch a rule on again")):
+        p = rules.add_parser(verb, help=says)
+        p.add_argument("name", help="the rule's name (kalki rules list)")
+        p.set_defaults(func=_rules_switch, enabled=enabled)
 
     prof = sub.add_parser("profile", help="device-type profiles: import (TOML or RFC 8520 MUD), list, "
                           "show, export, remove, test").add_subparsers(dest="profile_command",

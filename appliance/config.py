@@ -22,6 +22,8 @@ from appliance.vocab import (
     check_business_hours,
     check_controllers,
     check_days,
+    check_device_name,
+    check_discovery_prefix,
     check_my_controllers,
     check_timezone,
     parse_hhmm,
@@ -71,6 +73,13 @@ class StateSection:
     alerts: int = _doc("alerts kept", 5000, (1, 1_000_000))
     decisions: int = _doc("decisions (audit log entries) kept", 5000, (1, 1_000_000))
     max_age_days: int = _doc("nothing older is kept", 30, (1, 3650))
+    traffic_charts: bool = _doc("read each device's kernel counters every 10 s for the page's "
+                                "traffic charts (the last hour in 10-s slots, the last day in "
+                                "5-minute ones; about 13 KB of memory per device), kept in "
+                                "traffic.bin in the directory above", True)
+    traffic_save_minutes: int = _doc("the traffic charts' history is written to the data "
+                                     "partition this often, and at a clean stop (what a power "
+                                     "cut loses)", 5, (1, 60))
 
 
 @dataclass
@@ -82,6 +91,14 @@ class MqttSection:
     password_file: str = _doc("file holding the supervisor's broker password", "/etc/kalki/mqtt-password")
     max_payload: int = _doc("bytes; bigger telemetry payloads are rejected and counted", 4096,
                             (64, 65536))   # the broker's max_packet_size
+    discovery_prefix: str = _doc("Home Assistant's discovery prefix (its MQTT integration's setting "
+                                 "of that name): the entities' configs go under <prefix>/..., and "
+                                 "its \"online\" on <prefix>/status has them published again",
+                                 "homeassistant")
+    home_assistant_user: str = _doc("the broker user Home Assistant logs in as: it may read the "
+                                    "discovery configs and the supervisor's topics, and it alone "
+                                    "may set a posture (<base>/<device>/posture/set); empty: none",
+                                    "homeassistant")
 
 
 @dataclass
@@ -251,7 +268,21 @@ class Config:
                                   "certificates)") from None
         check_my_controllers(self.my_controllers, f"{where}: my_controllers")
         check_notify(self.notify, f"{where}: notify")
+        check_mqtt(self.mqtt, f"{where}: mqtt")
         return self
+
+
+def check_mqtt(m: MqttSection, where: str) -> None:
+    """The names that become topic levels and the broker's ACL lines; `where` names the section."""
+    check_discovery_prefix(m.discovery_prefix, m.base, f"{where}.discovery_prefix")
+    if m.home_assistant_user:
+        check_device_name(m.home_assistant_user, f"{where}.home_assistant_user")
+        if m.home_assistant_user == m.user:
+            raise ConfigError(f"{where}.home_assistant_user: {m.user!r} is the supervisor's broker "
+                              "user (mqtt.user); give Home Assistant one of its own")
+        if m.home_assistant_user == "bridge":
+            raise ConfigError(f"{where}.home_assistant_user: 'bridge' is reserved (<base>/bridge/... "
+                              "is the supervisor's)")
 
 
 # -- [notify] -----------------------------------------------------------------------------------

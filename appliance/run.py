@@ -61,7 +61,7 @@ def start_resolver(cfg: Config, dp: DataplanePort):
                     namespace=cfg.gateway.namespace or None).start_when_possible()
 
 
-def connect_mqtt(cfg: Config, sup: Supervisor, loop: asyncio.AbstractEventLoop):
+def connect_mqtt(cfg: Config, sup: Supervisor, ops: Ops, loop: asyncio.AbstractEventLoop):
     m = cfg.mqtt
     try:
         password = Path(m.password_file).read_text().strip()
@@ -74,7 +74,10 @@ def connect_mqtt(cfg: Config, sup: Supervisor, loop: asyncio.AbstractEventLoop):
                on_telemetry=sup.on_telemetry, on_availability=sup.on_availability,
                on_denied=sup.on_denied, on_client_id_denied=sup.on_client_id_denied, loop=loop,
                max_payload=m.max_payload,
-               on_connected=lambda: _later(loop, sup.republish))
+               on_connected=lambda: _later(loop, sup.republish),
+               # these two come through the loop already (the bus hands them over)
+               on_posture_command=ops.home_assistant_posture,
+               on_home_assistant_online=sup.republish, discovery_prefix=m.discovery_prefix)
 
 
 def _later(loop: asyncio.AbstractEventLoop, fn) -> None:
@@ -136,7 +139,7 @@ async def serve(cfg: Config) -> None:
         dp = sup.dp
         resolver = start_resolver(cfg, dp)
         loop.add_reader(dp.events_fileno(), lambda: read_kernel_events(sup, dp))
-        sup.attach_bus(connect_mqtt(cfg, sup, loop))
+        sup.attach_bus(connect_mqtt(cfg, sup, ops, loop))
         if control_server is None:
             control_server = await start_control(cfg, ops)
         neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop)

@@ -39,6 +39,18 @@ def stricter(a: str, b: str) -> bool:
     return ESCALATION.get(a, 0) > ESCALATION.get(b, 0)
 
 
+# Home Assistant's "under attack" (a problem binary sensor per device), said here only: the
+# device's posture is attack or stricter (attack, quarantine), or a critical alert about it came
+# within the last UNDER_ATTACK_ALERT_SECONDS and nobody has lowered its posture since (a critical
+# alert is not always followed by a posture: default-credentials, a rule's own alert).
+UNDER_ATTACK_FROM = "attack"
+UNDER_ATTACK_ALERT_SECONDS = 300
+
+
+def under_attack(posture: str, critical_alert: bool = False) -> bool:
+    return ESCALATION.get(posture, 0) >= ESCALATION[UNDER_ATTACK_FROM] or critical_alert
+
+
 def check_posture(value, where: str, settable: bool = False, error: type[Exception] = ConfigError) -> str:
     known = SETTABLE_POSTURES if settable else POSTURES
     if value not in known:
@@ -158,6 +170,31 @@ def check_mac(value, where: str, error: type[Exception] = ConfigError, unicast: 
     if unicast and (mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1):
         raise error(f"{where}: {value!r} is not a device's (unicast) MAC address")
     return mac
+
+
+# -- MQTT topics --------------------------------------------------------------------------------
+# A topic prefix the settings give (Home Assistant's discovery prefix): it goes into Mosquitto's
+# ACL file, a line each, and under subscriptions, so levels of letters, digits, '_', '-' and '.'
+# only: no wildcard ('+', '#'), no empty level, no space.
+TOPIC_LEVELS = re.compile(r"[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,7}")
+
+
+def check_topic_prefix(value, where: str, error: type[Exception] = ConfigError) -> str:
+    if not isinstance(value, str) or not TOPIC_LEVELS.fullmatch(value):
+        raise error(f"{where}: {value!r}: expected MQTT topic levels of letters, digits, '_', '-' "
+                    "and '.' separated by '/' (no wildcard '+' or '#', no empty level), e.g. "
+                    "\"homeassistant\"")
+    return value
+
+
+def check_discovery_prefix(value, base: str, where: str, error: type[Exception] = ConfigError) -> str:
+    """Home Assistant's discovery prefix, beside the topic base <base>: not under it, where
+    every level is a device's (<base>/status would be one's telemetry)."""
+    check_topic_prefix(value, where, error)
+    if value == base or value.startswith(base + "/"):
+        raise error(f"{where}: {value!r} is under the topic base {base!r}, whose levels are the "
+                    "devices'")
+    return value
 
 
 # -- hosts: where a device may go ---------------------------------------------------------------

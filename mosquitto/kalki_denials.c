@@ -5,7 +5,9 @@
  * Publishes. The broker's ACL file (appliance/system/broker.py) still decides. This plugin is
  * asked first, for every write, and knows the one rule it counts: a device user may publish to
  * <base>/<user> and <base>/<user>/availability only. Any other write by a device is refused here
- * and counted; everything else is deferred to the ACL file.
+ * and counted; everything else is deferred to the ACL file, and so is every write of the
+ * supervisor and of Home Assistant's user (its posture commands and birth message: the ACL file
+ * says where it may write).
  *
  * Client ids. MQTT lets a new connection with the client id of one already connected kick the
  * old one off: a device, or whoever holds one device's password, connecting as another device's
@@ -24,8 +26,8 @@
  * with the counts since the previous report and the last topic or client id each user tried.
  * A flood of forged publishes or connections costs the supervisor one message a second.
  *
- * Options: plugin_opt_base (the topic base), plugin_opt_supervisor (the user the publish rule
- * does not apply to), plugin_opt_passwords (the password file: the user names that own client
+ * Options: plugin_opt_base (the topic base), plugin_opt_supervisor and plugin_opt_home_assistant
+ * (the users the publish rule does not apply to; the second optional), plugin_opt_passwords (the password file: the user names that own client
  * ids, and the passwords a refusal is checked against; without it, a user name owns every id it
  * begins with and every refusal is counted).
  */
@@ -67,6 +69,7 @@ struct tallies {
 static mosquitto_plugin_id_t *plugin_id;
 static char base[NAME_LEN] = "kalki";
 static char supervisor[NAME_LEN] = "kalki";
+static char home_assistant[NAME_LEN];   /* empty: none */
 static char passwords[PATH_LEN];
 static char report_topic[NAME_LEN + 16];
 static struct tallies publishes = {.key = "denied", .what_key = "topic"};
@@ -192,6 +195,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 	if (check->access != MOSQ_ACL_WRITE || user == NULL || strcmp(user, supervisor) == 0
+	    || (home_assistant[0] != '\0' && strcmp(user, home_assistant) == 0)
 	    || own_topic(user, check->topic))
 		return MOSQ_ERR_PLUGIN_DEFER;
 	count(&publishes, user, check->topic);
@@ -444,6 +448,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 			value = base;
 		} else if (strcmp(options[i].key, "supervisor") == 0) {
 			value = supervisor;
+		} else if (strcmp(options[i].key, "home_assistant") == 0) {
+			value = home_assistant;
 		} else if (strcmp(options[i].key, "passwords") == 0) {
 			value = passwords;
 			size = PATH_LEN;

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables python3-nftables
   mosquitto mosquitto-clients iproute2 iputils-ping netsniff-ng dnsmasq-base busybox chromium chromium-driver
-  gcc libc6-dev mosquitto-dev libmosquitto-dev shellcheck nmap hydra
+  gcc libc6-dev mosquitto-dev libmosquitto-dev shellcheck nmap hydra xdp-tools
 )
 ARCH_HEADERS="linux-headers-$(dpkg --print-architecture)"
 

@@ -41,6 +41,9 @@ class FakeDataplane:
         self.tampered = []
         self.names = NameBindings(FakeTable())
         self.removed: list[str] = []       # every remove(), in order
+        # a device's kernel counters, {reason: {"umbox", "packets", "bytes"}}, once a test makes
+        # them grow (count()); the others read FIXED_COUNTERS
+        self.counter_values: dict[str, dict[str, dict]] = {}
 
     def apply(self, spec):
         self.devices[spec.name] = spec
@@ -78,6 +81,7 @@ class FakeDataplane:
     def remove(self, name):
         self.removed.append(name)
         self.devices.pop(name, None)
+        self.counter_values.pop(name, None)       # the kernel empties the slot's counters
 
     def rename(self, name, new):
         """The same device id (its place in the dict) under the new name; nothing removed."""
@@ -86,15 +90,32 @@ class FakeDataplane:
         spec = dataclasses.replace(self.devices[name], name=new)
         self.devices = {new if n == name else n: spec if n == name else s
                         for n, s in self.devices.items()}
+        if name in self.counter_values:           # the same slot, so the same counters
+            self.counter_values[new] = self.counter_values.pop(name)
         self.names.set_device(list(self.devices).index(new) + 1, new, spec.mac,
                               umbox.compile_stack(spec.stack).names)
 
     def read_back(self, name):
         return self.devices[name].posture
 
+    FIXED_COUNTERS = {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
+                      "pass": {"umbox": "dispatcher", "packets": 100, "bytes": 9000}}
+
     def counters(self, name):
-        return {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
-                "pass": {"umbox": "dispatcher", "packets": 100, "bytes": 9000}}
+        kept = self.counter_values.get(name, self.FIXED_COUNTERS)
+        return {reason: dict(c) for reason, c in kept.items()}
+
+    def count(self, name, reason, packets, bytes_=None):
+        """The device's counter of `reason` grows by `packets` (of 100 bytes each unless
+        `bytes_`), as the kernel's does; its first count starts it from zero."""
+        c = self.counter_values.setdefault(name, {}).setdefault(
+            reason, {"umbox": None if reason == "pass" else reason, "packets": 0, "bytes": 0})
+        c["packets"] += packets
+        c["bytes"] += 100 * packets if bytes_ is None else bytes_
+
+    def reset_counters(self, name):
+        """The device's counters start again from zero (its slot re-used, the program reloaded)."""
+        self.counter_values[name] = {}
 
     def block_source(self, ip, seconds, device=None):
         self.blocked[ip] = seconds

@@ -195,10 +195,10 @@ def test_every_connect_republishes_the_retained_topics(sup):
         def __init__(self):
             self.postures, self.discovery = {}, set()
 
-        def publish_posture(self, name, posture, since):
+        def publish_posture(self, name, posture, since, attacked=None):
             self.postures[name] = posture
 
-        def publish_discovery(self, name, type_):
+        def publish_discovery(self, name, type_, postures=()):
             self.discovery.add(name)
     sup.bus = Bus()
     Ops(sup).posture_set("plug1", "attack")

@@ -333,7 +333,7 @@ def test_close_publishes_offline(broker, bus):
 def test_posture_and_discovery(broker, bus):
     bus.publish_posture("light1", "quarantine", "2024-05-01T12:00:00Z").wait_for_publish(5)
     assert json.loads(retained(broker, "kalki/light1/posture")) == {
-        "posture": "quarantine", "since": "2024-05-01T12:00:00Z"}
+        "posture": "quarantine", "since": "2024-05-01T12:00:00Z", "under_attack": True}
 
     bus.publish_discovery("light1", "light").wait_for_publish(5)
     topic = "homeassistant/sensor/kalki_light1/posture/config"
@@ -347,8 +347,12 @@ def test_posture_and_discovery(broker, bus):
                                 "model": "light", "manufacturer": "Kalki"}
     assert config["name"]
 
+    entities = ("sensor/kalki_light1/posture", "binary_sensor/kalki_light1/under_attack",
+                "select/kalki_light1/posture", "event/kalki_light1/alert")
+    assert all(retained(broker, f"homeassistant/{entity}/config") for entity in entities)
     bus.remove_discovery("light1").wait_for_publish(5)
-    assert retained(broker, topic) is None
+    for entity in entities:
+        assert retained(broker, f"homeassistant/{entity}/config") is None, entity
     with pytest.raises(ConfigError):
         bus.send_command("light1/#", {})
 

@@ -546,7 +546,7 @@ class FakeBus:
     def publish_alert(self, alert):
         pass
 
-    def publish_posture(self, name, posture, since):
+    def publish_posture(self, name, posture, since, attacked=None):
         pass
 
     def publish_decision(self, decision):

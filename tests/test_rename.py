@@ -50,6 +50,7 @@ class RecordingBus(Bus):
 
     def __init__(self):      # noqa: D107 - none of Bus's connection
         self.base, self.state_topic, self.node_of = "kalki", "kalki/bridge/state", None
+        self.discovery_prefix = "homeassistant"
         self.published: list[tuple[str, object, bool]] = []
 
     def _publish(self, topic, payload, retain=False):

@@ -86,7 +86,7 @@ async def test_the_device_page_shows_names_and_refused_flows(sup):
         assert "198.19.1.5" in bound and "pool.ntp.org" in bound and "yes" in bound
         assert re.search(r"\d+ min", bound)                                # expires in
         names_refused = page.split('class="names-refused"')[1].split("</table>")[0]
-        assert CLOUD in names_refused and "<td>1</td>" in names_refused
+        assert CLOUD in names_refused and '<td data-label="times">1</td>' in names_refused
         flows = page.split('class="flows-refused"')[1].split("</table>")[0]
         assert f"asked for {CLOUD}:443 (tcp) 3 times, refused" in flows
         assert hidden(page, "/devices/camera1/allow", "destination") == f"{CLOUD}:443/tcp"
@@ -335,7 +335,8 @@ async def test_the_real_mud_file_uploads_and_reads_in_words(sup):
         assert r.status == 200 and "18.185.182.159" in await r.text()
         # listed as installed; removing it is refused while a device uses it
         rows = (await (await c.get("/profiles")).text()).split('class="profiles"')[1]
-        assert f'<a href="/profiles/{LAMP_TYPE}">{LAMP_TYPE}</a></td><td>installed' in rows
+        assert (f'<a href="/profiles/{LAMP_TYPE}">{LAMP_TYPE}</a></td>'
+                                '<td data-label="source">installed') in rows
         sup.add_device("lamp1", "b8:06:0d:18:84:b4", "198.18.0.40", LAMP_TYPE, approve=True)
         r = await c.post(f"/profiles/{LAMP_TYPE}/remove", data={"csrf": token}, allow_redirects=False)
         assert r.status == 400 and f"profile {LAMP_TYPE} is used by lamp1" in await r.text()

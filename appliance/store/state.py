@@ -60,6 +60,10 @@ DEFAULT_SETTINGS = {
     "timezone": "UTC",
 }
 MAINTENANCE_KEY = "maintenance_until"
+# The built-in and profile rules the operator switched off (their own files cannot be edited on
+# the appliance): a sorted list of rule names.
+RULES_OFF_KEY = "rules_off"
+MAX_RULES_OFF = 1000
 MAX_FORMER_NAMES = 16     # a device's renames whose logs follow it (older ones: the old name again)
 HA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")     # a device's Home Assistant node id
 
@@ -711,3 +715,8 @@ def _check_setting(key, value):
             raise StoreError("setting business_hours: expected a table with days, start and end, "
                              f"got {value!r}")
         check_business_hours(value, "setting business_hours", StoreError)
+    elif key == RULES_OFF_KEY:
+        if (not isinstance(value, list) or len(value) > MAX_RULES_OFF
+                or not all(isinstance(n, str) and n for n in value) or len(set(value)) != len(value)):
+            raise StoreError(f"setting {RULES_OFF_KEY}: expected a list of distinct rule names, "
+                             f"got {value!r}"[:300])

@@ -47,7 +47,8 @@ FORMAT = "kalki-backup"
 VERSION = 1
 MAX_BYTES = 2_000_000         # a backup's file (the control socket carries up to 8 MB, escaped)
 # The operator's settings (Ops.update_settings); the admin password and the API tokens are
-# secrets, kept out unless asked for; maintenance is of the moment and not kept.
+# secrets, kept out unless asked for; maintenance is of the moment and not kept, nor are the
+# built-in and profile rules switched off (rules_off): a restore never weakens protection.
 SETTINGS = ("business_hours", "timezone")
 SECRETS = ("admin", accounts.TOKENS_SETTING)
 DOCUMENT_KEYS = ("format", "version", "created", "secrets", "sha256", "content")
@@ -463,7 +464,7 @@ def restore(sup, text, directory: Path, dry_run: bool = False, actor: str = "ope
             if dev.current is not None and dev.current["name"] != dev.name:
                 sup.bus.remove_discovery(dev.current["name"])
             if dev.record["approved"]:
-                sup.bus.publish_discovery(dev.name, dev.record["type"])
+                sup.publish_discovery(dev.name)
     for dev in plan.devices:
         sup.notify({"kind": "device", "device": dev.name, "event": "restored"})
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
 import functools
 import gc
@@ -27,16 +28,19 @@ from appliance.dataplane.api import DeviceSpec
 from appliance.dataplane.port import DataplanePort
 from appliance.errors import ConfigError, KalkiError, UnknownDeviceError
 from appliance.policy import profiles
-from appliance.store.state import Retention, Store
+from appliance.store.state import RULES_OFF_KEY, Retention, Store
 from appliance.supervisor import logins, notify
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
 from appliance.supervisor.memory import Listeners, Recent
+from appliance.supervisor.traffic import Traffic
 from appliance.supervisor.watch import Watch
 from appliance.vocab import (
     MAX_POSTURE_SECONDS,
     POSTURE_CODES,
     POSTURES,
+    SETTABLE_POSTURES,
+    UNDER_ATTACK_ALERT_SECONDS,
     check_device_name,
     check_posture,
     device_name_for,
@@ -44,6 +48,7 @@ from appliance.vocab import (
     mud_authority,
     severity_of,
     stricter,
+    under_attack,
 )
 
 log = logging.getLogger("kalki.supervisor")
@@ -71,6 +76,9 @@ class Supervisor:
         self.recent = Recent()
         self.watch = Watch(self)     # the kernel and the disk, checked from the ticker
         self._judged_since: dict[str, datetime.datetime] = {}   # see _judge_from
+        # device -> when (monotonic s) its last critical alert came, while that makes it "under
+        # attack" for Home Assistant (vocab.under_attack; see under_attack_now)
+        self._critical_at: dict[str, float] = {}
         self._stop = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
@@ -86,6 +94,7 @@ class Supervisor:
         self.auth_epoch = 0                        # bumped when the admin password is reset
         self._names_saved: list = []
         self.flows = self._load_flows()
+        self.traffic = self._load_traffic()        # the page's traffic charts; None if off
         self.heartbeat = time.monotonic()          # the loop's last tick (the panel's watchdog)
         self.availability: dict[str, str] = {}     # from MQTT, not worth a write to the SD card
         self.suggestions: dict[str, str] = {}      # profile matches for new devices
@@ -117,10 +126,13 @@ class Supervisor:
 
     # -- the rules ------------------------------------------------------------------------
     def rules(self) -> list[policy.Rule]:
-        """Every rule in force: built-in, from the profiles, the site's."""
+        """Every rule: built-in, from the profiles, the site's; a built-in or profile rule the
+        operator switched off (Ops.set_rule_enabled) is there, disabled."""
         rules = policy.builtin_rules()
         for p in self.profiles.values():
             rules += p.rules
+        off = set(self.store.get_setting(RULES_OFF_KEY) or ())
+        rules = [dataclasses.replace(r, enabled=False) if r.name in off else r for r in rules]
         for i, r in enumerate(self.store.rules()):
             data = {k: v for k, v in r.items() if k not in ("updated",)}
             rules.append(policy.parse_rule(data, f"site rule {r.get('name', i)}", source="site"))
@@ -175,6 +187,7 @@ class Supervisor:
         is re-armed, so the next alert escalates again at once."""
         self._judged_since[name] = at
         self.engine.forget(name)
+        self._critical_at.pop(name, None)
 
     def telemetry(self, device, field, last=None, since=None) -> list:
         return self.recent.telemetry(device, field, last, since)
@@ -264,6 +277,17 @@ class Supervisor:
             self.flows.record("refused", device, e, names, iso(self.now()))
         return kind == "egress-refused"
 
+    # -- traffic: each device's kernel counters over the last hour and day ----------------
+    def _load_traffic(self) -> Traffic | None:
+        if not self.cfg.state.traffic_charts:
+            return None
+        traffic = Traffic(self.store.directory / "traffic.bin")
+        traffic.load()
+        for old, new in self._renamed:
+            traffic.rename(old, new)
+        traffic.keep(self.known)          # devices removed while the supervisor was stopped
+        return traffic
+
     # -- names: the addresses devices resolved, outliving restarts -------------------------
     @property
     def _names_path(self) -> Path:
@@ -352,8 +376,44 @@ class Supervisor:
         self.counters["mqtt_republished"] += 1
         for name, d in self.known.items():
             if d.get("approved"):
-                self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "")
-                self.bus.publish_discovery(name, d.get("type") or "generic")
+                self._publish_posture(name)
+                self.publish_discovery(name)
+
+    def _publish_posture(self, name: str) -> None:
+        d = self.known[name]
+        self.bus.publish_posture(name, d["posture"], d.get("posture_since") or "",
+                                 self.under_attack_now(name))
+
+    def publish_discovery(self, name: str) -> None:
+        """The device's Home Assistant entities (appliance.telemetry.mqtt), its select offering
+        the postures of its type."""
+        self.bus.publish_discovery(name, self.known[name].get("type") or "generic",
+                                   self.posture_options(name))
+
+    def posture_options(self, name: str) -> list[str]:
+        """The settable postures of the device's type: Home Assistant's select offers these."""
+        d = self.device(name)
+        profile = self.profiles.get(d.get("type") or "")
+        if profile is None:
+            return [d["posture"]]      # its type's profile is gone: no other posture can apply
+        return [p for p in SETTABLE_POSTURES if p in profile.postures]
+
+    def under_attack_now(self, name: str) -> bool:
+        """Home Assistant's "under attack" (vocab.under_attack): the device's posture, or a
+        critical alert about it in the last UNDER_ATTACK_ALERT_SECONDS that no lowering of its
+        posture has judged since (_judge_from)."""
+        d = self.known.get(name)
+        at = self._critical_at.get(name)
+        recent = at is not None and time.monotonic() - at < UNDER_ATTACK_ALERT_SECONDS
+        return d is not None and under_attack(d["posture"], recent)
+
+    def _expire_critical_alerts(self) -> None:
+        """A critical alert no longer recent: Home Assistant's sensor follows the posture again."""
+        for name, at in list(self._critical_at.items()):
+            if time.monotonic() - at >= UNDER_ATTACK_ALERT_SECONDS:
+                del self._critical_at[name]
+                if self.bus and self.known.get(name, {}).get("approved"):
+                    self._publish_posture(name)
 
     def start_ticker(self) -> None:
         assert self.loop is not None
@@ -381,6 +441,8 @@ class Supervisor:
         for task in list(self._login_checks.values()):
             task.cancel()
         self._stop.set()
+        if self.traffic is not None:
+            self.traffic.save()
         self.store.close()
 
     def stack_of(self, d: dict, posture: str) -> dict:
@@ -563,12 +625,19 @@ class Supervisor:
                  "at": iso(self.now())}
         self.recent.add_alert(self.now(), device, kind)
         self.counters["alerts"] += 1
+        # before the rules act, so that a posture they set is published as under attack too
+        attacked = device if device in self.known and alert["severity"] == "critical" else None
+        newly_attacked = attacked is not None and not self.under_attack_now(attacked)
+        if attacked is not None:
+            self._critical_at[attacked] = time.monotonic()
         data = {"type": kind, **({"rule": rule} if rule else {})}
         # Enforce first: the rules read alerts from memory, and the records can wait.
         self._evaluate(policy.Stimulus("alert", device, data, received_ns))
         self.store.add_alert(alert)
         if self.bus:
             self.bus.publish_alert(alert)
+            if attacked is not None and newly_attacked and (self.known.get(attacked) or {}).get("approved"):
+                self._publish_posture(attacked)
         self.notify({"kind": "alert", **alert})
         self._send_alert(alert)
         return alert
@@ -808,7 +877,7 @@ class Supervisor:
                                                         "reason": reason, "for_seconds": for_seconds})
         for name, posture in moved:
             if self.bus:
-                self.bus.publish_posture(name, posture, self.known[name]["posture_since"])
+                self._publish_posture(name)
             self.notify({"kind": "posture", "device": name, "posture": posture, "reason": reason})
         for name, posture in moved:
             self._evaluate(policy.Stimulus("posture", name, {"to": posture}, enforced))
@@ -862,7 +931,7 @@ class Supervisor:
         self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
         self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
         if self.bus:
-            self.bus.publish_discovery(name, type)
+            self.publish_discovery(name)
         self._check_logins_soon(name, f"approval by {actor}")
         return self.known[name]
 
@@ -874,6 +943,9 @@ class Supervisor:
         self.store.remove_device(name)
         self.ha_node(name)          # remembered: its discovery is cleared below
         del self.known[name]
+        self._critical_at.pop(name, None)
+        if self.traffic is not None:
+            self.traffic.forget(name)
         if self._mqtt_owner.get(d.get("mqtt_user") or "") == name:
             del self._mqtt_owner[d["mqtt_user"]]
         self._reapply_manufacturers({maker})
@@ -910,7 +982,11 @@ class Supervisor:
         return node
 
     def _not_an_mqtt_user(self, new: str, name: str, culprit: str) -> None:
-        """Refuses a name that is another device's broker user: its topics are that device's."""
+        """Refuses a name that is another device's broker user, or Home Assistant's: its topics
+        are that device's, and Home Assistant's user may set postures."""
+        if new == self.cfg.mqtt.home_assistant_user:
+            raise ConfigError(f"{culprit}: {new} is Home Assistant's MQTT user "
+                              "(mqtt.home_assistant_user); give the device another name")
         owner = self._mqtt_owner.get(new)
         if owner is not None and owner != name and (self.known.get(owner) or {}).get("mqtt_user") == new:
             raise ConfigError(f"{culprit}: {new} is taken: device {owner}, renamed, still uses it as "
@@ -961,7 +1037,7 @@ class Supervisor:
         self._nodes.pop(name, None)
         # what is kept in memory by name
         by_names: tuple[dict, ...] = (self.availability, self.suggestions, self._judged_since,
-                                      self._login_checks)
+                                      self._login_checks, self._critical_at)
         for by_name in by_names:
             if name in by_name:
                 by_name[new] = by_name.pop(name)
@@ -973,11 +1049,13 @@ class Supervisor:
         self.recent.rename(name, new)
         self.engine.rename(name, new)
         self.flows.rename(name, new)
+        if self.traffic is not None:
+            self.traffic.rename(name, new)
         if self.bus and record.get("approved"):
             try:
                 self.bus.clear_posture(name)
-                self.bus.publish_posture(new, record["posture"], record.get("posture_since") or "")
-                self.bus.publish_discovery(new, record.get("type") or "generic")
+                self._publish_posture(new)
+                self.publish_discovery(new)
             except (KalkiError, ValueError, OSError) as e:     # again at the next connect
                 log.error("MQTT: moving %s's retained topics to %s: %s", name, new, e)
         self.notify({"kind": "device", "device": new, "event": "renamed", "from": name})
@@ -1029,7 +1107,8 @@ class Supervisor:
                 self._reapply_manufacturers({mud_authority(mud_url), mud_authority(self.mud_url_of(d))},
                                             d["name"])
             return
-        name = device_name_for(identity.get("hostname", ""), mac, self.known.keys() | self._mqtt_owner)
+        name = device_name_for(identity.get("hostname", ""), mac,
+                               self.known.keys() | self._mqtt_owner | {self.cfg.mqtt.home_assistant_user})
         self.known[name] = self.store.upsert_device(name, mac, ip=ip, identity=identity,
                                                       approved=False, posture="unknown")
         suggestion = self._suggest(name)
@@ -1300,6 +1379,8 @@ class Supervisor:
             self.store.set_setting("admin", None)
             self.store.set_maintenance(None)
         self.known.clear()
+        if self.traffic is not None:
+            self.traffic.keep(())
         self.auth_epoch += 1
         self.store.audit("factory-reset", actor, {})
         self.notify({"kind": "panel", "event": "factory-reset"})
@@ -1327,7 +1408,7 @@ class Supervisor:
         self._gate_credentials = wanted
 
     async def _ticker(self) -> None:
-        last_prune = last_flush = time.monotonic()
+        last_prune = last_flush = last_traffic_save = time.monotonic()
         ticks = 0
         last_error, last_error_at = "", 0.0
         while not self._stop.is_set():
@@ -1348,11 +1429,17 @@ class Supervisor:
                     self.watch.check_disk()
                 self._expire_postures()
                 self._expire_polls()
+                self._expire_critical_alerts()
                 if time.monotonic() - last_flush >= 1:
                     last_flush = time.monotonic()
                     await self.store.flush_behind()
                 if ticks % 40 == 0:
                     await self._save_names()
+                if self.traffic is not None:
+                    self.traffic.tick(self.dp, self.now().timestamp(), time.monotonic())
+                    if time.monotonic() - last_traffic_save >= 60 * self.cfg.state.traffic_save_minutes:
+                        last_traffic_save = time.monotonic()
+                        await self.traffic.save_behind()
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     self.store.prune()

@@ -562,3 +562,189 @@ def drop_words(entry: dict) -> str:
     """Why a source is in the drop set, from its reason and device."""
     reason = DROP_REASONS.get(entry.get("reason") or "", str(entry.get("reason") or "?").replace("_", " "))
     return reason + (f", against {entry['device']}" if entry.get("device") else "")
+
+
+# -- rules --------------------------------------------------------------------------------------
+# A rule in one sentence, from its parsed form (appliance.policy.rules.parse_rule):
+#
+#     When a camera has raised brute-force alerts 3 times within 5 min, it goes to quarantine
+#     for 30 min.
+#
+# "self" is named once, by the rule's applies_to ("a camera", or "a device"), then "it". Every
+# condition and action kind the parser accepts has its words here (CONDITION_WORDS,
+# ACTION_WORDS); tests/test_rules_words.py fails on a kind without them.
+OP_WORDS = {"==": "is", "!=": "is not", "<": "is below", "<=": "is at most", ">": "is above",
+            ">=": "is at least", "in": "is one of"}
+AGGREGATE_WORDS = {"last": "{field}", "avg": "average {field}", "min": "lowest {field}",
+                   "max": "highest {field}", "sum": "total {field}", "count": "number of {field} reports"}
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def _joined(items: list[str], last: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+def _value_words(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return _joined([_value_words(v) for v in value], "or")
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _postures_words(postures) -> str:
+    if len(postures) == 1:
+        return posture_name(postures[0])
+    return "in posture " + _joined(list(postures), "or")
+
+
+class _RuleWords:
+    def __init__(self, applies_to: tuple):
+        self.applies_to = applies_to
+        self.named = False       # "self" said once already: "it" from then on
+
+    def me(self) -> str:
+        if self.named:
+            return "it"
+        self.named = True
+        return _a(_joined(list(self.applies_to), "or")) if self.applies_to else "a device"
+
+    def who(self, selector, every: bool = False) -> str:
+        """A selector as the subject of a sentence: any (or every) device it selects."""
+        if selector == "self":
+            return self.me()
+        q = "every" if every else "any"
+        if selector == "any":
+            return f"{q} device"
+        if isinstance(selector, str):
+            return selector
+        if "type" in selector:
+            return f"{q} {selector['type']}"
+        return f"{q} device in group {selector['group']}"
+
+    def whose(self, selector, every: bool = False) -> str:
+        if selector == "self" and self.named:
+            return "its"
+        return f"{self.who(selector, every)}'s"
+
+    def condition(self, cond: dict, nested: bool = False) -> str:
+        kind, body = next(iter(cond.items()))
+        said = CONDITION_WORDS[kind](self, body)
+        return f"({said})" if nested and kind in ("all", "any") else said
+
+    def alert(self, c: dict) -> str:
+        kinds = _joined(list(c["type"]), "or") if c["type"] else None
+        within = seconds_words(c["within"])
+        if c["count"] == 1:
+            what = f"{_a(kinds)} alert" if kinds else "an alert of any kind"
+            return f"{self.who(c['device'])} has raised {what} in the last {within}"
+        sel = c["device"]
+        if sel == "self" or (isinstance(sel, str) and sel != "any"):
+            who = self.who(sel)
+        elif sel == "any":
+            who = "the devices together"
+        elif "type" in sel:
+            who = f"the {sel['type']} devices together"
+        else:
+            who = f"the devices in group {sel['group']} together"
+        what = f"{kinds} alerts" if kinds else "alerts of any kind"
+        verb = "have" if who.endswith("together") else "has"
+        return f"{who} {verb} raised {what} {c['count']} times within {within}"
+
+    def telemetry(self, c: dict) -> str:
+        quantity = AGGREGATE_WORDS[c["agg"]].format(field=c["field"])
+        if c["agg"] == "last":
+            span = f" (reported in the last {seconds_words(c['within'])})" if c["within"] else ""
+        elif c["last"]:
+            span = f" over the last {c['last']} reports"
+        elif c["within"]:
+            span = f" over the last {seconds_words(c['within'])}"
+        else:
+            span = ""
+        return (f"{self.whose(c['device'], c['match'] == 'all')} {quantity}{span} "
+                f"{OP_WORDS[c['op']]} {_value_words(c['value'])}")
+
+    def changed(self, c: dict) -> str:
+        owner = self.whose(c["device"])
+        start = f"from {_value_words(c['from'])} " if "from" in c else ""
+        return f"{owner} {c['field']} changes {start}to {_value_words(c['to'])}"
+
+    def posture(self, c: dict, negated: bool = False) -> str:
+        return f"{self.who(c['device'])} is {'not ' if negated else ''}{_postures_words(c['in'])}"
+
+    def time(self, c: dict, negated: bool = False) -> str:
+        if "business_hours" in c:
+            inside = c["business_hours"] != negated
+            return f"the time is {'within' if inside else 'outside'} business hours"
+        start, end = (f"{m // 60:02d}:{m % 60:02d}" for m in c["between"])
+        days = f" on {', '.join(c['days'])}" if c["days"] else ""
+        zone_ = f" ({c['timezone']})" if c["timezone"] else ""
+        return f"the time is {'not ' if negated else ''}between {start} and {end}{days}{zone_}"
+
+    def all(self, conds: tuple) -> str:
+        return _joined([self.condition(c, nested=True) for c in conds], "and")
+
+    def any(self, conds: tuple) -> str:
+        return _joined([self.condition(c, nested=True) for c in conds], "or")
+
+    def not_(self, cond: dict) -> str:
+        kind, body = next(iter(cond.items()))
+        if kind in ("posture", "time"):
+            return getattr(self, kind)(body, negated=True)
+        return f"not ({self.condition(cond)})"
+
+    def action(self, action: dict) -> str:
+        kind, body = next(iter(action.items()))
+        return ACTION_WORDS[kind](self, body)
+
+    def set_posture(self, a: dict) -> str:
+        timed = f" for {seconds_words(a['for'])}" if a["for"] else ""
+        return f"{self.who(a['device'], every=True)} goes to {a['posture']}{timed}"
+
+    def command(self, a: dict) -> str:
+        sent = ", ".join(f"{k} = {_value_words(v)}" for k, v in a["payload"].items())
+        return f"{self.who(a['device'], every=True)} is sent the command {sent}"
+
+    def raise_alert(self, a: dict) -> str:
+        said = f"{_a(a['severity'])} {a['type']} alert is raised"
+        return said + (f' ("{a["message"]}")' if a["message"] else "")
+
+    def poll(self, a: dict) -> str:
+        timed = f" for {seconds_words(a['for'])}" if a["for"] else ""
+        return f"{self.who(a['device'], every=True)} is polled every {seconds_words(a['every'])}{timed}"
+
+
+CONDITION_WORDS: dict[str, Callable[..., str]] = {
+    "alert": _RuleWords.alert, "telemetry": _RuleWords.telemetry, "changed": _RuleWords.changed,
+    "posture": _RuleWords.posture, "time": _RuleWords.time, "all": _RuleWords.all,
+    "any": _RuleWords.any, "not": _RuleWords.not_}
+ACTION_WORDS: dict[str, Callable[..., str]] = {
+    "set_posture": _RuleWords.set_posture, "command": _RuleWords.command,
+    "alert": _RuleWords.raise_alert, "poll": _RuleWords.poll}
+
+
+def rule_words(rule) -> str:
+    """A parsed rule (appliance.policy.Rule) in one sentence: "When <its conditions>, <its
+    actions>." """
+    w = _RuleWords(tuple(rule.applies_to))
+    when = w.condition(rule.when)
+    then = _joined([w.action(a) for a in rule.then], "and")
+    return f"When {when}, {then}."
+
+
+def rules_off_words(off: list[dict]) -> str:
+    """The built-in and profile rules switched off ({"name", "source"}), in a line: "2 built-in
+    rules off: device-compromised, device-under-attack"; "" if none."""
+    if not off:
+        return ""
+    builtin = sum(1 for r in off if r["source"] == "builtin")
+    parts = [f"{n} {what} rule{'s' if n > 1 else ''}"
+             for n, what in ((builtin, "built-in"), (len(off) - builtin, "profile")) if n]
+    return f"{' and '.join(parts)} off: {', '.join(r['name'] for r in off)}"

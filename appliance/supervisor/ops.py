@@ -11,6 +11,8 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
+import math
 import re
 import time
 import tomllib
@@ -20,9 +22,11 @@ from appliance import policy
 from appliance.config import parse_toml
 from appliance.dataplane import umbox
 from appliance.errors import ConfigError, KalkiError, StoreError, UnknownDeviceError
+from appliance.policy import graph as posture_graphs
 from appliance.policy import mud as mudfiles
 from appliance.policy import profiles
-from appliance.supervisor import accounts, explain, flows
+from appliance.store.state import RULES_OFF_KEY
+from appliance.supervisor import accounts, explain, flows, traffic
 from appliance.supervisor import backup as backups
 from appliance.supervisor.accounts import MAX_PASSWORD, MIN_PASSWORD  # noqa: F401  (the faces' limits)
 from appliance.supervisor.explain import destination_words, seconds_words  # noqa: F401  (the faces' words)
@@ -35,10 +39,14 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
            "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
            "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release",
-           "notify_test", "device_rename", "device_group")
+           "notify_test", "device_rename", "device_group", "rules_view", "set_rule_enabled")
 
+log = logging.getLogger("kalki.ops")
+HOME_ASSISTANT = "Home Assistant"    # the actor of what Home Assistant asks over MQTT
+TELEMETRY_CHARTED = 64              # reports per device the page charts: all that memory.py keeps
 MAX_BLOCK_SECONDS = 30 * 86400       # a source blocked from the page: at most 30 days (0: until unblocked)
 
+# The rule editor's placeholder: shown in the empty editor, never saved by a click.
 RULE_EXAMPLE = """[[rules]]
 name = "night-camera-watch"
 description = "any alert on a camera at night: suspicious for an hour"
@@ -198,6 +206,7 @@ class Ops:
                 "counters": dict(sup.counters), "tamper": sup.watch.tamper,
                 "disk_error": sup.store.disk_error,
                 "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms],
+                "rules_off": self.rules_off(),
                 "notify": sup.notifier.status()}
 
     def _view(self, d: dict) -> dict:
@@ -346,8 +355,26 @@ class Ops:
 
     def posture_set(self, name, posture, for_=None, actor: str = "operator") -> dict:
         check_posture(posture, "posture", settable=True)
-        ns = self._sup.set_posture(name, posture, "set by operator", _duration(for_), actor=actor)
+        ns = self._sup.set_posture(name, posture, f"set by {actor}", _duration(for_), actor=actor)
         return {"device": name, "posture": posture, "enforced_ns": ns}
+
+    def home_assistant_posture(self, name: str, posture: str) -> dict | None:
+        """Home Assistant's posture select (<base>/<device>/posture/set, appliance.telemetry.mqtt).
+        The broker's ACL lets only mqtt.home_assistant_user publish there (MQTT does not tell us
+        who published); this checks what is asked: a posture of the device's type. Anything
+        else changes nothing, and is logged and audited (no alert), naming the device and the
+        value; None then."""
+        try:
+            allowed = self._sup.posture_options(name)
+            if posture not in allowed:
+                raise ConfigError(f"device {name}: unknown posture {posture!r} (its type's: "
+                                  f"{', '.join(allowed)})")
+            return self.posture_set(name, posture, actor=HOME_ASSISTANT)
+        except KalkiError as e:
+            log.error("Home Assistant's posture command refused: %s", e)
+            self._sup.store.audit("posture-refused", HOME_ASSISTANT,
+                                  {"device": name, "posture": posture, "error": str(e)})
+            return None
 
     def device_learn(self, name, for_=None, type=None, actor: str = "operator") -> dict:
         """Posture "learning" for a while (24 h unless told): the device reaches what it asks
@@ -927,6 +954,73 @@ class Ops:
         return [{"at": at.isoformat(timespec="seconds"), "values": payload}
                 for at, payload in self._sup.recent_telemetry(name, limit)]
 
+    def telemetry_view(self, name) -> dict:
+        """The device's telemetry as people read it: one row per key with its latest value, when
+        it came, where from and what it means (its profile's [telemetry] words), and each numeric
+        key's recent values for a chart: {"latest": [{"key", "value", "at", "when", "source",
+        "meaning"}], "series": {key: {"at": [epoch seconds], "values": [...]}}}, oldest first."""
+        sup = self._sup
+        if not isinstance(name, str):
+            raise ConfigError(f"telemetry: expected a device's name, got {name!r}")
+        d = sup.device(name)
+        profile = sup.profiles.get(d.get("type") or "")
+        meanings = profile.telemetry if profile else {}
+        if sup.adapter is not None and profile is not None and profile.adapter:
+            source = f"polled by the gateway ({profile.adapter['kind']} API)"
+        else:
+            source = f"MQTT {sup.cfg.mqtt.base}/{sup.mqtt_name(name)}"
+        latest: dict[str, tuple] = {}
+        series: dict[str, dict] = {}
+        for at, payload in reversed(sup.recent_telemetry(name, TELEMETRY_CHARTED)):
+            for key, value in payload.items():
+                latest[key] = (value, at)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    points = series.setdefault(key, {"at": [], "values": []})
+                    # a chart's times must rise: reports within one millisecond are set apart
+                    stamp = round(at.timestamp(), 3)
+                    if points["at"] and stamp <= points["at"][-1]:
+                        stamp = round(points["at"][-1] + 0.001, 3)
+                    points["at"].append(stamp)
+                    points["values"].append(value)
+        rows = [{"key": key, "value": value, "at": iso(at), "when": self.when(at), "source": source,
+                 "meaning": meanings.get(key) if isinstance(meanings.get(key), str) else None}
+                for key, (value, at) in sorted(latest.items())]
+        return {"device": name, "latest": rows, "series": series, "timezone": self._timezone()}
+
+    # -- traffic: the kernel's counters over the last hour and day (supervisor.traffic) ---
+    def _traffic_span(self, span, culprit: str) -> tuple[traffic.Traffic, traffic.Span]:
+        if span not in traffic.SPANS:
+            raise ConfigError(f"{culprit}: unknown span {span!r} (known: {', '.join(traffic.SPANS)})")
+        if self._sup.traffic is None:
+            raise ConfigError(f"{culprit}: the traffic charts are off ([state] traffic_charts = false)")
+        return self._sup.traffic, traffic.SPANS[span]
+
+    def traffic(self, name, span="hour") -> dict:
+        """A device's traffic over the last hour (10-s slots) or day (5-minute slots), from the
+        kernel's counters: each slot's start ("at", epoch seconds), passed and dropped packets
+        and bytes per slot (None: no data then), dropped packets per slot by reason, the span's
+        totals, and "drops": the reasons in words, most packets first."""
+        sup = self._sup
+        if not isinstance(name, str):
+            raise ConfigError(f"traffic: expected a device's name, got {name!r}")
+        sup.device(name)
+        rings, chosen = self._traffic_span(span, f"traffic of device {name}")
+        out = rings.series(name, chosen, sup.now().timestamp())
+        by_reason = out["totals"]["reasons"]
+        out["drops"] = [{"reason": r, "packets": n, "words": traffic.REASON_WORDS.get(r, r)}
+                        for r, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])) if n]
+        return {"device": name, "timezone": self._timezone(), **out}
+
+    def traffic_overview(self, span="hour", points=60) -> dict:
+        """Every device's passed and dropped packets over the span in `points` buckets (1 to
+        the span's slots), for the overview's small charts."""
+        rings, chosen = self._traffic_span(span, "traffic")
+        if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= chosen.slots:
+            raise ConfigError(f"traffic: points must be 1 to {chosen.slots}, got {points!r}")
+        sup = self._sup
+        return {"timezone": self._timezone(),
+                **rings.overview(sorted(sup.known), chosen, sup.now().timestamp(), points)}
+
     def device_detail(self, name: str) -> dict:
         view = self.device_show(name)
         view["telemetry"] = self.telemetry(name)
@@ -955,12 +1049,20 @@ class Ops:
 
     # -- rules --------------------------------------------------------------------------
     def rules_view(self) -> list[dict]:
+        """Every rule, with its conditions and actions in words. `switched_off`: a built-in or
+        profile rule the operator switched off; `switchable`: it can be switched (not a profile
+        rule its own file disables)."""
         sup = self._sup
         stored = {r["name"]: r for r in sup.store.rules()}
+        off = self._switched_off()
         out = []
         for r in sup.rules():
+            switched_off = r.source != "site" and r.name in off
+            switchable = r.enabled or r.source == "site" or switched_off
             row = {"name": r.name, "source": r.source, "priority": r.priority, "enabled": r.enabled,
                    "applies_to": list(r.applies_to), "editable": r.source == "site",
+                   "switched_off": switched_off, "switchable": switchable,
+                   "words": explain.rule_words(r),
                    "description": (stored.get(r.name) or {}).get("description", "")}
             if r.source == "site":
                 row["definition"] = {k: v for k, v in stored.get(r.name, {}).items() if k != "updated"}
@@ -969,11 +1071,42 @@ class Ops:
         return sorted(out, key=lambda r: (order.get(r["source"], 1), r["source"], r["name"]))
 
     def rule_text(self, name: str | None) -> str:
-        """A site rule as TOML for the editor, or the example."""
+        """A site rule as TOML for the editor; "" for a new one (the editor shows RULE_EXAMPLE
+        as its placeholder, so that no click saves the example)."""
         rule = self._sup.store.get_rule(name) if name else None
         if rule is None:
-            return RULE_EXAMPLE
+            return ""
         return rule_toml({k: v for k, v in rule.items() if k != "updated"})
+
+    def _switched_off(self) -> set[str]:
+        return set(self._sup.store.get_setting(RULES_OFF_KEY) or ())
+
+    def rules_off(self) -> list[dict]:
+        """The built-in and profile rules switched off, [{"name", "source"}]: protection the
+        appliance ships with and does not apply now, which the pages say wherever they can."""
+        off = self._switched_off()
+        if not off:      # every page asks (the status): no rule parsed for nothing
+            return []
+        return [{"name": r.name, "source": r.source} for r in self._sup.rules()
+                if r.source != "site" and r.name in off]
+
+    def rules_off_words(self) -> str:
+        return explain.rules_off_words(self.rules_off())
+
+    def posture_graph(self, type=None) -> dict:
+        """The posture state machine the rules make (appliance.policy.graph), for every device
+        or for one type (the postures its profile has), with each rule's words."""
+        sup = self._sup
+        postures = SETTABLE_POSTURES
+        if type not in (None, ""):
+            self._known_type(type, "posture graph")
+            postures = tuple(sup.profiles[type].postures)
+        rules = sup.rules()
+        out = posture_graphs.posture_graph(rules, postures, type or None, sup.device_type)
+        named = {e["rule"] for e in out["edges"]} | {m["rule"] for m in out["missing"]}
+        out["words"] = {r.name: explain.rule_words(r) for r in rules if r.name in named}
+        out["type"] = type or None
+        return out
 
     def _fixed_names(self) -> dict[str, str]:
         return {r.name: r.source for r in self._sup.rules() if r.source != "site"}
@@ -1012,21 +1145,46 @@ class Ops:
         if not isinstance(name, str) or self._sup.store.get_rule(name) is None:
             fixed = self._fixed_names()
             if name in fixed:
-                raise ConfigError(f"rule {name!r} is a {fixed[name]} rule; only site rules can be changed")
+                raise ConfigError(f"rule {name!r} is a {fixed[name]} rule; only site rules can be "
+                                  "changed or deleted (it can be switched off and on)")
             raise ConfigError(f"rule {name!r} does not exist")
 
-    def set_rule_enabled(self, name, enabled, actor: str) -> dict:
-        self._site_rule(name)
+    def set_rule_enabled(self, name, enabled, actor: str = "operator") -> dict:
+        """Switches a rule off or on: a site rule in its record, a built-in or profile rule in
+        the setting rules_off (their files are not the site's to edit). Audited either way."""
+        fixed = self._fixed_names()
+        if not (isinstance(name, str) and name in fixed):
+            self._site_rule(name)
         if isinstance(enabled, str) and enabled in ("true", "false", "1", "0"):
             enabled = enabled in ("true", "1")
         if not isinstance(enabled, bool):
             raise ConfigError(f"rule {name!r}: enabled must be true or false, got {enabled!r}")
+        if name in fixed:
+            return self._switch_fixed_rule(name, fixed[name], enabled, actor)
         store = self._sup.store
         with store.batch():
             rule = store.set_rule_enabled(name, enabled)
             store.audit("rule-enabled" if enabled else "rule-disabled", actor, {"rule": name})
         self._sup.reload_rules()
         return rule
+
+    def _switch_fixed_rule(self, name: str, source: str, enabled: bool, actor: str) -> dict:
+        sup = self._sup
+        off = self._switched_off()
+        rule = next(r for r in sup.rules() if r.name == name)
+        if enabled and name not in off and not rule.enabled:
+            raise ConfigError(f"rule {name!r} is disabled in its profile ({source}), not here; "
+                              "switch it on there")
+        off = (off - {name}) if enabled else (off | {name})
+        with sup.store.batch():
+            sup.store.set_setting(RULES_OFF_KEY, sorted(off))
+            sup.store.audit("rule-enabled" if enabled else "rule-disabled", actor,
+                            {"rule": name, "source": source})
+        if not enabled:
+            log.warning("%s rule %s switched off by %s: the appliance no longer applies it",
+                        source, name, actor)
+        sup.reload_rules()
+        return {"name": name, "source": source, "enabled": enabled}
 
     def delete_rule(self, name, actor: str) -> None:
         self._site_rule(name)

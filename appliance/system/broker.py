@@ -1,6 +1,7 @@
 """Mosquitto, configured by the project: no anonymous clients, one password per device,
-an ACL that lets a device speak only under its own topic, and (the denials plugin) client ids
-that a device cannot borrow from another device or from the supervisor.
+an ACL that lets a device speak only under its own topic and Home Assistant's user alone set a
+posture, and (the denials plugin) client ids that a device cannot borrow from another device or
+from the supervisor.
 
     broker = Broker(Path("/run/kalki/mqtt"), port=1883, users={"kalki": pw, "light1": pw1})
     with broker:
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from appliance import HOME, netns
 from appliance.errors import ConfigError, KalkiError
-from appliance.vocab import check_device_name
+from appliance.vocab import check_device_name, check_discovery_prefix
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MAX_PACKET_SIZE = 65536  # the broker drops the connection of a client sending more
@@ -78,20 +79,29 @@ def _write(path: Path, text: str, mode: int = 0o600) -> None:
 def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
                  users: dict[str, str] | None = None, supervisor_user: str = "kalki",
                  base: str = "kalki", run_as: str | None = None,
-                 denials_plugin: Path | None = DENIALS_PLUGIN) -> Path:
+                 denials_plugin: Path | None = DENIALS_PLUGIN,
+                 home_assistant_user: str | None = None,
+                 discovery_prefix: str = "homeassistant") -> Path:
     """Write mosquitto.conf, the password file and the ACL into directory; returns the conf.
 
     users maps user name to password: the supervisor_user may read and write everything,
-    every other user is a device. run_as is the account mosquitto drops to when started as
-    root; by default the current one, which can read the files written here. The denials
-    plugin is loaded when it is there: without it the broker refuses the same publishes,
-    and nobody counts them, but any user may connect with any client id, and so disconnect
-    whoever holds that id (the supervisor included).
+    the home_assistant_user (if any) reads the discovery configs under discovery_prefix and
+    the supervisor's topics and alone may set postures, every other user is a device. run_as
+    is the account mosquitto drops to when started as root; by default the current one, which
+    can read the files written here. The denials plugin is loaded when it is there: without
+    it the broker refuses the same publishes, and nobody counts them, but any user may
+    connect with any client id, and so disconnect whoever holds that id (the supervisor
+    included).
     """
     directory = Path(directory)
     users = dict(users or {})
     check_name(supervisor_user, "supervisor user")
     check_name(base, "topic base")
+    check_discovery_prefix(discovery_prefix, base, "discovery prefix")
+    if home_assistant_user:
+        check_name(home_assistant_user, "Home Assistant user")
+        if home_assistant_user in (supervisor_user, *RESERVED_NAMES):
+            raise ConfigError(f"Home Assistant user {home_assistant_user!r} is the supervisor's")
     for name in users:
         check_name(name, "broker user")
         if name in RESERVED_NAMES:
@@ -108,6 +118,18 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
         f"user {supervisor_user}",
         "topic readwrite #",
         "",
+        # MQTT does not tell a subscriber who published, so this is what makes a posture command
+        # Home Assistant's: no one else may write <base>/<device>/posture/set. <prefix>/status
+        # is its birth and last will, which the supervisor answers with the discovery configs.
+        *([f"user {home_assistant_user}",
+           f"topic read {discovery_prefix}/#",
+           f"topic write {discovery_prefix}/status",
+           f"topic read {base}/+/posture",
+           f"topic write {base}/+/posture/set",
+           f"topic read {base}/+/alert",
+           f"topic read {base}/bridge/state",
+           f"topic read {base}/bridge/event",
+           ""] if home_assistant_user else []),
         f"pattern write {base}/%u",
         f"pattern write {base}/%u/availability",
         f"pattern read {base}/%u/set",
@@ -137,6 +159,7 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
         # count a refused client id only when its password was right.
         *([f"plugin {denials_plugin}", f"plugin_opt_base {base}",
            f"plugin_opt_supervisor {supervisor_user}",
+           *([f"plugin_opt_home_assistant {home_assistant_user}"] if home_assistant_user else []),
            f"plugin_opt_passwords {directory / PASSWORDS}"]
           if denials_plugin and Path(denials_plugin).is_file() else []),
         "",
@@ -159,7 +182,8 @@ class Broker:
     def __init__(self, directory: Path, listen: str = "127.0.0.1", port: int = 1883,
                  users: dict[str, str] | None = None, supervisor_user: str = "kalki",
                  base: str = "kalki", run_as: str | None = None, binary: str = MOSQUITTO,
-                 denials_plugin: Path | None = DENIALS_PLUGIN):
+                 denials_plugin: Path | None = DENIALS_PLUGIN,
+                 home_assistant_user: str | None = None, discovery_prefix: str = "homeassistant"):
         self.directory = Path(directory)
         self.listen = listen
         self.port = port
@@ -169,13 +193,16 @@ class Broker:
         self.run_as = run_as
         self.binary = binary
         self.denials_plugin = denials_plugin
+        self.home_assistant_user = home_assistant_user
+        self.discovery_prefix = discovery_prefix
         self.namespace: str | None = None
         self._process: subprocess.Popen | None = None
         self.conf = self._write()
 
     def _write(self) -> Path:
         return write_config(self.directory, self.listen, self.port, self.users,
-                            self.supervisor_user, self.base, self.run_as, self.denials_plugin)
+                            self.supervisor_user, self.base, self.run_as, self.denials_plugin,
+                            self.home_assistant_user, self.discovery_prefix)
 
     @property
     def pid(self) -> int | None:

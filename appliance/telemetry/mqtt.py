@@ -3,7 +3,14 @@
     <base>/<device>                 device telemetry, a flat JSON object   (device -> us)
     <base>/<device>/availability    "online" / "offline", retained         (device -> us)
     <base>/<device>/set             commands                               (us -> device)
-    <base>/<device>/posture         {"posture", "since"}, retained         (us -> anyone)
+    <base>/<device>/posture         {"posture", "since", "under_attack"}, retained (us -> anyone);
+                                    under_attack: vocab.under_attack (its posture is attack or
+                                    quarantine, or a critical alert about it is recent)
+    <base>/<device>/posture/set     a posture, as text: Home Assistant's posture select (Home
+                                    Assistant -> us). Only mqtt.home_assistant_user may publish
+                                    there (the broker's ACL: MQTT does not tell us who published);
+                                    the supervisor takes only a posture of the device's type
+                                    (Ops.home_assistant_posture), retained ones never
     <base>/bridge/state             {"state": "online"|"offline"}, retained; our last will
     <base>/bridge/alerts, <base>/bridge/decisions
     <base>/<device>/alert           an alert at [notify] min_severity or above, for Home
@@ -12,11 +19,20 @@
     <base>/bridge/denied            what the broker refused to devices (publishes outside their
                                     topics, connections with another's client id), once a
                                     second at most (mosquitto/kalki_denials.c) (broker -> us)
-    homeassistant/sensor/kalki_<device>/posture/config    Home Assistant discovery: posture
-    homeassistant/event/kalki_<device>/alert/config       and alerts (an event entity), per
-    homeassistant/event/kalki_bridge/alert/config         device and for the gateway itself
+    <prefix>/status                 Home Assistant's birth message: on "online" every discovery
+                                    config is published again              (Home Assistant -> us)
+    Home Assistant discovery, per device (<prefix>: mqtt.discovery_prefix, "homeassistant"):
+    <prefix>/sensor/kalki_<device>/posture/config          the posture
+    <prefix>/binary_sensor/kalki_<device>/under_attack/config   under attack or quarantined
+                                    (device class problem; the posture topic's under_attack)
+    <prefix>/select/kalki_<device>/posture/config          the posture, set from Home Assistant
+                                    (options: the postures of the device's type; state: the
+                                    posture topic; commands: <base>/<device>/posture/set)
+    <prefix>/event/kalki_<device>/alert/config             alerts (an event entity)
+    <prefix>/event/kalki_bridge/alert/config               alerts about the gateway itself
                                     (kalki_<device>: the device's node id, which a rename keeps;
-                                    kalki_<MAC> for the devices approved now: Bus.node_id)
+                                    kalki_<MAC> for the devices approved now: Bus.node_id). A
+                                    device removed has all four cleared (empty, retained).
 
 Everything a device sends is untrusted: it is checked here and counted in `rejected` by
 reason, never raised into paho's network thread.
@@ -31,25 +47,33 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import paho.mqtt.client as mqtt
 
 from appliance.errors import KalkiError
-from appliance.vocab import SEVERITIES, check_device_name
+from appliance.vocab import (
+    SETTABLE_POSTURES,
+    SEVERITIES,
+    check_device_name,
+    check_discovery_prefix,
+    under_attack,
+)
 
 log = logging.getLogger("kalki.mqtt")
 
-DISCOVERY_PREFIX = "homeassistant"
+DISCOVERY_PREFIX = "homeassistant"   # mqtt.discovery_prefix's default, as Home Assistant's
 MAX_KEYS = 64
+MAX_COMMAND = 64   # bytes of a posture command: the longest posture is 10
 LOG_EVERY = 10.0  # seconds between log lines for one rejection reason
 AVAILABILITY = ("online", "offline")
 SCALARS = (str, int, float, bool, type(None))
-BRIDGE_EVENT_DISCOVERY = f"{DISCOVERY_PREFIX}/event/kalki_bridge/alert/config"
 QUIET_SUFFIXES = {"posture", "set", "alert"}  # our own publications, if a wildcard ever echoes them
-# A message that passed the checks: (kind, device, the availability state or the telemetry).
-Checked = tuple[Literal["availability"], str, str] | tuple[Literal["telemetry"], str, dict]
+# A message that passed the checks: (kind, device, the availability state, the telemetry or the
+# posture asked for).
+Checked = (tuple[Literal["availability"], str, str] | tuple[Literal["telemetry"], str, dict]
+           | tuple[Literal["posture"], str, str])
 
 
 class Rejected(Exception):
@@ -70,8 +94,12 @@ class Bus:
                  on_denied: Callable[[str, str, int], None] = lambda user, topic, count: None,
                  on_client_id_denied: Callable[[str, str, int], None] | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, max_payload: int = 4096,
-                 on_connected: Callable[[], None] = lambda: None):
+                 on_connected: Callable[[], None] = lambda: None,
+                 on_posture_command: Callable[[str, str], object] | None = None,
+                 on_home_assistant_online: Callable[[], None] = lambda: None,
+                 discovery_prefix: str = DISCOVERY_PREFIX):
         self.host, self.port, self.user, self.base = host, port, user, base
+        self.discovery_prefix = check_discovery_prefix(discovery_prefix, base, "MQTT discovery prefix")
         self.known_device = known_device
         self.on_telemetry = on_telemetry
         self.on_availability = on_availability
@@ -80,6 +108,9 @@ class Bus:
         # not the user's. Without it they go to on_denied, the client id in the topic's place.
         self.on_client_id_denied = on_client_id_denied
         self.on_connected = on_connected   # every (re)connect, from paho's thread
+        # (device, the posture asked for) from <base>/<device>/posture/set; None: not listened to
+        self.on_posture_command = on_posture_command
+        self.on_home_assistant_online = on_home_assistant_online   # its birth message
         # device -> its Home Assistant node id, or None for kalki_<device> (see node_id)
         self.node_of: Callable[[str], str | None] | None = None
         self.loop = loop
@@ -123,10 +154,11 @@ class Bus:
             log.warning("MQTT broker %s:%s refused %r: %s", self.host, self.port, self.user, reason_code)
             return
         client.publish(self.state_topic, json.dumps({"state": "online"}), qos=1, retain=True)
-        client.publish(BRIDGE_EVENT_DISCOVERY, json.dumps(self.bridge_event_config()),
+        client.publish(self.bridge_event_discovery_topic(), json.dumps(self.bridge_event_config()),
                        qos=1, retain=True)
         client.subscribe([(f"{self.base}/+", 1), (f"{self.base}/+/availability", 1),
-                          (self.denied_topic, 1)])
+                          (self.denied_topic, 1), (self.home_assistant_status_topic(), 1),
+                          *([(f"{self.base}/+/posture/set", 1)] if self.on_posture_command else [])])
         self._connected.set()
         # A broker that restarted has lost its retained topics (persistence is off): whoever
         # owns them publishes them again. An error there must not end paho's thread.
@@ -161,25 +193,33 @@ class Bus:
     def _on_message(self, client, userdata, message) -> None:
         # paho's thread: hand the raw message over, the checks call the supervisor.
         if self.loop is None:
-            self.handle(message.topic, message.payload)
+            self.handle(message.topic, message.payload, message.retain)
             return
         try:
-            self.loop.call_soon_threadsafe(self.handle, message.topic, message.payload)
+            self.loop.call_soon_threadsafe(self.handle, message.topic, message.payload, message.retain)
         except RuntimeError:
             pass  # the loop is closed: we are shutting down
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Check one incoming message and pass it on, or count why not. Never raises."""
         try:
             if topic == self.denied_topic:
                 self._count_denied(payload)
                 return
-            parsed = self._check(topic, payload)
+            if topic == self.home_assistant_status_topic():
+                if payload == b"online":
+                    self.on_home_assistant_online()
+                return
+            parsed = self._check(topic, payload, retained)
             if parsed is None:
                 return
             if parsed[0] == "availability":
                 _, device, state = parsed
                 self.on_availability(device, state)
+            elif parsed[0] == "posture":
+                _, device, asked = parsed
+                if self.on_posture_command is not None:
+                    self.on_posture_command(device, asked)
             else:
                 _, device, data = parsed
                 self.on_telemetry(device, data)
@@ -189,7 +229,7 @@ class Bus:
         except Exception:
             log.exception("handling MQTT message on %s failed", topic)
 
-    def _check(self, topic: str, payload: bytes) -> Checked | None:
+    def _check(self, topic: str, payload: bytes, retained: bool = False) -> Checked | None:
         prefix = f"{self.base}/"
         if not topic.startswith(prefix):
             raise Rejected("bad_topic", "outside the base topic")
@@ -197,6 +237,8 @@ class Bus:
         device = levels[0]
         if device == "bridge" or (len(levels) == 2 and levels[1] in QUIET_SUFFIXES):
             return None
+        if levels[1:] == ["posture", "set"]:
+            return self._check_posture_command(device, payload, retained)
         if len(levels) > 2 or (len(levels) == 2 and levels[1] != "availability"):
             raise Rejected("bad_topic", "not a device topic")
         try:
@@ -230,6 +272,24 @@ class Bus:
         if "device" in data and data["device"] != device:
             raise Rejected("forged", f"{device} claims to be {data['device']!r}")
         return "telemetry", device, data
+
+    def _check_posture_command(self, device: str, payload: bytes, retained: bool) -> Checked:
+        """Home Assistant's posture select. Only its shape here; whether the posture is one the
+        device may take is the supervisor's to say (and to audit, naming the device and value)."""
+        try:
+            check_device_name(device)
+        except KalkiError:
+            raise Rejected("bad_topic", f"posture command for a bad device name {device!r}") from None
+        if retained:
+            # a retained command would be obeyed again at every reconnect, long after it was given
+            raise Rejected("retained", f"a retained posture command for {device} (ignored)")
+        if len(payload) > MAX_COMMAND:
+            raise Rejected("oversized", f"posture command of {len(payload)} bytes for {device}")
+        try:
+            asked = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected("malformed", f"posture command for {device} is not UTF-8 text") from None
+        return "posture", device, asked
 
     def _count_denied(self, payload: bytes) -> None:
         """The broker's report of what it refused to devices: publishes ("denied", by topic) and
@@ -304,15 +364,31 @@ class Bus:
         return node or f"kalki_{check_device_name(device)}"
 
     def discovery_topic(self, device: str) -> str:
-        return f"{DISCOVERY_PREFIX}/sensor/{self.node_id(device)}/posture/config"
+        return f"{self.discovery_prefix}/sensor/{self.node_id(device)}/posture/config"
+
+    def under_attack_discovery_topic(self, device: str) -> str:
+        return f"{self.discovery_prefix}/binary_sensor/{self.node_id(device)}/under_attack/config"
+
+    def select_discovery_topic(self, device: str) -> str:
+        return f"{self.discovery_prefix}/select/{self.node_id(device)}/posture/config"
+
+    def posture_command_topic(self, device: str) -> str:
+        return f"{self.posture_topic(device)}/set"
+
+    def home_assistant_status_topic(self) -> str:
+        return f"{self.discovery_prefix}/status"
 
     def clear_posture(self, device: str) -> mqtt.MQTTMessageInfo:
         """An empty retained payload: the broker forgets the posture under this name (renamed)."""
         return self._publish(self.posture_topic(device), "", retain=True)
 
-    def publish_posture(self, device: str, posture: str, since_iso: str) -> mqtt.MQTTMessageInfo:
-        return self._publish(self.posture_topic(device), {"posture": posture, "since": since_iso},
-                             retain=True)
+    def publish_posture(self, device: str, posture: str, since_iso: str,
+                        attacked: bool | None = None) -> mqtt.MQTTMessageInfo:
+        """attacked: whether the device is under attack (the supervisor knows its alerts too);
+        None: as its posture says (vocab.under_attack)."""
+        return self._publish(self.posture_topic(device), {
+            "posture": posture, "since": since_iso,
+            "under_attack": under_attack(posture) if attacked is None else attacked}, retain=True)
 
     def publish_alert(self, alert: dict) -> mqtt.MQTTMessageInfo:
         return self._publish(f"{self.base}/bridge/alerts", alert)
@@ -327,6 +403,11 @@ class Bus:
     def send_command(self, device: str, payload: dict) -> mqtt.MQTTMessageInfo:
         return self._publish(f"{self.base}/{check_device_name(device)}/set", payload)
 
+    def _ha_device(self, device: str, device_type: str) -> dict:
+        """The Home Assistant device every entity of the device belongs to."""
+        return {"identifiers": [self.node_id(device)], "name": device, "model": device_type,
+                "manufacturer": "Kalki"}
+
     def discovery_config(self, device: str, device_type: str) -> dict:
         return {
             "name": "Posture",
@@ -335,21 +416,62 @@ class Bus:
             "value_template": "{{ value_json.posture }}",
             "availability_topic": self.state_topic,
             "availability_template": "{{ value_json.state }}",
-            "device": {"identifiers": [self.node_id(device)], "name": device,
-                       "model": device_type, "manufacturer": "Kalki"},
+            "device": self._ha_device(device, device_type),
         }
 
-    def publish_discovery(self, device: str, device_type: str) -> mqtt.MQTTMessageInfo:
-        """The device's posture sensor and its alert event entity."""
-        self._publish(self.discovery_topic(device), self.discovery_config(device, device_type),
-                      retain=True)
-        return self._publish(self.event_discovery_topic(device),
-                             self.event_config(device, device_type), retain=True)
+    def under_attack_config(self, device: str, device_type: str) -> dict:
+        """A problem binary sensor: on while the device is under attack (vocab.under_attack)."""
+        return {
+            "name": "Under attack",
+            "unique_id": f"{self.node_id(device)}_under_attack",
+            "device_class": "problem",
+            "state_topic": self.posture_topic(device),
+            "value_template": "{{ 'ON' if value_json.under_attack else 'OFF' }}",
+            "payload_on": "ON",
+            "payload_off": "OFF",
+            "availability_topic": self.state_topic,
+            "availability_template": "{{ value_json.state }}",
+            "device": self._ha_device(device, device_type),
+        }
+
+    def select_config(self, device: str, device_type: str, postures: Sequence[str]) -> dict:
+        """The posture as a select: its state is the posture topic's, and picking an option
+        publishes it, as text, on the command topic (not retained, Home Assistant's default)."""
+        return {
+            "name": "Set posture",
+            "unique_id": f"{self.node_id(device)}_posture_select",
+            "state_topic": self.posture_topic(device),
+            "value_template": "{{ value_json.posture }}",
+            "command_topic": self.posture_command_topic(device),
+            "options": list(postures),
+            "qos": 1,
+            "availability_topic": self.state_topic,
+            "availability_template": "{{ value_json.state }}",
+            "device": self._ha_device(device, device_type),
+        }
+
+    def discovery_configs(self, device: str, device_type: str,
+                          postures: Sequence[str] = SETTABLE_POSTURES) -> dict[str, dict]:
+        """{discovery topic: config} of every entity of the device; postures: its type's."""
+        return {
+            self.discovery_topic(device): self.discovery_config(device, device_type),
+            self.under_attack_discovery_topic(device): self.under_attack_config(device, device_type),
+            self.select_discovery_topic(device): self.select_config(device, device_type, postures),
+            self.event_discovery_topic(device): self.event_config(device, device_type),
+        }
+
+    def publish_discovery(self, device: str, device_type: str,
+                          postures: Sequence[str] = SETTABLE_POSTURES) -> mqtt.MQTTMessageInfo:
+        """The device's posture sensor, under-attack sensor, posture select and alert event
+        entity; postures: the select's options, the postures of the device's type."""
+        sent = [self._publish(topic, config, retain=True)
+                for topic, config in self.discovery_configs(device, device_type, postures).items()]
+        return sent[-1]
 
     def remove_discovery(self, device: str) -> mqtt.MQTTMessageInfo:
         # An empty retained payload clears the retained config; Home Assistant drops the entity.
-        self._publish(self.discovery_topic(device), "", retain=True)
-        return self._publish(self.event_discovery_topic(device), "", retain=True)
+        sent = [self._publish(topic, "", retain=True) for topic in self.discovery_configs(device, "")]
+        return sent[-1]
 
     # Alerts as Home Assistant events: an `event` entity per device (and one for the gateway),
     # whose event_type is the alert's severity; kind, message, time and source are attributes.
@@ -359,7 +481,10 @@ class Bus:
         return f"{self.base}/{check_device_name(device)}/alert"
 
     def event_discovery_topic(self, device: str) -> str:
-        return f"{DISCOVERY_PREFIX}/event/{self.node_id(device)}/alert/config"
+        return f"{self.discovery_prefix}/event/{self.node_id(device)}/alert/config"
+
+    def bridge_event_discovery_topic(self) -> str:
+        return f"{self.discovery_prefix}/event/kalki_bridge/alert/config"
 
     def event_config(self, device: str, device_type: str) -> dict:
         return {
@@ -369,12 +494,12 @@ class Bus:
             "event_types": list(SEVERITIES),
             "availability_topic": self.state_topic,
             "availability_template": "{{ value_json.state }}",
-            "device": {"identifiers": [self.node_id(device)], "name": device,
-                       "model": device_type, "manufacturer": "Kalki"},
+            "device": self._ha_device(device, device_type),
         }
 
     def bridge_event_config(self) -> dict:
-        """The gateway's own event entity (alerts about no one device), at BRIDGE_EVENT_DISCOVERY."""
+        """The gateway's own event entity (alerts about no one device), at
+        bridge_event_discovery_topic()."""
         return {"name": "Alert", "unique_id": "kalki_bridge_alert", "state_topic": self.event_topic(None),
                 "event_types": list(SEVERITIES), "availability_topic": self.state_topic,
                 "availability_template": "{{ value_json.state }}",

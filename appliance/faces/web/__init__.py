@@ -32,6 +32,7 @@ from appliance.faces.web.http import (
     route,
     security_headers,
     static_file,
+    vendor_file,
 )
 from appliance.faces.web.server import WebServer, listening_socket, serve, ssl_context
 
@@ -51,6 +52,7 @@ def create_app(ops, tls: bool | None = None) -> Page:
     views.add_routes(app)
     api.add_routes(app)
     route(app, "GET", "/static/<name>", static_file)
+    route(app, "GET", "/static/vendor/<name>", vendor_file)
     return app
 
 

@@ -100,6 +100,24 @@ async def device(request):
 
 
 @endpoint
+async def device_traffic(request):
+    return ok(ops_of(request).traffic(request.url_args["name"], request.args.get("span", "hour")))
+
+
+@endpoint
+async def traffic_overview(request):
+    raw = request.args.get("points", "60")
+    if not raw.isdigit():
+        raise ConfigError(f"points: expected a number, got {raw!r}")
+    return ok(ops_of(request).traffic_overview(request.args.get("span", "hour"), int(raw)))
+
+
+@endpoint
+async def device_telemetry(request):
+    return ok(ops_of(request).telemetry_view(request.url_args["name"]))
+
+
+@endpoint
 async def device_delete(request):
     return ok(ops_of(request).device_remove(name=request.url_args["name"]))
 
@@ -436,6 +454,9 @@ def add_routes(app) -> None:
     route(app, "GET", "/api/devices", devices)
     route(app, "GET", "/api/devices/<name>", device)
     route(app, "DELETE", "/api/devices/<name>", device_delete)
+    route(app, "GET", "/api/devices/<name>/traffic", device_traffic)
+    route(app, "GET", "/api/devices/<name>/telemetry", device_telemetry)
+    route(app, "GET", "/api/traffic", traffic_overview)
     route(app, "POST", "/api/devices/<name>/approve", approve)
     route(app, "POST", "/api/devices/<name>/rename", rename)
     route(app, "POST", "/api/devices/<name>/group", group)
@@ -498,6 +519,8 @@ def _op(summary: str, body: dict | None = None, params=(), ok_schema=None, error
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
 _DEVICE = {"name": "device", "in": "query", "schema": {"type": "string"}}
+_SPAN = {"name": "span", "in": "query", "schema": {"type": "string", "enum": ["hour", "day"]},
+         "description": "the last hour in 10-s slots (default) or the last day in 5-minute slots"}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
 _POSTURE = {"type": "string", "enum": list(SETTABLE_POSTURES)}
 _TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -544,6 +567,19 @@ OPENAPI = {
                        "with allow_as, the destination that allows it; learnt), its own destinations "
                        "(allow), alerts, telemetry, decisions", params=[_NAME], errors=(404,)),
             "delete": _op("forget a device", params=[_NAME], errors=(404,))},
+        "/api/devices/{name}/traffic": {"get": _op(
+            "the device's traffic from the kernel's counters: at (each slot's start, epoch "
+            "seconds), passed_packets, dropped_packets, passed_bytes, dropped_bytes (per slot; null: "
+            "no data then), reasons (dropped packets per slot by reason), totals, step (seconds per "
+            "slot), and drops (the reasons in words, most packets first)", params=[_NAME, _SPAN],
+            errors=(400, 404))},
+        "/api/devices/{name}/telemetry": {"get": _op(
+            "the device's telemetry: latest (one row per key: value, at, when, source, meaning) and "
+            "series (each numeric key's recent values: at, values)", params=[_NAME], errors=(404,))},
+        "/api/traffic": {"get": _op(
+            "every device's passed and dropped packets over the span in buckets, for small charts",
+            params=[_SPAN, {"name": "points", "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "default": 60}}])},
         "/api/devices/{name}/approve": {"post": _op(
             "approve a new device with a type", params=[_NAME], errors=(400, 404),
             body=_json_body({"type": "object", "required": ["type"],
@@ -637,7 +673,7 @@ OPENAPI = {
                               "schema": {"type": "string", "enum": ["decision", "audit"]}}])},
         "/api/audit": {"get": _op("the audit log", params=[_LIMIT])},
         "/api/rules": {
-            "get": _op("every rule: built-in, profile and site"),
+            "get": _op("every rule: built-in, profile and site, each with what it does in words"),
             "post": _op("add or replace site rules from TOML ([[rules]] tables)",
                         body=_json_body({"type": "object", "required": ["text"],
                                          "properties": {"text": {"type": "string"}}}))},
@@ -651,7 +687,8 @@ OPENAPI = {
                        body=_json_body({"type": "object", "required": ["when", "then"]})),
             "delete": _op("delete a site rule", params=[_NAME])},
         "/api/rules/{name}/enabled": {"post": _op(
-            "enable or disable a site rule", params=[_NAME],
+            "switch a rule off or on: a site rule, or a built-in or profile rule (audited)",
+            params=[_NAME],
             body=_json_body({"type": "object", "required": ["enabled"],
                              "properties": {"enabled": {"type": "boolean"}}}))},
         "/api/settings": {

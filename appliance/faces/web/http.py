@@ -369,9 +369,19 @@ STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
 
 async def static_file(request: Request) -> Response:
     """The page's own files, by name only: no directories, nothing outside STATIC."""
+    return await _file_in(STATIC, request)
+
+
+async def vendor_file(request: Request) -> Response:
+    """Others' files the page uses, unmodified (static/vendor/VENDORED.md says whose), by name
+    only, as the page's own are served."""
+    return await _file_in(STATIC / "vendor", request)
+
+
+async def _file_in(directory: Path, request: Request) -> Response:
     # Microdot (find_route) and route() set url_args on the request; its stub does not declare it.
     name = request.url_args["name"]  # type: ignore[attr-defined]
-    path = STATIC / name
+    path = directory / name
     if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
         return await error_page(404)(request)
     return Response(path.read_bytes(), 200, {"Content-Type": STATIC_TYPES[path.suffix]})

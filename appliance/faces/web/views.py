@@ -12,6 +12,7 @@ from microdot import Response
 
 from appliance.errors import ConfigError, KalkiError
 from appliance.faces.web import leds
+from appliance.faces.web.graph import posture_graph_svg
 from appliance.faces.web.http import (
     MAX_BODY,
     client_address,
@@ -28,6 +29,7 @@ from appliance.faces.web.icons import icon
 from appliance.supervisor.ops import (
     MAX_PASSWORD,
     MIN_PASSWORD,
+    RULE_EXAMPLE,
     SETTABLE_POSTURES,
     destination_words,
     error_status,
@@ -87,16 +89,24 @@ def form(request, action: str, inner: str, button: str, cls: str = "") -> str:
             f'{inner}<button type="submit">{e(button)}</button></form>')
 
 
+def cell(header, content) -> str:
+    """A table's cell with its column's header beside it (data-label): on a phone the style
+    sheet shows each row as a card, every value under its name, which a hidden head cannot."""
+    return f'<td data-label="{e(header)}">{content}</td>'
+
+
 def table(headers, rows, cls="") -> str:
     head = "".join(f"<th>{e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    labels = list(headers)
+    body = "".join("<tr>" + "".join(cell(labels[i] if i < len(labels) else "", c) for i, c in enumerate(row))
+                   + "</tr>" for row in rows)
     if not rows:
         body = f'<tr><td colspan="{len(headers)}" class="muted">none</td></tr>'
     return f'<div class="scroll"><table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def page(request, title: str, body: str, *, status: int = 200, error: str | None = None,
-         live: bool = False, nav: bool = True) -> Response:
+         live: bool = False, nav: bool = True, charts: bool = False) -> Response:
     st = web_state(request)
     session = request.g.session
     flash = ""
@@ -130,7 +140,7 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
 <meta name="viewport" content="width=device-width, initial-scale=1">
 {csrf}<title>{e(title)} · Kalki</title>
 <link rel="stylesheet" href="/static/style.css">
-<script src="/static/app.js" defer></script>
+{CHART_HEAD if charts else ""}<script src="/static/app.js" defer></script>
 </head><body{' data-live="1"' if live else ''}{now}>
 <header><a class="brand" href="/">Kalki</a>{menu}</header>
 <main><h1>{e(title)}</h1>{flash}{body}</main>
@@ -139,6 +149,12 @@ def page(request, title: str, body: str, *, status: int = 200, error: str | None
     if session is not None:
         st.set_cookie(resp, session)
     return resp
+
+
+# uPlot (static/vendor/VENDORED.md) for the pages with charts; deferred scripts run in order, so
+# it is there when app.js draws.
+CHART_HEAD = ('<link rel="stylesheet" href="/static/vendor/uPlot.min.css">\n'
+              '<script src="/static/vendor/uPlot.iife.min.js" defer></script>\n')
 
 
 def done(request, message: str, to: str) -> Response:
@@ -308,25 +324,90 @@ async def overview(request, error=None, status=200):
                           type_select(ops, d.get("suggested_type") or d.get("type")), "Approve",
                           "inline approve")
         group = f' <span class="muted group">· {e(d["group"])}</span>' if d.get("group") else ""
-        rows.append(f'<tr data-device="{e(name)}"><td>{icon(d.get("type"))} '
-                    f'<a href="/devices/{e(name)}">{e(name)}</a></td>'
-                    f'<td>{badge(d)}</td><td>{e(d.get("type") or "—")}{group}</td><td>{e(d.get("ip"))}</td>'
-                    f'<td>{action}</td></tr>')
+        rows.append(f'<tr data-device="{e(name)}">'
+                    + cell("Device", f'{icon(d.get("type"))} <a href="/devices/{e(name)}">{e(name)}</a>')
+                    + cell("Posture", badge(d)) + cell("Type", f'{e(d.get("type") or "—")}{group}')
+                    + cell("Address", e(d.get("ip"))) + cell("Last hour", spark(name))
+                    + cell("", action) + '</tr>')
     if not rows:
-        rows = ['<tr><td colspan="5" class="muted">no devices yet</td></tr>']
+        rows = ['<tr><td colspan="6" class="muted">no devices yet</td></tr>']
     maint = ops.maintenance_until()
     m_text = (f"Maintenance (automation paused) until {when_html(ops, maint)}." if maint and ops.maintenance_active()
               else "Automation is on.")
     alert_items = alert_list(request, ops.alert_rows(limit=10), "/")
-    body = f"""{summary_html(ops)}
-<div class="scroll"><table id="devices"><thead><tr><th>Device</th><th>Posture</th><th>Type</th><th>Address</th><th></th></tr></thead>
+    body = f"""{summary_html(ops)}{rules_off_html(ops)}
+<div class="scroll"><table id="devices"><thead><tr><th>Device</th><th>Posture</th><th>Type</th><th>Address</th><th>Last hour</th><th></th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table></div>
 <h2>Recent alerts</h2><ul id="alerts" class="alerts">{alert_items}</ul>
 <p><a href="/alerts">All alerts</a></p>
 {blocked_html(request, ops, "/")}
 <h2>Maintenance</h2><p id="maintenance">{m_text}</p>
 {form(request, "/maintenance", '<label>Pause automation for <input name="minutes" inputmode="numeric" size="4" value="30"> minutes (0 ends it)</label>', "Set", "inline")}"""
-    return page(request, "Devices", body, error=error, status=status, live=True)
+    return page(request, "Devices", body, error=error, status=status, live=True, charts=True)
+
+
+def spark(name: str) -> str:
+    """Where the page's script draws the device's packets of the last hour (passed, dropped)."""
+    return f'<div class="spark" data-spark="{e(name)}" role="img" aria-label="packets of {e(name)} over the last hour"></div>'
+
+
+# -- traffic and telemetry: the device page's charts (drawn by app.js from the JSON API) ---------
+
+def size_words(count) -> str:
+    """12345678 -> "12.3 MB" (the page's script says sizes the same way)."""
+    if not isinstance(count, int):
+        return "—"
+    for unit, scale in (("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+SPAN_WORDS = {"hour": "In the last hour", "day": "In the last day"}
+
+
+def traffic_html(ops, name: str) -> str:
+    """The device's traffic charts (passed and dropped, packets and bytes per second) with a
+    switch between the last hour and the last day, and the drops by reason in words; nothing if
+    the charts are off."""
+    try:
+        t = ops.traffic(name, "hour")
+    except KalkiError:
+        return ""
+    totals = t["totals"]
+    said = (f'{SPAN_WORDS["hour"]}: {totals["passed_packets"]:,} packets passed '
+            f'({size_words(totals["passed_bytes"])}), {totals["dropped_packets"]:,} dropped '
+            f'({size_words(totals["dropped_bytes"])}).')
+    drops = "".join(f'<li data-reason="{e(x["reason"])}">{x["packets"]:,} packets: {e(x["words"])}</li>'
+                    for x in t["drops"]) or '<li class="muted">none dropped</li>'
+    return f"""<section id="traffic" data-traffic="{e(name)}"><h2>Traffic</h2>
+<p class="muted">What went through the gateway for this device, from the kernel's counters, read every 10 seconds: passed (green) and dropped (red). A gap is a time with no reading.</p>
+<div class="span-switch" role="group" aria-label="how far back"><button type="button" data-span="hour" aria-pressed="true">Last hour</button> <button type="button" data-span="day" aria-pressed="false">Last day</button></div>
+<h3>Packets per second</h3><div class="chart" data-chart="packets"></div>
+<h3>Bytes per second</h3><div class="chart" data-chart="bytes"></div>
+<h3>Why packets were dropped</h3><p id="traffic-totals">{e(said)}</p>
+<ul id="drop-reasons" class="words">{drops}</ul></section>"""
+
+
+def telemetry_value(value) -> str:
+    if isinstance(value, (dict, list)):
+        return f"<code>{j(value)}</code>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return e(value)
+
+
+def telemetry_html(ops, name: str) -> str:
+    """The device's telemetry: its latest value of each key (one row per key), and a chart of
+    each numeric key's recent values."""
+    t = ops.telemetry_view(name)
+    rows = [(f"<code>{e(x['key'])}</code>", f'<span data-role="value">{telemetry_value(x["value"])}</span>',
+             e(x.get("meaning") or "—"), when_of(x.get("when")), e(x.get("source")))
+            for x in t["latest"]]
+    return f"""<section id="telemetry"><h2>Telemetry</h2>
+<p class="muted">The latest value of each thing the device reports; below, how its numbers went over its last reports.</p>
+{table(("key", "latest value", "what it is", "when", "from"), rows, "telemetry")}
+<div id="telemetry-charts" class="charts" data-telemetry="{e(name)}"></div></section>"""
 
 
 # -- alerts: why, in words; what to do about them; the sources blocked -----------------------
@@ -511,7 +592,6 @@ async def device_page(request, error=None, status=200):
                    for a in d.get("kernel_alerts", [])]
     hist_rows = [(when_html(ops, h.get("at")), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
     alert_items = alert_list(request, ops.alert_rows(device=name, limit=20), f"/devices/{name}")
-    tele_rows = [(when_html(ops, t.get("at")), f"<code>{j(t['values'])}</code>") for t in d.get("telemetry", [])]
     dec_rows = []
     for x in d.get("decisions", []):
         t = x.get("timing_ms") or {}
@@ -524,6 +604,7 @@ async def device_page(request, error=None, status=200):
 <section><h2>Identity</h2>{ident_html}{names_html(request, d)}</section>
 {logins_html(request, d)}
 <section><h2>Umboxes active now</h2>{table(("umbox", "parameters"), umbox_rows)}</section>
+{traffic_html(ops, name)}
 {destinations_html(request, ops, d)}
 <section><h2>Why blocked</h2><h3>Drops and passes counted in the kernel, by reason</h3>
 {table(("reason", "umbox", "packets", "bytes"), counter_rows, "counters")}
@@ -531,9 +612,9 @@ async def device_page(request, error=None, status=200):
 <section><h2>Posture history</h2>{table(("at", "posture", "reason"), hist_rows)}</section>
 <section><h2>Alerts</h2><ul id="device-alerts" class="alerts">{alert_items}</ul>
 <p><a href="/alerts?device={e(name)}">All alerts of {e(name)}</a></p></section>
-<section><h2>Telemetry</h2>{table(("at", "values"), tele_rows)}</section>
+{telemetry_html(ops, name)}
 <section><h2>Decisions and audit</h2>{table(("at", "kind", "what", "actions / details", "decide ms", "in XDP ms", "enforce ms"), dec_rows)}</section>"""
-    return page(request, f"Device {name}", body, error=error, status=status, live=True)
+    return page(request, f"Device {name}", body, error=error, status=status, live=True, charts=True)
 
 
 def names_html(request, d: dict) -> str:
@@ -1016,27 +1097,71 @@ async def profile_remove_post(request):
 
 # -- rules ---------------------------------------------------------------------------------
 
+def rules_off_html(ops) -> str:
+    """Built-in or profile rules switched off, said where the operator looks (the overview, the
+    rules page): protection the appliance ships with never goes quietly."""
+    words = ops.rules_off_words()
+    if not words:
+        return ""
+    return (f'<p id="rules-off" class="summary summary-warning" role="status">{e(words)}. '
+            f'Not applied until switched on again (<a href="/rules">Rules</a>).</p>')
+
+
+def _rule_switch(request, r: dict) -> str:
+    on = r["enabled"]
+    return form(request, f"/rules/{r['name']}/enabled",
+                f'<input type="hidden" name="enabled" value="{"false" if on else "true"}">',
+                "Switch off" if on else "Switch on", "inline")
+
+
+def posture_graph_html(request, ops) -> str:
+    """The posture state machine as SVG, for every device or one type (a GET form: no script)."""
+    chosen = request.args.get("type") or ""
+    try:
+        graph = ops.posture_graph(chosen or None)
+    except KalkiError as err:
+        graph, chosen = ops.posture_graph(None), ""
+        problem = f'<p class="error" role="alert">{e(err)}</p>'
+    else:
+        problem = ""
+    options = "".join(f'<option value="{e(t)}"{" selected" if t == chosen else ""}>{e(t)}</option>'
+                      for t in ops.profile_types())
+    picker = (f'<form method="get" action="/rules" class="inline"><label>Device type '
+              f'<select name="type"><option value="">every type</option>{options}</select></label>'
+              f'<button type="submit">Show</button></form>')
+    missing = "".join(f"<li>{e(m['rule'])} would set posture {e(m['posture'])}, which type "
+                      f"{e(chosen)} does not have: the supervisor refuses it</li>" for m in graph["missing"])
+    return f"""<h2>How the rules move postures</h2>
+{picker}{problem}
+<figure class="posture-graph-figure"><div class="scroll">{posture_graph_svg(graph, seconds_words)}</div>
+<figcaption class="muted">Postures from the least strict (left) to the most. From above: a rule that moves a device out of any less strict posture (a tick marks each); from below: a rule that starts from one posture. A duration: the posture goes back when it ends. Dashed: switched off. Rules only raise a posture; an operator or an expiry lowers it. A device waiting for approval is moved by no rule.</figcaption></figure>
+{f'<ul class="words">{missing}</ul>' if missing else ''}"""
+
+
 async def rules_page(request, error=None, status=200, text=None):
     ops = web_state(request).ops
     rows = []
     for r in ops.rules_view():
-        actions = ""
+        actions = _rule_switch(request, r) if r["switchable"] else ""
         if r["editable"]:
-            actions = (f'<a href="/rules?edit={e(r["name"])}">edit</a> ' +
-                       form(request, f"/rules/{r['name']}/enabled",
-                            f'<input type="hidden" name="enabled" value="{"false" if r["enabled"] else "true"}">',
-                            "Disable" if r["enabled"] else "Enable", "inline") +
+            actions = (f'<a href="/rules?edit={e(r["name"])}">edit</a> ' + actions +
                        form(request, f"/rules/{r['name']}/delete", "", "Delete", "inline"))
-        rows.append((e(r["name"]), e(r["source"]), e(r["priority"]), "yes" if r["enabled"] else "no",
-                     e(", ".join(r["applies_to"]) or "any"), e(r["description"]), actions))
+        on = ("yes" if r["enabled"] else "switched off" if r["switched_off"] or r["editable"]
+              else "off in its profile")
+        what = e(r["words"]) + (f'<br><span class="muted">{e(r["description"])}</span>'
+                                if r["description"] else "")
+        rows.append((e(r["name"]), e(r["source"]), e(r["priority"]), on, what, actions))
     edit = request.args.get("edit")
     if text is None:
         text = ops.rule_text(edit)
-    body = f"""{table(("rule", "source", "priority", "enabled", "applies to", "description", ""), rows, "rules")}
+    body = f"""{rules_off_html(ops)}
+{table(("rule", "source", "priority", "on", "what it does", ""), rows, "rules")}
+<p class="muted">Built-in and profile rules cannot be edited here, only switched off and on; switching one off is audited and said on the overview until it is on again.</p>
+{posture_graph_html(request, ops)}
 <h2>Add or replace site rules</h2>
-<p class="muted">TOML, one <code>[[rules]]</code> table per rule; a rule with an existing site rule's name replaces it. Built-in and profile rules cannot be changed here.</p>
+<p class="muted">TOML, one <code>[[rules]]</code> table per rule (the empty editor shows an example); a rule with an existing site rule's name replaces it.</p>
 <form method="post" action="/rules" class="card">{csrf_field(request)}
-<textarea name="text" rows="10" spellcheck="false" id="rule-text">{e(text)}</textarea>
+<textarea name="text" rows="10" spellcheck="false" id="rule-text" placeholder="{e(RULE_EXAMPLE)}">{e(text)}</textarea>
 <button type="submit">Validate and save</button></form>"""
     return page(request, "Rules", body, error=error, status=status)
 
@@ -1060,7 +1185,7 @@ async def rule_enabled_post(request):
     except KalkiError as err:
         return await rules_page(request, str(err), 400)
     return done(request, f"Rule {request.url_args['name']} "
-                  f"{'enabled' if data.get('enabled') in ('true', '1') else 'disabled'}.", "/rules")
+                  f"{'switched on' if data.get('enabled') in ('true', '1') else 'switched off'}.", "/rules")
 
 
 async def rule_delete_post(request):

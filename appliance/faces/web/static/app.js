@@ -40,6 +40,7 @@
     row.querySelectorAll("form[action]").forEach(function (f) {
       f.action = f.getAttribute("action").replace("/devices/" + from + "/", "/devices/" + to + "/");
     });
+    row.querySelectorAll("[data-spark]").forEach(function (el) { el.dataset.spark = to; });
   }
 
   function addDeviceRows() {
@@ -57,15 +58,26 @@
           text(a, d.name);
           var badge = document.createElement("span");
           badge.dataset.role = "posture";
+          var spark = document.createElement("div");
+          spark.className = "spark";
+          spark.dataset.spark = d.name;
           var cells = [a, badge, document.createTextNode(d.type || "—"),
-                       document.createTextNode(d.ip || ""), document.createTextNode("")];
+                       document.createTextNode(d.ip || ""), spark, document.createTextNode("")];
           if (!d.approved) {
             var link = document.createElement("a");
             link.href = "/devices/" + encodeURIComponent(d.name);
             text(link, "approve…");
-            cells[4] = link;
+            cells[5] = link;
           }
-          cells.forEach(function (c) { var td = document.createElement("td"); td.appendChild(c); row.appendChild(td); });
+          // each cell named by its column, as the server's rows are (a card on a phone)
+          var labels = Array.prototype.map.call(document.querySelectorAll("#devices thead th"),
+                                                function (th) { return th.textContent; });
+          cells.forEach(function (c, i) {
+            var td = document.createElement("td");
+            td.dataset.label = labels[i] || "";
+            td.appendChild(c);
+            row.appendChild(td);
+          });
           tbody.appendChild(row);
           setPosture(d.name, d.posture, d.approved);
         });
@@ -166,9 +178,243 @@
     if (el) setTimeout(function () { window.location.reload(); }, 1000 * Number(el.dataset.reload || 3));
   }
 
+  // Charts: uPlot (static/vendor/, loaded before this file on the pages that have charts), fed
+  // from the JSON API every 10 s while the page is seen: the gateway reads the kernel's
+  // counters every 10 s (appliance/supervisor/traffic.py), so polling is as live as it gets.
+  var CHART_MS = 10000;
+  var PASSED = "#1e8e3e", DROPPED = "#d93025", VALUE = "#1a5fb4";
+  var drawn = [];         // {el, chart, height}: resized with the window
+
+  function getJSON(url) {
+    return fetch(url, { credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) throw new Error(url + ": " + r.status);
+      return r.json();
+    });
+  }
+
+  function every(ms, fn) {
+    fn();
+    setInterval(function () { if (!document.hidden) fn(); }, ms);
+  }
+
+  // as views.size_words says it
+  function sizeWords(n) {
+    if (typeof n !== "number") return "—";
+    var units = [["GB", 1e9], ["MB", 1e6], ["KB", 1e3]];
+    for (var i = 0; i < units.length; i++) {
+      if (n >= units[i][1]) return (n / units[i][1]).toFixed(1) + " " + units[i][0];
+    }
+    return n + " B";
+  }
+
+  function count(n) { return Number(n).toLocaleString("en"); }
+
+  // counts per slot as rates; the last slot may still be filling (t.last_seconds of it so far)
+  function perSecond(values, seconds, lastSeconds) {
+    var last = values.length - 1;
+    return values.map(function (v, i) {
+      return v === null ? null : v / (i === last && lastSeconds ? lastSeconds : seconds);
+    });
+  }
+
+  // the site's time zone on the axes, as the page's times are in it
+  function zoned(tz) {
+    try { new Intl.DateTimeFormat("en", { timeZone: tz }); } catch (e) { return undefined; }
+    return function (ts) { return uPlot.tzDate(new Date(ts * 1e3), tz); };
+  }
+
+  function widthOf(el) { return Math.max(120, Math.floor(el.clientWidth || 300)); }
+
+  function chartOn(el, series, data, tz, height, format) {
+    // Canvas has no CSS: the axes take the text colour the style sheet gives the container.
+    var ink = getComputedStyle(el).color || "#444", faint = "rgba(128,128,128,0.25)";
+    var axis = { stroke: ink, grid: { stroke: faint, width: 1 }, ticks: { stroke: faint, width: 1 } };
+    var values = Object.assign({ size: 64 }, axis);
+    if (format) {
+      values.values = function (u, splits) { return splits.map(format); };
+      // wide enough for its longest label ("12.5 MB/s")
+      values.size = function (u, labels) {
+        var longest = (labels || []).reduce(function (n, l) { return Math.max(n, String(l).length); }, 4);
+        return 16 + 7 * longest;
+      };
+    }
+    var chart = new uPlot({ width: widthOf(el), height: height, tzDate: zoned(tz),
+                            series: [{}].concat(series), axes: [axis, values] }, data, el);
+    drawn.push({ el: el, chart: chart, height: height });
+    return chart;
+  }
+
+  function forget(chart) {
+    drawn = drawn.filter(function (d) { return d.chart !== chart; });
+    chart.destroy();
+  }
+
+  function plain(v) { return v < 10 ? String(Math.round(v * 100) / 100) : count(Math.round(v)); }
+
+  function bytesPerSecond(v) { return sizeWords(Math.round(v)) + "/s"; }
+
+  function line(label, colour, format) {
+    return { label: label, stroke: colour, width: 2, spanGaps: false, points: { show: false },
+             value: function (u, v) { return v === null || v === undefined ? "—" : (format || plain)(v); } };
+  }
+
+  function trafficWords(section, t) {
+    var totals = t.totals;
+    text(section.querySelector("#traffic-totals"),
+         (t.span === "day" ? "In the last day" : "In the last hour") + ": " + count(totals.passed_packets) +
+         " packets passed (" + sizeWords(totals.passed_bytes) + "), " + count(totals.dropped_packets) +
+         " dropped (" + sizeWords(totals.dropped_bytes) + ").");
+    var list = section.querySelector("#drop-reasons");
+    while (list.firstChild) list.removeChild(list.firstChild);
+    (t.drops.length ? t.drops : [null]).forEach(function (x) {
+      var li = document.createElement("li");
+      if (x) { li.dataset.reason = x.reason; text(li, count(x.packets) + " packets: " + x.words); }
+      else { li.className = "muted"; text(li, "none dropped"); }
+      list.appendChild(li);
+    });
+  }
+
+  function trafficCharts() {
+    var section = document.querySelector("[data-traffic]");
+    if (!section || !window.uPlot) return;
+    var span = "hour", charts = {};
+    function draw(t) {
+      if (t.span !== span) return;       // an answer for the span before a click
+      var sets = { packets: [t.passed_packets, t.dropped_packets], bytes: [t.passed_bytes, t.dropped_bytes] };
+      Object.keys(sets).forEach(function (kind) {
+        var el = section.querySelector('[data-chart="' + kind + '"]');
+        var data = [t.at, perSecond(sets[kind][0], t.step, t.last_seconds),
+                    perSecond(sets[kind][1], t.step, t.last_seconds)];
+        if (charts[kind] && charts[kind].span === t.span) { charts[kind].chart.setData(data); return; }
+        if (charts[kind]) forget(charts[kind].chart);
+        var format = kind === "bytes" ? bytesPerSecond : plain;
+        charts[kind] = { span: t.span, chart: chartOn(el, [line("passed", PASSED, format),
+                                                           line("dropped", DROPPED, format)],
+                                                      data, t.timezone, 180, format) };
+      });
+      trafficWords(section, t);
+    }
+    function refresh() {
+      getJSON("/api/devices/" + encodeURIComponent(section.dataset.traffic) + "/traffic?span=" + span)
+        .then(draw).catch(function () {});
+    }
+    section.querySelectorAll("button[data-span]").forEach(function (b) {
+      b.addEventListener("click", function () {
+        span = b.dataset.span;
+        section.querySelectorAll("button[data-span]").forEach(function (o) {
+          o.setAttribute("aria-pressed", o === b ? "true" : "false");
+        });
+        refresh();
+      });
+    });
+    every(CHART_MS, refresh);
+  }
+
+  function sparklines() {
+    if (!document.getElementById("devices") || !window.uPlot) return;     // rows may come later
+    var charts = {};
+    function draw(o) {
+      document.querySelectorAll("[data-spark]").forEach(function (el) {
+        var name = el.dataset.spark, d = o.devices[name];
+        if (!d) return;
+        var data = [o.at, d.passed_packets, d.dropped_packets];      // packets per second already
+        el.title = name + ": packets per second over the last hour, passed (green) and dropped (red)";
+        var c = charts[name];
+        if (c && c.el === el) { c.chart.setData(data); return; }
+        if (c) c.chart.destroy();
+        charts[name] = { el: el, chart: new uPlot({
+          width: 120, height: 32, legend: { show: false }, cursor: { show: false }, select: { show: false },
+          axes: [{ show: false }, { show: false }],
+          series: [{}, { stroke: PASSED, width: 1, points: { show: false } },
+                   { stroke: DROPPED, width: 1, points: { show: false } }] }, data, el) };
+      });
+    }
+    every(CHART_MS, function () {
+      getJSON("/api/traffic?span=hour&points=60").then(draw).catch(function () {});
+    });
+  }
+
+  function whenCell(w) {
+    var td = document.createElement("td");
+    if (w) whenNodes(w).forEach(function (n) { td.appendChild(n); });
+    else text(td, "—");
+    return td;
+  }
+
+  function telemetryRows(t) {
+    var tbody = document.querySelector("table.telemetry tbody");
+    if (!tbody || !t.latest.length) return;
+    var labels = Array.prototype.map.call(document.querySelectorAll("table.telemetry thead th"),
+                                          function (th) { return th.textContent; });
+    while (tbody.firstChild) tbody.removeChild(tbody.firstChild);
+    t.latest.forEach(function (x) {
+      var tr = document.createElement("tr"), cells = [];
+      var key = document.createElement("code");
+      text(key, x.key);
+      var td = document.createElement("td");
+      td.appendChild(key);
+      cells.push(td);
+      var value = document.createElement("td");
+      if (typeof x.value === "object" && x.value !== null) {        // a table or a list: as JSON
+        var json = document.createElement("code");
+        text(json, JSON.stringify(x.value));
+        value.appendChild(json);
+      } else {
+        text(value, String(x.value));
+      }
+      var meaning = document.createElement("td");
+      text(meaning, x.meaning || "—");
+      cells.push(value, meaning);
+      cells.push(whenCell(x.when));
+      var from = document.createElement("td");
+      text(from, x.source || "");
+      cells.push(from);
+      cells.forEach(function (c, i) { c.dataset.label = labels[i] || ""; tr.appendChild(c); });
+      tbody.appendChild(tr);
+    });
+  }
+
+  function telemetryCharts() {
+    var box = document.getElementById("telemetry-charts");
+    if (!box || !window.uPlot) return;
+    var charts = {};
+    function draw(t) {
+      telemetryRows(t);
+      Object.keys(t.series).sort().forEach(function (key) {
+        var s = t.series[key], data = [s.at, s.values];
+        if (charts[key]) { charts[key].setData(data); return; }
+        var fig = document.createElement("figure");
+        fig.className = "chart";
+        fig.dataset.key = key;
+        var caption = document.createElement("figcaption");
+        text(caption, key);
+        fig.appendChild(caption);
+        box.appendChild(fig);
+        var series = line(key, VALUE);
+        series.points = { show: true, size: 5 };
+        charts[key] = chartOn(fig, [series], data, t.timezone, 140, plain);
+      });
+    }
+    every(CHART_MS, function () {
+      getJSON("/api/devices/" + encodeURIComponent(box.dataset.telemetry) + "/telemetry")
+        .then(draw).catch(function () {});
+    });
+  }
+
+  function resizeCharts() {
+    var pending = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(pending);
+      pending = setTimeout(function () {
+        drawn.forEach(function (d) { d.chart.setSize({ width: widthOf(d.el), height: d.height }); });
+      }, 200);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     if (document.body.dataset.now) skew = Number(document.body.dataset.now) - Date.now() / 1000;
     setInterval(refreshAgo, 15000);
     live(); reloadLater();
+    trafficCharts(); sparklines(); telemetryCharts(); resizeCharts();
   });
 })();
