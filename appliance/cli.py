@@ -343,6 +343,55 @@ def _notify_test(args) -> int:
     return 0 if all(x["ok"] for x in r.values()) else 1
 
 
+def _home_assistant_lines(ha: dict) -> list[str]:
+    """What to enter in Home Assistant's MQTT integration, as the page's Home Assistant section
+    says it."""
+    if not ha["enabled"]:
+        return [f"Home Assistant: off ({ha['setting']} is empty in the config file)"]
+    lines = []
+    for li in ha["listeners"]:
+        where = li["address"] or "any address of the appliance (the one its web page is at)"
+        lines += [f"broker            {where}",
+                  f"port              {li['port']} ({'TLS' if li['tls'] else 'plain MQTT, no TLS'})"]
+    if not ha["listeners"]:
+        lines.append(f"broker            unknown: no broker configuration in {ha['broker_directory']} "
+                     "(mqtt.broker_directory)")
+    lines += [f"username          {ha['user']}",
+              f"client id         {ha['client_id']} (the integration's advanced options; the broker "
+              f"accepts {ha['client_id_rule']})",
+              f"discovery prefix  {ha['discovery_prefix']}"]
+    return lines
+
+
+def _home_assistant(args) -> int:
+    from appliance.client import request
+    ha = request(_socket(args), "home_assistant_broker")
+    if args.json:
+        print(json.dumps(ha, indent=1))
+        return 0
+    print("\n".join(_home_assistant_lines(ha)))
+    if ha["enabled"]:
+        print("password          " + ("set (only its hash is kept; `kalki mqtt home-assistant-password` "
+                                      "sets a new one)" if ha["password_set"] else
+                                      "none yet: `kalki mqtt home-assistant-password` sets one"))
+    return 0
+
+
+def _home_assistant_password(args) -> int:
+    """Prints the new password this once: the supervisor keeps only its hash."""
+    from appliance.client import request
+    ha = request(_socket(args), "home_assistant_password")
+    if args.json:
+        print(json.dumps(ha, indent=1))
+        return 0
+    print("\n".join(_home_assistant_lines(ha)))
+    print(f"password          {ha['password']}")
+    print("shown this once: enter it in Home Assistant now; the old password no longer works"
+          + ("" if ha["broker_reloaded"] else " (the broker is not running: it takes the new one "
+             "when it starts)"), file=sys.stderr)
+    return 0
+
+
 def _device_rename(args) -> int:
     from appliance.client import request
     r = request(_socket(args), "device_rename", name=args.name, new=args.new)
@@ -823,6 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", choices=("ntfy", "webhook", "email"), help="only this channel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_notify_test)
+    mqtt = sub.add_parser("mqtt", help="the appliance's MQTT broker").add_subparsers(
+        dest="mqtt_command", required=True)
+    p = mqtt.add_parser("home-assistant", help="what to enter in Home Assistant's MQTT integration "
+                        "(but the password)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_home_assistant)
+    p = mqtt.add_parser("home-assistant-password", help="give Home Assistant's broker user a new "
+                        "random password, in force at once (the old one stops working), and print "
+                        "it, once: only its hash is kept")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_home_assistant_password)
     p = sub.add_parser("raise-alert", help="record an alert (the gate's api-denied, ...); rules "
                        "see it like any other")
     p.add_argument("kind")
@@ -881,6 +941,8 @@ HELP = {
     "block reason": "why, for the alert (default: blocked)",
     "block by": "who blocks it, for the alert (default: operator)",
     "notify test json": "the outcomes as JSON",
+    "mqtt home-assistant json": "the settings as JSON",
+    "mqtt home-assistant-password json": "the settings and the password as JSON",
     "raise-alert kind": "the alert's kind: lower-case words joined by - (api-denied)",
     "raise-alert by": "who raises it (gate, operator, ...)",
     "button hold seconds": "how long the button is held",

@@ -99,6 +99,10 @@ class MqttSection:
                                     "discovery configs and the supervisor's topics, and it alone "
                                     "may set a posture (<base>/<device>/posture/set); empty: none",
                                     "homeassistant")
+    broker_directory: str = _doc("the directory of Mosquitto's configuration, password file and "
+                                 "ACL as appliance/system/broker.py writes them: where the Home "
+                                 "Assistant user's password is set, and the broker found by its "
+                                 "configuration's path to reload", "/var/lib/kalki/mqtt")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from appliance.dataplane.umbox import check_controllers, check_my_controllers
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
+from appliance.system.broker import BrokerFiles
 from appliance.system.site import ERROR_FILE, isolation_warning_now
 from appliance.telemetry import kernel
 from appliance.telemetry.neighbours import NeighbourMonitor
@@ -118,6 +119,7 @@ async def start_control(cfg: Config, ops: Ops) -> asyncio.AbstractServer:
 async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     sup = Supervisor(cfg)
+    sup.broker_files = BrokerFiles(Path(cfg.mqtt.broker_directory), (cfg.mqtt.host, cfg.mqtt.port))
     sup.site_error = read_site_error()
     sup.isolation_warning = read_isolation_warning()
     ops = Ops(sup)

@@ -369,7 +369,9 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     os.chmod(pw_file, 0o600)
     broker = Broker(lab_dir / "mqtt", listen=GATEWAY_LAN_IP, port=MQTT_PORT,
                     users={**passwords, SUPERVISOR_USER: supervisor_password},
-                    supervisor_user=SUPERVISOR_USER)
+                    supervisor_user=SUPERVISOR_USER,
+                    # its ACL, so that a password set on the page lets Home Assistant in
+                    home_assistant_user=config.Config().mqtt.home_assistant_user or None)
     broker.start(namespace=s.namespaces["gw"])
     broker_pid = broker.pid
     if broker_pid is None:
@@ -384,6 +386,7 @@ def _start_supervisor(s: LabState, lab_dir: Path, fake_time: str, ui: bool = Tru
     cfg.gateway.gate_policy_dir = str(gate_policy_dir(s))
     cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.user = GATEWAY_LAN_IP, MQTT_PORT, SUPERVISOR_USER
     cfg.mqtt.password_file = str(pw_file)
+    cfg.mqtt.broker_directory = str(lab_dir / "mqtt")
     cfg.control.socket = s.gateway["socket"]
     cfg.gateway.gate_credentials = ""     # the lab's gate has the lab's own (gate.json)
     cfg.adapters.credentials_file = str(lab_dir / "adapter-credentials.json")

@@ -86,6 +86,8 @@ class Supervisor:
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
+        # system.broker.BrokerFiles (appliance.run): Home Assistant's password on the broker
+        self.broker_files: Any = None
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
         self.clones: dict[str, dict] = {}  # MAC -> the clone seen below the gateway: see on_clone
         self._gate_credentials: str | None = None   # what sync_gate_credentials last wrote

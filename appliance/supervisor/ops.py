@@ -39,7 +39,8 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
            "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
            "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release",
-           "notify_test", "device_rename", "device_group", "rules_view", "set_rule_enabled")
+           "notify_test", "device_rename", "device_group", "rules_view", "set_rule_enabled",
+           "home_assistant_broker", "home_assistant_password")
 
 log = logging.getLogger("kalki.ops")
 HOME_ASSISTANT = "Home Assistant"    # the actor of what Home Assistant asks over MQTT
@@ -1039,13 +1040,61 @@ class Ops:
     def _broker_users(self) -> set[str] | None:
         """Devices with a user on the MQTT broker, from Mosquitto's password file when the
         supervisor can see it (the lab; on a Pi /etc/kalki/mqtt/passwords); None if unknown."""
-        pw = Path(self._sup.cfg.mqtt.password_file)
-        for candidate in (pw.parent / "mqtt" / "passwords", Path("/etc/kalki/mqtt/passwords")):
+        m = self._sup.cfg.mqtt
+        pw = Path(m.password_file)
+        for candidate in (Path(m.broker_directory) / "passwords", pw.parent / "mqtt" / "passwords",
+                          Path("/etc/kalki/mqtt/passwords")):
             try:
                 return {line.split(":", 1)[0] for line in candidate.read_text().splitlines() if ":" in line}
             except OSError:
                 continue
         return None
+
+    # -- Home Assistant's broker user ----------------------------------------------------
+    def home_assistant_broker(self) -> dict:
+        """What Home Assistant's MQTT integration is to be given, but the password: the
+        broker's listeners (from its configuration: address "" is every address of the
+        appliance), the user, the client ids the broker's plugin lets it use, the discovery
+        prefix, and whether a password is set. {"enabled": False, ...} when
+        mqtt.home_assistant_user is empty."""
+        m = self.cfg.mqtt
+        user = m.home_assistant_user
+        if not user:
+            return {"enabled": False, "setting": "mqtt.home_assistant_user"}
+        files = self._sup.broker_files
+        last = next((r for r in self._sup.store.decisions(kind="audit", limit=500)
+                     if r.get("event") == "ha-password-set"), None)
+        # Home Assistant's own default client id is a random one, which the plugin refuses.
+        return {"enabled": True, "user": user, "client_id": user,
+                "client_id_rule": f"{user}, or {user}- followed by anything that is not "
+                                  "another broker user's name",
+                "discovery_prefix": m.discovery_prefix,
+                "listeners": files.listeners() if files else [],
+                "broker_directory": str(files.directory) if files else m.broker_directory,
+                "password_set": bool(files and files.password_is_set(user)),
+                "password_set_at": last["at"] if last else None,
+                "password_set_by": last["actor"] if last else None}
+
+    async def home_assistant_password(self, actor: str = "operator") -> dict:
+        """A new random password for Home Assistant's broker user, in force at once: its hash
+        replaces the old one in the broker's password file and the running broker re-reads
+        it (the old password stops working, a session logged in with it is ended; nobody else
+        is disconnected). Returned once, with home_assistant_broker()'s view; the appliance
+        keeps only the hash. Audited as ha-password-set, without the password."""
+        m = self.cfg.mqtt
+        user = m.home_assistant_user
+        if not user:
+            raise ConfigError("mqtt.home_assistant_user is empty: Home Assistant has no broker "
+                              "user on this appliance (set one in the config file's [mqtt])")
+        files = self._sup.broker_files
+        if files is None:
+            raise KalkiError("this supervisor was started without the broker's files "
+                             "(mqtt.broker_directory)")
+        # Off the loop: the broker is waited for (a reload takes a few milliseconds, at most 5 s).
+        password, reloaded = await asyncio.to_thread(files.new_password, user)
+        self._sup.store.audit("ha-password-set", actor, {"user": user, "broker_reloaded": reloaded})
+        log.info("a new broker password for Home Assistant's user %s, set by %s", user, actor)
+        return {**self.home_assistant_broker(), "password": password, "broker_reloaded": reloaded}
 
     # -- rules --------------------------------------------------------------------------
     def rules_view(self) -> list[dict]:

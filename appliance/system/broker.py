@@ -6,6 +6,9 @@ from the supervisor.
     broker = Broker(Path("/run/kalki/mqtt"), port=1883, users={"kalki": pw, "light1": pw1})
     with broker:
         broker.add_user("plug2", random_password())   # no restart: SIGHUP re-reads the files
+
+    # the password of one user of a broker started by someone else (kalki-mosquitto.service)
+    set_password(Path("/var/lib/kalki/mqtt"), "homeassistant", pw, ("127.0.0.1", 1883))
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import signal
 import socket
 import string
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -111,7 +115,13 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
     run_as = run_as or getpass.getuser()
     directory.mkdir(parents=True, exist_ok=True)
 
-    _write(directory / PASSWORDS, "".join(f"{u}:{hash_password(p)}\n" for u, p in users.items()))
+    lines = [f"{u}:{hash_password(p)}\n" for u, p in users.items()]
+    if home_assistant_user and home_assistant_user not in users:
+        # Its password is set on the appliance (set_password), and known only as this hash:
+        # rewriting the file for a device must not log Home Assistant out.
+        kept = _user_line(directory / PASSWORDS, home_assistant_user)
+        lines += [kept] if kept else []
+    _write(directory / PASSWORDS, "".join(lines))
     # Patterns apply to every user; %u is the authenticated user name, so a device can only
     # publish under its own topic and only read its own commands.
     _write(directory / ACL, "\n".join([
@@ -168,6 +178,174 @@ def write_config(directory: Path, listen: str = "127.0.0.1", port: int = 1883,
         for path in (directory, directory / PASSWORDS, directory / ACL):
             shutil.chown(path, user=run_as)
     return conf
+
+
+def _user_line(path: Path, user: str) -> str | None:
+    """user's "name:hash" line of a password file, newline included; None if it has none."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return next((line for line in text.splitlines(keepends=True)
+                 if line.split(":", 1)[0] == user and ":" in line), None)
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    """Whether password is the one hashed (hash_password's format, mosquitto_passwd's "$7$")."""
+    try:
+        kind, iterations, salt, digest = hashed.strip().split("$")[1:]
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt),
+                                  int(iterations), len(base64.b64decode(digest)))
+    except ValueError:
+        return False
+    return secrets.compare_digest(got, base64.b64decode(digest))
+
+
+def password_is_set(directory: Path, user: str) -> bool:
+    return _user_line(Path(directory) / PASSWORDS, user) is not None
+
+
+_PASSWORDS_LOCK = threading.Lock()     # one read-modify-write of the password file at a time
+
+
+def _replace_line(path: Path, user: str, line: str | None) -> str | None:
+    """Puts line (None: nothing) in place of user's line, every other line as it was, the file
+    owned and private as before (the broker re-reads it as the user it dropped to); returns
+    user's line before."""
+    try:
+        st = path.stat()
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no broker password file there (mqtt.broker_directory names "
+                          "the directory appliance/system/broker.py writes Mosquitto's files "
+                          "into)") from None
+    before = _user_line(path, user)
+    kept = [x for x in text.splitlines(keepends=True) if x.split(":", 1)[0] != user or ":" not in x]
+    if kept and not kept[-1].endswith("\n"):
+        kept[-1] += "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept) + (line or ""))
+    os.chmod(tmp, 0o600)
+    if os.geteuid() == 0:
+        os.chown(tmp, st.st_uid, st.st_gid)
+    os.replace(tmp, path)
+    return before
+
+
+def set_password(directory: Path, user: str, password: str, reach: tuple[str, int],
+                 namespace: str | None = None, timeout: float = 5.0) -> bool:
+    """Gives user this password in the broker's password file (the hash only) and has the
+    running broker read it: from then on the old password is refused, and a client still
+    connected with it is disconnected (Mosquitto checks every session again at a reload).
+    Every other user's line is left as it is, and nobody else is disconnected. reach is where
+    the broker answers (for reload_running). True if a running broker re-read the file; False
+    if none runs (it reads the file when it starts). If the broker does not reload, the old
+    line is put back and the KalkiError says so."""
+    check_name(user, "broker user")
+    directory = Path(directory)
+    line = f"{user}:{hash_password(password)}\n"
+    with _PASSWORDS_LOCK:
+        before = _replace_line(directory / PASSWORDS, user, line)
+        try:
+            return reload_running(directory, reach, namespace, timeout)
+        except (KalkiError, OSError) as e:
+            _replace_line(directory / PASSWORDS, user, before)
+            raise KalkiError(f"the broker did not take the new password ({e}); it keeps the "
+                             "old one") from None
+
+
+def running_pid(conf: Path) -> int | None:
+    """The pid of the mosquitto running from conf (`mosquitto -c conf`, as kalki-mosquitto.service,
+    the lab and Broker start it), found in /proc; None if there is none."""
+    conf = Path(conf).resolve()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv or Path(os.fsdecode(argv[0])).name != "mosquitto" or b"-c" not in argv:
+                continue
+            given = Path(os.fsdecode(argv[argv.index(b"-c") + 1]))
+            if not given.is_absolute():
+                given = (entry / "cwd").resolve() / given
+            if given.resolve() == conf:
+                return int(entry.name)
+        except (OSError, IndexError):
+            continue     # gone, or not ours to read
+    return None
+
+
+def reload_running(directory: Path, reach: tuple[str, int], namespace: str | None = None,
+                   timeout: float = 5.0) -> bool:
+    """SIGHUP to the mosquitto running from directory's conf, waiting until it has re-read its
+    files; False if none runs."""
+    directory = Path(directory)
+    pid = running_pid(directory / CONF)
+    if pid is None:
+        return False
+    _signal_and_wait(lambda: os.kill(pid, signal.SIGHUP), directory / LOG, reach, namespace, timeout)
+    return True
+
+
+def _signal_and_wait(hup, log: Path, reach: tuple[str, int], namespace: str | None,
+                     timeout: float) -> None:
+    offset = log.stat().st_size  # the log only grows; read just what the reload adds
+    hup()
+    deadline = time.monotonic() + timeout
+    while b"Reloading config" not in _read_from(log, offset):
+        if time.monotonic() > deadline:
+            raise KalkiError(f"mosquitto on port {reach[1]} did not reload within {timeout:g}s")
+        time.sleep(0.05)
+    # The line is logged just before the files are re-read; mosquitto is single-threaded,
+    # so once it answers a connection the reload is complete.
+    with netns.entered(namespace), socket.create_connection(reach, 5) as s:
+        s.sendall(ANONYMOUS_CONNECT)
+        s.settimeout(5)
+        s.recv(4)  # CONNACK (refused: anonymous)
+
+
+def listeners(directory: Path) -> list[dict]:
+    """The listeners of directory's mosquitto.conf: [{"address", "port", "tls"}] ("address" ""
+    for every address); [] if there is no conf."""
+    try:
+        text = (Path(directory) / CONF).read_text()
+    except OSError:
+        return []
+    found: list[dict] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "listener" and words[1].isdigit():
+            address = words[2] if len(words) > 2 else ""
+            found.append({"address": "" if address in ("0.0.0.0", "::") else address,
+                          "port": int(words[1]), "tls": False})
+        elif found and words and words[0] in ("certfile", "psk_hint"):
+            found[-1]["tls"] = True     # a listener's settings follow its line
+    return found
+
+
+class BrokerFiles:
+    """The files of a broker someone else runs from directory (kalki-mosquitto.service on the
+    image, the lab's): what the supervisor may do with them, handed to it by appliance.run.
+    reach is where the broker answers the supervisor."""
+
+    def __init__(self, directory: Path, reach: tuple[str, int], namespace: str | None = None):
+        self.directory = Path(directory)
+        self.reach = reach
+        self.namespace = namespace
+
+    def listeners(self) -> list[dict]:
+        return listeners(self.directory)
+
+    def password_is_set(self, user: str) -> bool:
+        return password_is_set(self.directory, user)
+
+    def new_password(self, user: str) -> tuple[str, bool]:
+        """A new random password for user, in force (set_password); (it, whether a running
+        broker re-read the file)."""
+        password = random_password()
+        return password, set_password(self.directory, user, password, self.reach, self.namespace)
 
 
 def _read_from(path: Path, offset: int) -> bytes:
@@ -289,25 +467,12 @@ class Broker:
         """SIGHUP: mosquitto re-reads the password and ACL files; waits until it has."""
         if not self.running:
             return  # the files are read at the next start anyway
-        log = self.directory / LOG
-        offset = log.stat().st_size  # the log only grows; read just what the reload adds
-        self._started().send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while b"Reloading config" not in _read_from(log, offset):
-            if time.monotonic() > deadline:
-                raise KalkiError(f"mosquitto on port {self.port} did not reload within "
-                                 f"{timeout:g}s:\n{self.log_tail()}")
-            time.sleep(0.05)
-        # The line is logged just before the files are re-read; mosquitto is single-threaded,
-        # so once it answers a connection the reload is complete.
-        self._round_trip()
-
-    def _round_trip(self) -> None:
-        host = self._connect_host()
-        with netns.entered(self.namespace), socket.create_connection((host, self.port), 5) as s:
-            s.sendall(ANONYMOUS_CONNECT)
-            s.settimeout(5)
-            s.recv(4)  # CONNACK (refused: anonymous)
+        try:
+            _signal_and_wait(lambda: self._started().send_signal(signal.SIGHUP),
+                             self.directory / LOG, (self._connect_host(), self.port),
+                             self.namespace, timeout)
+        except KalkiError as e:
+            raise KalkiError(f"{e}:\n{self.log_tail()}") from None
 
     def add_user(self, name: str, password: str) -> None:
         check_name(name, "broker user")

@@ -18,6 +18,8 @@ the first boot, the way Raspberry Pi users already drop files there.
     [ssh]
     enabled = true
     authorized_key = "ssh-ed25519 AAAA... technician@laptop"
+    [mqtt]
+    home_assistant_password = "16 to 128 characters"  # taken once, if the broker has none yet
 
 `load` validates it (unknown keys are errors; every message names the file and the key).
 `isolation_warning` says, in plain words, when devices on the devices side may reach each other
@@ -52,8 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance import config
-from appliance.errors import ConfigError
-from appliance.system import dhcp
+from appliance.errors import ConfigError, KalkiError
+from appliance.system import broker, dhcp
 from appliance.vocab import WORKDAYS, check_business_hours, check_timezone
 
 SOURCE = Path("/boot/firmware/kalki.toml")
@@ -62,6 +64,7 @@ ERROR_FILE = Path("/run/kalki/site-error")
 STATE_DIR = "/var/lib/kalki"                        # the data partition
 LEASE_FILE = f"{STATE_DIR}/dnsmasq/leases"
 PASSWORD_FILE = "/var/lib/kalki/secrets/mqtt-password"
+BROKER_DIRECTORY = f"{STATE_DIR}/mqtt"             # kalki-mosquitto.service runs from there
 PROFILES = "/opt/kalki/umboxes"
 # The passphrase of kalki.toml.example: refused, so that no card runs with a published one.
 PLACEHOLDER_PASSPHRASE = "CHANGE-ME-8-to-63-characters"
@@ -118,6 +121,8 @@ class Site:
     ssh_enabled: bool = False
     ssh_authorized_key: str = ""
     notify: dict = field(default_factory=dict)    # the supervisor's [notify] keys, as given
+    # Never rendered: only its hash goes into the broker's password file (home_assistant_password).
+    home_assistant_password: str = ""
     path: str = ""
 
     @property
@@ -184,12 +189,13 @@ def check_authorized_key(value: str, where: str) -> str:
 
 def parse(data: dict, path: str = "kalki.toml") -> Site:
     """The site file as a Site; SiteError names the file and the key at fault."""
-    top = _table(data, path, ("network", "wifi", "time", "business_hours", "ssh", "notify"))
+    top = _table(data, path, ("network", "wifi", "time", "business_hours", "ssh", "notify", "mqtt"))
     site = Site(path=path)
     _parse_network(site, top.get("network", {}), path)
     _parse_wifi(site, top, path)
     _parse_time(site, top.get("time", {}), top.get("business_hours", {}), path)
     _parse_ssh(site, top.get("ssh", {}), path)
+    _parse_mqtt(site, top.get("mqtt", {}), path)
     site.notify = top.get("notify", {})
     if not isinstance(site.notify, dict):
         raise SiteError(f"{path}: notify: expected a table (the supervisor's [notify] keys)")
@@ -291,6 +297,38 @@ def _parse_ssh(site: Site, section: dict, path: str) -> None:
     site.ssh_enabled = enabled
 
 
+def _parse_mqtt(site: Site, section: dict, path: str) -> None:
+    mt = _table(section, f"{path}: mqtt", ("home_assistant_password",))
+    if "home_assistant_password" in mt:
+        where = f"{path}: mqtt.home_assistant_password"
+        value = _str(mt, "home_assistant_password", f"{path}: mqtt")
+        # It guards the posture commands, and the broker lets anyone on the network try it.
+        if not 16 <= len(value) <= 128:
+            raise SiteError(f"{where}: 16 to 128 characters, this one {len(value)}")
+        if any(not 33 <= ord(c) <= 126 for c in value):
+            raise SiteError(f"{where}: only printable ASCII characters, no spaces")
+        site.home_assistant_password = value
+
+
+def home_assistant_password(site: Site, directory: Path | str = BROKER_DIRECTORY) -> str:
+    """The site file's [mqtt] home_assistant_password put into the broker's password file in
+    directory (its hash only), when the broker has none yet for Home Assistant's user: the
+    first boot's, or one set later from the page, is never replaced by the card's. Says what
+    was done. (kalki-firstboot, before the broker starts.)"""
+    if not site.home_assistant_password:
+        return "no Home Assistant password in the site file"
+    cfg = supervisor_config(site)
+    user = cfg.mqtt.home_assistant_user
+    if not user:
+        return "no Home Assistant user (mqtt.home_assistant_user is empty)"
+    if broker.password_is_set(Path(directory), user):
+        return (f"Home Assistant's broker user {user} has a password already: the site file's is "
+                "not used (the web page's Settings set a new one)")
+    running = broker.set_password(Path(directory), user, site.home_assistant_password,
+                                  (cfg.mqtt.host, cfg.mqtt.port))
+    return (f"Home Assistant's broker user {user} has the site file's password"
+            + (" (the broker re-read it)" if running else ""))
+
 
 def load(path: Path | str = SOURCE) -> Site:
     path = Path(path)
@@ -390,6 +428,7 @@ def supervisor_config(site: Site, panel: bool = False) -> config.Config:
         cfg.stations.hostapd_control = f"{HOSTAPD_CONTROL_DIR}/{site.devices_interface}"
     cfg.state.directory = STATE_DIR
     cfg.mqtt.password_file = PASSWORD_FILE
+    cfg.mqtt.broker_directory = BROKER_DIRECTORY
     cfg.policy.timezone = site.timezone
     cfg.policy.business_days = list(site.business_days)
     cfg.policy.business_start = site.business_start
@@ -561,7 +600,19 @@ def main(argv=None) -> int:
     p.add_argument("--source", default=str(SOURCE))
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--error-file", default=str(ERROR_FILE))
+    p = sub.add_parser("home-assistant-password", help="the site file's [mqtt] "
+                       "home_assistant_password into the broker's password file, if it has none")
+    p.add_argument("--source", default=str(SOURCE))
+    p.add_argument("--broker-directory", default=BROKER_DIRECTORY)
     args = ap.parse_args(argv)
+    if args.command == "home-assistant-password":
+        try:
+            said = home_assistant_password(load(args.source), args.broker_directory)
+        except KalkiError as e:     # a wrong site file is apply's to report; nothing done here
+            print(f"kalki-site: {e}; no Home Assistant password set", file=sys.stderr)
+            return 1
+        print(f"kalki-site: {said}")
+        return 0
     if args.command == "check":
         try:
             load(args.file)

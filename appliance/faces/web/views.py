@@ -6,7 +6,7 @@ import asyncio
 import html
 import json
 import re
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from microdot import Response
 
@@ -1209,7 +1209,7 @@ async def audit_page(request):
 
 # -- settings ------------------------------------------------------------------------------
 
-async def settings_page(request, error=None, status=200, new_token=None):
+async def settings_page(request, error=None, status=200, new_token=None, new_ha=None):
     ops = web_state(request).ops
     s = ops.settings()
     bh = s["business_hours"]
@@ -1234,9 +1234,77 @@ async def settings_page(request, error=None, status=200, new_token=None):
 <p class="muted">The API is described at <a href="/api/openapi.json">/api/openapi.json</a>.</p>
 </section><section><h2>MQTT: devices with a broker user</h2>
 {table(("device", "broker user", "availability"), mqtt_rows)}</section>
+{home_assistant_html(request, ops, new_ha)}
 {notify_html(request, ops)}
 {backup_html(request)}"""
     return page(request, "Settings", body, error=error, status=status)
+
+
+def page_host(request) -> str | None:
+    """The host name or address this page was reached at (its Host header, without the port)."""
+    try:
+        return urlsplit("//" + (request.headers.get("Host") or "")).hostname
+    except ValueError:
+        return None
+
+
+def home_assistant_html(request, ops, new=None) -> str:
+    """What to enter in Home Assistant's MQTT integration, and the button that gives its broker
+    user a new password; new: the answer of that, whose password is shown here once."""
+    ha = ops.home_assistant_broker()
+    if not ha["enabled"]:
+        return f"""<section id="home-assistant"><h2>Home Assistant</h2>
+<p class="muted">Off: <code>{e(ha["setting"])}</code> is empty in the config file, so Home Assistant has no user on this appliance's MQTT broker. Name one there (<code>homeassistant</code>, say) to connect Home Assistant.</p></section>"""
+    here = page_host(request)
+    rows = []
+    for li in ha["listeners"]:
+        host = (f'<code>{e(li["address"])}</code>' if li["address"] else
+                (f'<code>{e(here)}</code> (this page\'s address: the broker listens on every '
+                 'address of the appliance)' if here else "any address of the appliance"))
+        rows.append(("Broker", host))
+        rows.append(("Port", f'<code>{e(li["port"])}</code> ' + (
+            "(TLS)" if li["tls"] else '<span class="muted">(plain MQTT, no TLS: the password '
+            "and the messages cross the network readable, so keep Home Assistant on a network you "
+            "trust)</span>")))
+    if not ha["listeners"]:
+        rows.append(("Broker", f'<span class="error">unknown: no broker configuration in '
+                     f'<code>{e(ha["broker_directory"])}</code> (<code>mqtt.broker_directory</code>)</span>'))
+    rows.append(("Username", f'<code id="ha-user">{e(ha["user"])}</code>'))
+    if ha["password_set"]:
+        by = (f' ({when_html(ops, ha["password_set_at"])} by {e(ha["password_set_by"])})'
+              if ha["password_set_at"] else "")
+        rows.append(("Password", f"set{by}; only its hash is kept here, so it cannot be shown again"))
+    else:
+        rows.append(("Password", '<span class="error">none yet: Home Assistant cannot log in '
+                     "until you set one</span>"))
+    rows.append(("Client ID", f'<code>{e(ha["client_id"])}</code> <span class="muted">(in the '
+                 "integration's advanced options: the broker refuses Home Assistant's default, a "
+                 f'random id, and accepts {e(ha["client_id_rule"])})</span>'))
+    rows.append(("Discovery prefix", f'<code>{e(ha["discovery_prefix"])}</code>'))
+    shown = ""
+    if new:
+        later = ("" if new["broker_reloaded"] else
+                 " The broker is not running now: it takes the password when it starts.")
+        shown = (f'<p class="ok" id="ha-password-shown">New password for <code>{e(new["user"])}</code>, '
+                 f'shown this once (the appliance keeps only its hash): <code id="ha-password">'
+                 f'{e(new["password"])}</code>. Enter it in Home Assistant now; the old one no '
+                 f"longer works.{e(later)}</p>")
+    button = form(request, "/settings/home-assistant-password", "", "Set a new password", "inline")
+    return f"""<section id="home-assistant"><h2>Home Assistant</h2>
+<p class="muted">Home Assistant's MQTT integration logs in to this appliance's broker with the settings below; it then finds every approved device by discovery, and alone may set a device's posture.</p>{shown}
+{table(("setting", "value"), rows, "home-assistant")}
+<p class="muted">A new password replaces the current one at once: Home Assistant is logged out until it is given the new one.</p>
+{button}</section>"""
+
+
+async def home_assistant_password_post(request):
+    ops = web_state(request).ops
+    try:
+        new = await ops.home_assistant_password(actor(request))
+    except (KalkiError, ValueError) as err:
+        return await settings_page(request, str(err), error_status(err))
+    # Rendered here, never put in the session's flash: the password is in this answer only.
+    return await settings_page(request, new_ha=new)
 
 
 CHANNEL_NAMES = {"ntfy": "ntfy", "webhook": "Webhook", "email": "E-mail"}
@@ -1454,6 +1522,7 @@ def add_routes(app) -> None:
     route(app, "POST", "/settings/business-hours", business_hours_post)
     route(app, "POST", "/settings/timezone", timezone_post)
     route(app, "POST", "/settings/notify-test", notify_test_post)
+    route(app, "POST", "/settings/home-assistant-password", home_assistant_password_post)
     route(app, "POST", "/settings/password", password_post)
     route(app, "POST", "/settings/tokens", token_post)
     route(app, "POST", "/settings/tokens/<id>/delete", token_delete_post)
