@@ -134,6 +134,11 @@ def xdp_filter_peer(ports=(23, 2323, 7547), ips=("198.18.250.1", "198.18.250.2")
     if not shutil.which("xdp-filter"):
         yield None, "no xdp-filter (Debian package xdp-tools)"
         return
+    # xdp-filter keeps its maps under /sys/fs/bpf/xdp-filter for the whole host, whatever the
+    # namespace: one already there is someone else's, whose lists this must not change.
+    if Path("/sys/fs/bpf/xdp-filter").exists():
+        yield None, "an xdp-filter is already loaded on this host (/sys/fs/bpf/xdp-filter)"
+        return
     ns = f"kalki-xf{suffix()}"
     libxdp_dir = Path("/sys/fs/bpf/xdp")        # libxdp's working directory, made on first use
     made_libxdp_dir = not libxdp_dir.exists()

@@ -84,7 +84,11 @@ BPF_PERCPU_ARRAY(kalki_counters, struct kalki_counter, KALKI_MAX_DEVICES * KALKI
 BPF_TABLE("lru_hash", __u32, struct kalki_drop, kalki_drop_set, 65536);
 BPF_TABLE("lru_hash", struct source_key, struct source_window, kalki_source_windows, 65536);
 BPF_TABLE("lru_hash", struct scan_key, __u64, kalki_scan_seen, 65536);
-BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_allow, 16384, BPF_F_NO_PREALLOC);
+/* The template of every allow-list's trie: its size is each list's most prefixes. */
+BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_allow,
+	    1024, BPF_F_NO_PREALLOC);
+/* Slots: a list per device at most, and its next while a posture changes. */
+BPF_ARRAY_OF_MAPS(kalki_allow_lists, "kalki_allow", 2 * KALKI_MAX_DEVICES);
 BPF_F_TABLE("hash", struct kalki_name_key, struct kalki_name_value, kalki_name_allow,
 	    KALKI_MAX_NAME_BINDINGS, BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(kalki_events, KALKI_RINGBUF_PAGES);
@@ -378,9 +382,12 @@ static __always_inline int name_allowed(__u32 device, struct packet *p)
 
 static __always_inline int allowed(__u32 device, struct kalki_device *cfg, struct packet *p)
 {
-	struct kalki_allow_key k = {.prefixlen = 64, .list = __builtin_bswap32(cfg->allow_id),
-				    .addr = p->dst};
-	struct kalki_allow_value *v = kalki_allow.lookup(&k);
+	struct kalki_allow_key k = {.prefixlen = 32, .addr = p->dst};
+	struct kalki_allow_value *v = 0;
+	__u32 list = cfg->allow_id;
+	void *trie = list ? kalki_allow_lists.lookup(&list) : 0;
+	if (trie)
+		v = bpf_map_lookup_elem(trie, &k);
 	if (v) {
 #pragma unroll
 		for (int i = 0; i < KALKI_ALLOW_RULES; i++) {

@@ -101,15 +101,15 @@ struct kalki_device {
 	__u32 bf_window_ms;
 	__u32 bf_block_s;
 	__u16 bf_ports[KALKI_LOGIN_PORTS];  /* host order, 0 = unused */
-	__u32 allow_id;          /* the device's allow-list in kalki_allow; devices share lists */
+	__u32 allow_id;          /* the device's slot in kalki_allow_lists (0: none) */
 };
 
-/* map: kalki_allow, LPM trie. prefixlen counts the 32 bits of the list id first. Devices
- * with the same destinations share one list, so the trie grows with distinct lists (device
- * types), not with devices. */
+/* map: kalki_allow_lists, array of maps: allow_id -> that list's LPM trie, shaped as map
+ * kalki_allow (the template: never filled). Devices with the same destinations share one
+ * list; a lookup walks one list's few prefixes, however many lists there are. User space
+ * fills a new list's trie before the list takes its slot. */
 struct kalki_allow_key {
 	__u32 prefixlen;
-	__u32 list;              /* network order, so it matches as a full prefix */
 	__u32 addr;              /* network order */
 };
 struct kalki_allow_rule {

@@ -100,3 +100,55 @@ def test_without_the_stealth_scan_check_a_probe_passes(pins):
         got, _ = paths.bpf.prog_test_run(path.prog_fds["xdp_to_devices"], probe, 1)
         assert (got, paths.grown(before, paths.counts(path))) == (verdict, {reason: 1}), name
 
+
+
+def test_each_allow_list_is_its_own_trie_and_reads_back_from_the_kernel(pins):
+    """A list's prefixes live in a trie of its own (so a lookup walks one list, however many
+    there are), and a fresh reader, as after a restart, finds every device's list by content."""
+    path = pins["distinct"]
+    reader = dataplane.Dataplane("reader")
+    reader._maps = path.maps
+    index = reader._list_index()
+    assert set(index.values()) == {d.allow_id for _, d in path.maps["kalki_devices"].items()}
+    content, list_id = next(iter(index.items()))
+    trie_id = path.maps["kalki_allow_lists"].lookup(ctypes.c_uint32(list_id)).value
+    trie = paths.bpf.Map.by_id(trie_id, maps.AllowKey, maps.AllowValue)
+    try:
+        assert len(list(trie.keys())) == len(content) >= 2
+    finally:
+        trie.close()
+
+
+def test_a_freed_allow_list_slot_is_given_again_only_after_the_others(pins):
+    """A packet may have read a device's old list id just before the device moved: that slot
+    must not hold another list a moment later."""
+    path = pins["one"]
+    lists = path.maps["kalki_allow_lists"]
+    dp = dataplane.Dataplane("slots")
+    dp._maps = path.maps
+    in_use = set(dp._list_index().values())
+    first = dp._list_id(((32, "198.19.77.1", ((17, 53),)),), create=True)
+    dp._collect_lists()                 # no device has it: its slot is emptied
+    assert lists.lookup(ctypes.c_uint32(first)) is None
+    second = dp._list_id(((32, "198.19.77.2", ((17, 53),)),), create=True)
+    assert second not in in_use | {first}
+    dp._collect_lists()
+    assert lists.lookup(ctypes.c_uint32(second)) is None
+
+
+def test_a_slot_a_device_names_is_never_given_to_another_list(pins):
+    """After an undo a device may name a list the index no longer holds (it was collected
+    before the undo): that slot is still in use."""
+    path = pins["one"]
+    dp = dataplane.Dataplane("named")
+    dp._maps = path.maps
+    device_list = dp._allow_ids()[1]
+    index = dp._list_index()
+    lost = next(content for content, list_id in index.items() if list_id == device_list)
+    del index[lost]
+    dp._last_list = device_list - 1           # the cursor would offer that slot next
+    made = dp._list_id(((32, "198.19.77.3", ((17, 53),)),), create=True)
+    assert made != device_list
+    index[lost] = device_list
+    dp._collect_lists()
+    assert path.maps["kalki_allow_lists"].lookup(ctypes.c_uint32(device_list)) is not None

@@ -87,7 +87,7 @@ def test_contract_sizes_match_the_header():
     """The loader compares these with the kernel's sizes; pin down the C layout here too."""
     assert ctypes.sizeof(maps.Device) == 96
     assert ctypes.sizeof(maps.Event) == 40
-    assert ctypes.sizeof(maps.AllowKey) == 12 and ctypes.sizeof(maps.AllowValue) == 36
+    assert ctypes.sizeof(maps.AllowKey) == 8 and ctypes.sizeof(maps.AllowValue) == 36
 
 
 def test_a_protocol_that_is_not_a_word_is_refused_by_name():

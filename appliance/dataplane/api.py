@@ -30,11 +30,6 @@ def _ip_be(ip: str) -> int:
     return int.from_bytes(socket.inet_aton(ip), "little")  # network order read as host u32
 
 
-def _be32(value: int) -> int:
-    """Swaps a u32 between host and network order (the LPM key wants network order)."""
-    return int.from_bytes(value.to_bytes(4, "little"), "big")
-
-
 def _ip_str(be: int) -> str:
     return socket.inet_ntoa(be.to_bytes(4, "little"))
 
@@ -126,6 +121,7 @@ class Dataplane:
         self._stale_ids = True                  # read the kernel's ids once, then keep track
         self._next_id_hint = 1
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
+        self._last_list = 0                               # the allow-list slot given last
         self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
         self._closed = False
@@ -402,13 +398,20 @@ class Dataplane:
                             for net, rules in grouped.items()))
 
     def _list_index(self) -> dict[tuple, int]:
-        """{content: list id}, read from the kernel once, then kept in step."""
+        """{content: list id}, read from the kernel once, then kept in step. Built whole
+        before it is kept: a half-read index would offer slots in use as free."""
         if self._lists is None:
-            by_id: dict[int, list] = {}
-            for k, v in self._maps["kalki_allow"].items():
-                rules = tuple((v.rules[i].proto, v.rules[i].port) for i in range(v.count))
-                by_id.setdefault(_be32(k.list), []).append((k.prefixlen - 32, _ip_str(k.addr), rules))
-            self._lists = {tuple(sorted(nets)): list_id for list_id, nets in by_id.items()}
+            lists: dict[tuple, int] = {}
+            for slot, map_id in self._maps["kalki_allow_lists"].items():
+                trie = bpf.Map.by_id(map_id.value, maps.AllowKey, maps.AllowValue)
+                try:
+                    nets = [(k.prefixlen, _ip_str(k.addr),
+                             tuple((v.rules[i].proto, v.rules[i].port) for i in range(v.count)))
+                            for k, v in trie.items()]
+                finally:
+                    trie.close()
+                lists[tuple(sorted(nets))] = slot.value
+            self._lists = lists
         return self._lists
 
     def _list_id(self, content: tuple, create: bool) -> int | None:
@@ -418,18 +421,42 @@ class Dataplane:
         index = self._list_index()
         if content in index or not create:
             return index.get(content)
-        list_id = max(index.values(), default=0) + 1
-        for prefixlen, addr, rules in content:
-            value = maps.AllowValue(count=len(rules))
-            for i, (proto, port) in enumerate(rules):
-                value.rules[i].proto, value.rules[i].port = proto, port
-            self._maps["kalki_allow"].update(self._allow_key(list_id, prefixlen, addr), value)
+        # Each list's trie has the template's shape: the kernel refuses any other in the slots.
+        prefixes = self._maps["kalki_allow"].max_entries
+        if len(content) > prefixes:
+            raise DataplaneError(f"an allow-list of {len(content)} destinations (networks); "
+                                 f"at most {prefixes}")
+        # A slot a device still names is not free, even if the index lost it (an undo).
+        list_id = self._free_list_slot(set(index.values()) | set(self._allow_ids().values()))
+        # The list's own trie, filled before its slot points at it: a device moved to this
+        # list never sees it half-made.
+        trie = bpf.Map("a new allow-list", maps.AllowKey, maps.AllowValue, fd=bpf.map_create(
+            bpf.BPF_MAP_TYPE_LPM_TRIE, maps.AllowKey, maps.AllowValue, prefixes,
+            bpf.BPF_F_NO_PREALLOC, "kalki_allow_l"))
+        try:
+            for prefixlen, addr, rules in content:
+                value = maps.AllowValue(count=len(rules))
+                for i, (proto, port) in enumerate(rules):
+                    value.rules[i].proto, value.rules[i].port = proto, port
+                trie.update(maps.AllowKey(prefixlen=prefixlen, addr=_ip_be(addr)), value)
+            self._maps["kalki_allow_lists"].update(ctypes.c_uint32(list_id), ctypes.c_uint32(trie.fd))
+        finally:
+            trie.close()            # the slot holds the trie now
         index[content] = list_id
         return list_id
 
-    @staticmethod
-    def _allow_key(list_id: int, prefixlen: int, addr: str) -> maps.AllowKey:
-        return maps.AllowKey(prefixlen=32 + prefixlen, list=_be32(list_id), addr=_ip_be(addr))
+    def _free_list_slot(self, used: set[int]) -> int:
+        """The next free slot after the last one given, round the slots: a slot is given again
+        only after the cursor has gone round, so a packet that read a device's old list id
+        just before it moved meets that list or none (XDP runs in microseconds; a lap takes
+        thousands of list changes)."""
+        slots = self._maps["kalki_allow_lists"].max_entries
+        for step in range(1, slots):
+            candidate = (self._last_list + step - 1) % (slots - 1) + 1     # 1 .. slots-1
+            if candidate not in used:
+                self._last_list = candidate
+                return candidate
+        raise DataplaneError(f"no free allow-list: all {slots - 1} are in use")
 
     def _allow_ids(self) -> dict[int, int]:
         """{device id: its allow-list id}, read from the kernel once, then kept in step."""
@@ -443,8 +470,7 @@ class Dataplane:
         index = self._list_index()
         for content, list_id in list(index.items()):
             if list_id not in used:
-                for prefixlen, addr, _ in content:
-                    self._maps["kalki_allow"].delete(self._allow_key(list_id, prefixlen, addr))
+                self._maps["kalki_allow_lists"].delete(ctypes.c_uint32(list_id))
                 del index[content]
 
     def _compile_now(self, spec: DeviceSpec) -> umbox.CompiledStack:
@@ -523,7 +549,9 @@ class Dataplane:
                 self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
-        if before is not None and before.allow_id != allow_id:
+        # In a batch the old list is kept until the batch has held: an undo puts the device
+        # back on it.
+        if self._batch is None and before is not None and before.allow_id != allow_id:
             self._collect_lists()
         self._put(_Applied(spec, device_id, compiled))
         self._used_ids.add(device_id)
@@ -586,17 +614,17 @@ class Dataplane:
             raise
         pending, self._batch = self._batch, None
         commands = [c for _, _, device_commands, _, _ in pending for c in device_commands or ()]
-        if not commands:
-            return
-        try:
-            self._loaded_nft().run(
-                commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
-        except DataplaneError:
-            self._undo(pending)
-            raise
-        for _, device_id, device_commands, state, _ in pending:
-            if device_commands:
-                self._nft_state[device_id] = state
+        if commands:
+            try:
+                self._loaded_nft().run(
+                    commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
+            except DataplaneError:
+                self._undo(pending)
+                raise
+            for _, device_id, device_commands, state, _ in pending:
+                if device_commands:
+                    self._nft_state[device_id] = state
+        self._collect_lists()
 
     def _undo(self, pending: list) -> None:
         for *_, undo in reversed(pending):

@@ -19,6 +19,7 @@ from appliance.errors import DataplaneError
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "armv6l": 386}[platform.machine()]
 
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -31,6 +32,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
@@ -45,6 +48,24 @@ def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
+
+
+class _CreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+
+
+def map_create(map_type: int, key_type, value_type, max_entries: int, flags: int, name: str) -> int:
+    """A new map's fd (no pin: whoever holds it, or an outer map it is put in, keeps it)."""
+    attr = _CreateAttr(map_type=map_type, key_size=ctypes.sizeof(key_type),
+                       value_size=ctypes.sizeof(value_type), max_entries=max_entries,
+                       map_flags=flags, map_name=name.encode()[:15])
+    try:
+        return _bpf(BPF_MAP_CREATE, attr, f"create map {name}")
+    except OSError as e:
+        raise DataplaneError(str(e)) from e
 
 
 class _ElemAttr(ctypes.Structure):
@@ -154,10 +175,14 @@ class Map:
     An array whose value type says EMPTY_IS_ABSENT = True is used like a hash: an all-zero
     slot is absent (lookup gives None, keys() skips it) and delete() zeroes the slot."""
 
-    def __init__(self, path: str, key_type, value_type):
+    def __init__(self, path: str, key_type, value_type, fd: int | None = None):
         self.path = path
-        self.fd = obj_get(path)
-        info = map_info(self.fd)
+        self.fd = obj_get(path) if fd is None else fd
+        try:
+            info = map_info(self.fd)
+        except OSError as e:
+            os.close(self.fd)
+            raise DataplaneError(f"map at {path}: {e}") from e
         self.name = info.name.decode()
         self.max_entries = info.max_entries
         self.per_cpu = info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH,
@@ -172,6 +197,15 @@ class Map:
         self.key_type = key_type
         self.value_type = value_type
         self._stride = (ctypes.sizeof(value_type) + 7) & ~7
+
+    @classmethod
+    def by_id(cls, map_id: int, key_type, value_type) -> Map:
+        """An unpinned map (an allow-list's trie) by its id: the caller closes it."""
+        try:
+            fd = map_fd_by_id(map_id)
+        except OSError as e:       # gone since its id was read
+            raise DataplaneError(str(e)) from e
+        return cls(f"map id {map_id}", key_type, value_type, fd=fd)
 
     def close(self) -> None:
         if self.fd >= 0:

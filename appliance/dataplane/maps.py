@@ -99,7 +99,7 @@ class Device(ctypes.Structure):
 
 
 class AllowKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("list", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
 
 class AllowRule(ctypes.Structure):
@@ -160,7 +160,8 @@ MAPS = {
     "kalki_event_limit": (U32, EventLimit),
     "kalki_counters": (U32, Counter),
     "kalki_drop_set": (U32, Drop),
-    "kalki_allow": (AllowKey, AllowValue),
+    "kalki_allow": (AllowKey, AllowValue),        # the template of each list's trie: empty
+    "kalki_allow_lists": (U32, U32),              # list id -> its trie (a map id when read)
     "kalki_name_allow": (NameKey, NameValue),
 }
 RINGBUF = "kalki_events"
