@@ -34,8 +34,12 @@ lint:
 	$(PY) -m mypy
 	bash scripts/lint-shell.sh
 
+# Each benchmark's JSON lines go to build/bench/, and bench/README.md's summary table is made
+# from them.
 bench: setup
-	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+	@mkdir -p build/bench
+	@bash -o pipefail -c 'for b in bench/bench_*.py; do $(PY) $$b | tee build/bench/$$(basename $$b .py).jsonl || exit 1; done'
+	$(PY) bench/summary.py build/bench bench/README.md
 
 clean:
 	rm -rf .venv .pytest_cache
