@@ -69,6 +69,12 @@ def _utc(at) -> str:
     return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _at(rec: dict) -> str:
+    """A log record's time (_utc), marked where the store says the clock went back before it:
+    the list reads in the order things happened, so that time seems to run backwards."""
+    return _utc(rec.get("at")) + (" (clock went back)" if rec.get("clock_back") else "")
+
+
 def _device_rows(devices: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
     rows = []
     for d in devices:
@@ -85,7 +91,7 @@ def _device_rows(devices: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
 
 def _alert_rows(alerts: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
     return (("id", "at (UTC)", "device", "kind", "severity", "what happened"),
-            [(a.get("id"), _utc(a.get("at")), a.get("device"), a.get("type"), a.get("severity"),
+            [(a.get("id"), _at(a), a.get("device"), a.get("type"), a.get("severity"),
               a.get("explanation") or json.dumps(a.get("details"), default=str)) for a in alerts])
 
 
@@ -100,7 +106,7 @@ def _decision_rows(recs: list[dict]) -> tuple[tuple[str, ...], list[tuple]]:
         else:
             what = r.get("explanation") or f"rule {r.get('rule')}"
             ms = (r.get("timing_ms") or {}).get("enforce")
-        rows.append((r.get("id"), _utc(r.get("at")), r.get("kind"), r.get("device"), ms, what))
+        rows.append((r.get("id"), _at(r), r.get("kind"), r.get("device"), ms, what))
     return ("id", "at (UTC)", "kind", "device", "enforce ms", "what"), rows
 
 

@@ -24,6 +24,7 @@ from test_rename import RecordingBus
 from appliance import HOME, config, run
 from appliance.errors import ConfigError
 from appliance.policy import profiles
+from appliance.supervisor import ops as ops_mod
 from appliance.supervisor.ops import HOME_ASSISTANT, Ops
 from appliance.system import broker as broker_mod
 from appliance.system.broker import Broker, random_password, write_config
@@ -196,10 +197,14 @@ def test_the_select_offers_the_postures_of_the_devices_type(sup):
     sup.add_device("tiny1", "02:4b:00:00:00:09", "198.18.0.19", "tiny", approve=True)
     node = sup.ha_node("tiny1")
     assert bus.retained()[f"homeassistant/select/{node}/posture/config"]["options"] == \
-        ["normal", "quarantine", "learning"]             # a profile's own, and the two always there
+        ["normal", "quarantine"]         # a profile's own, and quarantine, always there; never learning
     sup.republish()
     assert bus.retained()[f"homeassistant/select/{LIGHT_NODE}/posture/config"]["options"] == \
-        ["normal", "suspicious", "attack", "quarantine", "learning"]
+        ["normal", "suspicious", "attack", "quarantine"]
+    # a device learning whose profile is gone: where it is would be the one option, not offered
+    Ops(sup).device_learn("tiny1")
+    del sup.profiles["tiny"]
+    assert sup.posture_options("tiny1") == ["normal"]
 
 
 # ---------------------------------------------------------------- the discovery prefix
@@ -351,7 +356,8 @@ def test_a_devices_command_is_refused_by_the_broker(sup, broker, clients):
     assert denied and all(a["device"] == "light1" for a in denied)
 
 
-def test_a_bad_command_changes_nothing_and_names_the_culprit(sup, broker, clients, caplog):
+def test_a_bad_command_changes_nothing_and_names_the_culprit(sup, broker, clients, caplog,
+                                                              monkeypatch):
     home_assistant = clients(HA)
     # given before the supervisor listens: stale when it arrives (retained), and never obeyed
     home_assistant.publish("kalki/light1/posture/set", "attack", retain=True)
@@ -365,15 +371,20 @@ def test_a_bad_command_changes_nothing_and_names_the_culprit(sup, broker, client
                 home_assistant.publish("kalki/nope/posture/set", "attack")        # no such device
                 home_assistant.publish("kalki/light1/posture/set", b"\xff\xfe")
                 home_assistant.publish("kalki/light1/posture/set", "q" * 100)
-                await until(lambda: len(audits(sup, "posture-refused")) == 3, "three refusals")
                 await until(lambda: sum(bus.rejected.values()) == 3, "three rejections")
+                # the minute is over: the next refusal is recorded, counting the one that was not
+                monkeypatch.setattr(ops_mod, "REFUSED_COMMAND_AUDIT_SECONDS", 0)
+                home_assistant.publish("kalki/light1/posture/set", "learning")
+                await until(lambda: len(audits(sup, "posture-refused")) == 2, "two records")
             assert bus.rejected == {"malformed": 1, "oversized": 1, "retained": 1}
     alerts_before = len(sup.store.alerts(limit=100))
     asyncio.run(main())
     assert sup.known["light1"]["posture"] == "normal" and "nope" not in sup.known
     assert not [r for r in audits(sup, "posture") if r["actor"] == HOME_ASSISTANT]
-    refused = {(r["details"]["device"], r["details"]["posture"]) for r in audits(sup, "posture-refused")}
-    assert refused == {("light1", "panic"), ("light1", "unknown"), ("nope", "attack")}
+    # "unknown" within the minute of "panic": counted, not recorded; "nope" is no device
+    refused = [(r["details"]["device"], r["details"]["posture"], r["details"].get("suppressed"))
+               for r in audits(sup, "posture-refused")][::-1]
+    assert refused == [("light1", "panic", None), ("light1", "learning", 1)]
     assert all(r["actor"] == HOME_ASSISTANT for r in audits(sup, "posture-refused"))
     logged = [r.getMessage() for r in caplog.records if r.name == "kalki.ops"]
     assert any("light1" in m and "'panic'" in m for m in logged), logged
@@ -388,8 +399,51 @@ def test_a_posture_outside_the_devices_type_is_refused(sup):
     assert Ops(sup).home_assistant_posture("tiny1", "attack") is None
     assert sup.known["tiny1"]["posture"] == "normal"
     assert audits(sup, "posture-refused")[0]["details"]["error"] == \
-        "device tiny1: unknown posture 'attack' (its type's: normal, quarantine, learning)"
+        "device tiny1: unknown posture 'attack' (its type's: normal, quarantine)"
     assert Ops(sup).home_assistant_posture("tiny1", "quarantine")["posture"] == "quarantine"
+
+
+def test_learning_is_refused_from_home_assistant(sup, caplog):
+    """Set from there, learning (the most permissive posture) would have no end."""
+    ops = Ops(sup)
+    with caplog.at_level(logging.ERROR, logger="kalki.ops"):
+        assert ops.home_assistant_posture("light1", "learning") is None
+    assert sup.known["light1"]["posture"] == "normal"
+    [record] = audits(sup, "posture-refused")
+    assert record["actor"] == HOME_ASSISTANT
+    assert record["details"]["device"] == "light1" and record["details"]["posture"] == "learning"
+    assert "'learning'" in record["details"]["error"] and "no end" in record["details"]["error"]
+    assert any("light1" in r.getMessage() and "'learning'" in r.getMessage() for r in caplog.records)
+    ops.device_learn("light1")                   # an operator's, for a while
+    assert sup.known["light1"]["posture"] == "learning" and sup.known["light1"]["posture_expires"]
+
+
+def test_refusals_are_recorded_once_a_minute_per_device_and_never_for_a_name_that_is_no_device(
+        sup, caplog):
+    ops = Ops(sup)
+
+    def later(seconds):
+        ops._refused_commands = {k: (at - seconds, n) for k, (at, n) in ops._refused_commands.items()}
+    with caplog.at_level(logging.ERROR, logger="kalki.ops"):
+        for i in range(5):
+            ops.home_assistant_posture("light1", f"panic{i}")
+        ops.home_assistant_posture("plug1", "panic")         # another device: its own minute
+        for _ in range(3):
+            ops.home_assistant_posture("nope", "attack")
+        later(59)
+        ops.home_assistant_posture("light1", "panic5")
+        later(2)
+        ops.home_assistant_posture("light1", "panic6")
+        ops.home_assistant_posture("nope", "attack")
+    recorded = [(r["details"]["device"], r["details"]["posture"], r["details"].get("suppressed"))
+                for r in audits(sup, "posture-refused")][::-1]
+    assert recorded == [("light1", "panic0", None), ("plug1", "panic", None),
+                        ("light1", "panic6", 5)]
+    assert not [r for r in sup.store.decisions(limit=100) if r.get("device") == "nope"
+                or (r.get("details") or {}).get("device") == "nope"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "kalki.ops"]
+    assert len(logged) == 5                          # what is recorded, and nope's once a minute
+    assert [m for m in logged if "nope" in m][1].endswith("(2 more refused since, not recorded)")
 
 
 # ---------------------------------------------------------------- birth, removal, rename

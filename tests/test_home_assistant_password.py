@@ -167,8 +167,8 @@ def test_a_set_password_lets_home_assistant_in_to_set_a_posture_and_a_new_one_sh
         ("tester", {"user": HA, "broker_reloaded": True})] * 2
     # only the hash is kept, the devices' lines are as they were, and no log line has it
     kept = hashes(broker.directory)
-    assert kept[HA].startswith("$7$") and broker_mod.verify_password(second, kept[HA])
-    assert not broker_mod.verify_password(first, kept[HA])
+    assert kept[HA].startswith("$7$") and broker_mod.mosquitto_hash_matches(second, kept[HA])
+    assert not broker_mod.mosquitto_hash_matches(first, kept[HA])
     assert {u: h for u, h in kept.items() if u != HA} == devices_before
     text = (broker.directory / PASSWORDS).read_text() + str(sup.store.decisions(limit=500))
     assert first not in text and second not in text
@@ -218,26 +218,77 @@ def test_without_a_running_broker_the_file_has_it_for_the_start(tmp_path, plugin
 
 
 def test_a_broker_that_does_not_reload_keeps_the_old_password(tmp_path):
-    """Something running from the conf that never re-reads it: the file is put back as it was."""
+    """Something running from the conf that never says it re-read it: the file is put back as
+    it was, and the broker is told again (it may have read the new line, and only not said so)."""
     directory = tmp_path / "mqtt"
     write_config(directory, users={"kalki": "pw", HA: "old"}, home_assistant_user=HA, denials_plugin=None)
     (directory / broker_mod.LOG).write_text("")
     before = (directory / PASSWORDS).read_text()
+    hups = tmp_path / "hups"
     deaf = tmp_path / "deaf.py"
-    deaf.write_text("import signal, time\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\ntime.sleep(60)\n")
-    process = subprocess.Popen(["mosquitto", str(deaf), "-c", str(directory / broker_mod.CONF)],
+    deaf.write_text("import signal, sys, time\n"
+                    "def hup(*_):\n"
+                    "    with open(sys.argv[1], 'a') as f:\n"
+                    "        f.write('hup\\n')\n"
+                    "signal.signal(signal.SIGHUP, hup)\n"
+                    "open(sys.argv[1], 'a').close()\n"
+                    "time.sleep(60)\n")
+    process = subprocess.Popen(["mosquitto", str(deaf), str(hups), "-c", str(directory / broker_mod.CONF)],
                                executable=sys.executable)
     try:
         deadline = time.monotonic() + 5
-        while broker_mod.running_pid(directory / broker_mod.CONF) != process.pid:
+        while broker_mod.running_pid(directory / broker_mod.CONF) != process.pid or not hups.exists():
             assert time.monotonic() < deadline, "the stand-in is not found as the broker"
             time.sleep(0.05)
         with pytest.raises(KalkiError, match="did not take the new password.*keeps the old one"):
             broker_mod.set_password(directory, HA, "new-password", ("127.0.0.1", 1), timeout=0.3)
+        deadline = time.monotonic() + 5
+        while hups.read_text().count("hup") < 2:
+            assert time.monotonic() < deadline, "the broker was not told to read the old line again"
+            time.sleep(0.05)
     finally:
         process.kill()
         process.wait()
     assert (directory / PASSWORDS).read_text() == before
+
+
+def test_a_password_file_that_cannot_be_written_is_an_error_naming_it(sup, broker):
+    """A read-only file system, say (here: the temporary file's name taken by a directory,
+    which root cannot write either): the page says which file, and nothing changes."""
+    set_admin(sup)
+    before = (broker.directory / PASSWORDS).read_text()
+    (broker.directory / (PASSWORDS + ".tmp")).mkdir()
+    with pytest.raises(broker_mod.BrokerFilesError, match=f"{broker.directory / PASSWORDS}: cannot write"):
+        broker_mod.set_password(broker.directory, HA, "new-password", ("127.0.0.1", broker.port))
+
+    async def main():
+        async with client(sup) as c:
+            token = await login(c)
+            r = await post_for_password(c, token)
+            return r.status, await r.text()
+    status, page = asyncio.run(main())
+    assert status == 400 and f"{broker.directory / PASSWORDS}: cannot write" in page
+    assert (broker.directory / PASSWORDS).read_text() == before
+    assert not audits(sup, "ha-password-set")
+
+
+def test_the_password_file_is_private_from_its_creation_and_on_the_disk_before_it_is_in_place(
+        tmp_path, monkeypatch):
+    directory = tmp_path / "mqtt"
+    write_config(directory, users={"kalki": "pw"}, home_assistant_user=HA, denials_plugin=None)
+    leftover = directory / (PASSWORDS + ".tmp")
+    leftover.write_text("from a crash")
+    leftover.chmod(0o644)
+    created, synced = [], []
+    real_open, real_fsync = broker_mod.os.open, broker_mod.os.fsync
+    monkeypatch.setattr(broker_mod.os, "open", lambda path, flags, mode=0o777, *a, **k: (
+        created.append((Path(path).name, mode)), real_open(path, flags, mode, *a, **k))[1])
+    monkeypatch.setattr(broker_mod.os, "fsync", lambda fd: (
+        synced.append((directory / PASSWORDS).read_text()), real_fsync(fd))[1])
+    broker_mod.set_password(directory, HA, "a-new-password", ("127.0.0.1", 1))
+    assert (PASSWORDS + ".tmp", 0o600) in created
+    assert synced and HA not in synced[-1]         # synced before the rename
+    assert (directory / PASSWORDS).stat().st_mode & 0o777 == 0o600 and not leftover.exists()
 
 
 def test_off_when_there_is_no_home_assistant_user(sup):
@@ -380,12 +431,12 @@ def test_the_site_file_may_give_it_and_it_is_hashed_once(tmp_path, capsys):
     write_config(directory, users={"kalki": "pw"}, home_assistant_user=HA, denials_plugin=None)
     assert "has the site file's password" in site.home_assistant_password(s, directory)
     hashed = hashes(directory)[HA]
-    assert broker_mod.verify_password("a-site-password-16", hashed)
+    assert broker_mod.mosquitto_hash_matches("a-site-password-16", hashed)
     assert "a-site-password-16" not in (directory / PASSWORDS).read_text()
     # set since (from the page, say): the card's is not taken again
     broker_mod.set_password(directory, HA, "from-the-page", ("127.0.0.1", 1))
     assert "not used" in site.home_assistant_password(s, directory)
-    assert broker_mod.verify_password("from-the-page", hashes(directory)[HA])
+    assert broker_mod.mosquitto_hash_matches("from-the-page", hashes(directory)[HA])
     # the command kalki-firstboot runs
     source = tmp_path / "kalki.toml"
     source.write_text('[network]\ndevices_interface = "eth1"\nuplink_interface = "eth0"\n'

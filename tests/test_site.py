@@ -103,6 +103,29 @@ def test_errors_name_file_and_key(tmp_path, text, key):
     assert key in str(e.value)
 
 
+@pytest.mark.parametrize("key, text", [
+    ("mqtt.home_assistant_password", WIRED + "[mqtt]\nhome_assistant_password = 73310958112345678\n"),
+    ("wifi.passphrase", GOOD.replace('"correct horse battery"', "73310958112345678")),
+    ("wifi.passphrase", GOOD.replace('"correct horse battery"', "[73310958112345678]")),
+])
+def test_a_secret_of_the_wrong_type_is_not_shown_in_the_error(tmp_path, key, text):
+    with pytest.raises(SiteError) as e:
+        site.load(write(tmp_path, text))
+    assert f"{key}: expected a string, got a value of type " in str(e.value)
+    assert "73310958112345678" not in str(e.value)
+    # a key that is no secret still says what it got
+    with pytest.raises(SiteError, match=r"time.timezone: expected a string, got 7"):
+        site.load(write(tmp_path, GOOD.replace('"Europe/Berlin"', "7")))
+
+
+def test_a_secret_is_not_in_the_settings_repr(tmp_path):
+    s = site.load(write(tmp_path, GOOD + '[mqtt]\nhome_assistant_password = "a-site-password-16"\n'))
+    assert s.home_assistant_password == "a-site-password-16"
+    assert s.wifi.passphrase == "correct horse battery"
+    assert "a-site-password-16" not in repr(s) and "correct horse battery" not in repr(s)
+    assert "kalki-devices" in repr(s)                # the rest is shown
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SiteError, match="missing"):
         site.load(tmp_path / "kalki.toml")

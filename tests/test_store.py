@@ -173,12 +173,16 @@ def test_posture_history_newest_first(store, clock):
         store.record_posture("cam1", posture, f"to {posture}")
         clock.advance(seconds=1)
     store.record_posture("cam1", "probation", "backdated", at="2025-03-01T11:00:00Z")
+    # in the order recorded, whatever the times say (a clock set back): the one stamped
+    # earlier than the record before it is marked, however few are asked for
     assert [h["posture"] for h in store.posture_history("cam1")] == [
-        "quarantined", "suspicious", "normal", "probation"]
-    assert store.posture_history("cam1", limit=1) == [
-        {"device": "cam1", "posture": "quarantined", "reason": "to quarantined",
-         "at": iso(T0 + timedelta(seconds=2))}]
-    assert store.posture_history("cam1")[-1]["at"] == "2025-03-01T11:00:00.000000+00:00"
+        "probation", "quarantined", "suspicious", "normal"]
+    assert [h.get("clock_back", False) for h in store.posture_history("cam1")] == [True, False, False, False]
+    assert store.posture_history("cam1", limit=1)[0]["clock_back"] is True
+    assert store.posture_history("cam1", limit=2)[1] == {
+        "device": "cam1", "posture": "quarantined", "reason": "to quarantined",
+        "at": iso(T0 + timedelta(seconds=2))}
+    assert store.posture_history("cam1")[0]["at"] == "2025-03-01T11:00:00.000000+00:00"
     with pytest.raises(StoreError, match="device 'cam1', posture normal, reason"):
         store.record_posture("cam1", "normal", "")
 
@@ -191,10 +195,11 @@ def test_alerts_crud_filters_and_counts(store, clock):
     store.add_alert(alert("cam1", 2, at=T0 - timedelta(minutes=1)))
     assert second > first
     a = store.alerts()
-    assert [x["details"]["n"] for x in a] == [1, 0, 2]
-    assert a[1] == {"device": "cam1", "type": "port_scan", "source": "kernel",
+    assert [x["details"]["n"] for x in a] == [2, 1, 0]       # as recorded; the earlier stamp marked
+    assert [x.get("clock_back", False) for x in a] == [True, False, False]
+    assert a[2] == {"device": "cam1", "type": "port_scan", "source": "kernel",
                     "severity": "high", "details": {"n": 0}, "at": iso(T0), "id": first}
-    assert [x["details"]["n"] for x in store.alerts("cam1")] == [0, 2]
+    assert [x["details"]["n"] for x in store.alerts("cam1")] == [2, 0]
     assert [x["details"]["n"] for x in store.alerts(since=T0)] == [1, 0]
     assert len(store.alerts(limit=1)) == 1
     assert store.count_alerts("cam1", ["port_scan"], iso(T0)) == 1

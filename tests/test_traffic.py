@@ -3,6 +3,7 @@ the rings' arithmetic on readings of the kernel's counters, their file on the da
 the supervisor's wiring (rename, remove, restart), the ops API's refusals, and the page: its
 JSON, its chart containers and the vendored uPlot it loads under its CSP."""
 import asyncio
+import collections
 import datetime
 import hashlib
 import json
@@ -20,7 +21,7 @@ from test_web import aiotest, client, login, set_admin
 
 from appliance import config
 from appliance.errors import ConfigError, UnknownDeviceError
-from appliance.supervisor import traffic
+from appliance.supervisor import core, traffic
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops, error_status
 from appliance.supervisor.traffic import DAY, HOUR, MAX_GAP, Traffic
@@ -422,6 +423,40 @@ async def test_the_ticker_reads_the_counters(tmp_path):
         await asyncio.wait_for(ticker, 2)
     assert sup.traffic.readings >= 3
     assert sup.traffic.devices["cam"].hour.newest is not None
+    sup.store.close()
+
+
+@aiotest
+async def test_a_failing_traffic_tick_stops_neither_flushing_nor_retention(tmp_path, monkeypatch, caplog):
+    """Each of the ticker's steps on its own: the charts' reading failing every tick (and the
+    expiry of critical alerts too) must not stop the store's flushing and pruning."""
+    sup = supervisor(tmp_path, cam=CAM)
+    assert isinstance(sup.dp, FakeDataplane)
+    ran = collections.Counter()
+
+    def broken(*_):
+        raise RuntimeError("the counters map is gone")
+    monkeypatch.setattr(sup.traffic, "tick", broken)
+    monkeypatch.setattr(sup, "_expire_critical_alerts", broken)
+    flush = sup.store.flush_behind
+
+    async def flushed():
+        ran["flush"] += 1
+        await flush()
+    monkeypatch.setattr(sup.store, "flush_behind", flushed)
+    monkeypatch.setattr(sup.store, "prune", lambda *_: ran.update(["prune"]) or {})
+    monkeypatch.setattr(core, "PRUNE_SECONDS", 0)
+    ticker = asyncio.ensure_future(sup._ticker())
+    try:
+        await asyncio.sleep(1.4)
+    finally:
+        sup._stop.set()
+        await asyncio.wait_for(ticker, 2)
+    assert ran["flush"] >= 1 and ran["prune"] >= 3
+    assert sup.counters["ticker_errors_traffic"] >= 3
+    assert sup.counters["ticker_errors_critical_alerts"] >= 3
+    said = [r for r in caplog.records if "the counters map is gone" in r.getMessage()]
+    assert len(said) == 2                        # once for each step, not every tick
     sup.store.close()
 
 

@@ -389,7 +389,8 @@ class TelnetInput:
         return lines
 
     def feed(self, data: bytes) -> bytes:
-        """Takes bytes in; returns what to send back (option answers, echo)."""
+        """Takes bytes in; returns what to send back: only the echo of what was typed, when
+        it echoes (no option is answered, as busybox's telnetd answers none)."""
         out = bytearray()
         for b in data:
             if self.state == "iac":

@@ -40,7 +40,12 @@ class LogTable:
     and where its line lies in the file. A whole record is read from the file when asked for.
     At its retention limits a 1,000-device gateway keeps 210,000 records: 7.2 MB this way;
     keeping a dict and the JSON line per record (a decision that moved 25 cameras is 2-3 KB)
-    cost 235 MB (bench/bench_store.py)."""
+    cost 235 MB (bench/bench_store.py).
+
+    Records read newest first in the order they were recorded (their ids), not by their times:
+    the policy clock they are stamped with can go back (the lab's clock set back to replay a
+    night, a system clock stepped back), and a record stamped after that is still newer than
+    the ones before it. Times still bound searches (since, before) and age-outs."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -140,7 +145,8 @@ class LogTable:
 
     def rows(self, device=ANY, tags=None, since: float | None = None,
              before: float | None = None) -> list[int]:
-        """The rows of the records that match, newest first (by time, then id)."""
+        """The rows of the records that match, newest first: in the order they were recorded
+        (by id), whatever their times say (see the class)."""
         rows: Sequence[int]
         if device is ANY:
             rows = range(len(self._id))
@@ -156,8 +162,19 @@ class LogTable:
             rows = [i for i in rows if self._at[i] >= since]
         if before is not None:
             rows = [i for i in rows if self._at[i] < before]
-        at, ids = self._at, self._id
-        return sorted(rows, key=lambda i: (at[i], ids[i]), reverse=True)
+        return list(reversed(rows))      # rows lie in id order (_row_of relies on it too)
+
+    def newest(self, rows: list[int], limit: int) -> list[_Record]:
+        """The records at the first `limit` of `rows` (newest first, as rows() gives them), each
+        marked "clock_back": true where its time is earlier than that of the one recorded before
+        it among `rows`: read in the order things happened, the times there would seem to run
+        backwards, and the mark says it is the clock that went back, not the order."""
+        out = self.records(rows[:limit])
+        at = self._at
+        for k, rec in enumerate(out):
+            if k + 1 < len(rows) and at[rows[k]] < at[rows[k + 1]]:
+                rec["clock_back"] = True
+        return out
 
     def records(self, rows) -> list[_Record]:
         """The whole records at these rows, as the caller's own dicts (doc_id set)."""

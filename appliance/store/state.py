@@ -491,9 +491,10 @@ class Store:
         return doc_id
 
     def posture_history(self, device: str, limit: int = 50) -> list[dict]:
-        """Newest first; kept after the device is removed."""
+        """Newest first (in the order recorded, see LogTable; "clock_back" marks a record
+        stamped earlier than the one before it); kept after the device is removed."""
         history = self._table("history")
-        return history.records(history.rows(device)[:limit])
+        return history.newest(history.rows(device), limit)
 
     # alerts
 
@@ -512,8 +513,8 @@ class Store:
         return self._append("alerts", alert, self.retention.alerts)
 
     def alerts(self, device: str | None = None, since=None, limit: int = 100) -> list[dict]:
-        """Newest first, each with its id."""
-        return _with_ids(self._table("alerts").records(self._alerts(device, None, since)[:limit]))
+        """Newest first, each with its id (and "clock_back", as posture_history)."""
+        return _with_ids(self._table("alerts").newest(self._alerts(device, None, since), limit))
 
     def count_alerts(self, device: str | None, types=None, since=None) -> int:
         """Alerts of the device (any device if None) of these types (any if None) at or after
@@ -554,10 +555,11 @@ class Store:
 
     def decisions(self, device: str | None = None, limit: int = 100, kind: str | None = None
                   ) -> list[dict]:
-        """Newest first, each with its id; kind "decision" or "audit" to see only one kind."""
+        """Newest first, each with its id (and "clock_back", as posture_history); kind
+        "decision" or "audit" to see only one kind."""
         decisions = self._table("decisions")
         rows = decisions.rows(ANY if device is None else device, None if kind is None else [kind])
-        return _with_ids(decisions.records(rows[:limit]))
+        return _with_ids(decisions.newest(rows, limit))
 
     def _record(self, what, rec, required, optional) -> dict:
         if not isinstance(rec, dict):

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import inspect
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ POLLS_SETTING = "polls"      # the poll actions in force (restore_polls)
 RESERVED_NAMES = ("bridge",)  # kalki/bridge/... is the supervisor's (appliance.system.broker)
 MUD_RETRY_SECONDS = 300      # a MUD file that could not be fetched is tried again after this
 MUD_FETCHES = 2              # MUD files fetched at once (the others wait their turn)
+PRUNE_SECONDS = 60           # how often the ticker applies the retention limits
 
 class Supervisor:
     def __init__(self, cfg: Config):
@@ -393,12 +395,16 @@ class Supervisor:
                                    self.posture_options(name))
 
     def posture_options(self, name: str) -> list[str]:
-        """The settable postures of the device's type: Home Assistant's select offers these."""
+        """The settable postures of the device's type but "learning": Home Assistant's select
+        offers these. Learning set from there would have no end, and it is the most permissive
+        posture (`kalki device learn` sets it, for a while)."""
         d = self.device(name)
         profile = self.profiles.get(d.get("type") or "")
         if profile is None:
-            return [d["posture"]]      # its type's profile is gone: no other posture can apply
-        return [p for p in SETTABLE_POSTURES if p in profile.postures]
+            # Its type's profile is gone, so nothing can be set (set_posture): the one option is
+            # where it is, or normal rather than offer learning.
+            return [d["posture"] if d["posture"] != "learning" else "normal"]
+        return [p for p in SETTABLE_POSTURES if p in profile.postures and p != "learning"]
 
     def under_attack_now(self, name: str) -> bool:
         """Home Assistant's "under attack" (vocab.under_attack): the device's posture, or a
@@ -1409,10 +1415,31 @@ class Supervisor:
             os.replace(temp, target)
         self._gate_credentials = wanted
 
+    async def _tick_step(self, step: str, fn, said: dict[str, tuple[str, float]]) -> None:
+        """One of the ticker's periodic steps, on its own: one that fails (the SD card full or
+        failing, or anything unforeseen) must not stop the others, retention and flushing
+        above all, nor the heartbeat (a ticker that died once left the disk unretried and the
+        panel's watchdog blind). Counted in counters["ticker_errors_<step>"]; said once a
+        minute per step, not every tick (said: step -> the error last said, and when)."""
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:     # noqa: BLE001
+            self.counters[f"ticker_errors_{step}"] += 1
+            last, at = said.get(step, ("", 0.0))
+            if str(e) != last or time.monotonic() - at > 60:
+                if isinstance(e, KalkiError):
+                    log.error("ticker: %s: %s", step, e)
+                else:
+                    log.exception("ticker: %s: %s", step, e)
+                said[step] = (str(e), time.monotonic())
+
     async def _ticker(self) -> None:
         last_prune = last_flush = last_traffic_save = time.monotonic()
         ticks = 0
-        last_error, last_error_at = "", 0.0
+        said: dict[str, tuple[str, float]] = {}
+        step = functools.partial(self._tick_step, said=said)
         while not self._stop.is_set():
             await asyncio.sleep(0.25)
             self.heartbeat = time.monotonic()
@@ -1423,39 +1450,29 @@ class Supervisor:
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
-            try:
-                if ticks % 2 == 0:
-                    await self.watch.kernel_behind()
-                    self.sync_gate_credentials()
-                if ticks % 4 == 0:
-                    self.watch.check_disk()
-                self._expire_postures()
-                self._expire_polls()
-                self._expire_critical_alerts()
-                if time.monotonic() - last_flush >= 1:
-                    last_flush = time.monotonic()
-                    await self.store.flush_behind()
-                if ticks % 40 == 0:
-                    await self._save_names()
-                if self.traffic is not None:
-                    self.traffic.tick(self.dp, self.now().timestamp(), time.monotonic())
-                    if time.monotonic() - last_traffic_save >= 60 * self.cfg.state.traffic_save_minutes:
-                        last_traffic_save = time.monotonic()
-                        await self.traffic.save_behind()
-                if time.monotonic() - last_prune > 60:
-                    last_prune = time.monotonic()
-                    self.store.prune()
-            except Exception as e:     # noqa: BLE001
-                # The SD card full or failing, or anything unforeseen: the heartbeat, the
-                # expiries, the watch and the collections must go on (a ticker that died once
-                # left the disk unretried and the panel's watchdog blind); say so once a
-                # minute, not every tick.
-                if str(e) != last_error or time.monotonic() - last_error_at > 60:
-                    if isinstance(e, KalkiError):
-                        log.error("ticker: %s", e)
-                    else:
-                        log.exception("ticker: %s", e)
-                    last_error, last_error_at = str(e), time.monotonic()
+            if ticks % 2 == 0:
+                await step("kernel", self.watch.kernel_behind)
+                await step("gate_credentials", self.sync_gate_credentials)
+            if ticks % 4 == 0:
+                await step("disk", self.watch.check_disk)
+            await step("postures", self._expire_postures)
+            await step("polls", self._expire_polls)
+            await step("critical_alerts", self._expire_critical_alerts)
+            if time.monotonic() - last_flush >= 1:
+                last_flush = time.monotonic()
+                await step("flush", self.store.flush_behind)
+            if ticks % 40 == 0:
+                await step("names", self._save_names)
+            traffic = self.traffic
+            if traffic is not None:
+                await step("traffic", lambda: traffic.tick(self.dp, self.now().timestamp(),
+                                                           time.monotonic()))
+                if time.monotonic() - last_traffic_save >= 60 * self.cfg.state.traffic_save_minutes:
+                    last_traffic_save = time.monotonic()
+                    await step("traffic_save", traffic.save_behind)
+            if time.monotonic() - last_prune > PRUNE_SECONDS:
+                last_prune = time.monotonic()
+                await step("prune", self.store.prune)
 
     def _expire_postures(self) -> None:
         now = self.now()

@@ -501,15 +501,18 @@ def match_decisions(alerts: list[dict], decisions: list[dict], within: float = 1
 
 
 def posture_at(history: list[dict], at) -> str | None:
-    """The posture a device was in at `at`, from its posture history (newest first)."""
+    """The posture a device was in at `at`, from its posture history (newest first): the one
+    stamped last at or before it. Not the first such in the list: the list is in the order
+    recorded, and after a clock set back its newest records carry the earliest times."""
     t = parse_time(at)
     if t is None:
         return None
+    found, found_at = None, None
     for h in history:
         ht = parse_time(h.get("at"))
-        if ht is not None and ht <= t:
-            return h.get("posture")
-    return None
+        if ht is not None and ht <= t and (found_at is None or ht > found_at):
+            found, found_at = h.get("posture"), ht
+    return found
 
 
 # -- decisions ----------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
 
 log = logging.getLogger("kalki.ops")
 HOME_ASSISTANT = "Home Assistant"    # the actor of what Home Assistant asks over MQTT
+# Whoever holds Home Assistant's broker password can publish refused commands as fast as the
+# broker takes them: at most one audit record of them per device this often.
+REFUSED_COMMAND_AUDIT_SECONDS = 60.0
 TELEMETRY_CHARTED = 64              # reports per device the page charts: all that memory.py keeps
 MAX_BLOCK_SECONDS = 30 * 86400       # a source blocked from the page: at most 30 days (0: until unblocked)
 
@@ -124,6 +127,9 @@ class Ops:
 
     def __init__(self, sup):
         self._sup = sup
+        # device (None: any name that is no device) -> (when its refusal was last said, how
+        # many were not said since)
+        self._refused_commands: dict[str | None, tuple[float, int]] = {}
         self._add_installed_profiles()
 
     # -- what the faces read ------------------------------------------------------------
@@ -362,20 +368,43 @@ class Ops:
     def home_assistant_posture(self, name: str, posture: str) -> dict | None:
         """Home Assistant's posture select (<base>/<device>/posture/set, appliance.telemetry.mqtt).
         The broker's ACL lets only mqtt.home_assistant_user publish there (MQTT does not tell us
-        who published); this checks what is asked: a posture of the device's type. Anything
-        else changes nothing, and is logged and audited (no alert), naming the device and the
-        value; None then."""
+        who published); this checks what is asked: a posture of the device's type, not
+        learning (posture_options). Anything else changes nothing, and is logged and audited
+        (no alert), naming the device and the value, at most once a minute per device (the
+        next record counts those not recorded); for a name that is no device, only logged.
+        None then."""
         try:
+            if posture == "learning":
+                raise ConfigError(f"device {name}: posture 'learning' is not Home Assistant's to "
+                                  "set (it would have no end; `kalki device learn` sets it for a "
+                                  "while)")
             allowed = self._sup.posture_options(name)
             if posture not in allowed:
                 raise ConfigError(f"device {name}: unknown posture {posture!r} (its type's: "
                                   f"{', '.join(allowed)})")
             return self.posture_set(name, posture, actor=HOME_ASSISTANT)
         except KalkiError as e:
-            log.error("Home Assistant's posture command refused: %s", e)
-            self._sup.store.audit("posture-refused", HOME_ASSISTANT,
-                                  {"device": name, "posture": posture, "error": str(e)})
+            self._refused_command(name, posture, e)
             return None
+
+    def _refused_command(self, name: str, posture: str, error: KalkiError) -> None:
+        # The name is the topic's: records under any name published would fill the audit
+        # log with devices that never were.
+        device = name if name in self._sup.known else None
+        now = time.monotonic()
+        said_at, unsaid = self._refused_commands.get(device, (None, 0))
+        if said_at is not None and now - said_at < REFUSED_COMMAND_AUDIT_SECONDS:
+            self._refused_commands[device] = (said_at, unsaid + 1)
+            return
+        self._refused_commands[device] = (now, 0)
+        more = f" ({unsaid} more refused since, not recorded)" if unsaid else ""
+        log.error("Home Assistant's posture command refused: %s%s", error, more)
+        if device is None:
+            return
+        details: dict = {"device": name, "posture": posture, "error": str(error)}
+        if unsaid:
+            details["suppressed"] = unsaid
+        self._sup.store.audit("posture-refused", HOME_ASSISTANT, details)
 
     def device_learn(self, name, for_=None, type=None, actor: str = "operator") -> dict:
         """Posture "learning" for a while (24 h unless told): the device reaches what it asks
@@ -753,8 +782,13 @@ class Ops:
         sup = self._sup
         if not sup.cfg.policy.fake_time:
             raise ConfigError("clock_set: only with policy.fake_time set (the lab)")
+        was = sup.now()
         sup.clock.set(time)
-        return {"policy_time": sup.now().isoformat()}
+        now = sup.now()
+        # In the audit trail where it happened, so that times running backwards there (and in
+        # every log after it) are seen to be the clock's doing.
+        sup.store.audit("clock-set", "operator", {"from": iso(was), "to": iso(now)})
+        return {"policy_time": now.isoformat()}
 
     def button(self, action, seconds=None) -> dict:
         """The lab's finger on the button."""
@@ -1039,7 +1073,8 @@ class Ops:
 
     def _broker_users(self) -> set[str] | None:
         """Devices with a user on the MQTT broker, from Mosquitto's password file when the
-        supervisor can see it (the lab; on a Pi /etc/kalki/mqtt/passwords); None if unknown."""
+        supervisor can see it (in mqtt.broker_directory, on a Pi /var/lib/kalki/mqtt/passwords);
+        None if unknown."""
         m = self._sup.cfg.mqtt
         pw = Path(m.password_file)
         for candidate in (Path(m.broker_directory) / "passwords", pw.parent / "mqtt" / "passwords",

@@ -40,6 +40,7 @@ from typing import Any
 
 from appliance.dataplane import maps
 from appliance.errors import KalkiError
+from appliance.store.storage import fsync_dir
 from appliance.supervisor.explain import DROP_REASONS
 from appliance.vocab import DEVICE_NAME
 
@@ -422,11 +423,7 @@ class Traffic:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.path.parent)
         except OSError as e:
             log.warning("%s: the traffic history was not saved: %s", self.path, e)
             with contextlib.suppress(OSError):

@@ -72,11 +72,24 @@ def hash_password(password: str) -> str:
     return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _write(path: Path, text: str, mode: int = 0o600) -> None:
-    # The broker may re-read these on SIGHUP at any moment: never let it see half a file.
+class BrokerFilesError(ConfigError):
+    """A file of the broker's (mqtt.broker_directory) cannot be read or written; the message
+    names it."""
+
+
+def _write(path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
+    # The broker may re-read these on SIGHUP at any moment: never let it see half a file, nor
+    # (after a power cut) an empty one. Private from its creation: a password file's hashes
+    # are never readable by others, not even for an instant.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, mode)      # a leftover temp file keeps its old mode; the umask narrows a new one
+        if owner is not None:
+            os.fchown(fd, *owner)
+        f.write(text)
+        f.flush()
+        os.fsync(fd)
     os.replace(tmp, path)
 
 
@@ -190,7 +203,7 @@ def _user_line(path: Path, user: str) -> str | None:
                  if line.split(":", 1)[0] == user and ":" in line), None)
 
 
-def verify_password(password: str, hashed: str) -> bool:
+def mosquitto_hash_matches(password: str, hashed: str) -> bool:
     """Whether password is the one hashed (hash_password's format, mosquitto_passwd's "$7$")."""
     try:
         kind, iterations, salt, digest = hashed.strip().split("$")[1:]
@@ -221,16 +234,19 @@ def _replace_line(path: Path, user: str, line: str | None) -> str | None:
         raise ConfigError(f"{path}: no broker password file there (mqtt.broker_directory names "
                           "the directory appliance/system/broker.py writes Mosquitto's files "
                           "into)") from None
+    except OSError as e:
+        raise BrokerFilesError(f"{path}: cannot read the broker's password file: "
+                               f"{e.strerror or e}") from None
     before = _user_line(path, user)
     kept = [x for x in text.splitlines(keepends=True) if x.split(":", 1)[0] != user or ":" not in x]
     if kept and not kept[-1].endswith("\n"):
         kept[-1] += "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept) + (line or ""))
-    os.chmod(tmp, 0o600)
-    if os.geteuid() == 0:
-        os.chown(tmp, st.st_uid, st.st_gid)
-    os.replace(tmp, path)
+    try:
+        _write(path, "".join(kept) + (line or ""), 0o600,
+               (st.st_uid, st.st_gid) if os.geteuid() == 0 else None)
+    except OSError as e:        # a read-only file system, a directory it may not write
+        raise BrokerFilesError(f"{path}: cannot write the broker's password file: "
+                               f"{e.strerror or e}") from None
     return before
 
 
@@ -251,7 +267,14 @@ def set_password(directory: Path, user: str, password: str, reach: tuple[str, in
         try:
             return reload_running(directory, reach, namespace, timeout)
         except (KalkiError, OSError) as e:
-            _replace_line(directory / PASSWORDS, user, before)
+            try:
+                _replace_line(directory / PASSWORDS, user, before)
+            except BrokerFilesError as undone:
+                raise BrokerFilesError(f"the broker did not take the new password ({e}), and "
+                                       f"the old one could not be put back ({undone})") from None
+            # The signal may have arrived and only the wait failed: a broker that read the new
+            # line would keep it until its next reload, against what is said here.
+            _hang_up(directory)
             raise KalkiError(f"the broker did not take the new password ({e}); it keeps the "
                              "old one") from None
 
@@ -275,6 +298,16 @@ def running_pid(conf: Path) -> int | None:
         except (OSError, IndexError):
             continue     # gone, or not ours to read
     return None
+
+
+def _hang_up(directory: Path) -> None:
+    """SIGHUP to the mosquitto running from directory's conf, if any, not waited for."""
+    pid = running_pid(directory / CONF)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError:
+            pass     # gone: it reads the file when it starts again
 
 
 def reload_running(directory: Path, reach: tuple[str, int], namespace: str | None = None,

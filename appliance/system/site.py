@@ -101,7 +101,7 @@ class SiteError(ConfigError):
 @dataclass
 class Wifi:
     ssid: str
-    passphrase: str
+    passphrase: str = field(repr=False)     # a repr ends up in logs and tracebacks
     country: str = ""
     channel: int = 6
 
@@ -122,7 +122,7 @@ class Site:
     ssh_authorized_key: str = ""
     notify: dict = field(default_factory=dict)    # the supervisor's [notify] keys, as given
     # Never rendered: only its hash goes into the broker's password file (home_assistant_password).
-    home_assistant_password: str = ""
+    home_assistant_password: str = field(default="", repr=False)
     path: str = ""
 
     @property
@@ -145,12 +145,17 @@ def _table(data, where: str, allowed: tuple[str, ...]) -> dict:
     return data
 
 
+# Keys whose values a site error never shows: a mistyped secret is a secret still.
+SECRET_KEYS = frozenset({"passphrase", "home_assistant_password"})
+
+
 def _str(data: dict, key: str, where: str, default=None) -> str:
     value = data.get(key, default)
     if value is None:
         raise SiteError(f"{where}.{key}: required")
     if not isinstance(value, str):
-        raise SiteError(f"{where}.{key}: expected a string, got {value!r}")
+        got = f"a value of type {type(value).__name__}" if key in SECRET_KEYS else repr(value)
+        raise SiteError(f"{where}.{key}: expected a string, got {got}")
     return value
 
 

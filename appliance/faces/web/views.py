@@ -60,6 +60,22 @@ def when_html(ops, at, empty: str = "—") -> str:
     return when_of(w)
 
 
+def at_html(ops, rec: dict) -> str:
+    """A log record's time (when_html), marked where the clock went back before it."""
+    return when_html(ops, rec.get("at")) + clock_back_html(rec)
+
+
+def clock_back_html(rec: dict) -> str:
+    """The store marks a record stamped earlier than the one recorded before it in its list
+    ("clock_back"): the lists read in the order things happened, so its time seems to run
+    backwards, and this says why."""
+    if not rec.get("clock_back"):
+        return ""
+    return (' <span class="clock-back muted" title="The policy clock was set back (or stepped back) '
+            'before this: it happened after the entries below, at the time shown by that clock.">'
+            '(clock went back)</span>')
+
+
 def when_of(w: dict | None, empty: str = "—") -> str:
     """when_html() of a time ops.when() gave already."""
     if not w:
@@ -436,7 +452,7 @@ def alert_item(request, a: dict, back: str) -> str:
     dev, aid = a.get("device"), a.get("id")
     where = f' <a href="/devices/{e(dev)}">{e(dev)}</a>' if dev else ""
     head = (f'<span class="sev sev-{e(a.get("severity"))}">{e(a.get("severity"))}</span> '
-            f'<span class="kind">{e(a.get("type"))}</span>{where} {when_of(a.get("when"))}')
+            f'<span class="kind">{e(a.get("type"))}</span>{where} {when_of(a.get("when"))}{clock_back_html(a)}')
     said = f'<p class="explain" data-role="explanation">{e(a.get("explanation"))}</p>'
     handled, acts = a.get("handled"), a.get("actions") or {}
     if handled:
@@ -587,17 +603,18 @@ async def device_page(request, error=None, status=200):
     counters = d.get("counters") or {}
     counter_rows = [(e(reason), e(c.get("umbox")), e(c.get("packets")), e(c.get("bytes")))
                     for reason, c in sorted(counters.items(), key=lambda kv: -kv[1].get("packets", 0))]
+    # not at_html: a clock_back mark is about the whole list of its alerts, not these alone
     kernel_rows = [(when_html(ops, a.get("at")), e(a["type"]), e(a.get("explanation")),
                     e((a.get("details") or {}).get("action")), raw_details(a.get("details")))
                    for a in d.get("kernel_alerts", [])]
-    hist_rows = [(when_html(ops, h.get("at")), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
+    hist_rows = [(at_html(ops, h), e(h["posture"]), e(h["reason"])) for h in d.get("history", [])]
     alert_items = alert_list(request, ops.alert_rows(device=name, limit=20), f"/devices/{name}")
     dec_rows = []
     for x in d.get("decisions", []):
         t = x.get("timing_ms") or {}
         what = x.get("explanation") or (x.get("rule") if x.get("kind") == "decision"
                                         else f'{x.get("event")} by {x.get("actor")}')
-        dec_rows.append((when_html(ops, x.get("at")), e(x.get("kind")), e(what),
+        dec_rows.append((at_html(ops, x), e(x.get("kind")), e(what),
                          raw_details(x.get("actions") or x.get("details")),
                          e(t.get("decide")), e(t.get("xdp")), e(t.get("enforce"))))
     body = f"""<section><h2>Posture</h2>{p}</section>
@@ -1201,7 +1218,7 @@ async def rule_delete_post(request):
 
 async def audit_page(request):
     ops = web_state(request).ops
-    rows = [(when_html(ops, a.get("at")), e(a.get("event")), e(a.get("actor")),
+    rows = [(at_html(ops, a), e(a.get("event")), e(a.get("actor")),
              f'<a href="/devices/{e(a["device"])}">{e(a["device"])}</a>' if a.get("device") else "",
              f"<code>{j(a.get('details'))}</code>") for a in ops.audit_log(300)]
     return page(request, "Audit log", table(("at", "event", "actor", "device", "details"), rows, "audit"))
@@ -1267,7 +1284,7 @@ def home_assistant_html(request, ops, new=None) -> str:
             "and the messages cross the network readable, so keep Home Assistant on a network you "
             "trust)</span>")))
     if not ha["listeners"]:
-        rows.append(("Broker", f'<span class="error">unknown: no broker configuration in '
+        rows.append(("Broker", f'<span class="sev-warning">unknown: no broker configuration in '
                      f'<code>{e(ha["broker_directory"])}</code> (<code>mqtt.broker_directory</code>)</span>'))
     rows.append(("Username", f'<code id="ha-user">{e(ha["user"])}</code>'))
     if ha["password_set"]:
@@ -1275,7 +1292,7 @@ def home_assistant_html(request, ops, new=None) -> str:
               if ha["password_set_at"] else "")
         rows.append(("Password", f"set{by}; only its hash is kept here, so it cannot be shown again"))
     else:
-        rows.append(("Password", '<span class="error">none yet: Home Assistant cannot log in '
+        rows.append(("Password", '<span class="sev-warning">none yet: Home Assistant cannot log in '
                      "until you set one</span>"))
     rows.append(("Client ID", f'<code>{e(ha["client_id"])}</code> <span class="muted">(in the '
                  "integration's advanced options: the broker refuses Home Assistant's default, a "

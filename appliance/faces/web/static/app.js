@@ -312,21 +312,22 @@
 
   function sparklines() {
     if (!document.getElementById("devices") || !window.uPlot) return;     // rows may come later
-    var charts = {};
+    // By the cell, not the device's name: a renamed row keeps its cell (renameRow), and a
+    // chart found under the old name would be drawn again beside the one there.
+    var charts = new WeakMap();
     function draw(o) {
       document.querySelectorAll("[data-spark]").forEach(function (el) {
         var name = el.dataset.spark, d = o.devices[name];
         if (!d) return;
         var data = [o.at, d.passed_packets, d.dropped_packets];      // packets per second already
         el.title = name + ": packets per second over the last hour, passed (green) and dropped (red)";
-        var c = charts[name];
-        if (c && c.el === el) { c.chart.setData(data); return; }
-        if (c) c.chart.destroy();
-        charts[name] = { el: el, chart: new uPlot({
+        var chart = charts.get(el);
+        if (chart) { chart.setData(data); return; }
+        charts.set(el, new uPlot({
           width: 120, height: 32, legend: { show: false }, cursor: { show: false }, select: { show: false },
           axes: [{ show: false }, { show: false }],
           series: [{}, { stroke: PASSED, width: 1, points: { show: false } },
-                   { stroke: DROPPED, width: 1, points: { show: false } }] }, data, el) };
+                   { stroke: DROPPED, width: 1, points: { show: false } }] }, data, el));
       });
     }
     every(CHART_MS, function () {
