@@ -3,6 +3,7 @@ camera's telnet from the internet host's side, the kernel's brute_force detector
 drop set, the camera goes to `attack` (quarantine + deception), and from then on whatever the
 attacker tries, the right password included, meets the decoy on the gateway: the real camera
 never sees another packet of it, and what it typed is evidence on the camera's alerts."""
+import contextlib
 import json
 import os
 import shutil
@@ -132,7 +133,8 @@ def test_hydra_guessing_telnet_passwords_finds_none_and_is_recorded(dlab, tmp_pa
             wait_until(lambda: hydra.poll() is not None
                        or f"{len(guesses)} tries" in log.read_text(), 150)
         finally:
-            os.killpg(hydra.pid, signal.SIGTERM)       # hydra and its children
+            with contextlib.suppress(ProcessLookupError):      # hydra and its children
+                os.killpg(hydra.pid, signal.SIGTERM)
             hydra.wait()
     said = log.read_text()
     recorded = wait_until(lambda: len(decoy_saw() & set(guesses)) >= 10 and decoy_saw(), 75)

@@ -1,7 +1,11 @@
 """api_filter and token_guard (issue 15, items 2 and 3) in a lab with the supervisor: real
 clients in the attacker's namespace, the real nftables redirect to the gate, the lab light's
 Hue-style API answering as a real bridge does (a wrong token: status 200, "unauthorized user")."""
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,3 +115,54 @@ def test_token_guessing_on_one_connection_is_counted_alerted_and_dropped(glab):
     ask(glab, "unblock_source", ip=topology.ATTACKER_IP)
     assert wait_until(lambda: connect(glab.namespaces["atk"], light.ip, 80, timeout=1.0), 5)
 
+
+
+def device_stats(lab, device) -> dict:
+    """The emulated device's own counters, read inside its namespace (no gate in between)."""
+    out = subprocess.run(["ip", "netns", "exec", device.namespace, "curl", "-s", "--max-time", "3",
+                          "http://127.0.0.1/_lab/stats"], capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.skipif(not shutil.which("hydra"), reason="no hydra (scripts/setup.sh installs it)")
+def test_hydra_guessing_the_gate_s_password_is_locked_out_and_finds_none(glab, tmp_path):
+    """The real tool against auth_gate: hydra guesses the gate's password for camera1's web API
+    (HTTP Basic), the right one last. The gate answers each guess itself, locks the source out
+    after its failures (the drop set), and hydra never gets the password; the camera saw none
+    of it."""
+    cam = glab.device("camera1")
+    ask(glab, "posture_set", name="camera1", posture="suspicious")       # auth_gate on port 80
+    seen = device_stats(glab, cam)["http_requests"]
+    guesses = [f"guess{i:02d}" for i in range(30)] + [topology.GATE_PASSWORD]
+    (tmp_path / "passwords").write_text("\n".join(guesses) + "\n")
+    log = tmp_path / "hydra.log"
+    try:
+        with log.open("w") as out:
+            hydra = subprocess.Popen(["ip", "netns", "exec", glab.namespaces["atk"], "hydra", "-I",
+                                      "-t", "4", "-w", "5", "-l", topology.GATE_USER,
+                                      "-P", str(tmp_path / "passwords"), f"http-get://{cam.ip}/"],
+                                     cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            try:
+                hydra.wait(timeout=120)      # once locked out its connections go nowhere
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                with contextlib.suppress(ProcessLookupError):   # it ended by itself
+                    os.killpg(hydra.pid, signal.SIGTERM)
+                hydra.wait()
+        said = log.read_text()
+        # hydra takes any answer but 401 for a hit, the lockout's 403 included: what it
+        # "found" is wrong guesses, never the gate's password
+        found = [line for line in said.splitlines() if "[http-get] host:" in line]
+        assert not [line for line in found if line.endswith(f"password: {topology.GATE_PASSWORD}")]
+        assert all(line.split("password: ")[1] in guesses[:-1] for line in found), found
+        locked = wait_until(lambda: [e for e in ask(glab, "blocked_sources")
+                                     if e["source"] == topology.ATTACKER_IP], 10)
+        assert locked, ask(glab, "blocked_sources")
+        lockouts = alerts_of(glab, "gate-login-failures")
+        assert lockouts and topology.ATTACKER_IP in json.dumps(lockouts[0]["details"]), lockouts
+        assert device_stats(glab, cam)["http_requests"] == seen      # the camera saw no guess
+    finally:
+        ask(glab, "unblock_source", ip=topology.ATTACKER_IP)
+        ask(glab, "posture_set", name="camera1", posture="normal")
