@@ -379,6 +379,7 @@ def _home_assistant(args) -> int:
     if ha["enabled"]:
         print("password          " + ("set (only its hash is kept; `kalki mqtt home-assistant-password` "
                                       "sets a new one)" if ha["password_set"] else
+                                      f"unknown: {ha['password_error']}" if ha.get("password_error") else
                                       "none yet: `kalki mqtt home-assistant-password` sets one"))
     return 0
 

@@ -459,3 +459,25 @@ def test_a_bad_site_password_is_refused_naming_the_key(value, words):
     assert "kalki.toml: mqtt.home_assistant_password" in str(e.value) and words in str(e.value)
     with pytest.raises(site.SiteError, match=r"kalki.toml: mqtt: unknown key\(s\) \['user'\]"):
         site.parse({**WIRED, "mqtt": {"user": "x"}}, "kalki.toml")
+
+
+def test_an_unreadable_password_file_is_named_on_the_page_which_still_renders(sup, broker):
+    set_admin(sup)
+    passwords = broker.directory / PASSWORDS
+    saved = passwords.read_text()
+    passwords.unlink()
+    passwords.mkdir()                  # reading it fails as an unreadable file's read would
+    try:
+        assert "cannot read the broker's passwords" in Ops(sup).home_assistant_broker()["password_error"]
+
+        async def main():
+            async with client(sup) as c:
+                await login(c)
+                r = await c.get("/settings")
+                return r.status, await r.text()
+        status, page = asyncio.run(main())
+        section = page.split('id="home-assistant"', 1)[1].split("</section>", 1)[0]
+        assert status == 200 and f"unknown: {passwords}: cannot read" in section
+    finally:
+        passwords.rmdir()
+        passwords.write_text(saved)

@@ -1099,6 +1099,11 @@ class Ops:
         files = self._sup.broker_files
         last = next((r for r in self._sup.store.decisions(kind="audit", limit=500)
                      if r.get("event") == "ha-password-set"), None)
+        password_error = None
+        try:
+            password_set = bool(files and files.password_is_set(user))
+        except KalkiError as e:     # an unreadable password file: the page says so, and why
+            password_set, password_error = False, str(e)
         # Home Assistant's own default client id is a random one, which the plugin refuses.
         return {"enabled": True, "user": user, "client_id": user,
                 "client_id_rule": f"{user}, or {user}- followed by anything that is not "
@@ -1106,7 +1111,7 @@ class Ops:
                 "discovery_prefix": m.discovery_prefix,
                 "listeners": files.listeners() if files else [],
                 "broker_directory": str(files.directory) if files else m.broker_directory,
-                "password_set": bool(files and files.password_is_set(user)),
+                "password_set": password_set, "password_error": password_error,
                 "password_set_at": last["at"] if last else None,
                 "password_set_by": last["actor"] if last else None}
 

@@ -199,6 +199,8 @@ def _user_line(path: Path, user: str) -> str | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as e:        # unreadable: the page says which file, it does not fail
+        raise BrokerFilesError(f"{path}: cannot read the broker's passwords: {e.strerror}") from e
     return next((line for line in text.splitlines(keepends=True)
                  if line.split(":", 1)[0] == user and ":" in line), None)
 

@@ -1291,6 +1291,8 @@ def home_assistant_html(request, ops, new=None) -> str:
         by = (f' ({when_html(ops, ha["password_set_at"])} by {e(ha["password_set_by"])})'
               if ha["password_set_at"] else "")
         rows.append(("Password", f"set{by}; only its hash is kept here, so it cannot be shown again"))
+    elif ha.get("password_error"):
+        rows.append(("Password", f'<span class="error">unknown: {e(ha["password_error"])}</span>'))
     else:
         rows.append(("Password", '<span class="sev-warning">none yet: Home Assistant cannot log in '
                      "until you set one</span>"))
