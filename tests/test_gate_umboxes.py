@@ -131,6 +131,8 @@ def test_hydra_guessing_the_gate_s_password_is_locked_out_and_finds_none(glab, t
     after its failures (the drop set), and hydra never gets the password; the camera saw none
     of it."""
     cam = glab.device("camera1")
+    # the default-login check that followed camera1's approval asks its web page too: done first
+    assert wait_until(lambda: ask(glab, "device_show", name="camera1").get("logins_checked"), 60)
     ask(glab, "posture_set", name="camera1", posture="suspicious")       # auth_gate on port 80
     seen = device_stats(glab, cam)["http_requests"]
     guesses = [f"guess{i:02d}" for i in range(30)] + [topology.GATE_PASSWORD]
