@@ -2,13 +2,11 @@
 its supervisor: claim, log in, approve, change a posture, and watch an attack turn a device red
 without reloading. Screenshots go to test-artifacts/."""
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from labutil import connect, ping, wait_until
+from labutil import CHROMEDRIVER, CHROMIUM, connect, headless_chromium, ping, wait_until
 
 from appliance import client
 from appliance.errors import KalkiError
@@ -16,7 +14,6 @@ from lab import topology
 
 pytestmark = pytest.mark.lab
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PASSWORD = "lab-admin-password"
 
@@ -24,8 +21,6 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER} (scripts/setup.sh installs chromium and "
                 "chromium-driver)", allow_module_level=True)
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -43,20 +38,8 @@ def blab(run_suffix):
 
 @pytest.fixture(scope="module")
 def browser():
-    profile = tempfile.mkdtemp(prefix="kalki-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def shot(driver, name):

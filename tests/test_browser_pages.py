@@ -8,14 +8,13 @@ import asyncio
 import base64
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from fakes import FakeDataplane
+from labutil import CHROMEDRIVER, CHROMIUM, headless_chromium
 
 from appliance import config
 from appliance.faces.web import create_app, listening_socket, serve
@@ -25,7 +24,6 @@ from appliance.supervisor.ops import Ops
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PASSWORD = "correct horse battery"
 SIZES = {"desk": (1280, 900), "phone": (390, 844)}
@@ -36,9 +34,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER} (scripts/setup.sh installs chromium and "
                 "chromium-driver)", allow_module_level=True)
 
-from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -184,22 +180,9 @@ window.fetch = function (input) {
 
 @pytest.fixture(scope="module")
 def browser():
-    profile = tempfile.mkdtemp(prefix="kalki-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH})
-    try:
+    with headless_chromium({"goog:loggingPrefs": {"browser": "ALL"}}) as driver:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH})
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
