@@ -60,7 +60,7 @@ def main() -> int:
             paths.prepare(name, path)
         emit(BENCH, "entries_devices", len(list(distinct.maps["kalki_devices"].keys())), "count",
              case="udp_1000_distinct")
-        emit(BENCH, "entries_allow_lists", len(list(distinct.maps["kalki_allow_lists"].items())),
+        emit(BENCH, "entries_allow_lists", len(list(distinct.maps["kalki_allow_list_ids"].items())),
              "count", case="udp_1000_distinct")
         bcc_obj, bare_fd = bare_xdp_pass()
         bare_pkt = table["udp"].packets[0]

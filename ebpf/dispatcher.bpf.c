@@ -89,6 +89,8 @@ BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_
 	    1024, BPF_F_NO_PREALLOC);
 /* Slots: a list per device at most, and its next while a posture changes. */
 BPF_ARRAY_OF_MAPS(kalki_allow_lists, "kalki_allow", 2 * KALKI_MAX_DEVICES);
+/* User space only: which trie each slot holds (kalki.h says why). */
+BPF_TABLE("hash", __u32, __u32, kalki_allow_list_ids, 2 * KALKI_MAX_DEVICES);
 BPF_F_TABLE("hash", struct kalki_name_key, struct kalki_name_value, kalki_name_allow,
 	    KALKI_MAX_NAME_BINDINGS, BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(kalki_events, KALKI_RINGBUF_PAGES);

@@ -107,7 +107,12 @@ struct kalki_device {
 /* map: kalki_allow_lists, array of maps: allow_id -> that list's LPM trie, shaped as map
  * kalki_allow (the template: never filled). Devices with the same destinations share one
  * list; a lookup walks one list's few prefixes, however many lists there are. User space
- * fills a new list's trie before the list takes its slot. */
+ * fills a new list's trie before the list takes its slot.
+ *
+ * map: kalki_allow_list_ids, hash __u32 slot -> the map id of the trie in that slot, for
+ * user space alone: it is written beside each slot and read instead of the slots, because
+ * on Linux 6.1 (the image's kernel) every user-space read of an array of maps waits for an
+ * RCU grace period (maybe_wait_bpf_programs): reading 8,192 slots took 140 s at boot. */
 struct kalki_allow_key {
 	__u32 prefixlen;
 	__u32 addr;              /* network order */

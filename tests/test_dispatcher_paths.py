@@ -7,8 +7,10 @@ last-flow cache on every packet; and -DKALKI_NO_STEALTH_SCAN takes the stealth-s
 from __future__ import annotations
 
 import ctypes
+import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,7 @@ def test_a_freed_allow_list_slot_is_given_again_only_after_the_others(pins):
     first = dp._list_id(((32, "198.19.77.1", ((17, 53),)),), create=True)
     dp._collect_lists()                 # no device has it: its slot is emptied
     assert lists.lookup(ctypes.c_uint32(first)) is None
+    assert path.maps["kalki_allow_list_ids"].lookup(ctypes.c_uint32(first)) is None
     second = dp._list_id(((32, "198.19.77.2", ((17, 53),)),), create=True)
     assert second not in in_use | {first}
     dp._collect_lists()
@@ -152,3 +155,47 @@ def test_a_slot_a_device_names_is_never_given_to_another_list(pins):
     index[lost] = device_list
     dp._collect_lists()
     assert path.maps["kalki_allow_lists"].lookup(ctypes.c_uint32(device_list)) is not None
+
+
+class _SlotsNotToRead:
+    """kalki_allow_lists, to a reader that must not read it: on Linux 6.1 each read of an
+    array of maps waits for an RCU grace period (8,192 slots took 140 s at the image's boot)."""
+
+    max_entries = 2 * paths.DISTINCT_DEVICES
+
+    def __getattr__(self, name):
+        raise AssertionError(f"kalki_allow_lists.{name}: the slots were read")
+
+
+def test_the_index_reads_the_slots_trie_ids_and_never_the_slots(pins):
+    path = pins["distinct"]
+    ids = {k.value: v.value for k, v in path.maps["kalki_allow_list_ids"].items()}
+    # in step with the slots themselves (read here once, as the test's own check)
+    assert ids == {k.value: v.value for k, v in path.maps["kalki_allow_lists"].items()}
+    reader = dataplane.Dataplane("ids")
+    reader._maps = {**path.maps, "kalki_allow_lists": _SlotsNotToRead()}
+    index = reader._list_index()
+    assert sorted(index.values()) == sorted(ids) and len(ids) == paths.DISTINCT_DEVICES
+
+
+def test_a_trie_id_left_by_a_crash_is_dropped_from_the_index(pins):
+    """The slot was emptied (its trie freed) and the process stopped before it forgot the
+    trie's id: the id names no map any more, so the slot is free."""
+    path = pins["one"]
+    ids = path.maps["kalki_allow_list_ids"]
+    gone = paths.bpf.map_create(paths.bpf.BPF_MAP_TYPE_LPM_TRIE, maps.AllowKey, maps.AllowValue, 4,
+                                paths.bpf.BPF_F_NO_PREALLOC, "kalki_gone")
+    gone_id = paths.bpf.map_info(gone).id
+    os.close(gone)
+    slot = ctypes.c_uint32(path.maps["kalki_allow_lists"].max_entries - 1)
+    ids.update(slot, ctypes.c_uint32(gone_id))
+    reader = dataplane.Dataplane("crashed")
+    reader._maps = path.maps
+    for _ in range(100):            # the kernel frees a map after an RCU grace period
+        try:
+            os.close(paths.bpf.map_fd_by_id(gone_id))
+        except OSError:
+            break
+        time.sleep(0.01)
+    assert slot.value not in reader._list_index().values()
+    assert ids.lookup(slot) is None

@@ -399,11 +399,17 @@ class Dataplane:
 
     def _list_index(self) -> dict[tuple, int]:
         """{content: list id}, read from the kernel once, then kept in step. Built whole
-        before it is kept: a half-read index would offer slots in use as free."""
+        before it is kept: a half-read index would offer slots in use as free. The slots'
+        trie ids are read from kalki_allow_list_ids, never from the slots (kalki.h: why)."""
         if self._lists is None:
             lists: dict[tuple, int] = {}
-            for slot, map_id in self._maps["kalki_allow_lists"].items():
-                trie = bpf.Map.by_id(map_id.value, maps.AllowKey, maps.AllowValue)
+            ids = self._maps["kalki_allow_list_ids"]
+            for slot, map_id in list(ids.items()):
+                try:
+                    trie = bpf.Map.by_id(map_id.value, maps.AllowKey, maps.AllowValue)
+                except DataplaneError:      # freed: its slot was emptied before a crash
+                    ids.delete(slot)
+                    continue
                 try:
                     nets = [(k.prefixlen, _ip_str(k.addr),
                              tuple((v.rules[i].proto, v.rules[i].port) for i in range(v.count)))
@@ -440,6 +446,8 @@ class Dataplane:
                     value.rules[i].proto, value.rules[i].port = proto, port
                 trie.update(maps.AllowKey(prefixlen=prefixlen, addr=_ip_be(addr)), value)
             self._maps["kalki_allow_lists"].update(ctypes.c_uint32(list_id), ctypes.c_uint32(trie.fd))
+            self._maps["kalki_allow_list_ids"].update(ctypes.c_uint32(list_id),
+                                                      ctypes.c_uint32(bpf.map_info(trie.fd).id))
         finally:
             trie.close()            # the slot holds the trie now
         index[content] = list_id
@@ -471,6 +479,7 @@ class Dataplane:
         for content, list_id in list(index.items()):
             if list_id not in used:
                 self._maps["kalki_allow_lists"].delete(ctypes.c_uint32(list_id))
+                self._maps["kalki_allow_list_ids"].delete(ctypes.c_uint32(list_id))
                 del index[content]
 
     def _compile_now(self, spec: DeviceSpec) -> umbox.CompiledStack:

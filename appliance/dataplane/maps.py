@@ -162,6 +162,7 @@ MAPS = {
     "kalki_drop_set": (U32, Drop),
     "kalki_allow": (AllowKey, AllowValue),        # the template of each list's trie: empty
     "kalki_allow_lists": (U32, U32),              # list id -> its trie (a map id when read)
+    "kalki_allow_list_ids": (U32, U32),           # list id -> its trie's map id (read this)
     "kalki_name_allow": (NameKey, NameValue),
 }
 RINGBUF = "kalki_events"
