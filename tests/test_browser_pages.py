@@ -21,6 +21,7 @@ from appliance.faces.web import create_app, listening_socket, serve
 from appliance.supervisor import accounts
 from appliance.supervisor.core import Supervisor
 from appliance.supervisor.ops import Ops
+from appliance.system.broker import BrokerFiles, random_password, write_config
 
 pytestmark = pytest.mark.browser
 
@@ -444,6 +445,36 @@ def test_the_approve_form_fits_a_phone(served, sized):
         assert right <= d.execute_script("return window.innerWidth"), (path, right)
         assert form.find_element(By.CSS_SELECTOR, "button").is_displayed()
     shot(d, "do-approve-390x844")
+
+
+@pytest.mark.parametrize("sized", ["phone"], indirect=True)
+def test_home_assistant_s_new_password_is_shown_once_and_fits_a_phone(served, sized, tmp_path):
+    """The settings page's Home Assistant section on a phone: its button gives a password,
+    shown this once in a line that fits, and gone from the page after."""
+    d = sized
+    sup = served.sup
+    write_config(tmp_path / "mqtt", port=1883, users={"kalki": random_password()},
+                 home_assistant_user=sup.cfg.mqtt.home_assistant_user)     # written, not started
+    sup.broker_files = BrokerFiles(tmp_path / "mqtt", ("127.0.0.1", 1883))
+    try:
+        open_page(d, served.url + "/settings")
+        section = d.find_element(By.ID, "home-assistant")
+        assert "none yet" in section.text and sup.cfg.mqtt.home_assistant_user in section.text
+        section.find_element(By.CSS_SELECTOR, "form button").click()
+        shown = wait(d).until(lambda drv: drv.find_elements(By.ID, "ha-password"))
+        password = shown[0].text
+        assert len(password) >= 16, password
+        d.execute_script("arguments[0].scrollIntoView()", shown[0])
+        fit = d.execute_script(OVERFLOW)
+        assert fit["width"] <= fit["inner"] + 1 and not fit["out"], fit
+        right = d.execute_script("return arguments[0].getBoundingClientRect().right", shown[0])
+        assert right <= d.execute_script("return window.innerWidth"), right
+        shot(d, "do-ha-password-390x844")
+        open_page(d, served.url + "/settings")
+        assert not d.find_elements(By.ID, "ha-password") and password not in d.page_source
+        assert "only its hash is kept here" in d.find_element(By.ID, "home-assistant").text
+    finally:
+        sup.broker_files = None
 
 
 @pytest.mark.parametrize("sized", ["phone"], indirect=True)
