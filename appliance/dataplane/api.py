@@ -116,6 +116,7 @@ class Dataplane:
         self._name_by_ip: dict[str, str] = {}
         self._name_by_id: dict[int, str] = {}
         self._compiled: dict[str, umbox.CompiledStack] = {}    # by the stack as canonical JSON
+        self._allow_contents: dict[int, tuple] = {}     # id(compiled) -> (compiled, list content)
         self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
         self._used_ids: set[int] = set()
         self._stale_ids = True                  # read the kernel's ids once, then keep track
@@ -390,6 +391,17 @@ class Dataplane:
 
     # -- allow-lists, shared by the devices with the same destinations ----------------------
     def _allow_content(self, compiled: umbox.CompiledStack) -> tuple:
+        """The list's content, once per compiled stack (25 cameras in a posture share one)."""
+        cached = self._allow_contents.get(id(compiled))
+        if cached is not None and cached[0] is compiled:
+            return cached[1]
+        content = self._allow_content_now(compiled)
+        if len(self._allow_contents) >= 256:
+            self._allow_contents.clear()
+        self._allow_contents[id(compiled)] = (compiled, content)
+        return content
+
+    def _allow_content_now(self, compiled: umbox.CompiledStack) -> tuple:
         grouped: dict = {}
         lan = ipaddress.IPv4Network(self.settings.lan)
         for dst in compiled.destinations:
@@ -507,7 +519,9 @@ class Dataplane:
         of it takes effect or none: everything is validated first, the kernel maps change (the
         posture is in force from the next packet), then nftables; if nftables refuses, the
         maps are put back."""
-        spec = spec.checked()
+        previous = self._devices.get(spec.name)
+        if not (previous and (spec.mac, spec.ip) == (previous.spec.mac, previous.spec.ip)):
+            spec = spec.checked()       # (a posture change keeps the checked name, MAC, address)
         compiled = self._compile(spec)
         for index, value, what in ((self._name_by_mac, spec.mac, "MAC"),
                                    (self._name_by_ip, spec.ip, "address")):
@@ -515,7 +529,6 @@ class Dataplane:
             if owner is not None and owner != spec.name:
                 raise ConfigError(f"device {spec.name}: {what} {value} already belongs to "
                                   f"device {owner}")
-        previous = self._devices.get(spec.name)
         if previous:
             device_id = previous.device_id
         else:

@@ -244,6 +244,7 @@ class PolicyFiles:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self._written: dict[str, str] = {}     # what this process last wrote, per address
+        self._removed: set[str] = set()        # addresses whose file this process removed
         self._loaded: dict[str, tuple[bytes, Policy | None, str]] = {}   # (content, policy, why not)
 
     def path(self, ip: str) -> Path:
@@ -252,27 +253,37 @@ class PolicyFiles:
     def write(self, ip: str, policy: dict) -> None:
         """Puts the device's policy in place in one step (OSError if it cannot)."""
         text = json.dumps(policy, sort_keys=True)
-        if self._written.get(ip) == text:
+        written = self._written.get(ip)
+        if written == text:
             return
         path = self.path(ip)
-        try:
-            if path.read_text() == text:     # as a previous process left it
-                self._written[ip] = text
-                return
-        except (OSError, UnicodeDecodeError):
-            pass
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if written is None:     # not written by this process: maybe as a previous one left it
+            try:
+                if path.read_text() == text:
+                    self._written[ip] = text
+                    self._removed.discard(ip)
+                    return
+            except (OSError, UnicodeDecodeError):
+                pass
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
+        try:
+            tmp.write_text(text)
+        except FileNotFoundError:       # the directory, made on the first write
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
         os.replace(tmp, path)
         self._written[ip] = text
+        self._removed.discard(ip)
 
     def remove(self, ip: str) -> None:
+        if ip in self._removed:     # every apply of a device without a gate removes its file
+            return
         self._written.pop(ip, None)
         try:
             self.path(ip).unlink()
         except FileNotFoundError:
             pass
+        self._removed.add(ip)
 
     def load(self, ip: str, port: int) -> tuple[Policy | None, str]:
         """(the device's policy for the gate's connections to `port`, "") or (None, why there

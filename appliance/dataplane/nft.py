@@ -290,18 +290,16 @@ class Nft:
                       "lateral": [mac] if lateral_block else [],
                       "deceive": [ip] if deception else [],
                       "classes": [(name, ip) for name in class_sets(conn_limit)]}
-        current = current or empty_state()
-        if not differs(current, wanted):
+        has, wants = _elements(current or empty_state()), _elements(wanted)
+        if has == wants:
             return None
         tag = str(device_id)
         cmds = self._class_commands(name for name, _ in wanted["classes"])
-        for key, set_name, value in _elements(current):
-            if (key, set_name, value) not in _elements(wanted):
-                cmds.append({"delete": {"element": {**_T, "name": set_name, "elem": [_elem_key(value)]}}})
-        for key, set_name, value in _elements(wanted):
-            if (key, set_name, value) not in _elements(current):
-                cmds.append({"add": {"element": {**_T, "name": set_name, "elem": [
-                    {"elem": {"val": _elem_key(value), "comment": tag}}]}}})
+        for _, set_name, value in has - wants:
+            cmds.append({"delete": {"element": {**_T, "name": set_name, "elem": [_elem_key(value)]}}})
+        for _, set_name, value in wants - has:
+            cmds.append({"add": {"element": {**_T, "name": set_name, "elem": [
+                {"elem": {"val": _elem_key(value), "comment": tag}}]}}})
         if cmds and self._classes is not None:
             self._classes |= {name for name, _ in wanted["classes"]}
         return cmds, wanted

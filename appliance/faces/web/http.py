@@ -2,8 +2,6 @@
 asking (session or token), the CSRF guard, security headers and error pages."""
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import hmac
 import json
 import logging
@@ -169,6 +167,8 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[MultiDict, dict[str
     its text fields, and its files {field: (file name, bytes)}. The body is in memory already
     (at most MAX_BODY); anything malformed is a ConfigError."""
     head = f"MIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    import email.parser  # here: about 0.5 MB the supervisor need not hold until an upload
+    import email.policy
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart() or msg.defects:
         raise ConfigError("malformed multipart form body")
