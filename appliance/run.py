@@ -19,6 +19,7 @@ from appliance.dataplane.port import DataplanePort
 from appliance.dataplane.umbox import check_controllers, check_my_controllers
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
+from appliance.supervisor.memory import one_malloc_arena
 from appliance.supervisor.ops import Ops
 from appliance.system.broker import BrokerFiles
 from appliance.system.site import ERROR_FILE, isolation_warning_now
@@ -297,6 +298,7 @@ def _resident_mb() -> str:
 
 
 def main(config_path: str) -> int:
+    one_malloc_arena()      # before any thread: see memory.py
     cfg = load(config_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(cfg))

@@ -33,7 +33,7 @@ from appliance.store.state import RULES_OFF_KEY, Retention, Store
 from appliance.supervisor import logins, notify
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
-from appliance.supervisor.memory import Listeners, Recent
+from appliance.supervisor.memory import Listeners, Recent, give_back_free_memory
 from appliance.supervisor.traffic import Traffic
 from appliance.supervisor.watch import Watch
 from appliance.vocab import (
@@ -84,6 +84,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
         self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
+        self.trim_pause_max_ms = 0.0                # the C heap's free pages given back, after each full one
+        self.full_collections = 0
         self.listeners = Listeners()
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
@@ -1465,6 +1467,12 @@ class Supervisor:
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
             self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
+            if generation == 2:
+                self.full_collections += 1
+                started = time.perf_counter()
+                give_back_free_memory()
+                self.trim_pause_max_ms = max(self.trim_pause_max_ms,
+                                             (time.perf_counter() - started) * 1e3)
             if ticks % 2 == 0:
                 await step("kernel", self.watch.kernel_behind)
                 await step("gate_credentials", self.sync_gate_credentials)
