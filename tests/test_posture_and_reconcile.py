@@ -203,13 +203,21 @@ def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monk
     from appliance.errors import DataplaneError
     names = ["camera1", "plug1", "light1"]
     gated = {"anti_spoof": {}, "auth_gate": {"port": 80}, "conn_limit": {"concurrent": 7}}
-    runs = []
+    runs, sent = [], []
     real_run = fresh._nft.run
-    monkeypatch.setattr(fresh._nft, "run", lambda cmds, what: runs.append(what) or real_run(cmds, what))
+    monkeypatch.setattr(fresh._nft, "run",
+                        lambda cmds, what: runs.append(what) or sent.append(cmds) or real_run(cmds, what))
     with fresh.batch():
         for name in names:
             fresh.set_stack(name, gated)
     assert len(runs) == 1
+    # one command per set and operation, whatever the number of devices (nft.merged)
+    element_ops = [(op, body["element"]["name"]) for c in sent[0] for op, body in c.items()
+                   if "element" in body]
+    assert len(element_ops) == len(set(element_ops)), element_ops
+    gate_adds = [body["element"]["elem"] for c in sent[0] for op, body in c.items()
+                 if op == "add" and body.get("element", {}).get("name") == "gate"]
+    assert len(gate_adds) == 1 and len(gate_adds[0]) >= 2, gate_adds    # (one may be gated already)
     for name in names:
         assert http(lab.namespaces["inet"], lab.device(name).ip)[0] == 401   # behind the gate
     # nftables refuses: every device of the batch is put back as it was
@@ -384,3 +392,18 @@ def test_a_table_of_the_older_layout_is_replaced_in_one_step(run_suffix):
             dp.close()
     finally:
         topology.down(name)
+
+
+def test_merged_keeps_every_element_and_puts_deletions_before_additions():
+    from appliance.dataplane.nft import merged
+
+    def elem(op, name, *values):
+        return {op: {"element": {"family": "inet", "table": "kalki", "name": name, "elem": list(values)}}}
+    new_set = {"add": {"set": {"family": "inet", "table": "kalki", "name": "cl_3", "type": "ipv4_addr"}}}
+    commands = [elem("delete", "ips", "198.18.0.1"), elem("add", "gate", ["198.18.0.1", 80]), new_set,
+                elem("add", "cl_3", "198.18.0.1"), elem("delete", "ips", "198.18.0.2"),
+                elem("add", "gate", ["198.18.0.2", 80]), elem("add", "cl_3", "198.18.0.2")]
+    assert merged(commands) == [new_set, elem("delete", "ips", "198.18.0.1", "198.18.0.2"),
+                                elem("add", "gate", ["198.18.0.1", 80], ["198.18.0.2", 80]),
+                                elem("add", "cl_3", "198.18.0.1", "198.18.0.2")]
+    assert commands[0] == elem("delete", "ips", "198.18.0.1")      # the caller's commands untouched

@@ -638,8 +638,8 @@ class Dataplane:
         commands = [c for _, _, device_commands, _, _ in pending for c in device_commands or ()]
         if commands:
             try:
-                self._loaded_nft().run(
-                    commands, f"devices {', '.join(name for name, _, cmds, _, _ in pending if cmds)}")
+                names = ", ".join(name for name, _, cmds, _, _ in pending if cmds)
+                self._loaded_nft().run(nft.merged(commands), f"devices {names}")
             except DataplaneError:
                 self._undo(pending)
                 raise

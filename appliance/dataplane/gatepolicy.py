@@ -245,10 +245,17 @@ class PolicyFiles:
         self.directory = Path(directory)
         self._written: dict[str, str] = {}     # what this process last wrote, per address
         self._removed: set[str] = set()        # addresses whose file this process removed
+        self._paths: dict[str, Path] = {}
         self._loaded: dict[str, tuple[bytes, Policy | None, str]] = {}   # (content, policy, why not)
 
     def path(self, ip: str) -> Path:
-        return self.directory / f"{ipaddress.IPv4Address(ip)}.json"    # (ValueError if not one)
+        path = self._paths.get(ip)
+        if path is None:
+            if len(self._paths) >= 8192:
+                self._paths.clear()
+            # (ValueError if not an address)
+            path = self._paths[ip] = self.directory / f"{ipaddress.IPv4Address(ip)}.json"
+        return path
 
     def write(self, ip: str, policy: dict) -> None:
         """Puts the device's policy in place in one step (OSError if it cannot)."""

@@ -402,6 +402,28 @@ def empty_state() -> dict:
     return {"macs": [], "ips": [], "gates": [], "lateral": [], "deceive": [], "classes": []}
 
 
+def merged(commands: list[dict]) -> list[dict]:
+    """The same transaction with each set's element deletions in one command and its element
+    additions in another: 25 cameras changing posture together are 75 element commands, and
+    libnftables takes about half as long over 5 (the rest first, then every deletion, then
+    every addition; a device's elements are its own, so no element is both)."""
+    head: list[dict] = []
+    groups: dict[tuple[str, str], dict] = {}
+    for command in commands:
+        (op, body), = command.items()
+        element = body.get("element") if op in ("add", "delete") and isinstance(body, dict) else None
+        if element is None:
+            head.append(command)
+            continue
+        group = groups.get((op, element["name"]))
+        if group is None:
+            groups[(op, element["name"])] = {op: {"element": {**element, "elem": list(element["elem"])}}}
+        else:
+            group[op]["element"]["elem"].extend(element["elem"])
+    return (head + [g for (op, _), g in groups.items() if op == "delete"]
+            + [g for (op, _), g in groups.items() if op == "add"])
+
+
 def _is_class(name: str) -> bool:
     kind, _, value = name.partition("_")
     return kind in ("cl", "rl") and value.isdigit()
