@@ -69,6 +69,8 @@ ALERT_SEVERITY = {
     "api-denied": "warning", "token-brute-force": "critical",
     "tamper": "critical", "disk-error": "critical", "posture-kept": "warning",
     "device-renamed": "warning", "dataplane-replaced": "warning", "egress-refused": "info",
+    # Home Assistant's broker user is a device's too: its posture commands are refused
+    "mqtt-user-clash": "warning",
     "stealth-scan": "critical", "identity-clone": "critical",
     # a device accepts its type's factory login (appliance.supervisor.logins): anyone who can
     # reach it can log in; no built-in rule moves a posture on it

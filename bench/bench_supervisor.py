@@ -336,7 +336,7 @@ def bench_brute_force(state) -> dict:
     atk = state.namespaces["atk"]
     cams = [d for d in state.devices if d.type == "camera"]
     prefix = topology.UPLINK.prefixlen
-    decide, enforce, e2e, misses, other = [], [], [], 0, {}
+    decide, xdp, enforce, e2e, misses, other = [], [], [], [], 0, {}
     for i, cam in enumerate(cams):
         src = lab_only(f"198.19.0.{ATTACK_SRC_BASE + i}")
         topology._run(["ip", "-n", atk, "addr", "add", f"{src}/{prefix}", "dev", "eth0"],
@@ -354,7 +354,9 @@ def bench_brute_force(state) -> dict:
         decide.append(dec["timing_ms"]["decide"])
         if dec["timing_ms"]["enforce"] is not None:
             enforce.append(dec["timing_ms"]["enforce"])
-    return {"decide": decide, "enforce": enforce, "e2e": e2e, "misses": misses,
+        if dec["timing_ms"].get("xdp") is not None:
+            xdp.append(dec["timing_ms"]["xdp"])
+    return {"decide": decide, "xdp": xdp, "enforce": enforce, "e2e": e2e, "misses": misses,
             "postures_of_misses": other, "cameras": len(cams)}
 
 
@@ -480,6 +482,9 @@ def main() -> int:
                  **load}
         stats("kernel_enforce", b["enforce"], target=1, **extra,
               how="the kernel event's bpf_ktime_get_ns() -> the camera enforced and read back")
+        stats("kernel_xdp", b["xdp"], **extra,
+              how="the kernel event -> the camera's XDP entry written (its posture in force for the "
+                  "next packet; nftables' part follows)")
         stats("kernel_decide", b["decide"], **extra, how="the kernel event -> the rule decided")
         stats("kernel_end_to_end", b["e2e"], **extra,
               how="first SYN -> decision seen via control (includes the 11 connects)")

@@ -501,3 +501,32 @@ def test_a_device_may_not_take_home_assistants_name(sup):
         Ops(sup).device_rename("plug1", HA)
     sup.discovered("02:4b:00:00:00:0a", "198.18.0.20", {"hostname": HA})
     assert HA not in sup.known and "homeassistant-00000a" in sup.known
+
+
+def test_a_device_logging_in_as_home_assistant_s_user_stops_its_commands(tmp_path, caplog):
+    """mqtt.home_assistant_user named after a device was added as that user: the broker lets
+    the user set any posture, so a command may be the device's. Refused and said, at start
+    (an alert naming the device) and at each command (an audit naming both)."""
+    from fakes import FakeDataplane
+
+    from appliance.supervisor.core import Supervisor
+    first = supervisor(tmp_path, light1=LIGHT, plug1=PLUG)
+    first.store.close()
+    cfg = first.cfg
+    cfg.mqtt.home_assistant_user = "plug1"          # set later, in the config file
+    s = Supervisor(cfg)
+    try:
+        with caplog.at_level(logging.ERROR, logger="kalki.supervisor"):
+            s.attach(FakeDataplane(), loop=None)
+        [alert] = [a for a in s.store.alerts(limit=20) if a["type"] == "mqtt-user-clash"]
+        assert alert["device"] == "plug1" and alert["details"]["user"] == "plug1"
+        assert any("plug1" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+        assert Ops(s).home_assistant_posture("light1", "quarantine") is None
+        assert s.known["light1"]["posture"] == "normal"
+        [refused] = audits(s, "posture-refused")
+        assert "device plug1's" in refused["details"]["error"]
+        assert "mqtt.home_assistant_user" in refused["details"]["error"]
+        cfg.mqtt.home_assistant_user = "homeassistant"     # another user named: obeyed again
+        assert Ops(s).home_assistant_posture("light1", "quarantine")["posture"] == "quarantine"
+    finally:
+        s.store.close()

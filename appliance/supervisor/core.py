@@ -245,6 +245,12 @@ class Supervisor:
         self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+        clash = self.home_assistant_clash()
+        if clash is not None:
+            log.error("device %s logs in to the broker as %r, mqtt.home_assistant_user: Home "
+                      "Assistant's posture commands are refused", clash, self.cfg.mqtt.home_assistant_user)
+            self.raise_alert(clash, "mqtt-user-clash", "supervisor",
+                             {"user": self.cfg.mqtt.home_assistant_user}, time.monotonic_ns())
         older = getattr(dp, "older_layout", None)
         if older:
             self.store.audit("dataplane-replaced", "supervisor", {"why": older})
@@ -985,6 +991,16 @@ class Supervisor:
         the commands it reads): the name it was set up with (mqtt_user) if it was renamed."""
         d = self.known.get(name)
         return (d.get("mqtt_user") if d else None) or name
+
+    def home_assistant_clash(self) -> str | None:
+        """The device whose broker user is Home Assistant's (mqtt.home_assistant_user, set after
+        the device was added), or None. The broker's ACL lets that user set any device's
+        posture, so while a device logs in as it nobody can tell Home Assistant's commands
+        from the device's."""
+        user = self.cfg.mqtt.home_assistant_user
+        if not user:
+            return None
+        return next((name for name in self.known if self.mqtt_name(name) == user), None)
 
     def device_for_topic(self, level: str) -> str | None:
         """The device a topic's device level (a broker user) belongs to: the device whose

@@ -226,7 +226,7 @@ DROP_REASONS = {"drop_set": "blocked by hand (the operator, or the gate)", "port
                 "syn_flood": "a SYN flood"}
 # Alerts that are news rather than alarms: no word on the posture after them.
 NEWS = ("egress-refused", "egress-report", "new-device", "device-renamed", "dataplane-replaced",
-        "posture-kept", "blocked")
+        "posture-kept", "blocked", "mqtt-user-clash")
 
 
 def port_words(port, proto=None) -> str:
@@ -386,6 +386,10 @@ def _what_other(kind: str, d: dict, c: Context, source: str | None) -> Said:
     if kind == "device-renamed":
         return (f"The device {d.get('from')} was renamed {d.get('to')}", ": its old name did not fit the "
                 "rule for names", None)
+    if kind == "mqtt-user-clash":
+        return (f"{c.dev} logs in to the broker as {d.get('user') or '?'}, the user Home Assistant "
+                "is configured to use", " (mqtt.home_assistant_user)",
+                "Home Assistant's posture commands are refused until another user is named for it")
     if kind == "dataplane-replaced":
         return "The data path of an older version was replaced", f" ({d.get('why') or '?'})", None
     if kind == "notify-failed":

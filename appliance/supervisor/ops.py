@@ -376,6 +376,13 @@ class Ops:
         next record counts those not recorded); for a name that is no device, only logged.
         None then."""
         try:
+            clash = self._sup.home_assistant_clash()
+            if clash is not None:
+                user = self._sup.cfg.mqtt.home_assistant_user
+                raise ConfigError(f"device {name}: posture commands are refused: {user!r}, Home "
+                                  f"Assistant's broker user (mqtt.home_assistant_user), is also "
+                                  f"device {clash}'s, so the command may be the device's; name "
+                                  "another user for Home Assistant")
             if posture == "learning":
                 raise ConfigError(f"device {name}: posture 'learning' is not Home Assistant's to "
                                   "set (it would have no end; `kalki device learn` sets it for a "
