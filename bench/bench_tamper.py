@@ -24,11 +24,8 @@ SIZES = [int(x) for x in os.environ.get("KALKI_BENCH_TAMPER_SIZES", "100,1000").
 
 def main() -> int:
     for n in SIZES:
-        os.environ["KALKI_BENCH_DEVICES"] = str(n)
-        import bench_apply
-        bench_apply.DEVICES = n
         with common.lab("tw", devices=2) as (lab, dp):
-            wanted = specs(lab)
+            wanted = specs(lab, n)
             dp.reconcile(wanted)
             assert not dp.drift(), dp.drift()
             times = []

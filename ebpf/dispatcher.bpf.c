@@ -87,10 +87,10 @@ BPF_TABLE("lru_hash", struct scan_key, __u64, kalki_scan_seen, 65536);
 /* The template of every allow-list's trie: its size is each list's most prefixes. */
 BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_allow,
 	    1024, BPF_F_NO_PREALLOC);
-/* Slots: a list per device at most, and its next while a posture changes. */
-BPF_ARRAY_OF_MAPS(kalki_allow_lists, "kalki_allow", 2 * KALKI_MAX_DEVICES);
+/* Slots: a list per device at most, its next while a posture changes, and the lists kept. */
+BPF_ARRAY_OF_MAPS(kalki_allow_lists, "kalki_allow", 2 * KALKI_MAX_DEVICES + KALKI_KEPT_LISTS);
 /* User space only: which trie each slot holds (kalki.h says why). */
-BPF_TABLE("hash", __u32, __u32, kalki_allow_list_ids, 2 * KALKI_MAX_DEVICES);
+BPF_TABLE("hash", __u32, __u32, kalki_allow_list_ids, 2 * KALKI_MAX_DEVICES + KALKI_KEPT_LISTS);
 BPF_F_TABLE("hash", struct kalki_name_key, struct kalki_name_value, kalki_name_allow,
 	    KALKI_MAX_NAME_BINDINGS, BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(kalki_events, KALKI_RINGBUF_PAGES);

@@ -14,6 +14,7 @@
 #define KALKI_MAX_NAME_BINDINGS 65536   /* (device, address) pairs learnt from DNS answers */
 #endif
 #define KALKI_ALLOW_RULES 8             /* (proto, port) pairs per allow-list prefix */
+#define KALKI_KEPT_LISTS 256            /* allow-lists no device uses, kept for one coming back */
 #define KALKI_LOGIN_PORTS 4
 
 /* Umbox bits in kalki_device.flags: which in-kernel umboxes are on for the device. */

@@ -128,6 +128,7 @@ def test_a_freed_allow_list_slot_is_given_again_only_after_the_others(pins):
     lists = path.maps["kalki_allow_lists"]
     dp = dataplane.Dataplane("slots")
     dp._maps = path.maps
+    dp._kept_lists = lambda: 0          # (kept lists: the test below)
     in_use = set(dp._list_index().values())
     first = dp._list_id(((32, "198.19.77.1", ((17, 53),)),), create=True)
     dp._collect_lists()                 # no device has it: its slot is emptied
@@ -153,6 +154,7 @@ def test_a_slot_a_device_names_is_never_given_to_another_list(pins):
     made = dp._list_id(((32, "198.19.77.3", ((17, 53),)),), create=True)
     assert made != device_list
     index[lost] = device_list
+    dp._kept_lists = lambda: 0
     dp._collect_lists()
     assert path.maps["kalki_allow_lists"].lookup(ctypes.c_uint32(device_list)) is not None
 
@@ -199,3 +201,30 @@ def test_a_trie_id_left_by_a_crash_is_dropped_from_the_index(pins):
         time.sleep(0.01)
     assert slot.value not in reader._list_index().values()
     assert ids.lookup(slot) is None
+
+
+def test_unused_lists_are_kept_for_devices_coming_back_up_to_the_kept_slots(pins):
+    """A device leaving quarantine finds its list still there: no slot of the array of maps
+    written (each write waits for an RCU grace period). Past the slots kept, the oldest go."""
+    path = pins["one"]
+    dp = dataplane.Dataplane("kept")
+    dp._maps = path.maps
+    dp.max_devices = path.maps["kalki_devices"].max_entries
+    assert path.maps["kalki_allow_lists"].max_entries == 2 * dp.max_devices + maps.KEPT_LISTS
+    assert dp._kept_lists() == maps.KEPT_LISTS
+    writes = []
+    real_update = path.maps["kalki_allow_lists"].update
+    path.maps["kalki_allow_lists"].update = lambda *a, **k: writes.append(a) or real_update(*a, **k)
+    try:
+        contents = [((32, f"198.19.78.{i}", ((17, 53),)),) for i in range(3)]
+        made = [dp._list_id(c, create=True) for c in contents]
+        dp._collect_lists()                      # no device names them: kept
+        assert [dp._list_id(c, create=True) for c in contents] == made and len(writes) == 3
+        dp._kept_lists = lambda: 1
+        dp._collect_lists()                      # the two oldest go, the newest stays
+        ids = path.maps["kalki_allow_list_ids"]
+        assert [ids.lookup(ctypes.c_uint32(i)) is None for i in made] == [True, True, False]
+        dp._kept_lists = lambda: 0
+        dp._collect_lists()
+    finally:
+        del path.maps["kalki_allow_lists"].update

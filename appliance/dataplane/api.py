@@ -97,6 +97,7 @@ class Dataplane:
     """One gateway's data path. `instance` names the pin directory (a lab name, or
     "appliance"); `namespace` is the network namespace of the gateway (None: this one)."""
 
+
     def __init__(self, instance: str, namespace: str | None = None,
                  settings: GatewaySettings | None = None):
         self.instance = instance
@@ -194,6 +195,9 @@ class Dataplane:
             pinned.close()
             if name == "kalki_devices" and slots != self.max_devices:
                 return f"map kalki_devices has {slots} device slots, this version {self.max_devices}"
+            lists = 2 * self.max_devices + maps.KEPT_LISTS
+            if name == "kalki_allow_lists" and slots != lists:
+                return f"map kalki_allow_lists has {slots} slots, this version {lists}"
         return None
 
     def _set_aside_older_layout(self) -> None:
@@ -484,15 +488,25 @@ class Dataplane:
             self._allow_of = {k.value: e.allow_id for k, e in self._maps["kalki_devices"].items()}
         return self._allow_of
 
+    def _kept_lists(self) -> int:
+        """How many unused lists may stay: the slots beyond two per device (a list per device,
+        and its next while a posture changes), KALKI_KEPT_LISTS when the pins are this
+        version's; none in an older layout's."""
+        slots = self._maps["kalki_allow_lists"].max_entries
+        return max(0, min(maps.KEPT_LISTS, slots - 2 * self.max_devices))
+
     def _collect_lists(self) -> None:
-        """Deletes the lists no device uses any more."""
+        """Deletes the lists no device uses any more, but for the newest _kept_lists(): a
+        device back in a posture it had finds its list still there. Writing or deleting a
+        slot of an array of maps waits for an RCU grace period (maybe_wait_bpf_programs),
+        8 ms here: a device leaving quarantine waited that long for its list to be made again."""
         used = set(self._allow_ids().values())
         index = self._list_index()
-        for content, list_id in list(index.items()):
-            if list_id not in used:
-                self._maps["kalki_allow_lists"].delete(ctypes.c_uint32(list_id))
-                self._maps["kalki_allow_list_ids"].delete(ctypes.c_uint32(list_id))
-                del index[content]
+        unused = [(content, list_id) for content, list_id in index.items() if list_id not in used]
+        for content, list_id in unused[:max(0, len(unused) - self._kept_lists())]:   # oldest first
+            self._maps["kalki_allow_lists"].delete(ctypes.c_uint32(list_id))
+            self._maps["kalki_allow_list_ids"].delete(ctypes.c_uint32(list_id))
+            del index[content]
 
     def _compile_now(self, spec: DeviceSpec) -> umbox.CompiledStack:
         s = self.settings

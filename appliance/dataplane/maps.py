@@ -8,6 +8,7 @@ import enum
 
 MAX_DEVICES = 4096     # device slots (slot 0 is "unknown"): ebpf/kalki.h, -DKALKI_MAX_DEVICES
 ALLOW_RULES = 8
+KEPT_LISTS = 256     # allow-lists no device uses, kept for one coming back (api._collect_lists)
 MAX_NAME_BINDINGS = 65536
 LOGIN_PORTS = 4
 
