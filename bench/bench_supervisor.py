@@ -90,6 +90,14 @@ def ask(state, op, **args):
     return client.request(state.gateway["socket"], op, **args)
 
 
+def after_next_full_collection(state) -> dict:
+    """The supervisor's status once its ticker has run the next full collection (every 15 s),
+    after which it gives the C heap's free pages back: its memory then is the steady state."""
+    done = ask(state, "status").get("full_collections", 0)
+    wait_for(lambda: ask(state, "status").get("full_collections", 0) > done, 30, 1)
+    return ask(state, "status")
+
+
 def postures(state) -> dict[str, str]:
     return {d["name"]: d["posture"] for d in ask(state, "devices")}
 
@@ -491,12 +499,8 @@ def main() -> int:
         emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"],
              **load)
 
-        # A full collection runs every 15 s (from the ticker, between events), and the C heap's
-        # free pages are given back after it: wait for the next one, so that the memory read
-        # below is the supervisor's steady state, not the burst's (hwm_* keeps the burst's peak).
-        done = ask(state, "status").get("full_collections", 0)
-        wait_for(lambda: ask(state, "status").get("full_collections", 0) > done, 30, 1)
-        status = ask(state, "status")
+        # the steady state, not the burst's (hwm_* keeps the burst's peak)
+        status = after_next_full_collection(state)
         pauses = status.get("gc_pause_max_ms")
         emit(BENCH, "gc_full_pause_ms", pauses[2] if pauses else None, "ms",
              trim_pause_max_ms=status.get("trim_pause_max_ms"),
@@ -516,9 +520,7 @@ def main() -> int:
             emit(BENCH, f"lab_up_{BIG}_devices", round(up_s, 2), "s", **loads.kw(),
                  how="topology.up with supervisor: namespaces, then devices added+approved one by one "
                      "over the control socket (supervisor_start_* is the supervisor's part)")
-            done = ask(state, "status").get("full_collections", 0)     # steady state, as above
-            wait_for(lambda: ask(state, "status").get("full_collections", 0) > done, 30, 1)
-            status = ask(state, "status")
+            status = after_next_full_collection(state)     # the steady state, as above
             m = supervisor_memory(state)
             emit(BENCH, f"rss_{BIG}_devices", round(m["VmRSS"] / 1024, 1), "MB", target=64,
                  met=m["VmRSS"] / 1024 <= 64, hwm_mb=round(m["VmHWM"] / 1024, 1),

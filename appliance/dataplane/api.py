@@ -97,7 +97,6 @@ class Dataplane:
     """One gateway's data path. `instance` names the pin directory (a lab name, or
     "appliance"); `namespace` is the network namespace of the gateway (None: this one)."""
 
-
     def __init__(self, instance: str, namespace: str | None = None,
                  settings: GatewaySettings | None = None):
         self.instance = instance

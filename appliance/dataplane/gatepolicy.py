@@ -243,32 +243,23 @@ class PolicyFiles:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        self._written: dict[str, str] = {}     # what this process last wrote, per address
-        self._removed: set[str] = set()        # addresses whose file this process removed
-        self._paths: dict[str, Path] = {}
+        # what this process last wrote, per address; None: it removed the file
+        self._written: dict[str, str | None] = {}
         self._loaded: dict[str, tuple[bytes, Policy | None, str]] = {}   # (content, policy, why not)
 
     def path(self, ip: str) -> Path:
-        path = self._paths.get(ip)
-        if path is None:
-            if len(self._paths) >= 8192:
-                self._paths.clear()
-            # (ValueError if not an address)
-            path = self._paths[ip] = self.directory / f"{ipaddress.IPv4Address(ip)}.json"
-        return path
+        return self.directory / f"{ipaddress.IPv4Address(ip)}.json"    # (ValueError if not one)
 
     def write(self, ip: str, policy: dict) -> None:
         """Puts the device's policy in place in one step (OSError if it cannot)."""
         text = json.dumps(policy, sort_keys=True)
-        written = self._written.get(ip)
-        if written == text:
+        if ip in self._written and self._written[ip] == text:
             return
         path = self.path(ip)
-        if written is None:     # not written by this process: maybe as a previous one left it
+        if ip not in self._written:     # maybe as a previous process left it
             try:
                 if path.read_text() == text:
                     self._written[ip] = text
-                    self._removed.discard(ip)
                     return
             except (OSError, UnicodeDecodeError):
                 pass
@@ -280,17 +271,15 @@ class PolicyFiles:
             tmp.write_text(text)
         os.replace(tmp, path)
         self._written[ip] = text
-        self._removed.discard(ip)
 
     def remove(self, ip: str) -> None:
-        if ip in self._removed:     # every apply of a device without a gate removes its file
-            return
-        self._written.pop(ip, None)
+        if ip in self._written and self._written[ip] is None:
+            return      # removed already: every apply of a device without a gate asks again
         try:
             self.path(ip).unlink()
         except FileNotFoundError:
             pass
-        self._removed.add(ip)
+        self._written[ip] = None
 
     def load(self, ip: str, port: int) -> tuple[Policy | None, str]:
         """(the device's policy for the gate's connections to `port`, "") or (None, why there

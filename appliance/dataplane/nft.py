@@ -451,6 +451,3 @@ def _elements(state: dict) -> set[tuple[str, str, object]]:
     return out
 
 
-def differs(current: dict, wanted: dict) -> bool:
-    """Whether a device's state in the table (as read_back gives it) is not `wanted`."""
-    return _elements(current) != _elements(wanted)

@@ -95,14 +95,16 @@ class Listeners:
                 pass
 
 
-def _malloc_trim():
+def _glibc(name: str):
+    """A glibc function by name, or None under another C library."""
     try:
-        return ctypes.CDLL(None).malloc_trim     # glibc's; another C library has none
+        return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError):
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
 M_ARENA_MAX = -8        # glibc's mallopt parameter
 
 
@@ -112,11 +114,7 @@ def one_malloc_arena() -> bool:
     its own free pages; the threads hardly run at once (the GIL), so one arena costs nothing
     and saved 2-3 MB of a 100-device supervisor. Called before any thread starts. False
     where the C library cannot."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    return bool(mallopt(M_ARENA_MAX, 1))
+    return _MALLOPT is not None and bool(_MALLOPT(M_ARENA_MAX, 1))
 
 
 def give_back_free_memory() -> bool:
