@@ -292,6 +292,49 @@ def test_an_element_someone_else_put_in_a_device_set_goes_at_reconcile(lab, fres
     assert -1 not in fresh._nft.read_back() and fresh.drift() == []
 
 
+def _listings(monkeypatch):
+    """Counts the tamper watch's listings of the table."""
+    from appliance.dataplane import nft
+    calls = []
+    real = nft.Nft.fingerprint
+    monkeypatch.setattr(nft.Nft, "fingerprint", lambda self: calls.append(1) or real(self))
+    return calls
+
+
+def test_the_tamper_watch_lists_the_table_only_after_somebody_else_commits(lab, fresh, monkeypatch):
+    gw = lab.namespaces["gw"]
+    listings = _listings(monkeypatch)
+    assert fresh.drift() == []       # a look, which the table passes: trusted from here
+    looked = len(listings)
+    for posture in ("suspicious", "normal"):     # our own transactions keep the trust
+        fresh.apply(normal_specs(lab, posture)[0])
+    assert fresh.drift() == [] and len(listings) == looked
+    # somebody else commits, even to another table: the next look lists ours again
+    subprocess.run(["ip", "netns", "exec", gw, "nft", "add", "table", "inet", "someone"], check=True)
+    try:
+        assert fresh.drift() == [] and len(listings) == looked + 1
+        assert fresh.drift() == [] and len(listings) == looked + 1
+        # a commit by somebody else just before one of ours is not taken for ours
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "delete", "element", "inet", "kalki",
+                        "ips", f"{{ {lab.device('plug1').ip} }}"], check=True)
+        fresh.apply(normal_specs(lab, "suspicious")[0])
+        assert any("changed" in p for p in fresh.drift()), "the deleted element went unseen"
+        assert len(listings) == looked + 2
+    finally:
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "delete", "table", "inet", "someone"], check=True)
+        fresh.restore(normal_specs(lab))
+    assert fresh.drift() == []
+
+
+def test_the_tamper_watch_lists_the_table_once_a_minute_anyway(lab, fresh, monkeypatch):
+    from appliance.dataplane import nft
+    listings = _listings(monkeypatch)
+    assert fresh.drift() == []
+    looked = len(listings)
+    monkeypatch.setattr(nft, "FULL_LOOK_SECONDS", 0.0)
+    assert fresh.drift() == [] and len(listings) == looked + 1
+
+
 def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
     """The faults issue, 3: with the table present but the pinned maps out of sight (as under
     `ip netns exec`, which remounts /sys), `kalki run` exited with "nftables refused device
