@@ -46,3 +46,13 @@ def test_past_the_limit_a_clear_error_and_other_sizes_are_an_older_layout(run_su
             bigger.close()
     finally:
         topology.down(name)
+
+
+def test_the_broker_may_hold_a_connection_per_device_at_the_limit():
+    """Mosquitto takes no more clients than its descriptors allow, and systemd gives a service
+    1,024 unless its unit says otherwise."""
+    import configparser
+    from pathlib import Path
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).parent.parent / "image/files/rootfs/etc/systemd/system/kalki-mosquitto.service")
+    assert int(unit["Service"]["LimitNOFILE"]) >= 2 * maps.MAX_DEVICES

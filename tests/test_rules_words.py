@@ -384,3 +384,31 @@ async def test_the_rules_page(ops):
         page = await (await c.get("/rules?edit=watch")).text()
         editor = re.search(r'<textarea name="text"[^>]*>(.*?)</textarea>', page, re.S)
         assert 'name = &quot;watch&quot;' in editor.group(1)
+
+
+ROOM_RULE = '''
+[[rules]]
+name = "hall-intrusion"
+when = {all = [{telemetry = {device = {group = "hall-motion"}, field = "motion", op = "==", value = true}}]}
+then = [{set_posture = {device = {group = "hall-cameras"}, posture = "suspicious"}}]
+'''
+
+
+def test_site_rules_put_over_the_control_socket(ops):
+    from appliance.supervisor import control
+    sup = ops._sup
+    ops.device_group("camera1", "hall-cameras")
+    ops.device_group("plug1", "hall-motion")
+    assert control.handle(ops, {"op": "rules_put", "args": {"text": ROOM_RULE}}) == {
+        "saved": ["hall-intrusion"]}
+    assert [a["details"]["rule"] for a in audits(sup, "rule-put")] == ["hall-intrusion"]
+    sup.on_telemetry("plug1", {"motion": True})
+    assert sup.posture("camera1") == "suspicious"
+    # one wrong rule saves none of the text, and the error names it
+    bad = ROOM_RULE.replace("hall-intrusion", "second") + ROOM_RULE.replace(
+        "hall-intrusion", "third").replace('op = "=="', 'op = "~~"')
+    with pytest.raises(ConfigError, match=r"rules\[1\]"):
+        control.handle(ops, {"op": "rules_put", "args": {"text": bad}})
+    assert {r["name"] for r in sup.store.rules()} == {"hall-intrusion"}
+    with pytest.raises(ConfigError, match="missing argument"):
+        control.handle(ops, {"op": "rules_put", "args": {}})

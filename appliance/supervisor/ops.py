@@ -39,7 +39,7 @@ CONTROL = ("status", "devices", "device_show", "device_add", "device_approve", "
            "profile_import", "profile_list", "profile_show", "profile_export", "profile_remove",
            "device_learn", "device_allow", "device_disallow", "profile_from_device", "raise_alert",
            "backup", "restore", "device_check_logins", "blocked_sources", "alert_keep", "alert_release",
-           "notify_test", "device_rename", "device_group", "rules_view", "set_rule_enabled",
+           "notify_test", "device_rename", "device_group", "rules_view", "rules_put", "set_rule_enabled",
            "home_assistant_broker", "home_assistant_password")
 
 log = logging.getLogger("kalki.ops")
@@ -1238,6 +1238,12 @@ class Ops:
     def put_rules_text(self, text, actor: str) -> list[str]:
         validate_rules_text(text, "rules")
         return self.put_rules(tomllib.loads(text)["rules"], "rules", actor)
+
+    def rules_put(self, text, actor: str = "operator") -> dict:
+        """Site rules from TOML text ([[rules]] tables, as `kalki rules validate` checks them),
+        for scripts and integrators: each added, or replacing the site rule of its name, as the
+        page's rules editor does. All or none: one wrong rule saves nothing."""
+        return {"saved": self.put_rules_text(text, actor)}
 
     def _site_rule(self, name) -> None:
         if not isinstance(name, str) or self._sup.store.get_rule(name) is None:
