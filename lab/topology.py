@@ -11,6 +11,7 @@ addresses come from 198.18.0.0/15, and `down` removes all of it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -209,6 +210,35 @@ def _sysctls(s: LabState) -> None:
           *[f"{k}={v}" for k, v in settings.items()]], "gateway sysctls")
 
 
+NEIGH = "/proc/sys/net/ipv4/neigh/default/gc_thresh"
+
+
+def _neighbour_room(s: LabState) -> None:
+    """Linux keeps one ARP table for all namespaces, and its limits (gc_thresh1-3, 128/512/
+    1,024 by default) count every namespace's entries: a device's entry for the gateway and
+    the gateway's for the device. A 1,000-device lab needs about 2,000; past gc_thresh3 new
+    neighbours are refused and devices stop reaching the gateway (seen at the 349th MQTT
+    client). The host's limits are raised for a big lab, never lowered; `down` puts them
+    back when no other lab is left."""
+    needed = 2 * len(s.devices) + 256
+    old = {i: int(Path(f"{NEIGH}{i}").read_text()) for i in (1, 2, 3)}
+    if old[3] >= 2 * needed:
+        return
+    s.gateway["neigh_restore"] = old
+    for i, value in ((3, 2 * needed), (2, needed), (1, max(old[1], needed // 4))):
+        Path(f"{NEIGH}{i}").write_text(str(max(old[i], value)))
+    _save(s)
+
+
+def _neighbour_restore(s: LabState) -> None:
+    old = s.gateway.get("neigh_restore")
+    if not old or [n for n in labs() if n != s.name]:
+        return
+    for i in ("1", "2", "3"):      # thresh1 <= thresh2 <= thresh3 at every step
+        with contextlib.suppress(OSError, KeyError):
+            Path(f"{NEIGH}{i}").write_text(str(old[i] if i in old else old[int(i)]))
+
+
 def spawn(namespace: str, args: list[str], log: Path) -> int:
     """Starts a long-lived process inside a namespace; returns its pid."""
     with open(log, "ab") as out:
@@ -264,6 +294,7 @@ def up(name: str | None = None, devices: int = 4, compromised: bool = False,
             _batch(batch, f"lab {name}: topology step {i + 1}")
         _configure_devices(s)
         _sysctls(s)
+        _neighbour_room(s)
         if supervisor:
             s.gateway["supervisor"] = True
             s.gateway["socket"] = str(lab_dir / "kalki.sock")
@@ -602,6 +633,8 @@ def down(name: str) -> list[str]:
         _batch([f"netns del {n}" for n in namespaces], f"lab {name}: removing namespaces")
         removed += namespaces
     remove_pins(name)
+    if s:
+        _neighbour_restore(s)
     shutil.rmtree(state_path(name).parent, ignore_errors=True)
     return removed
 

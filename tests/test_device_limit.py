@@ -1,5 +1,7 @@
 """The device limit (issue 13): 4,096 slots by default, a compile-time define; past the limit a
 clear error, and pins made with another number of slots are replaced like any older layout."""
+import json
+
 import pytest
 
 from appliance.dataplane import api as dataplane
@@ -46,6 +48,30 @@ def test_past_the_limit_a_clear_error_and_other_sizes_are_an_older_layout(run_su
             bigger.close()
     finally:
         topology.down(name)
+
+
+def test_the_image_keeps_a_neighbour_entry_per_device_at_the_limit():
+    from pathlib import Path
+    conf = (Path(__file__).parent.parent / "image/files/rootfs/etc/sysctl.d/90-kalki.conf").read_text()
+    values = dict(line.replace(" ", "").split("=") for line in conf.splitlines()
+                  if line.strip() and not line.startswith("#"))
+    thresholds = [int(values[f"net.ipv4.neigh.default.gc_thresh{i}"]) for i in (1, 2, 3)]
+    assert thresholds == sorted(thresholds) and thresholds[0] >= maps.MAX_DEVICES
+
+
+def test_a_big_lab_raises_the_hosts_neighbour_limits_and_puts_them_back(tmp_path, monkeypatch):
+    for i, value in ((1, 128), (2, 512), (3, 1024)):
+        (tmp_path / f"t{i}").write_text(str(value))
+    monkeypatch.setattr(topology, "NEIGH", str(tmp_path / "t"))
+    monkeypatch.setattr(topology, "_save", lambda s: None)
+    monkeypatch.setattr(topology, "labs", lambda: [])
+    small, big = topology.plan("nsmall", devices=10), topology.plan("nbig", devices=1000)
+    topology._neighbour_room(small)
+    assert (tmp_path / "t3").read_text() == "1024" and "neigh_restore" not in small.gateway
+    topology._neighbour_room(big)
+    assert [int((tmp_path / f"t{i}").read_text()) for i in (1, 2, 3)] == [564, 2256, 4512]
+    topology._neighbour_restore(topology.LabState.from_json(json.loads(json.dumps(big.to_json()))))
+    assert [(tmp_path / f"t{i}").read_text() for i in (1, 2, 3)] == ["128", "512", "1024"]
 
 
 def test_the_broker_may_hold_a_connection_per_device_at_the_limit():
