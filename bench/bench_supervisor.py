@@ -515,7 +515,8 @@ def report_mqtt(r: dict, loads: Loads, devices: int, prefix: str = "mqtt",
     emit(BENCH, f"{prefix}_triggers", len(r["e2e"]) + r["misses"], "count", misses=r["misses"],
          asked=TRIGGERS, budget_s=TRIGGER_BUDGET, **load)
     emit(BENCH, f"supervisor_counters_after_{prefix}", r["status"]["counters"], "count",
-         mqtt_rejected=r["status"]["mqtt_rejected"], **load)
+         mqtt_rejected=r["status"]["mqtt_rejected"], rules_skipped=r["status"].get("rules_skipped"),
+         **load)
     emit(BENCH, "gc_pause_max_ms", r["status"].get("gc_pause_max_ms"), "ms",
          how="longest collection of generations 0-1 and 0-2 by the supervisor's ticker "
              "between events ([0] unused)", devices=devices, **load)

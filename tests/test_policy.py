@@ -58,6 +58,9 @@ class FakeFacts:
     def group_of(self, device):
         return self.groups.get(device)
 
+    def devices_where(self, key, value):
+        return [d for d in self.types if (self.types if key == "type" else self.groups).get(d) == value]
+
     def alerts(self, device, types, since):
         return sum(1 for t, d, kind in self.alert_log
                    if t >= since and (device is None or d == device) and (types is None or kind in types))
@@ -520,3 +523,65 @@ def test_bad_settings_name_the_setting():
     f.config = {"business_hours": {"start": "8am", "end": "18:00"}, "timezone": "Europe/Berlin"}
     with pytest.raises(ConfigError, match=r"settings.business_hours.start/end\[0\]: invalid time"):
         Engine([rule({"time": {"business_hours": True}})]).evaluate(tick(), f)
+
+
+# ---------------------------------------------------------------- which reports a rule reads
+
+class CountingFacts(FakeFacts):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.selections = 0
+
+    def devices_where(self, key, value):
+        self.selections += 1
+        return super().devices_where(key, value)
+
+
+HALL_RULE = {"all": [
+    {"telemetry": {"device": {"group": "hall"}, "field": "motion", "op": "==", "value": True}},
+    {"telemetry": {"device": {"type": "light"}, "field": "on", "op": "==", "value": False,
+                   "match": "all"}}]}
+
+
+def test_a_report_a_global_rule_does_not_read_does_not_evaluate_it():
+    f = CountingFacts()
+    cameras = {"set_posture": {"device": {"type": "camera"}, "posture": "suspicious"}}
+    engine = Engine([rule(HALL_RULE, [cameras])])
+    f.report("light1", on=False)
+    f.report("light2", on=False)
+    assert engine.evaluate(f.report("motion1", motion=False), f) == []
+    asked = f.selections
+    for _ in range(5):      # the plug's power and the camera's recording: not read by the rule
+        assert engine.evaluate(f.report("plug1", on=True, power_w=3.0), f) == []
+        assert engine.evaluate(f.report("cam2", motion=True), f) == []     # not in the hall
+    assert f.selections == asked and engine.skipped == 10
+    [d] = engine.evaluate(f.report("motion1", motion=True), f)
+    assert d.actions[0].targets == ("cam1", "cam2")
+    assert engine.evaluate(f.report("light1", on=False), f) == []        # read, still true: no edge
+    assert engine.skipped == 10
+
+
+def test_what_time_alone_changes_is_seen_on_any_report_a_second_later():
+    f = FakeFacts(now=datetime.datetime(2024, 5, 15, 15, 59, 59, tzinfo=UTC))     # 17:59:59 in Berlin
+    after_hours = rule({"all": [{"time": {"business_hours": False}},
+                                {"telemetry": {"device": "motion1", "field": "motion", "op": "==",
+                                               "value": True}}]},
+                       [{"set_posture": {"device": "cam1", "posture": "suspicious"}}])
+    engine = Engine([after_hours])
+    assert engine.evaluate(f.report("motion1", motion=True), f) == []     # business hours
+    f.advance(0.5)
+    assert engine.evaluate(f.report("plug1", on=True), f) == []            # skipped: 0.5 s
+    assert engine.skipped == 1
+    f.advance(1)    # 18:00:00.5: the same report of the plug now evaluates it, and it fires
+    [d] = engine.evaluate(f.report("plug1", on=True), f)
+    assert d.rule == "r" and d.actions[0].targets == ("cam1",)
+
+
+def test_alerts_and_postures_evaluate_every_rule():
+    f = FakeFacts()
+    r = rule({"alert": {"device": "any", "type": ["port-scan"], "count": 2, "within": "5m"}},
+             [{"set_posture": {"device": "cam1", "posture": "attack"}}])
+    engine = Engine([r])
+    f.alert("cam2", "port-scan")
+    assert engine.evaluate(f.report("plug1", on=True), f) == []
+    assert engine.evaluate(f.alert("cam2", "port-scan"), f)                # at once, not a second later

@@ -412,3 +412,17 @@ def test_site_rules_put_over_the_control_socket(ops):
     assert {r["name"] for r in sup.store.rules()} == {"hall-intrusion"}
     with pytest.raises(ConfigError, match="missing argument"):
         control.handle(ops, {"op": "rules_put", "args": {}})
+
+
+def test_the_rules_index_of_types_and_groups_follows_the_devices(ops):
+    sup = ops._sup
+    assert sup.devices_where("type", "camera") == ["camera1"]
+    assert sup.devices_where("group", "hall") == []
+    ops.device_group("camera1", "hall")
+    assert sup.devices_where("group", "hall") == ["camera1"]
+    ops.device_rename("camera1", "porch-camera")
+    assert sup.devices_where("group", "hall") == sup.devices_where("type", "camera") == ["porch-camera"]
+    ops.device_group("porch-camera", "")
+    assert sup.devices_where("group", "hall") == []
+    ops.device_remove("porch-camera")
+    assert sup.devices_where("type", "camera") == []

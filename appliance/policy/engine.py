@@ -23,6 +23,14 @@ rule decides can make it (or another rule) fire within the same evaluation. A ru
 evaluated on an alert stimulus that it raised itself (the alert action's params carry "rule"; the
 supervisor keeps them as the stimulus data when it feeds the alert back).
 
+A global rule is evaluated on a telemetry report only if the report can change it: the
+reporting device is one of those its telemetry (or changed) conditions select, with one of
+their fields; otherwise only if it was last evaluated a second or more ago (on the policy's
+clock), which is what time alone changes (a window, business hours) waits for. On a site of
+1,000 devices reporting once a second, every rule over a type or a group read 1,000 devices
+1,000 times a second, and the supervisor fell behind its reports. Alerts, postures and ticks
+evaluate every rule, as before.
+
 Rules are evaluated by priority, higher first, ties by name. Every rule that fires gives a decision,
 but when several set the posture of the same device in one evaluation, only the first (highest
 priority) keeps that device in its set_posture targets; the others keep their other actions. The
@@ -130,9 +138,20 @@ class _Context:
             return self.devices()
         if isinstance(selector, str):
             return [selector] if selector in self.devices() else []
+        key, value = next(iter(selector.items()))      # {type = ...} or {group = ...}
+        return self.facts.devices_where(key, value)
+
+    def selects(self, selector, device: str | None) -> bool:
+        """Whether `selector` (of a global rule: never "self") selects `device`."""
+        if device is None or selector == "self":
+            return False
+        if selector == "any":
+            return True
+        if isinstance(selector, str):
+            return selector == device
         if "type" in selector:
-            return [d for d in self.devices() if self.facts.device_type(d) == selector["type"]]
-        return [d for d in self.devices() if self.facts.group_of(d) == selector["group"]]
+            return self.facts.device_type(device) == selector["type"]
+        return self.facts.group_of(device) == selector["group"]
 
     def holds(self, cond: dict, me: str | None) -> bool:
         kind, c = next(iter(cond.items()))
@@ -215,6 +234,19 @@ class _Context:
 
 
 ONE_PER_DEVICE = ("set_posture", "poll")   # actions of which a device takes one per evaluation
+STALE_SECONDS = 1.0     # a global rule skipped by reports this long is evaluated on the next
+
+
+def _telemetry_inputs(cond: dict) -> tuple[tuple, ...]:
+    """(selector, field) of every telemetry and changed condition in a condition tree."""
+    kind, c = next(iter(cond.items()))
+    if kind in ("all", "any"):
+        return tuple(i for sub in c for i in _telemetry_inputs(sub))
+    if kind == "not":
+        return _telemetry_inputs(c)
+    if kind in ("telemetry", "changed"):
+        return ((c["device"], c["field"]),)
+    return ()
 
 
 def _one_per_device(decisions: list[Decision]) -> list[Decision]:
@@ -240,6 +272,9 @@ class Engine:
     def __init__(self, rules: list[Rule]):
         self._rules: list[tuple[Rule, bool]] = []
         self._latched: set[tuple[str, str | None]] = set()   # (rule, self) found true last time
+        self._inputs: dict[str, tuple[tuple, ...]] = {}      # rule -> what telemetry it reads
+        self._evaluated: dict[str, datetime.datetime] = {}   # global rule -> last evaluated
+        self.skipped = 0      # evaluations of global rules a report could not change
         self.replace_rules(rules)
 
     @property
@@ -261,6 +296,8 @@ class Engine:
                 (old[r.name].when, old[r.name].applies_to) == (r.when, r.applies_to)}
         self._latched = {key for key in self._latched if key[0] in kept}
         self._rules = [(r, bool(r.applies_to) or _mentions_self((r.when, r.then))) for r in active]
+        self._inputs = {r.name: _telemetry_inputs(r.when) for r in active}
+        self._evaluated = {}
 
     def forget(self, device: str) -> None:
         """Re-arms every rule for `device`: the next time a condition holds it fires."""
@@ -279,12 +316,29 @@ class Engine:
             return candidates
         return [d for d in candidates if d is not None and ctx.facts.device_type(d) in rule.applies_to]
 
+    def _unchanged_by(self, rule: Rule, ctx: _Context) -> bool:
+        """A report that no telemetry condition of the (global) rule reads, and the rule
+        evaluated less than STALE_SECONDS ago: nothing it reads can have changed."""
+        s = ctx.stimulus
+        if s.kind != "telemetry":
+            return False
+        last = self._evaluated.get(rule.name)
+        if last is None or (ctx.now - last).total_seconds() >= STALE_SECONDS or ctx.now < last:
+            return False
+        return not any(field in s.data and ctx.selects(selector, s.device)
+                       for selector, field in self._inputs.get(rule.name, ()))
+
     def evaluate(self, stimulus: Stimulus, facts: Facts) -> list[Decision]:
         ctx = _Context(stimulus, facts)
         decisions = []
         for rule, per_device in self._rules:
             if stimulus.kind == "alert" and stimulus.data.get("rule") == rule.name:
                 continue   # its own alert fed back: it must not trigger itself
+            if not per_device:
+                if self._unchanged_by(rule, ctx):
+                    self.skipped += 1
+                    continue
+                self._evaluated[rule.name] = ctx.now
             for me in self._selves(rule, per_device, ctx):
                 key = (rule.name, me)
                 if not ctx.holds(rule.when, me):

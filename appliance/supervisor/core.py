@@ -59,6 +59,50 @@ MUD_RETRY_SECONDS = 300      # a MUD file that could not be fetched is tried aga
 MUD_FETCHES = 2              # MUD files fetched at once (the others wait their turn)
 PRUNE_SECONDS = 60           # how often the ticker applies the retention limits
 
+class KnownDevices(dict):
+    """The supervisor's devices by name; `version` moves on every change, so what is derived
+    from them (the rules' index of types and groups) knows when to be made again. A record is
+    replaced whole, never changed in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+    def popitem(self):
+        item = super().popitem()
+        self._changed()
+        return item
+
+    def setdefault(self, key, default=None):
+        value = super().setdefault(key, default)
+        self._changed()
+        return value
+
+
 class Supervisor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -67,7 +111,8 @@ class Supervisor:
         s = cfg.state
         self.store = Store(Path(s.directory), Retention(s.history_per_device, s.alerts, s.decisions,
                                                         s.max_age_days), clock=self.clock.now)
-        self.known: dict[str, dict] = {d["name"]: d for d in self.store.devices()}
+        self.known = KnownDevices({d["name"]: d for d in self.store.devices()})
+        self._selection: tuple[int, dict[tuple[str, str], list[str]]] = (-1, {})
         self._renamed = self._rename_bad_names()
         self.engine = policy.Engine(self.rules())
         self._dp: DataplanePort | None = None
@@ -182,6 +227,19 @@ class Supervisor:
     def group_of(self, device: str) -> str | None:
         d = self.known.get(device)
         return d.get("group") if d else None
+
+    def devices_where(self, key: str, value: str) -> list[str]:
+        """The devices of a type or a group: indexed once per change of the devices, since the
+        rules ask on every report (1,000 devices read 1,000 times a second, otherwise)."""
+        version, index = self._selection
+        if version != self.known.version:
+            index = {}
+            for name, d in self.known.items():
+                for k in ("type", "group"):
+                    if d.get(k) is not None:
+                        index.setdefault((k, d[k]), []).append(name)
+            self._selection = (self.known.version, index)
+        return list(index.get((key, value), ()))
 
     def alerts(self, device, types, since) -> int:
         judged = self._judged_since.get(device) if device is not None else None

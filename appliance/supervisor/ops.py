@@ -211,6 +211,7 @@ class Ops:
                 "policy_time": sup.now().isoformat(), "reconcile": sup.reconcile_report,
                 "site_error": sup.site_error, "isolation_warning": sup.isolation_warning,
                 "counters": dict(sup.counters), "tamper": sup.watch.tamper,
+                "rules_skipped": sup.engine.skipped,    # global rules a report could not change
                 "disk_error": sup.store.disk_error,
                 "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms],
                 "trim_pause_max_ms": round(sup.trim_pause_max_ms, 2),
