@@ -577,11 +577,21 @@ def test_what_time_alone_changes_is_seen_on_any_report_a_second_later():
     assert d.rule == "r" and d.actions[0].targets == ("cam1",)
 
 
-def test_alerts_and_postures_evaluate_every_rule():
+def test_alerts_and_postures_evaluate_the_rules_that_read_them():
     f = FakeFacts()
-    r = rule({"alert": {"device": "any", "type": ["port-scan"], "count": 2, "within": "5m"}},
-             [{"set_posture": {"device": "cam1", "posture": "attack"}}])
-    engine = Engine([r])
+    counting = rule({"alert": {"device": "any", "type": ["port-scan"], "count": 2, "within": "5m"}},
+                    [{"set_posture": {"device": "cam1", "posture": "attack"}}], name="counting")
+    watching = rule({"posture": {"device": {"group": "hall"}, "is": "attack"}},
+                    [{"set_posture": {"device": "plug1", "posture": "suspicious"}}], name="watching")
+    engine = Engine([counting, watching])
     f.alert("cam2", "port-scan")
-    assert engine.evaluate(f.report("plug1", on=True), f) == []
-    assert engine.evaluate(f.alert("cam2", "port-scan"), f)                # at once, not a second later
+    assert engine.evaluate(f.report("plug1", on=True), f) == [] and engine.skipped == 0
+    assert engine.evaluate(f.alert("cam2", "brute-force"), f) == []       # a type it does not count
+    assert engine.skipped == 2                                             # nor a posture
+    [d] = engine.evaluate(f.alert("cam2", "port-scan"), f)                # at once, not a second later
+    assert d.rule == "counting" and engine.skipped == 3
+    f.postures["cam2"] = "attack"
+    assert engine.evaluate(Stimulus("posture", "cam2", {"to": "attack"}, 0), f) == []   # the yard
+    f.postures["cam1"] = "attack"
+    [d] = engine.evaluate(Stimulus("posture", "cam1", {"to": "attack"}, 0), f)
+    assert d.rule == "watching"
