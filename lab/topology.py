@@ -231,12 +231,12 @@ def _neighbour_room(s: LabState) -> None:
 
 
 def _neighbour_restore(s: LabState) -> None:
-    old = s.gateway.get("neigh_restore")
+    old = {int(i): value for i, value in (s.gateway.get("neigh_restore") or {}).items()}  # JSON: "1"
     if not old or [n for n in labs() if n != s.name]:
         return
-    for i in ("1", "2", "3"):      # thresh1 <= thresh2 <= thresh3 at every step
-        with contextlib.suppress(OSError, KeyError):
-            Path(f"{NEIGH}{i}").write_text(str(old[i] if i in old else old[int(i)]))
+    for i in sorted(old):      # thresh1 first: thresh1 <= thresh2 <= thresh3 at every step
+        with contextlib.suppress(OSError):
+            Path(f"{NEIGH}{i}").write_text(str(old[i]))
 
 
 def spawn(namespace: str, args: list[str], log: Path) -> int:

@@ -281,7 +281,7 @@ class Engine:
         self._latched: set[tuple[str, str | None]] = set()   # (rule, self) found true last time
         self._inputs: dict[tuple[str, str], tuple[tuple, ...]] = {}   # (rule, stimulus kind) -> what it reads
         self._evaluated: dict[str, datetime.datetime] = {}   # global rule -> last evaluated
-        self.skipped = 0      # evaluations of global rules a report could not change
+        self.skipped = 0      # evaluations of global rules a stimulus could not change
         self.replace_rules(rules)
 
     @property
