@@ -19,7 +19,12 @@ reports:
 - `state_write_ms_<n>`: a posture change in a state file (kalki.json) of 100 and of
   KALKI_BENCH_DEVICES devices: TinyDB's update, the whole file serialised, written to a
   temporary file, fsynced and renamed (median and max of 30, on the caller's thread: the
-  supervisor's loop does this once per decision).
+  supervisor's loop does this once per decision);
+- `posture_batch_ms_<n>`: 25 devices' postures changed in one batch, as a rule that moves 25
+  cameras does after enforcing them (each device's record, its history line and its audit
+  line, then one write), in a state file of 100 and of KALKI_BENCH_DEVICES devices; with
+  `young_objects`, the containers the batch left for the collector's next young collection
+  (the supervisor runs it from its ticker, on the loop).
 
 No network, no namespaces: only files in a temporary directory, removed at the end.
 """
@@ -178,22 +183,61 @@ def main() -> int:
         emit(BENCH, f"state_write_ms_{n}", round(median_ms, 2), "ms", max_ms=round(max_ms, 2),
              state_file_kb=kb, devices=n, n=30,
              how="update_device(posture=...) in a store of n approved devices: one atomic write")
+    for n in sorted({100, DEVICES}):
+        r = posture_batch(n)
+        emit(BENCH, f"posture_batch_ms_{n}", round(r["median_ms"], 2), "ms", max_ms=round(r["max_ms"], 2),
+             young_objects=r["young_objects"], devices=n, moved=25, n=20,
+             how="25 devices' posture, history and audit in one store batch: one atomic write")
     return 0
+
+
+def _filled_store(tmp: str, devices: int):
+    from appliance.store.state import Store
+    store = Store(Path(tmp))
+    with store.batch():
+        for i in range(devices):
+            store.upsert_device(f"dev{i}", "02:4b:00:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255,
+                                                                        i & 255),
+                                ip=f"198.18.{i // 250}.{i % 250 + 1}", type="camera",
+                                approved=True, posture="normal")
+    return store
+
+
+def posture_batch(devices: int) -> dict:
+    import gc
+    import statistics
+    import time
+    with tempfile.TemporaryDirectory(prefix="kalki-bench-state-") as tmp:
+        store = _filled_store(tmp, devices)
+        runs, young = [], []
+        gc.disable()
+        try:
+            for k in range(20):
+                posture = "suspicious" if k % 2 == 0 else "normal"
+                gc.collect()
+                t = time.perf_counter()
+                with store.batch():
+                    for i in range(25):
+                        name = f"dev{(k // 2 * 25 + i) % devices}"    # up, then back down
+                        store.update_device(name, posture=posture, posture_expires=None,
+                                            posture_revert_to=None, posture_after=[])
+                        store.record_posture(name, posture, "rule bench")
+                        store.audit("posture", "rule bench", {"device": name, "posture": posture})
+                runs.append((time.perf_counter() - t) * 1e3)
+                young.append(len(gc.get_objects(generation=0)))
+        finally:
+            gc.enable()
+        store.close()
+    return {"median_ms": statistics.median(runs), "max_ms": max(runs),
+            "young_objects": int(statistics.median(young))}
 
 
 def state_write(devices: int) -> tuple[float, float, int]:
     import statistics
     import time
 
-    from appliance.store.state import Store
     with tempfile.TemporaryDirectory(prefix="kalki-bench-state-") as tmp:
-        store = Store(Path(tmp))
-        with store.batch():
-            for i in range(devices):
-                store.upsert_device(f"dev{i}", "02:4b:00:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255,
-                                                                            i & 255),
-                                    ip=f"198.18.{i // 250}.{i % 250 + 1}", type="camera",
-                                    approved=True, posture="normal")
+        store = _filled_store(tmp, devices)
         runs = []
         for k in range(30):
             t = time.perf_counter()

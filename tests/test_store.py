@@ -510,6 +510,91 @@ def test_an_update_that_fails_to_reach_the_disk_leaves_the_state_as_it_was(tmp_p
     assert t.get(doc_id=1)["a"] == 3 and json.loads((tmp_path / "db.json").read_text())["t"]["1"]["a"] == 3
 
 
+def test_an_update_copies_only_the_documents_it_looks_at(tmp_path):
+    """A posture change makes its device's record anew and leaves every other one the same
+    object (what lets the storage reuse their text), with the old record unchanged: by
+    doc_ids, by a condition, a callable, a remove and an insert."""
+    from tinydb import TinyDB, where
+
+    from appliance.store.storage import _Table
+    db = TinyDB(tmp_path / "db.json", storage=AtomicJSONStorage)
+    db.table_class = _Table
+    t = db.table("t", cache_size=0)
+    t.insert_multiple({"n": i, "tag": "a"} for i in range(5))
+    storage = db.storage
+
+    def stored():
+        return dict(storage.read()["t"])
+    before = stored()
+    t.update({"tag": "b"}, doc_ids=[2])
+    after = stored()
+    assert [k for k in before if after[k] is not before[k]] == ["2"]
+    assert before["2"] == {"n": 1, "tag": "a"} and after["2"] == {"n": 1, "tag": "b"}
+    t.update(lambda doc: doc.update(tag="c"), where("n") == 3)
+    assert stored()["4"]["tag"] == "c" and before["4"]["tag"] == "a"
+    t.remove(where("n") == 0)
+    t.insert({"n": 9})
+    assert sorted(stored()) == ["2", "3", "4", "5", "6"]
+    assert stored()["3"] is before["3"]
+    assert json.loads((tmp_path / "db.json").read_text())["t"] == stored()
+
+
+def test_the_state_file_text_is_what_json_writes_after_every_kind_of_change(tmp_path, clock):
+    """Each document's text is reused while it is the same object: after adds, updates,
+    renames, removals, rules, settings and a failed batch, the file still says exactly what
+    json.dumps of the state says."""
+    store = Store(tmp_path, clock=clock)
+    storage = store._storage
+
+    def file_matches():
+        text = (tmp_path / "kalki.json").read_text()
+        assert text == json.dumps(storage.read())
+    for i in range(6):
+        store.upsert_device(f"cam{i}", f"02:00:00:00:00:0{i}", ip=f"198.18.0.{i + 2}", type="camera")
+        file_matches()
+    store.update_device("cam1", posture="attack", identity={"hostname": "Ünïcode ☃"})
+    file_matches()
+    store.rename_device("cam2", "door", logs=True)
+    file_matches()
+    store.remove_device("cam3")
+    file_matches()
+    store.put_rule("r1", {"when": {"always": True}, "then": []})
+    store.set_setting("notify.email_to", "ops@example.org")
+    file_matches()
+    with pytest.raises(RuntimeError), store.batch():
+        store.update_device("cam4", posture="quarantine")
+        raise RuntimeError("refused")
+    store.update_device("cam5", posture="suspicious")
+    file_matches()
+    assert store.get_device("cam4")["posture"] == "unknown"
+    store.close()
+    with Store(tmp_path, clock=clock) as again:
+        assert again.get_device("cam1")["identity"]["hostname"] == "Ünïcode ☃"
+
+
+def test_a_device_is_found_by_name_after_renames_removals_and_a_failed_batch(store):
+    """Names are looked up by the id they were last found under, checked each time."""
+    store.upsert_device("cam1", "02:00:00:00:00:01")
+    store.upsert_device("cam2", "02:00:00:00:00:02")
+    assert store.get_device("cam1")["mac"] == "02:00:00:00:00:01"
+    store.rename_device("cam1", "cam9")
+    assert store.get_device("cam1") is None and store.get_device("cam9")["mac"] == "02:00:00:00:00:01"
+    store.rename_device("cam2", "cam1")      # the old name, another record
+    assert store.get_device("cam1")["mac"] == "02:00:00:00:00:02"
+    store.remove_device("cam1")
+    assert store.get_device("cam1") is None
+    store.upsert_device("cam1", "02:00:00:00:00:03")
+    assert store.get_device("cam1")["mac"] == "02:00:00:00:00:03"
+    with pytest.raises(RuntimeError), store.batch():
+        store.remove_device("cam9")
+        store.upsert_device("cam9", "02:00:00:00:00:04")
+        assert store.get_device("cam9")["mac"] == "02:00:00:00:00:04"
+        raise RuntimeError("refused")
+    assert store.get_device("cam9")["mac"] == "02:00:00:00:00:01"
+    with pytest.raises(StoreError, match="'cam2' does not exist"):
+        store.update_device("cam2", posture="attack")
+
+
 def test_corrupt_file_raises_naming_the_path(tmp_path):
     path = tmp_path / "kalki.json"
     path.write_text('{"devices": {"1": {"name": "cam')

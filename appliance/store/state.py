@@ -201,6 +201,7 @@ class Store:
         self._logs = {name: LogTable(self.directory / f"{name}.jsonl") for name in LOG_TABLES}
         self._t.update(self._logs)
         self._closed = False
+        self._device_ids: dict[str, int] = {}    # name -> TinyDB id, checked on each use (_named)
         self._batch_depth = 0
         self._undo: list[Callable[[], None]] = []   # run if the batch they were made in fails
         renamed = [(former, doc["name"]) for doc in self._table("devices").all()
@@ -338,7 +339,7 @@ class Store:
                  "posture": posture, "group": group}
         fields = {k: v for k, v in given.items() if v is not None}
         with self.batch():
-            current = self._table("devices").get(where("name") == name)
+            current = self._named(name)
             now = self._now()
             if current is None:
                 blank: dict[str, Any] = {"ip": None, "type": None, "identity": dict.fromkeys(IDENTITY_KEYS),
@@ -356,7 +357,7 @@ class Store:
         return _plain(self._device(name))
 
     def get_device(self, name: str) -> dict | None:
-        doc = self._table("devices").get(where("name") == name)
+        doc = self._named(name)
         return None if doc is None else _plain(doc)
 
     def device_by_mac(self, mac: str) -> dict | None:
@@ -386,7 +387,7 @@ class Store:
         check_device_name(new, "device name", StoreError)
         with self.batch():
             doc = self._device(name)
-            if self._table("devices").get(where("name") == new) is not None:
+            if self._named(new) is not None:
                 raise StoreError(f"device {name!r}: cannot rename it to {new!r}, which is taken")
             changes = self._device_fields(name, doc, fields, self._now()) if fields else {}
             below = {table: log.mark() for table, log in self._logs.items()}
@@ -406,8 +407,22 @@ class Store:
         with self.batch():
             self._table("devices").remove(doc_ids=[self._device(name).doc_id])
 
+    def _named(self, name: str):
+        """The device named so, or None: by the id it was last found under (a posture change
+        looks its device up five times, and a search reads every device), then by a search."""
+        devices = self._table("devices")
+        doc_id = self._device_ids.get(name)
+        if doc_id is not None:
+            doc = devices.get(doc_id=doc_id)
+            if doc is not None and doc["name"] == name:
+                return doc
+        doc = devices.get(where("name") == name)
+        if doc is not None:
+            self._device_ids[name] = doc.doc_id
+        return doc
+
     def _device(self, name):
-        doc = self._table("devices").get(where("name") == name)
+        doc = self._named(name)
         if doc is None:
             raise StoreError(f"device {name!r} does not exist")
         return doc
