@@ -675,10 +675,8 @@ class Dataplane:
         if previous is None and m["kalki_devices"].lookup(key) is None:
             # A new slot starts with empty buckets, windows and counters.
             m["kalki_dev_state"].update(key, maps.DevState())
-            for r in range(maps.REASON_SLOTS):
-                slot = ctypes.c_uint32(device_id * maps.REASON_SLOTS + r)
-                m["kalki_event_limit"].update(slot, maps.EventLimit())
-                m["kalki_counters"].update(slot, maps.Counter())
+            m["kalki_event_limit"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
+            m["kalki_counters"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
         m["kalki_devices"].update(key, self._device_entry(spec, compiled, allow_id))
         self._allow_ids()[device_id] = allow_id
         self._write_indexes(device_id, spec, previous.spec if previous else None)

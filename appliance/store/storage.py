@@ -4,17 +4,16 @@ leaves the old state or the new one, never a torn file. TinyDB's own storage wri
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 import os
 from collections.abc import MutableMapping
 from contextlib import contextmanager
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from tinydb import Storage
 from tinydb.table import Table
 
 from appliance.errors import StoreError
-
 
 _ENCODER = json.JSONEncoder()     # json.dumps' defaults
 
