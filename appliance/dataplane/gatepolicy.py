@@ -237,6 +237,18 @@ class Policy:
                    decoy)
 
 
+def _write(path: Path, text: str) -> None:
+    """The file's whole content: os calls, at half pathlib's cost (a rule that moves 25
+    cameras writes 25 of these before they are enforced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
 class PolicyFiles:
     """The directory of policy files. The data path writes and removes them (`write`,
     `remove`); the gate reads them (`load`), and so does the decoy (`read`)."""
@@ -265,10 +277,10 @@ class PolicyFiles:
                 pass
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(text)
+            _write(tmp, text)
         except FileNotFoundError:       # the directory, made on the first write
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
+            _write(tmp, text)
         os.replace(tmp, path)
         self._written[ip] = text
 
