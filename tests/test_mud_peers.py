@@ -132,6 +132,21 @@ def test_the_data_path_compiles_a_device_with_its_peers_and_the_site_s_controlle
         net("198.18.0.5", "198.18.0.7", "198.18.0.60"))
 
 
+def test_the_same_stack_object_is_compiled_once_and_again_when_it_changed():
+    """A profile's stack is one object: the data path finds it compiled by that, unless the
+    object was edited since, or the device's MUD URL is another."""
+    dp = Dataplane("unit")
+    stack = {"allowlist": {"destinations": ["cloud.example.com:443/tcp"]}}
+    spec = DeviceSpec("cam1", "02:00:00:00:00:05", "198.18.0.5", stack, 1)
+    first = dp._compile(spec)
+    assert dp._compile(DeviceSpec("cam2", "02:00:00:00:00:06", "198.18.0.6", stack, 1)) is first
+    assert dp._compile(DeviceSpec("cam2", "02:00:00:00:00:06", "198.18.0.6", stack, 1,
+                                  mud_url=URL)) is not first
+    stack["allowlist"]["destinations"].append("ntp.example.com:123/udp")     # edited in place
+    again = dp._compile(spec)
+    assert again is not first and [d.name for d in again.names] == ["cloud.example.com", "ntp.example.com"]
+
+
 def test_named_authorities_is_what_a_stack_names():
     assert umbox.named_authorities(STACK, "things.example.com") == {"things.example.com", "hubs.example.net"}
     assert umbox.named_authorities(STACK, None) == {"hubs.example.net"}
