@@ -18,7 +18,8 @@ def leftovers(name):
     ns = [n for n in os.listdir("/run/netns") if n.startswith(f"kalki-{name}-")] \
         if os.path.isdir("/run/netns") else []
     pins = os.path.exists(f"/sys/fs/bpf/kalki/{name}")
-    return ns, pins, topology.state_path(name).exists()
+    files = topology.state_path(name).exists() or (topology.SHM_DIR / name).exists()
+    return ns, pins, files
 
 
 def kalki(*args):
