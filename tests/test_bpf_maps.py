@@ -55,3 +55,31 @@ def test_a_devices_slots_are_emptied_and_only_those(slots, monkeypatch, batches)
 def test_a_refused_batch_names_the_map(slots):
     with pytest.raises(bpf.DataplaneError, match="batch update in kalki_test"):
         slots.zero(slots.max_entries - 1, 2)        # past the end
+
+
+def test_the_first_entries_of_an_array_are_read_in_one_call_and_none_without_batches(monkeypatch):
+    """What the tamper watch reads the devices' XDP entries with: every entry, indexed by its
+    key, as entry-by-entry lookups see them; None where the kernel refuses batch lookups."""
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, maps.Device, 64, 0, "kalki_test")
+    devices = bpf.Map("test map", ctypes.c_uint32, maps.Device, fd=fd)
+    try:
+        for k in (0, 5, 63):
+            entry = maps.Device(flags=int(maps.Flag.PRESENT), posture=k % 5 + 1)
+            devices.update(ctypes.c_uint32(k), entry)
+        lookups = []
+        real_lookup = bpf.Map.lookup
+        monkeypatch.setattr(bpf.Map, "lookup", lambda self, key: (lookups.append(key.value),
+                                                                  real_lookup(self, key))[1])
+        entries = devices.first_values(64)
+        assert lookups == [] and len(entries) == 64
+        assert [e.posture for e in devices.first_values(6)] == [1, 0, 0, 0, 0, 1]
+        assert len(devices.first_values(0)) == 0 and len(devices.first_values(1000)) == 64
+        monkeypatch.undo()
+        for k in range(64):
+            one = devices.lookup(ctypes.c_uint32(k))
+            assert bytes(entries[k]) == (bytes(one) if one is not None else bytes(maps.Device())), k
+        assert [entries[k].posture for k in (0, 5, 63)] == [1, 1, 4]
+        monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
+        assert devices.first_values(64) is None
+    finally:
+        devices.close()

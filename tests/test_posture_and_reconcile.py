@@ -196,6 +196,25 @@ def test_reconcile_repairs_what_was_tampered_with(lab, fresh):
     assert fresh._nft.read_back()[plug_id]["gates"] == [(plug.ip, 80)]
 
 
+@pytest.mark.parametrize("batches", [True, False], ids=["batch lookup", "entry by entry"])
+def test_drift_names_a_device_whose_xdp_entry_was_changed(lab, fresh, monkeypatch, batches):
+    """The tamper watch reads every XDP entry in one call, or one by one where the kernel has
+    no batch lookups: either way a posture rewritten behind its back is named."""
+    from appliance.dataplane import bpf
+    if not batches:     # a command number no kernel has: EINVAL, as from one without batches
+        monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
+    assert fresh.drift() == []
+    key = ctypes.c_uint32(fresh.device_id("plug1"))
+    entry = fresh._maps["kalki_devices"].lookup(key)
+    entry.posture += 1
+    fresh._maps["kalki_devices"].update(key, entry)
+    try:
+        assert fresh.drift() == ["XDP entries changed for plug1"]
+    finally:
+        fresh.reconcile(normal_specs(lab))
+    assert fresh.drift() == []
+
+
 def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):
     """A rule that moves several devices at once: XDP entries at once, one nft transaction."""
     from labutil import http

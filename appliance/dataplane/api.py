@@ -293,8 +293,7 @@ class Dataplane:
         return entry.posture
 
     def _posture_at(self, device_id: int) -> int | None:
-        entry = self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id))
-        return entry.posture if entry is not None and entry.flags & maps.Flag.PRESENT else None
+        return _posture_of(self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id)))
 
     def events_fileno(self) -> int:
         """The ring buffer's descriptor, readable when kernel events wait: for a loop's reader."""
@@ -892,8 +891,13 @@ class Dataplane:
                 problems.append(f"nftables table inet kalki changed: {', '.join(diff) or 'unreadable'}")
             else:
                 nft_.trust(generation)
-        changed = [name for name, a in list(self._devices.items())
-                   if self._posture_at(a.device_id) != a.spec.posture]
+        applied = list(self._devices.items())
+        entries = self._maps["kalki_devices"].first_values(
+            max((a.device_id for _, a in applied), default=-1) + 1)
+        if entries is None:
+            changed = [name for name, a in applied if self._posture_at(a.device_id) != a.spec.posture]
+        else:
+            changed = [name for name, a in applied if _posture_of(entries[a.device_id]) != a.spec.posture]
         if changed:
             problems.append(f"XDP entries changed for {', '.join(sorted(changed))}")
         return problems
@@ -999,6 +1003,11 @@ class Dataplane:
             self._forget(name)
         self._collect_lists()
         return report
+
+
+def _posture_of(entry: maps.Device | None) -> int | None:
+    """A device entry's posture code; None for a free slot."""
+    return entry.posture if entry is not None and entry.flags & maps.Flag.PRESENT else None
 
 
 def _nft_flags(compiled: umbox.CompiledStack) -> dict:

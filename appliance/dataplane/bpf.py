@@ -29,6 +29,7 @@ BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 ENOTSUPP = 524      # the kernel's own errno for an operation a map type lacks
 
@@ -274,6 +275,30 @@ class Map:
         empty = self.value_type()
         for key in keys:
             self.update(ctypes.c_uint32(key), empty)
+
+    def first_values(self, count: int):
+        """Entries 0 .. count - 1 of a u32-keyed array that is not per-CPU, as a ctypes array
+        indexed by the key: one BPF_MAP_LOOKUP_BATCH (Linux 5.6) instead of a lookup per
+        entry, which cost the tamper watch 3 ms at 1,000 devices. None where the kernel has no
+        batch lookups for the map: the caller looks entries up one by one."""
+        count = min(count, self.max_entries)
+        if count <= 0:
+            return (self.value_type * 0)()
+        keys = (ctypes.c_uint32 * count)()
+        values = (self.value_type * count)()
+        token = ctypes.c_uint32()
+        attr = _BatchAttr(out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
+                          values=ctypes.addressof(values), count=count, map_fd=self.fd)
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
+        except OSError as e:
+            if e.errno in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                return None
+            if e.errno != errno.ENOENT:     # ENOENT: the end of the map, reached with all of it
+                raise DataplaneError(str(e)) from e
+        if attr.count != count or any(keys[i] != i for i in (0, count - 1)):
+            raise DataplaneError(f"batch lookup in {self.name}: {attr.count} of {count} entries")
+        return values
 
     def delete(self, key) -> bool:
         if self.sparse:
