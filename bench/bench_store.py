@@ -17,9 +17,9 @@ reports:
   `Store.flush_behind()`, as the supervisor flushes, with the writing in a worker thread, and
   `rewrite_behind_loop_gap_ms`: the longest the event loop went without running meanwhile;
 - `state_write_ms_<n>`: a posture change in a state file (kalki.json) of 100 and of
-  KALKI_BENCH_DEVICES devices: TinyDB's update, the whole file serialised, written to a
-  temporary file, fsynced and renamed (median and max of 30, on the caller's thread: the
-  supervisor's loop does this once per decision);
+  KALKI_BENCH_DEVICES devices: TinyDB's update, the whole file written (the unchanged
+  documents' text reused) to a temporary file, fsynced and renamed (median and max of 30, on
+  the caller's thread: the supervisor's loop does this once per decision);
 - `posture_batch_ms_<n>`: 25 devices' postures changed in one batch, as a rule that moves 25
   cameras does after enforcing them (each device's record, its history line and its audit
   line, then one write), in a state file of 100 and of KALKI_BENCH_DEVICES devices; with
