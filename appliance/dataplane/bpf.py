@@ -32,6 +32,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 ENOTSUPP = 524      # the kernel's own errno for an operation a map type lacks
+# what a kernel without batch operations for a map answers (the callers go entry by entry)
+NO_BATCHES = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP)
 
 BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
@@ -270,7 +272,7 @@ class Map:
             _bpf(BPF_MAP_UPDATE_BATCH, attr, f"batch update in {self.name}")
             return
         except OSError as e:
-            if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+            if e.errno not in NO_BATCHES:
                 raise DataplaneError(str(e)) from e
         empty = self.value_type()
         for key in keys:
@@ -292,7 +294,7 @@ class Map:
         try:
             _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
         except OSError as e:
-            if e.errno in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+            if e.errno in NO_BATCHES:
                 return None
             if e.errno != errno.ENOENT:     # ENOENT: the end of the map, reached with all of it
                 raise DataplaneError(str(e)) from e
