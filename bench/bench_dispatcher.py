@@ -13,12 +13,16 @@ table, which tests/test_dispatcher_paths.py also runs to prove each takes the br
   varied_dst            UDP to 16 destinations in turn, one test run each (every packet misses
                         port_scan's last-flow cache; dispatcher_paths says why it cannot be done
                         with repeats), against udp_run1 and bare_run1 measured the same way
+  syn_new_source        syn_login's SYN from 131,070 sources in turn, one test run each: every
+                        packet from a source the detectors do not hold (an attack from many
+                        sources), against syn_login_run1, syn_login measured the same way
   udp_1000_distinct     udp, device 1 among 1,000 devices each with its own allow-list
   to_1                  UDP from the uplink to the device
   bare, bare_run1       a trivial XDP_PASS program: the test run's own cost
   xdp_filter_syn, xdp_filter_udp
                         the peer: xdp-tools' xdp-filter, every feature on, on syn_login's and
-                        udp's packets (both pass its deny lists, so every lookup is made)
+                        udp's packets (both pass its deny lists, so every lookup is made);
+                        xdp_filter_syn_new_source on syn_new_source's packets, as it is run
 Cases run interleaved round by round, so the noisy shared machine hits all alike; each figure
 is the median over rounds, each ratio the median of per-round ratios. After every run the
 verdict is checked and device 1's per-reason counters must have grown by exactly the packets
@@ -67,9 +71,10 @@ def main() -> int:
         counted = {n: 0 for n in table}
         peer_packets = {"xdp_filter_syn": table["syn_login"].packets[0],
                         "xdp_filter_udp": table["udp"].packets[0]}
+        peer_per_run = {"xdp_filter_syn_new_source": table["syn_new_source"]}
         if peer_fd is None:
             emit(BENCH, "peer_xdp_filter", None, "skipped", why=peer_name)
-            peer_packets = {}
+            peer_packets, peer_per_run = {}, {}
 
         def measure(name: str, n: int) -> float:
             if name == "bare":
@@ -80,6 +85,10 @@ def main() -> int:
                 verdict, took = bpf.prog_test_run(peer_fd, peer_packets[name], n)
                 assert verdict == common.XDP_PASS, f"{peer_name} gave {verdict} on {name}"
                 return float(took)
+            if name in peer_per_run:
+                verdicts, per_packet = paths.run_fd(peer_fd, name, peer_per_run[name].packets, n)
+                assert verdicts == {common.XDP_PASS}, f"{peer_name} gave {verdicts} on {name}"
+                return per_packet
             case = table[name]
             path = pins[case.pin_dir]
             before = paths.counts(path)
@@ -88,8 +97,9 @@ def main() -> int:
             counted[name] += n
             return ns
 
-        names = ["bare", "bare_run1", *table, *peer_packets]
-        per_run = {n: n == "bare_run1" or (n in table and table[n].per_run) for n in names}
+        names = ["bare", "bare_run1", *table, *peer_packets, *peer_per_run]
+        per_run = {n: n == "bare_run1" or n in peer_per_run or (n in table and table[n].per_run)
+                   for n in names}
         size = {n: RUNS if per_run[n] else REPEAT for n in names}
         for name in names:      # warm-up: scan windows made, caches filled, paths checked
             measure(name, min(WARM, size[name]))
@@ -105,13 +115,13 @@ def main() -> int:
             case = table.get(name)
             extra = {"verdict": common.VERDICTS[case.verdict], "reason": case.reason.name.lower(),
                      "counted": counted[name], "method": case.method} if case else \
-                {"peer": peer_name} if name in peer_packets else {}
+                {"peer": peer_name} if name in peer_packets or name in peer_per_run else {}
             per = "runs" if per_run[name] else "repeat"
             emit(BENCH, f"ns_per_packet_{name}", round(median(ns[name]), 1), "ns", n=ROUNDS,
                  **{per: size[name]}, min=round(min(ns[name]), 1), max=round(max(ns[name]), 1),
                  **extra, **load)
         for name in names:
-            if name in ("bare", "bare_run1", *peer_packets):
+            if name in ("bare", "bare_run1", *peer_packets, *peer_per_run):
                 continue
             base = "bare_run1" if per_run[name] else "bare"
             emit(BENCH, f"ns_per_packet_{name}_minus_{base}",
@@ -129,12 +139,22 @@ def main() -> int:
         ratio("ratio_stealth_on_over_off", "syn_login", "syn_login_no_stealth")
         ratio("ratio_distinct_1000_over_1", "udp_1000_distinct", "udp", 1.1)
         ratio("ratio_varied_dst_over_udp_run1", "varied_dst", "udp_run1")
+        ratio("ratio_syn_new_source_over_syn_login_run1", "syn_new_source", "syn_login_run1")
         if peer_packets:
             ratio("ratio_syn_login_over_xdp_filter", "syn_login", "xdp_filter_syn", 1.0)
             ratio("ratio_udp_over_xdp_filter", "udp", "xdp_filter_udp")
+            ratio("ratio_syn_new_source_over_xdp_filter_run1", "syn_new_source",
+                  "xdp_filter_syn_new_source")
+            emit(BENCH, "syn_new_source_minus_xdp_filter_ns",
+                 round(median([a - b for a, b in zip(ns["syn_new_source"],
+                                                     ns["xdp_filter_syn_new_source"])]), 1),
+                 "ns", n=ROUNDS, of="syn_new_source - xdp_filter_syn_new_source", **load)
         emit(BENCH, "varied_dst_cache_miss_ns",
              round(median([a - b for a, b in zip(ns["varied_dst"], ns["udp_run1"])]), 1), "ns",
              n=ROUNDS, of="varied_dst - udp_run1", **load)
+        emit(BENCH, "new_source_ns",
+             round(median([a - b for a, b in zip(ns["syn_new_source"], ns["syn_login_run1"])]), 1),
+             "ns", n=ROUNDS, of="syn_new_source - syn_login_run1", **load)
         emit(BENCH, "stealth_check_ns",
              round(median([a - b for a, b in zip(ns["syn_login"], ns["syn_login_no_stealth"])]), 1),
              "ns", n=ROUNDS, of="syn_login - syn_login_no_stealth", **load)

@@ -22,10 +22,18 @@ the window, as a device's steady traffic to a few places is). A run of repeat 1 
 test run's own clock reads and starts with the caches the syscall left, so it is compared with
 the `udp` packet measured the same way (`udp_run1`: every run a cache hit, else the same path):
 varied_dst - udp_run1 is what a cache miss adds.
+
+New sources. `syn_new_source` is syn_login's SYN from 131,070 sources in turn (198.18.0.0/15
+but the device and ATTACKER), one test run each, the turn carried on from run to run: each
+source comes back only after twice as many others as the detectors' tables have slots, so
+every packet is a source they do not hold, as in an attack from many (spoofed) sources.
+brute_force and port_scan each start a window for it, and port_scan records its flow. Its
+baseline is `syn_login_run1`, syn_login's one source measured the same way.
 """
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import sys
 from dataclasses import dataclass
 
@@ -44,6 +52,7 @@ SPOOFED = "198.18.0.99"                    # another address than device 1's, fr
 LOGIN_PORT = 22                            # in brute_force's ports
 VARIED = [f"198.19.8.{10 + i}" for i in range(16)]
 DISTINCT_DEVICES = 1000
+NEW_SOURCES = 2 * 65536     # twice the slots of the detectors' tables (dispatcher.bpf.c)
 
 PIN_DIRS: dict[str, dict | None] = {
     "one": None,
@@ -93,6 +102,17 @@ class Case:
         return "one packet per test run, round-robin" if self.per_run else "one packet repeated"
 
 
+def with_source(frame: bytes, src: int) -> bytes:
+    """The frame from another IPv4 source (the checksum is left: XDP does not check it)."""
+    return frame[:26] + src.to_bytes(4, "big") + frame[30:]
+
+
+def new_sources(frame: bytes) -> tuple[bytes, ...]:
+    first = int(ipaddress.IPv4Address("198.18.0.0"))
+    skip = {int(ipaddress.IPv4Address(a)) for a in (DEV_IP, ATTACKER)}
+    return tuple(with_source(frame, a) for a in range(first, first + NEW_SOURCES) if a not in skip)
+
+
 def cases() -> list[Case]:
     syn_login = from_uplink(tcp_packet(REMOTE, DEV_IP, 40000, LOGIN_PORT, "S"))
     udp = from_device(udp_packet(DEV_IP, DST, 40000, DST_PORT, b"kalki-bench"))
@@ -101,6 +121,13 @@ def cases() -> list[Case]:
         Case("syn_login", "one", "xdp_to_devices", (syn_login,), XDP_PASS, maps.Reason.PASS,
              "TCP SYN from the uplink to the device's login port 22: syn_flood, brute_force "
              "and port_scan all count it", syn_detectors),
+        Case("syn_new_source", "one", "xdp_to_devices", new_sources(syn_login), XDP_PASS,
+             maps.Reason.PASS, f"syn_login's SYN from {NEW_SOURCES - 2:,} sources in turn, one "
+             "test run each: every packet from a source the detectors do not hold",
+             syn_detectors, per_run=True),
+        Case("syn_login_run1", "one", "xdp_to_devices", (syn_login,), XDP_PASS, maps.Reason.PASS,
+             "the syn_login packet measured as syn_new_source is: its baseline", syn_detectors,
+             per_run=True),
         Case("syn_login_no_stealth", "no_stealth", "xdp_to_devices", (syn_login,), XDP_PASS,
              maps.Reason.PASS, "syn_login, dispatcher compiled with -DKALKI_NO_STEALTH_SCAN",
              syn_detectors),
@@ -162,20 +189,35 @@ def grown(before: list[int], after: list[int]) -> dict[str, int]:
     return {maps.Reason(r).name.lower(): a - b for r, (b, a) in enumerate(zip(before, after)) if a != b}
 
 
+_turn: dict[str, int] = {}     # per-run cases: the next packet, carried on from run to run
+
+
 def run(path: common.PinnedPath, case: Case, n: int) -> tuple[set[int], float]:
     """n packets of the case through its program: (verdicts seen, ns per packet by the test
     run's own clock). Repeated: one test run of repeat n. Per run: n test runs of repeat 1,
-    the case's packets in turn, ns the mean of the n runs."""
+    the case's packets in turn from where its last run stopped, ns the mean of the n runs."""
     fd = path.prog_fds[case.program]
     if not case.per_run:
         verdict, ns = bpf.prog_test_run(fd, case.packets[0], n)
         return {verdict}, float(ns)
-    verdicts, total, k = set(), 0, len(case.packets)
-    for i in range(n):
-        verdict, ns = bpf.prog_test_run(fd, case.packets[i % k], 1)
+    return run_fd(fd, case.name, case.packets, n)
+
+
+def run_fd(fd: int, turn: str, packets: tuple[bytes, ...], n: int) -> tuple[set[int], float]:
+    """n test runs of repeat 1 of the program, the packets in turn from where the last run of
+    `turn` stopped: (verdicts seen, mean ns)."""
+    verdicts, total, k, start = set(), 0, len(packets), _turn.get(turn, 0)
+    for i in range(start, start + n):
+        verdict, ns = bpf.prog_test_run(fd, packets[i % k], 1)
         verdicts.add(verdict)
         total += ns
+    _turn[turn] = (start + n) % k
     return verdicts, total / n
+
+
+def last_packet(case: Case) -> bytes:
+    """The packet `run` ran last for the case."""
+    return case.packets[(_turn.get(case.name, 1) - 1) % len(case.packets)]
 
 
 def check(case: Case, verdicts: set[int], before: list[int], after: list[int], n: int) -> None:

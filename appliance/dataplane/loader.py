@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import time
@@ -23,7 +24,11 @@ SOURCE = EBPF_DIR / "dispatcher.bpf.c"
 
 
 def cflags(defines: dict[str, object] | None = None) -> list[str]:
+    """The compiler's flags. KALKI_SLOT_SEED, the key of the detectors' slot tables
+    (dispatcher.bpf.c), is drawn anew at each compile unless given: a secret of the running
+    program, which nobody needs to know again (a new program starts with empty windows)."""
     defines = dict(defines or {})
+    defines.setdefault("KALKI_SLOT_SEED", f"{secrets.randbits(32):#010x}u")
     flags = [f"-I{EBPF_DIR}", f"-DKALKI_MAX_DEVICES={defines.pop('KALKI_MAX_DEVICES', maps.MAX_DEVICES)}"]
     for k, v in defines.items():
         flags.append(f"-D{k}" if v is None else f"-D{k}={v}")

@@ -98,7 +98,7 @@ def try_profile(stack: dict, packets: list[capture.Packet], mac: str, device_ip:
         made = True
         for ifname in (gw.devices_if, gw.uplink_if):
             _link(namespace, ifname)
-        dp = Dataplane.open(instance, namespace, gw)
+        dp = Dataplane.open(instance, namespace, gw, defines={"KALKI_SLOTS_LOG2": _SLOTS_LOG2})
         dp.apply(DeviceSpec(DEVICE, mac, device, stack, POSTURE_CODES["normal"], mud_url=mud_url))
         return _Replay(dp, device).run(groups)
     finally:
@@ -241,23 +241,23 @@ def _as_syn(frame: bytes) -> bytes | None:
     return bytes(syn)
 
 
-class _SourceKey(ctypes.Structure):
-    _fields_ = [("device", ctypes.c_uint32), ("src", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+class _WindowSlot(ctypes.Structure):
+    _fields_ = [("device_kind", ctypes.c_uint32), ("src", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("window_ns", ctypes.c_uint64), ("used_ns", ctypes.c_uint64)]
 
 
-class _SourceWindow(ctypes.Structure):
-    _fields_ = [("window_ns", ctypes.c_uint64), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-class _ScanKey(ctypes.Structure):
+class _SeenSlot(ctypes.Structure):
     _fields_ = [("device", ctypes.c_uint32), ("src", ctypes.c_uint32), ("dst", ctypes.c_uint32),
-                ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+                ("port", ctypes.c_uint32), ("seen_ns", ctypes.c_uint64)]
 
 
-# The detectors' windows (ebpf/dispatcher.bpf.c), which the loader does not pin: the kernel's
-# name (15 characters at most) -> (pinned here as, key, value).
-_WINDOW_MAPS = {"kalki_source_wi": ("kalki_source_windows", _SourceKey, _SourceWindow),
-                "kalki_scan_seen": ("kalki_scan_seen", _ScanKey, ctypes.c_uint64)}
+# The detectors' slot tables (ebpf/dispatcher.bpf.c), which the loader does not pin: the
+# kernel's name (15 characters at most) -> (value, the field that is 0 in an empty slot, its
+# time stamps). A trial has one device: 4,096 slots, not the appliance's 65,536, so that aging
+# them between packets reads little.
+_SLOTS_LOG2 = 12
+_WINDOW_MAPS = {"kalki_windows": (_WindowSlot, "device_kind", ("window_ns", "used_ns")),
+                "kalki_scan_seen": (_SeenSlot, "device", ("seen_ns",))}
 
 
 class _Clock:
@@ -306,16 +306,21 @@ class _Clock:
                 v.expires_ns = max(1, v.expires_ns - ns)
                 self.maps["kalki_drop_set"].update(k, v)
         now = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
-        for name, field in (("kalki_source_wi", "window_ns"), ("kalki_scan_seen", "value")):
+        for name, (_, key, stamps) in _WINDOW_MAPS.items():
             m = self.maps.get(name)
             if m is None:
                 continue
-            for k, v in list(m.items()):
-                setattr(v, field, max(0, getattr(v, field) - ns))
-                if now - getattr(v, field) > self.horizon_ns:
-                    m.delete(k)
-                else:
-                    m.update(k, v)
+            slots = m.first_values(m.max_entries)
+            if slots is None:
+                slots = [m.lookup(ctypes.c_uint32(i)) for i in range(m.max_entries)]
+            for i, slot in enumerate(slots):
+                if slot is None or not getattr(slot, key):
+                    continue
+                for field in stamps:
+                    setattr(slot, field, max(0, getattr(slot, field) - ns))
+                if now - getattr(slot, stamps[0]) > self.horizon_ns:
+                    slot = type(slot)()     # older than any window: an empty slot
+                m.update(ctypes.c_uint32(i), slot)
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -334,9 +339,8 @@ def _pin_windows(prog_fd: int, pin_dir: str) -> dict[str, bpf.Map]:
         try:
             name = bpf.map_info(fd).name.decode()
             if name in _WINDOW_MAPS:
-                pinned, key, value = _WINDOW_MAPS[name]
-                bpf.obj_pin(fd, f"{pin_dir}/{pinned}")
-                out[name] = bpf.Map(f"{pin_dir}/{pinned}", key, value)
+                bpf.obj_pin(fd, f"{pin_dir}/{name}")
+                out[name] = bpf.Map(f"{pin_dir}/{name}", ctypes.c_uint32, _WINDOW_MAPS[name][0])
         finally:
             os.close(fd)
     return out
