@@ -88,6 +88,7 @@ then = [
 ]
 """
 ATTACK_SRC_BASE = 100          # extra attacker addresses 198.19.0.100.. (one per camera)
+BIG_KERNEL = int(os.environ.get("KALKI_BENCH_SUP_BIG_KERNEL", "100"))   # cameras attacked, big lab
 
 
 # -- a supervised lab that always goes away ---------------------------------------------------
@@ -385,9 +386,10 @@ def brute_force(atk_ns: str, src: str, dst: str, port: int = 23, attempts: int =
     return answered
 
 
-def bench_brute_force(state) -> dict:
+def bench_brute_force(state, limit: int | None = None) -> dict:
+    """The first `limit` cameras (all by default) attacked one after another."""
     atk = state.namespaces["atk"]
-    cams = [d for d in state.devices if d.type == "camera"]
+    cams = [d for d in state.devices if d.type == "camera"][:limit]
     prefix = topology.UPLINK.prefixlen
     decide, xdp, enforce, e2e, misses, other = [], [], [], [], 0, {}
     for i, cam in enumerate(cams):
@@ -526,6 +528,22 @@ def report_mqtt(r: dict, loads: Loads, devices: int, prefix: str = "mqtt",
              "between events ([0] unused)", devices=devices, **load)
 
 
+def report_kernel(b: dict, loads: Loads, prefix: str, **extra) -> None:
+    """The JSON lines of one bench_brute_force run; metric names start with `prefix`."""
+    loads.sample()
+    extra = {"rule": "device-under-attack", **extra, **loads.kw()}
+    stats(f"{prefix}_enforce", b["enforce"], target=1, **extra,
+          how="the kernel event's bpf_ktime_get_ns() -> the camera enforced and read back")
+    stats(f"{prefix}_xdp", b["xdp"], **extra,
+          how="the kernel event -> the camera's XDP entry written (its posture in force for the "
+              "next packet; nftables' part follows)")
+    stats(f"{prefix}_decide", b["decide"], **extra, how="the kernel event -> the rule decided")
+    stats(f"{prefix}_end_to_end", b["e2e"], **extra,
+          how="first SYN -> decision seen via control (includes the 11 connects)")
+    emit(BENCH, f"{prefix}_misses", b["misses"], "count", n=b["cameras"],
+         postures=b["postures_of_misses"], **loads.kw())
+
+
 def room(state) -> list:
     """The big lab's first ROOM devices as a room (see 5. above): their cameras, lights and
     motion sensors grouped, the room's intrusion rule put, the site-wide one switched off."""
@@ -558,20 +576,8 @@ def main() -> int:
         report_mqtt(r, loads, SMALL)
 
         b = bench_brute_force(state)
-        loads.sample()
-        load = loads.kw()
-        extra = {"rule": "device-under-attack", "samples": "one per camera, fresh attacker source each",
-                 **load}
-        stats("kernel_enforce", b["enforce"], target=1, **extra,
-              how="the kernel event's bpf_ktime_get_ns() -> the camera enforced and read back")
-        stats("kernel_xdp", b["xdp"], **extra,
-              how="the kernel event -> the camera's XDP entry written (its posture in force for the "
-                  "next packet; nftables' part follows)")
-        stats("kernel_decide", b["decide"], **extra, how="the kernel event -> the rule decided")
-        stats("kernel_end_to_end", b["e2e"], **extra,
-              how="first SYN -> decision seen via control (includes the 11 connects)")
-        emit(BENCH, "kernel_misses", b["misses"], "count", n=b["cameras"], postures=b["postures_of_misses"],
-             **load)
+        report_kernel(b, loads, "kernel", devices=SMALL, publishing_hz_per_device=0,
+                      samples="one per camera, fresh attacker source each")
 
         # the steady state, not the burst's (hwm_* keeps the burst's peak)
         status = after_next_full_collection(state)
@@ -621,6 +627,15 @@ def main() -> int:
                 devices = room(state)
                 r = bench_intrusion(state, devices, rule="hall-intrusion")
                 report_mqtt(r, loads, BIG, prefix=f"mqtt_{BIG}", rule="hall-intrusion")
+            if BIG_KERNEL:
+                fleet = Fleet(state)        # every device reporting once a second meanwhile
+                try:
+                    time.sleep(1.0)
+                    b = bench_brute_force(state, BIG_KERNEL)
+                finally:
+                    fleet.close()
+                report_kernel(b, loads, f"kernel_{BIG}", devices=BIG, publishing_hz_per_device=1,
+                              samples=f"one per camera ({b['cameras']}), fresh attacker source each")
     emit(BENCH, "wall_time", round(time.monotonic() - t_start, 1), "s", **loads.kw())
     return 0
 
