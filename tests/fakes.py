@@ -41,6 +41,7 @@ class FakeDataplane:
         self.tampered = []
         self.names = NameBindings(FakeTable())
         self.removed: list[str] = []       # every remove(), in order
+        self.waiting_events: list[dict] = []   # what events() hands out next, as the ring would
         # a device's kernel counters, {reason: {"umbox", "packets", "bytes"}}, once a test makes
         # them grow (count()); the others read FIXED_COUNTERS
         self.counter_values: dict[str, dict[str, dict]] = {}
@@ -140,10 +141,14 @@ class FakeDataplane:
         return next((n for n, s in self.devices.items() if s.ip == ip), None)
 
     def events(self, timeout=0.0, limit=4096, consume=True):
-        return []
+        out, self.waiting_events = self.waiting_events, []
+        return out
 
     def consume_events(self):
         pass
+
+    def events_pending(self):
+        return bool(self.waiting_events)
 
     def events_fileno(self):
         raise OSError("the fake data path has no ring buffer")

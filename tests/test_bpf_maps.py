@@ -83,3 +83,25 @@ def test_the_first_entries_of_an_array_are_read_in_one_call_and_none_without_bat
         assert devices.first_values(64) is None
     finally:
         devices.close()
+
+
+@pytest.mark.parametrize("first", [0, 2 * SLOTS, 4 * SLOTS - 3])
+def test_a_run_of_slots_is_read_in_one_call_as_lookups_see_it(slots, monkeypatch, first):
+    """What a device's counters are read with (Dataplane.counters): its 16 slots in one batch
+    lookup from any offset, per CPU for a per-CPU array, cut at the map's end."""
+    lookups = []
+    real_lookup = bpf.Map.lookup
+    monkeypatch.setattr(bpf.Map, "lookup", lambda self, key: (lookups.append(key.value),
+                                                              real_lookup(self, key))[1])
+    got = slots.slots(first, SLOTS)
+    assert lookups == []
+    monkeypatch.undo()
+    want = [slots.lookup(ctypes.c_uint32(k)) for k in range(first, min(first + SLOTS, slots.max_entries))]
+    assert len(got) == len(want) > 0
+
+    def raw(value):
+        return [bytes(v) for v in value] if isinstance(value, list) else bytes(value)
+    assert [raw(v) for v in got] == [raw(v) for v in want]
+    assert not empty(got[0])                        # filled(): not a run of empty slots
+    monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
+    assert slots.slots(first, SLOTS) is None

@@ -758,11 +758,13 @@ class Dataplane:
     # -- observing ------------------------------------------------------------------------
     def counters(self, name: str) -> dict[str, dict]:
         """{reason: {"umbox", "packets", "bytes"}} for the device, summed over CPUs."""
-        device_id = self.device_id(name)
+        first = self.device_id(name) * maps.REASON_SLOTS
+        counters = self._maps["kalki_counters"]
+        slots = counters.slots(first, len(maps.Reason))
+        if slots is None:
+            slots = [counters.lookup(ctypes.c_uint32(first + reason)) for reason in maps.Reason]
         out = {}
-        for reason in maps.Reason:
-            per_cpu = self._maps["kalki_counters"].lookup(
-                ctypes.c_uint32(device_id * maps.REASON_SLOTS + reason))
+        for reason, per_cpu in zip(maps.Reason, slots):
             packets = sum(c.packets for c in per_cpu)
             if packets:
                 out[reason.name.lower()] = {"umbox": maps.REASON_UMBOX[reason], "packets": packets,
@@ -791,6 +793,9 @@ class Dataplane:
 
     def consume_events(self) -> None:
         self._loaded_ring().consume_read()
+
+    def events_pending(self) -> bool:
+        return self._loaded_ring().pending()
 
     def block_source(self, ip: str, seconds: int, device: str | None = None) -> None:
         """Puts a source into the kernel drop set (0 seconds: until unblocked)."""

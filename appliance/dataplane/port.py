@@ -58,6 +58,10 @@ class DataplanePort(Protocol):
 
     def events_fileno(self) -> int: ...
 
+    def events_pending(self) -> bool:
+        """Whether the kernel has events not yet read, without a system call."""
+        ...
+
     def kernel_postures(self) -> dict[str, int]:
         """{MAC: posture code} the kernel holds now, before reconcile."""
         ...

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ class Supervisor:
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
         self.adapter: Any = None   # telemetry.adapters: polls devices with an HTTP API and no MQTT
+        # Acts on the kernel's events waiting in its ring, if any (appliance.run.kernel_first):
+        # called before each telemetry report and each of the ticker's steps, so that an attack
+        # waits for the one piece of work under way, not for all that was queued before it.
+        self.kernel_first: Callable[[], None] | None = None
         # system.broker.BrokerFiles (appliance.run): Home Assistant's password on the broker
         self.broker_files: Any = None
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
@@ -607,6 +612,8 @@ class Supervisor:
     # -- telemetry (wired by appliance.run) ----------------------------------------------
     def on_telemetry(self, device: str, payload: dict) -> None:
         """`device`: the topic's device level, the device's name or its broker user."""
+        if self.kernel_first is not None:
+            self.kernel_first()
         received = time.monotonic_ns()
         device = self.device_for_topic(device) or device
         self.counters["telemetry"] += 1
@@ -1512,6 +1519,8 @@ class Supervisor:
         above all, nor the heartbeat (a ticker that died once left the disk unretried and the
         panel's watchdog blind). Counted in counters["ticker_errors_<step>"]; said once a
         minute per step, not every tick (said: step -> the error last said, and when)."""
+        if self.kernel_first is not None:
+            self.kernel_first()
         try:
             result = fn()
             if inspect.isawaitable(result):
@@ -1537,6 +1546,8 @@ class Supervisor:
             ticks += 1
             # the young generations every tick, everything every 15 s
             generation = 2 if ticks % 60 == 0 else 1
+            if self.kernel_first is not None:
+                self.kernel_first()
             started = time.perf_counter()
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
