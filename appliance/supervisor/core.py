@@ -1574,7 +1574,7 @@ class Supervisor:
             traffic = self.traffic
             if traffic is not None:
                 await step("traffic", lambda: traffic.tick(self.dp, self.now().timestamp(),
-                                                           time.monotonic()))
+                                                           time.monotonic(), self.kernel_first))
                 if time.monotonic() - last_traffic_save >= 60 * self.cfg.state.traffic_save_minutes:
                     last_traffic_save = time.monotonic()
                     await step("traffic_save", traffic.save_behind)

@@ -34,7 +34,7 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -270,22 +270,25 @@ class Traffic:
         self._snapshots = self._written = 0
 
     # -- reading the counters ---------------------------------------------------------------
-    def tick(self, dp, now: float, mono: float) -> int:
+    def tick(self, dp, now: float, mono: float, between: Callable[[], None] | None = None) -> int:
         """Reads the counters of the devices whose turn it is; returns how many were read.
-        `now`: epoch seconds (the slots' clock), `mono`: time.monotonic()."""
+        `now`: epoch seconds (the slots' clock), `mono`: time.monotonic(). `between` is called
+        before each device's read (the supervisor's kernel_first: at 1,000 devices a tick
+        reads about 28, 1-2 ms in all)."""
         window = int(now // STEP)
         read = 0
         if window != self._window:
             if self._window is not None:     # the late ones of the window before, in it
-                read += self._read(dp, self._order[self._cursor:], self._window * STEP, mono)
+                read += self._read(dp, self._order[self._cursor:], self._window * STEP, mono, between)
             self._window, self._order, self._cursor = window, list(dp.devices), 0
         due = math.ceil(len(self._order) * min(1.0, (now - window * STEP) / (STEP * SPREAD)))
         if due > self._cursor:
-            read += self._read(dp, self._order[self._cursor:due], now, mono)
+            read += self._read(dp, self._order[self._cursor:due], now, mono, between)
             self._cursor = due
         return read
 
-    def _read(self, dp, names: list[str], at: float, mono: float) -> int:
+    def _read(self, dp, names: list[str], at: float, mono: float,
+              between: Callable[[], None] | None = None) -> int:
         if not names:
             return 0
         held = dp.devices
@@ -293,6 +296,8 @@ class Traffic:
         for name in names:
             if name not in held:             # removed or renamed since the window began
                 continue
+            if between is not None:
+                between()
             try:
                 counters = dp.counters(name)
             except KalkiError as e:
