@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ipaddress
 import json
+import math
 import os
 import secrets
 import shutil
@@ -46,11 +47,13 @@ def median(xs):
 
 
 def percentile(xs, q: float):
-    """Nearest-rank percentile, q in 0..100."""
+    """Nearest-rank percentile, q in 0..100: the ceil(q/100 * n)-th smallest. (Until stop 23
+    the rank was round(q/100 * n + 0.5), which rounds 99.5 to 100 by Python's round-half-even:
+    the p99 of 100 samples was their maximum.)"""
     s = sorted(xs)
     if not s:
         return float("nan")
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s) - 1e-9) - 1))
     return s[k]
 
 

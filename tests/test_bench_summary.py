@@ -50,3 +50,14 @@ def test_the_readme_between_its_markers_is_replaced_and_the_rest_kept(tmp_path):
 def test_a_missing_directory_is_named(tmp_path, capsys):
     assert summary.main(["summary", str(tmp_path / "nope")]) == 2
     assert "nope is not a directory" in capsys.readouterr().err
+
+
+def test_percentiles_are_nearest_rank():
+    """ceil(q/100 * n)-th smallest: the p99 of 100 samples is the 99th, not their maximum."""
+    import common
+    hundred = list(range(1, 101))
+    assert common.percentile(hundred, 99) == 99
+    assert common.percentile(hundred, 100) == 100
+    assert common.percentile(list(range(1, 26)), 99) == 25
+    assert common.percentile(list(range(1, 11)), 50) == 5
+    assert common.percentile([7.0], 99) == 7.0
