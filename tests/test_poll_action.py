@@ -257,3 +257,35 @@ def test_polls_in_force_outlive_a_restart_and_expired_ones_do_not(sup, tmp_path)
         assert again.adapter.interval("light1") == 1.0 and again.store.get_setting("polls") == {}
     finally:
         again.store.close()
+
+
+def test_a_device_that_does_not_answer_is_polled_less_often_until_it_does(sup):
+    """An unplugged light was polled at its interval for ever (the lab's 250 lights without
+    their HTTP API: 250 failed connections a second on the loop): after each failure the wait
+    doubles, to a minute at most; an answer, or a poll interval set by a rule, ends it."""
+    adapter = adapter_for(sup, "light1", "light2")
+    assert adapter.interval("light1") == 1.0
+    assert [adapter.backoff("light1", n) for n in (1, 2, 3, 5, 6, 40)] == [2, 4, 8, 32, 60, 60]
+    answers = {"light1": False, "light2": True}
+    polled: dict[str, list[float]] = {"light1": [], "light2": []}
+
+    async def fake_poll(name):
+        polled[name].append(time.monotonic())
+        if not answers[name]:
+            raise OSError(111, "Connection refused")
+        return {}
+
+    async def run():
+        adapter.poll = fake_poll
+        task = asyncio.get_running_loop().create_task(adapter._poll_forever())
+        await asyncio.sleep(3.5)
+        failing, answering = len(polled["light1"]), len(polled["light2"])
+        answers["light1"] = True
+        adapter.set_interval("light1", 1)          # a rule asks: due within a second
+        await asyncio.sleep(2.3)
+        task.cancel()
+        return failing, answering
+
+    failing, answering = asyncio.run(run())
+    assert failing == 2 and answering >= 3          # at 0 s and 2 s; the next at 6 s
+    assert len(polled["light1"]) >= 4               # answering again: every second
