@@ -127,3 +127,19 @@ def test_the_ring_says_it_holds_events_until_they_are_read():
         if path is not None:
             path.close()
         dataplane.remove_pins(instance)
+
+
+def test_the_supervisor_takes_the_gil_back_within_half_a_millisecond(monkeypatch):
+    """`kalki run` shortens the interval after which a thread holding the GIL must give it to
+    the loop (5 ms by default): an enforcement lets it go at each system call."""
+    monkeypatch.setattr(run, "load", lambda path: object())
+    monkeypatch.setattr(run, "one_malloc_arena", lambda: None)
+    monkeypatch.setattr(run.logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(run.asyncio, "run", lambda coro: coro.close())
+    monkeypatch.setattr(run, "serve", lambda cfg: asyncio.sleep(0))
+    before = sys.getswitchinterval()
+    try:
+        assert run.main("kalki.toml") == 0
+        assert sys.getswitchinterval() == pytest.approx(run.SWITCH_INTERVAL_S) == 0.0005
+    finally:
+        sys.setswitchinterval(before)
