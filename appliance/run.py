@@ -70,6 +70,9 @@ def kernel_first(sup: Supervisor, dp: DataplanePort) -> Callable[[], None]:
         reading = True
         try:
             read_kernel_events(sup, dp)
+        except Exception:      # noqa: BLE001 -- the ticker and the report asking go on; the
+            # ring's own reader (add_reader) meets the same events and the same error, and says it
+            log.exception("kernel events: reading them before other work failed")
         finally:
             reading = False
     return check

@@ -88,6 +88,16 @@ async def test_an_attack_arriving_during_a_ticker_step_waits_for_that_step_only(
     assert sup.posture("camera1") == "attack"
 
 
+def test_a_failing_read_of_the_ring_neither_stops_the_report_nor_the_ticker(sup, caplog):
+    def broken(**kw):
+        raise OSError(9, "Bad file descriptor")
+    sup.dp.waiting_events = [ATTACK]
+    sup.dp.events = broken
+    sup.on_telemetry("camera1", {"recording": True})
+    assert sup.counters["telemetry"] == 1
+    assert "reading them before other work failed" in caplog.text
+
+
 def test_the_traffic_charts_read_each_device_after_the_kernel_events(sup, tmp_path):
     """The charts' reading is a tick's longest step at 1,000 devices (28 devices, 1-2 ms)."""
     from appliance.supervisor.traffic import Traffic
