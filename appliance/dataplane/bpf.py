@@ -284,22 +284,9 @@ class Map:
         entry, which cost the tamper watch 3 ms at 1,000 devices. None where the kernel has no
         batch lookups for the map: the caller looks entries up one by one."""
         count = min(count, self.max_entries)
-        if count <= 0:
-            return (self.value_type * 0)()
-        keys = (ctypes.c_uint32 * count)()
-        values = (self.value_type * count)()
-        token = ctypes.c_uint32()
-        attr = _BatchAttr(out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
-                          values=ctypes.addressof(values), count=count, map_fd=self.fd)
-        try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
-        except OSError as e:
-            if e.errno in NO_BATCHES:
-                return None
-            if e.errno != errno.ENOENT:     # ENOENT: the end of the map, reached with all of it
-                raise DataplaneError(str(e)) from e
-        if attr.count != count or any(keys[i] != i for i in (0, count - 1)):
-            raise DataplaneError(f"batch lookup in {self.name}: {attr.count} of {count} entries")
+        values = (self.value_type * max(count, 0))()
+        if count > 0 and not self._lookup_batch(0, count, ctypes.addressof(values)):
+            return None
         return values
 
     def slots(self, first: int, count: int) -> list | None:
@@ -311,27 +298,34 @@ class Map:
         if count == 0:
             return []
         size = self._stride * possible_cpus() if self.per_cpu else ctypes.sizeof(self.value_type)
-        keys = (ctypes.c_uint32 * count)()
         raw = ctypes.create_string_buffer(size * count)
-        start, token = ctypes.c_uint32(first - 1), ctypes.c_uint32()   # starts after in_batch
-        attr = _BatchAttr(in_batch=ctypes.addressof(start) if first else 0,
-                          out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
-                          values=ctypes.addressof(raw), count=count, map_fd=self.fd)
-        try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
-        except OSError as e:
-            if e.errno in NO_BATCHES:
-                return None
-            if e.errno != errno.ENOENT:     # ENOENT: the end of the map, reached with all of it
-                raise DataplaneError(str(e)) from e
-        if attr.count != count or keys[0] != first or keys[count - 1] != first + count - 1:
-            raise DataplaneError(f"batch lookup in {self.name}: {attr.count} of {count} entries "
-                                 f"from {first}")
+        if not self._lookup_batch(first, count, ctypes.addressof(raw)):
+            return None
         data = raw.raw
         if self.per_cpu:
             return [[self.value_type.from_buffer_copy(data, i * size + cpu * self._stride)
                      for cpu in range(possible_cpus())] for i in range(count)]
         return [self.value_type.from_buffer_copy(data, i * size) for i in range(count)]
+
+    def _lookup_batch(self, first: int, count: int, values: int) -> bool:
+        """Entries first .. first + count - 1 into the buffer at address `values`, with one
+        BPF_MAP_LOOKUP_BATCH; False where the kernel has no batch lookups for the map."""
+        keys = (ctypes.c_uint32 * count)()
+        start, token = ctypes.c_uint32(first - 1), ctypes.c_uint32()   # starts after in_batch
+        attr = _BatchAttr(in_batch=ctypes.addressof(start) if first else 0,
+                          out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
+                          values=values, count=count, map_fd=self.fd)
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch lookup in {self.name}")
+        except OSError as e:
+            if e.errno in NO_BATCHES:
+                return False
+            if e.errno != errno.ENOENT:     # ENOENT: the end of the map, reached with all of it
+                raise DataplaneError(str(e)) from e
+        if attr.count != count or keys[0] != first or keys[count - 1] != first + count - 1:
+            raise DataplaneError(f"batch lookup in {self.name}: {attr.count} of {count} entries "
+                                 f"from {first}")
+        return True
 
     def delete(self, key) -> bool:
         if self.sparse:
