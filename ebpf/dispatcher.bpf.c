@@ -57,11 +57,12 @@ struct event_limit {
 /* The detectors' memory of sources: per (device, source, detector) windows, brute force's and
  * the scan detector's, and the flows the scan detector counted. Each is a table of slot pairs
  * indexed by a keyed hash; a slot holds its key, and a key not in its pair takes the pair's
- * least recently used slot (of two windows used in the same tick, the one counting less). (An LRU hash map forgets less, but once it is full each new key,
- * as in an attack from many sources, costs an eviction under the map's lock: 0.5 us more a
- * SYN, bench_dispatcher's syn_new_source.) KALKI_SLOT_SEED, drawn by the loader at each
- * compile, keys the hash, so that a sender cannot pick sources that share an attacker's pair
- * to push its count out. A zero key is an empty slot: devices and detectors start at 1. */
+ * least recently used slot (of two windows used in the same tick, the one counting less).
+ * (An LRU hash map forgets less, but once it is full each new key, as in an attack from many
+ * sources, costs an eviction under the map's lock: 0.5 us more a SYN, bench_dispatcher's
+ * syn_new_source.) KALKI_SLOT_SEED, drawn by the loader at each compile, keys the hash, so
+ * that a sender cannot pick sources that share an attacker's pair to push its count out. A
+ * zero key is an empty slot: devices and detectors start at 1. */
 #ifndef KALKI_SLOT_SEED
 #error "KALKI_SLOT_SEED: the loader draws one at each compile (appliance/dataplane/loader.py)"
 #endif

@@ -314,7 +314,7 @@ class _Clock:
             if slots is None:
                 slots = [m.lookup(ctypes.c_uint32(i)) for i in range(m.max_entries)]
             for i, slot in enumerate(slots):
-                if slot is None or not getattr(slot, key):
+                if not getattr(slot, key):
                     continue
                 for field in stamps:
                     setattr(slot, field, max(0, getattr(slot, field) - ns))

@@ -104,6 +104,10 @@ class KnownDevices(dict):
         return value
 
 
+def _no_ring() -> None:
+    """Supervisor.kernel_first until appliance.run hands the data path's in: no ring to read."""
+
+
 class Supervisor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -139,7 +143,7 @@ class Supervisor:
         # Acts on the kernel's events waiting in its ring, if any (appliance.run.kernel_first):
         # called before each telemetry report and each of the ticker's steps, so that an attack
         # waits for the one piece of work under way, not for all that was queued before it.
-        self.kernel_first: Callable[[], None] | None = None
+        self.kernel_first: Callable[[], None] = _no_ring
         # system.broker.BrokerFiles (appliance.run): Home Assistant's password on the broker
         self.broker_files: Any = None
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
@@ -612,8 +616,7 @@ class Supervisor:
     # -- telemetry (wired by appliance.run) ----------------------------------------------
     def on_telemetry(self, device: str, payload: dict) -> None:
         """`device`: the topic's device level, the device's name or its broker user."""
-        if self.kernel_first is not None:
-            self.kernel_first()
+        self.kernel_first()
         received = time.monotonic_ns()
         device = self.device_for_topic(device) or device
         self.counters["telemetry"] += 1
@@ -1519,8 +1522,7 @@ class Supervisor:
         above all, nor the heartbeat (a ticker that died once left the disk unretried and the
         panel's watchdog blind). Counted in counters["ticker_errors_<step>"]; said once a
         minute per step, not every tick (said: step -> the error last said, and when)."""
-        if self.kernel_first is not None:
-            self.kernel_first()
+        self.kernel_first()
         try:
             result = fn()
             if inspect.isawaitable(result):
@@ -1546,8 +1548,7 @@ class Supervisor:
             ticks += 1
             # the young generations every tick, everything every 15 s
             generation = 2 if ticks % 60 == 0 else 1
-            if self.kernel_first is not None:
-                self.kernel_first()
+            self.kernel_first()
             started = time.perf_counter()
             gc.collect(generation)
             pause_ms = (time.perf_counter() - started) * 1e3
