@@ -401,7 +401,12 @@ def test_intrusion_when_business_hours_end_and_rearm():
     f.advance(120)                                                      # 18:00 Berlin
     assert [d.rule for d in engine.evaluate(tick(), f)] == ["physical-intrusion"]
     engine.evaluate(f.report("light1", on=True), f)                    # lights came on: re-arms
-    f.report("light1", on=False)
+    # off again with the motion of two minutes ago still in the window: it fires again
+    assert [d.rule for d in engine.evaluate(f.report("light1", on=False), f)] == ["physical-intrusion"]
+    engine.evaluate(f.report("light1", on=True), f)
+    f.report("light1", on=False)       # recorded, never evaluated (as in maintenance): ...
+    assert engine.evaluate(f.report("motion1", motion=True), f) == []   # (a repeat: skipped)
+    f.advance(1)                       # ... seen within a second, as what time alone changes
     assert [d.rule for d in engine.evaluate(f.report("motion1", motion=True), f)] == ["physical-intrusion"]
 
 
@@ -557,8 +562,74 @@ def test_a_report_a_global_rule_does_not_read_does_not_evaluate_it():
     assert f.selections == asked and engine.skipped == 10
     [d] = engine.evaluate(f.report("motion1", motion=True), f)
     assert d.actions[0].targets == ("cam1", "cam2")
-    assert engine.evaluate(f.report("light1", on=False), f) == []        # read, still true: no edge
+    assert engine.evaluate(f.report("light1", on=True), f) == []         # read: re-arms
     assert engine.skipped == 10
+    assert engine.evaluate(f.report("light1", on=True), f) == []         # its value repeated
+    assert engine.skipped == 11
+
+
+def test_a_repeated_value_skips_only_what_it_cannot_change():
+    f = CountingFacts(now=WEDNESDAY_2000_UTC)      # after hours
+    engine = Engine(builtin_rules())
+    for light in ("light1", "light2"):
+        f.report(light, on=False)
+    assert engine.evaluate(f.report("motion1", motion=False), f) == []
+    asked = f.selections
+    for _ in range(3):      # the same values again: the site-wide rule is not read
+        assert engine.evaluate(f.report("light1", on=False), f) == []
+        assert engine.evaluate(f.report("motion1", motion=False), f) == []
+    assert f.selections == asked and engine.skipped == 6
+    [d] = engine.evaluate(f.report("motion1", motion=True), f)           # a new value: read
+    assert d.rule == "physical-intrusion"
+    engine.evaluate(f.report("light2", on=True), f)                       # re-arms
+    engine.evaluate(f.report("light2", on=False), f)                      # fires again
+    f.advance(301)          # the motion of 5 min 1 s ago left the window: lights on, off
+    engine.evaluate(f.report("light2", on=True), f)
+    assert engine.evaluate(f.report("light2", on=False), f) == []
+    # the same motion value again, but its previous one is outside the window: read, fires
+    [d] = engine.evaluate(f.report("motion1", motion=True), f)
+    assert d.rule == "physical-intrusion"
+
+
+def test_a_repeated_value_still_counts_and_still_changes_nothing():
+    f = FakeFacts()
+    counting = rule({"telemetry": {"device": "plug1", "field": "power_w", "agg": "count",
+                                   "op": ">=", "value": 3, "within": "1m"}},
+                    [{"set_posture": {"device": "cam1", "posture": "suspicious"}}], name="counting")
+    edge = rule({"changed": {"device": "plug1", "field": "on", "to": True}},
+                [{"set_posture": {"device": "cam2", "posture": "suspicious"}}], name="edge")
+    engine = Engine([counting, edge])
+    assert engine.evaluate(f.report("plug1", power_w=5.0), f) == []
+    assert engine.evaluate(f.report("plug1", power_w=5.0), f) == []
+    [d] = engine.evaluate(f.report("plug1", power_w=5.0), f)               # the third report
+    assert d.rule == "counting"
+    f.report("plug1", on=False)
+    [d] = engine.evaluate(f.report("plug1", on=True), f)
+    assert d.rule == "edge"
+    assert engine.evaluate(f.report("plug1", on=True), f) == []           # no change: re-arms
+    engine.evaluate(f.report("plug1", on=False), f)
+    [d] = engine.evaluate(f.report("plug1", on=True), f)
+    assert d.rule == "edge"
+
+
+def test_any_and_all_stop_at_the_device_that_settles_them():
+    f = CountingFacts(now=WEDNESDAY_2000_UTC)
+    f.report("light1", on=True)
+    f.report("light2", on=False)
+    reads = []
+    cam1 = [{"set_posture": {"device": "cam1", "posture": "suspicious"}}]      # a global rule
+    telemetry = f.telemetry
+    f.telemetry = lambda device, *a, **k: reads.append(device) or telemetry(device, *a, **k)
+    lights_off = rule({"telemetry": {"device": {"type": "light"}, "field": "on", "op": "==",
+                                     "value": False, "match": "all"}}, cam1)
+    assert not fires(lights_off, f, tick()) and reads == ["light1"]      # light1 settles "all"
+    reads.clear()
+    one_on = rule({"telemetry": {"device": {"type": "light"}, "field": "on", "op": "==",
+                                 "value": True}}, cam1)
+    assert fires(one_on, f, tick()) and reads == ["light1"]              # and "any"
+    nobody = rule({"telemetry": {"device": {"type": "camera"}, "field": "on", "op": "==",
+                                 "value": False, "match": "all"}}, cam1)
+    assert not fires(nobody, f, tick())          # no camera reported: neither passes nor fails
 
 
 def test_what_time_alone_changes_is_seen_on_any_report_a_second_later():
