@@ -289,3 +289,43 @@ def test_a_device_that_does_not_answer_is_polled_less_often_until_it_does(sup):
     failing, answering = asyncio.run(run())
     assert failing == 2 and answering >= 3          # at 0 s and 2 s; the next at 6 s
     assert len(polled["light1"]) >= 4               # answering again: every second
+
+
+@pytest.mark.parametrize("at_once", [32, 1])
+def test_a_device_that_hangs_holds_no_other_device_s_poll_back(sup, monkeypatch, at_once):
+    """light1 answers nothing until its time-out (2 s, as adapters.TIMEOUT): polled one after
+    another, light2's poll each second waited behind it. Side by side, light2 keeps its
+    interval, and light1 is never polled twice at once; with one poll at a time allowed
+    (MAX_POLLS_AT_ONCE), light2 waits again, which shows the bound holds."""
+    from appliance.telemetry import adapters
+    monkeypatch.setattr(adapters, "MAX_POLLS_AT_ONCE", at_once)
+    adapter = adapter_for(sup, "light1", "light2")
+    polled: dict[str, list[float]] = {"light1": [], "light2": []}
+    open_polls = {"light1": 0, "most": 0}
+
+    async def fake_poll(name):
+        polled[name].append(time.monotonic())
+        if name == "light1":
+            open_polls["light1"] += 1
+            open_polls["most"] = max(open_polls["most"], open_polls["light1"])
+            try:
+                await asyncio.sleep(2.0)
+                raise TimeoutError
+            finally:
+                open_polls["light1"] -= 1
+        return {}
+
+    async def run():
+        adapter.poll = fake_poll
+        task = asyncio.get_running_loop().create_task(adapter._poll_forever())
+        await asyncio.sleep(2.6)
+        task.cancel()
+        await asyncio.sleep(0.05)       # the cancelled loop cancels the poll under way
+
+    asyncio.run(run())
+    if at_once == 1:
+        assert len(polled["light2"]) <= 2
+        return
+    assert len(polled["light2"]) >= 3           # at 0, 1 and 2 s
+    assert len(polled["light1"]) == 1 and open_polls["most"] == 1
+    assert open_polls["light1"] == 0            # nothing left running after close

@@ -9,11 +9,13 @@ per-device username comes from the credentials file (config adapters.credentials
 Each device is polled every `poll_seconds` of its profile, unless the supervisor has set its own
 interval (`set_interval`, the rule action `poll`) until it puts it back. A device that does not
 answer is polled less often, twice the wait after each failure up to BACKOFF_SECONDS, and at its
-interval again once it answers (or once set_interval asks for it).
+interval again once it answers (or once set_interval asks for it). Devices are polled side
+by side, up to MAX_POLLS_AT_ONCE at a time, so one that times out delays no other.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -28,6 +30,7 @@ IDLE_SECONDS = 2.0      # the longest the loop sleeps: a new device is polled wi
 # leaving its exception's cycle to the collector (250 lights: 2.4 ms collections at 1,000
 # devices, bench_supervisor).
 BACKOFF_SECONDS = 60.0
+MAX_POLLS_AT_ONCE = 32  # connections open at once; the rest wait for one to end
 
 
 async def http(method: str, ip: str, path: str, body: dict | None = None, port: int = 80):
@@ -118,33 +121,54 @@ class HueAdapter:
         self._on_availability(name, state)
 
     async def _poll_forever(self) -> None:
-        while True:
-            self._wake.clear()
-            active = []
-            for name in [n for n in list(self._devices()) if self.handles(n)]:
-                d = self._devices().get(name)
-                if not d or not d.get("approved") or d["posture"] == "quarantine":
-                    continue
-                active.append(name)
-                if self._due.get(name, 0.0) > time.monotonic():
-                    continue
-                self._due[name] = time.monotonic() + self.interval(name)
+        """Starts each due device's poll beside the others (at most MAX_POLLS_AT_ONCE, one per
+        device): polled one after another, a light that did not answer held every other
+        light's poll back by its time-out."""
+        in_flight: dict[str, asyncio.Task] = {}
+
+        def finished(name: str, _task: asyncio.Task) -> None:
+            in_flight.pop(name, None)
+            self._wake.set()
+
+        try:
+            while True:
+                self._wake.clear()
+                active = []
+                for name in [n for n in list(self._devices()) if self.handles(n)]:
+                    d = self._devices().get(name)
+                    if not d or not d.get("approved") or d["posture"] == "quarantine":
+                        continue
+                    active.append(name)
+                    if (name in in_flight or self._due.get(name, 0.0) > time.monotonic()
+                            or len(in_flight) >= MAX_POLLS_AT_ONCE):
+                        continue
+                    self._due[name] = time.monotonic() + self.interval(name)
+                    task = in_flight[name] = asyncio.get_running_loop().create_task(self._poll_one(name))
+                    task.add_done_callback(functools.partial(finished, name))
+                self._due = {name: self._due[name] for name in active if name in self._due}
+                self._failures = {name: n for name, n in self._failures.items() if name in self._due}
+                waiting = [due - time.monotonic() for name, due in self._due.items() if name not in in_flight]
+                wait = min([IDLE_SECONDS, *waiting])
+                if len(in_flight) >= MAX_POLLS_AT_ONCE:
+                    wait = IDLE_SECONDS         # a poll that ends wakes the loop
                 try:
-                    await self.poll(name)
-                    self._failures.pop(name, None)
-                except (TimeoutError, OSError, ValueError, KalkiError) as e:
-                    if self._available.get(name) != "offline":
-                        log.warning("polling %s: %s", name, e)
-                    self._availability(name, "offline")
-                    failed = self._failures[name] = self._failures.get(name, 0) + 1
-                    self._due[name] = time.monotonic() + self.backoff(name, failed)
-            self._due = {name: self._due[name] for name in active if name in self._due}
-            self._failures = {name: n for name, n in self._failures.items() if name in self._due}
-            wait = min([IDLE_SECONDS, *(due - time.monotonic() for due in self._due.values())])
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
-            except TimeoutError:
-                pass
+                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+                except TimeoutError:
+                    pass
+        finally:
+            for task in in_flight.values():
+                task.cancel()
+
+    async def _poll_one(self, name: str) -> None:
+        try:
+            await self.poll(name)
+            self._failures.pop(name, None)
+        except (TimeoutError, OSError, ValueError, KalkiError) as e:
+            if self._available.get(name) != "offline":
+                log.warning("polling %s: %s", name, e)
+            self._availability(name, "offline")
+            failed = self._failures[name] = self._failures.get(name, 0) + 1
+            self._due[name] = time.monotonic() + self.backoff(name, failed)
 
     async def poll(self, name: str) -> dict:
         d = self._devices()[name]
