@@ -12,6 +12,15 @@ For each table size (10, 100, 1,000, 4,000 devices), in a scratch namespace of i
 
 and the ratio of the largest table to the smallest (flat = 1). The load average goes beside
 each figure. Nothing but nftables is involved: no packets are sent.
+
+At 1,000 devices (or the largest size below), the kernel path's own transaction: a camera
+between its normal part (macs, ips, lateral, its two connection-limit classes) and its attack
+part (quarantine with deception: none of those, and `deceive`), as the rule
+device-under-attack moves it, timed back to back (`camera_attack_hot`) and after 0.3 s asleep
+(`camera_attack_after_idle`), as a kernel event finds it. Beside them, what idleness costs
+this machine by itself: one getppid() system call right after another
+(`syscall_hot_us`) and the first one after 50 ms of Python without a system call
+(`syscall_first_after_busy_us`).
 """
 from __future__ import annotations
 
@@ -81,6 +90,51 @@ def flip(nf: nftmod.Nft, state: dict[int, dict], ids: list[int], attack: list[bo
     return once
 
 
+CAMERA_NORMAL = {"concurrent": 50, "new_per_second": 50}      # umboxes/camera.toml
+
+
+def camera_attack(nf: nftmod.Nft, state: dict[int, dict], idle: float) -> list[float]:
+    """Device 0 as a camera, normal -> attack (the timed transaction) -> normal, CHANGES // 5
+    times, `idle` seconds asleep before each timed one."""
+    mac, ip = device(0)
+
+    def run(attack: bool) -> float:
+        plan = (nf.plan(0, mac, ip, None, None, state[0], quarantine=True, deception=True) if attack
+                else nf.plan(0, mac, ip, CAMERA_NORMAL, None, state[0], lateral_block=True))
+        if plan is None:        # already normal (the first call)
+            return 0.0
+        t0 = time.perf_counter()
+        nf.run(nftmod.merged(plan[0]), "camera posture")
+        state[0] = plan[1]
+        return (time.perf_counter() - t0) * 1000
+
+    run(False)
+    out = []
+    for _ in range(max(10, CHANGES // 5)):
+        if idle:
+            time.sleep(idle)
+        out.append(run(True))
+        run(False)
+    return out
+
+
+def syscall_cost(busy_s: float, n: int = 30) -> tuple[list[float], list[float]]:
+    """(getppid right after another, the first getppid after `busy_s` of Python), µs."""
+    hot, first = [], []
+    for _ in range(n):
+        end = time.perf_counter() + busy_s
+        while time.perf_counter() < end:
+            pass
+        t0 = time.perf_counter_ns()
+        os.getppid()
+        t1 = time.perf_counter_ns()
+        os.getppid()
+        t2 = time.perf_counter_ns()
+        first.append((t1 - t0) / 1e3)
+        hot.append((t2 - t1) / 1e3)
+    return hot, first
+
+
 def old_layout(ns: str, size: int) -> list[float]:
     """A chain per device in a table of its own (kbench_old), as nft.py had it until stop 18."""
     import nftables
@@ -127,6 +181,7 @@ def old_layout(ns: str, size: int) -> list[float]:
 def main() -> None:
     common.install_signal_handlers()
     results: dict[int, dict[str, list[float]]] = {}
+    camera_size = max([s for s in SIZES if s <= 1000] or [min(SIZES)])
     for size in SIZES:
         ns = f"kalki-bnft{common.suffix()}-gw"
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -139,6 +194,23 @@ def main() -> None:
             one = timed(flip(nf, state, [0], [False]), CHANGES)
             cams = timed(flip(nf, state, list(range(min(25, size))), [False]), max(20, CHANGES // 5))
             old = old_layout(ns, size)
+            if size == camera_size:
+                hot, after_idle = [], []
+                for _ in range(2):      # interleaved
+                    hot += camera_attack(nf, state, 0)
+                    after_idle += camera_attack(nf, state, 0.3)
+                for name, xs in (("camera_attack_hot", hot), ("camera_attack_after_idle", after_idle)):
+                    emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
+                         p99=round(percentile(xs, 99), 3), load=round(load(), 2))
+                emit(BENCH, "camera_attack_after_idle_over_hot_p50",
+                     round(median(after_idle) / median(hot), 2), "ratio", devices=size,
+                     load=round(load(), 2), what="the same transaction after 0.3 s asleep / back to back")
+                sys_hot, sys_first = syscall_cost(0.05)
+                emit(BENCH, "syscall_hot_us", round(median(sys_hot), 2), "us", n=len(sys_hot),
+                     load=round(load(), 2), what="getppid() right after another")
+                emit(BENCH, "syscall_first_after_busy_us", round(median(sys_first), 2), "us",
+                     n=len(sys_first), p90=round(percentile(sys_first, 90), 2), load=round(load(), 2),
+                     what="the first getppid() after 50 ms of Python without a system call")
             results[size] = {"posture_change": one, "cameras_25": cams, "old_layout": old}
             for name, xs in results[size].items():
                 emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
