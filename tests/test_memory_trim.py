@@ -65,3 +65,23 @@ def arenas(mode: str) -> dict:
 def test_threads_allocate_from_one_arena():
     assert arenas("one") == {"asked": True, "arenas": 1}
     assert arenas("default")["arenas"] > 1       # what it saves: an arena per thread
+
+
+def test_kept_reports_leave_the_collector_nothing_to_walk():
+    """Each device's last TELEMETRY_KEPT reports, kept as (when, payload) tuples, were 64,000
+    objects every full collection walked at 1,000 devices (a tuple holding a dict is never
+    untracked): the reports of 100 devices now add only their rings."""
+    import datetime
+    import gc
+    recent = memory.Recent()
+    at = datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(memory.TELEMETRY_KEPT):
+        for d in range(100):
+            recent.add_telemetry(f"light{d}", {"on": i % 2 == 0, "brightness": i}, at)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 500      # 3 per device: its two rings and their pair
+    assert recent.telemetry("light7", "brightness", last=3) == [61, 62, 63]
+    newest = recent.reports("light7", 2, datetime.UTC)
+    assert [payload["brightness"] for _, payload in newest] == [63, 62]
