@@ -329,3 +329,14 @@ def test_a_device_that_hangs_holds_no_other_device_s_poll_back(sup, monkeypatch,
     assert len(polled["light2"]) >= 3           # at 0, 1 and 2 s
     assert len(polled["light1"]) == 1 and open_polls["most"] == 1
     assert open_polls["light1"] == 0            # nothing left running after close
+
+
+def test_a_device_removed_before_its_poll_runs_is_let_go(sup):
+    """A poll is started as a task and runs at the loop's next turn: the device may be gone by
+    then. Its poll ends quietly, with nothing reported and no failure counted."""
+    adapter = adapter_for(sup, "light1", "light2")
+    known = dict(sup.known)
+    adapter._devices = lambda: known
+    del known["light1"]
+    asyncio.run(adapter._poll_one("light1"))
+    assert adapter._failures == {} and adapter._available == {}

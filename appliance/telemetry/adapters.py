@@ -163,6 +163,8 @@ class HueAdapter:
         try:
             await self.poll(name)
             self._failures.pop(name, None)
+        except KeyError:
+            return      # removed (or renamed) between its poll being started and its running
         except (TimeoutError, OSError, ValueError, KalkiError) as e:
             if self._available.get(name) != "offline":
                 log.warning("polling %s: %s", name, e)
