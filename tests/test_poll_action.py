@@ -340,3 +340,21 @@ def test_a_device_removed_before_its_poll_runs_is_let_go(sup):
     del known["light1"]
     asyncio.run(adapter._poll_one("light1"))
     assert adapter._failures == {} and adapter._available == {}
+
+
+@pytest.mark.parametrize("answer, says", [({"2": {"state": {"on": True, "bri": 254}}}, "no '1'"),
+                                          ({"1": "on"}, "string indices")])
+def test_an_answer_of_the_wrong_shape_marks_the_device_offline_and_names_it(sup, monkeypatch,
+                                                                             caplog, answer, says):
+    """A light whose API answers something else than a Hue light: before, its KeyError or
+    TypeError ended the adapter's whole loop (every light unpolled from then on)."""
+    from appliance.telemetry import adapters
+
+    async def fake_http(method, ip, path, body=None, port=80):
+        return answer
+
+    monkeypatch.setattr(adapters, "http", fake_http)
+    adapter = adapter_for(sup, "light1", "light2")
+    asyncio.run(adapter._poll_one("light1"))
+    assert adapter._failures == {"light1": 1} and adapter._available == {"light1": "offline"}
+    assert any("polling light1" in r.getMessage() and says in r.getMessage() for r in caplog.records)

@@ -163,14 +163,18 @@ class HueAdapter:
         try:
             await self.poll(name)
             self._failures.pop(name, None)
-        except KeyError:
-            return      # removed (or renamed) between its poll being started and its running
-        except (TimeoutError, OSError, ValueError, KalkiError) as e:
-            if self._available.get(name) != "offline":
-                log.warning("polling %s: %s", name, e)
-            self._availability(name, "offline")
-            failed = self._failures[name] = self._failures.get(name, 0) + 1
-            self._due[name] = time.monotonic() + self.backoff(name, failed)
+            return
+        except KeyError as missing:
+            if name not in self._devices():
+                return      # removed (or renamed) between its poll being started and its running
+            e: Exception = KalkiError(f"{name}: its answer has no {missing}")
+        except (TimeoutError, OSError, ValueError, TypeError, KalkiError) as failure:
+            e = failure
+        if self._available.get(name) != "offline":
+            log.warning("polling %s: %s", name, e)
+        self._availability(name, "offline")
+        failed = self._failures[name] = self._failures.get(name, 0) + 1
+        self._due[name] = time.monotonic() + self.backoff(name, failed)
 
     async def poll(self, name: str) -> dict:
         d = self._devices()[name]
