@@ -15,10 +15,11 @@ each figure. Nothing but nftables is involved: no packets are sent.
 
 At 1,000 devices (or the largest size below), the kernel path's own transaction: a camera
 between its normal part (macs, ips, lateral, its two connection-limit classes) and its attack
-part (quarantine with deception: none of those, and `deceive`), as the rule
-device-under-attack moves it, timed back to back (`camera_attack_hot`) and after 0.3 s asleep
-(`camera_attack_after_idle`), as a kernel event finds it. Beside them, what idleness costs
-this machine by itself: one getppid() system call right after another
+part (quarantine with deception: out of `macs` and `ips`, into `deceive`; what only restricts
+it, lateral and its classes, stays), as the rule device-under-attack moves it, timed back to
+back (`camera_attack_hot`) and after 0.3 s asleep (`camera_attack_after_idle`), as a kernel
+event finds it; `camera_attack_commands` says how many element commands it is. Beside them,
+what idleness costs this machine by itself: one getppid() system call right after another
 (`syscall_hot_us`) and the first one after 50 ms of Python without a system call
 (`syscall_first_after_busy_us`).
 """
@@ -202,6 +203,10 @@ def main() -> None:
                 for name, xs in (("camera_attack_hot", hot), ("camera_attack_after_idle", after_idle)):
                     emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
                          p99=round(percentile(xs, 99), 3), load=round(load(), 2))
+                mac, ip = device(0)
+                attack = nf.plan(0, mac, ip, None, None, state[0], quarantine=True, deception=True)
+                emit(BENCH, "camera_attack_commands", len(nftmod.merged(attack[0])) if attack else 0,
+                     "commands", devices=size, what="element commands in the timed transaction")
                 emit(BENCH, "camera_attack_after_idle_over_hot_p50",
                      round(median(after_idle) / median(hot), 2), "ratio", devices=size,
                      load=round(load(), 2), what="the same transaction after 0.3 s asleep / back to back")

@@ -354,6 +354,52 @@ def test_the_tamper_watch_lists_the_table_once_a_minute_anyway(lab, fresh, monke
     assert fresh.drift() == [] and len(listings) == looked + 1
 
 
+def test_quarantine_holds_in_nftables_alone_and_keeps_what_restricts(lab, fresh):
+    """A camera moved as a kernel event moves it (its profile's attack posture: quarantine with
+    deception): nftables' part is three element commands, out of `macs` and `ips` and into
+    `deceive`; its lateral and connection-limit elements stay, since they only restrict it.
+    With every XDP program detached nothing is forwarded to or from it; back to normal, it is
+    forwarded again, and a device removed leaves no element behind."""
+    from appliance.dataplane import nft as nftmod
+    from appliance.policy import profiles
+    cam = lab.device("camera1")
+    gw, inet = lab.namespaces["gw"], lab.namespaces["inet"]
+    cam_id, nf = fresh.device_id("camera1"), fresh._nft
+    normal = nf.read_back()[cam_id]
+    assert normal["macs"] == [cam.mac] and normal["lateral"] == [cam.mac] and normal["classes"]
+    plan = nf.plan(cam_id, cam.mac, cam.ip, None, None, normal, quarantine=True, deception=True)
+    assert plan is not None
+    ops = sorted((op, body["element"]["name"]) for c in plan[0] for op, body in c.items())
+    assert ops == [("add", "deceive"), ("delete", "ips"), ("delete", "macs")]
+    # elements of an old address or mac are not kept: they would restrict somebody else
+    moved = nf.plan(cam_id, cam.mac, "198.18.9.9", None, None, normal, quarantine=True)
+    assert moved is not None and moved[1]["classes"] == [] and moved[1]["lateral"] == [cam.mac]
+
+    fresh.set_stack("camera1", profiles.load_all()["camera"].stack("attack"))
+    held = nf.read_back()[cam_id]
+    assert held == {**nftmod.empty_state(), "deceive": [cam.ip], "lateral": [cam.mac],
+                    "classes": normal["classes"]}
+    assert fresh.drift() == []
+    detached = list(fresh.attached_programs())
+    try:
+        for ifname in detached:
+            subprocess.run(["ip", "-n", gw, "link", "set", "dev", ifname, "xdp", "off"], check=True)
+        assert not any(fresh.attached_programs().values())
+        assert ping(cam.namespace, "198.19.8.1") == 0
+        assert not connect(inet, cam.ip, 80)
+        assert connect(inet, lab.device("light1").ip, 80)    # nftables forwards the others
+    finally:
+        assert fresh.reconcile(normal_specs(lab, "attack"))["reattached"]
+    fresh.apply(normal_specs(lab)[0])
+    assert ping(cam.namespace, "198.19.8.1") == 1
+    assert nf.read_back()[cam_id] == normal
+    fresh.remove("camera1")
+    try:
+        assert cam_id not in nf.read_back()
+    finally:
+        fresh.apply(normal_specs(lab)[0])
+
+
 def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
     """The faults issue, 3: with the table present but the pinned maps out of sight (as under
     `ip netns exec`, which remounts /sys), `kalki run` exited with "nftables refused device
@@ -469,3 +515,4 @@ def test_merged_keeps_every_element_and_puts_deletions_before_additions():
                                 elem("add", "gate", ["198.18.0.1", 80], ["198.18.0.2", 80]),
                                 elem("add", "cl_3", "198.18.0.1", "198.18.0.2")]
     assert commands[0] == elem("delete", "ips", "198.18.0.1")      # the caller's commands untouched
+

@@ -380,18 +380,29 @@ class Nft:
         """What makes the device's part of the table what it should be, given what the table
         holds for it now: (the transaction's commands, the device's state after them), or None
         when nothing needs to change. Only elements are added and deleted, and only those that
-        differ. In quarantine the device has no element at all: it misses `macs` and `ips`,
-        so nothing is forwarded to or from it even with XDP detached."""
+        differ. In quarantine the device misses `macs`, `ips` and `gate`, so nothing is
+        forwarded to or from it, nor steered to the gate, even with XDP detached."""
+        held = current or empty_state()
         if quarantine:
-            # nothing forwarded to or from it; with deception a known attacker still meets the
-            # decoy (prerouting redirects to the gateway itself, forward drops the rest)
-            wanted = {**empty_state(), "deceive": [ip] if deception else []}
+            # With deception a known attacker still meets the decoy (prerouting redirects to the
+            # gateway itself, forward drops the rest). What only restricts the device further
+            # (`lateral`, its connection-limit classes) stays as it was, for its own mac and ip:
+            # each deletion would cost the kernel path's transaction one element command (4 in
+            # all for a camera under attack: 0.38 against 0.24 ms hot, bench_nft's camera_attack).
+            wanted = {**empty_state(), "deceive": [ip] if deception else [],
+                      "lateral": [m for m in held["lateral"] if m == mac],
+                      "classes": [(name, v) for name, v in held["classes"] if v == ip]}
         else:
             wanted = {"macs": [mac], "ips": [ip], "gates": [(ip, gate_port)] if gate_port else [],
                       "lateral": [mac] if lateral_block else [],
                       "deceive": [ip] if deception else [],
                       "classes": [(name, ip) for name in class_sets(conn_limit)]}
-        has, wants = _elements(current or empty_state()), _elements(wanted)
+        cmds = self._changes(device_id, held, wanted)
+        return (cmds, wanted) if cmds is not None else None
+
+    def _changes(self, device_id: int, held: dict, wanted: dict) -> list[dict] | None:
+        """The commands that take a device's part from `held` to `wanted`; None if equal."""
+        has, wants = _elements(held), _elements(wanted)
         if has == wants:
             return None
         tag = str(device_id)
@@ -403,7 +414,7 @@ class Nft:
                 {"elem": {"val": _elem_key(value), "comment": tag}}]}}})
         if cmds and self._classes is not None:
             self._classes |= {name for name, _ in wanted["classes"]}
-        return cmds, wanted
+        return cmds
 
     # -- deception: the drop set's sources, mirrored ------------------------------------
     def add_attacker(self, ip: str, seconds: int | None) -> None:
@@ -427,8 +438,8 @@ class Nft:
         return [{"add": element}, {"delete": element}]
 
     def removal_commands(self, device_id: int, current: dict | None) -> list[dict]:
-        plan = self.plan(device_id, "", "", None, None, current, quarantine=True)
-        return plan[0] if plan else []
+        """Every element of the device's deleted."""
+        return self._changes(device_id, current or empty_state(), empty_state()) or []
 
     def forget_classes(self) -> None:
         """The table was made anew (or behind our back): read its classes again."""

@@ -27,9 +27,9 @@ A global rule is evaluated on a stimulus only if the stimulus can change it: a r
 device one of its telemetry (or changed) conditions selects, with one of their fields (and,
 for a condition on the last value, a value other than the device's previous one in the
 window); an alert its alert conditions count; a posture change of a device its posture
-conditions look at. Otherwise only if it was last evaluated a second or more ago (on the policy's clock),
-which is what time alone changes (a window, business hours, a device added to a group) waits
-for. On a site of 1,000 devices reporting once a second, every rule over a type or a group
+conditions look at. Otherwise only if it was last evaluated a second or more ago (on the
+policy's clock), which is what time alone changes (a window, business hours, a device added
+to a group) waits for. On a site of 1,000 devices reporting once a second, every rule over a type or a group
 read 1,000 devices 1,000 times a second, and the supervisor fell behind its reports; and a
 kernel alert waited 0.2 ms for rules that count no alerts. Ticks evaluate every rule.
 

@@ -26,7 +26,7 @@ class Recent:
         if kept is None:
             kept = self._telemetry[device] = (collections.deque(maxlen=TELEMETRY_KEPT),
                                               collections.deque(maxlen=TELEMETRY_KEPT))
-        elif kept[1] and kept[1][-1] == payload:
+        elif kept[1][-1] == payload:     # (a ring is never empty once made)
             payload = kept[1][-1]    # the same report again (most sensors repeat themselves): share it
         times, payloads = kept
         times.append(at.timestamp())
