@@ -21,7 +21,7 @@ from appliance.dataplane.port import DataplanePort
 from appliance.dataplane.umbox import check_controllers, check_my_controllers
 from appliance.supervisor import control
 from appliance.supervisor.core import Supervisor
-from appliance.supervisor.memory import one_malloc_arena
+from appliance.supervisor.memory import Collector, one_malloc_arena
 from appliance.supervisor.ops import Ops
 from appliance.system.broker import BrokerFiles
 from appliance.system.site import ERROR_FILE, isolation_warning_now
@@ -179,13 +179,15 @@ async def serve(cfg: Config) -> None:
             sup.restore_polls()
         if web is None and sup.panel is None:
             web = await start_faces(cfg, sup, ops)
+        # What start-up made (modules, profiles, rules, the store) lives as long as the
+        # process: out of the collector's sight, as what survives each full pass is after it
+        # (memory.Collector). And the collector runs from the ticker, between events, never
+        # whenever an allocation count trips it: collections in the middle of moving 25
+        # cameras put milliseconds on the slowest decisions.
+        sup.collector = Collector(freezing=True)
         sup.start_ticker()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # What start-up made (modules, profiles, rules, the store) lives as long as the
-        # process: out of the collector's sight. And the collector runs from the ticker, between
-        # events, never whenever an allocation count trips it: collections in the middle of
-        # moving 25 cameras put milliseconds on the slowest decisions.
         gc.collect()
         gc.freeze()
         gc.disable()

@@ -526,9 +526,15 @@ def report_mqtt(r: dict, loads: Loads, devices: int, prefix: str = "mqtt",
     emit(BENCH, f"supervisor_counters_after_{prefix}", r["status"]["counters"], "count",
          mqtt_rejected=r["status"]["mqtt_rejected"], rules_skipped=r["status"].get("rules_skipped"),
          **load)
-    emit(BENCH, "gc_pause_max_ms", r["status"].get("gc_pause_max_ms"), "ms",
-         how="longest collection of generations 0-1 and 0-2 by the supervisor's ticker "
-             "between events ([0] unused)", devices=devices, **load)
+    st = r["status"]
+    emit(BENCH, "gc_pause_max_ms", st.get("gc_pause_max_ms"), "ms",
+         how="longest collection of generations 0-1 and 0-2 (what is not frozen) by the "
+             "supervisor's ticker between events ([0] unused)", devices=devices,
+         full_pause_last_ms=st.get("gc_full_pause_last_ms"),
+         whole_heap_pause_max_ms=st.get("gc_whole_heap_pause_max_ms"),
+         whole_heap_passes=st.get("gc_whole_heap_passes"),
+         whole_heap_found_last=st.get("gc_whole_heap_found_last"), frozen=st.get("gc_frozen"),
+         **load)
 
 
 def report_kernel(b: dict, loads: Loads, prefix: str, **extra) -> None:
@@ -587,8 +593,10 @@ def main() -> int:
         pauses = status.get("gc_pause_max_ms")
         emit(BENCH, "gc_full_pause_ms", pauses[2] if pauses else None, "ms",
              trim_pause_max_ms=status.get("trim_pause_max_ms"),
-             how="the longest full collection after the runs above: the loop waits that long every "
-                 "15 s, and as long as trim_pause_max_ms for the heap given back after it",
+             last_ms=status.get("gc_full_pause_last_ms"),
+             how="the longest full collection after the runs above (of what is not frozen: "
+                 "memory.Collector): the loop waits that long every 15 s, and as long as "
+                 "trim_pause_max_ms for the heap given back after it",
              **loads.kw())
 
         m = supervisor_memory(state)

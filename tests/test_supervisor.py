@@ -207,6 +207,8 @@ def test_a_device_renumbered_by_dhcp_stays_the_same_device(slab):
 def test_status_and_memory_say_how_the_process_is_doing(slab):
     status = ask(slab, "status")
     assert len(status["gc_pause_max_ms"]) == 3          # collections run from the ticker
+    assert status["gc_frozen"] > 10_000                 # what start-up made, out of their sight
+    assert status["gc_whole_heap_passes"] >= 0 and "gc_whole_heap_found_last" in status
     assert status["trim_pause_max_ms"] >= 0             # and the heap given back after the full ones
     memory = ask(slab, "memory")
     assert memory["VmRSS"].endswith("kB") and int(memory["VmRSS"].split()[0]) > 10_000

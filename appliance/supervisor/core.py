@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
-import gc
 import inspect
 import json
 import logging
@@ -34,7 +33,7 @@ from appliance.store.state import RULES_OFF_KEY, Retention, Store
 from appliance.supervisor import logins, notify
 from appliance.supervisor.clock import Clock
 from appliance.supervisor.flows import Flows
-from appliance.supervisor.memory import Listeners, Recent, give_back_free_memory
+from appliance.supervisor.memory import Collector, Listeners, Recent, give_back_free_memory
 from appliance.supervisor.traffic import Traffic
 from appliance.supervisor.watch import Watch
 from appliance.vocab import (
@@ -133,9 +132,8 @@ class Supervisor:
         self._critical_at: dict[str, float] = {}
         self._stop = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
-        self.gc_pause_max_ms = [0.0, 0.0, 0.0]     # collections by the ticker, per generation
+        self.collector = Collector()                # collections by the ticker
         self.trim_pause_max_ms = 0.0                # the C heap's free pages given back, after each full one
-        self.full_collections = 0
         self.listeners = Listeners()
         self.site_error: str | None = None   # the site file's error (appliance.run), on the LEDs and the page
         self.isolation_warning: str | None = None   # devices reach each other unseen (appliance.run)
@@ -1546,15 +1544,8 @@ class Supervisor:
             await asyncio.sleep(0.25)
             self.heartbeat = time.monotonic()
             ticks += 1
-            # the young generations every tick, everything every 15 s
-            generation = 2 if ticks % 60 == 0 else 1
             self.kernel_first()
-            started = time.perf_counter()
-            gc.collect(generation)
-            pause_ms = (time.perf_counter() - started) * 1e3
-            self.gc_pause_max_ms[generation] = max(self.gc_pause_max_ms[generation], pause_ms)
-            if generation == 2:
-                self.full_collections += 1
+            if self.collector.tick() == 2:
                 started = time.perf_counter()
                 give_back_free_memory()
                 self.trim_pause_max_ms = max(self.trim_pause_max_ms,

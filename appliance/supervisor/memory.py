@@ -6,9 +6,14 @@ import asyncio
 import collections
 import ctypes
 import datetime
+import gc
+import time
+from collections.abc import Callable
 
 TELEMETRY_KEPT = 64     # reports per device: what rules' windows and aggregates see
 ALERTS_KEPT = 20000
+FULL_EVERY_TICKS = 60   # a full pass every 60 of the ticker's steps (15 s)
+WHOLE_HEAP_SECONDS = 600.0
 
 
 class Recent:
@@ -136,3 +141,84 @@ def give_back_free_memory() -> bool:
         return False
     _MALLOC_TRIM(0)
     return True
+
+
+class Collector:
+    """The supervisor's garbage collection, run by its ticker between events (appliance.run
+    switches the automatic one off). The young generations on every tick; every
+    FULL_EVERY_TICKS a full pass, after which what survived it is frozen: the next full pass
+    walks only what was made since. At 1,000 devices reporting once a second a full pass
+    over the whole heap took 18-37 ms, one over what was not frozen 0.8-2.4 ms once the lab
+    had settled; a kernel event that came during one waited that long.
+
+    Freezing hides one thing from the collector: a cycle of frozen objects that becomes
+    garbage. Every WHOLE_HEAP_SECONDS the whole heap is thawed, collected and frozen again
+    (39-56 ms at 1,000 devices), so such garbage lives that long at most; `whole_found_last`
+    says how much the last such pass found (objects unreachable, frozen ones among them),
+    `frozen` how many are frozen. Measured with a whole pass every minute at 1,000 devices:
+    each found 1,500-3,000 objects where a full pass finds about 1,500 (what 15 s make), and
+    the frozen count stayed at 75,700-76,000 over five minutes.
+    Without `freezing` (a supervisor inside another program, as in the tests) every full pass
+    is over the whole heap and nothing is frozen: freezing is the process's to decide
+    (appliance.run, which also switches the automatic collection off)."""
+
+    def __init__(self, freezing: bool = False, whole_every: float = WHOLE_HEAP_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.freezing = freezing
+        self.pause_max_ms = [0.0, 0.0, 0.0]     # per generation ([0] unused): young, full
+        self.whole_pause_max_ms = 0.0
+        self.full_passes = 0
+        self.whole_passes = 0
+        self.whole_found_last: int | None = None
+        self.full_found_last: int | None = None
+        self.full_pause_last_ms: float | None = None
+        self._whole_every = whole_every
+        self._clock = clock
+        self._whole_at = clock()
+        self._ticks = 0
+
+    def tick(self) -> int:
+        """One tick's collection; returns the generation collected (2: a full pass)."""
+        self._ticks += 1
+        if self._ticks % FULL_EVERY_TICKS:
+            self._timed(1)
+            return 1
+        if not self.freezing:
+            self.full_found_last = self._timed(2)
+            self.full_passes += 1
+            return 2
+        if self._clock() - self._whole_at >= self._whole_every:
+            self._whole_at = self._clock()
+            gc.unfreeze()
+            started = time.perf_counter()
+            self.whole_found_last = gc.collect(2)
+            self.whole_pause_max_ms = max(self.whole_pause_max_ms,
+                                          (time.perf_counter() - started) * 1e3)
+            self.whole_passes += 1
+        else:
+            self.full_found_last = self._timed(2)
+        gc.freeze()
+        self.full_passes += 1
+        return 2
+
+    def _timed(self, generation: int) -> int:
+        started = time.perf_counter()
+        found = gc.collect(generation)
+        pause_ms = (time.perf_counter() - started) * 1e3
+        self.pause_max_ms[generation] = max(self.pause_max_ms[generation], pause_ms)
+        if generation == 2:
+            self.full_pause_last_ms = pause_ms
+        return found
+
+    @property
+    def frozen(self) -> int:
+        return gc.get_freeze_count()
+
+    def status(self) -> dict:
+        return {"gc_pause_max_ms": [round(x, 2) for x in self.pause_max_ms],
+                "gc_whole_heap_pause_max_ms": round(self.whole_pause_max_ms, 2),
+                "full_collections": self.full_passes, "gc_full_found_last": self.full_found_last,
+                "gc_full_pause_last_ms": None if self.full_pause_last_ms is None
+                else round(self.full_pause_last_ms, 2),
+                "gc_whole_heap_passes": self.whole_passes,
+                "gc_whole_heap_found_last": self.whole_found_last, "gc_frozen": self.frozen}

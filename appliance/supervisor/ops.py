@@ -213,9 +213,8 @@ class Ops:
                 "counters": dict(sup.counters), "tamper": sup.watch.tamper,
                 "rules_skipped": sup.engine.skipped,    # global rules a report could not change
                 "disk_error": sup.store.disk_error,
-                "gc_pause_max_ms": [round(x, 2) for x in sup.gc_pause_max_ms],
+                **sup.collector.status(),
                 "trim_pause_max_ms": round(sup.trim_pause_max_ms, 2),
-                "full_collections": sup.full_collections,
                 "rules_off": self.rules_off(),
                 "notify": sup.notifier.status()}
 
