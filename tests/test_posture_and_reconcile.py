@@ -400,6 +400,61 @@ def test_quarantine_holds_in_nftables_alone_and_keeps_what_restricts(lab, fresh)
         fresh.apply(normal_specs(lab)[0])
 
 
+def test_the_xdp_programs_read_over_netlink_are_what_ip_shows(lab, fresh):
+    """Dataplane._links asks rtnetlink for each interface XDP belongs on (dataplane.links),
+    not `ip -j link show`: the same ids, None once detached, and an interface that is not
+    there left out, which the tamper watch names."""
+    import json as json_
+
+    from appliance.dataplane import links
+    gw = lab.namespaces["gw"]
+
+    def shown() -> dict:
+        out = subprocess.run(["ip", "-j", "-n", gw, "link", "show"], capture_output=True,
+                             text=True, check=True).stdout
+        return {x["ifname"]: x.get("xdp", {}).get("prog", {}).get("id") for x in json_.loads(out)}
+
+    wanted = list(fresh.attached_programs())
+    assert wanted and all(fresh.attached_programs().values())
+    assert fresh.attached_programs() == {i: shown()[i] for i in wanted}
+    probe = links.XdpLinks(gw)
+    try:
+        assert probe.programs([*wanted, "nosuch0"]) == {i: shown()[i] for i in wanted}
+        subprocess.run(["ip", "-n", gw, "link", "set", "dev", wanted[0], "xdp", "off"], check=True)
+        assert probe.programs(wanted)[wanted[0]] is None and shown()[wanted[0]] is None
+        subprocess.run(["ip", "-n", gw, "link", "set", "dev", wanted[0], "down"], check=True)
+        subprocess.run(["ip", "-n", gw, "link", "set", "dev", wanted[0], "name", "gone0"], check=True)
+        assert wanted[0] not in probe.programs(wanted)
+        assert any(f"interface {wanted[0]} is missing" in p for p in fresh.drift())
+    finally:
+        subprocess.run(["ip", "-n", gw, "link", "set", "dev", "gone0", "name", wanted[0]],
+                       capture_output=True)
+        subprocess.run(["ip", "-n", gw, "link", "set", "dev", wanted[0], "up"], check=True)
+        probe.close()
+        probe.close()       # twice: nothing happens
+        assert fresh.reconcile(normal_specs(lab))["reattached"] == [wanted[0]]
+    assert fresh.drift() == []
+
+
+def test_an_rtm_newlink_body_says_which_xdp_program():
+    import struct as struct_
+
+    from appliance.dataplane import links
+    head = struct_.pack("=BxHiII", 0, 1, 7, 0, 0)
+
+    def attr(kind, value):
+        out = struct_.pack("=HH", 4 + len(value), kind) + value
+        return out + bytes(-len(out) % 4)
+    name = attr(links.IFLA_IFNAME, b"dev0\0")
+    xdp = attr(links.IFLA_XDP | 0x8000, attr(links.IFLA_XDP_ATTACHED, b"\x01")
+               + attr(links.IFLA_XDP_PROG_ID, struct_.pack("=I", 1339)))
+    none = attr(links.IFLA_XDP | 0x8000, attr(links.IFLA_XDP_ATTACHED, b"\x00"))
+    assert links.xdp_program(head + name + xdp) == 1339
+    assert links.xdp_program(head + name + none) is None
+    assert links.xdp_program(head + name) is None
+    assert links.xdp_program(head + attr(links.IFLA_XDP, b"\x02\x00")) is None    # cut short
+
+
 def test_zz_a_restart_converges_with_the_table_but_without_the_maps(lab, dp):
     """The faults issue, 3: with the table present but the pinned maps out of sight (as under
     `ip netns exec`, which remounts /sys), `kalki run` exited with "nftables refused device

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.dataplane import bpf, gatepolicy, loader, maps, nft, umbox
+from appliance.dataplane import bpf, gatepolicy, links, loader, maps, nft, umbox
 from appliance.dataplane.names import NameBindings
 from appliance.errors import ConfigError, DataplaneError, UnknownDeviceError
 from appliance.vocab import check_device_name, check_mac
@@ -110,6 +110,7 @@ class Dataplane:
         self._maps: dict[str, bpf.Map] = {}
         self._ring: bpf.RingBuffer | None = None
         self._nft: nft.Nft | None = None
+        self._xdp_links: links.XdpLinks | None = None
         self._devices: dict[str, _Applied] = {}
         # the same devices by MAC, address and id: a posture change of 25 cameras among 1,000
         # devices must not walk all of them 25 times
@@ -237,6 +238,8 @@ class Dataplane:
         self._prog_fds = {}
         if self._nft:
             self._nft.close()
+        if self._xdp_links:
+            self._xdp_links.close()
 
     def destroy(self) -> None:
         """Removes everything this instance put in the kernel (lab teardown)."""
@@ -849,10 +852,11 @@ class Dataplane:
 
     # -- reconcile ------------------------------------------------------------------------
     def _links(self) -> dict[str, int | None]:
-        """{interface: the id of its XDP program or None}, for every interface there is."""
-        cmd = ["ip", "-j", *(["-n", self.namespace] if self.namespace else []), "link", "show"]
-        links = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        return {link["ifname"]: link.get("xdp", {}).get("prog", {}).get("id") for link in links}
+        """{interface XDP belongs on: the id of its XDP program or None}; one that is not
+        there is left out."""
+        if self._xdp_links is None:
+            self._xdp_links = links.XdpLinks(self.namespace)
+        return self._xdp_links.programs(self._attachments().values())
 
     def attached_programs(self) -> dict[str, int | None]:
         by_name = self._links()
