@@ -185,6 +185,9 @@ async def serve(cfg: Config) -> None:
         # whenever an allocation count trips it: collections in the middle of moving 25
         # cameras put milliseconds on the slowest decisions.
         sup.collector = Collector(freezing=True)
+        # The state file is written behind the loop (a crash before the write leaves the
+        # kernel stricter than the file, and the restart keeps the kernel's posture).
+        sup.store.write_behind()
         sup.start_ticker()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

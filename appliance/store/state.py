@@ -219,6 +219,13 @@ class Store:
         """Why the state in memory is not on disk yet, or None when it is."""
         return self._storage.unsaved
 
+    def write_behind(self) -> None:
+        """From now on the state file is written in a worker thread, the newest state each
+        time, while the caller goes on (storage.AtomicJSONStorage): appliance.run's choice for
+        the supervisor's loop. A refused write is `disk_error`, as before. flush() and close()
+        wait for the writer."""
+        self._storage.write_behind = True
+
     def retry_write(self) -> bool:
         """Writes the state kept in memory after a refused write; True when the disk has it."""
         return self._storage.retry()
@@ -228,6 +235,7 @@ class Store:
         every second, with flush_behind(), and at exit; a crash loses at most that much of the
         logs)."""
         if not self._closed:
+            self._storage.settle()
             self._settle()
             self._finish([(log, job) for log in self._logs.values()
                           if (job := log.begin_flush()) is not None], run=True)
