@@ -161,6 +161,36 @@ def test_a_posture_decided_while_the_disk_refuses_is_kept_and_written_later(sup,
     assert any(a["type"] == "disk-error" for a in sup.store.alerts())
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["written on the loop", "written behind"])
+def test_a_disk_error_ends_when_any_write_gets_through(sup, monkeypatch, behind):
+    """The episode ends (told, audited, the LEDs' disk fault off) when the disk takes a write,
+    whether the watch's retry wrote it or the next posture change did: with the state file
+    written behind, the retry steps aside while the writer works, and the writer's success
+    ended nothing, the fault shown for good."""
+    import contextlib
+    import os
+
+    from appliance.errors import StoreError
+    if behind:
+        sup.store.write_behind()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    Ops(sup).posture_set("plug1", "quarantine")
+    with contextlib.suppress(StoreError):       # the writer's turn first; the logs refuse too
+        sup.store.flush()
+    sup.watch.check_disk()
+    assert sup.watch.disk_error and "No space left" in sup.watch.disk_error
+    monkeypatch.undo()                                           # the disk is back
+    Ops(sup).posture_set("plug1", "attack")                      # and this write gets through
+    sup.store.flush()
+    assert sup.store.disk_error is None
+    sup.watch.check_disk()
+    assert sup.watch.disk_error is None
+    assert any(a["event"] == "store-recovered" for a in sup.store.decisions(kind="audit"))
+
+
 def test_reconcile_keeps_a_stricter_posture_the_kernel_holds(tmp_path):
     """The faults issue, 4: where the kernel holds a stricter posture than the store (a write
     lost with a crash), a restart keeps the kernel's, records why and tells the operator."""

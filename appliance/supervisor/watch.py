@@ -30,15 +30,20 @@ class Watch:
         sup = self._sup
         error = sup.store.disk_error
         if error is None:
+            if self.disk_error is not None:     # a later write got through, not the retry
+                self._disk_back(self.disk_error)
             return
         if self.disk_error is None:     # told once an episode, even if the next retry succeeds
             self.disk_error = error
             log.error("store: %s; the state is kept in memory and retried every second", error)
             sup.raise_alert(None, "disk-error", "supervisor", {"error": error}, time.monotonic_ns())
         if sup.store.retry_write():
-            log.warning("store: the state is on disk again after: %s", error)
-            sup.store.audit("store-recovered", "supervisor", {"error": error})
-            self.disk_error = None
+            self._disk_back(error)
+
+    def _disk_back(self, error: str) -> None:
+        log.warning("store: the state is on disk again after: %s", error)
+        self._sup.store.audit("store-recovered", "supervisor", {"error": error})
+        self.disk_error = None
 
     async def kernel_behind(self) -> list[str]:
         """check_kernel() without holding the loop: the kernel is read in a worker thread, and
