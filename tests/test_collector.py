@@ -58,6 +58,8 @@ def test_a_full_pass_freezes_what_survived_and_the_whole_heap_pass_finds_what_hi
     st = r["status"]
     assert st["full_collections"] == 3 and st["gc_whole_heap_passes"] == 1
     assert st["gc_whole_heap_found_last"] >= 2 and st["gc_frozen"] > 1000
+    assert st["gc_whole_heap_pause_max_ms"] > 0       # timed, and kept apart from the full passes
+    assert st["gc_full_pause_last_ms"] is not None
 
 
 def test_without_freezing_every_full_pass_is_over_the_whole_heap():

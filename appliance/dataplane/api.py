@@ -880,14 +880,14 @@ class Dataplane:
                 if not os.path.exists(f"{self.pin_dir}/{n}")]
         if gone:
             problems.append(f"pinned objects missing under {self.pin_dir}: {', '.join(gone)}")
-        links = self._links()
+        programs = self._links()
         for prog, ifname in self._attachments().items():
-            if ifname not in links:
+            if ifname not in programs:
                 problems.append(f"interface {ifname} is missing: its XDP program is attached "
                                 "again as soon as it is back")
-            elif links[ifname] != self._prog_ids.get(prog):
+            elif programs[ifname] != self._prog_ids.get(prog):
                 problems.append(f"XDP program {prog} is not attached to {ifname} "
-                                f"(attached: {links[ifname]})")
+                                f"(attached: {programs[ifname]})")
         nft_ = self._loaded_nft()
         if not nft_.untouched():
             generation = nft_.generation()
@@ -962,10 +962,11 @@ class Dataplane:
         specs = [w.checked() for w in wanted]
         compiled = {s.name: self._compile_now(s) for s in specs}
         pinned = self.pinned_program_ids()
-        links = self._links()
+        programs = self._links()
         # (an interface that is not there cannot take XDP: it is attached when it is back)
-        missing = {p: i for p, i in self._attachments().items() if i in links and links[i] != pinned[i]}
-        report["absent"] = [i for i in self._attachments().values() if i not in links]
+        missing = {p: i for p, i in self._attachments().items()
+                   if i in programs and programs[i] != pinned[i]}
+        report["absent"] = [i for i in self._attachments().values() if i not in programs]
         if missing:
             loader.run_child(self.pin_dir, missing, self.namespace, only_reattach=True)
             report["reattached"] = sorted(missing.values())
