@@ -105,3 +105,33 @@ def test_a_run_of_slots_is_read_in_one_call_as_lookups_see_it(slots, monkeypatch
     assert not empty(got[0])                        # filled(): not a run of empty slots
     monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
     assert slots.slots(first, SLOTS) is None
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batch", "no batch in the kernel"])
+def test_a_sparse_arrays_entries_are_read_in_one_call_and_the_same_without_batches(monkeypatch,
+                                                                                    batches):
+    """kalki_devices' present entries (what a Dataplane reads before its first apply): one
+    batch lookup, no key-by-key walk over the free slots; the walk where the kernel refuses
+    batches, with the same keys and values."""
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, maps.Device, 256, 0, "kalki_test")
+    devices = bpf.Map("test map", ctypes.c_uint32, maps.Device, fd=fd)
+    try:
+        assert devices.sparse
+        for k in (1, 7, 255):
+            devices.update(ctypes.c_uint32(k), maps.Device(flags=int(maps.Flag.PRESENT), posture=k % 5 + 1,
+                                                           allow_id=k))
+        calls = []
+        real = bpf._bpf
+        monkeypatch.setattr(bpf, "_bpf", lambda cmd, *a: (calls.append(cmd), real(cmd, *a))[1])
+        if not batches:
+            monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
+        keys = [k.value for k in devices.keys()]
+        items = {k.value: (v.posture, v.allow_id) for k, v in devices.items()}
+        assert keys == [1, 7, 255]
+        assert items == {1: (2, 1), 7: (3, 7), 255: (1, 255)}
+        if batches:
+            assert calls == [bpf.BPF_MAP_LOOKUP_BATCH] * 2
+        else:       # a key and a lookup per slot, each walk
+            assert len(calls) > 2 * 256
+    finally:
+        devices.close()

@@ -372,18 +372,18 @@ class Dataplane:
                 for k in self._maps["kalki_dev_by_mac"].keys()}
 
     def _free_id(self) -> int:
-        used = set(self._name_by_id)
-        used |= {k.value for k in self._maps["kalki_devices"].keys()} if self._stale_ids else set()
-        self._stale_ids = False
-        used |= self._used_ids
-        self._used_ids = used
+        # Asked of the sets as they are: copying them made each new device cost O(devices).
+        if self._stale_ids:
+            self._used_ids |= {k.value for k in self._maps["kalki_devices"].keys()}
+            self._stale_ids = False
+        used, named = self._used_ids, self._name_by_id
         slots = self._maps["kalki_devices"].max_entries
         for i in range(max(1, self._next_id_hint), slots):
-            if i not in used:
+            if i not in used and i not in named:
                 self._next_id_hint = i + 1
                 return i
         for i in range(1, slots):
-            if i not in used:
+            if i not in used and i not in named:
                 return i
         raise DataplaneError(f"no free device slot: the data path holds {slots - 1} devices "
                              f"(KALKI_MAX_DEVICES {slots}, slot 0 is the unknown device)")

@@ -342,7 +342,24 @@ class Map:
             raise DataplaneError(str(e)) from e
         return True
 
+    def _present(self) -> list | None:
+        """A sparse array's entries that are not empty, as (key, value), with one
+        BPF_MAP_LOOKUP_BATCH: walking its 4,096 slots a key and a lookup at a time made a
+        Dataplane's first apply take 64 ms (8,195 system calls). None where the kernel has
+        no batch lookups for the map."""
+        values = self.first_values(self.max_entries)
+        if values is None:
+            return None
+        size = ctypes.sizeof(self.value_type)
+        raw, empty = bytes(values), bytes(size)
+        return [(self.key_type(i), self.value_type.from_buffer_copy(raw, i * size))
+                for i in range(len(values)) if raw[i * size:(i + 1) * size] != empty]
+
     def keys(self):
+        present = self._present() if self.sparse else None
+        if present is not None:
+            yield from (k for k, _ in present)
+            return
         key = None
         while True:
             nxt = self.key_type()
@@ -359,6 +376,10 @@ class Map:
             key = nxt
 
     def items(self):
+        present = self._present() if self.sparse else None
+        if present is not None:
+            yield from present
+            return
         for k in list(self.keys()):
             v = self.lookup(k)
             if v is not None:
