@@ -88,8 +88,12 @@ async def try_login(entry: dict, address: str) -> dict:
     """One entry, one try, within TRY_SECONDS; never raises for what the device does."""
     progress = _Progress()
     tries = {"telnet": _telnet, "http_basic": _http_basic, "http_form": _http_form}
+    # asyncio.timeout, not wait_for, here and in _connect: wait_for's frame keeps the task
+    # that holds a failure, whose traceback keeps that frame, a cycle per refused port
+    # (tests/test_failure_garbage.py); a site's first check of its devices is thousands.
     try:
-        return await asyncio.wait_for(tries[entry["service"]](entry, address, progress), TRY_SECONDS)
+        async with asyncio.timeout(TRY_SECONDS):
+            return await tries[entry["service"]](entry, address, progress)
     except Unreachable as e:
         return result(entry, "unreachable", str(e))
     except TimeoutError:
@@ -115,8 +119,8 @@ def _timed_out(entry: dict, progress: _Progress) -> dict:
 
 async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        return await asyncio.wait_for(asyncio.open_connection(address, port, limit=READ_LIMIT),
-                                      CONNECT_SECONDS)
+        async with asyncio.timeout(CONNECT_SECONDS):
+            return await asyncio.open_connection(address, port, limit=READ_LIMIT)
     except TimeoutError:
         raise Unreachable(f"port {port}: no answer within {CONNECT_SECONDS:g} s") from None
     except OSError as e:

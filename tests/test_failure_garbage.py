@@ -1,9 +1,10 @@
-"""A failed poll leaves no exception, traceback, frame or task for the collector. A light that
-is unplugged or refuses is polled again and again (backing off to a minute); each failure used
-to leave them in a cycle: 55 objects a poll, about 1,500 every 15 s at 1,000 devices
-(bench_supervisor), which the supervisor's full collections then walked. (Python 3.11's
-selector transport keeps a bound method of itself: 8 small objects per connection made,
-answered or not, which this project cannot break without reaching into asyncio.)
+"""A failed poll or login try leaves no exception, traceback, frame or task for the collector.
+A light that is unplugged or refuses is polled again and again (backing off to a minute), and
+the default-login check tries every port of every new device; each failure used to leave them
+in a cycle: 55 objects a poll, about 1,500 every 15 s at 1,000 devices (bench_supervisor),
+which the supervisor's full collections then walked. (Python 3.11's selector transport keeps
+a bound method of itself: 8 small objects per connection made, answered or not, which this
+project cannot break without reaching into asyncio.)
 
 Real sockets on loopback only: a port nobody listens on, a listener that never answers, one
 that answers an error status."""
@@ -16,6 +17,7 @@ import threading
 
 import pytest
 
+from appliance.supervisor import logins
 from appliance.telemetry import adapters
 
 POLLS = 5
@@ -79,21 +81,17 @@ def error_server():
 HEAVY = ("frame", "traceback", "Task", "Future", "coroutine", "Context")
 
 
-def garbage_after_failed_polls(monkeypatch, port: int) -> tuple[dict, Device]:
-    real = adapters.http
-    monkeypatch.setattr(adapters, "http", lambda method, ip, path, body=None, port_=80:
-                        real(method, ip, path, body, port=port))
-    monkeypatch.setattr(adapters, "TIMEOUT", 0.05)
-    device = Device()
+def garbage_after(step) -> dict:
+    """{kind: count} of the heavy objects the collector finds after POLLS runs of step()."""
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(device.adapter._poll_one("light1"))     # warm: first-use caches
+        loop.run_until_complete(step())     # warm: first-use caches
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)      # what a pass finds is kept in gc.garbage to be named
         try:
             for _ in range(POLLS):
-                loop.run_until_complete(device.adapter._poll_one("light1"))
+                loop.run_until_complete(step())
             gc.collect()
             found: dict[str, int] = {}
             for o in gc.garbage:
@@ -106,15 +104,39 @@ def garbage_after_failed_polls(monkeypatch, port: int) -> tuple[dict, Device]:
             gc.enable()
     finally:
         loop.close()
-    return found, device
+    return found
+
+
+def port_of(kind: str, request) -> int:
+    return {"refused": free_port,
+            "timed out": lambda: request.getfixturevalue("silent_listener"),
+            "error status": lambda: request.getfixturevalue("error_server")}[kind]()
 
 
 @pytest.mark.parametrize("kind", ["refused", "timed out", "error status"])
 def test_a_failed_poll_leaves_no_cycle_and_the_light_is_offline(monkeypatch, kind, request):
-    port = {"refused": free_port,
-            "timed out": lambda: request.getfixturevalue("silent_listener"),
-            "error status": lambda: request.getfixturevalue("error_server")}[kind]()
-    found, device = garbage_after_failed_polls(monkeypatch, port)
+    port = port_of(kind, request)
+    real = adapters.http
+    monkeypatch.setattr(adapters, "http", lambda method, ip, path, body=None, port_=80:
+                        real(method, ip, path, body, port=port))
+    monkeypatch.setattr(adapters, "TIMEOUT", 0.05)
+    device = Device()
+    found = garbage_after(lambda: device.adapter._poll_one("light1"))
     assert device.availability and set(device.availability) == {"offline"}
     assert device.adapter._failures["light1"] == POLLS + 1
     assert found == {}, f"in cycles after {POLLS} failed polls ({kind}): {found}"
+
+
+@pytest.mark.parametrize("service", ["telnet", "http_form"])
+@pytest.mark.parametrize("kind", ["refused", "timed out"])
+def test_a_failed_login_try_leaves_no_cycle(monkeypatch, kind, service, request):
+    port = port_of(kind, request)
+    monkeypatch.setattr(logins, "TRY_SECONDS", 0.05)
+    outcomes = []
+
+    async def step():
+        outcomes.append((await logins.try_login({"service": service, "port": port, "user": "admin",
+                                                 "password": "admin", "path": "/"}, "127.0.0.1"))["outcome"])
+    found = garbage_after(step)
+    assert set(outcomes) == {"unreachable" if kind == "refused" else "inconclusive"}
+    assert found == {}, f"in cycles after {POLLS} failed tries ({kind}, {service}): {found}"
