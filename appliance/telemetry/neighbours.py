@@ -1,9 +1,14 @@
 """Devices appear in the gateway's neighbour table when they first talk to it: a netlink socket
 subscribed to neighbour events, read on the loop (no thread), and one dump of the table at
-start. Each neighbour in the LAN is reported through `on_seen(mac, ip)`."""
+start. Each neighbour in the LAN is reported through `on_seen(mac, ip)`.
+
+When more events come at once than the socket holds (a site's devices all powered on together),
+the kernel drops the rest and says so once (ENOBUFS): the table is read again whole, so a device
+seen or moved meanwhile is still reported. The buffer is made large enough that it is rare."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
@@ -17,8 +22,12 @@ from appliance.errors import KalkiError
 log = logging.getLogger("kalki.neighbours")
 
 RTMGRP_NEIGH = 0x4
+# 1 MB: about 8,000 events of 120 bytes (the default, 208 KB, held the events of a
+# 1,000-device lab's start only in part: bench_supervisor met ENOBUFS four times)
+RECEIVE_BUFFER = 1 << 20
 RTM_NEWNEIGH = 28
 NDA_DST, NDA_LLADDR = 1, 2
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def parse_neighbour(body: bytes):
@@ -53,6 +62,7 @@ class NeighbourMonitor:
         self._loop = loop
         self._sock: socket.socket | None = None
         self._ifindex = 0
+        self.overflows = 0      # times the kernel dropped events, each followed by a full read
 
     def start(self) -> None:
         try:
@@ -63,11 +73,23 @@ class NeighbourMonitor:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
         sock.bind((0, RTMGRP_NEIGH))
+        try:        # as root, past net.core.rmem_max
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._readable)
+        self._read_table()
+
+    def _read_table(self) -> None:
         out = subprocess.run(["ip", "-j", "neigh", "show", "dev", self.ifname],
                              capture_output=True, text=True)
-        for n in json.loads(out.stdout or "[]"):
+        try:
+            table = json.loads(out.stdout or "[]")
+        except ValueError:
+            log.warning("neighbour monitor: ip neigh show gave no table: %s", out.stderr.strip())
+            return
+        for n in table:
             self._seen(n.get("lladdr"), n.get("dst"))
 
     def close(self) -> None:
@@ -88,6 +110,15 @@ class NeighbourMonitor:
         try:
             data = self._sock.recv(65536)
         except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                log.warning("neighbour monitor: reading %s's events: %s", self.ifname, e.strerror)
+                return
+            self.overflows += 1
+            log.warning("neighbour monitor: the kernel dropped events on %s (more at once than "
+                        "the socket holds): reading the whole table again", self.ifname)
+            self._read_table()
             return
         offset = 0
         while offset + 16 <= len(data):

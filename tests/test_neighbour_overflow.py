@@ -1,0 +1,77 @@
+"""The neighbour monitor when more events come at once than its socket holds: the kernel drops
+the rest and says ENOBUFS once; the monitor reads the whole table again, so every device is
+still reported. Real netlink in a namespace of the test's own, 198.18.200.0/23 on a veth."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import subprocess
+
+import pytest
+
+from appliance import netns
+from appliance.telemetry.neighbours import NeighbourMonitor
+
+pytestmark = pytest.mark.lab
+
+NEIGHBOURS = 300
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@pytest.fixture
+def namespace(run_suffix):
+    name = f"kt-nb{run_suffix}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        sh("ip", "-n", name, "addr", "add", "198.18.200.1/23", "dev", "v0")
+        sh("ip", "-n", name, "link", "set", "v0", "up")
+        sh("ip", "-n", name, "link", "set", "v1", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def neighbours() -> dict[str, str]:
+    base = int(ipaddress.IPv4Address("198.18.200.10"))
+    return {f"02:4e:00:00:{i // 256:02x}:{i % 256:02x}": str(ipaddress.IPv4Address(base + i))
+            for i in range(NEIGHBOURS)}
+
+
+def seen_after_a_burst(namespace: str, shrink: bool) -> tuple[dict, NeighbourMonitor]:
+    wanted = neighbours()
+    assert len(set(wanted.values())) == NEIGHBOURS
+    seen: dict[str, str] = {}
+    with netns.entered(namespace):
+        loop = asyncio.new_event_loop()
+        monitor = NeighbourMonitor("v0", "198.18.200.0/23", lambda mac, ip: seen.__setitem__(mac, ip),
+                                   loop)
+        try:
+            monitor.start()
+            assert monitor._sock is not None
+            if shrink:      # the smallest buffer the kernel allows: the burst cannot fit
+                monitor._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+            batch = "".join(f"neigh add {ip} lladdr {mac} dev v0 nud permanent\n"
+                            for mac, ip in wanted.items())
+            subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+            loop.run_until_complete(asyncio.sleep(0.3))      # the loop reads what came
+        finally:
+            monitor.close()
+            loop.close()
+    return seen, monitor
+
+
+def test_a_burst_larger_than_the_socket_is_read_again_whole(namespace):
+    seen, monitor = seen_after_a_burst(namespace, shrink=True)
+    assert seen == neighbours()
+    assert monitor.overflows >= 1
+
+
+def test_the_monitor_s_own_buffer_holds_a_burst(namespace):
+    seen, monitor = seen_after_a_burst(namespace, shrink=False)
+    assert seen == neighbours()
+    assert monitor.overflows == 0
