@@ -143,18 +143,20 @@ def _logins_checked(value, what: str) -> dict:
     value = _json(value, what)
     if not isinstance(value, dict) or len(json.dumps(value)) > 8192:
         raise StoreError(f"{what}: expected a table of at most 8 KB")
-
-    def no_password(x, where: str) -> None:
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if "password" in str(k).lower():
-                    raise StoreError(f"{where}: holds a password ({k!r}); the check records none")
-                no_password(v, f"{where}.{k}")
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                no_password(v, f"{where}[{i}]")
-    no_password(value, what)
+    _no_password(value, what)
     return value
+
+
+def _no_password(x, where: str) -> None:
+    # (a function of the module: a recursive closure is a cycle each time it is made)
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if "password" in str(k).lower():
+                raise StoreError(f"{where}: holds a password ({k!r}); the check records none")
+            _no_password(v, f"{where}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _no_password(v, f"{where}[{i}]")
 
 
 def _plain(doc) -> dict:

@@ -90,7 +90,7 @@ async def try_login(entry: dict, address: str) -> dict:
     tries = {"telnet": _telnet, "http_basic": _http_basic, "http_form": _http_form}
     # asyncio.timeout, not wait_for, here and in _connect: wait_for's frame keeps the task
     # that holds a failure, whose traceback keeps that frame, a cycle per refused port
-    # (tests/test_failure_garbage.py); a site's first check of its devices is thousands.
+    # (tests/test_garbage.py); a site's first check of its devices is thousands.
     try:
         async with asyncio.timeout(TRY_SECONDS):
             return await tries[entry["service"]](entry, address, progress)

@@ -38,7 +38,7 @@ async def http(method: str, ip: str, path: str, body: dict | None = None, port: 
     payload = json.dumps(body).encode() if body is not None else b""
     # asyncio.timeout, not wait_for: wait_for's frame keeps the task that holds a failure,
     # and the failure's traceback keeps that frame, a cycle for the collector per failed poll
-    # (55 objects: frames, tracebacks, tasks; tests/test_failure_garbage.py).
+    # (55 objects: frames, tracebacks, tasks; tests/test_garbage.py).
     async with asyncio.timeout(TIMEOUT):
         reader, writer = await asyncio.open_connection(ip, port)
     try:
