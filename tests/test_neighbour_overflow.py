@@ -4,9 +4,11 @@ still reported. Real netlink in a namespace of the test's own, 198.18.200.0/23 o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -36,15 +38,28 @@ def namespace(run_suffix):
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def neighbours() -> dict[str, str]:
+def neighbours(first: int = 0, count: int = NEIGHBOURS) -> dict[str, str]:
     base = int(ipaddress.IPv4Address("198.18.200.10"))
     return {f"02:4e:00:00:{i // 256:02x}:{i % 256:02x}": str(ipaddress.IPv4Address(base + i))
-            for i in range(NEIGHBOURS)}
+            for i in range(first, first + count)}
 
 
-def seen_after_a_burst(namespace: str, shrink: bool) -> tuple[dict, NeighbourMonitor]:
-    wanted = neighbours()
-    assert len(set(wanted.values())) == NEIGHBOURS
+def add(wanted: dict[str, str]) -> None:
+    batch = "".join(f"neigh add {ip} lladdr {mac} dev v0 nud permanent\n" for mac, ip in wanted.items())
+    subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+
+
+def until_seen(loop, seen: dict, wanted: dict, seconds: float = 5.0) -> None:
+    async def wait():
+        deadline = time.monotonic() + seconds
+        while seen != wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    loop.run_until_complete(wait())
+
+
+@contextlib.contextmanager
+def monitor_in(namespace: str, shrink: bool):
+    """A started monitor in the namespace (the test runs in it meanwhile), what it reported."""
     seen: dict[str, str] = {}
     with netns.entered(namespace):
         loop = asyncio.new_event_loop()
@@ -53,25 +68,38 @@ def seen_after_a_burst(namespace: str, shrink: bool) -> tuple[dict, NeighbourMon
         try:
             monitor.start()
             assert monitor._sock is not None
-            if shrink:      # the smallest buffer the kernel allows: the burst cannot fit
+            if shrink:      # the smallest buffer the kernel allows: a burst cannot fit
                 monitor._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-            batch = "".join(f"neigh add {ip} lladdr {mac} dev v0 nud permanent\n"
-                            for mac, ip in wanted.items())
-            subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
-            loop.run_until_complete(asyncio.sleep(0.3))      # the loop reads what came
+            yield monitor, seen, loop
         finally:
             monitor.close()
             loop.close()
-    return seen, monitor
 
 
 def test_a_burst_larger_than_the_socket_is_read_again_whole(namespace):
-    seen, monitor = seen_after_a_burst(namespace, shrink=True)
-    assert seen == neighbours()
-    assert monitor.overflows >= 1
+    with monitor_in(namespace, shrink=True) as (monitor, seen, loop):
+        add(neighbours())
+        until_seen(loop, seen, neighbours())
+        assert seen == neighbours()
+        assert monitor.overflows >= 1
+
+
+def test_events_after_an_overflow_are_kept(namespace):
+    """The socket drops every event without a word until its queue is empty: a burst that
+    comes after the overflow was seen, while the queue still held the first, is reported too."""
+    first, second = neighbours(0, 150), neighbours(150, 150)
+    with monitor_in(namespace, shrink=True) as (monitor, seen, loop):
+        add(first)
+        monitor._readable()         # the overflow said, the queue still full
+        assert monitor.overflows == 1
+        add(second)
+        until_seen(loop, seen, {**first, **second})
+        assert seen == {**first, **second}
 
 
 def test_the_monitor_s_own_buffer_holds_a_burst(namespace):
-    seen, monitor = seen_after_a_burst(namespace, shrink=False)
-    assert seen == neighbours()
-    assert monitor.overflows == 0
+    with monitor_in(namespace, shrink=False) as (monitor, seen, loop):
+        add(neighbours())
+        until_seen(loop, seen, neighbours())
+        assert seen == neighbours()
+        assert monitor.overflows == 0

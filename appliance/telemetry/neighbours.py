@@ -25,6 +25,7 @@ RTMGRP_NEIGH = 0x4
 # 1 MB: about 8,000 events of 120 bytes (the default, 208 KB, held the events of a
 # 1,000-device lab's start only in part: bench_supervisor met ENOBUFS four times)
 RECEIVE_BUFFER = 1 << 20
+DRAIN_AT_ONCE = 256     # messages thrown away per loop turn after an overflow
 RTM_NEWNEIGH = 28
 NDA_DST, NDA_LLADDR = 1, 2
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -63,6 +64,7 @@ class NeighbourMonitor:
         self._sock: socket.socket | None = None
         self._ifindex = 0
         self.overflows = 0      # times the kernel dropped events, each followed by a full read
+        self._resync = False    # emptying the queue after an overflow, the table read next
 
     def start(self) -> None:
         try:
@@ -107,6 +109,9 @@ class NeighbourMonitor:
 
     def _readable(self) -> None:
         assert self._sock is not None
+        if self._resync:
+            self._resync_step()
+            return
         try:
             data = self._sock.recv(65536)
         except BlockingIOError:
@@ -118,8 +123,34 @@ class NeighbourMonitor:
             self.overflows += 1
             log.warning("neighbour monitor: the kernel dropped events on %s (more at once than "
                         "the socket holds): reading the whole table again", self.ifname)
-            self._read_table()
+            self._resync = True
+            self._resync_step()
             return
+        self._handle(data)
+
+    def _resync_step(self) -> None:
+        """Empties the socket's queue, then reads the table. The socket stays congested,
+        dropping every new event without a word, until its queue is empty; and what the queue
+        holds is older than the table. At most DRAIN_AT_ONCE messages a loop turn: the
+        reader is called again while more wait."""
+        assert self._sock is not None
+        for _ in range(DRAIN_AT_ONCE):
+            try:
+                self._sock.recv(65536)
+            except BlockingIOError:
+                self._resync = False
+                self._read_table()
+                return
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overflows += 1
+                    continue
+                log.warning("neighbour monitor: reading %s's events: %s", self.ifname, e.strerror)
+                self._resync = False
+                self._read_table()
+                return
+
+    def _handle(self, data: bytes) -> None:
         offset = 0
         while offset + 16 <= len(data):
             length, kind = struct.unpack_from("=IH", data, offset)
