@@ -357,9 +357,10 @@ class Map:
 
     def keys(self):
         present = self._present() if self.sparse else None
-        if present is not None:
-            yield from (k for k, _ in present)
-            return
+        yield from ((k for k, _ in present) if present is not None else self._walk_keys())
+
+    def _walk_keys(self):
+        """Key after key (BPF_MAP_GET_NEXT_KEY); a sparse array's empty slots left out."""
         key = None
         while True:
             nxt = self.key_type()
@@ -380,7 +381,7 @@ class Map:
         if present is not None:
             yield from present
             return
-        for k in list(self.keys()):
+        for k in list(self._walk_keys()):
             v = self.lookup(k)
             if v is not None:
                 yield k, v

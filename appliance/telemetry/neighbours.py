@@ -138,17 +138,17 @@ class NeighbourMonitor:
             try:
                 self._sock.recv(65536)
             except BlockingIOError:
-                self._resync = False
-                self._read_table()
-                return
+                break       # empty
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     self.overflows += 1
                     continue
                 log.warning("neighbour monitor: reading %s's events: %s", self.ifname, e.strerror)
-                self._resync = False
-                self._read_table()
-                return
+                break
+        else:
+            return          # more wait
+        self._resync = False
+        self._read_table()
 
     def _handle(self, data: bytes) -> None:
         offset = 0
