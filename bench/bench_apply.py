@@ -57,7 +57,9 @@ def compile_runs() -> list[dict]:
 
 
 def reconcile(lab, wanted, loads) -> None:
-    dp2 = dataplane.Dataplane.open(lab.name, lab.namespaces["gw"], topology.gateway_settings(lab))
+    # (lab(in_gateway=True) keeps this thread in the gateway's namespace)
+    dp2 = dataplane.Dataplane.open(lab.name, None if common.IN_GATEWAY else lab.namespaces["gw"],
+                                   topology.gateway_settings(lab))
     try:
         t0 = time.perf_counter()
         rep = dp2.reconcile(wanted)
@@ -74,7 +76,8 @@ def main() -> int:
     assert "bcc" not in sys.modules
     loads = common.Loads()
     top = max(DEVICES, DEVICES_MAX)
-    with common.lab("ap", devices=2) as (lab, dp):
+    common.emit_where(BENCH)
+    with common.lab("ap", devices=2, in_gateway=common.IN_GATEWAY) as (lab, dp):
         wanted = specs(lab, top)
         rss_before = common.vm_status()
         per: list[float] = []

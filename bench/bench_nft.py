@@ -33,6 +33,7 @@ import time
 import common
 from common import emit, median, percentile
 
+from appliance import netns
 from appliance.dataplane import nft as nftmod
 
 BENCH = "nft"
@@ -136,11 +137,11 @@ def syscall_cost(busy_s: float, n: int = 30) -> tuple[list[float], list[float]]:
     return hot, first
 
 
-def old_layout(ns: str, size: int) -> list[float]:
-    """A chain per device in a table of its own (kbench_old), as nft.py had it until stop 18."""
+def old_layout(ns: str | None, size: int) -> list[float]:
+    """A chain per device in a table of its own (kbench_old), as nft.py had it until stop 18;
+    ns None: in this thread's namespace, as sized() uses the new layout."""
     import nftables
 
-    from appliance import netns
     with netns.entered(ns):
         lib = nftables.Nftables()
     t = {"family": "inet", "table": "kbench_old"}
@@ -179,7 +180,50 @@ def old_layout(ns: str, size: int) -> list[float]:
         run([{"delete": {"table": {"family": "inet", "name": "kbench_old"}}}])
 
 
+def sized(ns: str, size: int, camera_size: int, results: dict) -> None:
+    """One table size's figures, in `ns`. With KALKI_BENCH_IN_GATEWAY (the default) this
+    thread is inside `ns` already and libnftables is used as the appliance uses it (namespace
+    None: no setns(2) around each transaction)."""
+    where = None if common.IN_GATEWAY else ns
+    nf = nftmod.Nft(where, "dev0", "198.18.0.1", 8181)
+    nf.ensure_table()
+    state = fill(nf, size)
+    one = timed(flip(nf, state, [0], [False]), CHANGES)
+    cams = timed(flip(nf, state, list(range(min(25, size))), [False]), max(20, CHANGES // 5))
+    old = old_layout(where, size)
+    if size == camera_size:
+        hot, after_idle = [], []
+        for _ in range(2):      # interleaved
+            hot += camera_attack(nf, state, 0)
+            after_idle += camera_attack(nf, state, 0.3)
+        for name, xs in (("camera_attack_hot", hot), ("camera_attack_after_idle", after_idle)):
+            emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
+                 p99=round(percentile(xs, 99), 3), load=round(load(), 2))
+        mac, ip = device(0)
+        attack = nf.plan(0, mac, ip, None, None, state[0], quarantine=True, deception=True)
+        emit(BENCH, "camera_attack_commands", len(nftmod.merged(attack[0])) if attack else 0,
+             "commands", devices=size, what="element commands in the timed transaction")
+        emit(BENCH, "camera_attack_after_idle_over_hot_p50",
+             round(median(after_idle) / median(hot), 2), "ratio", devices=size,
+             load=round(load(), 2), what="the same transaction after 0.3 s asleep / back to back")
+        sys_hot, sys_first = syscall_cost(0.05)
+        emit(BENCH, "syscall_hot_us", round(median(sys_hot), 2), "us", n=len(sys_hot),
+             load=round(load(), 2), what="getppid() right after another")
+        emit(BENCH, "syscall_first_after_busy_us", round(median(sys_first), 2), "us",
+             n=len(sys_first), p90=round(percentile(sys_first, 90), 2), load=round(load(), 2),
+             what="the first getppid() after 50 ms of Python without a system call")
+    results[size] = {"posture_change": one, "cameras_25": cams, "old_layout": old}
+    for name, xs in results[size].items():
+        emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
+             load=round(load(), 2))
+        emit(BENCH, f"{name}_p99", round(percentile(xs, 99), 3), "ms", devices=size,
+             n=len(xs), load=round(load(), 2))
+    emit(BENCH, "old_over_new_p50", round(median(old) / median(one), 1), "ratio",
+         devices=size, load=round(load(), 2))
+
+
 def main() -> None:
+    common.emit_where(BENCH)
     common.install_signal_handlers()
     results: dict[int, dict[str, list[float]]] = {}
     camera_size = max([s for s in SIZES if s <= 1000] or [min(SIZES)])
@@ -189,41 +233,8 @@ def main() -> None:
         try:
             subprocess.run(["ip", "-n", ns, "link", "add", "dev0", "type", "veth", "peer", "name",
                             "dev0p"], check=True)
-            nf = nftmod.Nft(ns, "dev0", "198.18.0.1", 8181)
-            nf.ensure_table()
-            state = fill(nf, size)
-            one = timed(flip(nf, state, [0], [False]), CHANGES)
-            cams = timed(flip(nf, state, list(range(min(25, size))), [False]), max(20, CHANGES // 5))
-            old = old_layout(ns, size)
-            if size == camera_size:
-                hot, after_idle = [], []
-                for _ in range(2):      # interleaved
-                    hot += camera_attack(nf, state, 0)
-                    after_idle += camera_attack(nf, state, 0.3)
-                for name, xs in (("camera_attack_hot", hot), ("camera_attack_after_idle", after_idle)):
-                    emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
-                         p99=round(percentile(xs, 99), 3), load=round(load(), 2))
-                mac, ip = device(0)
-                attack = nf.plan(0, mac, ip, None, None, state[0], quarantine=True, deception=True)
-                emit(BENCH, "camera_attack_commands", len(nftmod.merged(attack[0])) if attack else 0,
-                     "commands", devices=size, what="element commands in the timed transaction")
-                emit(BENCH, "camera_attack_after_idle_over_hot_p50",
-                     round(median(after_idle) / median(hot), 2), "ratio", devices=size,
-                     load=round(load(), 2), what="the same transaction after 0.3 s asleep / back to back")
-                sys_hot, sys_first = syscall_cost(0.05)
-                emit(BENCH, "syscall_hot_us", round(median(sys_hot), 2), "us", n=len(sys_hot),
-                     load=round(load(), 2), what="getppid() right after another")
-                emit(BENCH, "syscall_first_after_busy_us", round(median(sys_first), 2), "us",
-                     n=len(sys_first), p90=round(percentile(sys_first, 90), 2), load=round(load(), 2),
-                     what="the first getppid() after 50 ms of Python without a system call")
-            results[size] = {"posture_change": one, "cameras_25": cams, "old_layout": old}
-            for name, xs in results[size].items():
-                emit(BENCH, f"{name}_p50", round(median(xs), 3), "ms", devices=size, n=len(xs),
-                     load=round(load(), 2))
-                emit(BENCH, f"{name}_p99", round(percentile(xs, 99), 3), "ms", devices=size,
-                     n=len(xs), load=round(load(), 2))
-            emit(BENCH, "old_over_new_p50", round(median(old) / median(one), 1), "ratio",
-                 devices=size, load=round(load(), 2))
+            with netns.entered(ns if common.IN_GATEWAY else None):
+                sized(ns, size, camera_size, results)
         finally:
             subprocess.run(["ip", "netns", "del", ns])
     big = max(results)

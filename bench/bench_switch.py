@@ -118,9 +118,9 @@ class KernelProbe:
         return out
 
     def _hooked(self, *args, **kw):
-        self._orig(*args, **kw)
+        entry = self._orig(*args, **kw)
         if self.want is None:
-            return
+            return entry
         mono, run, fd, pkt, want = time.monotonic_ns, bpf.prog_test_run, self.fd, self.packet, self.want
         written = mono()
         runs, t = 0, written
@@ -132,6 +132,7 @@ class KernelProbe:
                 break
         in_force = runs < MAX_RUNS or verdict == want
         self.result = (written - self.t0, (t - self.t0) if in_force else None, runs, t - written)
+        return entry
 
     def verdict(self) -> int:
         return bpf.prog_test_run(self.fd, self.packet, 1)[0]
@@ -254,7 +255,9 @@ def main() -> int:
     quarantine = {"quarantine": {"management": True}}
     variants = {"profile": camera_normal, "xdp_only": xdp_only}
     loads = common.Loads()
-    with common.lab("sw", devices=1) as (lab, dp), tempfile.TemporaryDirectory() as tmp:
+    common.emit_where(BENCH)
+    with common.lab("sw", devices=1, in_gateway=common.IN_GATEWAY) as (lab, dp), \
+            tempfile.TemporaryDirectory() as tmp:
         dev = lab.devices[0]
         gw = lab.namespaces["gw"]
         dp.apply(dataplane.DeviceSpec(dev.name, dev.mac, dev.ip, camera_normal))

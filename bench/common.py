@@ -27,11 +27,15 @@ for p in (str(ROOT), str(ROOT / "tests")):
 
 from labutil import tcp_syn, udp_packet  # noqa: F401  (packet builders of the tests)
 
+from appliance import netns
 from appliance.dataplane import api as dataplane
 from appliance.dataplane import bpf, loader, maps, umbox
 from lab import topology
 
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+# bench_apply and bench_switch time the Dataplane from inside the gateway's namespace, as the
+# appliance runs (lab(in_gateway=True)); 0: entering it per nftables transaction, as before stop 27
+IN_GATEWAY = os.environ.get("KALKI_BENCH_IN_GATEWAY", "1") != "0"
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
 
@@ -40,6 +44,13 @@ VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP
 def emit(bench: str, metric: str, value, unit: str, **extra) -> None:
     print(json.dumps({"bench": bench, "metric": metric, "value": value, "unit": unit, **extra}),
           flush=True)
+
+
+def emit_where(bench: str) -> None:
+    """Says how a benchmark that times the Dataplane or libnftables reached the namespace."""
+    emit(bench, "dataplane_in_gateway", int(IN_GATEWAY), "bool",
+         what="1: timed from inside the gateway's namespace, as the appliance runs; 0: entering "
+              "it and leaving it again around each nftables transaction (KALKI_BENCH_IN_GATEWAY=0)")
 
 
 def median(xs):
@@ -79,31 +90,52 @@ def install_signal_handlers() -> None:
 
 # -- the lab --------------------------------------------------------------------------------
 @contextlib.contextmanager
-def lab(tag: str, devices: int = 1, open_dataplane: bool = True):
+def lab(tag: str, devices: int = 1, open_dataplane: bool = True, in_gateway: bool = False):
     """A lab without services, with the data path loaded and attached (not protected: no
-    device applied). Yields (state, Dataplane or None). Always torn down."""
+    device applied). Yields (state, Dataplane or None). Always torn down.
+
+    in_gateway: the calling thread stays in the gateway's namespace for the block and the
+    Dataplane is opened there as the appliance opens its own (namespace None), so that its
+    calls are timed as a Pi makes them. Otherwise each nftables transaction enters the
+    namespace and leaves it again: two setns(2) calls, 19 us back to back but 120-155 us
+    after 12 ms of idleness on the development VM, a cost only the lab has."""
     install_signal_handlers()
     name = f"b{tag}{suffix()}"[:20]
     state = None
     dp = None
     try:
         state = topology.up(name, devices=devices, services=False, protect=False)
-        if open_dataplane:
-            dp = dataplane.Dataplane.open(name, state.namespaces["gw"], topology.gateway_settings(state))
-        yield state, dp
+        gw = state.namespaces["gw"]
+        with netns.entered(gw if in_gateway else None):
+            if open_dataplane:
+                dp = dataplane.Dataplane.open(name, None if in_gateway else gw,
+                                              topology.gateway_settings(state))
+            try:
+                yield state, dp
+            finally:
+                _close_dataplane(dp)
     finally:
         # Ignore further signals while tearing down, so teardown is not cut short.
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            if dp is not None:
-                try:
-                    dp.destroy()
-                except Exception as e:  # the namespace removal below takes the rest
-                    print(f"teardown: {e}", file=sys.stderr)
             remove_lab(name)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def _close_dataplane(dp) -> None:
+    """Takes what the Dataplane put in the kernel, in the namespace it was opened in."""
+    if dp is None:
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        dp.destroy()
+    except Exception as e:  # the namespace removal takes the rest
+        print(f"teardown: {e}", file=sys.stderr)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def remove_lab(name: str) -> None:
