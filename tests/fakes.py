@@ -156,6 +156,10 @@ class FakeDataplane:
     def kernel_postures(self):
         return {s.mac: s.posture for s in self.devices.values()}
 
+    def prepare(self, stacks):
+        self.prepared = list(stacks)
+        return []
+
     def reconcile(self, wanted):
         for spec in wanted:
             self.apply(spec)

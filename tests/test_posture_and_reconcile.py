@@ -300,6 +300,43 @@ def test_a_posture_change_sends_nftables_only_what_differs(lab, fresh, monkeypat
     assert state["gates"] == [] and state["classes"] == [] and state["ips"] == [light.ip]
 
 
+def _table_sets(lab) -> set[str]:
+    out = subprocess.run(["ip", "netns", "exec", lab.namespaces["gw"], "nft", "-j", "list", "sets",
+                          "inet"], capture_output=True, text=True, check=True).stdout
+    import json
+    return {i["set"]["name"] for i in json.loads(out)["nftables"]
+            if "set" in i and i["set"]["table"] == "kalki"}
+
+
+def test_classes_made_ahead_leave_a_posture_change_only_its_elements(lab, fresh, monkeypatch):
+    """The first device moved to a posture with a new connection limit used to make the class
+    on its way (two sets and a rule: tens of milliseconds, bench_supervisor's worst MQTT
+    trigger). prepare() makes it before, and a table made anew gets it again."""
+    odd = {"anti_spoof": {}, "conn_limit": {"concurrent": 4241, "new_per_second": 4243}}
+    assert {"cl_4241", "rl_4243"}.isdisjoint(_table_sets(lab))
+    assert sorted(fresh.prepare([odd, {"quarantine": {}}, {"conn_limit": "not a limit"}])) == \
+        ["cl_4241", "rl_4243"]
+    assert {"cl_4241", "cl_4241_meter", "rl_4243", "rl_4243_meter"} <= _table_sets(lab)
+    assert fresh.prepare([odd]) == []           # made once
+    sent = []
+    real_run = fresh._nft.run
+    monkeypatch.setattr(fresh._nft, "run", lambda cmds, what: sent.append(cmds) or real_run(cmds, what))
+    fresh.set_stack("plug1", odd)
+    ops = {(next(iter(c)), next(iter(next(iter(c.values()))))) for cmds in sent for c in cmds}
+    assert ops <= {("add", "element"), ("delete", "element")}, ops
+    state = fresh._nft.read_back()[fresh.device_id("plug1")]
+    assert sorted(state["classes"]) == [("cl_4241", lab.device("plug1").ip),
+                                        ("rl_4243", lab.device("plug1").ip)]
+    # the table goes behind the data path's back: restore makes it anew, classes made ahead too
+    subprocess.run(["ip", "netns", "exec", lab.namespaces["gw"], "nft", "delete", "table", "inet",
+                    "kalki"], check=True)
+    monkeypatch.undo()
+    report = fresh.restore(normal_specs(lab))
+    assert {"cl_4241", "rl_4243"} <= _table_sets(lab)
+    assert {"cl_4241", "rl_4243"} <= set(report["classes"])
+    assert fresh.drift() == []
+
+
 def test_an_element_someone_else_put_in_a_device_set_goes_at_reconcile(lab, fresh):
     gw = lab.namespaces["gw"]
     subprocess.run(["ip", "netns", "exec", gw, "nft", "add", "element", "inet", "kalki", "macs",

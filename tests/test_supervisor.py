@@ -62,6 +62,21 @@ def kalki(lab, *args):
                           capture_output=True, text=True, timeout=60)
 
 
+def test_every_profiles_connection_limit_classes_are_made_at_start(slab):
+    """A posture change never makes a class on its way: the supervisor made, at its start,
+    those of every posture of every profile, also of types no device here has (generic,
+    thermostat)."""
+    from appliance.dataplane import nft, umbox
+    from appliance.policy import profiles
+    wanted = {c for p in profiles.load_all().values() for s in p.postures.values()
+              for c in nft.class_sets(umbox.validate(s).get("conn_limit"))}
+    assert {"cl_20", "rl_1"} <= wanted
+    out = subprocess.run(["ip", "netns", "exec", slab.namespaces["gw"], "nft", "-j", "list", "sets",
+                          "inet"], capture_output=True, text=True, check=True).stdout
+    have = {i["set"]["name"] for i in json.loads(out)["nftables"] if "set" in i}
+    assert wanted <= have, sorted(wanted - have)
+
+
 def test_intrusion_rule_end_to_end(slab):
     cam = slab.device("camera1")
     inet = slab.namespaces["inet"]

@@ -374,6 +374,15 @@ class Nft:
                      {"add": {"rule": {**_T, "chain": "to_devices", "expr": _class_rule(name)}}}]
         return cmds
 
+    def ensure_classes(self, names) -> list[str]:
+        """The classes of `names` the table lacks, added in one transaction; returns them."""
+        missing = sorted(set(names) - self.known_classes())
+        if missing:
+            self.run(self._class_commands(missing),
+                     f"adding the connection-limit classes {', '.join(missing)}")
+            self.known_classes().update(missing)
+        return missing
+
     def plan(self, device_id: int, mac: str, ip: str, conn_limit: dict | None, gate_port: int | None,
              current: dict | None, lateral_block: bool = False,
              quarantine: bool = False, deception: bool = False) -> tuple[list[dict], dict] | None:

@@ -66,6 +66,11 @@ class DataplanePort(Protocol):
         """{MAC: posture code} the kernel holds now, before reconcile."""
         ...
 
+    def prepare(self, stacks) -> list[str]:
+        """Makes ahead what a posture change to these stacks would otherwise make on its way
+        (nftables' connection-limit classes); returns what it made."""
+        ...
+
     def reconcile(self, wanted: list[DeviceSpec]) -> dict: ...
 
     def drift(self) -> list[str]:

@@ -310,6 +310,12 @@ class Supervisor:
         self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
+        try:     # every posture of every profile: a device may be moved to any of them
+            made = self.dp.prepare(s for p in self.profiles.values() for s in p.postures.values())
+            if made:
+                log.info("made ahead the connection-limit classes %s", ", ".join(made))
+        except KalkiError as e:     # a posture change that needs one makes it itself
+            log.error("the connection-limit classes could not be made ahead: %s", e)
         clash = self.home_assistant_clash()
         if clash is not None:
             log.error("device %s logs in to the broker as %r, mqtt.home_assistant_user: Home "
