@@ -99,6 +99,9 @@ class FakeDataplane:
     def read_back(self, name):
         return self.devices[name].posture
 
+    def read_back_all(self, names):
+        return {name: self.read_back(name) for name in names}
+
     FIXED_COUNTERS = {"brute_force": {"umbox": "brute_force", "packets": 7, "bytes": 420},
                       "pass": {"umbox": "dispatcher", "packets": 100, "bytes": 9000}}
 

@@ -7,6 +7,7 @@ import time
 import pytest
 from fakes import supervisor
 
+from appliance.errors import KalkiError
 from appliance.supervisor.ops import Ops
 
 CAMERA = ("02:4b:00:00:00:01", "198.18.0.10", "camera")
@@ -51,6 +52,16 @@ def test_rules_alone_do_not_re_arm(sup):
     alert(sup, "camera1", "brute-force")             # still within the window: no second decision
     fired = [d for d in sup.store.decisions(device="camera1") if d.get("rule") == "device-under-attack"]
     assert len(fired) == 1
+
+
+def test_a_posture_the_kernel_does_not_show_is_refused_by_name(sup, monkeypatch):
+    """Enforced means read back from the kernel, all the devices of a change in one read."""
+    asked = []
+    monkeypatch.setattr(sup.dp, "read_back_all",
+                        lambda names: asked.append(list(names)) or {n: None for n in names})
+    with pytest.raises(KalkiError, match="device plug1: the kernel does not show posture quarantine"):
+        sup.set_posture("plug1", "quarantine", "test")
+    assert asked == [["plug1"]]
 
 
 def test_a_source_blocked_by_hand_is_recorded(sup):

@@ -337,6 +337,25 @@ def test_classes_made_ahead_leave_a_posture_change_only_its_elements(lab, fresh,
     assert fresh.drift() == []
 
 
+def test_postures_read_back_in_one_batch_are_what_the_kernel_holds(lab, fresh, monkeypatch):
+    names = [d.name for d in lab.devices]
+    one_by_one = {n: fresh.read_back(n) for n in names}
+    assert fresh.read_back_all(names) == one_by_one     # 4 devices: a lookup each
+    monkeypatch.setattr(dataplane, "READ_ONE_BY_ONE", 0)
+    assert fresh.read_back_all(names) == one_by_one     # the batch read
+    # a slot changed behind the data path's back: the batch reads the kernel, not a copy
+    devices = fresh._maps["kalki_devices"]
+    key = ctypes.c_uint32(fresh.device_id("plug1"))
+    entry = devices.lookup(key)
+    entry.posture = 4
+    devices.update(key, entry)
+    try:
+        assert fresh.read_back_all(names)["plug1"] == 4 == fresh.read_back("plug1")
+    finally:
+        fresh.reconcile(normal_specs(lab))
+    assert fresh.read_back_all(names) == one_by_one
+
+
 def test_an_element_someone_else_put_in_a_device_set_goes_at_reconcile(lab, fresh):
     gw = lab.namespaces["gw"]
     subprocess.run(["ip", "netns", "exec", gw, "nft", "add", "element", "inet", "kalki", "macs",

@@ -951,8 +951,9 @@ class Supervisor:
                 stack = self.stack_of(d, posture)
                 self.dp.apply(self._spec(d, stack, code, peers))
             xdp = time.monotonic_ns()      # in force for the next packet; nftables' part follows
+        held = self.dp.read_back_all([name for name, *_ in checked])
         for name, posture, _, _, code in checked:
-            if self.dp.read_back(name) != code:
+            if held[name] != code:
                 raise KalkiError(f"device {name}: the kernel does not show posture {posture} "
                                  "after applying it")
         enforced = time.monotonic_ns()
