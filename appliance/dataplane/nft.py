@@ -7,10 +7,11 @@ redirect of a device's web port to the authentication gate. XDP carries the rest
 A device has no chain and no rule of its own: it is an element in sets (its MAC in `macs`, its
 address in `ips`, and in the sets of the umboxes its posture turns on), each element carrying
 the device id as its comment. The rules are fixed, one per umbox class (a connection limit of
-10 is the class `cl_10`), and are added the first time a class is used. This is what keeps a
-posture change's cost flat: libnftables reads the table's chains, rules and sets, but not the
-sets' elements, before each transaction, so a table of elements costs the same at 10 devices
-as at 4,000 (bench_apply: nft_posture_change_ms), where a chain per device made it grow.
+10 is the class `cl_10`), and are added when the supervisor starts (Dataplane.prepare: every
+profile's), or else the first time a class is used. This is what keeps a posture change's
+cost flat: libnftables reads the table's chains, rules and sets, but not the sets' elements,
+before each transaction, so a table of elements costs the same at 10 devices as at 4,000
+(bench_apply: nft_posture_change_ms), where a chain per device made it grow.
 """
 from __future__ import annotations
 
