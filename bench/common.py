@@ -33,8 +33,9 @@ from appliance.dataplane import bpf, loader, maps, umbox
 from lab import topology
 
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
-# bench_apply and bench_switch time the Dataplane from inside the gateway's namespace, as the
-# appliance runs (lab(in_gateway=True)); 0: entering it per nftables transaction, as before stop 27
+# bench_apply, bench_switch and bench_nft time the Dataplane (bench_nft: Nft, in a scratch
+# namespace of its own) from inside its namespace, as the appliance runs (lab(in_gateway=True));
+# 0: entering the namespace around each nftables transaction, as before stop 27
 IN_GATEWAY = os.environ.get("KALKI_BENCH_IN_GATEWAY", "1") != "0"
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
@@ -49,8 +50,9 @@ def emit(bench: str, metric: str, value, unit: str, **extra) -> None:
 def emit_where(bench: str) -> None:
     """Says how a benchmark that times the Dataplane or libnftables reached the namespace."""
     emit(bench, "dataplane_in_gateway", int(IN_GATEWAY), "bool",
-         what="1: timed from inside the gateway's namespace, as the appliance runs; 0: entering "
-              "it and leaving it again around each nftables transaction (KALKI_BENCH_IN_GATEWAY=0)")
+         what="1: timed from inside the namespace (the lab's gateway, or bench_nft's own), as the "
+              "appliance runs; 0: entering it and leaving it again around each nftables "
+              "transaction (KALKI_BENCH_IN_GATEWAY=0)")
 
 
 def median(xs):
@@ -103,6 +105,7 @@ def lab(tag: str, devices: int = 1, open_dataplane: bool = True, in_gateway: boo
     name = f"b{tag}{suffix()}"[:20]
     state = None
     dp = None
+    ignored: dict = {}     # the handlers set aside while tearing down, once it has begun
     try:
         state = topology.up(name, devices=devices, services=False, protect=False)
         gw = state.namespaces["gw"]
@@ -113,29 +116,26 @@ def lab(tag: str, devices: int = 1, open_dataplane: bool = True, in_gateway: boo
             try:
                 yield state, dp
             finally:
-                _close_dataplane(dp)
+                # Further signals are ignored from here to the end, leaving the namespace
+                # included, so that teardown is neither cut short nor run from the gateway's.
+                ignored.update(_ignore_signals())
+                if dp is not None:
+                    try:
+                        dp.destroy()    # in the namespace it was opened in
+                    except Exception as e:  # the namespace removal below takes the rest
+                        print(f"teardown: {e}", file=sys.stderr)
     finally:
-        # Ignore further signals while tearing down, so teardown is not cut short.
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        if not ignored:
+            ignored.update(_ignore_signals())
         try:
             remove_lab(name)
         finally:
-            for s, h in old.items():
+            for s, h in ignored.items():
                 signal.signal(s, h)
 
 
-def _close_dataplane(dp) -> None:
-    """Takes what the Dataplane put in the kernel, in the namespace it was opened in."""
-    if dp is None:
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        dp.destroy()
-    except Exception as e:  # the namespace removal takes the rest
-        print(f"teardown: {e}", file=sys.stderr)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _ignore_signals() -> dict:
+    return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
 def remove_lab(name: str) -> None:

@@ -79,8 +79,12 @@ def test_the_first_entries_of_an_array_are_read_in_one_call_and_none_without_bat
             one = devices.lookup(ctypes.c_uint32(k))
             assert bytes(entries[k]) == (bytes(one) if one is not None else bytes(maps.Device())), k
         assert [entries[k].posture for k in (0, 5, 63)] == [1, 1, 4]
+        middle = devices.values_from(5, 59)     # index 0 is entry 5 (Dataplane.read_back_all)
+        assert len(middle) == 59 and [bytes(middle[k - 5]) for k in range(5, 64)] == \
+            [bytes(entries[k]) for k in range(5, 64)]
+        assert len(devices.values_from(60, 100)) == 4        # cut at the map's end
         monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
-        assert devices.first_values(64) is None
+        assert devices.first_values(64) is None and devices.values_from(5, 3) is None
     finally:
         devices.close()
 

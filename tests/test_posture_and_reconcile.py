@@ -1,6 +1,7 @@
 """Posture changes, isolation between devices, refusal of bad parameters, and a supervisor
 killed with SIGKILL: all on real packets in the lab."""
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -337,12 +338,44 @@ def test_classes_made_ahead_leave_a_posture_change_only_its_elements(lab, fresh,
     assert fresh.drift() == []
 
 
+def test_a_batch_whose_plan_fails_leaves_the_device_as_it_was(lab, fresh, monkeypatch):
+    """In a batch, nftables' part is planned after the XDP entry is written; a plan that
+    fails (it may read the table's classes) puts the entry back before the batch unwinds."""
+    from appliance.errors import DataplaneError
+    before = fresh.read_back("plug1")
+    spec = fresh.devices["plug1"]
+
+    def refuse(*args, **kwargs):
+        raise DataplaneError("nftables refused reading the sets of inet kalki: test")
+    monkeypatch.setattr(fresh._nft, "plan", refuse)
+    with pytest.raises(DataplaneError, match="test"):
+        with fresh.batch():
+            fresh.apply(dataclasses.replace(spec, stack={"quarantine": {}}, posture=4))
+    monkeypatch.undo()
+    assert fresh.read_back("plug1") == before and fresh.devices["plug1"] == spec
+    fresh.set_stack("plug1", {"quarantine": {}}, 4)     # and the next change is whole
+    assert fresh.read_back("plug1") == 4
+
+
 def test_postures_read_back_in_one_batch_are_what_the_kernel_holds(lab, fresh, monkeypatch):
     names = [d.name for d in lab.devices]
     one_by_one = {n: fresh.read_back(n) for n in names}
     assert fresh.read_back_all(names) == one_by_one     # 4 devices: a lookup each
     monkeypatch.setattr(dataplane, "READ_ONE_BY_ONE", 0)
-    assert fresh.read_back_all(names) == one_by_one     # the batch read
+    reads = []
+    real = fresh._maps["kalki_devices"].values_from
+    monkeypatch.setattr(fresh._maps["kalki_devices"], "values_from",
+                        lambda first, count: reads.append((first, count)) or real(first, count))
+    assert fresh.read_back_all(names) == one_by_one     # the batch read, lowest id to highest
+    ids = sorted(fresh.device_id(n) for n in names)
+    assert reads == [(ids[0], ids[-1] - ids[0] + 1)]
+    monkeypatch.setattr(dataplane, "SLOTS_PER_LOOKUP", 0)       # ids too far apart: lookups
+    assert fresh.read_back_all(names) == one_by_one and len(reads) == 1
+    monkeypatch.setattr(dataplane, "SLOTS_PER_LOOKUP", 16)
+    from appliance.dataplane import bpf
+    with monkeypatch.context() as m:     # a kernel without batch lookups: lookups
+        m.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
+        assert fresh.read_back_all(names) == one_by_one
     # a slot changed behind the data path's back: the batch reads the kernel, not a copy
     devices = fresh._maps["kalki_devices"]
     key = ctypes.c_uint32(fresh.device_id("plug1"))

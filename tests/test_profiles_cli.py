@@ -166,6 +166,17 @@ def test_a_toml_profile_imports_and_takes_the_type_given(ops):
     assert {"toaster", "oven"} <= set(ops.profile_types())
 
 
+def test_an_imported_profiles_postures_are_made_ready_in_the_data_path(ops):
+    """Its connection-limit classes are made at the import, not by the first device moved to
+    one of its postures (Dataplane.prepare)."""
+    text = ('type = "kettle"\n[postures.normal]\nconn_limit = { concurrent = 7 }\n'
+            '[postures.suspicious]\nconn_limit = { concurrent = 3, new_per_second = 1 }\n')
+    ops.profile_import(text, "kettle.toml")
+    limits = [s.get("conn_limit") for s in ops._sup.dp.prepared]
+    assert any(c and c["concurrent"] == 7 for c in limits), limits
+    assert any(c and (c["concurrent"], c["new_per_second"]) == (3, 1) for c in limits), limits
+
+
 def test_reimporting_an_installed_type_replaces_it_unless_a_device_uses_it(ops):
     ops.profile_import(LAMP_TEXT, "lamp.json", type="lamp")
     assert "10.42.0.174:40572/tcp" in ops.profile_show("lamp")["postures"]["normal"]["allowlist"][

@@ -63,7 +63,7 @@ def kalki(lab, *args):
 
 
 def test_every_profiles_connection_limit_classes_are_made_at_start(slab):
-    """A posture change never makes a class on its way: the supervisor made, at its start,
+    """A posture change has no class to make on its way: the supervisor made, at its start,
     those of every posture of every profile, also of types no device here has (generic,
     thermostat)."""
     from appliance.dataplane import nft, umbox

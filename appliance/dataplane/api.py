@@ -301,14 +301,20 @@ class Dataplane:
         return entry.posture
 
     def read_back_all(self, names: list[str]) -> dict[str, int | None]:
-        """read_back() of several devices; more than a few in one batch read of the slots up
-        to the highest of their ids (25 cameras: one system call, not 25)."""
+        """read_back() of several devices: more than a few, with ids close enough together, in
+        one batch read of the slots from the lowest id to the highest (25 cameras: one system
+        call, not 25). A slot read in a batch costs about a seventeenth of a lookup (0.26
+        against 4.4 us here), so a batch over sparse ids would cost more than it saves."""
         ids = {name: self.device_id(name) for name in names}
-        entries = (self._maps["kalki_devices"].first_values(max(ids.values()) + 1)
-                   if len(ids) > READ_ONE_BY_ONE else None)
+        entries = None
+        if len(ids) > READ_ONE_BY_ONE:
+            low = min(ids.values())
+            span = max(ids.values()) - low + 1
+            if span <= SLOTS_PER_LOOKUP * len(ids):
+                entries = self._maps["kalki_devices"].values_from(low, span)
         if entries is None:
             return {name: self.read_back(name) for name in names}
-        return {name: _posture_of(entries[i]) for name, i in ids.items()}
+        return {name: _posture_of(entries[i - low]) for name, i in ids.items()}
 
     def _posture_at(self, device_id: int) -> int | None:
         return _posture_of(self._maps["kalki_devices"].lookup(ctypes.c_uint32(device_id)))
@@ -627,7 +633,11 @@ class Dataplane:
                 undo()
                 raise
         else:
-            plan = self._nft_plan(device_id, spec, compiled)
+            try:
+                plan = self._nft_plan(device_id, spec, compiled)
+            except DataplaneError:      # (reading the table's classes): not queued for undo yet
+                undo()
+                raise
             if plan:
                 self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
@@ -1045,11 +1055,15 @@ class Dataplane:
         for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
             self._forget(name)
         self._collect_lists()
-        report["classes"] = self._loaded_nft().ensure_classes(self._prepared_classes)
+        try:
+            report["classes"] = self._loaded_nft().ensure_classes(self._prepared_classes)
+        except DataplaneError as e:     # the devices are converged; a change that needs a
+            report["classes_error"] = [str(e)]      # class makes it on its way
         return report
 
 
 READ_ONE_BY_ONE = 4     # read_back_all: up to this many devices, a lookup each
+SLOTS_PER_LOOKUP = 16   # read_back_all: a batch only over at most this many slots per device
 
 
 def _posture_of(entry: maps.Device | None) -> int | None:

@@ -283,9 +283,13 @@ class Map:
         indexed by the key: one BPF_MAP_LOOKUP_BATCH (Linux 5.6) instead of a lookup per
         entry, which cost the tamper watch 3 ms at 1,000 devices. None where the kernel has no
         batch lookups for the map: the caller looks entries up one by one."""
-        count = min(count, self.max_entries)
+        return self.values_from(0, count)
+
+    def values_from(self, first: int, count: int):
+        """first_values() from entry `first` on: index 0 of the array is entry `first`."""
+        count = min(count, self.max_entries - first)
         values = (self.value_type * max(count, 0))()
-        if count > 0 and not self._lookup_batch(0, count, ctypes.addressof(values)):
+        if count > 0 and not self._lookup_batch(first, count, ctypes.addressof(values)):
             return None
         return values
 

@@ -310,12 +310,7 @@ class Supervisor:
         self.reconcile_report = self.dp.reconcile(self.wanted())
         self.store.audit("reconcile", "supervisor", self.reconcile_report)
         log.info("reconciled the data path: %s", {k: v for k, v in self.reconcile_report.items() if v})
-        try:     # every posture of every profile: a device may be moved to any of them
-            made = self.dp.prepare(s for p in self.profiles.values() for s in p.postures.values())
-            if made:
-                log.info("made ahead the connection-limit classes %s", ", ".join(made))
-        except KalkiError as e:     # a posture change that needs one makes it itself
-            log.error("the connection-limit classes could not be made ahead: %s", e)
+        self.make_ahead()
         clash = self.home_assistant_clash()
         if clash is not None:
             log.error("device %s logs in to the broker as %r, mqtt.home_assistant_user: Home "
@@ -328,6 +323,20 @@ class Supervisor:
             self.raise_alert(None, "dataplane-replaced", "supervisor", {"why": older},
                              time.monotonic_ns())
         self._restore_names()
+
+    def make_ahead(self) -> None:
+        """What a move to any posture of any profile would otherwise make on its way
+        (Dataplane.prepare: nftables' connection-limit classes), made now: at the start and
+        when a profile is imported. A failure is logged; a posture change that needs a class
+        still makes it itself."""
+        if self._dp is None:
+            return
+        try:
+            made = self.dp.prepare(s for p in self.profiles.values() for s in p.postures.values())
+            if made:
+                log.info("made ahead the connection-limit classes %s", ", ".join(made))
+        except KalkiError as e:
+            log.error("the connection-limit classes could not be made ahead: %s", e)
 
     # -- flows devices opened outside their profiles: learnt and refused ------------------
     @property

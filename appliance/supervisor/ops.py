@@ -940,6 +940,7 @@ class Ops:
             raise
         sup.profiles[type_name] = installed
         sup.reload_rules()
+        sup.make_ahead()
         return {"type": type_name, "format": fmt, "path": str(path), "notes": notes}
 
     def profile_export(self, type, format="toml", mud_url=None) -> dict:
