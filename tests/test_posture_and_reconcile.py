@@ -202,6 +202,7 @@ def test_drift_names_a_device_whose_xdp_entry_was_changed(lab, fresh, monkeypatc
     """The tamper watch reads every XDP entry in one call, or one by one where the kernel has
     no batch lookups: either way a posture rewritten behind its back is named."""
     from appliance.dataplane import bpf
+    monkeypatch.setattr(dataplane, "READ_ONE_BY_ONE", 0)    # (4 devices: a batch all the same)
     if not batches:     # a command number no kernel has: EINVAL, as from one without batches
         monkeypatch.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
     assert fresh.drift() == []
@@ -369,9 +370,9 @@ def test_postures_read_back_in_one_batch_are_what_the_kernel_holds(lab, fresh, m
     assert fresh.read_back_all(names) == one_by_one     # the batch read, lowest id to highest
     ids = sorted(fresh.device_id(n) for n in names)
     assert reads == [(ids[0], ids[-1] - ids[0] + 1)]
-    monkeypatch.setattr(dataplane, "SLOTS_PER_LOOKUP", 0)       # ids too far apart: lookups
-    assert fresh.read_back_all(names) == one_by_one and len(reads) == 1
-    monkeypatch.setattr(dataplane, "SLOTS_PER_LOOKUP", 16)
+    with monkeypatch.context() as m:     # ids too far apart: lookups
+        m.setattr(dataplane, "SLOTS_PER_LOOKUP", 0)
+        assert fresh.read_back_all(names) == one_by_one and len(reads) == 1
     from appliance.dataplane import bpf
     with monkeypatch.context() as m:     # a kernel without batch lookups: lookups
         m.setattr(bpf, "BPF_MAP_LOOKUP_BATCH", 9999)
