@@ -93,6 +93,7 @@ BPF_ARRAY(kalki_dev_state, struct dev_state, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_event_limit, struct event_limit, KALKI_MAX_DEVICES * KALKI_R_MAX);
 BPF_PERCPU_ARRAY(kalki_counters, struct kalki_counter, KALKI_MAX_DEVICES * KALKI_R_MAX);
 BPF_TABLE("lru_hash", __u32, struct kalki_drop, kalki_drop_set, 65536);
+BPF_ARRAY(kalki_own_drop, __u32, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_windows, struct window_slot, 1u << KALKI_SLOTS_LOG2);
 BPF_ARRAY(kalki_scan_seen, struct seen_slot, 1u << KALKI_SLOTS_LOG2);
 /* The template of every allow-list's trie: its size is each list's most prefixes. */
@@ -219,6 +220,17 @@ static __always_inline __u32 window_add(__u32 device, __u32 src, __u32 kind,
 	return w->count;
 }
 
+/* After `src` went into the drop set: the device whose address it is, if any, looks there. */
+static __always_inline void mark_owner(__u32 src)
+{
+	__u32 *owner = kalki_dev_by_ip.lookup(&src), *mark;
+	if (!owner)
+		return;
+	mark = kalki_own_drop.lookup(owner);
+	if (mark)
+		*mark = 1;
+}
+
 /* A detector fired: report, and drop the source for block_s seconds if asked. */
 static __always_inline int fire(__u32 device, __u32 reason, struct packet *p, __u32 n,
 				__u32 block_s, __u64 now, __u32 offender)
@@ -231,6 +243,7 @@ static __always_inline int fire(__u32 device, __u32 reason, struct packet *p, __
 			       .reason = reason};
 	if (!kalki_drop_set.lookup(&offender)) {
 		kalki_drop_set.update(&offender, &d);
+		mark_owner(offender);
 		report(device, reason, p, KALKI_A_BLOCKED, n, now);
 	}
 	return XDP_DROP;
@@ -251,6 +264,19 @@ static __always_inline struct kalki_drop *drop_entry(__u32 src)
 static __always_inline int in_drop_set(__u32 src)
 {
 	return drop_entry(src) != 0;
+}
+
+/* A packet from a device: its own address is looked up only if the device is marked
+ * (kalki.h, kalki_own_drop); any other source, an unknown device's included, always. */
+static __always_inline int sender_dropped(__u32 device, struct kalki_device *cfg, __u32 src)
+{
+	__u32 *mark;
+	if (device && src == cfg->ipv4) {
+		mark = kalki_own_drop.lookup(&device);
+		if (mark && !*mark)
+			return 0;
+	}
+	return in_drop_set(src);
 }
 
 /* Rate limit per device, both directions drawing from it: a token bucket kept as GCRA's one
@@ -569,7 +595,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 	if (eth->h_proto != ETH_P_IP_BE || !parse_ipv4(eth + 1, end, &p))
 		return count(device, KALKI_R_NOT_IPV4, &p, XDP_DROP);
 
-	if (in_drop_set(p.src))
+	if (sender_dropped(device, cfg, p.src))
 		return count(device, KALKI_R_DROP_SET, &p, XDP_DROP);
 	if ((cfg->flags & KALKI_F_ANTI_SPOOF) && p.src != cfg->ipv4 && p.src) {
 		report(device, KALKI_R_SPOOF, &p, KALKI_A_DROPPED, 1, kalki_now());

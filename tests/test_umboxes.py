@@ -22,6 +22,7 @@ from labutil import (
 )
 
 from appliance import netns
+from appliance.dataplane.api import _ip_be
 from lab.topology import ATTACKER_IP, GATE_PASSWORD, GATE_USER, INET_IP
 
 pytestmark = pytest.mark.lab
@@ -158,7 +159,9 @@ def test_device_scanning_its_neighbours_is_seen(lab, fresh):
         connect(light.namespace, cam.ip, port, timeout=0.2)
     events = events_of(fresh, "port_scan")
     assert events and events[0]["device"] == "light1" and events[0]["src"] == light.ip
-    assert not connect(light.namespace, "198.19.8.1", 80)     # the scanner itself is cut off
+    assert not connect(light.namespace, "198.19.8.1", 80)     # the scanner itself is cut off,
+    assert ping(light.namespace, "198.19.8.1", wait=0.5) == 0  # what no detector counts too:
+    assert own_drop_mark(fresh, "light1") == 1                 # the kernel marked it
     assert connect(lab.namespaces["inet"], cam.ip, 80)
 
 
@@ -278,6 +281,60 @@ def test_drop_set_expires(lab, fresh):
     time.sleep(1.2)
     assert connect(lab.namespaces["atk"], cam.ip, 80)
     assert fresh.drop_set() == []
+
+
+def own_drop_mark(dp, name) -> int:
+    return dp._maps["kalki_own_drop"].lookup(ctypes.c_uint32(dp.device_id(name))).value
+
+
+def test_a_device_is_looked_up_in_the_drop_set_only_once_marked(lab, fresh):
+    """A packet from a device's own address meets the drop set only if the device is marked
+    (kalki.h: kalki_own_drop): an entry put there behind the data path's back, unmarked, is not
+    looked at, which shows the lookup is skipped; block_source marks, unblock_source clears."""
+    plug = dev(lab, "plug1")
+    key = ctypes.c_uint32(_ip_be(plug.ip))
+    assert own_drop_mark(fresh, "plug1") == 0
+    fresh._maps["kalki_drop_set"].update(key, fresh._maps["kalki_drop_set"].value_type())
+    try:
+        assert ping(plug.namespace, "198.19.8.1") == 1           # not looked at
+    finally:
+        fresh._maps["kalki_drop_set"].delete(key)
+    before = dropped(fresh, "plug1", "drop_set")
+    fresh.block_source(plug.ip, 60)
+    assert own_drop_mark(fresh, "plug1") == 1
+    assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
+    assert dropped(fresh, "plug1", "drop_set") > before
+    assert fresh.unblock_source(plug.ip)
+    assert own_drop_mark(fresh, "plug1") == 0
+    assert ping(plug.namespace, "198.19.8.1") == 1
+
+
+def test_a_device_given_an_address_in_the_drop_set_is_dropped(lab, fresh):
+    """The address was blocked before the device had it: the device is marked when its
+    address is written."""
+    plug = dev(lab, "plug1")
+    spec = fresh.devices["plug1"]
+    fresh.remove("plug1")
+    fresh.block_source(plug.ip, 60)
+    try:
+        fresh.apply(spec)
+        assert own_drop_mark(fresh, "plug1") == 1
+        assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
+    finally:
+        fresh.unblock_source(plug.ip)
+    assert ping(plug.namespace, "198.19.8.1") == 1
+
+
+def test_a_cleared_drop_mark_is_named_and_set_again(lab, fresh):
+    plug = dev(lab, "plug1")
+    fresh.block_source(plug.ip, 60)
+    assert fresh.drift() == []
+    fresh._maps["kalki_own_drop"].update(ctypes.c_uint32(fresh.device_id("plug1")), ctypes.c_uint32(0))
+    assert ping(plug.namespace, "198.19.8.1") == 1               # the tampering lets it out
+    assert fresh.drift() == ["the drop set's marks cleared for plug1"]
+    fresh.reconcile(__import__("conftest").normal_specs(lab))
+    assert fresh.drift() == []
+    assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
 
 
 def test_auth_gate(lab, fresh):

@@ -128,6 +128,8 @@ class Dataplane:
         self._prepared_classes: set[str] = set()        # prepare(): made before they are needed
         self._nft_state: dict[int, dict] = {}   # what nftables has per device id, kept in step
         self._used_ids: set[int] = set()
+        # devices whose own address may be in the drop set (kalki_own_drop), as last seen
+        self._own_drop_marks: set[int] = set()
         self._stale_ids = True                  # read the kernel's ids once, then keep track
         self._next_id_hint = 1
         self._lists: dict[tuple, int] | None = None      # allow-lists: {content: list id}
@@ -749,6 +751,8 @@ class Dataplane:
             return      # a posture change: the indexes stand (reconcile rewrites them itself)
         m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
+        if m["kalki_drop_set"].lookup(ctypes.c_uint32(_ip_be(spec.ip))) is not None:
+            self._mark_own_drop(device_id)      # an address blocked before it was the device's
         if old and old.mac != spec.mac:
             m["kalki_dev_by_mac"].delete(_mac_key(old.mac))
         if old and old.ip != spec.ip:
@@ -857,8 +861,38 @@ class Dataplane:
         expires = time.monotonic_ns() + seconds * 10**9 if seconds else 0
         entry = maps.Drop(expires_ns=expires, device=self.device_id(device) if device else 0,
                           reason=maps.Reason.DROP_SET)
-        self._maps["kalki_drop_set"].update(ctypes.c_uint32(_ip_be(ip)), entry)
+        key = ctypes.c_uint32(_ip_be(ip))
+        self._maps["kalki_drop_set"].update(key, entry)
+        owner = self._maps["kalki_dev_by_ip"].lookup(key)
+        if owner is not None:
+            self._mark_own_drop(owner.value)
         self.decoy_source(ip)
+
+    def _mark_own_drop(self, device_id: int) -> None:
+        """The device's packets from its own address are looked up in the drop set (kalki.h:
+        kalki_own_drop): after its address went in, or it was given one that is there."""
+        self._maps["kalki_own_drop"].update(ctypes.c_uint32(device_id), ctypes.c_uint32(1))
+        self._own_drop_marks.add(device_id)
+
+    def _mark_blocked_owners(self) -> None:
+        """Every device whose address is in the drop set, marked (reconcile: whatever the
+        maps went through before)."""
+        by_ip = self._maps["kalki_dev_by_ip"]
+        for source in list(self._maps["kalki_drop_set"].keys()):
+            owner = by_ip.lookup(source)
+            if owner is not None:
+                self._mark_own_drop(owner.value)
+
+    def _cleared_own_drop_marks(self) -> list[int]:
+        """Devices marked before whose mark is gone: the kernel would not drop them."""
+        marks = self._maps["kalki_own_drop"]
+        top = max(self._used_ids | self._own_drop_marks, default=0) + 1
+        held = marks.first_values(top)
+        values = (list(held) if held is not None
+                  else [(marks.lookup(ctypes.c_uint32(i)) or ctypes.c_uint32()).value for i in range(top)])
+        known = self._own_drop_marks | {i for i, v in enumerate(values) if v}   # (a copy: drift
+        self._own_drop_marks |= known                                            # is a thread)
+        return sorted(i for i in known if i < len(values) and not values[i])
 
     def decoy_source(self, ip: str) -> bool:
         """Lets the decoys of deception devices answer a source in the drop set: nftables'
@@ -878,7 +912,16 @@ class Dataplane:
         return True
 
     def unblock_source(self, ip: str) -> bool:
-        removed = self._maps["kalki_drop_set"].delete(ctypes.c_uint32(_ip_be(ip)))
+        key = ctypes.c_uint32(_ip_be(ip))
+        removed = self._maps["kalki_drop_set"].delete(key)
+        owner = self._maps["kalki_dev_by_ip"].lookup(key)
+        if owner is not None:
+            # Cleared, then the drop set read again: a detector that blocked the address
+            # meanwhile marks it after its add, so one of the two sees the other (kalki.h).
+            self._own_drop_marks.discard(owner.value)
+            self._maps["kalki_own_drop"].update(owner, ctypes.c_uint32(0))
+            if self._maps["kalki_drop_set"].lookup(key) is not None:
+                self._mark_own_drop(owner.value)
         if self._nft is not None:
             self._nft.remove_attacker(ip)
         return removed
@@ -951,6 +994,11 @@ class Dataplane:
         changed = [name for name, a in applied if held[name] != a.spec.posture]
         if changed:
             problems.append(f"XDP entries changed for {', '.join(sorted(changed))}")
+        cleared = self._cleared_own_drop_marks()
+        if cleared:
+            names = self._name_by_id
+            problems.append("the drop set's marks cleared for "
+                            + ", ".join(str(names.get(i, f"device id {i}")) for i in cleared))
         return problems
 
     def restore(self, wanted: list[DeviceSpec]) -> dict:
@@ -1054,6 +1102,9 @@ class Dataplane:
         for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
             self._forget(name)
         self._collect_lists()
+        self._mark_blocked_owners()
+        for device_id in self._cleared_own_drop_marks():
+            self._mark_own_drop(device_id)
         try:
             report["classes"] = self._loaded_nft().ensure_classes(self._prepared_classes)
         except DataplaneError as e:     # the devices are converged; a change that needs a

@@ -161,6 +161,7 @@ MAPS = {
     "kalki_event_limit": (U32, EventLimit),
     "kalki_counters": (U32, Counter),
     "kalki_drop_set": (U32, Drop),
+    "kalki_own_drop": (U32, U32),                 # device id -> may its address be dropped
     "kalki_allow": (AllowKey, AllowValue),        # the template of each list's trie: empty
     "kalki_allow_lists": (U32, U32),              # list id -> its trie (a map id when read)
     "kalki_allow_list_ids": (U32, U32),           # list id -> its trie's map id (read this)
