@@ -306,6 +306,7 @@ class PinnedPath:
         allow_id = self._helper._list_id(self._helper._allow_content(c), create=True)
         m["kalki_devices"].update(key, self._helper._device_entry(spec, c, allow_id))
         m["kalki_dev_by_mac"].update(dataplane._mac_key(spec.mac), key)
+        self._helper._slot_mac(spec.mac, device_id)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(dataplane._ip_be(spec.ip)), key)
 
     def counter(self, device_id: int, reason: int) -> int:

@@ -87,6 +87,7 @@ struct seen_slot {
 
 BPF_ARRAY(kalki_settings, struct kalki_settings, 1);
 BPF_HASH(kalki_dev_by_mac, struct kalki_mac, __u32, KALKI_MAX_DEVICES);
+BPF_ARRAY(kalki_mac_slots, struct kalki_mac_slot, 2 * KALKI_MAX_DEVICES);
 BPF_HASH(kalki_dev_by_ip, __u32, __u32, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_devices, struct kalki_device, KALKI_MAX_DEVICES);
 BPF_ARRAY(kalki_dev_state, struct dev_state, KALKI_MAX_DEVICES);
@@ -470,6 +471,23 @@ static __always_inline int allowed(__u32 device, struct kalki_device *cfg, struc
 	return name_allowed(device, p);
 }
 
+/* The device a source MAC belongs to, 0 if none: its pair of kalki_mac_slots, then
+ * kalki_dev_by_mac (kalki.h). */
+static __always_inline __u32 device_of(struct kalki_mac *mac)
+{
+	__u64 m = *(__u64 *)mac;
+	__u32 h = ((__u32)(m >> 16) ^ ((__u32)m & 0xffff) * 0x9E3779B1u) * 0x85EBCA77u;
+	__u32 i = 2 * ((h ^ h >> 16) % KALKI_MAX_DEVICES), j = i + 1, *id;
+	struct kalki_mac_slot *slot = kalki_mac_slots.lookup(&i);
+	if (slot && slot->device && *(__u64 *)slot == m)
+		return slot->device;
+	slot = kalki_mac_slots.lookup(&j);
+	if (slot && slot->device && *(__u64 *)slot == m)
+		return slot->device;
+	id = kalki_dev_by_mac.lookup(mac);
+	return id ? *id : 0;
+}
+
 /* Parses IPv4 and the L4 ports; returns 0 if the packet is not IPv4 or is truncated. */
 static __always_inline int parse_ipv4(void *data, void *end, struct packet *p)
 {
@@ -556,7 +574,7 @@ int xdp_from_devices(struct xdp_md *ctx)
 	struct kalki_device unknown = {};
 	struct kalki_device *cfg;
 	struct kalki_settings *s;
-	__u32 zero = 0, device = 0, *id;
+	__u32 zero = 0, device;
 	__u64 now = 0;           /* read the clock only where a umbox needs it */
 
 	if ((void *)(eth + 1) > end)
@@ -564,11 +582,9 @@ int xdp_from_devices(struct xdp_md *ctx)
 	s = kalki_settings.lookup(&zero);
 	if (!s)
 		return XDP_PASS;
-	struct kalki_mac mac = {};
+	struct kalki_mac mac __attribute__((aligned(8))) = {};
 	__builtin_memcpy(mac.addr, eth->h_source, 6);
-	id = kalki_dev_by_mac.lookup(&mac);
-	if (id)
-		device = *id;
+	device = device_of(&mac);
 	cfg = device ? kalki_devices.lookup(&device) : 0;
 	if (!cfg || !(cfg->flags & KALKI_F_PRESENT)) {
 		device = 0;

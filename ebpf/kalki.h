@@ -77,6 +77,24 @@ struct kalki_mac {
 	__u16 pad;
 };
 
+/* map: kalki_mac_slots, array of 2 * KALKI_MAX_DEVICES kalki_mac_slot: kalki_dev_by_mac's
+ * entries again, each in one of the two slots of the pair its MAC hashes to, where it fits. A
+ * packet's MAC is compared with its pair's two slots; one in neither is looked up in
+ * kalki_dev_by_mac, which stays the index: a hash map lookup is about a quarter of a passing
+ * packet's cost (bench/README.md, stop 28), two slots' compares a few ns. Only user space
+ * writes it: a slot after the hash map's entry, and clears it before the entry goes.
+ * The pair's first slot: 2 * (kalki_mac_hash(the slot's first 8 bytes as a __u64, read in
+ * the machine's byte order) % KALKI_MAX_DEVICES), kalki_mac_hash being
+ *   h = ((__u32)(m >> 16) ^ ((__u32)m & 0xffff) * 0x9E3779B1) * 0x85EBCA77; h ^ h >> 16
+ * (appliance/dataplane/api.py: mac_pair). Not keyed: user space decides who gets a slot, and
+ * a MAC chosen to share a device's pair only costs its own packets the hash lookup. */
+struct kalki_mac_slot {
+	__u8 addr[6];
+	__u16 pad;               /* 0 */
+	__u32 device;            /* 0: a free slot */
+	__u32 pad2;
+};
+
 /* map: kalki_dev_by_ip, hash __u32 (network order) -> __u32 device id */
 
 /* map: kalki_devices, array indexed by device id -> kalki_device (as a hash it cost about 22 ns

@@ -217,6 +217,85 @@ def test_drift_names_a_device_whose_xdp_entry_was_changed(lab, fresh, monkeypatc
     assert fresh.drift() == []
 
 
+def _mac_slot_of(dp, mac):
+    """The kalki_mac_slots index holding the MAC, or None."""
+    first = dataplane.mac_pair(mac, dp.max_devices)
+    for i in (first, first + 1):
+        slot = dp._maps["kalki_mac_slots"].lookup(ctypes.c_uint32(i))
+        if slot is not None and dataplane._mac_str(slot.addr) == mac:
+            return i
+    return None
+
+
+def _macs_sharing_the_pair_of(mac, dp, count):
+    """`count` made-up MACs whose kalki_mac_slots pair is the MAC's."""
+    want, out, n = dataplane.mac_pair(mac, dp.max_devices), [], 0
+    while len(out) < count:
+        n += 1
+        candidate = f"02:aa:{n >> 24 & 255:02x}:{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:{n & 255:02x}"
+        if dataplane.mac_pair(candidate, dp.max_devices) == want:
+            out.append(candidate)
+    return out
+
+
+def test_a_device_is_found_by_its_mac_slot_without_the_hash_map(lab, fresh):
+    """The kernel finds the plug in the slot user space chose for it (the two agree on the
+    MAC's pair), without kalki_dev_by_mac: its entry deleted behind the data path's back."""
+    plug = lab.device("plug1")
+    assert _mac_slot_of(fresh, plug.mac) is not None
+    fresh._maps["kalki_dev_by_mac"].delete(dataplane._mac_key(plug.mac))
+    try:
+        before = fresh.counters("plug1").get("pass", {}).get("packets", 0)
+        assert ping(plug.namespace, "198.19.8.1") == 1
+        assert fresh.counters("plug1")["pass"]["packets"] > before
+    finally:
+        fresh.reconcile(normal_specs(lab))
+
+
+def test_a_device_whose_mac_pair_is_full_is_found_in_the_hash_map(lab, fresh):
+    """Two devices took the plug's pair of slots first: the plug is found in kalki_dev_by_mac,
+    which is no drift, and takes a slot once one is free."""
+    plug = lab.device("plug1")
+    spec = fresh.devices["plug1"]
+    others = [dataplane.DeviceSpec(f"pair{i}", mac, f"198.18.200.{10 + i}", {"anti_spoof": {}})
+              for i, mac in enumerate(_macs_sharing_the_pair_of(plug.mac, fresh, 2))]
+    fresh.remove("plug1")
+    try:
+        for o in others:
+            fresh.apply(o)
+        fresh.apply(spec)
+        assert _mac_slot_of(fresh, plug.mac) is None
+        assert all(_mac_slot_of(fresh, o.mac) is not None for o in others)
+        assert ping(plug.namespace, "198.19.8.1") == 1
+        assert fresh.drift() == []
+    finally:
+        for o in others:
+            if o.name in fresh.devices:
+                fresh.remove(o.name)
+    fresh.reconcile(normal_specs(lab))
+    assert _mac_slot_of(fresh, plug.mac) is not None
+    assert all(_mac_slot_of(fresh, o.mac) is None for o in others)
+
+
+def test_a_mac_slot_written_behind_the_data_paths_back_is_named_and_cleared(lab, fresh):
+    """A slot that gives a stranger's MAC a device's id would let the stranger through as that
+    device: the tamper watch names it, and reconcile clears it."""
+    stranger = "02:bb:00:00:00:01"
+    first = dataplane.mac_pair(stranger, fresh.max_devices)
+    free = next(i for i in (first, first + 1)
+                if fresh._maps["kalki_mac_slots"].lookup(ctypes.c_uint32(i)) is None)
+    forged = dataplane.maps.MacSlot(addr=dataplane._mac_key(stranger).addr,
+                                    device=fresh.device_id("camera1"))
+    fresh._maps["kalki_mac_slots"].update(ctypes.c_uint32(free), forged)
+    try:
+        assert fresh.drift() == [f"kalki_mac_slots changed: slot {free} ({stranger} -> device id "
+                                 f"{fresh.device_id('camera1')})"]
+    finally:
+        fresh.reconcile(normal_specs(lab))
+    assert fresh._maps["kalki_mac_slots"].lookup(ctypes.c_uint32(free)) is None
+    assert fresh.drift() == []
+
+
 def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):
     """A rule that moves several devices at once: XDP entries at once, one nft transaction."""
     from labutil import http

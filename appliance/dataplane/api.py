@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,13 @@ def _mac_key(mac: str) -> maps.Mac:
     k = maps.Mac()
     k.addr[:] = bytes.fromhex(mac.replace(":", ""))
     return k
+
+
+def mac_pair(mac: str, pairs: int) -> int:
+    """The first of the two kalki_mac_slots a MAC may take (kalki.h: kalki_mac_slot)."""
+    m = int.from_bytes(bytes.fromhex(mac.replace(":", "")) + b"\0\0", sys.byteorder)
+    h = (((m >> 16) & 0xFFFFFFFF) ^ ((m & 0xFFFF) * 0x9E3779B1 & 0xFFFFFFFF)) * 0x85EBCA77 & 0xFFFFFFFF
+    return 2 * ((h ^ (h >> 16)) % pairs)
 
 
 def _mac_str(raw) -> str:
@@ -750,13 +758,67 @@ class Dataplane:
         if old and old.mac == spec.mac and old.ip == spec.ip:
             return      # a posture change: the indexes stand (reconcile rewrites them itself)
         m["kalki_dev_by_mac"].update(_mac_key(spec.mac), key)
+        self._slot_mac(spec.mac, device_id)
         m["kalki_dev_by_ip"].update(ctypes.c_uint32(_ip_be(spec.ip)), key)
         if m["kalki_drop_set"].lookup(ctypes.c_uint32(_ip_be(spec.ip))) is not None:
             self._mark_own_drop(device_id)      # an address blocked before it was the device's
         if old and old.mac != spec.mac:
+            self._unslot_mac(old.mac)
             m["kalki_dev_by_mac"].delete(_mac_key(old.mac))
         if old and old.ip != spec.ip:
             m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(old.ip)))
+
+    # -- kalki_mac_slots: kalki_dev_by_mac again, compared in two slots (kalki.h) ------------
+    def _mac_slots_of(self, mac: str) -> list[tuple[int, maps.MacSlot | None]]:
+        first = mac_pair(mac, self.max_devices)
+        slots = self._maps["kalki_mac_slots"]
+        return [(i, slots.lookup(ctypes.c_uint32(i))) for i in (first, first + 1)]
+
+    def _slot_mac(self, mac: str, device_id: int) -> None:
+        """After kalki_dev_by_mac has the MAC: into its pair's slot that holds it, or a free one
+        (none free: the kernel finds it in kalki_dev_by_mac)."""
+        addr = _mac_key(mac).addr
+        pair = self._mac_slots_of(mac)
+        mine = [i for i, slot in pair if slot is not None and bytes(slot.addr) == bytes(addr)]
+        free = [i for i, slot in pair if slot is None]
+        if mine or free:
+            self._maps["kalki_mac_slots"].update(ctypes.c_uint32((mine or free)[0]),
+                                                 maps.MacSlot(addr=addr, device=device_id))
+
+    def _unslot_mac(self, mac: str) -> None:
+        """Before the MAC leaves kalki_dev_by_mac."""
+        addr = bytes(_mac_key(mac).addr)
+        for i, slot in self._mac_slots_of(mac):
+            if slot is not None and bytes(slot.addr) == addr:
+                self._maps["kalki_mac_slots"].delete(ctypes.c_uint32(i))
+
+    def _mac_slots_checked(self, applied: list[tuple[str, _Applied]], fix: bool) -> list[str]:
+        """The slots that say what none of the devices applied is (a MAC on another device, or
+        no device's), named; with fix, cleared, and every device without a slot given a free
+        one of its pair."""
+        slots = self._maps["kalki_mac_slots"]
+        count = 2 * self.max_devices
+        held = slots.first_values(count)
+        if held is None:
+            held = [slots.lookup(ctypes.c_uint32(i)) or maps.MacSlot() for i in range(count)]
+        wanted = {a.spec.mac: a.device_id for _, a in applied}
+        wrong, slotted = [], set()
+        for i, slot in enumerate(held):
+            if not slot.device:
+                continue
+            mac = _mac_str(slot.addr)
+            if wanted.get(mac) == slot.device and slot.pad == slot.pad2 == 0 and \
+                    mac_pair(mac, self.max_devices) in (i, i - 1):
+                slotted.add(mac)
+                continue
+            wrong.append(f"slot {i} ({mac} -> device id {slot.device})")
+            if fix:
+                slots.delete(ctypes.c_uint32(i))
+        if fix:
+            for mac, device_id in wanted.items():
+                if mac not in slotted:
+                    self._slot_mac(mac, device_id)
+        return wrong
 
     def set_stack(self, name: str, stack: dict, posture: int | None = None) -> int:
         """A posture change: the same device with another umbox stack."""
@@ -799,6 +861,7 @@ class Dataplane:
     def _drop_kernel_entry(self, device_id: int, macs, ips) -> None:
         m = self._maps
         for mac in macs:
+            self._unslot_mac(mac)
             m["kalki_dev_by_mac"].delete(_mac_key(mac))
         for ip in ips:
             m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
@@ -994,6 +1057,9 @@ class Dataplane:
         changed = [name for name, a in applied if held[name] != a.spec.posture]
         if changed:
             problems.append(f"XDP entries changed for {', '.join(sorted(changed))}")
+        wrong = self._mac_slots_checked(applied, fix=False)
+        if wrong:
+            problems.append(f"kalki_mac_slots changed: {', '.join(wrong)}")
         cleared = self._cleared_own_drop_marks()
         if cleared:
             names = self._name_by_id
@@ -1102,6 +1168,7 @@ class Dataplane:
         for name in [n for n, a in self._devices.items() if a.device_id not in wanted_ids]:
             self._forget(name)
         self._collect_lists()
+        self._mac_slots_checked(list(self._devices.items()), fix=True)
         self._mark_blocked_owners()
         for device_id in self._cleared_own_drop_marks():
             self._mark_own_drop(device_id)

@@ -84,6 +84,12 @@ class Mac(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
+class MacSlot(ctypes.Structure):
+    EMPTY_IS_ABSENT = True      # an array: a free slot is all zeros
+    _fields_ = [("addr", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16), ("device", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32)]
+
+
 class Device(ctypes.Structure):
     EMPTY_IS_ABSENT = True      # kalki_devices is an array: a free slot is all zeros
     _fields_ = [("flags", ctypes.c_uint32), ("ipv4", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6),
@@ -155,6 +161,7 @@ U32 = ctypes.c_uint32
 MAPS = {
     "kalki_settings": (U32, Settings),
     "kalki_dev_by_mac": (Mac, U32),
+    "kalki_mac_slots": (U32, MacSlot),            # kalki_dev_by_mac again, in MAC-hashed pairs
     "kalki_dev_by_ip": (U32, U32),
     "kalki_devices": (U32, Device),
     "kalki_dev_state": (U32, DevState),
