@@ -137,7 +137,8 @@ def cases() -> list[Case]:
              "no allow-list"),
         Case("udp", "one", "xdp_from_devices", (udp,), XDP_PASS, maps.Reason.PASS,
              "UDP from the device to an allowed destination (was from_1): port_scan (last-flow "
-             "cache hit), allow-list hit", ("port_scan",)),
+             "cache hit), allow-list hit (the flow's verdict remembered: kalki_allow_seen)",
+             ("port_scan",)),
         Case("allowlist_miss", "one", "xdp_from_devices",
              (from_device(udp_packet(DEV_IP, NOT_ALLOWED, 40000, DST_PORT, b"kalki-bench")),),
              XDP_DROP, maps.Reason.ALLOWLIST, "UDP from the device to a destination outside "
@@ -153,7 +154,8 @@ def cases() -> list[Case]:
              tuple(from_device(udp_packet(DEV_IP, d, 40000, DST_PORT, b"kalki-bench"))
                    for d in VARIED), XDP_PASS, maps.Reason.PASS,
              f"UDP from the device to {len(VARIED)} allowed destinations in turn: every packet "
-             "misses port_scan's last-flow cache", ("port_scan",), per_run=True),
+             "misses port_scan's last-flow cache and the allow-list's remembered verdict",
+             ("port_scan",), per_run=True),
         Case("udp_run1", "one", "xdp_from_devices", (udp,), XDP_PASS, maps.Reason.PASS,
              "the udp packet measured as varied_dst is (every run a cache hit): its baseline",
              ("port_scan",), per_run=True),

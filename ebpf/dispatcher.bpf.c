@@ -102,6 +102,8 @@ BPF_F_TABLE("lpm_trie", struct kalki_allow_key, struct kalki_allow_value, kalki_
 	    1024, BPF_F_NO_PREALLOC);
 /* Slots: a list per device at most, its next while a posture changes, and the lists kept. */
 BPF_ARRAY_OF_MAPS(kalki_allow_lists, "kalki_allow", 2 * KALKI_MAX_DEVICES + KALKI_KEPT_LISTS);
+BPF_ARRAY(kalki_list_gen, __u32, 2 * KALKI_MAX_DEVICES + KALKI_KEPT_LISTS);
+BPF_PERCPU_ARRAY(kalki_allow_seen, struct kalki_allow_seen, KALKI_MAX_DEVICES);
 /* User space only: which trie each slot holds (kalki.h says why). */
 BPF_TABLE("hash", __u32, __u32, kalki_allow_list_ids, 2 * KALKI_MAX_DEVICES + KALKI_KEPT_LISTS);
 BPF_F_TABLE("hash", struct kalki_name_key, struct kalki_name_value, kalki_name_allow,
@@ -455,7 +457,12 @@ static __always_inline int allowed(__u32 device, struct kalki_device *cfg, struc
 {
 	struct kalki_allow_key k = {.prefixlen = 32, .addr = p->dst};
 	struct kalki_allow_value *v = 0;
-	__u32 list = cfg->allow_id;
+	__u32 list = cfg->allow_id, port = p->dport | (__u32)p->proto << 16;
+	__u32 *gen = list ? kalki_list_gen.lookup(&list) : 0;
+	struct kalki_allow_seen *seen = gen ? kalki_allow_seen.lookup(&device) : 0;
+	if (seen && seen->list == list && seen->trie == *gen && seen->dst == p->dst &&
+	    seen->port == port)
+		return 1;
 	void *trie = list ? kalki_allow_lists.lookup(&list) : 0;
 	if (trie)
 		v = bpf_map_lookup_elem(trie, &k);
@@ -464,8 +471,15 @@ static __always_inline int allowed(__u32 device, struct kalki_device *cfg, struc
 		for (int i = 0; i < KALKI_ALLOW_RULES; i++) {
 			if (i >= v->count)
 				break;
-			if (rule_matches(v->rules[i], p))
+			if (rule_matches(v->rules[i], p)) {
+				if (seen) {
+					seen->list = list;
+					seen->trie = *gen;
+					seen->dst = p->dst;
+					seen->port = port;
+				}
 				return 1;
+			}
 		}
 	}
 	return name_allowed(device, p);

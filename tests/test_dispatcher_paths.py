@@ -75,13 +75,21 @@ def test_varied_destinations_miss_the_last_flow_cache_on_every_packet(pins):
     path = pins["one"]
     fd = path.prog_fds[case.program]
     held = cache(path)
-    for i in range(3 * len(case.packets)):
-        flow = paths.flow(case.packets[i % len(case.packets)])
-        assert flow != held, i        # the cache holds another flow: this packet misses it
-        verdict, _ = paths.bpf.prog_test_run(fd, case.packets[i % len(case.packets)], 1)
-        assert verdict == paths.XDP_PASS
-        held = cache(path)
-        assert held == flow, i        # ... and port_scan went on and recorded it
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})     # (the allow-list's memory is per CPU)
+    try:
+        for i in range(3 * len(case.packets)):
+            flow = paths.flow(case.packets[i % len(case.packets)])
+            assert flow != held, i        # the cache holds another flow: this packet misses it
+            remembered = {(d, p) for d, p, *_ in _seen(path)}
+            assert flow[1:] not in remembered, i    # ... and the allow-list's memory too
+            verdict, _ = paths.bpf.prog_test_run(fd, case.packets[i % len(case.packets)], 1)
+            assert verdict == paths.XDP_PASS
+            held = cache(path)
+            assert held == flow, i        # ... and port_scan went on and recorded it,
+            assert flow[1:] in {(d, p) for d, p, *_ in _seen(path)}, i   # and the trie's verdict
+    finally:
+        os.sched_setaffinity(0, cpus)
     assert len(set(map(paths.flow, case.packets))) == len(case.packets) >= 2
 
 
@@ -228,3 +236,50 @@ def test_unused_lists_are_kept_for_devices_coming_back_up_to_the_kept_slots(pins
         dp._collect_lists()
     finally:
         del path.maps["kalki_allow_lists"].update
+
+
+def _seen(path, device: int = 1) -> list[tuple[int, int, int, int]]:
+    """kalki_allow_seen of the device, one (dst, port, list, trie) per CPU."""
+    return [(s.dst, s.port, s.list, s.trie)
+            for s in path.maps["kalki_allow_seen"].lookup(ctypes.c_uint32(device))]
+
+
+def test_a_remembered_verdict_is_forgotten_when_its_lists_slot_gets_a_new_trie(pins):
+    """The udp packet's flow, allowed by device 1's trie, is remembered with the list's slot and
+    the trie's map id. The device moves to another list; its old slot is emptied and given to
+    a list without that destination; the device moves there: the same packet is refused, not
+    passed on the memory of the slot's old trie. One CPU throughout, since the memory is per
+    CPU and a test run runs on the caller's."""
+    path = pins["one"]
+    dp = path._helper
+    fd = path.prog_fds["xdp_from_devices"]
+    udp = CASES["udp"].packets[0]
+    _, dst, port = paths.flow(udp)
+
+    def device_1(destinations):
+        path.add_device(1, dataplane.DeviceSpec("dev1", paths.DEV_MAC, paths.DEV_IP,
+                                                paths.stack(HOUR_MS, destinations)))
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        assert paths.bpf.prog_test_run(fd, udp, 1)[0] == paths.XDP_PASS
+        old = path.maps["kalki_devices"].lookup(ctypes.c_uint32(1)).allow_id
+        trie = path.maps["kalki_list_gen"].lookup(ctypes.c_uint32(old)).value
+        assert trie == path.maps["kalki_allow_list_ids"].lookup(ctypes.c_uint32(old)).value
+        assert (dst, port, old, trie) in _seen(path)
+        device_1(["198.19.99.0/24"])
+        dp._kept_lists = lambda: 0
+        dp._collect_lists()
+        assert path.maps["kalki_allow_lists"].lookup(ctypes.c_uint32(old)) is None
+        dp._last_list = old - 1                 # the cursor gives that slot next
+        device_1(["198.19.98.0/24"])
+        assert path.maps["kalki_devices"].lookup(ctypes.c_uint32(1)).allow_id == old
+        assert path.maps["kalki_list_gen"].lookup(ctypes.c_uint32(old)).value != trie
+        before = paths.counts(path)
+        assert paths.bpf.prog_test_run(fd, udp, 1)[0] == paths.XDP_DROP
+        assert paths.grown(before, paths.counts(path)) == {"allowlist": 1}
+    finally:
+        os.sched_setaffinity(0, cpus)
+        dp.__dict__.pop("_kept_lists", None)
+        device_1(None)

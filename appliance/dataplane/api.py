@@ -501,9 +501,11 @@ class Dataplane:
                 for i, (proto, port) in enumerate(rules):
                     value.rules[i].proto, value.rules[i].port = proto, port
                 trie.update(maps.AllowKey(prefixlen=prefixlen, addr=_ip_be(addr)), value)
+            trie_id = ctypes.c_uint32(bpf.map_info(trie.fd).id)
+            # (before the slot: a verdict remembered from the slot's last trie stops counting)
+            self._maps["kalki_list_gen"].update(ctypes.c_uint32(list_id), trie_id)
             self._maps["kalki_allow_lists"].update(ctypes.c_uint32(list_id), ctypes.c_uint32(trie.fd))
-            self._maps["kalki_allow_list_ids"].update(ctypes.c_uint32(list_id),
-                                                      ctypes.c_uint32(bpf.map_info(trie.fd).id))
+            self._maps["kalki_allow_list_ids"].update(ctypes.c_uint32(list_id), trie_id)
         finally:
             trie.close()            # the slot holds the trie now
         index[content] = list_id

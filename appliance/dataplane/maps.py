@@ -117,6 +117,11 @@ class AllowValue(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint32), ("rules", AllowRule * ALLOW_RULES)]
 
 
+class AllowSeen(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint32), ("port", ctypes.c_uint32), ("list", ctypes.c_uint32),
+                ("trie", ctypes.c_uint32)]
+
+
 class NameKey(ctypes.Structure):
     _fields_ = [("device", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
@@ -172,6 +177,8 @@ MAPS = {
     "kalki_allow": (AllowKey, AllowValue),        # the template of each list's trie: empty
     "kalki_allow_lists": (U32, U32),              # list id -> its trie (a map id when read)
     "kalki_allow_list_ids": (U32, U32),           # list id -> its trie's map id (read this)
+    "kalki_list_gen": (U32, U32),                 # list id -> its trie's map id, for XDP
+    "kalki_allow_seen": (U32, AllowSeen),         # per CPU, device id -> last flow allowed
     "kalki_name_allow": (NameKey, NameValue),
 }
 RINGBUF = "kalki_events"
