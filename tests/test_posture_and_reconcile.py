@@ -267,6 +267,7 @@ def test_a_device_whose_mac_pair_is_full_is_found_in_the_hash_map(lab, fresh):
         assert _mac_slot_of(fresh, plug.mac) is None
         assert all(_mac_slot_of(fresh, o.mac) is not None for o in others)
         assert ping(plug.namespace, "198.19.8.1") == 1
+        fresh._slots_checked_at = -1e9      # (the slots are read at the next look)
         assert fresh.drift() == []
     finally:
         for o in others:
@@ -277,9 +278,11 @@ def test_a_device_whose_mac_pair_is_full_is_found_in_the_hash_map(lab, fresh):
     assert all(_mac_slot_of(fresh, o.mac) is None for o in others)
 
 
-def test_a_mac_slot_written_behind_the_data_paths_back_is_named_and_cleared(lab, fresh):
+def test_a_mac_slot_written_behind_the_data_paths_back_is_named_and_cleared(lab, fresh, monkeypatch):
     """A slot that gives a stranger's MAC a device's id would let the stranger through as that
-    device: the tamper watch names it, and reconcile clears it."""
+    device: the tamper watch names it (it reads the slots every MAC_SLOTS_CHECK_SECONDS), and
+    reconcile clears it."""
+    monkeypatch.setattr(dataplane, "MAC_SLOTS_CHECK_SECONDS", 0)
     stranger = "02:bb:00:00:00:01"
     first = dataplane.mac_pair(stranger, fresh.max_devices)
     free = next(i for i in (first, first + 1)
