@@ -776,9 +776,15 @@ class Dataplane:
 
     # -- kalki_mac_slots: kalki_dev_by_mac again, compared in two slots (kalki.h) ------------
     def _mac_slots_of(self, mac: str) -> list[tuple[int, maps.MacSlot | None]]:
+        """The MAC's pair of slots, from the image of what this process wrote once it has one
+        (a slot changed behind its back is written over, which is what reconcile would do)."""
         first = mac_pair(mac, self.max_devices)
-        slots = self._maps["kalki_mac_slots"]
-        return [(i, slots.lookup(ctypes.c_uint32(i))) for i in (first, first + 1)]
+        image, size = self._slot_image, ctypes.sizeof(maps.MacSlot)
+        if image is None:
+            slots = self._maps["kalki_mac_slots"]
+            return [(i, slots.lookup(ctypes.c_uint32(i))) for i in (first, first + 1)]
+        pair = [(i, maps.MacSlot.from_buffer_copy(image, i * size)) for i in (first, first + 1)]
+        return [(i, slot if slot.device else None) for i, slot in pair]
 
     def _slot_mac(self, mac: str, device_id: int) -> None:
         """After kalki_dev_by_mac has the MAC: into its pair's slot that holds it, or a free one
