@@ -2,6 +2,7 @@
 killed with SIGKILL: all on real packets in the lab."""
 import ctypes
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -297,6 +298,36 @@ def test_a_mac_slot_written_behind_the_data_paths_back_is_named_and_cleared(lab,
         fresh.reconcile(normal_specs(lab))
     assert fresh._maps["kalki_mac_slots"].lookup(ctypes.c_uint32(free)) is None
     assert fresh.drift() == []
+
+
+@pytest.mark.parametrize("in_batch", [False, True], ids=["alone", "in a batch"])
+def test_attackers_pass_xdp_to_a_decoy_only_once_nftables_redirects_them(lab, fresh, monkeypatch,
+                                                                          in_batch):
+    """Deception lets a drop-set source's packets through XDP for nftables to send to the decoy.
+    While the transaction that puts the camera in `deceive` has not committed, nftables would
+    forward them to the camera itself: its XDP entry is quarantine without deception until then."""
+    from appliance.dataplane import maps
+    from appliance.policy import profiles
+    key = ctypes.c_uint32(fresh.device_id("camera1"))
+    nf = fresh._loaded_nft()
+    real_run, flags_then = nf.run, []
+
+    def run(commands, what):
+        if any("deceive" in json.dumps(c) for c in commands):
+            flags_then.append(fresh._maps["kalki_devices"].lookup(key).flags)
+        return real_run(commands, what)
+
+    monkeypatch.setattr(nf, "run", run)
+    attack = profiles.load_all()["camera"].stack("attack")
+    if in_batch:
+        with fresh.batch():
+            fresh.set_stack("camera1", attack)
+    else:
+        fresh.set_stack("camera1", attack)
+    assert len(flags_then) == 1
+    assert flags_then[0] & maps.Flag.QUARANTINE and not flags_then[0] & maps.Flag.DECEPTION
+    assert fresh._maps["kalki_devices"].lookup(key).flags & maps.Flag.DECEPTION
+    assert bytes(fresh._maps["kalki_devices"].lookup(key)) == bytes(fresh._applied("camera1").entry)
 
 
 def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):

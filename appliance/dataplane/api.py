@@ -148,6 +148,7 @@ class Dataplane:
         self._last_list = 0                               # the allow-list slot given last
         self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
+        self._batch_after: list = []         # (key, entry) written once the batch's nftables holds
         self._closed = False
         self._names: NameBindings | None = None
         self.max_devices = maps.MAX_DEVICES       # device slots the pins are made with
@@ -623,7 +624,13 @@ class Dataplane:
         before = (previous.entry if previous and previous.entry is not None
                   else self._maps["kalki_devices"].lookup(key))
         allow_id = self._list_id(self._allow_content(compiled), create=True)
-        entry = self._write_kernel(device_id, spec, compiled, allow_id, previous)
+        # Deception lets a drop-set source's packets through XDP for nftables to redirect to
+        # the decoy: until nftables has the device in `deceive` they would be forwarded to the
+        # device itself. So the entry goes in without it first, and whole once nftables holds.
+        # (In a batch, held back always: the state a plan builds on is not committed yet.)
+        held_back = bool(compiled.flags & maps.Flag.DECEPTION) and (
+            self._batch is not None or spec.ip not in self._nft_state.get(device_id, {}).get("deceive", ()))
+        entry = self._write_kernel(device_id, spec, compiled, allow_id, previous, held_back)
 
         def undo():
             if before is not None and previous:
@@ -648,6 +655,8 @@ class Dataplane:
         if self._batch is None:
             try:
                 self._sync_nft(device_id, spec, compiled)
+                if held_back:
+                    self._maps["kalki_devices"].update(key, entry)
             except DataplaneError:
                 undo()
                 raise
@@ -661,6 +670,8 @@ class Dataplane:
                 self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
+            if held_back:
+                self._batch_after.append((key, entry))
         # In a batch the old list is kept until the batch has held: an undo puts the device
         # back on it.
         if self._batch is None and before is not None and before.allow_id != allow_id:
@@ -717,7 +728,7 @@ class Dataplane:
         if self._batch is not None:
             yield
             return
-        self._batch = []
+        self._batch, self._batch_after = [], []
         try:
             yield
         except BaseException:
@@ -736,6 +747,12 @@ class Dataplane:
             for _, device_id, device_commands, state, _ in pending:
                 if device_commands:
                     self._nft_state[device_id] = state
+        try:
+            for key, entry in self._batch_after:    # (apply: deception once nftables holds)
+                self._maps["kalki_devices"].update(key, entry)
+        except DataplaneError:
+            self._undo(pending)
+            raise
         self._collect_lists()
 
     def _undo(self, pending: list) -> None:
@@ -744,7 +761,10 @@ class Dataplane:
         self._nft_state = self._loaded_nft().read_back()
         self._collect_lists()
 
-    def _write_kernel(self, device_id, spec, compiled, allow_id, previous) -> maps.Device:
+    def _write_kernel(self, device_id, spec, compiled, allow_id, previous,
+                      held_back: bool = False) -> maps.Device:
+        """Writes the device's entry (without DECEPTION if held_back) and indexes; returns the
+        whole entry."""
         m = self._maps
         key = ctypes.c_uint32(device_id)
         if previous is None and m["kalki_devices"].lookup(key) is None:
@@ -753,7 +773,12 @@ class Dataplane:
             m["kalki_event_limit"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
             m["kalki_counters"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
         entry = self._device_entry(spec, compiled, allow_id)
-        m["kalki_devices"].update(key, entry)
+        if held_back:
+            first = maps.Device.from_buffer_copy(entry)
+            first.flags = first.flags & ~int(maps.Flag.DECEPTION) & 0xFFFFFFFF
+            m["kalki_devices"].update(key, first)
+        else:
+            m["kalki_devices"].update(key, entry)
         self._allow_ids()[device_id] = allow_id
         self._write_indexes(device_id, spec, previous.spec if previous else None)
         return entry
