@@ -295,6 +295,7 @@ class PinnedPath:
             lan_mask=ip_be(str(lan.netmask)), mqtt_port=s.mqtt_port,
             events_per_sec=s.events_per_sec, unknown_flags=0))
         self._helper = dataplane.Dataplane(instance)   # only for its entry-building methods
+        self._helper.max_devices = int((defines or {}).get("KALKI_MAX_DEVICES", maps.MAX_DEVICES))
         self._helper._maps = self.maps                 # ... and its shared allow-lists
 
     def add_device(self, device_id: int, spec: dataplane.DeviceSpec) -> None:

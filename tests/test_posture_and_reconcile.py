@@ -251,6 +251,30 @@ def test_a_device_is_found_by_its_mac_slot_without_the_hash_map(lab, fresh):
         assert fresh.counters("plug1")["pass"]["packets"] > before
     finally:
         fresh.reconcile(normal_specs(lab))
+    # Reconcile gave the plug a new id, and removed the old one's entry without taking the
+    # plug's address index with it: a block of its address still finds it.
+    by_ip = fresh._maps["kalki_dev_by_ip"].lookup(ctypes.c_uint32(dataplane._ip_be(plug.ip)))
+    assert by_ip is not None and by_ip.value == fresh.device_id("plug1")
+    fresh.block_source(plug.ip, 60)
+    try:
+        assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
+    finally:
+        fresh.unblock_source(plug.ip)
+
+
+def test_reconcile_takes_away_the_address_index_a_device_no_longer_has(lab, fresh):
+    """The plug's entry says another address, whose index names it (as after a crash between
+    an address change's writes): reconcile writes the plug's own and removes that one, which
+    would otherwise make unblocking that address clear the plug's drop-set mark."""
+    plug_id = fresh.device_id("plug1")
+    key, other = ctypes.c_uint32(plug_id), ctypes.c_uint32(dataplane._ip_be("198.18.200.99"))
+    entry = fresh._maps["kalki_devices"].lookup(key)
+    entry.ipv4 = other.value
+    fresh._maps["kalki_devices"].update(key, entry)
+    fresh._maps["kalki_dev_by_ip"].update(other, key)
+    assert "plug1" in fresh.reconcile(normal_specs(lab))["fixed"]
+    assert fresh._maps["kalki_dev_by_ip"].lookup(other) is None
+    assert fresh._maps["kalki_devices"].lookup(key).ipv4 == dataplane._ip_be(lab.device("plug1").ip)
 
 
 def test_a_device_whose_mac_pair_is_full_is_found_in_the_hash_map(lab, fresh):

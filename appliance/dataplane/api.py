@@ -148,7 +148,8 @@ class Dataplane:
         self._last_list = 0                               # the allow-list slot given last
         self._allow_of: dict[int, int] | None = None     # {device id: allow-list id}
         self._batch: list | None = None      # nftables work waiting for the end of batch()
-        self._batch_after: list = []         # (key, entry) written once the batch's nftables holds
+        # {device id: (key, entry)}: written whole once the batch's nftables holds (deception)
+        self._batch_after: dict[int, tuple[ctypes.c_uint32, maps.Device]] = {}
         self._closed = False
         self._names: NameBindings | None = None
         self.max_devices = maps.MAX_DEVICES       # device slots the pins are made with
@@ -621,7 +622,9 @@ class Dataplane:
             known = self._maps["kalki_dev_by_mac"].lookup(_mac_key(spec.mac))
             device_id = known.value if known is not None else self._free_id()
         key = ctypes.c_uint32(device_id)
-        before = (previous.entry if previous and previous.entry is not None
+        waiting = self._batch_after.pop(device_id, None) if self._batch is not None else None
+        before = (_held_back(waiting[1]) if waiting      # (what the kernel holds: see below)
+                  else previous.entry if previous and previous.entry is not None
                   else self._maps["kalki_devices"].lookup(key))
         allow_id = self._list_id(self._allow_content(compiled), create=True)
         # Deception lets a drop-set source's packets through XDP for nftables to redirect to
@@ -655,11 +658,11 @@ class Dataplane:
         if self._batch is None:
             try:
                 self._sync_nft(device_id, spec, compiled)
-                if held_back:
-                    self._maps["kalki_devices"].update(key, entry)
             except DataplaneError:
                 undo()
                 raise
+            if held_back:       # nftables holds: no undo past here (see _write_whole)
+                self._write_whole({device_id: (key, entry)})
         else:
             try:
                 plan = self._nft_plan(device_id, spec, compiled)
@@ -671,7 +674,7 @@ class Dataplane:
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
             if held_back:
-                self._batch_after.append((key, entry))
+                self._batch_after[device_id] = (key, entry)
         # In a batch the old list is kept until the batch has held: an undo puts the device
         # back on it.
         if self._batch is None and before is not None and before.allow_id != allow_id:
@@ -728,11 +731,11 @@ class Dataplane:
         if self._batch is not None:
             yield
             return
-        self._batch, self._batch_after = [], []
+        self._batch, self._batch_after = [], {}
         try:
             yield
         except BaseException:
-            pending, self._batch = self._batch, None
+            pending, self._batch, self._batch_after = self._batch, None, {}
             self._undo(pending)
             raise
         pending, self._batch = self._batch, None
@@ -742,18 +745,30 @@ class Dataplane:
                 names = ", ".join(name for name, _, cmds, _, _ in pending if cmds)
                 self._loaded_nft().run(nft.merged(commands), f"devices {names}")
             except DataplaneError:
+                self._batch_after = {}
                 self._undo(pending)
                 raise
             for _, device_id, device_commands, state, _ in pending:
                 if device_commands:
                     self._nft_state[device_id] = state
-        try:
-            for key, entry in self._batch_after:    # (apply: deception once nftables holds)
-                self._maps["kalki_devices"].update(key, entry)
-        except DataplaneError:
-            self._undo(pending)
-            raise
+        whole, self._batch_after = self._batch_after, {}
+        self._write_whole(whole)
         self._collect_lists()
+
+    def _write_whole(self, held_back: dict[int, tuple[ctypes.c_uint32, maps.Device]]) -> None:
+        """The entries apply() wrote without DECEPTION, whole, now that nftables holds. One that
+        cannot be written is not undone: nftables has committed the new posture, and the
+        entry in force is the stricter one (the next reconcile writes it whole)."""
+        failed = []
+        for device_id, (key, entry) in held_back.items():
+            try:
+                self._maps["kalki_devices"].update(key, entry)
+            except DataplaneError as e:
+                failed.append(f"{self._name_by_id.get(device_id, device_id)}: {e}")
+        if failed:
+            raise DataplaneError("deception not switched on for " + "; ".join(failed)
+                                 + " (the device is quarantined without its decoy until the "
+                                 "next reconcile)")
 
     def _undo(self, pending: list) -> None:
         for *_, undo in reversed(pending):
@@ -773,12 +788,10 @@ class Dataplane:
             m["kalki_event_limit"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
             m["kalki_counters"].zero(device_id * maps.REASON_SLOTS, maps.REASON_SLOTS)
         entry = self._device_entry(spec, compiled, allow_id)
-        if held_back:
-            first = maps.Device.from_buffer_copy(entry)
-            first.flags = first.flags & ~int(maps.Flag.DECEPTION) & 0xFFFFFFFF
-            m["kalki_devices"].update(key, first)
-        else:
-            m["kalki_devices"].update(key, entry)
+        if not (previous and previous.spec.ip == spec.ip) and \
+                m["kalki_drop_set"].lookup(ctypes.c_uint32(entry.ipv4)) is not None:
+            self._mark_own_drop(device_id)      # before the entry names the address (kalki.h)
+        m["kalki_devices"].update(key, _held_back(entry) if held_back else entry)
         self._allow_ids()[device_id] = allow_id
         self._write_indexes(device_id, spec, previous.spec if previous else None)
         return entry
@@ -907,12 +920,21 @@ class Dataplane:
         self._collect_lists()
 
     def _drop_kernel_entry(self, device_id: int, macs, ips) -> None:
+        """The device's entry and its index entries, those that still name it: reconcile may
+        have given its MAC or address to a device under a new id (the drop set's marks find
+        a device by its address)."""
         m = self._maps
+        self._batch_after.pop(device_id, None)
         for mac in macs:
-            self._unslot_mac(mac)
-            m["kalki_dev_by_mac"].delete(_mac_key(mac))
+            held = m["kalki_dev_by_mac"].lookup(_mac_key(mac))
+            if held is None or held.value == device_id:
+                self._unslot_mac(mac)
+                m["kalki_dev_by_mac"].delete(_mac_key(mac))
         for ip in ips:
-            m["kalki_dev_by_ip"].delete(ctypes.c_uint32(_ip_be(ip)))
+            key = ctypes.c_uint32(_ip_be(ip))
+            held = m["kalki_dev_by_ip"].lookup(key)
+            if held is None or held.value == device_id:
+                m["kalki_dev_by_ip"].delete(key)
         m["kalki_devices"].delete(ctypes.c_uint32(device_id))
         self._allow_ids().pop(device_id, None)
         self._loaded_names().forget_device(device_id)
@@ -948,6 +970,10 @@ class Dataplane:
         for raw in records:
             e = maps.Event.from_buffer_copy(raw.ljust(ctypes.sizeof(maps.Event), b"\0"))
             reason = maps.Reason(e.reason)
+            if e.action == maps.Action.BLOCKED:     # the kernel marked the source's device
+                owner = self._name_by_ip.get(_ip_str(e.src))
+                if owner is not None:
+                    self._own_drop_marks.add(self._devices[owner].device_id)
             out.append({"device": names.get(e.device, e.device or None),
                         "umbox": maps.REASON_UMBOX[reason], "reason": reason.name.lower(),
                         "src": _ip_str(e.src), "dst": _ip_str(e.dst), "dst_port": e.dst_port,
@@ -995,15 +1021,11 @@ class Dataplane:
                 self._mark_own_drop(owner.value)
 
     def _cleared_own_drop_marks(self) -> list[int]:
-        """Devices marked before whose mark is gone: the kernel would not drop them."""
+        """Devices this process marked (or saw the kernel mark: events()) whose mark is gone:
+        the kernel would not drop them. Only reads (drift runs it in a worker thread)."""
         marks = self._maps["kalki_own_drop"]
-        top = max(self._used_ids | self._own_drop_marks, default=0) + 1
-        held = marks.first_values(top)
-        values = (list(held) if held is not None
-                  else [(marks.lookup(ctypes.c_uint32(i)) or ctypes.c_uint32()).value for i in range(top)])
-        known = self._own_drop_marks | {i for i, v in enumerate(values) if v}   # (a copy: drift
-        self._own_drop_marks |= known                                            # is a thread)
-        return sorted(i for i in known if i < len(values) and not values[i])
+        return sorted(i for i in set(self._own_drop_marks)
+                      if not (marks.lookup(ctypes.c_uint32(i)) or ctypes.c_uint32()).value)
 
     def decoy_source(self, ip: str) -> bool:
         """Lets the decoys of deception devices answer a source in the drop set: nftables'
@@ -1031,7 +1053,10 @@ class Dataplane:
             # meanwhile marks it after its add, so one of the two sees the other (kalki.h).
             self._own_drop_marks.discard(owner.value)
             self._maps["kalki_own_drop"].update(owner, ctypes.c_uint32(0))
-            if self._maps["kalki_drop_set"].lookup(key) is not None:
+            entry = self._maps["kalki_devices"].lookup(owner)
+            addresses = {key.value, entry.ipv4} if entry is not None else {key.value}
+            if any(self._maps["kalki_drop_set"].lookup(ctypes.c_uint32(a)) is not None
+                   for a in addresses):
                 self._mark_own_drop(owner.value)
         if self._nft is not None:
             self._nft.remove_attacker(ip)
@@ -1208,6 +1233,11 @@ class Dataplane:
                 report["unchanged"].append(s.name)
             else:
                 self._put(_Applied(s, device_id, c))
+                if entry is not None and entry.ipv4 != _ip_be(s.ip):   # the address it had
+                    old = ctypes.c_uint32(entry.ipv4)
+                    held = self._maps["kalki_dev_by_ip"].lookup(old)
+                    if held is not None and held.value == device_id:
+                        self._maps["kalki_dev_by_ip"].delete(old)
                 self._write_indexes(device_id, s, None)
                 self.apply(s)
                 report["fixed"].append(s.name)
@@ -1237,6 +1267,13 @@ READ_ONE_BY_ONE = 4     # read_back_all: up to this many devices, a lookup each
 # nftables table is listed once a minute for the same reason.
 MAC_SLOTS_CHECK_SECONDS = 10.0
 SLOTS_PER_LOOKUP = 16   # read_back_all: a batch only over at most this many slots per device
+
+
+def _held_back(entry: maps.Device) -> maps.Device:
+    """The entry without DECEPTION: what apply() writes until nftables redirects to the decoy."""
+    first = maps.Device.from_buffer_copy(entry)
+    first.flags = first.flags & ~int(maps.Flag.DECEPTION) & 0xFFFFFFFF
+    return first
 
 
 def _posture_of(entry: maps.Device | None) -> int | None:
