@@ -183,13 +183,14 @@ struct kalki_name_value {
 /* map: kalki_own_drop, array indexed by device id -> __u32, non-zero when the device's own
  * address may be in kalki_drop_set. xdp_from_devices looks a packet from a device's own
  * address up in the drop set only then: a drop-set miss is a hash walk, about a fifth of a
- * passing packet's cost (bench/README.md, stop 28). Whoever puts an address into the drop set
- * marks its device after the add: the kernel when a detector blocks a source
- * (kalki_dev_by_ip says whose it is), user space when it blocks one. User space also marks a
- * device it gives an address that is in the drop set, after writing kalki_dev_by_ip; so
- * whichever runs second sees the other's write. Only user space clears a mark, when it takes
- * the device's address out of the drop set: it clears, then looks the address up again. An
- * entry that expired or was pushed out leaves its mark: a lookup too many, never one too few. */
+ * passing packet's cost (bench/README.md, stop 28). The kernel marks the owner right after a
+ * detector's add (kalki_dev_by_ip says whose the address is); user space marks before it
+ * blocks an address, and marks a device it gives an address that is in the drop set before the
+ * entry names it and again after writing kalki_dev_by_ip, so that whichever of the kernel and
+ * user space runs second sees the other's write (but see bench/README.md on barriers). Only
+ * user space clears a mark, when it takes the device's address out of the drop set: it clears,
+ * then looks the address up again. An entry that expired or was pushed out leaves its mark: a
+ * lookup too many, never one too few. */
 /* reason: a KALKI_R_*, | KALKI_DROP_DECOY once nftables knows the source */
 struct kalki_drop {
 	__u64 expires_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = never */

@@ -622,7 +622,7 @@ class Dataplane:
             known = self._maps["kalki_dev_by_mac"].lookup(_mac_key(spec.mac))
             device_id = known.value if known is not None else self._free_id()
         key = ctypes.c_uint32(device_id)
-        waiting = self._batch_after.pop(device_id, None) if self._batch is not None else None
+        waiting = self._batch_after.get(device_id) if self._batch is not None else None
         before = (_held_back(waiting[1]) if waiting      # (what the kernel holds: see below)
                   else previous.entry if previous and previous.entry is not None
                   else self._maps["kalki_devices"].lookup(key))
@@ -661,8 +661,6 @@ class Dataplane:
             except DataplaneError:
                 undo()
                 raise
-            if held_back:       # nftables holds: no undo past here (see _write_whole)
-                self._write_whole({device_id: (key, entry)})
         else:
             try:
                 plan = self._nft_plan(device_id, spec, compiled)
@@ -675,12 +673,16 @@ class Dataplane:
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
             if held_back:
                 self._batch_after[device_id] = (key, entry)
+            else:       # (this apply's entry is whole: one held back before it is superseded)
+                self._batch_after.pop(device_id, None)
         # In a batch the old list is kept until the batch has held: an undo puts the device
         # back on it.
         if self._batch is None and before is not None and before.allow_id != allow_id:
             self._collect_lists()
         self._put(_Applied(spec, device_id, compiled, entry))
         self._used_ids.add(device_id)
+        if held_back and self._batch is None:   # nftables holds: no undo past here
+            self._write_whole({device_id: (key, entry)})
         return device_id
 
     def _write_gate_policy(self, spec: DeviceSpec, compiled: umbox.CompiledStack | None,
@@ -973,7 +975,7 @@ class Dataplane:
             if e.action == maps.Action.BLOCKED:     # the kernel marked the source's device
                 owner = self._name_by_ip.get(_ip_str(e.src))
                 if owner is not None:
-                    self._own_drop_marks.add(self._devices[owner].device_id)
+                    self._watch_kernel_mark(self._devices[owner].device_id)
             out.append({"device": names.get(e.device, e.device or None),
                         "umbox": maps.REASON_UMBOX[reason], "reason": reason.name.lower(),
                         "src": _ip_str(e.src), "dst": _ip_str(e.dst), "dst_port": e.dst_port,
@@ -999,17 +1001,24 @@ class Dataplane:
         entry = maps.Drop(expires_ns=expires, device=self.device_id(device) if device else 0,
                           reason=maps.Reason.DROP_SET)
         key = ctypes.c_uint32(_ip_be(ip))
-        self._maps["kalki_drop_set"].update(key, entry)
         owner = self._maps["kalki_dev_by_ip"].lookup(key)
-        if owner is not None:
+        if owner is not None:       # before the add: a crash in between leaves a lookup too many
             self._mark_own_drop(owner.value)
+        self._maps["kalki_drop_set"].update(key, entry)
         self.decoy_source(ip)
 
     def _mark_own_drop(self, device_id: int) -> None:
         """The device's packets from its own address are looked up in the drop set (kalki.h:
         kalki_own_drop): after its address went in, or it was given one that is there."""
+        self._own_drop_marks.add(device_id)     # (watched even if the write fails)
         self._maps["kalki_own_drop"].update(ctypes.c_uint32(device_id), ctypes.c_uint32(1))
-        self._own_drop_marks.add(device_id)
+
+    def _watch_kernel_mark(self, device_id: int) -> None:
+        """A mark the kernel set, watched by drift from now on (if it is still there: a late
+        event may follow an unblock)."""
+        held = self._maps["kalki_own_drop"].lookup(ctypes.c_uint32(device_id))
+        if held is not None and held.value:
+            self._own_drop_marks.add(device_id)
 
     def _mark_blocked_owners(self) -> None:
         """Every device whose address is in the drop set, marked (reconcile: whatever the
@@ -1233,13 +1242,13 @@ class Dataplane:
                 report["unchanged"].append(s.name)
             else:
                 self._put(_Applied(s, device_id, c))
+                self._write_indexes(device_id, s, None)
+                self.apply(s)
                 if entry is not None and entry.ipv4 != _ip_be(s.ip):   # the address it had
-                    old = ctypes.c_uint32(entry.ipv4)
+                    old = ctypes.c_uint32(entry.ipv4)     # (once its entry no longer names it)
                     held = self._maps["kalki_dev_by_ip"].lookup(old)
                     if held is not None and held.value == device_id:
                         self._maps["kalki_dev_by_ip"].delete(old)
-                self._write_indexes(device_id, s, None)
-                self.apply(s)
                 report["fixed"].append(s.name)
         for k in list(self._maps["kalki_devices"].keys()):
             if k.value not in wanted_ids:
