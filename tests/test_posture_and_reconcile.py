@@ -354,6 +354,22 @@ def test_attackers_pass_xdp_to_a_decoy_only_once_nftables_redirects_them(lab, fr
     assert bytes(fresh._maps["kalki_devices"].lookup(key)) == bytes(fresh._applied("camera1").entry)
 
 
+def test_a_batch_that_changes_a_device_twice_is_refused_by_name_and_changes_nothing(lab, fresh):
+    """nftables cannot take two plans for one device in one transaction (the deletions of both go
+    first): the second is refused naming the device, and the batch is put back whole."""
+    from appliance.policy import profiles
+    camera = profiles.load_all()["camera"]
+    key = ctypes.c_uint32(fresh.device_id("camera1"))
+    entry, table = bytes(fresh._maps["kalki_devices"].lookup(key)), fresh._nft.read_back()
+    with pytest.raises(ConfigError, match="device camera1: changed twice in one batch"):
+        with fresh.batch():
+            fresh.set_stack("camera1", camera.stack("attack"))
+            fresh.set_stack("camera1", camera.stack("suspicious"))
+    assert bytes(fresh._maps["kalki_devices"].lookup(key)) == entry
+    assert fresh._nft.read_back() == table
+    assert fresh.drift() == []
+
+
 def test_a_batch_is_one_nftables_transaction_and_all_or_nothing(lab, fresh, monkeypatch):
     """A rule that moves several devices at once: XDP entries at once, one nft transaction."""
     from labutil import http

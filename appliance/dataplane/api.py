@@ -667,6 +667,12 @@ class Dataplane:
             except DataplaneError:      # (reading the table's classes): not queued for undo yet
                 undo()
                 raise
+            if plan and any(p[1] == device_id and p[2] for p in self._batch):
+                # Both plans' deletions would go first in the one transaction, and nftables
+                # refuses to delete what only the earlier plan adds.
+                undo()
+                raise ConfigError(f"device {spec.name}: changed twice in one batch, each time "
+                                  "in nftables; a batch changes a device once")
             if plan:
                 self._nft_state[device_id] = plan[1]   # the next plan builds on it
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
