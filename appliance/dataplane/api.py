@@ -1015,7 +1015,7 @@ class Dataplane:
 
     def _mark_own_drop(self, device_id: int) -> None:
         """The device's packets from its own address are looked up in the drop set (kalki.h:
-        kalki_own_drop): after its address went in, or it was given one that is there."""
+        kalki_own_drop): before its address goes in, or when it is given one that is there."""
         self._own_drop_marks.add(device_id)     # (watched even if the write fails)
         self._maps["kalki_own_drop"].update(ctypes.c_uint32(device_id), ctypes.c_uint32(1))
 
