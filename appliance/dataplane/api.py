@@ -150,6 +150,7 @@ class Dataplane:
         self._batch: list | None = None      # nftables work waiting for the end of batch()
         # {device id: (key, entry)}: written whole once the batch's nftables holds (deception)
         self._batch_after: dict[int, tuple[ctypes.c_uint32, maps.Device]] = {}
+        self._batch_planned: set[int] = set()    # devices with nftables commands in the batch
         self._closed = False
         self._names: NameBindings | None = None
         self.max_devices = maps.MAX_DEVICES       # device slots the pins are made with
@@ -667,7 +668,7 @@ class Dataplane:
             except DataplaneError:      # (reading the table's classes): not queued for undo yet
                 undo()
                 raise
-            if plan and any(p[1] == device_id and p[2] for p in self._batch):
+            if plan and device_id in self._batch_planned:
                 # Both plans' deletions would go first in the one transaction, and nftables
                 # refuses to delete what only the earlier plan adds.
                 undo()
@@ -675,6 +676,7 @@ class Dataplane:
                                   "in nftables; a batch changes a device once")
             if plan:
                 self._nft_state[device_id] = plan[1]   # the next plan builds on it
+                self._batch_planned.add(device_id)
         if self._batch is not None:     # nftables' part, if any, goes at the batch's end
             self._batch.append((spec.name, device_id, *(plan or (None, None)), undo))
             if held_back:
@@ -739,7 +741,7 @@ class Dataplane:
         if self._batch is not None:
             yield
             return
-        self._batch, self._batch_after = [], {}
+        self._batch, self._batch_after, self._batch_planned = [], {}, set()
         try:
             yield
         except BaseException:
