@@ -363,7 +363,7 @@ def bench_intrusion(state, devices=None, rule: str = "physical-intrusion") -> di
     return {"decide": decide, "enforce": enforce, "xdp": xdp, "e2e": e2e, "misses": misses,
             "pub_enforce": pub_enforce, "pub_xdp": pub_xdp, "pub_decide": pub_decide, "hop": hop,
             "unstamped": unstamped,
-            "cameras": len(cameras), "targets": targets, "status": status,
+            "cameras": len(cameras), "targets": targets, "status": status, "sensor": sensor.name,
             "state_kb": (round(size_before / 1024), round(state_file_size(state) / 1024))}
 
 
@@ -503,6 +503,12 @@ def report_mqtt(r: dict, loads: Loads, devices: int, prefix: str = "mqtt",
     stats(f"{prefix}_xdp", r["pub_xdp"], **extra,
           how="the sensor's publish -> every camera's XDP entry written (nftables' part follows)")
     stats(f"{prefix}_decide", r["pub_decide"], **extra, how="the sensor's publish -> the rule decided")
+    held = [e["ms"] for e in (r["status"].get("evaluations") or {}).get("slow", [])
+            if e["stimulus"] == "telemetry" and e["device"] == r["sensor"]]
+    stats(f"{prefix}_loop_held_per_trigger", held, **extra,
+          how="the supervisor's loop held by one trigger's evaluation: the rule, the cameras "
+              "enforced and the decisions their changes set off (status: evaluations, the last "
+              "64 of 5 ms or more); a stimulus arriving meanwhile waits")
     stats(f"{prefix}_broker_hop", r["hop"], **extra,
           how="the sensor's publish -> the message on the supervisor's loop (broker and paho's thread)")
     stats(f"{prefix}_enforce_from_arrival", r["enforce"], **extra,

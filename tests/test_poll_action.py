@@ -358,3 +358,34 @@ def test_an_answer_of_the_wrong_shape_marks_the_device_offline_and_names_it(sup,
     asyncio.run(adapter._poll_one("light1"))
     assert adapter._failures == {"light1": 1} and adapter._available == {"light1": "offline"}
     assert any("polling light1" in r.getMessage() and says in r.getMessage() for r in caplog.records)
+
+
+def test_a_stimulus_and_the_decisions_it_sets_off_are_timed_as_one_and_a_slow_one_named(
+        sup, monkeypatch):
+    """An alert puts camera1 suspicious; its posture change sets off the camera profile's
+    rule, which polls the lights: one evaluation on the loop, timed whole and named by the
+    alert (status: evaluations), not one per decision. A clock that moves 5 ms per reading
+    makes it slow."""
+    from appliance.supervisor import core
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(core.time, "perf_counter_ns", lambda: next(ticks) * 5_000_000)
+    then = [{"set_posture": {"device": "self", "posture": "suspicious"}}]
+    sup.store.put_rule("poke-suspicious", {"name": "poke-suspicious", "when": {"alert": {"type": "poke"}},
+                                           "then": then})
+    sup.reload_rules()
+    before = sup.evaluations.count
+    poke(sup, "poke")
+    assert poll_steps(sup, "camera-suspicious-poll-lights")     # the nested decision ran
+    assert sup.evaluations.count == before + 1
+    slow = sup.evaluations.status()["slow"][-1]
+    assert (slow["stimulus"], slow["device"]) == ("alert", "camera1") and slow["ms"] >= 2
+    assert sup.evaluations.status()["slowest"]["ms"] >= slow["ms"]
+
+
+def test_a_quick_evaluation_is_counted_and_not_kept(sup, monkeypatch):
+    from appliance.supervisor import core
+    monkeypatch.setattr(core.time, "perf_counter_ns", lambda: 7)     # no time passes
+    before = sup.evaluations.status()
+    poke(sup, "nothing-watches-this")
+    after = sup.evaluations.status()
+    assert after["count"] == before["count"] + 1 and after["slow"] == before["slow"]

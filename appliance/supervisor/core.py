@@ -145,6 +145,8 @@ class Supervisor:
         # system.broker.BrokerFiles (appliance.run): Home Assistant's password on the broker
         self.broker_files: Any = None
         self.polls: dict[str, dict] = {}   # the rule action poll's intervals in force: see poll_of
+        self.evaluations = Evaluations()    # how long stimuli held the loop (status: evaluations)
+        self._evaluating = 0                # _evaluate's depth: the posture changes it sets off nest
         self.clones: dict[str, dict] = {}  # MAC -> the clone seen below the gateway: see on_clone
         self._gate_credentials: str | None = None   # what sync_gate_credentials last wrote
         self.panel: Any = None     # faces.panel.Panel: the LEDs and the button, when enabled
@@ -766,14 +768,22 @@ class Supervisor:
     def _evaluate(self, stimulus: policy.Stimulus) -> None:
         if self.maintenance_active():
             return
+        top = not self._evaluating
+        started = time.perf_counter_ns()
+        self._evaluating += 1
         try:
-            decisions = self.engine.evaluate(stimulus, self)
-        except KalkiError as e:
-            log.error("policy evaluation failed: %s", e)
-            return
-        with self.store.batch():     # one write for everything this stimulus changed
-            for d in decisions:
-                self._execute(d)
+            try:
+                decisions = self.engine.evaluate(stimulus, self)
+            except KalkiError as e:
+                log.error("policy evaluation failed: %s", e)
+                return
+            with self.store.batch():     # one write for everything this stimulus changed
+                for d in decisions:
+                    self._execute(d)
+        finally:
+            self._evaluating -= 1
+            if top:
+                self.evaluations.note(stimulus, time.perf_counter_ns() - started, self.now())
 
     def _execute(self, d: policy.Decision) -> None:
         done: list[dict] = []
@@ -1631,6 +1641,36 @@ class Supervisor:
                 self.store.audit("poll", "timer", {
                     "device": name, "reason": "expired", "until": None,
                     "every_seconds": self.adapter.interval(name) if self.adapter else None})
+
+
+class Evaluations:
+    """How long each stimulus held the supervisor's loop: its evaluation with everything it set
+    off (postures enforced, the decisions their changes made in turn, records, messages). The
+    loop does nothing else meanwhile, so a stimulus arriving then, an attack's included, waits
+    that long. Kept: how many, the slowest, and the last SLOW_KEPT that took SLOW_MS or more,
+    each named by its stimulus (status: evaluations)."""
+
+    SLOW_MS = 5.0
+    SLOW_KEPT = 64
+
+    def __init__(self):
+        self.count = 0
+        self.slowest: dict | None = None
+        self.slow: collections.deque[dict] = collections.deque(maxlen=self.SLOW_KEPT)
+
+    def note(self, stimulus: policy.Stimulus, held_ns: int, at: datetime.datetime) -> None:
+        self.count += 1
+        ms = held_ns / 1e6
+        if ms < self.SLOW_MS:
+            return
+        seen = {"ms": round(ms, 2), "stimulus": stimulus.kind, "device": stimulus.device, "at": iso(at)}
+        self.slow.append(seen)
+        if self.slowest is None or ms > self.slowest["ms"]:
+            self.slowest = seen
+
+    def status(self) -> dict:
+        return {"count": self.count, "slow_ms": self.SLOW_MS, "slowest": self.slowest,
+                "slow": list(self.slow)}
 
 
 def event_ns(event: dict, read_ns: int) -> int:

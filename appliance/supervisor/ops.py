@@ -215,6 +215,7 @@ class Ops:
                 "disk_error": sup.store.disk_error,
                 **sup.collector.status(),
                 "trim_pause_max_ms": round(sup.trim_pause_max_ms, 2),
+                "evaluations": sup.evaluations.status(),
                 "rules_off": self.rules_off(),
                 "notify": sup.notifier.status()}
 
