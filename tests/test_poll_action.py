@@ -13,6 +13,7 @@ from fakes import supervisor
 from appliance.errors import ConfigError
 from appliance.policy import parse_rule
 from appliance.policy.profiles import profile_from_text
+from appliance.supervisor import explain
 from appliance.telemetry.adapters import HueAdapter
 
 CAMERA = ("02:4b:00:00:00:01", "198.18.0.10", "camera")
@@ -116,7 +117,8 @@ def test_the_camera_profile_s_rule_polls_the_lights_every_second_for_30_minutes(
 def test_cameras_turning_suspicious_together_poll_each_light_once(tmp_path):
     """The intrusion rule moves every camera at once: each asks for every light's poll, and
     only the first is carried out (one audit per light, not one per camera, and one write of
-    the polls in force for all the lights); the others' decisions say the poll in force."""
+    the polls in force for all the lights); the others' decisions say, in one step each and in
+    words, that the lights' polls are in force."""
     cameras = {f"camera{i}": (f"02:4b:00:00:01:{i:02x}", f"198.18.0.{20 + i}", "camera") for i in range(1, 4)}
     s = supervisor(tmp_path, light1=LIGHT1, light2=LIGHT2, **cameras)
     try:
@@ -128,8 +130,16 @@ def test_cameras_turning_suspicious_together_poll_each_light_once(tmp_path):
         assert sorted(a["device"] for a in audit(s, "poll")) == ["light1", "light2"]
         assert writes.count("polls") == 1
         steps = poll_steps(s, "camera-suspicious-poll-lights")
-        assert len(steps) == 2 * len(cameras)
-        assert {s_["until"] for s_ in steps if s_["target"] == "light1"} == {s.polls["light1"]["until"]}
+        set_ = [s_ for s_ in steps if "target" in s_]
+        found = [s_ for s_ in steps if "in_force" in s_]
+        assert sorted(s_["target"] for s_ in set_) == ["light1", "light2"]
+        assert [s_["in_force"] for s_ in found] == [["light1", "light2"]] * (len(cameras) - 1)
+        assert {s_["until"] for s_ in steps} == {s.polls["light1"]["until"]}
+        words = [explain.decision_words(d, "", lambda *_: None)
+                 for d in s.store.decisions(kind="decision", limit=100)
+                 if d["rule"] == "camera-suspicious-poll-lights"]
+        assert sum("found 2 devices polled every 1 s already" in w for w in words) == len(cameras) - 1
+        assert sum("polls light1 every 1 s" in w for w in words) == 1
     finally:
         s.store.close()
 

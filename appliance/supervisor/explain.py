@@ -555,6 +555,10 @@ def decision_words(decision: dict, at_words: str, stack_of: Callable[[str, str],
             done.append(f"raised {a.get('type')}" + (f" ({a['message']})" if a.get("message") else ""))
         elif kind == "command":
             done.append(f"sent {target} {json.dumps(a.get('payload'), default=str)}")
+        elif kind == "poll" and a.get("in_force"):
+            found = a["in_force"]
+            who = found[0] if len(found) == 1 else f"{len(found)} devices"
+            done.append(f"found {who} polled every {seconds_words(a.get('every_seconds'))} already")
         elif kind == "poll":
             done.append(f"polls {target} every {seconds_words(a.get('every_seconds'))}")
     said = f"Rule {decision.get('rule')} " + (", ".join(done) if done else "did nothing")
