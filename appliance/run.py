@@ -171,7 +171,8 @@ async def serve(cfg: Config) -> None:
         sup.attach_bus(connect_mqtt(cfg, sup, ops, loop))
         if control_server is None:
             control_server = await start_control(cfg, ops)
-        neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop)
+        neighbours = NeighbourMonitor(cfg.gateway.devices_interface, cfg.gateway.lan, sup.discovered, loop,
+                                      counters=sup.counters)
         neighbours.start()
         stations = start_stations(cfg, sup)
         sup.adapter = start_adapter(cfg, sup, loop)

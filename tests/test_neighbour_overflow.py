@@ -4,6 +4,7 @@ still reported. Real netlink in a namespace of the test's own, 198.18.200.0/23 o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import socket
@@ -64,7 +65,7 @@ def monitor_in(namespace: str, shrink: bool):
     with netns.entered(namespace):
         loop = asyncio.new_event_loop()
         monitor = NeighbourMonitor("v0", "198.18.200.0/23", lambda mac, ip: seen.__setitem__(mac, ip),
-                                   loop)
+                                   loop, counters=collections.Counter(elsewhere=1))
         try:
             monitor.start()
             assert monitor._sock is not None
@@ -82,6 +83,8 @@ def test_a_burst_larger_than_the_socket_is_read_again_whole(namespace):
         until_seen(loop, seen, neighbours())
         assert seen == neighbours()
         assert monitor.overflows >= 1
+        # counted where it was given (the supervisor's counters, shown by its status)
+        assert monitor.counters == {"elsewhere": 1, "neighbour_overflows": monitor.overflows}
 
 
 def test_events_after_an_overflow_are_kept(namespace):

@@ -8,6 +8,7 @@ seen or moved meanwhile is still reported. The buffer is made large enough that 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import ipaddress
 import json
@@ -56,15 +57,23 @@ def parse_neighbour(body: bytes):
 
 class NeighbourMonitor:
     def __init__(self, ifname: str, lan: str, on_seen: Callable[[str, str], None],
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, counters: collections.Counter | None = None):
+        """counters: where the overflows are counted, as `neighbour_overflows` (the
+        supervisor's, which its status shows: a site whose devices often come at once has its
+        neighbour table read whole each time, and the operator sees how often)."""
         self.ifname = ifname
         self._net = ipaddress.IPv4Network(lan)
         self._on_seen = on_seen
         self._loop = loop
         self._sock: socket.socket | None = None
         self._ifindex = 0
-        self.overflows = 0      # times the kernel dropped events, each followed by a full read
+        self.counters: collections.Counter = collections.Counter() if counters is None else counters
         self._resync = False    # emptying the queue after an overflow, the table read next
+
+    @property
+    def overflows(self) -> int:
+        """Times the kernel dropped events, each followed by a full read."""
+        return self.counters["neighbour_overflows"]
 
     def start(self) -> None:
         try:
@@ -120,7 +129,7 @@ class NeighbourMonitor:
             if e.errno != errno.ENOBUFS:
                 log.warning("neighbour monitor: reading %s's events: %s", self.ifname, e.strerror)
                 return
-            self.overflows += 1
+            self.counters["neighbour_overflows"] += 1
             log.warning("neighbour monitor: the kernel dropped events on %s (more at once than "
                         "the socket holds): reading the whole table again", self.ifname)
             self._resync = True
@@ -141,7 +150,7 @@ class NeighbourMonitor:
                 break       # empty
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
-                    self.overflows += 1
+                    self.counters["neighbour_overflows"] += 1
                     continue
                 log.warning("neighbour monitor: reading %s's events: %s", self.ifname, e.strerror)
                 break
