@@ -338,6 +338,31 @@ def test_a_cleared_drop_mark_is_named_and_set_again(lab, fresh):
     assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
 
 
+@pytest.mark.parametrize("others", [0, 300])
+def test_reconcile_marks_a_blocked_device_however_full_the_drop_set(lab, fresh, others):
+    """A device's address in the drop set, unmarked, that this process did not see blocked
+    (as after a restart): reconcile marks it, read from the drop set's side when it holds no
+    more sources than there are devices, from the devices' side when an attack filled it."""
+    plug = dev(lab, "plug1")
+    drop = fresh._maps["kalki_drop_set"]
+    fresh.unblock_source(plug.ip)
+    strangers = [ctypes.c_uint32(_ip_be(f"198.19.{100 + i // 250}.{1 + i % 250}")) for i in range(others)]
+    for key in [*strangers, ctypes.c_uint32(_ip_be(plug.ip))]:
+        drop.update(key, drop.value_type())
+    assert len(list(drop.keys())) > len(fresh.devices) or not others
+    try:
+        assert own_drop_mark(fresh, "plug1") == 0
+        assert ping(plug.namespace, "198.19.8.1") == 1              # unmarked: not looked at
+        fresh.reconcile(__import__("conftest").normal_specs(lab))
+        assert own_drop_mark(fresh, "plug1") == 1
+        assert ping(plug.namespace, "198.19.8.1", wait=0.5) == 0
+    finally:
+        for key in strangers:
+            drop.delete(key)
+        fresh.unblock_source(plug.ip)
+    assert ping(plug.namespace, "198.19.8.1") == 1
+
+
 def test_auth_gate(lab, fresh):
     """Runs last: the gate keeps its own memory of who failed."""
     plug = dev(lab, "plug1")
