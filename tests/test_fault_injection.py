@@ -105,6 +105,14 @@ def survived(lab) -> None:
     COUNTS["survived"] += 1
 
 
+def dead(pid: int) -> bool:
+    """Gone, or a zombie: it runs no more code."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def inject() -> None:
     COUNTS["faults_injected"] += 1
 
@@ -191,6 +199,9 @@ def test_a_damaged_store_at_start(flab, damage, request):
     inject()
     with Prober(flab, request.node.name):
         os.killpg(flab.pids["supervisor"], signal.SIGKILL)
+        # dead before the damage: a write of its own in flight would else make the damaged
+        # file the previous generation (seen with the machine loaded)
+        assert wait_until(lambda: dead(flab.pids["supervisor"]), 5)
         good = state.read_bytes()
         broken = {"empty": b"", "torn": good[: len(good) // 2], "corrupt": b'{"devices": 7}'}[damage]
         state.write_bytes(broken)
