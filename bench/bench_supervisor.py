@@ -507,8 +507,9 @@ def report_mqtt(r: dict, loads: Loads, devices: int, prefix: str = "mqtt",
             if e["stimulus"] == "telemetry" and e["device"] == r["sensor"]]
     stats(f"{prefix}_loop_held_per_trigger", held, **extra,
           how="the supervisor's loop held by one trigger's evaluation: the rule, the cameras "
-              "enforced and the decisions their changes set off (status: evaluations, the last "
-              "64 of 5 ms or more); a stimulus arriving meanwhile waits")
+              "enforced and the decisions their changes set off (status: evaluations: the "
+              "last 64 of 5 ms or more, so at most the last 64 triggers); a stimulus arriving "
+              "meanwhile waits")
     stats(f"{prefix}_broker_hop", r["hop"], **extra,
           how="the sensor's publish -> the message on the supervisor's loop (broker and paho's thread)")
     stats(f"{prefix}_enforce_from_arrival", r["enforce"], **extra,

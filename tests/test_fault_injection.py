@@ -106,9 +106,11 @@ def survived(lab) -> None:
 
 
 def dead(pid: int) -> bool:
-    """Gone, or a zombie: it runs no more code."""
+    """Gone, or a zombie with no thread left (a thread group's leader is a zombie while its
+    other threads still finish)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "Z" and len(os.listdir(f"/proc/{pid}/task")) <= 1
     except (FileNotFoundError, ProcessLookupError):
         return True
 
@@ -199,12 +201,15 @@ def test_a_damaged_store_at_start(flab, damage, request):
     inject()
     with Prober(flab, request.node.name):
         os.killpg(flab.pids["supervisor"], signal.SIGKILL)
-        # dead before the damage: a write of its own in flight would else make the damaged
-        # file the previous generation (seen with the machine loaded)
-        assert wait_until(lambda: dead(flab.pids["supervisor"]), 5)
+        assert wait_until(lambda: dead(flab.pids["supervisor"]), 5)     # no write of its own after
         good = state.read_bytes()
         broken = {"empty": b"", "torn": good[: len(good) // 2], "corrupt": b'{"devices": 7}'}[damage]
-        state.write_bytes(broken)
+        # A new file in its place, not the file written over: a kill in the middle of the
+        # store's own write leaves the file and its previous generation one file (a hard link,
+        # for an instant), and damage written into it damaged both (seen, the machine loaded).
+        damaged = state.with_name(".damaged")
+        damaged.write_bytes(broken)
+        os.replace(damaged, state)
         run = subprocess.run(["ip", "netns", "exec", flab.namespaces["gw"], sys.executable, "-m",
                               "appliance.cli", "run", "--config", str(lab_dir(flab) / "kalki.toml")],
                              capture_output=True, text=True, timeout=60)

@@ -191,6 +191,21 @@ def test_a_poll_on_a_device_without_an_adapter_is_refused_and_audited(sup):
     assert "plug1" not in sup.polls and not audit(sup, "poll")
 
 
+def test_a_device_approved_again_as_a_type_no_adapter_polls_has_its_poll_let_go(sup):
+    """A poll found in force is not asked of the adapter again: a light approved again as a
+    plug (no [adapter]) loses its poll at once, and the same ask (the same rule, interval and
+    end) is then refused and said so, not found in force."""
+    site_rule(sup, "poll-light", "poke", {"device": "light1", "every": "5s", "for": "10m"})
+    poke(sup, "poke")
+    assert "light1" in sup.polls and sup.adapter.interval("light1") == 5.0
+    sup.approve("light1", "plug")
+    assert "light1" not in sup.polls and "light1" not in sup.store.get_setting("polls")
+    step, = sup._set_polls("poll-light", ("light1",), 5, 600)
+    assert "no polling adapter" in step["error"]
+    words = explain.decision_words({"rule": "poll-light", "actions": [step]}, "", lambda *_: None)
+    assert "could not poll light1 (device light1: no polling adapter" in words
+
+
 def test_without_any_adapter_every_poll_is_refused(sup):
     sup.adapter = None
     site_rule(sup, "poll-light", "poke", {"device": "light1", "every": "5s"})

@@ -890,6 +890,17 @@ class Supervisor:
                 self.store.audit("poll", actor, {"device": target, "every_seconds": every, "until": until})
         return steps
 
+    def _drop_poll_unless_polled(self, name: str) -> None:
+        """A poll in force on a device the adapter no longer polls (approved again as a type
+        without [adapter]) is let go: _set_polls takes a poll in force as an adapter's device's
+        without asking the adapter again, so a later ask is refused and said, not found in
+        force."""
+        if name in self.polls and not (self.adapter and self.adapter.handles(name)):
+            del self.polls[name]
+            self.store.set_setting(POLLS_SETTING, self.polls)
+            if self.adapter:
+                self.adapter.set_interval(name, None)
+
     def _poll_in_force(self, target: str, rule: str, every: int, end: datetime.datetime | None) -> bool:
         """The same rule's poll at the same interval, ending within a second of `end`."""
         p = self.polls.get(target)
@@ -1069,6 +1080,7 @@ class Supervisor:
         node = {} if d.get("approved") or d.get("ha_id") else {"ha_id": "kalki_" + d["mac"].replace(":", "")}
         self._update_device(name, type=type, approved=True, **node)
         self.store.audit("approve", actor, {"device": name, "type": type})
+        self._drop_poll_unless_polled(name)
         self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
         self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
         if self.bus:
@@ -1650,11 +1662,12 @@ class Supervisor:
 
 
 class Evaluations:
-    """How long each stimulus held the supervisor's loop: its evaluation with everything it set
-    off (postures enforced, the decisions their changes made in turn, records, messages). The
-    loop does nothing else meanwhile, so a stimulus arriving then, an attack's included, waits
-    that long. Kept: how many, the slowest, and the last SLOW_KEPT that took SLOW_MS or more,
-    each named by its stimulus (status: evaluations)."""
+    """How long each stimulus's evaluation held the supervisor's loop: the rules, and all their
+    decisions set off (postures enforced, the decisions those changes made in turn, records,
+    messages); what comes before the rules (the report kept, an alert's own record) is not
+    counted. The loop does nothing else meanwhile, so a stimulus arriving then, an attack's
+    included, waits that long. Kept: how many, the slowest, and the last SLOW_KEPT that took
+    SLOW_MS or more, each named by its stimulus (status: evaluations)."""
 
     SLOW_MS = 5.0
     SLOW_KEPT = 64

@@ -559,6 +559,8 @@ def decision_words(decision: dict, at_words: str, stack_of: Callable[[str, str],
             found = a["in_force"]
             who = found[0] if len(found) == 1 else f"{len(found)} devices"
             done.append(f"found {who} polled every {seconds_words(a.get('every_seconds'))} already")
+        elif kind == "poll" and a.get("error"):
+            done.append(f"could not poll {target} ({a['error']})")
         elif kind == "poll":
             done.append(f"polls {target} every {seconds_words(a.get('every_seconds'))}")
     said = f"Rule {decision.get('rule')} " + (", ".join(done) if done else "did nothing")
