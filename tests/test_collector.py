@@ -67,3 +67,20 @@ def test_without_freezing_every_full_pass_is_over_the_whole_heap():
     assert r["frozen"] == 0 and r["status"]["gc_frozen"] == 0
     assert r["after_full"] == {"old": False, "young": False}
     assert r["status"]["gc_whole_heap_passes"] == 0
+
+
+def test_the_frozen_count_is_walked_at_most_every_few_seconds(monkeypatch):
+    """gc.get_freeze_count() walks every frozen object: the status counts them again only
+    after this collector froze or thawed, or FROZEN_COUNT_SECONDS later."""
+    from appliance.supervisor import memory
+    walks = []
+    monkeypatch.setattr(memory.gc, "get_freeze_count", lambda: walks.append(1) or 75_000)
+    now = [0.0]
+    c = memory.Collector(freezing=False, clock=lambda: now[0])
+    assert c.status()["gc_frozen"] == 75_000 and c.frozen == 75_000 and len(walks) == 1
+    now[0] += memory.FROZEN_COUNT_SECONDS - 0.1
+    assert c.frozen == 75_000 and len(walks) == 1
+    now[0] += 0.1
+    assert c.frozen == 75_000 and len(walks) == 2
+    c._frozen = None        # as after its own freeze (tick)
+    assert c.frozen == 75_000 and len(walks) == 3

@@ -16,6 +16,14 @@
                 warning: "Attention: a device is suspicious or waits for approval",
                 alert: "Alert: a device is under attack or in quarantine" };
 
+  // A posture event asks for the summary after a quarter of a second, once for a burst: 25
+  // cameras moved by one rule are one request for the page, not 25 (each a status, whole).
+  var summarySoon = null;
+  function refreshSummarySoon() {
+    if (summarySoon !== null) return;
+    summarySoon = setTimeout(function () { summarySoon = null; refreshSummary(); }, 250);
+  }
+
   function refreshSummary() {
     var el = document.getElementById("summary");
     if (!el) return;
@@ -162,8 +170,8 @@
     es.onmessage = function (m) {
       var ev;
       try { ev = JSON.parse(m.data); } catch (e) { return; }
-      if (ev.kind === "posture") { setPosture(ev.device, ev.posture, true); refreshSummary(); }
-      else if (ev.kind === "alert") { addAlert(ev); if (ev.type === "new-device") { addDeviceRows(); refreshSummary(); } }
+      if (ev.kind === "posture") { setPosture(ev.device, ev.posture, true); refreshSummarySoon(); }
+      else if (ev.kind === "alert") { addAlert(ev); if (ev.type === "new-device") { addDeviceRows(); refreshSummarySoon(); } }
       else if (ev.kind === "device") {
         if (ev.event === "renamed") renameRow(ev.from, ev.device);
         addDeviceRows(); refreshSummary();
