@@ -414,3 +414,19 @@ def test_a_quick_evaluation_is_counted_and_not_kept(sup, monkeypatch):
     poke(sup, "nothing-watches-this")
     after = sup.evaluations.status()
     assert after["count"] == before["count"] + 1 and after["slow"] == before["slow"]
+
+
+def test_polls_ending_together_are_written_once(sup):
+    """The lights one motion set polling end in the same tick: the polls in force are written
+    once for all of them, each still audited and back at its profile's interval."""
+    site_rule(sup, "poll-lights", "poke", {"device": {"type": "light"}, "every": "5s", "for": "10m"})
+    poke(sup, "poke")
+    assert set(sup.polls) == {"light1", "light2"}
+    writes = []
+    set_setting = sup.store.set_setting
+    sup.store.set_setting = lambda key, value: (writes.append(key), set_setting(key, value))[1]
+    later(sup, minutes=11)
+    assert sup.polls == {} and writes.count("polls") == 1
+    assert sorted(a["device"] for a in audit(sup, "poll") if a["details"].get("reason") == "expired") == [
+        "light1", "light2"]
+    assert sup.adapter.interval("light1") == sup.adapter.interval("light2") != 5.0

@@ -11,6 +11,7 @@ import copy
 import ctypes
 import dataclasses
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -1035,19 +1036,13 @@ class Dataplane:
         finds up to 65,536 sources, two system calls each; the devices' side costs three per
         device whatever the attack."""
         by_ip, drop = self._maps["kalki_dev_by_ip"], self._maps["kalki_drop_set"]
-        sources = []
-        for source in drop.keys():
-            sources.append(source)
-            if len(sources) > len(self._devices):
-                break
+        sources = list(itertools.islice(drop.keys(), len(self._devices) + 1))
+        if len(sources) <= len(self._devices):
+            owners = [by_ip.lookup(source) for source in sources]
         else:
-            for source in sources:
-                owner = by_ip.lookup(source)
-                if owner is not None:
-                    self._mark_own_drop(owner.value)
-            return
-        for address, owner in list(by_ip.items()):
-            if drop.lookup(address) is not None:
+            owners = [owner for address, owner in list(by_ip.items()) if drop.lookup(address) is not None]
+        for owner in owners:
+            if owner is not None:
                 self._mark_own_drop(owner.value)
 
     def _cleared_own_drop_marks(self) -> list[int]:

@@ -896,10 +896,16 @@ class Supervisor:
         without asking the adapter again, so a later ask is refused and said, not found in
         force."""
         if name in self.polls and not (self.adapter and self.adapter.handles(name)):
+            self._let_polls_go([name])
+
+    def _let_polls_go(self, names: list[str]) -> None:
+        """The devices' polls ended: the profile's interval again, and the polls in force
+        written once for all of them (the 250 lights one motion set end in the same tick)."""
+        for name in names:
             del self.polls[name]
-            self.store.set_setting(POLLS_SETTING, self.polls)
             if self.adapter:
                 self.adapter.set_interval(name, None)
+        self.store.set_setting(POLLS_SETTING, self.polls)
 
     def _poll_in_force(self, target: str, rule: str, every: int, end: datetime.datetime | None) -> bool:
         """The same rule's poll at the same interval, ending within a second of `end`."""
@@ -1647,15 +1653,14 @@ class Supervisor:
         """Poll actions whose time is up (on the policy's clock), or whose device is gone: the
         profile's interval again."""
         now = self.now()
-        for name, p in list(self.polls.items()):
-            gone = name not in self.known
-            if not gone and (p["until"] is None or datetime.datetime.fromisoformat(p["until"]) > now):
-                continue
-            del self.polls[name]
-            self.store.set_setting(POLLS_SETTING, self.polls)
-            if self.adapter:
-                self.adapter.set_interval(name, None)
-            if not gone:
+        ended = [name for name, p in self.polls.items()
+                 if name not in self.known
+                 or (p["until"] is not None and datetime.datetime.fromisoformat(p["until"]) <= now)]
+        if not ended:
+            return
+        self._let_polls_go(ended)
+        for name in ended:
+            if name in self.known:
                 self.store.audit("poll", "timer", {
                     "device": name, "reason": "expired", "until": None,
                     "every_seconds": self.adapter.interval(name) if self.adapter else None})
