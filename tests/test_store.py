@@ -348,6 +348,26 @@ def test_maintenance(store):
         store.set_maintenance("soon")
 
 
+
+def test_a_setting_is_read_from_the_table_once_until_it_is_written(store, mocker):
+    """The rules ask for the maintenance window on every evaluation: the settings are read
+    once, and again after a write, or after a batch that failed (what it set is gone)."""
+    store.set_maintenance("2025-03-01T14:00:00+01:00")
+    reads = mocker.spy(store._t["settings"], "all")
+    for _ in range(3):
+        assert store.maintenance_until() == "2025-03-01T13:00:00.000000+00:00"
+    assert reads.call_count == 1
+    with pytest.raises(RuntimeError), store.batch():
+        store.set_maintenance(None)
+        assert store.maintenance_until() is None
+        raise RuntimeError("the batch fails")
+    assert store.maintenance_until() == "2025-03-01T13:00:00.000000+00:00"
+    store.set_setting("timezone", "Europe/Paris")
+    assert store.maintenance_until() == "2025-03-01T13:00:00.000000+00:00"
+    assert store.get_setting("timezone") == "Europe/Paris"
+    assert reads.call_count == 4
+
+
 # persistence, writes, batches
 
 def test_state_survives_reopening(tmp_path, clock):

@@ -203,6 +203,7 @@ class Store:
         self._logs = {name: LogTable(self.directory / f"{name}.jsonl") for name in LOG_TABLES}
         self._t.update(self._logs)
         self._closed = False
+        self._settings_memo: tuple[dict | None, dict] | None = None   # (the raw table, its values)
         self._device_ids: dict[str, int] = {}    # name -> TinyDB id, checked on each use (_named)
         self._batch_depth = 0
         self._undo: list[Callable[[], None]] = []   # run if the batch they were made in fails
@@ -670,9 +671,16 @@ class Store:
     def get_setting(self, key: str, default=None):
         """The stored value; else default; else the built-in default (business_hours,
         timezone); else None."""
-        doc = self._table("settings").get(where("key") == key)
-        if doc is not None:
-            return copy.deepcopy(doc["value"])
+        table = self._table("settings")
+        raw = self._storage.table("settings")
+        memo = self._settings_memo
+        if memo is None or memo[0] is not raw:
+            # Made again only when the table was written or read again (a failed batch): the
+            # rules ask for the maintenance window on every evaluation, 1,000 a second at
+            # 1,000 devices, and a query scanned the table each time.
+            memo = self._settings_memo = (raw, {d["key"]: d["value"] for d in table.all()})
+        if key in memo[1]:
+            return copy.deepcopy(memo[1][key])
         if default is not None:
             return default
         return copy.deepcopy(DEFAULT_SETTINGS.get(key))

@@ -125,6 +125,15 @@ class AtomicJSONStorage(Storage):
             self._data = self._load()
         return dict(self._data) if self._data else None    # TinyDB replaces a table in it
 
+    def table(self, name: str) -> dict | None:
+        """The table's documents as the state holds them now, not a copy: TinyDB replaces a
+        table it changes and never edits one in place, and a failed batch reads the file
+        again, so the same object is the same content (Store.get_setting's memo)."""
+        if self._data is None:
+            self.read()
+        data: dict = self._data or {}
+        return data.get(name)
+
     def write(self, data):
         # TinyDB hands back what read() gave it, with the table it changed replaced: take the
         # tables as they are (dict.items, not the copying __getitem__).
