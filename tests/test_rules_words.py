@@ -426,3 +426,18 @@ def test_the_rules_index_of_types_and_groups_follows_the_devices(ops):
     assert sup.devices_where("group", "hall") == []
     ops.device_remove("porch-camera")
     assert sup.devices_where("type", "camera") == []
+
+
+def test_a_posture_change_keeps_the_rules_index_and_a_new_type_remakes_it(ops):
+    """The index of types and groups is made again only when one of them can have changed:
+    25 cameras moved by one rule remade it for each camera's own rules at 1,000 devices."""
+    sup = ops._sup
+    assert sup.devices_where("type", "camera") == ["camera1"]
+    version = sup.known.version
+    ops.posture_set("camera1", "suspicious")
+    assert sup.posture("camera1") == "suspicious"
+    assert sup.known.version == version
+    ops.device_approve("plug1", type="camera")
+    assert sup.known.version != version
+    assert sup.devices_where("type", "camera") == ["camera1", "plug1"]
+    assert sup.devices_where("type", "plug") == []
