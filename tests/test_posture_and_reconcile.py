@@ -588,6 +588,30 @@ def test_the_tamper_watch_lists_the_table_only_after_somebody_else_commits(lab, 
     assert fresh.drift() == []
 
 
+def test_a_transaction_of_ours_is_counted_not_read_and_a_changeless_one_is_looked_at(lab, fresh, monkeypatch):
+    """A posture change does not ask for nftables' generation (80 us after an idle loop):
+    the watch's next look compares it with the transactions this process counted. One that
+    committed nothing makes the count differ, and the table is listed rather than trusted."""
+    nf = fresh._nft
+    listings = _listings(monkeypatch)
+    assert fresh.drift() == []
+    looked = len(listings)
+    reads = []
+    real_read = nf._generation.read
+    monkeypatch.setattr(nf._generation, "read", lambda: reads.append(1) or real_read())
+    for posture in ("suspicious", "normal"):
+        fresh.apply(normal_specs(lab, posture)[0])
+    assert reads == []
+    assert fresh.drift() == [] and len(listings) == looked and len(reads) == 1
+    # adding what is there already commits nothing: not counted as a change of ours
+    cam = lab.device("camera1")
+    nf.run([{"add": {"element": {"family": "inet", "table": "kalki", "name": "macs",
+                                 "elem": [{"elem": {"val": cam.mac, "comment": str(fresh.device_id("camera1"))}}]}}}],
+           "an element the table holds")
+    assert fresh.drift() == [] and len(listings) == looked + 1
+    assert fresh.drift() == [] and len(listings) == looked + 1
+
+
 def test_the_tamper_watch_lists_the_table_once_a_minute_anyway(lab, fresh, monkeypatch):
     from appliance.dataplane import nft
     listings = _listings(monkeypatch)
