@@ -588,11 +588,14 @@ def test_the_tamper_watch_lists_the_table_only_after_somebody_else_commits(lab, 
     assert fresh.drift() == []
 
 
-def test_a_transaction_of_ours_is_counted_not_read_and_a_changeless_one_is_looked_at(lab, fresh, monkeypatch):
-    """A posture change does not ask for nftables' generation (80 us after an idle loop):
-    the watch's next look compares it with the transactions this process counted. One that
-    committed nothing makes the count differ, and the table is listed rather than trusted."""
+def test_a_transaction_of_ours_that_deletes_is_counted_and_one_of_adds_is_read(lab, fresh, monkeypatch):
+    """A posture change (it always deletes something, so it moved nftables' generation by
+    exactly one) does not ask for the generation, 80 us after an idle loop: the watch's next
+    look compares it with the transactions counted. A transaction of adds alone may have
+    changed nothing, and the generation is asked right after it, so that a commit of
+    somebody else's after it is not taken for ours."""
     nf = fresh._nft
+    gw = lab.namespaces["gw"]
     listings = _listings(monkeypatch)
     assert fresh.drift() == []
     looked = len(listings)
@@ -603,13 +606,24 @@ def test_a_transaction_of_ours_is_counted_not_read_and_a_changeless_one_is_looke
         fresh.apply(normal_specs(lab, posture)[0])
     assert reads == []
     assert fresh.drift() == [] and len(listings) == looked and len(reads) == 1
-    # adding what is there already commits nothing: not counted as a change of ours
+    # an add of what is there already commits nothing, and says so at once: still trusted
     cam = lab.device("camera1")
-    nf.run([{"add": {"element": {"family": "inet", "table": "kalki", "name": "macs",
-                                 "elem": [{"elem": {"val": cam.mac, "comment": str(fresh.device_id("camera1"))}}]}}}],
-           "an element the table holds")
-    assert fresh.drift() == [] and len(listings) == looked + 1
-    assert fresh.drift() == [] and len(listings) == looked + 1
+    held = [{"add": {"element": {"family": "inet", "table": "kalki", "name": "macs", "elem": [
+        {"elem": {"val": cam.mac, "comment": str(fresh.device_id("camera1"))}}]}}}]
+    nf.run(held, "an element the table holds")
+    assert len(reads) == 2
+    assert fresh.drift() == [] and len(listings) == looked
+    # the same, then somebody else deletes an element: seen at the next look
+    nf.run(held, "an element the table holds")
+    plug = lab.device("plug1")
+    subprocess.run(["ip", "netns", "exec", gw, "nft", "delete", "element", "inet", "kalki",
+                    "ips", f"{{ {plug.ip} }}"], check=True)
+    try:
+        assert any("changed" in p for p in fresh.drift()), "the deleted element went unseen"
+        assert len(listings) == looked + 1
+    finally:
+        fresh.restore(normal_specs(lab))
+    assert fresh.drift() == []
 
 
 def test_the_tamper_watch_lists_the_table_once_a_minute_anyway(lab, fresh, monkeypatch):

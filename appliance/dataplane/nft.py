@@ -168,11 +168,27 @@ class Nft:
         with self._lock, netns.entered(self.namespace):
             result = self._nft.json_cmd({"nftables": commands})
             if result[0] == 0 and any("list" not in c for c in commands):
-                # Counted, not read now: reading the generation after each transaction cost a
-                # posture change 80 us of its 0.5 ms after the loop had been idle (gen.read's
-                # first request after 0.3 s asleep, against 9 us back to back).
-                self._own_since += 1
+                if any("delete" in c for c in commands):
+                    # A delete that held changed the table, so the transaction moved the
+                    # generation by exactly one: counted for the watch's next look, not read
+                    # now (80 us of a posture change's 0.5 ms after the loop had been idle,
+                    # against 9 us back to back). A posture change always deletes something.
+                    self._own_since += 1
+                else:
+                    self._after_adds()
             return result
+
+    def _after_adds(self) -> None:
+        """A transaction of adds alone may have changed nothing (an element already there),
+        so it moved the generation by one or by none: read now, and any more means somebody
+        else committed since the table was last trusted. (Theirs just before an add of ours
+        that changed nothing reads as ours: the periodic full look is the backstop for that.)"""
+        now = self._generation.read()
+        expected = None if self._trusted is None else self._trusted + self._own_since
+        if expected is not None and now is not None and 0 <= now - expected <= 1:
+            self._trusted, self._own_since = now, 0
+        else:
+            self._trusted = None
 
     # -- tampering: whether anyone else changed the ruleset ---------------------------------
     def untouched(self) -> bool:
@@ -184,9 +200,8 @@ class Nft:
             if self._trusted is None or time.monotonic() - self._looked_at >= FULL_LOOK_SECONDS:
                 return False
             now = self._generation.read()
-            # Each of our transactions since counts one generation, exactly: one that changed
-            # nothing (or a refused one, never counted) makes the count differ and the table is
-            # listed, so that no commit of somebody else's can pass for one of ours.
+            # Each of our transactions counted since moved it by exactly one (_cmd): any other
+            # number means somebody else committed, and the table is listed.
             if now is None or now != self._trusted + self._own_since:
                 self._trusted = None
                 return False
