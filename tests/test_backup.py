@@ -331,6 +331,26 @@ def test_a_replaced_profile_is_enforced_on_every_device_of_its_type(tmp_path):
     assert dst._sup.dp.devices["lamp9"].stack["allowlist"]["destinations"] == ["lamp.example.com:443/tcp"]
 
 
+
+def test_a_profile_restored_without_its_adapter_ends_its_devices_polls(tmp_path):
+    """The backup's lamp profile has no [adapter]; here the lamp's is polled by one, with a poll
+    action in force: restoring ends the poll (a later ask is refused, not found in force)."""
+    from appliance.telemetry.adapters import HueAdapter
+    text = source(tmp_path).backup()["text"]
+    dst = fresh(tmp_path)
+    dst.profile_import(LAMP + '\n[adapter]\nkind = "hue"\npoll_seconds = 1\n', "lamp.toml")
+    dst.device_add("lamp9", "02:4b:00:00:00:49", "198.18.0.49", type="lamp", approve=True)
+    sup = dst._sup
+    sup.adapter = HueAdapter({"lamp9": {"user": "kalki"}}, devices=lambda: sup.known,
+                             profile=sup.profiles.get, on_report=sup.on_telemetry,
+                             on_availability=sup.on_availability, loop=None)
+    sup._set_polls("poll-lamps", ("lamp9",), 5, 600)
+    assert "lamp9" in sup.polls and sup.adapter.interval("lamp9") == 5.0
+    dst.restore(text)
+    assert sup.polls == {} and sup.store.get_setting("polls") == {}
+    step, = sup._set_polls("poll-lamps", ("lamp9",), 5, 600)
+    assert "no polling adapter" in step["error"]
+
 # -- secrets ----------------------------------------------------------------------------------
 
 def test_the_password_hash_and_tokens_only_with_secrets(tmp_path):

@@ -459,6 +459,7 @@ def restore(sup, text, directory: Path, dry_run: bool = False, actor: str = "ope
     if dry_run:
         return result
     _apply(sup, plan, Path(directory), actor, result)
+    sup.end_polls_not_polled()      # a profile or a device's type restored without [adapter]
     if sup.bus:
         for dev in plan.devices:
             if dev.current is not None and dev.current["name"] != dev.name:

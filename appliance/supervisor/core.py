@@ -908,13 +908,17 @@ class Supervisor:
                 self.store.audit("poll", actor, {"device": target, "every_seconds": every, "until": until})
         return steps
 
-    def _drop_poll_unless_polled(self, name: str) -> None:
-        """A poll in force on a device the adapter no longer polls (approved again as a type
-        without [adapter]) is let go: _set_polls takes a poll in force as an adapter's device's
-        without asking the adapter again, so a later ask is refused and said, not found in
-        force."""
-        if name in self.polls and not (self.adapter and self.adapter.handles(name)):
-            self._let_polls_go([name])
+    def end_polls_not_polled(self, names=None) -> list[str]:
+        """Polls in force on devices (of `names`, or all) the adapter no longer polls are let go
+        (one write): the device was approved again as a type without [adapter], or its profile
+        was imported again without one. _set_polls takes a poll in force as an adapter's
+        device's without asking the adapter again, so a later ask is refused and said, not
+        found in force. Returns the devices let go."""
+        names = list(self.polls) if names is None else [n for n in names if n in self.polls]
+        gone = [n for n in names if not (self.adapter and self.adapter.handles(n))]
+        if gone:
+            self._let_polls_go(gone)
+        return gone
 
     def _let_polls_go(self, names: list[str]) -> None:
         """The devices' polls ended: the profile's interval again, and the polls in force
@@ -1095,7 +1099,7 @@ class Supervisor:
         node = {} if d.get("approved") or d.get("ha_id") else {"ha_id": "kalki_" + d["mac"].replace(":", "")}
         self._update_device(name, type=type, approved=True, **node)
         self.store.audit("approve", actor, {"device": name, "type": type})
-        self._drop_poll_unless_polled(name)
+        self.end_polls_not_polled([name])
         self.set_posture(name, "normal", f"approved by {actor}", actor=actor)
         self._reapply_manufacturers({maker, mud_authority(self.mud_url_of(self.known[name]))}, name)
         if self.bus:
