@@ -908,17 +908,16 @@ class Supervisor:
                 self.store.audit("poll", actor, {"device": target, "every_seconds": every, "until": until})
         return steps
 
-    def end_polls_not_polled(self, names=None) -> list[str]:
+    def end_polls_not_polled(self, names=None) -> None:
         """Polls in force on devices (of `names`, or all) the adapter no longer polls are let go
-        (one write): the device was approved again as a type without [adapter], or its profile
-        was imported again without one. _set_polls takes a poll in force as an adapter's
-        device's without asking the adapter again, so a later ask is refused and said, not
-        found in force. Returns the devices let go."""
+        (one write): the device was approved again as a type without [adapter], or a backup
+        restored its type's profile without one (an import cannot: a profile in use is
+        refused). _set_polls takes a poll in force as an adapter's device's without asking the
+        adapter again, so a later ask is refused and said, not found in force."""
         names = list(self.polls) if names is None else [n for n in names if n in self.polls]
         gone = [n for n in names if not (self.adapter and self.adapter.handles(n))]
         if gone:
             self._let_polls_go(gone)
-        return gone
 
     def _let_polls_go(self, names: list[str]) -> None:
         """The devices' polls ended: the profile's interval again, and the polls in force
